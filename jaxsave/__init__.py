@@ -1,0 +1,38 @@
+"""jaxsave: get data out of compiled JAX code and onto disk, and back.
+
+>>> import jaxsave
+>>> sorted(jaxsave.pytree_to_dict({"b": 1, "a": [2]}).items())
+[('a', {'list_element_0': 2}), ('b', 1)]
+"""
+
+from jaxsave._tree import (
+    dict_to_pytree,
+    pytree_dict_keys,
+    pytree_to_dict,
+    register_dictionize_rule,
+)
+from jaxsave._version import __version__
+from jaxsave.errors import (
+    CapacityError,
+    FileFormatError,
+    JaxsaveError,
+    SaverStateError,
+    StructureMismatchError,
+    UnregisteredNameError,
+)
+
+__all__ = [
+    "__version__",
+    # naming pytree leaves
+    "register_dictionize_rule",
+    "pytree_to_dict",
+    "pytree_dict_keys",
+    "dict_to_pytree",
+    # errors
+    "JaxsaveError",
+    "FileFormatError",
+    "StructureMismatchError",
+    "UnregisteredNameError",
+    "SaverStateError",
+    "CapacityError",
+]

@@ -1,0 +1,45 @@
+"""Exceptions raised by jaxsave.
+
+Every error that jaxsave raises on purpose derives from :class:`JaxsaveError`,
+so ``except jaxsave.JaxsaveError`` catches all of them. Each one also derives
+from the built-in exception that best describes it (``ValueError``,
+``RuntimeError``, ...), so code that already catches those keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "JaxsaveError",
+    "FileFormatError",
+    "StructureMismatchError",
+    "UnregisteredNameError",
+    "SaverStateError",
+    "CapacityError",
+]
+
+
+class JaxsaveError(Exception):
+    """Base class of every error raised by jaxsave."""
+
+
+class FileFormatError(JaxsaveError, ValueError):
+    """A file is not a jaxsave file, is corrupt or truncated, or uses a newer format."""
+
+
+class StructureMismatchError(JaxsaveError, ValueError):
+    """A pytree's structure, shapes or dtypes differ from what was expected."""
+
+
+class UnregisteredNameError(JaxsaveError, LookupError):
+    """A file or call names an object that is not in a jaxsave registry."""
+
+    def __str__(self) -> str:  # LookupError would repr() a single argument
+        return str(self.args[0]) if self.args else ""
+
+
+class SaverStateError(JaxsaveError, RuntimeError):
+    """A saver was used out of order (e.g. saving after ``postprocess``)."""
+
+
+class CapacityError(JaxsaveError, ValueError):
+    """More samples were kept than ``samples_collected`` allows."""

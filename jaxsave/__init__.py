@@ -5,6 +5,7 @@
 [('a', {'list_element_0': 2}), ('b', 1)]
 """
 
+from jaxsave._stream import SaveState, Saver, no_save, save, static_information
 from jaxsave._tree import (
     dict_to_pytree,
     pytree_dict_keys,
@@ -12,6 +13,8 @@ from jaxsave._tree import (
     register_dictionize_rule,
 )
 from jaxsave._version import __version__
+from jaxsave.collectors import DataCollector, MemoryCollector
+from jaxsave.hdf5 import HDF5Collector
 from jaxsave.errors import (
     CapacityError,
     FileFormatError,
@@ -23,6 +26,15 @@ from jaxsave.errors import (
 
 __all__ = [
     "__version__",
+    # streaming from inside jit
+    "save",
+    "no_save",
+    "static_information",
+    "SaveState",
+    "Saver",
+    "DataCollector",
+    "MemoryCollector",
+    "HDF5Collector",
     # naming pytree leaves
     "register_dictionize_rule",
     "pytree_to_dict",

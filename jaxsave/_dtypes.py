@@ -91,10 +91,16 @@ def is_key(x: Any) -> bool:
     return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
 
 
+def _key_impl_name(x: Any) -> str:
+    if isinstance(x, jax.ShapeDtypeStruct):  # key_impl() wants an array; the dtype knows its impl
+        return x.dtype._impl.name
+    return str(jax.random.key_impl(x))
+
+
 def leaf_spec(x: Any) -> LeafSpec:
     """The :class:`LeafSpec` of an array, typed key, or Python scalar."""
     if is_key(x):
-        return LeafSpec(tuple(x.shape), f"key<{jax.random.key_impl(x)}>")
+        return LeafSpec(tuple(x.shape), f"key<{_key_impl_name(x)}>")
     if not hasattr(x, "dtype"):
         x = np.asarray(x)
     return LeafSpec(tuple(x.shape), np.dtype(x.dtype).name)

@@ -29,8 +29,9 @@ _dictionize_rules: dict[type, Rule] = {}
 def register_dictionize_rule(node_type: type) -> Callable[[Rule], Rule]:
     """Register how nodes of ``node_type`` become a dict of named children.
 
-    The decorated function takes a node and returns ``{name: child}``; children are
-    dictionized in turn. Registering a second rule for the same type is an error.
+    The decorated function takes a node and returns ``{name: child}`` (or an
+    iterable of ``(name, child)`` pairs, as the older ``io`` module expected);
+    children are dictionized in turn. The rule also applies to subclasses. Registering a second rule for the same type is an error.
 
     >>> import jaxsave
     >>> class Pair:
@@ -72,8 +73,12 @@ def _entry_name(entry: Any) -> str:
 def _named_children(node: Any) -> list[tuple[str, Any]] | None:
     """The named children of ``node``, or ``None`` if it is a leaf."""
     rule = _dictionize_rules.get(type(node))
+    if rule is None:
+        rule = next((r for t, r in _dictionize_rules.items() if isinstance(node, t)), None)
     if rule is not None:
-        return [(str(k), v) for k, v in rule(node).items()]
+        named = rule(node)
+        pairs = named.items() if isinstance(named, Mapping) else named
+        return [(str(k), v) for k, v in pairs]
     if node is None:
         return []
     if isinstance(node, tuple) and hasattr(node, "_fields"):
@@ -119,6 +124,10 @@ def _dict_paths(d: Any, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, .
 
 def pytree_dict_keys(tree: Any) -> list[tuple[str, ...]]:
     """The key path of every leaf of ``tree``, in ``jax.tree.leaves`` order.
+
+    (The older ``io`` module listed them in the order of the dictionized tree,
+    which differs for namedtuples whose fields are not sorted; leaf order is what
+    makes ``zip(pytree_dict_keys(t), jax.tree.leaves(t))`` correct.)
 
     >>> import jaxsave
     >>> jaxsave.pytree_dict_keys([{"a": 1}, (2, 3)])
@@ -183,3 +192,44 @@ def flat_name(key: tuple[str, ...]) -> str:
     'mlp|~|linear_0.w'
     """
     return ".".join(part.replace("/", "|") for part in key) or "sample"
+
+
+def describe_mismatches(tree: Any, like: Any, what: str = "tree") -> list[str]:
+    """Every difference in structure, shape or dtype between ``tree`` and ``like``, by path.
+
+    Leaves are compared by ``shape`` and ``dtype`` (so ``like`` may hold
+    ``jax.ShapeDtypeStruct``s); typed PRNG keys compare by implementation.
+
+    >>> import numpy as np
+    >>> describe_mismatches({"a": np.zeros(2)}, {"a": np.zeros(3), "b": 1.0})
+    ["missing leaf 'b'", "leaf 'a': shape (2,) != expected (3,)"]
+    """
+    from jaxsave._dtypes import leaf_spec
+
+    keys, leaves = pytree_dict_keys(tree), jax.tree.leaves(tree)
+    like_keys, like_leaves = pytree_dict_keys(like), jax.tree.leaves(like)
+    got = {"/".join(k): v for k, v in zip(keys, leaves)}
+    want = {"/".join(k): v for k, v in zip(like_keys, like_leaves)}
+    problems = [f"missing leaf {k!r}" for k in want if k not in got]
+    problems += [f"unexpected leaf {k!r}" for k in got if k not in want]
+    for k in want:
+        if k in got:
+            a, b = leaf_spec(got[k]), leaf_spec(want[k])
+            if a.shape != b.shape:
+                problems.append(f"leaf {k!r}: shape {a.shape} != expected {b.shape}")
+            if a.dtype != b.dtype:
+                problems.append(f"leaf {k!r}: dtype {a.dtype} != expected {b.dtype}")
+    if not problems and jax.tree.structure(tree) != jax.tree.structure(like):
+        problems.append(
+            f"{what} structure {jax.tree.structure(tree)} != expected {jax.tree.structure(like)}"
+        )
+    return problems
+
+
+def check_like(tree: Any, like: Any, what: str = "tree") -> None:
+    """Raise :class:`StructureMismatchError` listing every mismatch, if there is any."""
+    problems = describe_mismatches(tree, like, what)
+    if problems:
+        raise StructureMismatchError(
+            f"{what} does not match the expected structure:\n  " + "\n  ".join(problems)
+        )

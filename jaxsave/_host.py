@@ -1,0 +1,206 @@
+"""The host side of streaming: from the flush callback to the collector.
+
+The callback (on an XLA thread) only wraps the block it was given and puts it in a
+bounded queue; one writer thread per saver takes blocks off in order, drops the
+rows whose ``keep`` bit is off, and hands the rest to the collector. Errors are
+kept, never raised on XLA threads, and re-raised by ``postprocess``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from jaxsave.errors import CapacityError, SaverStateError
+
+logger = logging.getLogger("jaxsave")
+
+#: How long ``postprocess`` waits for a missing block before calling it lost.
+WAIT_TIMEOUT_S = 120.0
+
+
+@dataclass
+class Block:
+    """Samples of several chains, as they left the device.
+
+    ``leaves[j]`` has shape ``(chains, rows, ...)``; ``mask[i, r]`` is the keep bit
+    of row ``r`` of chain ``chain_ids[i]``; ``ends[i]`` is the chain's step count
+    after the block's last row, so the block covers steps ``ends - rows .. ends``.
+    """
+
+    chain_ids: np.ndarray
+    ends: np.ndarray
+    mask: np.ndarray
+    leaves: list[np.ndarray]
+    tail: bool = False
+    keepalive: Any = field(default=None, repr=False)  # owners of the leaves' memory
+
+    @property
+    def nbytes(self) -> int:
+        return sum(leaf.nbytes for leaf in self.leaves)
+
+
+class _ByteBoundedQueue:
+    """A FIFO that blocks producers while more than ``max_bytes`` are waiting."""
+
+    def __init__(self, max_bytes: int):
+        self._items: collections.deque = collections.deque()
+        self._bytes = 0
+        self._max = max_bytes
+        self._cond = threading.Condition()
+
+    def put(self, item: Any, nbytes: int = 0, *, abandon: Callable[[], bool] = lambda: False) -> None:
+        with self._cond:
+            while self._items and self._bytes + nbytes > self._max and not abandon():
+                self._cond.wait(0.1)
+            self._items.append((item, nbytes))
+            self._bytes += nbytes
+            self._cond.notify_all()
+
+    def get(self) -> Any:
+        with self._cond:
+            while not self._items:
+                self._cond.wait()
+            item, nbytes = self._items.popleft()
+            self._bytes -= nbytes
+            self._cond.notify_all()
+            return item
+
+
+_STOP = object()
+
+
+class Writer:
+    """Drains blocks into a collector on its own thread, checking every step arrives once.
+
+    ``received[c]`` is the step count up to which chain ``c``'s samples have been
+    handed to the collector; ``written[c]`` is how many of them were kept.
+    """
+
+    def __init__(self, collector: Any, *, max_queue_bytes: int = 256 * 2**20, name: str = "jaxsave-writer"):
+        self.collector = collector
+        self.received: dict[int, int] = {}
+        self.written: dict[int, int] = {}
+        self.capacity: dict[int, int | None] = {}
+        self.finalized: set[int] = set()
+        self.error: BaseException | None = None
+        self.on_block: Callable[[Block], None] | None = None
+        self._queue = _ByteBoundedQueue(max_queue_bytes)
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # -- producers -------------------------------------------------------------------
+
+    def add_chain(self, chain_id: int, capacity: int | None, start: int = 0, written: int = 0) -> None:
+        with self._cond:
+            self.received[chain_id] = start
+            self.written[chain_id] = written
+            self.capacity[chain_id] = capacity
+
+    def submit(self, block: Block) -> None:
+        """Queue a block; never raises (errors are kept for ``postprocess``)."""
+        self._queue.put(block, block.nbytes, abandon=lambda: self.error is not None)
+
+    def fail(self, error: BaseException) -> None:
+        """Keep ``error`` as this writer's error, unless an earlier one is kept."""
+        with self._cond:
+            if self.error is None:
+                self.error = error
+                logger.error("jaxsave: saving failed: %r (re-raised by postprocess)", error)
+            self._cond.notify_all()
+
+    # -- consumers -------------------------------------------------------------------
+
+    def wait_for(self, chain_id: int, step: int) -> None:
+        """Wait until chain ``chain_id`` has been received up to ``step``, or raise."""
+        deadline = time.monotonic() + WAIT_TIMEOUT_S
+        with self._cond:
+            while self.error is None and self.received.get(chain_id, 0) < step:
+                if time.monotonic() > deadline or not self._thread.is_alive():
+                    raise SaverStateError(
+                        f"chain {chain_id}: the saving state says {step} steps were taken, but "
+                        f"the host received only {self.received.get(chain_id, 0)}; samples were lost"
+                    )
+                self._cond.wait(0.5)
+            self.raise_error()
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        """Stop the thread once everything queued is written."""
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # -- the thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            block = self._queue.get()
+            if block is _STOP:
+                return
+            if self.error is not None:
+                continue  # drain, so that producers never block on a dead writer
+            try:
+                self._write(block)
+            except BaseException as error:  # noqa: BLE001 - kept and re-raised by postprocess
+                self.fail(error)
+            with self._cond:
+                self._cond.notify_all()
+
+    def _write(self, block: Block) -> None:
+        rows = block.mask.shape[1]
+        kept = block.mask.sum(axis=1)
+        for i, chain in enumerate(block.chain_ids.tolist()):
+            if chain in self.finalized:
+                raise SaverStateError(f"chain {chain} saved samples after postprocess finished it")
+            start = int(block.ends[i]) - rows
+            if self.received.get(chain) != start:
+                raise SaverStateError(
+                    f"chain {chain}: a block for steps {start}..{start + rows} arrived after step "
+                    f"{self.received.get(chain)}; a saving state was advanced twice (reuse the "
+                    "state returned by the previous run, not an older one)"
+                )
+            cap = self.capacity.get(chain)
+            if cap is not None and self.written[chain] + int(kept[i]) > cap:
+                raise CapacityError(
+                    f"chain {chain} kept {self.written[chain] + int(kept[i])} samples (or more), but "
+                    f"static_information(samples_collected={cap}) allows only {cap}"
+                )
+        if kept.any():
+            self._hand_over(block)
+        with self._cond:
+            for i, chain in enumerate(block.chain_ids.tolist()):
+                self.received[chain] = int(block.ends[i])
+                self.written[chain] += int(kept[i])
+        if self.on_block is not None:
+            self.on_block(block)
+        if block.tail:
+            for chain in block.chain_ids.tolist():
+                self.collector.finalize(chain)
+                self.finalized.add(chain)
+
+    def _hand_over(self, block: Block) -> None:
+        mask, leaves = block.mask, block.leaves
+        if (mask == mask[:1]).all():
+            rows = mask[0]
+            if not rows.all():
+                leaves = [leaf[:, rows] for leaf in leaves]
+            self.collector.save_block(block.chain_ids.tolist(), leaves)
+            return
+        for i, chain in enumerate(block.chain_ids.tolist()):
+            if mask[i].any():
+                self.collector.save(chain, [leaf[i, mask[i]] for leaf in leaves])

@@ -1,0 +1,503 @@
+"""Streaming samples out of ``jax.jit`` / ``lax.scan`` / ``vmap``.
+
+``save(collector)`` returns ``(init, save, postprocess)``. ``save`` writes each
+sample and its keep bit into a ring buffer of ``block_size`` rows that lives in
+the saving state; when the buffer is full, one ``io_callback`` sends the whole
+block of every chain to the host. The callback sits in a ``custom_vmap`` whose
+batching rule folds the chain axes into the payload, so C vmapped chains (nested
+vmaps included) cost one callback per block, not C, and ``keep`` may differ per
+chain. ``postprocess`` sends the partial last block from the final state.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.custom_batching import custom_vmap
+from jax.experimental import io_callback
+
+from jaxsave import _dtypes
+from jaxsave._host import Block, Writer
+from jaxsave._tree import check_like
+from jaxsave.collectors import DataCollector, MemoryCollector, SampleLayout, sample_layout
+from jaxsave.errors import CapacityError, SaverStateError, StructureMismatchError
+
+logger = logging.getLogger("jaxsave")
+
+__all__ = ["save", "no_save", "static_information", "SaveState", "Saver"]
+
+#: Automatic block size: aim for this many bytes per chain and block ...
+_BLOCK_BYTES = 4 * 2**20
+#: ... with at most this many rows.
+_MAX_BLOCK_ROWS = 4096
+
+
+class static_information(NamedTuple):  # noqa: N801 - the older io module's name
+    """What is known before the run: ``samples_collected`` (``None`` if unknown)."""
+
+    samples_collected: Any = None
+
+
+class SaveState(NamedTuple):
+    """The saving state threaded through the user's loop; vmapped chains add leading axes.
+
+    ``data`` holds the ring buffer (``block_size`` rows per leaf) or, for
+    :func:`no_save`, every kept sample; ``keep_mask`` the keep bits of the ring
+    buffer's rows; ``step`` the number of ``save`` calls so far.
+    """
+
+    chain_id: jax.Array
+    saved_samples: jax.Array
+    data: Any
+    keep_mask: Any
+    step: jax.Array
+
+
+class Saver(NamedTuple):
+    """``init``, ``save`` and ``postprocess`` of one saver; unpacks as a 3-tuple."""
+
+    init: Callable[..., SaveState]
+    save: Callable[..., tuple[SaveState, None]]
+    postprocess: Callable[..., dict]
+
+
+def _count(static_info: Any) -> int | None:
+    n = getattr(static_info, "samples_collected", None)
+    if n is None:
+        return None
+    try:
+        value = int(n)
+    except (TypeError, jax.errors.ConcretizationTypeError) as error:
+        raise TypeError(
+            f"samples_collected must be a concrete integer (a Python int or a JAX scalar "
+            f"outside jit), got {n!r}"
+        ) from error
+    if value < 0:
+        raise ValueError(f"samples_collected must be >= 0, got {value}")
+    return value
+
+
+def _row_bytes(layout: SampleLayout) -> int:
+    return sum(math.prod(layout.storage_shape(j)) * layout.row_dtype(j).itemsize for j in range(len(layout.specs)))
+
+
+class _SaverBase:
+    """What the streaming saver and ``no_save`` share: layout, checks, chain bookkeeping."""
+
+    def __init__(self) -> None:
+        self.spec: Any = None  # per-chain jax.ShapeDtypeStruct tree of the sample
+        self.layout: SampleLayout | None = None
+        self.registered: list[int] = []
+        self.finished: set[int] = set()
+
+    def _sample_spec(self, init_sample: Any, chains: int | None) -> Any:
+        try:
+            spec = jax.eval_shape(lambda tree: tree, init_sample)
+        except TypeError as error:
+            raise TypeError(f"init_sample must be a pytree of arrays or numbers: {error}") from error
+        if chains is not None:
+            if not isinstance(chains, int) or chains < 1:
+                raise ValueError(f"chains must be a positive int, got {chains!r}")
+            for key, leaf in zip(sample_layout(spec).keys, jax.tree.leaves(spec)):
+                if leaf.shape[:1] != (chains,):
+                    raise StructureMismatchError(
+                        f"with chains={chains}, every leaf of init_sample needs a leading axis of "
+                        f"size {chains}; leaf {'/'.join(key) or '<root>'!r} has shape {leaf.shape}"
+                    )
+            spec = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), spec)
+        if self.spec is None:
+            self.spec, self.layout = spec, sample_layout(spec)
+        else:
+            check_like(spec, self.spec, "init_sample of a new chain")
+        return spec
+
+    def _check_open(self) -> None:
+        if self.registered and len(self.finished) == len(self.registered):
+            raise SaverStateError(
+                "this saver's chains were all finished by postprocess; saving again needs a new "
+                "state from init (or a new saver)"
+            )
+
+    def _flat_sample(self, sample: Any) -> list[jax.Array]:
+        """The sample's leaves as device arrays of the registered dtypes (keys as key data)."""
+        if self.spec is None:
+            raise SaverStateError("save() was called before init()")
+        leaves, treedef = jax.tree.flatten(sample)
+        if treedef == self.layout.treedef:  # Python scalars take the registered dtype
+            specs = jax.tree.leaves(self.spec)
+            leaves = [x if hasattr(x, "dtype") else jnp.asarray(x, s.dtype) for x, s in zip(leaves, specs)]
+            sample = jax.tree.unflatten(treedef, leaves)
+        check_like(sample, self.spec, "the sample passed to save()")
+        return [jax.random.key_data(x) if _dtypes.is_key(x) else jnp.asarray(x) for x in jax.tree.leaves(sample)]
+
+    @staticmethod
+    def _check_keep(keep: Any) -> jax.Array:
+        keep = jnp.asarray(keep)
+        if keep.shape != () or keep.dtype != jnp.bool_:
+            raise TypeError(
+                f"keep must be a boolean scalar (e.g. `step % thin == 0`), got dtype {keep.dtype} "
+                f"and shape {keep.shape}"
+            )
+        return keep
+
+    def _register_finished(self, chains: np.ndarray) -> None:
+        again = sorted(set(chains.tolist()) & self.finished)
+        if again:
+            raise SaverStateError(f"postprocess was already called for chain(s) {again}")
+        unknown = sorted(set(chains.tolist()) - set(self.registered))
+        if unknown:
+            raise SaverStateError(f"chain id(s) {unknown} were not created by this saver's init")
+
+    def _stack_results(self, batch: tuple[int, ...], counts: np.ndarray, samples: list[Any]) -> dict:
+        if batch == ():
+            return {"sample_count": counts.reshape(()), "samples": samples[0]}
+        if any(s is None for s in samples):
+            stacked = None
+        else:
+            longest = int(counts.max()) if counts.size else 0
+            stacked = jax.tree.map(
+                lambda *xs: _stack_padded(xs, longest, batch), *samples,
+            )
+        return {"sample_count": counts.reshape(batch), "samples": stacked}
+
+
+def _stack_padded(leaves: tuple[Any, ...], length: int, batch: tuple[int, ...]) -> Any:
+    """Stack per-chain ``(n_i, ...)`` arrays into ``batch + (length, ...)``, zero-padded."""
+    keys = _dtypes.is_key(leaves[0])
+    impl = str(jax.random.key_impl(leaves[0])) if keys else None
+    arrays = [np.asarray(jax.random.key_data(x)) if keys else np.asarray(x) for x in leaves]
+    padded = [np.pad(a, [(0, length - a.shape[0])] + [(0, 0)] * (a.ndim - 1)) for a in arrays]
+    out = np.stack(padded).reshape(batch + padded[0].shape)
+    return jax.random.wrap_key_data(out, impl=impl) if keys else out
+
+
+class _Streamer(_SaverBase):
+    """The saver behind :func:`save`: ring buffer on device, writer thread on host."""
+
+    def __init__(self, collector: DataCollector, block_size: int | None, max_queue_bytes: int):
+        super().__init__()
+        if not isinstance(collector, DataCollector):
+            raise TypeError(f"data_collector must be a jaxsave.DataCollector, got {type(collector).__name__}")
+        if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        collector._attach(self)
+        self.collector = collector
+        self.block_size = block_size
+        self.max_queue_bytes = max_queue_bytes
+        self.writer: Writer | None = None
+        self.late_error: BaseException | None = None
+        self.flush = self._make_flush()
+
+    # -- init ------------------------------------------------------------------------
+
+    def init(
+        self,
+        init_sample: Any,
+        init_checkpoint: Any = None,
+        static_information: Any = None,
+        *,
+        chains: int | None = None,
+    ) -> SaveState:
+        """A new saving state for one chain, or ``chains`` chains stacked on a leading axis."""
+        self._raise_late_error()
+        spec = self._sample_spec(init_sample, chains)
+        capacity = _count(static_information)
+        if self.block_size is None:
+            self.block_size = int(np.clip(_BLOCK_BYTES // max(1, _row_bytes(self.layout)), 1, _MAX_BLOCK_ROWS))
+        if self.writer is None or not self.writer.alive:
+            self.writer = Writer(self.collector, max_queue_bytes=self.max_queue_bytes)
+        ids = []
+        for _ in range(chains or 1):
+            chain = int(self.collector.register_chain(
+                init_sample=spec, init_checkpoint=init_checkpoint, static_information=static_information))
+            self.writer.add_chain(chain, capacity)
+            self.registered.append(chain)
+            ids.append(chain)
+        state = SaveState(
+            chain_id=jnp.int32(ids[0]),
+            saved_samples=jnp.int32(0),
+            data=tuple(
+                jnp.zeros((self.block_size, *self.layout.storage_shape(j)), self.layout.row_dtype(j))
+                for j in range(len(self.layout.specs))
+            ),
+            keep_mask=jnp.zeros((self.block_size,), jnp.bool_),
+            step=jnp.int32(0),
+        )
+        if chains is None:
+            return state
+        state = jax.tree.map(lambda x: jnp.broadcast_to(x, (chains, *x.shape)), state)
+        return state._replace(chain_id=jnp.asarray(ids, jnp.int32))
+
+    # -- save (traced) -----------------------------------------------------------------
+
+    def save(
+        self,
+        state: SaveState,
+        keep: Any,
+        sample: Any,
+        scheduler_state: Any = None,
+        solver_state: Any = None,
+    ) -> tuple[SaveState, None]:
+        """Record ``sample`` if ``keep``; call inside jit/scan/vmap. Returns ``(state, None)``."""
+        self._check_open()
+        leaves = self._flat_sample(sample)
+        keep = self._check_keep(keep)
+        rows = state.keep_mask.shape[-1]
+        slot = state.step % rows
+        data = tuple(lax.dynamic_update_index_in_dim(buf, x, slot, 0) for buf, x in zip(state.data, leaves))
+        mask = lax.dynamic_update_index_in_dim(state.keep_mask, keep, slot, 0)
+        step = state.step + 1
+        full = slot == rows - 1
+        self.flush(full, (full, state.chain_id, step, mask, data))
+        saved = state.saved_samples + keep.astype(jnp.int32)
+        return SaveState(state.chain_id, saved, data, mask, step), None
+
+    def _make_flush(self) -> Callable[[Any, Any], None]:
+        receive = self._receive
+
+        @custom_vmap
+        def flush(pred, payload):
+            lax.cond(pred, lambda p: io_callback(receive, None, p, ordered=False), lambda p: None, payload)
+
+        @flush.def_vmap
+        def _flush_vmap(axis_size, in_batched, pred, payload):
+            pred_batched, payload_batched = in_batched
+            payload = jax.tree.map(
+                lambda x, b: x if b else jnp.broadcast_to(x, (axis_size, *jnp.shape(x))), payload, payload_batched
+            )
+            flush(jnp.any(pred) if pred_batched else pred, payload)
+            return None, None
+
+        return flush
+
+    # -- host ------------------------------------------------------------------------
+
+    def _receive(self, payload: Any) -> None:
+        """The flush callback: wrap the block and queue it; runs on an XLA thread."""
+        try:
+            active, chain, end, mask, data = payload
+            batch = np.shape(active)
+            rows = np.shape(mask)[-1]
+            active = np.asarray(active).reshape(-1)
+            chains = np.asarray(chain).reshape(-1)
+            finished = sorted(set(chains[active].tolist()) & self.finished)
+            if finished or self.writer is None or not self.writer.alive:
+                raise SaverStateError(
+                    f"chain(s) {finished or chains[active].tolist()} saved samples after postprocess "
+                    "finished them; start again from init"
+                )
+            leaves = [np.asarray(x).reshape(-1, *np.shape(x)[len(batch):]) for x in data]
+            block = Block(chains, np.asarray(end).reshape(-1), np.asarray(mask).reshape(-1, rows), leaves,
+                          keepalive=payload)
+            if not active.all():
+                pick = np.flatnonzero(active)
+                block = Block(chains[pick], block.ends[pick], block.mask[pick], [x[pick] for x in leaves])
+            self.writer.submit(block)
+        except SaverStateError as error:
+            self.late_error = self.late_error or error
+            logger.error("jaxsave: %s", error)
+            raise
+        except BaseException as error:  # noqa: BLE001 - kept for postprocess, never raised on XLA threads
+            if self.writer is not None:
+                self.writer.fail(error)
+
+    def _raise_late_error(self) -> None:
+        if self.late_error is not None:
+            error, self.late_error = self.late_error, None
+            raise error
+
+    # -- postprocess -------------------------------------------------------------------
+
+    def postprocess(self, state: SaveState, unused_saved: Any = None) -> dict:
+        """Wait until every kept sample of the state's chains is in the collector; return results.
+
+        Returns ``{"sample_count": ..., "samples": ...}``; for vmapped chains both
+        gain the chain axes, and samples are zero-padded to the longest chain.
+        """
+        if self.writer is None:
+            raise SaverStateError("postprocess() was called before init()")
+        state = jax.device_get(state)
+        jax.effects_barrier()
+        self._raise_late_error()
+        batch = np.shape(state.chain_id)
+        chains = np.asarray(state.chain_id).reshape(-1)
+        self._register_finished(chains)
+        steps = np.asarray(state.step).reshape(-1)
+        counts = np.asarray(state.saved_samples).reshape(-1)
+        rows = np.shape(state.keep_mask)[-1]
+        mask = np.asarray(state.keep_mask).reshape(-1, rows)
+        leaves = [np.asarray(x).reshape(-1, *np.shape(x)[len(batch):]) for x in state.data]
+        try:
+            tails = steps % rows
+            for tail in np.unique(tails):
+                pick = np.flatnonzero(tails == tail)
+                for i in pick:
+                    self.writer.wait_for(int(chains[i]), int(steps[i] - tail))
+                self.writer.submit(Block(chains[pick], steps[pick], mask[pick, :tail],
+                                         [x[pick, :tail] for x in leaves], tail=True))
+            for chain, step, count in zip(chains.tolist(), steps.tolist(), counts.tolist()):
+                self.writer.wait_for(chain, step)
+                if self.writer.written[chain] != count:
+                    raise SaverStateError(
+                        f"chain {chain}: the state counts {count} kept samples but the collector "
+                        f"received {self.writer.written[chain]}"
+                    )
+            samples = [self.collector.finished(c) for c in chains.tolist()]
+        except BaseException:
+            self.finished.update(chains.tolist())
+            self._close_if_done(force=True)
+            raise
+        self.finished.update(chains.tolist())
+        self._close_if_done()
+        return self._stack_results(batch, counts, samples)
+
+    def _close_if_done(self, force: bool = False) -> None:
+        if force or len(self.finished) == len(self.registered):
+            if self.writer is not None:
+                self.writer.close()
+            self.collector.close()
+
+
+class _DeviceSaver(_SaverBase):
+    """The saver behind :func:`no_save`: every kept sample stays in device memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.capacity: int | None = None
+
+    def init(self, init_sample: Any, init_checkpoint: Any = None, static_information: Any = None,
+             *, chains: int | None = None) -> SaveState:
+        """A state holding room for ``samples_collected`` samples per chain."""
+        capacity = _count(static_information)
+        if capacity is None:
+            raise ValueError(
+                "no_save() keeps every sample on the device and needs to know how many: pass "
+                "static_information(samples_collected=N)"
+            )
+        self._sample_spec(init_sample, chains)
+        self.capacity = capacity if self.capacity is None else self.capacity
+        if capacity != self.capacity:
+            raise ValueError(f"all chains of one no_save() need the same samples_collected ({self.capacity})")
+        first = len(self.registered)
+        ids = list(range(first, first + (chains or 1)))
+        self.registered.extend(ids)
+        state = SaveState(
+            chain_id=jnp.int32(first),
+            saved_samples=jnp.int32(0),
+            data=tuple(
+                jnp.zeros((capacity, *self.layout.storage_shape(j)), self.layout.row_dtype(j))
+                for j in range(len(self.layout.specs))
+            ),
+            keep_mask=None,
+            step=jnp.int32(0),
+        )
+        if chains is None:
+            return state
+        state = jax.tree.map(lambda x: jnp.broadcast_to(x, (chains, *x.shape)), state)
+        return state._replace(chain_id=jnp.asarray(ids, jnp.int32))
+
+    def save(self, state: SaveState, keep: Any, sample: Any, scheduler_state: Any = None,
+             solver_state: Any = None) -> tuple[SaveState, None]:
+        """Write ``sample`` at the next free row if ``keep``; call inside jit/scan/vmap."""
+        self._check_open()
+        leaves = self._flat_sample(sample)
+        keep = self._check_keep(keep)
+        capacity = state.data[0].shape[0] if state.data else 0
+        if capacity == 0:
+            return state._replace(saved_samples=state.saved_samples + keep, step=state.step + 1), None
+        row = jnp.minimum(state.saved_samples, capacity - 1)
+        write = keep & (state.saved_samples < capacity)
+        data = tuple(
+            lax.dynamic_update_index_in_dim(buf, jnp.where(write, x, lax.dynamic_index_in_dim(buf, row, 0, False)),
+                                            row, 0)
+            for buf, x in zip(state.data, leaves)
+        )
+        saved = state.saved_samples + keep.astype(jnp.int32)
+        return state._replace(saved_samples=saved, data=data, step=state.step + 1), None
+
+    def postprocess(self, state: SaveState, unused_saved: Any = None) -> dict:
+        """The kept samples, as the original tree (vmapped chains: zero-padded, stacked)."""
+        state = jax.device_get(state)
+        batch = np.shape(state.chain_id)
+        chains = np.asarray(state.chain_id).reshape(-1)
+        self._register_finished(chains)
+        counts = np.asarray(state.saved_samples).reshape(-1)
+        over = counts > self.capacity
+        if over.any():
+            i = int(np.flatnonzero(over)[0])
+            raise CapacityError(
+                f"chain {int(chains[i])} kept {int(counts[i])} samples, but "
+                f"static_information(samples_collected={self.capacity}) has room for only {self.capacity}"
+            )
+        self.finished.update(chains.tolist())
+        leaves = [np.asarray(x).reshape(-1, *np.shape(x)[len(batch):]) for x in state.data]
+        samples = []
+        for i, count in enumerate(counts.tolist()):
+            rows = [
+                _dtypes.from_storable(x[i, :count], spec.dtype) if spec.is_key else x[i, :count]
+                for x, spec in zip(leaves, self.layout.specs)
+            ]
+            samples.append(self.layout.unflatten(rows))
+        return self._stack_results(batch, counts, samples)
+
+
+def save(
+    data_collector: DataCollector | None = None,
+    *,
+    block_size: int | None = None,
+    max_queue_bytes: int = 256 * 2**20,
+) -> Saver:
+    """Stream samples from inside ``jax.jit`` to ``data_collector``.
+
+    Args:
+      data_collector: where samples go (default: a new :class:`MemoryCollector`).
+      block_size: samples buffered on device per chain before one callback sends
+        them; by default about 4 MiB per chain, at most 4096 rows.
+      max_queue_bytes: host memory the blocks waiting for the writer may use;
+        the sampler waits (backpressure) beyond it.
+
+    Returns:
+      ``Saver(init, save, postprocess)``:
+
+      * ``init(init_sample, init_checkpoint=None, static_information=None, *, chains=None)``
+        registers a chain (or ``chains`` chains, stacked on axis 0 for ``vmap``);
+      * ``save(state, keep, sample, scheduler_state=None, solver_state=None) -> (state, None)``
+        inside jit/scan/vmap;
+      * ``postprocess(state, None) -> {"sample_count", "samples"}`` after the run.
+
+    >>> import jax, jax.numpy as jnp, jaxsave
+    >>> init, save, postprocess = jaxsave.save(jaxsave.MemoryCollector())
+    >>> state = init(jnp.zeros(2), None, chains=2)
+    >>> def step(state, i):
+    ...     return save(state, i >= 2, jnp.float32(i))
+    >>> run = jax.jit(jax.vmap(lambda s: jax.lax.scan(step, s, jnp.arange(4))[0]))
+    >>> out = postprocess(run(state), None)
+    >>> out["sample_count"].tolist(), out["samples"].tolist()
+    ([2, 2], [[2.0, 3.0], [2.0, 3.0]])
+    """
+    streamer = _Streamer(data_collector if data_collector is not None else MemoryCollector(),
+                         block_size, max_queue_bytes)
+    return Saver(streamer.init, streamer.save, streamer.postprocess)
+
+
+def no_save() -> Saver:
+    """Keep every kept sample in device memory; nothing leaves the device until ``postprocess``.
+
+    Needs ``static_information(samples_collected=N)``: the buffer holds N samples per
+    chain, and keeping more is an error at ``postprocess``.
+
+    >>> import jax, jax.numpy as jnp, jaxsave
+    >>> init, save, postprocess = jaxsave.no_save()
+    >>> state = init({"i": jnp.int32(0)}, None, jaxsave.static_information(samples_collected=3))
+    >>> state, _ = jax.lax.scan(lambda s, i: save(s, i % 2 == 0, {"i": i}), state, jnp.arange(5))
+    >>> postprocess(state, None)["samples"]["i"].tolist()
+    [0, 2, 4]
+    """
+    device = _DeviceSaver()
+    return Saver(device.init, device.save, device.postprocess)

@@ -1,0 +1,178 @@
+"""Collectors: where streamed samples go on the host.
+
+A collector receives *blocks*: for each leaf of the sample (in ``jax.tree.leaves``
+order) an array of rows ``(n, ...)``, all rows kept. One writer thread per saver
+calls it, so a collector sees one call at a time and in order.
+
+The two methods to implement are :meth:`DataCollector.register_chain` and
+:meth:`DataCollector.save`; the others have sensible defaults.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import os
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import numpy as np
+
+from jaxsave import _dtypes
+from jaxsave._tree import pytree_dict_keys
+from jaxsave.errors import SaverStateError
+
+__all__ = ["DataCollector", "MemoryCollector", "SampleLayout", "sample_layout"]
+
+
+class SampleLayout(NamedTuple):
+    """The shape of one chain's sample: tree structure, leaf key paths and specs."""
+
+    treedef: Any
+    keys: list[tuple[str, ...]]
+    specs: list[_dtypes.LeafSpec]
+
+    def storage_shape(self, j: int) -> tuple[int, ...]:
+        """Shape of one row of leaf ``j`` as stored (key data has an extra axis)."""
+        spec = self.specs[j]
+        return _dtypes.key_data_shape(spec) if spec.is_key else spec.shape
+
+    def row_dtype(self, j: int) -> np.dtype:
+        """The numpy dtype of leaf ``j``'s rows as they leave the device (keys as key data)."""
+        spec = self.specs[j]
+        return _dtypes.storage_dtype(spec.dtype) if spec.is_key else _dtypes.dtype_from_name(spec.dtype)
+
+    def unflatten(self, leaves: Sequence[Any]) -> Any:
+        return jax.tree.unflatten(self.treedef, list(leaves))
+
+
+def sample_layout(init_sample: Any) -> SampleLayout:
+    """The :class:`SampleLayout` of a sample (arrays or ``jax.ShapeDtypeStruct``)."""
+    if init_sample is None:
+        raise ValueError("a collector needs init_sample to know the shape of the samples")
+    leaves, treedef = jax.tree.flatten(init_sample)
+    specs = [_dtypes.LeafSpec(tuple(x.shape), _dtypes.leaf_spec(x).dtype) for x in leaves]
+    return SampleLayout(treedef, pytree_dict_keys(init_sample), specs)
+
+
+def _samples_collected(static_information: Any) -> int | None:
+    n = getattr(static_information, "samples_collected", None)
+    return None if n is None else int(n)
+
+
+class DataCollector(abc.ABC):
+    """Base class of collectors (compatible with the older ``io`` module's).
+
+    Subclasses implement :meth:`register_chain` and :meth:`save`. Unlike the older
+    module, :meth:`save` receives a block of kept rows per leaf, not one sample.
+    """
+
+    _owner: Any = None
+
+    @abc.abstractmethod
+    def register_chain(
+        self,
+        init_sample: Any = None,
+        init_checkpoint: Any = None,
+        static_information: Any = None,
+    ) -> int:
+        """Get ready for a new chain whose samples look like ``init_sample``; return its id."""
+
+    @abc.abstractmethod
+    def save(self, chain_id: int, values: list[np.ndarray]) -> None:
+        """Store rows of chain ``chain_id``: ``values[j]`` has shape ``(n, ...)`` for leaf ``j``.
+
+        The arrays may be views of memory that is reused after the call: copy
+        what you keep.
+        """
+
+    def save_block(self, chain_ids: list[int], values: list[np.ndarray]) -> None:
+        """Store the same number of rows for several chains: ``values[j]`` is ``(chains, n, ...)``."""
+        for i, chain in enumerate(chain_ids):
+            self.save(chain, [leaf[i] for leaf in values])
+
+    def finalize(self, chain_id: int) -> None:
+        """Called on the writer thread after the last block of a chain."""
+
+    def finished(self, chain_id: int) -> Any:
+        """Called by ``postprocess`` on the main thread; returns the chain's samples or ``None``."""
+        return None
+
+    def close(self) -> None:
+        """Called once every registered chain is finished: release files and memory."""
+
+    def _attach(self, owner: Any) -> None:
+        if self._owner is not None and self._owner is not owner:
+            raise SaverStateError(
+                f"this {type(self).__name__} already belongs to another saver; "
+                "create one collector per jaxsave.save(...)"
+            )
+        self._owner = owner
+
+
+class _MemoryChain:
+    def __init__(self, layout: SampleLayout):
+        self.layout = layout
+        self.parts: list[list[np.ndarray]] = [[] for _ in layout.specs]
+        self.samples: list[np.ndarray] | None = None
+
+
+class MemoryCollector(DataCollector):
+    """Keeps samples in host memory as numpy arrays; ``postprocess`` returns them.
+
+    Args:
+      save_dir: if given, each chain is also written to ``save_dir/chain_{id}.npz``
+        when it finishes (keys are the ``/``-joined dictionize key paths).
+
+    >>> import jax, jax.numpy as jnp, jaxsave
+    >>> init, save, postprocess = jaxsave.save(jaxsave.MemoryCollector())
+    >>> state = init({"x": jnp.zeros(2)}, None, jaxsave.static_information(samples_collected=3))
+    >>> def step(state, i):
+    ...     return save(state, i % 2 == 0, {"x": jnp.full(2, i, jnp.float32)})
+    >>> state, _ = jax.lax.scan(step, state, jnp.arange(5))
+    >>> postprocess(state, None)["samples"]["x"][:, 0]
+    array([0., 2., 4.], dtype=float32)
+    """
+
+    def __init__(self, save_dir: str | os.PathLike | None = None):
+        self._dir = None if save_dir is None else Path(save_dir)
+        self._chains: list[_MemoryChain] = []
+
+    def register_chain(self, init_sample=None, init_checkpoint=None, static_information=None, **unused) -> int:
+        self._chains.append(_MemoryChain(sample_layout(init_sample)))
+        return len(self._chains) - 1
+
+    def save(self, chain_id: int, values: list[np.ndarray]) -> None:
+        parts = self._chains[chain_id].parts
+        for j, rows in enumerate(values):
+            parts[j].append(np.array(rows, copy=True))
+
+    def finalize(self, chain_id: int) -> None:
+        chain = self._chains[chain_id]
+        layout = chain.layout
+        chain.samples = [
+            np.concatenate(parts) if parts else np.zeros((0, *layout.storage_shape(j)), layout.row_dtype(j))
+            for j, parts in enumerate(chain.parts)
+        ]
+        chain.parts = []
+        if self._dir is not None:
+            self._write_npz(chain_id, chain)
+
+    def _write_npz(self, chain_id: int, chain: _MemoryChain) -> None:
+        self._dir.mkdir(parents=True, exist_ok=True)
+        names = ["/".join(key) for key in chain.layout.keys]
+        arrays = {name: _dtypes.to_storable(a) for name, a in zip(names, chain.samples)}
+        dtypes = {name: spec.dtype for name, spec in zip(names, chain.layout.specs)}
+        arrays["__jaxsave__"] = np.array(json.dumps({"format": 1, "dtypes": dtypes}))
+        np.savez(self._dir / f"chain_{chain_id}.npz", **arrays)
+
+    def finished(self, chain_id: int) -> Any:
+        chain = self._chains[chain_id]
+        if chain.samples is None:
+            raise SaverStateError(f"chain {chain_id} has not been finalized")
+        leaves = [
+            _dtypes.from_storable(a, spec.dtype) if spec.is_key else a
+            for a, spec in zip(chain.samples, chain.layout.specs)
+        ]
+        return chain.layout.unflatten(leaves)

@@ -118,11 +118,13 @@ class Writer:
 
     # -- consumers -------------------------------------------------------------------
 
-    def wait_for(self, chain_id: int, step: int) -> None:
-        """Wait until chain ``chain_id`` has been received up to ``step``, or raise."""
+    def wait_for(self, chain_id: int, step: int, *, finalized: bool = False) -> None:
+        """Wait until chain ``chain_id`` has been received up to ``step`` (and finalized), or raise."""
         deadline = time.monotonic() + WAIT_TIMEOUT_S
         with self._cond:
-            while self.error is None and self.received.get(chain_id, 0) < step:
+            while self.error is None and (
+                self.received.get(chain_id, 0) < step or (finalized and chain_id not in self.finalized)
+            ):
                 if time.monotonic() > deadline or not self._thread.is_alive():
                     raise SaverStateError(
                         f"chain {chain_id}: the saving state says {step} steps were taken, but "

@@ -342,7 +342,7 @@ class _Streamer(_SaverBase):
                 self.writer.submit(Block(chains[pick], steps[pick], mask[pick, :tail],
                                          [x[pick, :tail] for x in leaves], tail=True))
             for chain, step, count in zip(chains.tolist(), steps.tolist(), counts.tolist()):
-                self.writer.wait_for(chain, step)
+                self.writer.wait_for(chain, step, finalized=True)
                 if self.writer.written[chain] != count:
                     raise SaverStateError(
                         f"chain {chain}: the state counts {count} kept samples but the collector "

@@ -1,0 +1,278 @@
+"""The streaming core: save() inside jit/scan/vmap, with every collector."""
+
+import h5py
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxsave
+from conftest import random_walk
+
+COLLECTORS = ["memory", "hdf5", "hdf5-chains", "device"]
+
+
+def make_saver(kind, tmp_path, **kwargs):
+    if kind == "memory":
+        return jaxsave.save(jaxsave.MemoryCollector(), **kwargs)
+    if kind == "hdf5":
+        return jaxsave.save(jaxsave.HDF5Collector(tmp_path / "s.h5"), **kwargs)
+    if kind == "hdf5-chains":
+        return jaxsave.save(jaxsave.HDF5Collector(tmp_path / "s.h5", layout="chains"), **kwargs)
+    assert kind == "device"
+    return jaxsave.no_save()
+
+
+def stored(kind, tmp_path, result, chain):
+    """Chain ``chain``'s kept samples as {"x": (n, 3), "i": (n,), "e": (n,)}."""
+    if kind in ("memory", "device"):
+        samples = result["samples"]
+        if np.ndim(result["sample_count"]) == 0:
+            n = int(result["sample_count"])
+            return {"x": samples["x"][:n], "i": samples["stats"][0][:n], "e": samples["stats"][1][:n]}
+        n = int(np.asarray(result["sample_count"]).reshape(-1)[chain])
+        flat = jax.tree.map(lambda a: np.asarray(a).reshape(-1, *np.shape(a)[np.ndim(result["sample_count"]):]),
+                            samples)
+        return {"x": flat["x"][chain, :n], "i": flat["stats"][0][chain, :n], "e": flat["stats"][1][chain, :n]}
+    with h5py.File(tmp_path / "s.h5", "r") as f:
+        n = int(f.attrs["sample_counts"][chain])
+        if kind == "hdf5":
+            g = f["posterior"]
+            return {"x": g["x"][chain, :n], "i": g["stats.list_element_0"][chain, :n],
+                    "e": g["stats.list_element_1"][chain, :n]}
+        g = f[f"chain~{chain}"]
+        return {"x": g["x"][:n], "i": g["stats/list_element_0"][:n], "e": g["stats/list_element_1"][:n]}
+
+
+def expected(xs, keeps, steps):
+    xs, keeps = np.asarray(xs), np.asarray(keeps)
+    i = np.arange(steps)[keeps]
+    return {"x": xs[keeps], "i": i, "e": (xs[keeps] ** 2).sum(-1)}
+
+
+def assert_same(got, want):
+    assert got["x"].shape == want["x"].shape
+    np.testing.assert_array_equal(got["x"], want["x"])
+    np.testing.assert_array_equal(got["i"], want["i"])
+    np.testing.assert_allclose(got["e"], want["e"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", COLLECTORS)
+@pytest.mark.parametrize("steps,block", [(50, 7), (56, 7), (5, 16), (40, None)])
+def test_single_chain_under_jit_and_scan(kind, tmp_path, sample, steps, block):
+    kwargs = {} if kind == "device" or block is None else {"block_size": block}
+    saver = make_saver(kind, tmp_path, **kwargs)
+    state = saver.init(sample, None, jaxsave.static_information(samples_collected=steps))
+    run = jax.jit(lambda s, k: random_walk(saver, s, k, steps, burn_in=3, thin=2))
+    state, xs, keeps = run(state, jax.random.key(1))
+    result = saver.postprocess(state, None)
+    assert int(result["sample_count"]) == int(keeps.sum())
+    assert_same(stored(kind, tmp_path, result, 0), expected(xs, keeps, steps))
+
+
+@pytest.mark.parametrize("kind", COLLECTORS)
+def test_vmapped_chains_with_per_chain_keep_equal_unbatched_runs(kind, tmp_path, sample):
+    chains, steps = 4, 45
+    keys = jax.random.split(jax.random.key(7), chains)
+    phases = jnp.arange(chains) % 3  # each chain thins differently
+    batched = jax.tree.map(lambda x: jnp.broadcast_to(x, (chains, *jnp.shape(x))), sample)
+
+    kwargs = {} if kind == "device" else {"block_size": 8}
+    saver = make_saver(kind, tmp_path, **kwargs)
+    state = saver.init(batched, None, jaxsave.static_information(samples_collected=steps), chains=chains)
+    run = jax.jit(jax.vmap(lambda s, k, p: random_walk(saver, s, k, steps, burn_in=2, thin=3, phase=p)))
+    state, xs, keeps = run(state, keys, phases)
+    result = saver.postprocess(state, None)
+    assert np.asarray(result["sample_count"]).tolist() == np.asarray(keeps.sum(1)).tolist()
+
+    for c in range(chains):
+        # The same chain, alone and unbatched, with a fresh saver of the same kind.
+        solo_path = tmp_path / f"solo{c}"
+        solo_path.mkdir()
+        solo = make_saver(kind, solo_path, **kwargs)
+        solo_state = solo.init(sample, None, jaxsave.static_information(samples_collected=steps))
+        solo_state, solo_xs, solo_keeps = jax.jit(
+            lambda s, k, p: random_walk(solo, s, k, steps, burn_in=2, thin=3, phase=p)
+        )(solo_state, keys[c], phases[c])
+        solo_result = solo.postprocess(solo_state, None)
+        want = stored(kind, solo_path, solo_result, 0)
+        assert_same(stored(kind, tmp_path, result, c), want)
+        assert_same(want, expected(solo_xs, solo_keeps, steps))
+
+
+@pytest.mark.parametrize("kind", ["memory", "hdf5", "device"])
+def test_nested_vmap_gives_every_chain_its_own_id(kind, tmp_path, sample):
+    outer, inner, steps = 2, 3, 20
+    keys = jax.random.split(jax.random.key(3), outer * inner).reshape(outer, inner)
+    phases = (jnp.arange(outer * inner) % 2).reshape(outer, inner)
+    batched = jax.tree.map(lambda x: jnp.broadcast_to(x, (outer * inner, *jnp.shape(x))), sample)
+    saver = make_saver(kind, tmp_path, **({} if kind == "device" else {"block_size": 6}))
+    state = saver.init(batched, None, jaxsave.static_information(samples_collected=steps), chains=outer * inner)
+    state = jax.tree.map(lambda x: x.reshape(outer, inner, *x.shape[1:]), state)
+    body = lambda s, k, p: random_walk(saver, s, k, steps, thin=2, phase=p)
+    state, xs, keeps = jax.jit(jax.vmap(jax.vmap(body)))(state, keys, phases)
+    result = saver.postprocess(state, None)
+    assert np.shape(result["sample_count"]) == (outer, inner)
+    xs, keeps = xs.reshape(outer * inner, steps, 3), keeps.reshape(outer * inner, steps)
+    for c in range(outer * inner):
+        assert_same(stored(kind, tmp_path, result, c), expected(xs[c], keeps[c], steps))
+
+
+def test_one_callback_per_block_for_all_vmapped_chains(sample):
+    chains, steps, block = 8, 40, 10
+    collector = jaxsave.MemoryCollector()
+    calls = []
+    original = collector.save_block
+    collector.save_block = lambda ids, values: (calls.append(list(ids)), original(ids, values))
+    saver = jaxsave.save(collector, block_size=block)
+    batched = jax.tree.map(lambda x: jnp.broadcast_to(x, (chains, *jnp.shape(x))), sample)
+    state = saver.init(batched, None, chains=chains)
+    keys = jax.random.split(jax.random.key(0), chains)
+    state, _, _ = jax.jit(jax.vmap(lambda s, k: random_walk(saver, s, k, steps)))(state, keys)
+    saver.postprocess(state, None)
+    # 4 full blocks, each carrying all 8 chains in one piece (the tail is empty here).
+    assert calls[:4] == [list(range(chains))] * 4
+
+
+@pytest.mark.parametrize("loop", ["fori_loop", "while_loop", "cond"])
+def test_other_control_flow(loop, tmp_path):
+    saver = jaxsave.save(jaxsave.HDF5Collector(tmp_path / "s.h5"), block_size=4)
+    state = saver.init(jnp.float32(0), None)
+
+    def body(i, state):
+        return saver.save(state, i % 2 == 0, jnp.float32(i))[0]
+
+    if loop == "fori_loop":
+        run = lambda s: jax.lax.fori_loop(0, 11, body, s)
+    elif loop == "while_loop":
+        run = lambda s: jax.lax.while_loop(lambda c: c[0] < 11, lambda c: (c[0] + 1, body(c[0], c[1])), (0, s))[1]
+    else:  # save only inside one branch of a cond
+        run = lambda s: jax.lax.fori_loop(
+            0, 11, lambda i, s: jax.lax.cond(i < 7, lambda s: body(i, s), lambda s: s, s), s)
+    state = jax.jit(run)(state)
+    result = saver.postprocess(state, None)
+    want = [0, 2, 4, 6] if loop == "cond" else [0, 2, 4, 6, 8, 10]
+    assert int(result["sample_count"]) == len(want)
+    with h5py.File(tmp_path / "s.h5") as f:
+        np.testing.assert_array_equal(f["posterior/sample"][0], want)
+
+
+def test_while_loop_under_vmap_with_unbatched_predicate():
+    saver = jaxsave.save(jaxsave.MemoryCollector(), block_size=3)
+    state = saver.init(jnp.zeros(2), None, chains=2)
+
+    def run(state, offset):
+        def body(c):
+            i, s = c
+            return i + 1, saver.save(s, i % 2 == 1, offset + i.astype(jnp.float32))[0]
+        return jax.lax.while_loop(lambda c: c[0] < 8, body, (0, state))[1]
+
+    state = jax.jit(jax.vmap(run))(state, jnp.array([0.0, 100.0]))
+    result = saver.postprocess(state, None)
+    np.testing.assert_array_equal(result["samples"], [[1, 3, 5, 7], [101, 103, 105, 107]])
+
+
+def test_save_inside_cond_under_vmap_is_a_jax_limitation():
+    """JAX refuses IO effects inside a vmapped cond; the documented fix is keep=pred."""
+    saver = jaxsave.save(jaxsave.MemoryCollector())
+    state = saver.init(jnp.zeros(2), None, chains=2)
+    branchy = lambda s: jax.lax.cond(True, lambda s: saver.save(s, True, 1.0)[0], lambda s: s, s)
+    with pytest.raises(NotImplementedError, match="IO effect"):
+        jax.vmap(branchy)(state)
+    saver.postprocess(state, None)
+
+
+def test_samples_collected_may_be_unknown_or_a_jax_scalar(tmp_path):
+    for info in (None, jaxsave.static_information(), jaxsave.static_information(samples_collected=jnp.int32(9))):
+        saver = jaxsave.save(jaxsave.HDF5Collector(tmp_path / "s.h5"), block_size=4)
+        state = saver.init({"a": jnp.zeros(2)}, None, info)
+        state, _ = jax.lax.scan(lambda s, i: saver.save(s, True, {"a": jnp.full(2, i, jnp.float32)}),
+                                state, jnp.arange(9))
+        assert int(saver.postprocess(state, None)["sample_count"]) == 9
+        with h5py.File(tmp_path / "s.h5") as f:
+            assert f["posterior/a"].shape == (1, 9, 2)
+            np.testing.assert_array_equal(f["posterior/a"][0, :, 0], np.arange(9))
+
+
+def test_dtypes_survive_memory_and_device_collectors():
+    import ml_dtypes
+
+    sample = {
+        "bf16": jnp.zeros(2, jnp.bfloat16),
+        "i8": jnp.zeros((), jnp.int8),
+        "flag": jnp.zeros((), bool),
+        "c": jnp.zeros((), jnp.complex64),
+        "key": jax.random.key(0),
+    }
+
+    def make(i):
+        return {
+            "bf16": jnp.full(2, i, jnp.bfloat16) / 3,
+            "i8": i.astype(jnp.int8),
+            "flag": i % 2 == 0,
+            "c": (i + 1j * i).astype(jnp.complex64),
+            "key": jax.random.fold_in(jax.random.key(0), i),
+        }
+
+    for saver in (jaxsave.save(jaxsave.MemoryCollector(), block_size=3), jaxsave.no_save()):
+        state = saver.init(sample, None, jaxsave.static_information(samples_collected=5))
+        state, _ = jax.lax.scan(lambda s, i: saver.save(s, True, make(i)), state, jnp.arange(5))
+        got = saver.postprocess(state, None)["samples"]
+        want = jax.vmap(make)(jnp.arange(5))
+        assert got["bf16"].dtype == ml_dtypes.bfloat16
+        np.testing.assert_array_equal(got["bf16"], want["bf16"])
+        np.testing.assert_array_equal(got["i8"], want["i8"])
+        np.testing.assert_array_equal(got["flag"], want["flag"])
+        np.testing.assert_array_equal(got["c"], want["c"])
+        assert jax.dtypes.issubdtype(got["key"].dtype, jax.dtypes.prng_key)
+        np.testing.assert_array_equal(jax.random.key_data(got["key"]), jax.random.key_data(want["key"]))
+
+
+def test_memory_collector_writes_npz_per_chain(tmp_path):
+    saver = jaxsave.save(jaxsave.MemoryCollector(save_dir=tmp_path / "out"), block_size=2)
+    state = saver.init({"a": {"b": jnp.zeros(2)}, "c": [jnp.int32(0)]}, None, chains=None)
+    state, _ = jax.lax.scan(
+        lambda s, i: saver.save(s, True, {"a": {"b": jnp.full(2, i, jnp.float32)}, "c": [i]}), state, jnp.arange(5))
+    saver.postprocess(state, None)
+    with np.load(tmp_path / "out" / "chain_0.npz", allow_pickle=False) as f:
+        np.testing.assert_array_equal(f["a/b"][:, 0], np.arange(5))
+        np.testing.assert_array_equal(f["c/list_element_0"], np.arange(5))
+
+
+def test_device_state_is_bounded_by_the_block_size(sample):
+    saver = jaxsave.save(jaxsave.MemoryCollector(), block_size=32)
+    state = saver.init(sample, None, jaxsave.static_information(samples_collected=10**6))
+    assert [leaf.shape[0] for leaf in state.data] == [32, 32, 32]
+    saver.postprocess(state, None)
+
+
+def test_automatic_block_size_scales_with_the_sample():
+    small = jaxsave.save(jaxsave.MemoryCollector())
+    large = jaxsave.save(jaxsave.MemoryCollector())
+    s = small.init(jnp.zeros(10), None)
+    l = large.init(jnp.zeros(2**20), None)
+    assert s.keep_mask.shape == (4096,)
+    assert l.keep_mask.shape == (1,)
+    small.postprocess(s, None)
+    large.postprocess(l, None)
+
+
+def test_legacy_api_shape(tmp_path):
+    """The older io module's calls, unchanged."""
+    import jaxsave as io
+
+    with h5py.File(tmp_path / "legacy.h5", "w") as file:
+        data_collector = io.HDF5Collector(file, layout="chains")
+        init_save, save, postprocess_save = io.save(data_collector)
+        static_information = io.static_information(samples_collected=3)
+        saving_state = init_save({"iteration": jnp.array(0)}, {}, static_information)
+
+        def update(saving_state, it):
+            saving_state, _ = save(saving_state, jnp.mod(it, 2) == 0, {"iteration": it})
+            return saving_state, None
+
+        final_state, _ = jax.lax.scan(update, saving_state, jnp.arange(5))
+        saved = postprocess_save(final_state, None)
+        assert int(saved["sample_count"]) == 3 and saved["samples"] is None
+        np.testing.assert_array_equal(file["/chain~0/iteration"][:], [0, 2, 4])
+    assert io.pytree_dict_keys({"a": [0.0, 1.0], "b": 2.0}) == [("a", "list_element_0"), ("a", "list_element_1"), ("b",)]

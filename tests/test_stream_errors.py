@@ -1,0 +1,194 @@
+"""Bad input to the streaming core ends in a clear exception, never a hang or silent loss."""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxsave
+
+
+def scan_save(saver, state, n, keep=lambda i: True, make=lambda i: {"x": jnp.full(2, i, jnp.float32)}):
+    return jax.lax.scan(lambda s, i: saver.save(s, keep(i), make(i)), state, jnp.arange(n))[0]
+
+
+@pytest.fixture
+def saver():
+    s = jaxsave.save(jaxsave.MemoryCollector(), block_size=4)
+    yield s
+    # Finish whatever a test left open, so no writer thread outlives it.
+    streamer = s.init.__self__
+    if streamer.writer is not None:
+        streamer.writer.close()
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"y": jnp.zeros(2)}, "missing leaf 'x'"),
+        ({"x": jnp.zeros(3)}, r"leaf 'x': shape \(3,\) != expected \(2,\)"),
+        ({"x": jnp.zeros(2, jnp.int32)}, "leaf 'x': dtype int32 != expected float32"),
+        ({"x": jnp.zeros(2), "extra": 1.0}, "unexpected leaf 'extra'"),
+    ],
+)
+def test_sample_mismatch_fails_at_trace_time_naming_the_leaf(saver, bad, message):
+    state = saver.init({"x": jnp.zeros(2)}, None)
+    with pytest.raises(jaxsave.StructureMismatchError, match=message):
+        jax.jit(lambda s: saver.save(s, True, bad))(state)
+
+
+@pytest.mark.parametrize("keep", [1, jnp.int32(1), jnp.array([True, False]), 0.5])
+def test_keep_must_be_a_boolean_scalar(saver, keep):
+    state = saver.init({"x": jnp.zeros(2)}, None)
+    with pytest.raises(TypeError, match="keep must be a boolean scalar"):
+        saver.save(state, keep, {"x": jnp.zeros(2)})
+
+
+class Boom(RuntimeError):
+    pass
+
+
+class FailingCollector(jaxsave.MemoryCollector):
+    def __init__(self, fail_at_call):
+        super().__init__()
+        self.calls = 0
+        self.fail_at_call = fail_at_call
+
+    def save(self, chain_id, values):
+        self.calls += 1
+        if self.calls == self.fail_at_call:
+            raise Boom(f"disk on fire at call {self.calls}")
+        super().save(chain_id, values)
+
+
+def test_collector_exception_is_reraised_from_postprocess():
+    collector = FailingCollector(fail_at_call=2)
+    saver = jaxsave.save(collector, block_size=4)
+    state = saver.init({"x": jnp.zeros(2)}, None)
+    start = time.monotonic()
+    state = jax.jit(lambda s: scan_save(saver, s, 40))(state)  # the run itself is not interrupted
+    with pytest.raises(Boom, match="disk on fire at call 2"):
+        saver.postprocess(state, None)
+    assert time.monotonic() - start < 30
+
+
+def test_collector_exception_in_save_block_under_vmap():
+    class FailingBlocks(jaxsave.MemoryCollector):
+        def save_block(self, chain_ids, values):
+            raise OSError(28, "No space left on device")
+
+    saver = jaxsave.save(FailingBlocks(), block_size=4)
+    state = saver.init({"x": jnp.zeros((3, 2))}, None, chains=3)
+    state = jax.jit(jax.vmap(lambda s: scan_save(saver, s, 20)))(state)
+    with pytest.raises(OSError, match="No space left on device"):
+        saver.postprocess(state, None)
+
+
+def test_more_kept_samples_than_samples_collected_names_both_numbers():
+    saver = jaxsave.save(jaxsave.MemoryCollector(), block_size=4)
+    state = saver.init({"x": jnp.zeros(2)}, None, jaxsave.static_information(samples_collected=5))
+    state = scan_save(saver, state, 12)
+    with pytest.raises(jaxsave.CapacityError, match=r"kept 8 samples.*samples_collected=5"):
+        saver.postprocess(state, None)
+
+    device = jaxsave.no_save()
+    state = device.init({"x": jnp.zeros(2)}, None, jaxsave.static_information(samples_collected=5))
+    state = scan_save(device, state, 12)
+    with pytest.raises(jaxsave.CapacityError, match=r"kept 12 samples.*samples_collected=5"):
+        device.postprocess(state, None)
+
+
+def test_no_save_needs_a_sample_count():
+    with pytest.raises(ValueError, match="samples_collected"):
+        jaxsave.no_save().init({"x": jnp.zeros(2)}, None)
+
+
+def test_postprocess_twice_is_an_error(saver):
+    state = scan_save(saver, saver.init({"x": jnp.zeros(2)}, None), 6)
+    saver.postprocess(state, None)
+    with pytest.raises(jaxsave.SaverStateError, match="already called for chain"):
+        saver.postprocess(state, None)
+
+    device = jaxsave.no_save()
+    state = device.init({"x": jnp.zeros(2)}, None, jaxsave.static_information(samples_collected=6))
+    device.postprocess(state, None)
+    with pytest.raises(jaxsave.SaverStateError, match="already called for chain"):
+        device.postprocess(state, None)
+
+
+def test_saving_after_postprocess_is_an_error(saver):
+    init_state = saver.init({"x": jnp.zeros(2)}, None)
+    run = jax.jit(lambda s: scan_save(saver, s, 6))
+    state = run(init_state)
+    saver.postprocess(state, None)
+    # Tracing save again: refused at once.
+    with pytest.raises(jaxsave.SaverStateError, match="finished by postprocess"):
+        scan_save(saver, state, 6)
+    # Running the already compiled loop again: the flush callback refuses it.
+    with pytest.raises(Exception, match="after postprocess"):
+        jax.block_until_ready(run(state))
+    with pytest.raises(jaxsave.SaverStateError):
+        saver.postprocess(state, None)
+
+
+def test_reusing_an_old_state_is_detected():
+    saver = jaxsave.save(jaxsave.MemoryCollector(), block_size=4)
+    state0 = saver.init({"x": jnp.zeros(2)}, None)
+    run = jax.jit(lambda s: scan_save(saver, s, 10))
+    run(state0)
+    state = run(state0)  # the same steps again, from the same starting state
+    with pytest.raises(jaxsave.SaverStateError, match="advanced twice"):
+        saver.postprocess(state, None)
+
+
+def test_one_collector_cannot_serve_two_savers():
+    collector = jaxsave.MemoryCollector()
+    jaxsave.save(collector)
+    with pytest.raises(jaxsave.SaverStateError, match="already belongs to another saver"):
+        jaxsave.save(collector)
+
+
+def test_new_chain_with_a_different_sample_structure(saver):
+    saver.init({"x": jnp.zeros(2)}, None)
+    with pytest.raises(jaxsave.StructureMismatchError, match="missing leaf 'x'"):
+        saver.init({"y": jnp.zeros(2)}, None)
+
+
+def test_chains_needs_a_leading_axis(saver):
+    with pytest.raises(jaxsave.StructureMismatchError, match="leading axis of size 4"):
+        saver.init({"x": jnp.zeros(2)}, None, chains=4)
+
+
+def test_registering_a_dictionize_rule_twice_is_an_error():
+    class Node:
+        pass
+
+    jaxsave.register_dictionize_rule(Node)(lambda n: {})
+    with pytest.raises(ValueError, match="already registered"):
+        jaxsave.register_dictionize_rule(Node)(lambda n: {})
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="block_size"):
+        jaxsave.save(jaxsave.MemoryCollector(), block_size=0)
+    with pytest.raises(TypeError, match="DataCollector"):
+        jaxsave.save("chains.h5")
+    with pytest.raises(ValueError, match="samples_collected must be >= 0"):
+        jaxsave.save(jaxsave.MemoryCollector()).init(
+            jnp.zeros(2), None, jaxsave.static_information(samples_collected=-1))
+    with pytest.raises(jaxsave.SaverStateError, match="before init"):
+        jaxsave.save(jaxsave.MemoryCollector()).postprocess(None, None)
+
+
+def test_uneven_chains_are_zero_padded():
+    saver = jaxsave.save(jaxsave.MemoryCollector(), block_size=3)
+    state = saver.init({"x": jnp.zeros((2, 2))}, None, chains=2)
+    keep = lambda c, i: (i % (c + 1)) == 0
+    state = jax.vmap(lambda s, c: jax.lax.scan(
+        lambda s, i: saver.save(s, keep(c, i), {"x": jnp.full(2, i, jnp.float32)}), s, jnp.arange(6))[0]
+    )(state, jnp.arange(2))
+    out = saver.postprocess(state, None)
+    assert out["sample_count"].tolist() == [6, 3]
+    np.testing.assert_array_equal(out["samples"]["x"][:, :, 0], [[0, 1, 2, 3, 4, 5], [0, 2, 4, 0, 0, 0]])

@@ -1,0 +1,581 @@
+"""A JSON, pickle-free encoding of a pytree's structure and of its non-array leaves.
+
+:func:`encode_structure` splits a pytree into a JSON-able description and the list
+of its array leaves (in ``jax.tree.leaves`` order); :func:`decode_structure`
+rebuilds the tree from the two. Everything JAX can flatten is covered: dicts,
+lists, tuples, ``None``, namedtuples, ``OrderedDict``/``defaultdict`` and every
+registered custom node (dataclasses, Flax ``FrozenDict`` and NNX ``State``,
+Equinox modules with their static fields, optax states, ...). Non-array leaves
+and a custom node's auxiliary data are stored as JSON values: Python scalars,
+strings, ``None``, tuples, dicts, dtypes, enum members and objects of the
+:mod:`jaxsave.registry`, by name.
+
+Classes are written by registered name (structure types are registered
+automatically when encoding) and resolved only through the registry when
+decoding: a description can never make the decoder import or call anything that
+was not registered.
+
+>>> import numpy as np
+>>> from collections import namedtuple
+>>> Pair = namedtuple("Pair", ["a", "b"])
+>>> spec, leaves = encode_structure({"x": Pair(np.zeros(2), "tag"), "n": None})
+>>> len(leaves)
+1
+>>> decode_structure(spec, leaves)
+{'x': Pair(a=array([0., 0.]), b='tag'), 'n': None}
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import json
+import math
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsave import registry
+from jaxsave._dtypes import dtype_from_name
+from jaxsave.errors import FileFormatError, UnregisteredNameError
+
+__all__ = [
+    "encode_structure",
+    "decode_structure",
+    "match_structure",
+    "is_array_leaf",
+    "TREESPEC_VERSION",
+]
+
+#: Version of the JSON layout written by :func:`encode_structure`.
+TREESPEC_VERSION = 1
+
+_REGISTRY = jax.tree_util.default_registry
+_LEAF_DEF = jax.tree_util.tree_structure(0)
+_MAX_ARRAY_VALUE = 10_000  # elements of a numpy array stored inline as a JSON value
+
+
+def is_array_leaf(x: Any) -> bool:
+    """Whether ``x`` is stored as an array (jax/numpy array, numpy scalar, ShapeDtypeStruct)."""
+    return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
+
+
+def array_kind(x: Any) -> str:
+    """``"numpy"``, ``"scalar"`` (numpy scalar) or ``"jax"``: the leaf type to restore."""
+    if isinstance(x, np.ndarray):
+        return "numpy"
+    if isinstance(x, np.generic):
+        return "scalar"
+    return "jax"
+
+
+def _is_namedtuple(x: Any) -> bool:
+    return isinstance(x, tuple) and hasattr(type(x), "_fields")
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+class _Encoder:
+    def __init__(self) -> None:
+        self.leaves: list[Any] = []
+        self.problems: list[str] = []
+
+    def node(self, x: Any, path: str) -> dict[str, Any]:
+        flat = _REGISTRY.flatten_one_level_with_keys(x)
+        if flat is None:
+            if is_array_leaf(x):
+                self.leaves.append(x)
+                return {"t": "leaf", "kind": array_kind(x)}
+            return {"t": "value", "v": self.value(x, path)}
+        pairs, aux = flat
+        cls = type(x)
+        if x is None:
+            return {"t": "none"}
+        children = [c for _, c in pairs]
+        if cls is dict:
+            keys = list(aux)
+            out = {"t": "dict", "keys": [self.value(k, path) for k in keys]}
+            order = list(x)
+            if order != keys:
+                position = {k: i for i, k in enumerate(keys)}
+                out["order"] = [position[k] for k in order]
+            out["children"] = [self.node(c, f"{path}[{k!r}]") for k, c in zip(keys, children)]
+            return out
+        if cls is list or cls is tuple:
+            kids = [self.node(c, f"{path}[{i}]") for i, c in enumerate(children)]
+            return {"t": cls.__name__, "children": kids}
+        if _is_namedtuple(x):
+            fields = list(cls._fields)
+            kids = [self.node(c, f"{path}.{f}") for f, c in zip(fields, children)]
+            return {"t": "namedtuple", "type": registry.type_name(cls), "fields": fields,
+                    "children": kids}
+        if cls is OrderedDict or cls is defaultdict:
+            keys = list(aux if cls is OrderedDict else aux[1])
+            out = {"t": cls.__name__.lower(), "keys": [self.value(k, path) for k in keys]}
+            if cls is defaultdict:
+                out["factory"] = self.value(aux[0], f"{path}.default_factory")
+            out["children"] = [self.node(c, f"{path}[{k!r}]") for k, c in zip(keys, children)]
+            return out
+        labels = [str(k) for k, _ in pairs]
+        return {
+            "t": "node",
+            "type": registry.type_name(cls),
+            "aux": self.value(aux, f"{path}<aux of {cls.__name__}>"),
+            "keys": labels,
+            "children": [self.node(c, path + lab) for lab, c in zip(labels, children)],
+        }
+
+    def value(self, v: Any, path: str) -> Any:
+        """A JSON value for ``v``: plain JSON for None/bool/int/str/finite float, else tagged."""
+        t = type(v)
+        if v is None or t is bool or t is str or t is int:
+            return v
+        if t is float:
+            return v if math.isfinite(v) else {"$": "float", "v": repr(v)}
+        if isinstance(v, enum.Enum):
+            return {"$": "enum", "type": registry.type_name(t), "v": v.name}
+        name = registry.saveable_name(v)
+        if name is not None:
+            return {"$": "ref", "v": name}
+        if t is complex:
+            return {"$": "complex", "v": [self.value(v.real, path), self.value(v.imag, path)]}
+        if t is bytes:
+            return {"$": "bytes", "v": base64.b64encode(v).decode("ascii")}
+        if isinstance(v, np.dtype):
+            return {"$": "dtype", "v": dtype_name(v)}
+        if isinstance(v, type):
+            return self._type_value(v, path)
+        if _is_namedtuple(v):
+            return {"$": "namedtuple", "type": registry.type_name(t),
+                    "v": [self.value(c, path) for c in v]}
+        if t is tuple or t is list:
+            items = [self.value(c, f"{path}[{i}]") for i, c in enumerate(v)]
+            return items if t is list else {"$": "tuple", "v": items}
+        if t is dict:
+            return {"$": "dict", "v": [[self.value(k, path), self.value(c, f"{path}[{k!r}]")]
+                                       for k, c in v.items()]}
+        if t is set or t is frozenset:
+            items = sorted((self.value(c, path) for c in v), key=repr)
+            return {"$": t.__name__, "v": items}
+        if isinstance(v, np.generic) and not isinstance(v, np.void):
+            return {"$": "npscalar", "dtype": dtype_name(v.dtype), "v": self.value(v.item(), path)}
+        if isinstance(v, np.ndarray) and v.size <= _MAX_ARRAY_VALUE and v.dtype.kind in "biufc":
+            items = [self.value(c, path) for c in v.ravel().tolist()]
+            return {"$": "ndarray", "dtype": dtype_name(v.dtype), "shape": list(v.shape), "v": items}
+        self.problems.append(f"{path or '<root>'}: {type(v).__module__}.{type(v).__qualname__} {v!r:.80}")
+        return None
+
+    def _type_value(self, v: type, path: str) -> Any:
+        if issubclass(v, np.generic):
+            return {"$": "nptype", "v": dtype_name(np.dtype(v))}
+        dtype = getattr(v, "dtype", None)
+        if isinstance(dtype, np.dtype) and getattr(jnp, dtype.name, None) is v:
+            return {"$": "jnptype", "v": dtype.name}
+        try:
+            return {"$": "ref", "v": registry.type_name(v)}
+        except TypeError:
+            self.problems.append(f"{path or '<root>'}: class {v!r} has no importable name")
+            return None
+
+
+def dtype_name(dtype: Any) -> str:
+    """The whitelisted name of a dtype (raises for object, string and void dtypes)."""
+    name = np.dtype(dtype).name
+    dtype_from_name(name)  # refuse what the whitelist does not know
+    return name
+
+
+def encode_structure(tree: Any) -> tuple[dict[str, Any], list[Any]]:
+    """Describe ``tree`` as JSON and return ``(description, array_leaves)``.
+
+    ``array_leaves`` are the array leaves (jax/numpy arrays, numpy scalars,
+    ``jax.ShapeDtypeStruct``) in ``jax.tree.leaves`` order; every other leaf is
+    stored inside the description. Types used as nodes are registered in
+    :mod:`jaxsave.registry` automatically; other non-array values must already
+    be registered, or :class:`~jaxsave.errors.UnregisteredNameError` lists them
+    all with their paths.
+
+    >>> import jax.numpy as jnp
+    >>> spec, leaves = encode_structure([jnp.ones(2), 3, None])
+    >>> spec["root"]["t"], [c["t"] for c in spec["root"]["children"]]
+    ('list', ['leaf', 'value', 'none'])
+    """
+    enc = _Encoder()
+    try:
+        root = enc.node(tree, "")
+    except RecursionError:
+        raise ValueError("the pytree is nested too deeply to be encoded") from None
+    if enc.problems:
+        listed = "\n".join(f"  - {p}" for p in enc.problems)
+        raise UnregisteredNameError(
+            f"{len(enc.problems)} leaf/static value(s) can neither be stored as arrays nor "
+            f"saved by name:\n{listed}\nMake them arrays, or register each with "
+            "jaxsave.register_saveable(obj) / @jaxsave.saveable so it is saved by name."
+        )
+    return {"treespec": TREESPEC_VERSION, "root": root}, enc.leaves
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise FileFormatError(f"invalid tree structure: {msg}")
+
+
+def referenced_names(spec: Any) -> set[str]:
+    """Every registry name a description refers to (types and values)."""
+    names: set[str] = set()
+    stack = [spec]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, dict):
+            tag = x.get("$")
+            if tag == "ref" or (tag is None and x.get("t") in ("namedtuple", "node")):
+                name = x.get("v") if tag == "ref" else x.get("type")
+                _check(isinstance(name, str), "a type or reference name is not a string")
+                names.add(name)
+            elif tag in ("enum", "namedtuple"):
+                _check(isinstance(x.get("type"), str), "a type name is not a string")
+                names.add(x["type"])
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+    return names
+
+
+class _Decoder:
+    def __init__(self, objects: dict[str, Any], leaves: Iterator[Any],
+                 leaf_fn: Callable[[str, Any], Any] | None):
+        self.objects = objects
+        self.leaves = leaves
+        self.leaf_fn = leaf_fn
+
+    def node(self, n: Any) -> Any:
+        _check(isinstance(n, dict), "a node is not a JSON object")
+        t = n.get("t")
+        if t == "leaf":
+            leaf = next(self.leaves, _END)
+            _check(leaf is not _END, "more array leaves in the structure than stored")
+            return self.leaf_fn(n.get("kind"), leaf) if self.leaf_fn else leaf
+        if t == "value":
+            return self.value(n.get("v"))
+        if t == "none":
+            return None
+        kids = n.get("children")
+        _check(isinstance(kids, list), f"a {t!r} node has no children list")
+        children = [self.node(c) for c in kids]
+        if t in ("dict", "ordereddict", "defaultdict"):
+            keys = self.keys(n, len(children))
+            if t == "dict":
+                order = n.get("order", range(len(keys)))
+                _check(sorted(order) == list(range(len(keys))), "bad dict order")
+                return {keys[i]: children[i] for i in order}
+            if t == "ordereddict":
+                return OrderedDict(zip(keys, children))
+            factory = self.value(n.get("factory"))
+            _check(factory is None or callable(factory), "defaultdict factory is not callable")
+            return defaultdict(factory, zip(keys, children))
+        if t == "list":
+            return children
+        if t == "tuple":
+            return tuple(children)
+        cls = self.objects[n["type"]]
+        if t == "namedtuple":
+            fields = n.get("fields")
+            _check(isinstance(cls, type) and issubclass(cls, tuple) and hasattr(cls, "_fields"),
+                   f"{n['type']} is not a namedtuple type")
+            _check(list(cls._fields) == fields and len(children) == len(fields),
+                   f"namedtuple {n['type']} has fields {list(cls._fields)}, the file has {fields}")
+            return cls(*children)
+        _check(t == "node", f"unknown node type {t!r}")
+        _check(isinstance(cls, type) and _REGISTRY.is_node(cls),
+               f"{n['type']} is not a registered pytree node type")
+        aux = self.value(n.get("aux"))
+        try:
+            treedef = jax.tree_util.PyTreeDef.from_node_data_and_children(
+                _REGISTRY, (cls, aux), [_LEAF_DEF] * len(children))
+            return treedef.unflatten(children)
+        except Exception as e:  # a registered unflatten rejected the stored data
+            raise FileFormatError(f"cannot rebuild a {n['type']} node: {e}") from e
+
+    def keys(self, n: dict[str, Any], count: int) -> list[Any]:
+        keys = n.get("keys")
+        _check(isinstance(keys, list) and len(keys) == count, "keys do not match children")
+        out = [self.value(k) for k in keys]
+        for k in out:
+            _check(k.__hash__ is not None, f"unhashable dict key {k!r}")
+        return out
+
+    def value(self, v: Any) -> Any:
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        if isinstance(v, list):
+            return [self.value(c) for c in v]
+        _check(isinstance(v, dict), f"bad value {v!r:.80}")
+        tag, raw = v.get("$"), v.get("v")
+        if tag == "ref":
+            return self.objects[raw]
+        if tag == "float":
+            _check(raw in ("nan", "inf", "-inf"), f"bad float {raw!r:.40}")
+            return float(raw)
+        if tag in ("tuple", "set", "frozenset"):
+            _check(isinstance(raw, list), f"bad {tag}")
+            return {"tuple": tuple, "set": set, "frozenset": frozenset}[tag](self.value(raw))
+        if tag == "dict":
+            _check(isinstance(raw, list) and all(isinstance(p, list) and len(p) == 2 for p in raw),
+                   "bad dict value")
+            return {self.value(k): self.value(c) for k, c in raw}
+        if tag == "complex":
+            _check(isinstance(raw, list) and len(raw) == 2, "bad complex")
+            return complex(*self.value(raw))
+        if tag == "bytes":
+            _check(isinstance(raw, str), "bad bytes")
+            return base64.b64decode(raw.encode("ascii"), validate=True)
+        if tag == "enum":
+            cls = self.objects[v["type"]]
+            _check(isinstance(cls, type) and issubclass(cls, enum.Enum) and raw in cls.__members__,
+                   f"{v['type']} has no member {raw!r:.40}")
+            return cls[raw]
+        if tag == "namedtuple":
+            cls = self.objects[v["type"]]
+            _check(isinstance(cls, type) and issubclass(cls, tuple) and hasattr(cls, "_fields"),
+                   f"{v['type']} is not a namedtuple type")
+            _check(isinstance(raw, list) and len(raw) == len(cls._fields), "bad namedtuple value")
+            return cls(*self.value(raw))
+        if tag == "dtype":
+            return dtype_from_name(raw)
+        if tag == "nptype":
+            return dtype_from_name(raw).type
+        if tag == "jnptype":
+            dtype_from_name(raw)
+            return getattr(jnp, raw)
+        if tag == "npscalar":
+            return dtype_from_name(v.get("dtype")).type(self.value(raw))
+        if tag == "ndarray":
+            shape = v.get("shape")
+            _check(isinstance(shape, list) and isinstance(raw, list)
+                   and math.prod(shape) == len(raw), "bad inline array")
+            return np.array(self.value(raw), dtype=dtype_from_name(v.get("dtype"))).reshape(shape)
+        raise FileFormatError(f"invalid tree structure: unknown value tag {tag!r:.40}")
+
+
+_END = object()
+
+
+def decode_structure(
+    spec: Any,
+    leaves: Sequence[Any],
+    *,
+    leaf_fn: Callable[[str, Any], Any] | None = None,
+) -> Any:
+    """Rebuild the tree that :func:`encode_structure` described.
+
+    ``leaves`` are the array leaves in order (they may differ from the encoded
+    ones, e.g. stacked samples). ``leaf_fn(kind, leaf)``, if given, converts each
+    one (``kind`` is ``"jax"``, ``"numpy"`` or ``"scalar"``, the type it had).
+    Names are resolved through :mod:`jaxsave.registry` only; if some are not
+    registered, :class:`~jaxsave.errors.UnregisteredNameError` lists all of them.
+    A malformed description raises :class:`~jaxsave.errors.FileFormatError`.
+
+    >>> spec, leaves = encode_structure((1.5, {"k": None}))
+    >>> decode_structure(spec, leaves)
+    (1.5, {'k': None})
+    """
+    _check(isinstance(spec, dict), "the description is not a JSON object")
+    version = spec.get("treespec")
+    _check(isinstance(version, int), "no treespec version")
+    if version > TREESPEC_VERSION:
+        raise FileFormatError(
+            f"tree structure uses treespec version {version}; this jaxsave reads up to "
+            f"{TREESPEC_VERSION}: upgrade jaxsave"
+        )
+    objects, missing = registry.resolve_all(referenced_names(spec))
+    if missing:
+        raise UnregisteredNameError(registry.missing_names_message(missing))
+    it = iter(leaves)
+    try:
+        tree = _Decoder(objects, it, leaf_fn).node(spec.get("root"))
+    except RecursionError:
+        raise FileFormatError("invalid tree structure: nested too deeply") from None
+    except (TypeError, ValueError, KeyError) as e:
+        if isinstance(e, FileFormatError):
+            raise
+        raise FileFormatError(f"invalid tree structure: {type(e).__name__}: {e}") from e
+    _check(next(it, _END) is _END, "fewer array leaves in the structure than stored")
+    return tree
+
+
+# ----------------------------------------------------------------------------- matching
+
+
+def _label(key: Any) -> str:
+    return f"[{key!r}]" if isinstance(key, str) else f"[{json.dumps(key, sort_keys=True)}]"
+
+
+def _child_labels(n: dict[str, Any]) -> list[str]:
+    t = n.get("t")
+    if t in ("dict", "ordereddict", "defaultdict"):
+        return [_label(k) for k in n.get("keys", [])]
+    if t == "namedtuple":
+        return [f".{f}" for f in n.get("fields", [])]
+    if t == "node":
+        return [str(k) for k in n.get("keys", [])]
+    return [f"[{i}]" for i in range(len(n.get("children", [])))]
+
+
+def _describe(n: dict[str, Any], spec: Any = None) -> str:
+    t = n.get("t")
+    if t == "leaf":
+        return f"an array {_fmt(spec)}" if spec is not None else "an array"
+    if t == "value":
+        return f"the value {json.dumps(n.get('v'))[:60]}"
+    if t == "none":
+        return "None"
+    if t in ("namedtuple", "node"):
+        return f"a {n.get('type')}"
+    return f"a {t} of {len(n.get('children', []))}"
+
+
+def _fmt(spec: Any) -> str:
+    return f"{spec.dtype}{list(spec.shape)}"
+
+
+def _value_kind(v: Any) -> str | None:
+    """The Python type of a plain (registry-free) JSON value, else None."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return type(v).__name__
+    if isinstance(v, dict) and v.get("$") in ("float", "complex"):
+        return v["$"]
+    return None
+
+
+class _Matcher:
+    def __init__(self, file_root: Any, file_arrays: Sequence[Any], like_arrays: Sequence[Any],
+                 partial: bool):
+        self.file_arrays, self.like_arrays, self.partial = file_arrays, like_arrays, partial
+        self.plan: list[tuple[str, Any] | None] = []
+        self.problems: list[str] = []
+        self.like_i = 0
+        self.file_index: dict[int, int] = {}
+        stack = [file_root]
+        while stack:  # number the file's array leaves in order
+            n = stack.pop()
+            if isinstance(n, dict):
+                if n.get("t") == "leaf":
+                    self.file_index[id(n)] = len(self.file_index)
+                elif isinstance(n.get("children"), list):
+                    stack.extend(reversed(n["children"]))
+
+    def problem(self, path: str, msg: str) -> None:
+        self.problems.append(f"{path or '<root>'}: {msg}")
+
+    def skip(self, like: dict[str, Any]) -> None:
+        t = like.get("t")
+        if t in ("leaf", "value"):
+            self.like_i += t == "leaf"
+            self.plan.append(None)
+        for c in like.get("children", ()):
+            self.skip(c)
+
+    def walk(self, f: dict[str, Any], lk: dict[str, Any], path: str) -> None:
+        ft, lt = f.get("t"), lk.get("t")
+        if lt == "leaf":
+            ls = self.like_arrays[self.like_i]
+            self.like_i += 1
+            if ft != "leaf":
+                self.problem(path, f"the target has an array {_fmt(ls)}, the file has {_describe(f)}")
+                self.plan.append(None)
+                return
+            fi = self.file_index[id(f)]
+            fs = self.file_arrays[fi]
+            if tuple(fs.shape) != tuple(ls.shape) or str(fs.dtype) != str(ls.dtype):
+                self.problem(path, f"the file has {_fmt(fs)}, the target has {_fmt(ls)}")
+            self.plan.append(("array", fi))
+            return
+        if lt == "value":
+            fv, lv = f.get("v"), lk.get("v")
+            if ft == "value" and fv == lv:
+                self.plan.append(("target", None))
+            elif ft == "value" and _value_kind(fv) is not None and _value_kind(fv) == _value_kind(lv):
+                self.plan.append(("value", fv))
+            else:
+                self.problem(path, f"the file has {_describe(f)}, the target has {_describe(lk)}")
+                self.plan.append(None)
+            return
+        if ft != lt or (lt in ("namedtuple", "node") and f.get("type") != lk.get("type")):
+            fspec = self.file_arrays[self.file_index[id(f)]] if ft == "leaf" else None
+            self.problem(path, f"the file has {_describe(f, fspec)}, the target has {_describe(lk)}")
+            self.skip(lk)
+            return
+        fl, ll = _child_labels(f), _child_labels(lk)
+        fc, lc = f.get("children", []), lk.get("children", [])
+        same_keys = fl == ll and len(fc) == len(lc)
+        if lt == "node" and same_keys and f.get("aux") != lk.get("aux"):
+            self.problem(path, f"static data differ: the file has {json.dumps(f.get('aux'))[:120]}, "
+                               f"the target has {json.dumps(lk.get('aux'))[:120]}")
+        if lt == "defaultdict" and f.get("factory") != lk.get("factory"):
+            self.problem(path, "the defaultdict factories differ")
+        keyed = lt in ("dict", "ordereddict", "defaultdict") or (
+            lt == "node" and all(x.startswith("[") for x in fl + ll) and not same_keys)
+        if not keyed:
+            if not same_keys:
+                self.problem(path, f"the file has children {fl[:8]}, the target has {ll[:8]}")
+                self.skip(lk)
+                return
+            for label, a, b in zip(ll, fc, lc):
+                self.walk(a, b, path + label)
+            return
+        by_label = dict(zip(fl, fc))
+        for label, b in zip(ll, lc):
+            if label in by_label:
+                self.walk(by_label[label], b, path + label)
+            else:
+                self.problem(path + label, "missing from the file")
+                self.skip(b)
+        if not self.partial:
+            wanted = set(ll)
+            for label in fl:
+                if label not in wanted:
+                    self.problem(path + label, "in the file but not in the target "
+                                               "(partial=True skips it)")
+
+
+def match_structure(
+    file_spec: dict[str, Any],
+    target_spec: dict[str, Any],
+    file_arrays: Sequence[Any],
+    target_arrays: Sequence[Any],
+    *,
+    partial: bool = False,
+) -> tuple[list[tuple[str, Any] | None], list[str]]:
+    """Line a stored description up with a target tree's description.
+
+    ``file_arrays``/``target_arrays`` are the array leaves' specs (anything with
+    ``shape`` and ``dtype``). Returns ``(plan, problems)``: ``plan`` has one entry
+    per leaf of the target, in ``jax.tree.leaves`` order: ``("array", i)`` (the
+    file's array ``i``), ``("value", json)`` (the file's plain value) or
+    ``("target", None)`` (the target's own, equal, leaf); ``problems`` lists every
+    difference as ``"path: what differs"``. With ``partial``, entries of the
+    file's dicts that the target lacks are skipped instead of reported.
+
+    >>> import numpy as np
+    >>> f, fl = encode_structure({"w": np.zeros(2), "b": np.zeros(1)})
+    >>> t, tl = encode_structure({"w": np.zeros(3)})
+    >>> match_structure(f, t, fl, tl)[1]
+    ["['w']: the file has float64[2], the target has float64[3]", \
+"['b']: in the file but not in the target (partial=True skips it)"]
+    """
+    m = _Matcher(file_spec["root"], file_arrays, target_arrays, partial)
+    m.walk(file_spec["root"], target_spec["root"], "")
+    return m.plan, m.problems
+
+
+def decode_plain_value(v: Any) -> Any:
+    """Decode a JSON value that needs no registry (see :func:`match_structure`)."""
+    return _Decoder({}, iter(()), None).value(v)

@@ -15,6 +15,15 @@ from jaxsave._tree import (
 from jaxsave._version import __version__
 from jaxsave.collectors import DataCollector, MemoryCollector
 from jaxsave.hdf5 import HDF5Collector
+from jaxsave.samples import (
+    LiveSamples,
+    SampleFileInfo,
+    file_info,
+    load_samples,
+    open_live,
+    recover,
+    to_inference_data,
+)
 from jaxsave.errors import (
     CapacityError,
     FileFormatError,
@@ -35,6 +44,14 @@ __all__ = [
     "DataCollector",
     "MemoryCollector",
     "HDF5Collector",
+    # reading sample files
+    "load_samples",
+    "open_live",
+    "LiveSamples",
+    "to_inference_data",
+    "file_info",
+    "SampleFileInfo",
+    "recover",
     # naming pytree leaves
     "register_dictionize_rule",
     "pytree_to_dict",

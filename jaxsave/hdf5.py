@@ -1,13 +1,17 @@
 """The HDF5 collector: samples stream into a file that ArviZ and xarray open directly.
 
 Layout ``"posterior"`` (the default): one dataset per sample leaf in the group
-``posterior/``, shaped ``(chain, draw, ...)``, with HDF5 dimension scales named
-``chain``, ``draw`` and ``<var>_dim_k``. Layout ``"chains"``: the older ``io``
-module's ``/chain~{id}/<key>/<subkey>``, one ``(draw, ...)`` dataset per chain.
+``posterior/`` (or ``sample_stats/`` for the leaves chosen with ``sample_stats=``),
+shaped ``(chain, draw, ...)``, with HDF5 dimension scales named ``chain``,
+``draw`` and ``<var>_dim_k``. Layout ``"chains"``: the older ``io`` module's
+``/chain~{id}/<key>/<subkey>``, one ``(draw, ...)`` dataset per chain.
 
-Root attributes: ``jaxsave_version``, ``jaxsave_format``, ``created`` and
-``sample_counts`` (kept samples per chain, updated before every flush, so a
-reader never trusts draws that were not completely written).
+Root attributes: ``jaxsave_version``, ``jaxsave_format``, ``jaxsave_layout``,
+``created``, ``jaxsave_structure`` (JSON: key path, group, name, dtype and shape
+of every leaf, in ``jax.tree.leaves`` order) and ``sample_counts`` (kept samples
+per chain). Counts are only ever raised after the rows they count have been
+flushed, so a reader never trusts draws that were not completely written.
+See ``docs/hdf5.md`` for the full layout and the crash-safety guarantees.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import datetime
 import json
 import math
 import os
-from typing import Any
+import threading
+from typing import Any, Callable, Sequence
 
 import h5py
 import numpy as np
@@ -25,7 +30,7 @@ from jaxsave import _dtypes
 from jaxsave._tree import flat_name
 from jaxsave._version import __version__
 from jaxsave.collectors import DataCollector, SampleLayout, _samples_collected, sample_layout
-from jaxsave.errors import StructureMismatchError
+from jaxsave.errors import SaverStateError, StructureMismatchError
 
 __all__ = ["HDF5Collector", "FORMAT_VERSION"]
 
@@ -34,6 +39,11 @@ FORMAT_VERSION = 1
 _LAYOUTS = ("posterior", "chains")
 #: Target size of one chunk: big enough that reading draws is fast.
 _CHUNK_BYTES = 1 * 2**20
+#: Chunk cache of a file this collector opens: room for a partial chunk per chain and leaf.
+_CACHE_BYTES = 64 * 2**20
+_RESERVED = ("chain", "draw")
+
+StatsSpec = Sequence[str] | Callable[[tuple[str, ...]], bool] | None
 
 
 class HDF5Collector(DataCollector):
@@ -48,18 +58,29 @@ class HDF5Collector(DataCollector):
       compression: ``None`` (default), ``"gzip"`` or ``"lzf"``.
       flush_every: flush the file after every n-th written block (default 1);
         0 flushes only at the end.
+      sample_stats: leaves to store in ``sample_stats/`` instead of
+        ``posterior/``: a sequence of top-level names (``("lp", "step_size")``)
+        or a predicate on a leaf's key path (``lambda key: key[-1] == "lp"``).
+      swmr: open a path with ``libver="latest"`` and switch to single-writer /
+        multiple-reader mode once the datasets exist (default ``True`` for a
+        path): readers (:func:`jaxsave.open_live`) can follow the run, and a
+        killed process leaves a consistent file. ``False`` writes files that
+        HDF5 1.8 reads, but a kill during a flush can corrupt them.
+      fsync: also ``fsync`` the file after each flush (survives power loss of
+        the flushed data, at a large cost in throughput).
 
     >>> import tempfile, os, jax, jax.numpy as jnp, jaxsave, h5py
     >>> path = os.path.join(tempfile.mkdtemp(), "chains.h5")
-    >>> init, save, postprocess = jaxsave.save(jaxsave.HDF5Collector(path))
-    >>> state = init({"x": jnp.zeros((2, 3))}, None, chains=2)
-    >>> step = lambda s, i: save(s, i % 2 == 0, {"x": jnp.full(3, i, jnp.float32)})
+    >>> init, save, postprocess = jaxsave.save(jaxsave.HDF5Collector(path, sample_stats=("lp",)))
+    >>> state = init({"x": jnp.zeros((2, 3)), "lp": jnp.zeros(2)}, None, chains=2)
+    >>> sample = lambda i: {"x": jnp.full(3, i, jnp.float32), "lp": -jnp.float32(i)}
+    >>> step = lambda s, i: save(s, i % 2 == 0, sample(i))
     >>> state = jax.vmap(lambda s: jax.lax.scan(step, s, jnp.arange(10))[0])(state)
     >>> postprocess(state, None)["sample_count"].tolist()
     [5, 5]
     >>> with h5py.File(path) as f:
-    ...     f["posterior/x"].shape
-    (2, 5, 3)
+    ...     f["posterior/x"].shape, f["sample_stats/lp"].shape
+    ((2, 5, 3), (2, 5))
     """
 
     def __init__(
@@ -70,6 +91,9 @@ class HDF5Collector(DataCollector):
         mode: str = "w",
         compression: str | None = None,
         flush_every: int = 1,
+        sample_stats: StatsSpec = None,
+        swmr: bool | None = None,
+        fsync: bool = False,
     ):
         if layout not in _LAYOUTS:
             raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
@@ -77,20 +101,33 @@ class HDF5Collector(DataCollector):
             raise ValueError(f"compression must be None, 'gzip' or 'lzf', got {compression!r}")
         if mode not in ("w", "x", "a"):
             raise ValueError(f"mode must be 'w', 'x' or 'a', got {mode!r}")
+        if sample_stats is not None and layout != "posterior":
+            raise ValueError("sample_stats= needs layout='posterior'")
+        if isinstance(sample_stats, str):
+            raise TypeError("sample_stats must be a sequence of names or a predicate, not a string")
         if isinstance(file, h5py.File):
             if not file.id.valid:
                 raise ValueError("the h5py.File is closed")
             if file.mode != "r+":
                 raise ValueError("the h5py.File must be open for writing")
+            latest = file.libver[0] not in ("earliest", "v108")
+            if swmr and not latest:
+                raise ValueError("swmr=True needs an h5py.File opened with libver='latest'")
             self._file, self._owned, self._path = file, False, None
+            self.swmr = latest if swmr is None else bool(swmr)
         else:
             self._path = os.fspath(file)
-            self._file = h5py.File(self._path, mode)
+            self.swmr = True if swmr is None else bool(swmr)
+            self._file = self._open(mode)
             self._owned = True
         self.layout = layout
         self.compression = compression
         self.flush_every = int(flush_every)
+        self.fsync = bool(fsync)
+        self._stats = sample_stats
+        self._lock = threading.RLock()
         self._sample: SampleLayout | None = None
+        self._entries: list[tuple[str, str]] = []  # (group, name) per leaf, posterior layout
         self._capacity: list[int | None] = []
         self._counts: list[int] = []
         self._finalized: set[int] = set()
@@ -98,6 +135,12 @@ class HDF5Collector(DataCollector):
         self._chain_datasets: dict[int, list[h5py.Dataset]] = {}  # chains layout
         self._blocks = 0
         self._write_root_attrs()
+
+    def _open(self, mode: str) -> h5py.File:
+        kwargs: dict[str, Any] = {"rdcc_nbytes": _CACHE_BYTES, "rdcc_nslots": 100_003}
+        if self.swmr:
+            kwargs["libver"] = "latest"
+        return h5py.File(self._path, mode, **kwargs)
 
     @property
     def file(self) -> h5py.File:
@@ -108,18 +151,60 @@ class HDF5Collector(DataCollector):
 
     def register_chain(self, init_sample=None, init_checkpoint=None, static_information=None, **unused) -> int:
         layout = sample_layout(init_sample)
-        if self._sample is None:
-            self._sample = layout
-        elif layout.keys != self._sample.keys or layout.specs != self._sample.specs:
-            raise StructureMismatchError("all chains in one HDF5Collector must have samples of the same structure")
-        if not self._file.id.valid:
-            if not self._owned:
-                raise ValueError("the h5py.File given to HDF5Collector was closed")
-            self._file = h5py.File(self._path, "a")
-            self._datasets = []
-        self._capacity.append(_samples_collected(static_information))
-        self._counts.append(0)
-        return len(self._counts) - 1
+        with self._lock:
+            if self._sample is None:
+                self._entries = self._name_leaves(layout)
+                self._sample = layout
+                self._file.attrs["jaxsave_structure"] = self._structure_json()
+            elif layout.keys != self._sample.keys or layout.specs != self._sample.specs:
+                raise StructureMismatchError("all chains in one HDF5Collector must have samples of the same structure")
+            if not self._file.id.valid:
+                if not self._owned:
+                    raise ValueError("the h5py.File given to HDF5Collector was closed")
+                self._file = self._open("a")
+                self._datasets, self._chain_datasets = [], {}
+            self._capacity.append(_samples_collected(static_information))
+            self._counts.append(0)
+            return len(self._counts) - 1
+
+    def _is_stat(self, key: tuple[str, ...]) -> bool:
+        if self._stats is None:
+            return False
+        if callable(self._stats):
+            return bool(self._stats(key))
+        return bool(key) and key[0] in self._stats
+
+    def _name_leaves(self, layout: SampleLayout) -> list[tuple[str, str]]:
+        """``(group, variable name)`` of every leaf; refuses names that collide."""
+        entries = [("sample_stats" if self._is_stat(k) else "posterior", flat_name(k)) for k in layout.keys]
+        if self.layout == "chains":
+            return [("chain~{}", "/".join(k) if k else "sample") for k in layout.keys]
+        if self._stats is not None and not callable(self._stats):
+            unknown = set(self._stats) - {k[0] for k in layout.keys if k}
+            if unknown:
+                raise StructureMismatchError(f"sample_stats names {sorted(unknown)} are not top-level keys of the sample")
+        seen: dict[tuple[str, str], tuple[str, ...]] = {}
+        for key, (group, name) in zip(layout.keys, entries):
+            if (group, name) in seen:
+                raise StructureMismatchError(
+                    f"leaves {'/'.join(seen[group, name])!r} and {'/'.join(key)!r} both become {group}/{name}")
+            seen[group, name] = key
+        for key, (group, name) in zip(layout.keys, entries):
+            clash = name in _RESERVED or any(
+                name.startswith(f"{other}_dim_") for (g, other) in seen if g == group and other != name)
+            if clash:
+                raise StructureMismatchError(
+                    f"leaf {'/'.join(key)!r} would be named {name!r}, which is a dimension name in {group}/")
+        return entries
+
+    def _structure_json(self) -> str:
+        leaves = []
+        for j, key in enumerate(self._sample.keys):
+            group, name = self._entries[j]
+            spec = self._sample.specs[j]
+            leaves.append({"key": list(key), "group": group, "name": name, "dtype": spec.dtype,
+                           "shape": list(spec.shape)})
+        return json.dumps({"leaves": leaves, "treedef": str(self._sample.treedef)})
 
     def _write_root_attrs(self) -> None:
         attrs = self._file.attrs
@@ -128,8 +213,28 @@ class HDF5Collector(DataCollector):
         attrs["jaxsave_layout"] = self.layout
         if "created" not in attrs:
             attrs["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
+        attrs["sample_counts"] = np.zeros(0, np.int64)
 
     # -- dataset creation --------------------------------------------------------------
+
+    def _structural_change(self) -> None:
+        """Leave SWMR mode (by reopening) so that objects and attributes can be created."""
+        if not self._file.swmr_mode:
+            return
+        if not self._owned:
+            raise SaverStateError(
+                "with swmr, a user-supplied h5py.File cannot get new chains after the first block; "
+                "register every chain (init) before running, or pass a path")
+        self._file.flush()
+        self._file.close()
+        self._file = self._open("r+")
+        names = [ds.name for ds in self._datasets]
+        self._datasets = [self._file[n] for n in names]
+        self._chain_datasets = {c: [self._file[d.name] for d in ds] for c, ds in self._chain_datasets.items()}
+
+    def _start_swmr(self) -> None:
+        if self.swmr and not self._file.swmr_mode:
+            self._file.swmr_mode = True
 
     def _chunk_rows(self, j: int) -> int:
         row = math.prod(self._sample.storage_shape(j)) * self._sample.row_dtype(j).itemsize
@@ -165,15 +270,17 @@ class HDF5Collector(DataCollector):
     def _posterior(self, needed_draws: int) -> list[h5py.Dataset]:
         n_chains = len(self._counts)
         if not self._datasets:
-            group = self._file.require_group("posterior")
+            self._structural_change()
             draws = self._draw_extent(list(range(n_chains)), needed_draws)
-            for name, size in (("chain", n_chains), ("draw", draws)):
-                if name not in group:
-                    scale = group.create_dataset(name, data=np.arange(size, dtype=np.int64), maxshape=(None,),
-                                                 chunks=(max(1, min(size, 4096)),) if size else (1,))
-                    scale.make_scale(name)
-            for j, key in enumerate(self._sample.keys):
-                var = flat_name(key)
+            for group_name in dict.fromkeys(g for g, _ in self._entries):
+                group = self._file.require_group(group_name)
+                for name, size in (("chain", n_chains), ("draw", draws)):
+                    if name not in group:
+                        scale = group.create_dataset(name, data=np.arange(size, dtype=np.int64), maxshape=(None,),
+                                                     chunks=(max(1, min(size, 4096)),) if size else (1,))
+                        scale.make_scale(name)
+            for j, (group_name, var) in enumerate(self._entries):
+                group = self._file[group_name]
                 ds = self._create(group, var, j, (n_chains, draws))
                 ds.dims[0].attach_scale(group["chain"])
                 ds.dims[1].attach_scale(group["draw"])
@@ -183,34 +290,51 @@ class HDF5Collector(DataCollector):
                     scale.make_scale(dim)
                     ds.dims[k + 2].attach_scale(scale)
                 self._datasets.append(ds)
+            self._write_counts()
+            self._file.flush()
+            self._start_swmr()
         ds0 = self._datasets[0] if self._datasets else None
         if ds0 is not None and (ds0.shape[0] < n_chains or ds0.shape[1] < needed_draws):
+            grow_chains = ds0.shape[0] < n_chains
+            if grow_chains:
+                self._structural_change()  # the counts attribute grows
             self._resize(max(ds0.shape[0], n_chains), max(ds0.shape[1], needed_draws))
+            if grow_chains:
+                self._write_counts()
+                self._start_swmr()
         return self._datasets
 
     def _resize(self, chains: int, draws: int) -> None:
-        group = self._file["posterior"]
         for ds in self._datasets:
             ds.resize((chains, draws) + ds.shape[2:])
-        for name, size in (("chain", chains), ("draw", draws)):
-            scale = group[name]
-            old = scale.shape[0]
-            if old != size:
-                scale.resize((size,))
-                if size > old:
-                    scale[old:] = np.arange(old, size)
+        for group_name in dict.fromkeys(g for g, _ in self._entries):
+            for name, size in (("chain", chains), ("draw", draws)):
+                scale = self._file[group_name][name]
+                old = scale.shape[0]
+                if old != size:
+                    scale.resize((size,))
+                    if size > old:
+                        scale[old:] = np.arange(old, size)
 
     def _chain_group(self, chain: int, needed: int) -> list[h5py.Dataset]:
         if chain not in self._chain_datasets:
-            group = self._file.require_group(f"chain~{chain}")
-            draws = self._draw_extent([chain], needed)
-            dsets = []
-            for j, key in enumerate(self._sample.keys):
-                parent = group
-                for part in key[:-1]:
-                    parent = parent.require_group(part)
-                dsets.append(self._create(parent, key[-1] if key else "sample", j, (draws,)))
-            self._chain_datasets[chain] = dsets
+            self._structural_change()
+            for c in range(len(self._counts)):  # every registered chain now: no objects once in SWMR
+                if c in self._chain_datasets:
+                    continue
+                group = self._file.require_group(f"chain~{c}")
+                draws = self._draw_extent([c], needed if c == chain else 0)
+                dsets = []
+                for j, key in enumerate(self._sample.keys):
+                    parent = group
+                    for part in key[:-1]:
+                        parent = parent.require_group(part)
+                    dsets.append(self._create(parent, key[-1] if key else "sample", j, (draws,)))
+                group.attrs["sample_count"] = 0
+                self._chain_datasets[c] = dsets
+            self._write_counts()
+            self._file.flush()
+            self._start_swmr()
         dsets = self._chain_datasets[chain]
         if dsets and dsets[0].shape[0] < needed:
             for ds in dsets:
@@ -220,24 +344,26 @@ class HDF5Collector(DataCollector):
     # -- writing (writer thread) ---------------------------------------------------------
 
     def save(self, chain_id: int, values: list[np.ndarray]) -> None:
-        self._write_rows(chain_id, values)
-        self._after_block()
+        with self._lock:
+            self._write_rows(chain_id, values)
+            self._after_block()
 
     def save_block(self, chain_ids: list[int], values: list[np.ndarray]) -> None:
-        first, starts = chain_ids[0], {self._counts[c] for c in chain_ids}
-        contiguous = chain_ids == list(range(first, first + len(chain_ids)))
-        if self.layout != "posterior" or not contiguous or len(starts) != 1:
-            for i, chain in enumerate(chain_ids):
-                self._write_rows(chain, [leaf[i] for leaf in values])
+        with self._lock:
+            first, starts = chain_ids[0], {self._counts[c] for c in chain_ids}
+            contiguous = chain_ids == list(range(first, first + len(chain_ids)))
+            if self.layout != "posterior" or not contiguous or len(starts) != 1:
+                for i, chain in enumerate(chain_ids):
+                    self._write_rows(chain, [leaf[i] for leaf in values])
+                self._after_block()
+                return
+            start, n = starts.pop(), values[0].shape[1] if values else 0
+            stop = first + len(chain_ids)
+            for ds, rows in zip(self._posterior(start + n), values):
+                ds[first:stop, start:start + n] = _dtypes.to_storable(rows)
+            for chain in chain_ids:
+                self._counts[chain] += n
             self._after_block()
-            return
-        start, n = starts.pop(), values[0].shape[1] if values else 0
-        stop = first + len(chain_ids)
-        for ds, rows in zip(self._posterior(start + n), values):
-            ds[first:stop, start:start + n] = _dtypes.to_storable(rows)
-        for chain in chain_ids:
-            self._counts[chain] += n
-        self._after_block()
 
     def _write_rows(self, chain: int, values: list[np.ndarray]) -> None:
         start, n = self._counts[chain], len(values[0]) if values else 0
@@ -251,35 +377,55 @@ class HDF5Collector(DataCollector):
 
     def _after_block(self) -> None:
         self._blocks += 1
-        self._file.attrs["sample_counts"] = np.asarray(self._counts, dtype=np.int64)
         if self.flush_every and self._blocks % self.flush_every == 0:
-            self._file.flush()
+            self._commit()
+
+    def _write_counts(self) -> None:
+        counts = np.asarray(self._counts, dtype=np.int64)
+        attrs = self._file.attrs
+        if attrs["sample_counts"].shape != counts.shape:
+            attrs["sample_counts"] = counts
+        else:
+            attrs.modify("sample_counts", counts)
+        for chain in self._chain_datasets:
+            self._file[f"chain~{chain}"].attrs.modify("sample_count", self._counts[chain])
+
+    def _commit(self) -> None:
+        """Flush the rows, then raise the counts and flush again: counts never run ahead of data."""
+        self._file.flush()
+        self._write_counts()
+        self._file.flush()
+        if self.fsync:
+            os.fsync(self._file.id.get_vfd_handle())
 
     def finalize(self, chain_id: int) -> None:
-        self._finalized.add(chain_id)
-        if self.layout == "chains":
-            self._chain_group(chain_id, self._counts[chain_id])
-        if len(self._finalized) == len(self._counts):
-            self._trim()
+        with self._lock:
+            self._finalized.add(chain_id)
+            if self.layout == "chains" and self._sample is not None:
+                self._chain_group(chain_id, self._counts[chain_id])
+            if len(self._finalized) == len(self._counts):
+                self._trim()
 
     def _trim(self) -> None:
         """Cut preallocated draws down to what was kept, and record the final counts."""
+        if self._sample is None or not self._counts:
+            return
         if self.layout == "posterior":
-            if self._sample is not None and self._counts:
-                self._posterior(0)
-                self._resize(len(self._counts), max(self._counts))
+            self._posterior(0)
+            self._resize(len(self._counts), max(self._counts))
         else:
+            for c in range(len(self._counts)):
+                self._chain_group(c, 0)
             for chain, dsets in self._chain_datasets.items():
                 for ds in dsets:
                     ds.resize((self._counts[chain],) + ds.shape[1:])
-                self._file[f"chain~{chain}"].attrs["sample_count"] = self._counts[chain]
-        self._file.attrs["sample_counts"] = np.asarray(self._counts, dtype=np.int64)
-        self._file.flush()
+        self._commit()
 
     def close(self) -> None:
         """Trim, flush and (if this collector opened it) close the file."""
-        if not self._file.id.valid:
-            return
-        self._trim()
-        if self._owned:
-            self._file.close()
+        with self._lock:
+            if not self._file.id.valid:
+                return
+            self._trim()
+            if self._owned:
+                self._file.close()

@@ -1,0 +1,103 @@
+"""Clearing the "open for writing" flags of an HDF5 file whose writer was killed.
+
+A file written with ``libver="latest"`` (as :class:`jaxsave.HDF5Collector` does for
+SWMR) marks its superblock "open for (SWMR) writing" while a writer has it open.
+If the writer is killed, the mark stays, and ordinary readers (``xarray``,
+``h5py.File(path)``) refuse the file; readers in SWMR mode (jaxsave's own) still
+read it. :func:`clear_open_flags` does what the HDF5 tool ``h5clear -s`` does:
+it zeroes the flags and rewrites the superblock checksum. It checks the old
+checksum first, so it never writes to a file it does not understand.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from jaxsave.errors import FileFormatError
+
+_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_MASK = 0xFFFFFFFF
+
+
+def _rot(x: int, k: int) -> int:
+    return ((x << k) | (x >> (32 - k))) & _MASK
+
+
+def lookup3(data: bytes, initval: int = 0) -> int:
+    """Bob Jenkins' lookup3 ``hashlittle``, the checksum of HDF5 metadata.
+
+    >>> hex(lookup3(b""))
+    '0xdeadbeef'
+    """
+    length = len(data)
+    a = b = c = (0xDEADBEEF + length + initval) & _MASK
+    if length == 0:
+        return c
+    padded = data + b"\0" * (-length % 12)
+    words = struct.unpack(f"<{len(padded) // 4}I", padded)
+    for i in range(0, len(words) - 3, 3):
+        a, b, c = (a + words[i]) & _MASK, (b + words[i + 1]) & _MASK, (c + words[i + 2]) & _MASK
+        a = (a - c) & _MASK; a ^= _rot(c, 4); c = (c + b) & _MASK  # noqa: E702
+        b = (b - a) & _MASK; b ^= _rot(a, 6); a = (a + c) & _MASK  # noqa: E702
+        c = (c - b) & _MASK; c ^= _rot(b, 8); b = (b + a) & _MASK  # noqa: E702
+        a = (a - c) & _MASK; a ^= _rot(c, 16); c = (c + b) & _MASK  # noqa: E702
+        b = (b - a) & _MASK; b ^= _rot(a, 19); a = (a + c) & _MASK  # noqa: E702
+        c = (c - b) & _MASK; c ^= _rot(b, 4); b = (b + a) & _MASK  # noqa: E702
+    a, b, c = (a + words[-3]) & _MASK, (b + words[-2]) & _MASK, (c + words[-1]) & _MASK
+    c ^= b; c = (c - _rot(b, 14)) & _MASK  # noqa: E702
+    a ^= c; a = (a - _rot(c, 11)) & _MASK  # noqa: E702
+    b ^= a; b = (b - _rot(a, 25)) & _MASK  # noqa: E702
+    c ^= b; c = (c - _rot(b, 16)) & _MASK  # noqa: E702
+    a ^= c; a = (a - _rot(c, 4)) & _MASK  # noqa: E702
+    b ^= a; b = (b - _rot(a, 14)) & _MASK  # noqa: E702
+    c ^= b; c = (c - _rot(b, 24)) & _MASK  # noqa: E702
+    return c
+
+
+def _find_superblock(fh) -> int:
+    for offset in (0, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536):
+        fh.seek(offset)
+        if fh.read(8) == _SIGNATURE:
+            return offset
+    raise FileFormatError("no HDF5 superblock found: not an HDF5 file")
+
+
+def open_flags(path: str | os.PathLike) -> int:
+    """The superblock's file-consistency flags (0: closed cleanly, or an old format)."""
+    with open(path, "rb") as fh:
+        offset = _find_superblock(fh)
+        fh.seek(offset + 8)
+        head = fh.read(4)
+    if len(head) < 4 or head[0] < 2:
+        return 0
+    return head[3]
+
+
+def clear_open_flags(path: str | os.PathLike) -> bool:
+    """Zero the "open for writing" flags of a v2/v3 superblock; returns whether anything changed.
+
+    Only call this when no process has the file open for writing.
+    """
+    with open(path, "r+b") as fh:
+        offset = _find_superblock(fh)
+        fh.seek(offset)
+        head = fh.read(12)
+        if len(head) < 12 or head[8] < 2:  # versions 0/1 have no such flags
+            return False
+        size = 12 + 4 * head[9]
+        fh.seek(offset)
+        block = fh.read(size + 4)
+        if len(block) < size + 4:
+            raise FileFormatError("the HDF5 superblock is truncated")
+        (stored,) = struct.unpack("<I", block[size:])
+        if lookup3(block[:size]) != stored:
+            raise FileFormatError("the HDF5 superblock checksum does not match: the file is corrupt")
+        if block[11] == 0:
+            return False
+        new = block[:11] + b"\0" + block[12:size]
+        fh.seek(offset)
+        fh.write(new + struct.pack("<I", lookup3(new)))
+        fh.flush()
+        os.fsync(fh.fileno())
+    return True

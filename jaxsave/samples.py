@@ -1,0 +1,440 @@
+"""Reading sample files written by :class:`jaxsave.HDF5Collector`.
+
+* :func:`load_samples` returns the samples as the original pytree, for one chain
+  ``(draw, ...)`` or all ``(chain, draw, ...)``, reading only the draws asked for.
+* :func:`open_live` follows a file while the sampler still writes it (SWMR).
+* :func:`to_inference_data` makes an ``arviz.InferenceData``.
+* :func:`file_info` describes a file; :func:`recover` makes the file of a killed
+  writer readable by every HDF5 reader again.
+
+Only rows counted in the file's ``sample_counts`` are ever returned. Every
+problem with the file itself raises :class:`jaxsave.FileFormatError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import warnings
+from typing import Any, Iterator, NamedTuple, Sequence
+
+import h5py
+import jax
+import numpy as np
+
+from jaxsave import _dtypes, _superblock
+from jaxsave._tree import dict_to_pytree, flat_name, pytree_dict_keys
+from jaxsave.errors import FileFormatError, JaxsaveError, StructureMismatchError
+from jaxsave.hdf5 import FORMAT_VERSION
+
+__all__ = ["load_samples", "open_live", "LiveSamples", "to_inference_data", "file_info", "SampleFileInfo",
+           "VariableInfo", "recover"]
+
+PathLike = str | os.PathLike
+
+
+class VariableInfo(NamedTuple):
+    """One sample leaf as stored: key path, HDF5 group and name, logical dtype, per-draw shape."""
+
+    key: tuple[str, ...]
+    group: str
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+class SampleFileInfo(NamedTuple):
+    """What :func:`file_info` finds in a jaxsave sample file."""
+
+    path: str
+    format: int
+    version: str
+    layout: str
+    created: str
+    sample_counts: np.ndarray
+    variables: list[VariableInfo]
+    open_for_writing: bool
+
+    @property
+    def chains(self) -> int:
+        return len(self.sample_counts)
+
+
+@contextlib.contextmanager
+def _open(path: PathLike, *, live: bool = False) -> Iterator[h5py.File]:
+    """Open a sample file for reading; every failure becomes a :class:`FileFormatError`."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such file: {path!r}")
+    attempts = [{"libver": "latest", "swmr": True}, {}] if live else [{}, {"libver": "latest", "swmr": True}]
+    errors = []
+    for kwargs in attempts:
+        try:
+            f = h5py.File(path, "r", **kwargs)
+            break
+        except (OSError, ValueError, RuntimeError) as error:
+            errors.append(error)
+    else:
+        raise FileFormatError(f"{path!r} cannot be opened as an HDF5 file (truncated, corrupt or not HDF5): "
+                              f"{errors[-1]}") from errors[-1]
+    try:
+        _check_header(f, path)
+        yield f
+    except JaxsaveError:
+        raise
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as error:
+        raise FileFormatError(f"{path!r} is damaged or not a valid jaxsave file: {error}") from error
+    finally:
+        f.close()
+
+
+def _check_header(f: h5py.File, path: str) -> None:
+    fmt = f.attrs.get("jaxsave_format")
+    if fmt is None:
+        raise FileFormatError(f"{path!r} is an HDF5 file but not a jaxsave sample file (no 'jaxsave_format')")
+    if int(fmt) > FORMAT_VERSION:
+        raise FileFormatError(
+            f"{path!r} has jaxsave format {int(fmt)}; this jaxsave reads up to {FORMAT_VERSION}: upgrade jaxsave")
+    if _str(f.attrs.get("jaxsave_layout", "")) not in ("posterior", "chains"):
+        raise FileFormatError(f"{path!r} has an unknown layout {f.attrs.get('jaxsave_layout')!r}")
+
+
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _variables(f: h5py.File) -> list[VariableInfo]:
+    raw = f.attrs.get("jaxsave_structure")
+    if raw is None:
+        raise FileFormatError("the file holds no samples yet (no chain was registered)")
+    try:
+        leaves = json.loads(_str(raw))["leaves"]
+        out = [VariableInfo(tuple(str(k) for k in v["key"]), str(v["group"]), str(v["name"]), str(v["dtype"]),
+                            tuple(int(n) for n in v["shape"])) for v in leaves]
+    except (ValueError, KeyError, TypeError) as error:
+        raise FileFormatError(f"the file's 'jaxsave_structure' attribute is malformed: {error}") from error
+    for v in out:
+        _dtypes.storage_dtype(v.dtype)  # whitelisted dtype names only
+    return out
+
+
+def _counts(f: h5py.File) -> np.ndarray:
+    counts = np.asarray(f.attrs.get("sample_counts", np.zeros(0)), dtype=np.int64).reshape(-1)
+    if (counts < 0).any():
+        raise FileFormatError(f"negative sample counts {counts.tolist()}")
+    return counts
+
+
+def _dataset(f: h5py.File, layout: str, var: VariableInfo, chain: int | None = None) -> h5py.Dataset:
+    path = f"{var.group}/{var.name}" if layout == "posterior" else f"chain~{chain}/{'/'.join(var.key) or 'sample'}"
+    ds = f.get(path)
+    if not isinstance(ds, h5py.Dataset):
+        raise FileFormatError(f"the file lacks the dataset {path!r}")
+    return ds
+
+
+def _info(f: h5py.File, path: str) -> SampleFileInfo:
+    return SampleFileInfo(
+        path=path, format=int(f.attrs["jaxsave_format"]), version=_str(f.attrs.get("jaxsave_version", "?")),
+        layout=_str(f.attrs["jaxsave_layout"]), created=_str(f.attrs.get("created", "?")),
+        sample_counts=_counts(f), variables=_variables(f) if "jaxsave_structure" in f.attrs else [],
+        open_for_writing=_superblock.open_flags(path) != 0)
+
+
+def file_info(path: PathLike) -> SampleFileInfo:
+    """Format, layout, per-chain sample counts and variables of a sample file.
+
+    >>> import tempfile, os, jax.numpy as jnp, jaxsave
+    >>> path = os.path.join(tempfile.mkdtemp(), "s.h5")
+    >>> init, save, post = jaxsave.save(jaxsave.HDF5Collector(path))
+    >>> _ = post(save(init({"w": jnp.zeros(2)}), True, {"w": jnp.ones(2)})[0], None)
+    >>> info = jaxsave.file_info(path)
+    >>> info.chains, info.sample_counts.tolist(), [(v.name, v.shape, v.dtype) for v in info.variables]
+    (1, [1], [('w', (2,), 'float32')])
+    """
+    with _open(path) as f:
+        return _info(f, os.fspath(path))
+
+
+def _fill(dtype: np.dtype) -> Any:
+    return np.nan if dtype.kind in "fc" else 0
+
+
+def _valid_span(rows: range, count: int) -> slice:
+    """The positions in ``rows`` of the draws below ``count`` (a prefix, or a suffix when reversed)."""
+    if rows.step > 0:
+        return slice(0, min(len(rows), max(0, -(-(count - rows.start) // rows.step))))
+    return slice(min(len(rows), max(0, -(-(rows.start - count + 1) // -rows.step))), len(rows))
+
+
+def _forward(rows: range) -> tuple[int, int, int]:
+    """Start, stop and positive step of an h5py slice reading ``rows`` (in forward order)."""
+    if not len(rows):
+        return 0, 0, 1
+    if rows.step > 0:
+        return rows.start, rows[-1] + 1, rows.step
+    return rows[-1], rows.start + 1, -rows.step
+
+
+def _read_leaf(f: h5py.File, layout: str, var: VariableInfo, chains: list[int], counts: np.ndarray,
+               draws: slice) -> np.ndarray:
+    """Stored rows ``(len(chains), draws, ...)`` of one leaf; rows past a chain's count are fill."""
+    n = int(max((counts[c] for c in chains), default=0))
+    rows = range(n)[draws]
+    spec = _dtypes.LeafSpec(var.shape, var.dtype)
+    shape = _dtypes.key_data_shape(spec) if spec.is_key else var.shape
+    dtype = _dtypes.storage_dtype(var.dtype)
+    out = np.full((len(chains), len(rows)) + shape, _fill(dtype), dtype)
+    if not chains or not len(rows):
+        return out
+    flip = (lambda a: np.flip(a, axis=-1 - len(shape))) if rows.step < 0 else (lambda a: a)
+    if layout == "posterior":
+        ds = _checked(_dataset(f, layout, var), (len(counts), n), shape, dtype)
+        if chains == list(range(chains[0], chains[-1] + 1)):
+            lo, hi, step = _forward(rows)
+            out[:] = flip(ds[chains[0]:chains[-1] + 1, lo:hi:step])
+            for i, c in enumerate(chains):
+                span = _valid_span(rows, int(counts[c]))
+                out[i, :span.start] = out[i, span.stop:] = _fill(dtype)
+            return out
+    for i, c in enumerate(chains):
+        span = _valid_span(rows, int(counts[c]))
+        sub = rows[span]
+        if not len(sub):
+            continue
+        lo, hi, step = _forward(sub)
+        if layout == "posterior":
+            out[i, span] = flip(ds[c, lo:hi:step])
+        else:
+            out[i, span] = flip(_checked(_dataset(f, layout, var, c), (int(counts[c]),), shape, dtype)[lo:hi:step])
+    return out
+
+
+def _checked(ds: h5py.Dataset, lead: tuple[int, ...], shape: tuple[int, ...], dtype: np.dtype) -> h5py.Dataset:
+    if ds.ndim != len(lead) + len(shape) or ds.shape[len(lead):] != shape or ds.dtype != dtype or any(
+            have < need for have, need in zip(ds.shape, lead)):
+        raise FileFormatError(f"dataset {ds.name} has shape {ds.shape} and dtype {ds.dtype}; the file's "
+                              f"structure and sample counts need at least {lead + shape} of {dtype}")
+    return ds
+
+
+def _nest(keys: Sequence[tuple[str, ...]], leaves: Sequence[Any], lists: bool = True) -> Any:
+    """Nested dicts from key paths; with ``lists``, a dict keyed ``list_element_0..n-1`` becomes a list."""
+    if len(keys) == 1 and keys[0] == ():
+        return leaves[0]
+    root: dict = {}
+    for key, leaf in zip(keys, leaves):
+        node = root
+        for part in key[:-1]:
+            node = node.setdefault(part, {})
+        node[key[-1]] = leaf
+
+    def listify(node: Any) -> Any:
+        if not isinstance(node, dict):
+            return node
+        node = {k: listify(v) for k, v in node.items()}
+        names = [f"list_element_{i}" for i in range(len(node))]
+        return [node[n] for n in names] if node and set(node) == set(names) else node
+
+    return listify(root) if lists else root
+
+
+def _template_specs(like: Any) -> dict[tuple[str, ...], _dtypes.LeafSpec]:
+    return {k: _dtypes.leaf_spec(x) for k, x in zip(pytree_dict_keys(like), jax.tree.leaves(like))}
+
+
+def _check_like(variables: list[VariableInfo], like: Any) -> None:
+    want = _template_specs(like)
+    have = {v.key: _dtypes.LeafSpec(v.shape, v.dtype) for v in variables}
+    problems = [f"the file has no leaf {'/'.join(k)!r}" for k in want if k not in have]
+    problems += [f"the file's leaf {'/'.join(k)!r} is not in `like`" for k in have if k not in want]
+    for k in want.keys() & have.keys():
+        if want[k] != have[k]:
+            problems.append(f"leaf {'/'.join(k)!r}: file has shape {have[k].shape} dtype {have[k].dtype}, "
+                            f"`like` has shape {want[k].shape} dtype {want[k].dtype}")
+    if problems:
+        raise StructureMismatchError("the file does not match `like`:\n  " + "\n  ".join(problems))
+
+
+def _load(f: h5py.File, chain: int | None, like: Any, draws: slice) -> Any:
+    layout = _str(f.attrs["jaxsave_layout"])
+    variables, counts = _variables(f), _counts(f)
+    if like is not None:
+        _check_like(variables, like)
+    if chain is not None and not 0 <= chain < len(counts):
+        raise IndexError(f"chain {chain} is not in the file, which has {len(counts)} chains")
+    chains = list(range(len(counts))) if chain is None else [int(chain)]
+    leaves = []
+    for var in variables:
+        stored = _read_leaf(f, layout, var, chains, counts, draws)
+        leaves.append(_dtypes.from_storable(stored[0] if chain is not None else stored, var.dtype))
+    keys = [v.key for v in variables]
+    if like is None:
+        return _nest(keys, leaves)
+    return dict_to_pytree(_nest(keys, leaves, lists=False), like)
+
+
+def load_samples(path: PathLike, chain: int | None = None, like: Any = None, *, draws: slice | None = None) -> Any:
+    """The samples in ``path`` as a pytree: ``(draw, ...)`` leaves for one chain, ``(chain, draw, ...)`` for all.
+
+    Args:
+      path: a file written by :class:`jaxsave.HDF5Collector` (either layout).
+      chain: one chain's index, or ``None`` for all chains (shorter chains are
+        padded with NaN, or 0 for non-float leaves, up to the longest).
+      like: a template of one sample (arrays or ``jax.ShapeDtypeStruct``); the
+        result then has its exact tree structure, and a file whose leaves,
+        shapes or dtypes differ raises :class:`jaxsave.StructureMismatchError`.
+        Without it, the tree is rebuilt as nested dicts (lists where the keys
+        are ``list_element_i``).
+      draws: a slice of the draws to read; only those are read from disk.
+
+    Typed PRNG keys come back as key arrays, ml_dtypes as their own dtypes.
+
+    >>> import tempfile, os, jax, jax.numpy as jnp, jaxsave
+    >>> path = os.path.join(tempfile.mkdtemp(), "s.h5")
+    >>> init, save, post = jaxsave.save(jaxsave.HDF5Collector(path))
+    >>> state = init({"w": [jnp.zeros((2, 2))]}, None, chains=2)
+    >>> run = lambda s: jax.lax.scan(lambda s, i: save(s, True, {"w": [jnp.full(2, i, jnp.float32)]}), s,
+    ...                              jnp.arange(6))[0]
+    >>> _ = post(jax.vmap(run)(state), None)
+    >>> jaxsave.load_samples(path)["w"][0].shape
+    (2, 6, 2)
+    >>> jaxsave.load_samples(path, chain=1, draws=slice(4, None))["w"][0][:, 0].tolist()
+    [4.0, 5.0]
+    """
+    draws = slice(None) if draws is None else draws
+    if not isinstance(draws, slice):
+        raise TypeError(f"draws must be a slice, got {type(draws).__name__}")
+    with _open(path) as f:
+        return _load(f, chain, like, draws)
+
+
+class LiveSamples:
+    """A sample file that a running sampler is still writing; see :func:`open_live`."""
+
+    def __init__(self, path: PathLike, like: Any = None):
+        self.path = os.fspath(path)
+        self.like = like
+        self.sample_counts = np.zeros(0, np.int64)
+        with _open(self.path, live=True):
+            pass
+
+    def refresh(self, chain: int | None = None, draws: slice | None = None) -> Any:
+        """Re-read the file: the samples written so far (as :func:`load_samples` returns them).
+
+        Also updates :attr:`sample_counts`.
+        """
+        with _open(self.path, live=True) as f:
+            self.sample_counts = _counts(f)
+            return _load(f, chain, self.like, slice(None) if draws is None else draws)
+
+    def __enter__(self) -> "LiveSamples":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"LiveSamples({self.path!r}, sample_counts={self.sample_counts.tolist()})"
+
+
+def open_live(path: PathLike, like: Any = None) -> LiveSamples:
+    """Follow a sample file while it is written (``HDF5Collector(..., swmr=True)``, the default).
+
+    Each :meth:`LiveSamples.refresh` reopens the file in SWMR read mode and returns
+    the draws written so far; it never holds the file open in between.
+
+    >>> import tempfile, os, jax.numpy as jnp, jaxsave
+    >>> path = os.path.join(tempfile.mkdtemp(), "s.h5")
+    >>> init, save, post = jaxsave.save(jaxsave.HDF5Collector(path), block_size=2)
+    >>> state = init({"w": jnp.zeros(())})
+    >>> for i in range(3):
+    ...     state, _ = save(state, True, {"w": jnp.float32(i)})
+    >>> live = jaxsave.open_live(path)
+    >>> live.refresh(chain=0)["w"].tolist(), live.sample_counts.tolist()
+    ([0.0, 1.0], [2])
+    >>> _ = post(state, None)
+    >>> live.refresh(chain=0)["w"].tolist()
+    [0.0, 1.0, 2.0]
+    """
+    return LiveSamples(path, like)
+
+
+def _result_arrays(result: dict, sample_stats: Any) -> tuple[dict, dict]:
+    samples, counts = result["samples"], np.asarray(result["sample_count"])
+    keys, leaves = pytree_dict_keys(samples), jax.tree.leaves(samples)
+    batch = counts.ndim
+    groups: tuple[dict, dict] = ({}, {})
+    for key, leaf in zip(keys, leaves):
+        arr = np.asarray(jax.random.key_data(leaf)) if _dtypes.is_key(leaf) else np.asarray(leaf)
+        arr = arr[None] if batch == 0 else arr.reshape((-1,) + arr.shape[batch:])
+        stat = sample_stats(key) if callable(sample_stats) else bool(key) and key[0] in (sample_stats or ())
+        groups[bool(stat)][flat_name(key)] = arr
+    return groups[0], groups[1], counts.reshape(-1)
+
+
+def _for_arviz(arr: np.ndarray, n: int) -> np.ndarray:
+    arr = arr[:, :n]
+    return arr.astype(np.float32) if arr.dtype.name in _dtypes._ML_DTYPES else arr
+
+
+def to_inference_data(path_or_result: PathLike | dict, *, sample_stats: Any = None) -> Any:
+    """An ``arviz.InferenceData`` with groups ``posterior`` (and ``sample_stats``).
+
+    Takes a sample file, or the dict that ``postprocess`` returns (then
+    ``sample_stats`` names the top-level keys, or is a key-path predicate, that
+    go to ``sample_stats``). Chains are cut to the draws that all of them have;
+    bfloat16/fp8 become float32 and PRNG keys their key data.
+
+    >>> import jax.numpy as jnp, jaxsave
+    >>> result = {"sample_count": jnp.array([3, 3]), "samples": {"x": jnp.zeros((2, 3, 4)), "lp": jnp.zeros((2, 3))}}
+    >>> idata = jaxsave.to_inference_data(result, sample_stats=("lp",))
+    >>> dict(idata.posterior["x"].sizes), list(idata.sample_stats.data_vars)
+    ({'chain': 2, 'draw': 3, 'x_dim_0': 4}, ['lp'])
+    """
+    import arviz as az
+
+    if isinstance(path_or_result, dict):
+        posterior, stats, counts = _result_arrays(path_or_result, sample_stats)
+    else:
+        with _open(path_or_result) as f:
+            layout = _str(f.attrs["jaxsave_layout"])
+            variables, counts = _variables(f), _counts(f)
+            chains = list(range(len(counts)))
+            posterior, stats = {}, {}
+            for var in variables:
+                arr = _read_leaf(f, layout, var, chains, counts, slice(None)) if chains else None
+                if arr is not None:
+                    (stats if var.group == "sample_stats" else posterior)[var.name] = arr
+    n = int(counts.min()) if counts.size else 0
+    if counts.size and n < int(counts.max()):
+        warnings.warn(f"chains have different sample counts {counts.tolist()}; using the first {n} draws of each",
+                      stacklevel=2)
+    posterior = {k: _for_arviz(v, n) for k, v in posterior.items()}
+    stats = {k: _for_arviz(v, n) for k, v in stats.items()}
+    return az.from_dict(posterior=posterior, sample_stats=stats or None)
+
+
+def recover(path: PathLike) -> bool:
+    """Make the file of a killed writer openable by every HDF5 reader (like ``h5clear -s``).
+
+    A file written in SWMR mode stays marked "open for writing" when its writer
+    is killed; jaxsave's readers open it anyway, but xarray and plain h5py refuse.
+    Call this only when no process writes the file. Returns whether the mark
+    was there. The samples counted in ``sample_counts`` are all readable after.
+
+    >>> import tempfile, os, jax.numpy as jnp, jaxsave
+    >>> path = os.path.join(tempfile.mkdtemp(), "s.h5")
+    >>> init, save, post = jaxsave.save(jaxsave.HDF5Collector(path))
+    >>> _ = post(save(init(jnp.zeros(())), True, jnp.float32(1))[0], None)
+    >>> jaxsave.recover(path)  # closed cleanly: nothing to do
+    False
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such file: {path!r}")
+    changed = _superblock.clear_open_flags(path)
+    with _open(path):
+        pass
+    return changed

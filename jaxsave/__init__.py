@@ -24,6 +24,15 @@ from jaxsave.samples import (
     recover,
     to_inference_data,
 )
+from jaxsave.checkpointer import Checkpointer
+from jaxsave.registry import register_saveable, saveable
+from jaxsave.serialization import (
+    PytreeFile,
+    load_pytree,
+    open_pytree,
+    read_metadata,
+    save_pytree,
+)
 from jaxsave.errors import (
     CapacityError,
     FileFormatError,
@@ -52,6 +61,15 @@ __all__ = [
     "file_info",
     "SampleFileInfo",
     "recover",
+    # saving and loading pytrees and models
+    "save_pytree",
+    "load_pytree",
+    "read_metadata",
+    "open_pytree",
+    "PytreeFile",
+    "saveable",
+    "register_saveable",
+    "Checkpointer",
     # naming pytree leaves
     "register_dictionize_rule",
     "pytree_to_dict",

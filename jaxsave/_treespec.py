@@ -81,9 +81,10 @@ def _is_namedtuple(x: Any) -> bool:
 
 
 class _Encoder:
-    def __init__(self) -> None:
+    def __init__(self, strict: bool = True) -> None:
         self.leaves: list[Any] = []
         self.problems: list[str] = []
+        self.strict = strict
 
     def node(self, x: Any, path: str) -> dict[str, Any]:
         flat = _REGISTRY.flatten_one_level_with_keys(x)
@@ -167,8 +168,9 @@ class _Encoder:
         if isinstance(v, np.ndarray) and v.size <= _MAX_ARRAY_VALUE and v.dtype.kind in "biufc":
             items = [self.value(c, path) for c in v.ravel().tolist()]
             return {"$": "ndarray", "dtype": dtype_name(v.dtype), "shape": list(v.shape), "v": items}
-        self.problems.append(f"{path or '<root>'}: {type(v).__module__}.{type(v).__qualname__} {v!r:.80}")
-        return None
+        what = f"{type(v).__module__}.{type(v).__qualname__} {v!r:.80}"
+        self.problems.append(f"{path or '<root>'}: {what}")
+        return None if self.strict else {"$": "unregistered", "v": what}
 
     def _type_value(self, v: type, path: str) -> Any:
         if issubclass(v, np.generic):
@@ -190,7 +192,7 @@ def dtype_name(dtype: Any) -> str:
     return name
 
 
-def encode_structure(tree: Any) -> tuple[dict[str, Any], list[Any]]:
+def encode_structure(tree: Any, *, strict: bool = True) -> tuple[dict[str, Any], list[Any]]:
     """Describe ``tree`` as JSON and return ``(description, array_leaves)``.
 
     ``array_leaves`` are the array leaves (jax/numpy arrays, numpy scalars,
@@ -198,19 +200,20 @@ def encode_structure(tree: Any) -> tuple[dict[str, Any], list[Any]]:
     stored inside the description. Types used as nodes are registered in
     :mod:`jaxsave.registry` automatically; other non-array values must already
     be registered, or :class:`~jaxsave.errors.UnregisteredNameError` lists them
-    all with their paths.
+    all with their paths. With ``strict=False`` they are described instead
+    (such a description can be matched against, not decoded).
 
     >>> import jax.numpy as jnp
     >>> spec, leaves = encode_structure([jnp.ones(2), 3, None])
     >>> spec["root"]["t"], [c["t"] for c in spec["root"]["children"]]
     ('list', ['leaf', 'value', 'none'])
     """
-    enc = _Encoder()
+    enc = _Encoder(strict)
     try:
         root = enc.node(tree, "")
     except RecursionError:
         raise ValueError("the pytree is nested too deeply to be encoded") from None
-    if enc.problems:
+    if enc.problems and strict:
         listed = "\n".join(f"  - {p}" for p in enc.problems)
         raise UnregisteredNameError(
             f"{len(enc.problems)} leaf/static value(s) can neither be stored as arrays nor "

@@ -1,0 +1,77 @@
+"""Storage formats for :func:`jaxsave.save_pytree`: one module per format.
+
+Every format stores the same *document*: a JSON header (format version, jaxsave
+version, tree structure, the name/dtype/shape of each array leaf, user metadata)
+and the array leaves as raw arrays of natively storable dtypes (see
+:mod:`jaxsave._dtypes`). A format module provides
+
+* ``write(target, header, arrays)``: ``target`` is a path (already a temporary
+  file: atomicity is the caller's job) or a binary file object;
+* ``Reader(target)``: ``.header`` (the parsed JSON header, or ``None`` for a
+  foreign file), ``.foreign_arrays()`` (for foreign files: ``{name: (shape,
+  dtype)}``), ``.read(indices)`` (storable arrays) and ``.close()``.
+
+Readers bound every size they read from the file before allocating memory.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+from typing import Any
+
+from jaxsave.errors import FileFormatError
+
+#: Largest JSON header any reader accepts (the same bound as safetensors).
+MAX_HEADER_BYTES = 100 * 2**20
+
+FORMATS = ("jaxsave", "safetensors", "npz", "hdf5")
+_SUFFIXES = {".safetensors": "safetensors", ".npz": "npz", ".h5": "hdf5", ".hdf5": "hdf5"}
+_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+
+
+def format_module(name: str) -> ModuleType:
+    """The module implementing format ``name``."""
+    if name == "jaxsave":
+        from jaxsave._formats import native as mod
+    elif name == "safetensors":
+        from jaxsave._formats import safetensors_format as mod
+    elif name == "npz":
+        from jaxsave._formats import npz as mod
+    elif name == "hdf5":
+        from jaxsave._formats import hdf5 as mod
+    else:
+        raise ValueError(f"unknown format {name!r}; choose one of {', '.join(FORMATS)}")
+    return mod
+
+
+def format_for_path(path: Any, format: str | None) -> str:
+    """The format to *write*: ``format`` if given, else from the file suffix (default jaxsave)."""
+    if format is not None:
+        format_module(format)
+        return format
+    if isinstance(path, (str, os.PathLike)):
+        return _SUFFIXES.get(os.path.splitext(os.fspath(path))[1].lower(), "jaxsave")
+    return "jaxsave"
+
+
+def sniff(head: bytes, path: Any, format: str | None) -> str:
+    """The format to *read*, from the file's first bytes (``format`` must agree)."""
+    from jaxsave._formats.native import MAGIC
+
+    if head.startswith(MAGIC):
+        found = "jaxsave"
+    elif head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        found = "npz"
+    elif head.startswith(_HDF5_MAGIC):
+        found = "hdf5"
+    elif len(head) >= 9 and head[8:9] == b"{":
+        found = "safetensors"
+    elif head[:8] == b"\x80\x04\x95" or head[:1] == b"\x80":
+        raise FileFormatError("the file is a Python pickle; jaxsave never loads pickles")
+    else:
+        raise FileFormatError(f"not a file jaxsave can read (starts with {head[:8]!r})")
+    if format is not None and format != found:
+        format_module(format)
+        raise FileFormatError(f"the file is in the {found} format, not {format}")
+    return found

@@ -1,0 +1,85 @@
+"""``.h5``/``.hdf5``: one dataset per array leaf under ``/arrays``, the header as an attribute.
+
+Datasets are named by the leaves' readable key paths (``params.dense.kernel``),
+so the file browses well in HDFView or h5py; the jaxsave header is the JSON
+string attribute ``jaxsave`` of the root group. Safety on untrusted files rests
+on the HDF5 library's own parsing; prefer the default format for those.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any, BinaryIO
+
+import h5py
+import numpy as np
+
+from jaxsave._dtypes import storage_dtype
+from jaxsave._formats import MAX_HEADER_BYTES
+from jaxsave.errors import FileFormatError
+
+GROUP = "arrays"
+
+
+def _dataset_name(name: str, i: int) -> str:
+    return name if name not in ("", ".", "..") else f"leaf_{i}"
+
+
+def write(target: str | BinaryIO, header: dict[str, Any], arrays: Sequence[np.ndarray]) -> None:
+    with h5py.File(target, "w") as f:
+        f.attrs["jaxsave"] = json.dumps(header, separators=(",", ":"), allow_nan=False)
+        group = f.create_group(GROUP)
+        for i, (leaf, a) in enumerate(zip(header["leaves"], arrays)):
+            group.create_dataset(_dataset_name(leaf["name"], i), data=a)
+
+
+class Reader:
+    """Read a jaxsave HDF5 file."""
+
+    def __init__(self, target: str | BinaryIO):
+        try:
+            self._f = h5py.File(target, "r")
+        except OSError as e:
+            raise FileFormatError(f"not a readable HDF5 file: {e}") from None
+        raw = self._f.attrs.get("jaxsave")
+        if raw is None:
+            self._f.close()
+            raise FileFormatError("an HDF5 file without a jaxsave header (not written by jaxsave)")
+        if isinstance(raw, bytes):
+            raw = raw.decode("utf-8", "replace")
+        if not isinstance(raw, str) or len(raw) > MAX_HEADER_BYTES:
+            raise FileFormatError("the jaxsave header attribute is malformed or too large")
+        try:
+            self.header = json.loads(raw)
+        except (ValueError, RecursionError) as e:
+            raise FileFormatError(f"the jaxsave header is not valid JSON: {e}") from None
+
+    def _dataset(self, names: Sequence[str], i: int) -> Any:
+        ds = self._f.get(f"{GROUP}/{_dataset_name(names[i], i)}")
+        if not isinstance(ds, h5py.Dataset):
+            raise FileFormatError(f"the HDF5 file has no dataset for leaf {names[i]!r}")
+        return ds
+
+    def check_arrays(self, specs: Sequence[tuple[tuple[int, ...], str]],
+                     names: Sequence[str]) -> None:
+        for i, (shape, dtype) in enumerate(specs):
+            ds = self._dataset(names, i)
+            if tuple(ds.shape) != tuple(shape) or ds.dtype != storage_dtype(dtype):
+                raise FileFormatError(
+                    f"dataset {ds.name!r} is {ds.dtype}{list(ds.shape)}, "
+                    f"the header says {dtype}{list(shape)}")
+
+    def read(self, indices: Sequence[int], specs: Sequence[tuple[tuple[int, ...], str]],
+             names: Sequence[str]) -> list[np.ndarray]:
+        out = []
+        for i in indices:
+            ds = self._dataset(names, i)
+            arr = np.empty(specs[i][0], storage_dtype(specs[i][1]))
+            if arr.size:
+                ds.read_direct(arr)
+            out.append(arr)
+        return out
+
+    def close(self) -> None:
+        self._f.close()

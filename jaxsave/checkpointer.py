@@ -1,0 +1,175 @@
+"""A directory of numbered checkpoints: atomic saves, retention, restore of the latest.
+
+>>> import tempfile, numpy as np, jaxsave
+>>> ckpt = jaxsave.Checkpointer(tempfile.mkdtemp(), keep=2, keep_every=100)
+>>> for step in (100, 150, 200, 250, 300):
+...     _ = ckpt.save(step, {"w": np.full(2, step)}, metadata={"loss": 1 / step})
+>>> ckpt.steps()
+[100, 200, 250, 300]
+>>> step, tree = ckpt.restore()
+>>> step, tree["w"]
+(300, array([300, 300]))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import string
+import warnings
+from typing import Any
+
+from jaxsave._atomic import fsync_directory, remove_stale_temporaries
+from jaxsave.errors import FileFormatError
+from jaxsave.serialization import load_pytree, read_metadata, save_pytree
+
+__all__ = ["Checkpointer"]
+
+
+def _step_pattern(filename: str) -> re.Pattern[str]:
+    """A regex matching the names ``filename.format(step=...)`` produces."""
+    if os.sep in filename or (os.altsep and os.altsep in filename):
+        raise ValueError(f"filename {filename!r} must be a plain file name, without directories")
+    parts, fields = [], 0
+    for literal, field, spec, conv in string.Formatter().parse(filename):
+        parts.append(re.escape(literal))
+        if field is None:
+            continue
+        if field != "step" or conv:
+            raise ValueError(f"filename {filename!r} may only use the field {{step}}")
+        format(0, spec or "d")  # raises on a spec that is not an integer format
+        parts.append(r"(\d+)")
+        fields += 1
+    if fields != 1:
+        raise ValueError(f"filename {filename!r} must contain {{step}} exactly once")
+    return re.compile("^" + "".join(parts) + "$")
+
+
+class Checkpointer:
+    """Save numbered checkpoints of a pytree into ``directory`` and restore them.
+
+    * ``keep``: how many of the most recent checkpoints to keep (``None``: all);
+    * ``keep_every``: also keep, forever, every checkpoint whose step is a
+      multiple of it;
+    * ``filename``: a template with one ``{step}`` field; its suffix picks the
+      format (``.safetensors``, ``.npz``, ``.h5``; default the jaxsave format);
+    * ``fsync``: fsync each checkpoint before it replaces anything (default).
+
+    Each checkpoint is one file written atomically, so a crash leaves either the
+    previous set of checkpoints or the new one; temporary files left by a killed
+    process are ignored and removed when a Checkpointer opens the directory.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        keep: int | None = 5,
+        keep_every: int | None = None,
+        *,
+        filename: str = "checkpoint_{step:08d}.jaxsave",
+        format: str | None = None,
+        fsync: bool = True,
+    ):
+        if keep is not None and keep < 1:
+            raise ValueError(f"keep must be at least 1 (or None), got {keep}")
+        if keep_every is not None and keep_every < 1:
+            raise ValueError(f"keep_every must be at least 1 (or None), got {keep_every}")
+        self.directory = os.fspath(directory)
+        self.keep, self.keep_every = keep, keep_every
+        self.filename, self.format, self.fsync = filename, format, fsync
+        self._pattern = _step_pattern(filename)
+        os.makedirs(self.directory, exist_ok=True)
+        remove_stale_temporaries(self.directory)
+
+    def path(self, step: int) -> str:
+        """The file of checkpoint ``step``."""
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"a step must be a non-negative int, got {step!r}")
+        return os.path.join(self.directory, self.filename.format(step=step))
+
+    def steps(self) -> list[int]:
+        """The steps of the checkpoints in the directory, ascending."""
+        found = set()
+        for name in os.listdir(self.directory):
+            m = self._pattern.match(name)
+            if m is not None and os.path.isfile(os.path.join(self.directory, name)):
+                found.add(int(m.group(1)))
+        return sorted(found)
+
+    def latest_step(self) -> int | None:
+        """The highest step saved, or ``None`` if there is no checkpoint."""
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def save(self, step: int, tree: Any, metadata: Any = None) -> str:
+        """Save ``tree`` as checkpoint ``step`` (replacing one of the same step), then prune.
+
+        Returns the checkpoint's path.
+        """
+        path = self.path(step)
+        save_pytree(path, tree, metadata=metadata, format=self.format, fsync=self.fsync)
+        self._prune()
+        return path
+
+    def _prune(self) -> None:
+        steps = self.steps()
+        keep = set(steps if self.keep is None else steps[-self.keep:])
+        if self.keep_every is not None:
+            keep.update(s for s in steps if s % self.keep_every == 0)
+        removed = False
+        for s in steps:
+            if s not in keep:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path(s))
+                    removed = True
+        if removed and self.fsync:
+            fsync_directory(self.directory)
+
+    def restore(
+        self, step: int | None = None, like: Any = None, *, partial: bool = False
+    ) -> tuple[int, Any]:
+        """Load checkpoint ``step`` (default: the latest) as ``(step, tree)``.
+
+        ``like`` and ``partial`` are those of :func:`jaxsave.load_pytree`. If the
+        latest checkpoint is unreadable and no step was asked for, the one before
+        it is tried (with a warning). No checkpoint at all: ``FileNotFoundError``.
+        """
+        if step is not None:
+            return step, load_pytree(self._existing(step), like, partial=partial)
+        steps = self.steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoints in {self.directory!r}")
+        for i, s in enumerate(reversed(steps)):
+            try:
+                return s, load_pytree(self.path(s), like, partial=partial)
+            except FileFormatError as e:
+                if i == len(steps) - 1:
+                    raise
+                warnings.warn(f"checkpoint {s} is unreadable ({e}); trying the previous one",
+                              RuntimeWarning, stacklevel=2)
+        raise AssertionError("unreachable")
+
+    def metadata(self, step: int | None = None) -> Any:
+        """The metadata saved with checkpoint ``step`` (default: the latest)."""
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"no checkpoints in {self.directory!r}")
+        return read_metadata(self._existing(step))
+
+    def delete(self, step: int) -> None:
+        """Delete checkpoint ``step``."""
+        os.unlink(self._existing(step))
+        if self.fsync:
+            fsync_directory(self.directory)
+
+    def _existing(self, step: int) -> str:
+        path = self.path(step)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no checkpoint for step {step} ({path!r})")
+        return path
+
+    def __repr__(self) -> str:
+        return (f"Checkpointer({self.directory!r}, keep={self.keep}, keep_every={self.keep_every}, "
+                f"filename={self.filename!r})")

@@ -1,0 +1,383 @@
+"""Saving and loading pytrees and models, safely: no pickle, atomic, versioned, validated.
+
+>>> import os, tempfile, jax, jax.numpy as jnp, jaxsave
+>>> path = os.path.join(tempfile.mkdtemp(), "params.jaxsave")
+>>> params = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3), "act": jax.nn.relu}
+>>> jaxsave.save_pytree(path, params, metadata={"step": 10})
+>>> jaxsave.read_metadata(path)
+{'step': 10}
+>>> restored = jaxsave.load_pytree(path, like=params)
+>>> bool((restored["w"] == params["w"]).all()), restored["act"] is jax.nn.relu
+(True, True)
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Callable
+from typing import Any, BinaryIO, Union
+
+import jax
+import numpy as np
+
+from jaxsave import _formats, _treespec
+from jaxsave._atomic import atomic_path
+from jaxsave._dtypes import (
+    KEY_IMPLS,
+    LeafSpec,
+    dtype_from_name,
+    from_storable,
+    key_data_shape,
+    leaf_spec,
+    to_storable,
+)
+from jaxsave._tree import flat_name, pytree_dict_keys
+from jaxsave._version import __version__
+from jaxsave.errors import FileFormatError, StructureMismatchError
+
+__all__ = ["save_pytree", "load_pytree", "read_metadata", "open_pytree", "PytreeFile",
+           "register_format_upgrade", "FORMAT_VERSION"]
+
+#: Version of the file layout (header fields, structure encoding) this jaxsave writes.
+FORMAT_VERSION = 1
+
+File = Union[str, "os.PathLike[str]", BinaryIO]
+_UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+_MAX_NDIM = 64
+_MAX_DIM = 2**62
+
+
+def register_format_upgrade(from_version: int) -> Callable[[Callable], Callable]:
+    """Register ``fn(header) -> header`` turning a format ``from_version`` header into the next.
+
+    Loading a file of an older format applies the registered upgrades in turn;
+    a missing step is a :class:`~jaxsave.errors.FileFormatError`.
+    """
+    def register(fn: Callable[[dict[str, Any]], dict[str, Any]]) -> Callable:
+        _UPGRADES[from_version] = fn
+        return fn
+    return register
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.generic, np.ndarray, jax.Array)) and np.ndim(o) <= 8:
+        return np.asarray(o).tolist()
+    raise TypeError(f"metadata values must be JSON-able, got {type(o).__name__}")
+
+
+def _unique_names(tree: Any, n_leaves: int, is_array: list[bool]) -> list[str]:
+    try:
+        keys = pytree_dict_keys(tree)
+        names = [flat_name(k) for k, a in zip(keys, is_array) if a]
+    except Exception:  # a custom dictionize rule failed: fall back to positions
+        names = [f"leaf_{i}" for i in range(n_leaves)]
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        if name in seen:
+            seen[name] += 1
+            name = f"{name}~{seen[name]}"
+        seen.setdefault(name, 0)
+        out.append(name)
+    return out
+
+
+def save_pytree(
+    file: File,
+    tree: Any,
+    *,
+    metadata: Any = None,
+    format: str | None = None,
+    fsync: bool = True,
+) -> None:
+    """Save ``tree`` (arrays, Python scalars/strings/None, registered objects) to ``file``.
+
+    ``file`` is a path or a binary file object. The format is ``format``
+    (``"jaxsave"``, ``"safetensors"``, ``"npz"``, ``"hdf5"``) or follows the
+    suffix (``.safetensors``, ``.npz``, ``.h5``; anything else: ``jaxsave``).
+    A path is written atomically (temporary file, fsync, rename); ``fsync=False``
+    skips the fsyncs. ``metadata`` is any JSON-able value (numpy/JAX scalars are
+    converted), readable later with :func:`read_metadata` without the arrays.
+    Non-array values that cannot be saved by name raise
+    :class:`~jaxsave.errors.UnregisteredNameError` listing all of them.
+    """
+    fmt = _formats.format_for_path(file, format)
+    spec, leaves = _treespec.encode_structure(tree)
+    all_leaves = jax.tree.leaves(tree)
+    names = _unique_names(tree, len(leaves), [_treespec.is_array_leaf(x) for x in all_leaves])
+    table, arrays = [], []
+    for name, leaf in zip(names, leaves):
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            raise TypeError(f"leaf {name!r} is a ShapeDtypeStruct, which holds no data to save")
+        s = leaf_spec(leaf)
+        table.append({"name": name, "dtype": s.dtype, "shape": list(s.shape)})
+        arrays.append(np.ascontiguousarray(to_storable(leaf)))
+    header = {
+        "format": "jaxsave",
+        "format_version": FORMAT_VERSION,
+        "jaxsave_version": __version__,
+        "metadata": json.loads(json.dumps(metadata, default=_json_default)),
+        "structure": spec,
+        "leaves": table,
+    }
+    module = _formats.format_module(fmt)
+    if isinstance(file, (str, os.PathLike)):
+        with atomic_path(file, fsync=fsync) as tmp:
+            module.write(tmp, header, arrays)
+    else:
+        module.write(file, header, arrays)
+
+
+def load_pytree(
+    file: File,
+    like: Any = None,
+    *,
+    partial: bool = False,
+    as_numpy: bool = False,
+    format: str | None = None,
+) -> Any:
+    """Load a tree saved by :func:`save_pytree` (or a plain ``.npz``/``.safetensors``).
+
+    Without ``like``, classes and named objects are resolved through
+    :mod:`jaxsave.registry`, and array leaves come back as the type they were
+    saved as (``jax.Array``, ``np.ndarray`` or numpy scalar). With ``like`` (a
+    pytree of arrays or ``jax.ShapeDtypeStruct``\\ s), the file must match it in
+    structure, keys, static fields, shapes and dtypes, or a
+    :class:`~jaxsave.errors.StructureMismatchError` lists every difference by
+    path; leaves take ``like``'s types (and ``sharding``). ``partial=True`` loads
+    only the dict entries present in ``like`` (the rest is not even read).
+    ``as_numpy=True`` returns numpy arrays instead of ``jax.Array``\\ s.
+    """
+    with open_pytree(file, format=format) as f:
+        return f.load(like, partial=partial, as_numpy=as_numpy)
+
+
+def read_metadata(file: File, *, format: str | None = None) -> Any:
+    """The metadata saved with a tree, read without loading any array."""
+    with open_pytree(file, format=format) as f:
+        return f.metadata
+
+
+def open_pytree(file: File, *, format: str | None = None) -> PytreeFile:
+    """Open a saved tree for lazy access (use as a context manager).
+
+    >>> import io, numpy as np, jaxsave
+    >>> buf = io.BytesIO()
+    >>> jaxsave.save_pytree(buf, {"a": np.arange(3), "b": [np.ones(2)]})
+    >>> _ = buf.seek(0)
+    >>> with jaxsave.open_pytree(buf) as f:
+    ...     print(f.specs)
+    ...     print(f["a"])
+    {'a': LeafSpec(shape=(3,), dtype='int64'), 'b.list_element_0': LeafSpec(shape=(2,), dtype='float64')}
+    [0 1 2]
+    """
+    return PytreeFile(file, format=format)
+
+
+@functools.lru_cache(maxsize=None)
+def _key_dtype_names() -> dict[str, str]:
+    return {str(jax.random.key(0, impl=impl).dtype): impl for impl in KEY_IMPLS}
+
+
+def _target_spec(x: Any) -> LeafSpec:
+    if isinstance(x, jax.ShapeDtypeStruct) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return LeafSpec(tuple(x.shape), f"key<{_key_dtype_names().get(str(x.dtype), str(x.dtype))}>")
+    return leaf_spec(x)
+
+
+class PytreeFile:
+    """A saved tree, opened: metadata and leaf specs at once, arrays on demand."""
+
+    def __init__(self, file: File, *, format: str | None = None):
+        if isinstance(file, (str, os.PathLike)):
+            with open(file, "rb") as f:
+                head = f.read(16)
+        else:
+            if not (file.readable() and file.seekable()):
+                raise ValueError("file objects must be readable and seekable")
+            pos = file.tell()
+            head = file.read(16)
+            file.seek(pos)
+        self.format = _formats.sniff(head, file, format)
+        self._reader = _formats.format_module(self.format).Reader(file)
+        try:
+            header = self._reader.header
+            if header is None:
+                header = self._foreign_header()
+            self._init_header(_upgrade(header))
+            self._reader.check_arrays(self._storage, self._names)
+        except BaseException:
+            self._reader.close()
+            raise
+
+    def _foreign_header(self) -> dict[str, Any]:
+        """A header for a plain .npz/.safetensors written by another tool: a flat dict."""
+        specs = self._reader.foreign_specs()
+        names = [n for n, _, _ in specs]
+        spec, _ = _treespec.encode_structure({n: np.empty(0) for n in names})
+        return {"format_version": FORMAT_VERSION, "jaxsave_version": None, "metadata": None,
+                "structure": spec,
+                "leaves": [{"name": n, "dtype": d, "shape": list(s)} for n, s, d in specs]}
+
+    def _init_header(self, header: dict[str, Any]) -> None:
+        leaves = header.get("leaves")
+        if not isinstance(leaves, list):
+            raise FileFormatError("the header has no leaf table")
+        specs, names = [], []
+        for i, leaf in enumerate(leaves):
+            if not isinstance(leaf, dict) or not isinstance(leaf.get("name"), str):
+                raise FileFormatError(f"leaf {i} of the header is malformed")
+            shape, dtype = leaf.get("shape"), leaf.get("dtype")
+            if not (isinstance(shape, list) and len(shape) <= _MAX_NDIM
+                    and all(type(d) is int and 0 <= d < _MAX_DIM for d in shape)):
+                raise FileFormatError(f"leaf {leaf['name']!r} has an invalid shape {shape!r:.80}")
+            if not isinstance(dtype, str):
+                raise FileFormatError(f"leaf {leaf['name']!r} has no dtype name")
+            specs.append(LeafSpec(tuple(shape), dtype))
+            names.append(leaf["name"])
+        self._specs: list[LeafSpec] = specs
+        self._names: list[str] = names
+        self._index = {n: i for i, n in enumerate(names)}
+        if len(self._index) != len(names):
+            raise FileFormatError("two leaves of the header have the same name")
+        self._storage = [(key_data_shape(s) if s.is_key else s.shape, s.dtype) for s in specs]
+        self._structure = header.get("structure")
+        self._kinds = _array_kinds(self._structure)
+        if len(self._kinds) != len(specs):
+            raise FileFormatError(
+                f"the structure has {len(self._kinds)} array leaves, the leaf table {len(specs)}")
+        self.metadata: Any = header.get("metadata")
+        self.format_version: int = header["format_version"]
+        self.jaxsave_version: str | None = header.get("jaxsave_version")
+
+    @property
+    def specs(self) -> dict[str, LeafSpec]:
+        """Name, shape and dtype of every array leaf, in order; no data is read."""
+        return dict(zip(self._names, self._specs))
+
+    def keys(self) -> list[str]:
+        """The names of the array leaves (readable key paths, e.g. ``params.dense.kernel``)."""
+        return list(self._names)
+
+    def __getitem__(self, name: str) -> Any:
+        """Read one array leaf by name (only its bytes are read)."""
+        if name not in self._index:
+            raise KeyError(f"no leaf {name!r}; leaves: {self._names[:10]}...")
+        i = self._index[name]
+        return self._convert(self._read([i]), [i], [self._kinds[i]], [None], False)[0]
+
+    def shape_dtype_tree(self) -> Any:
+        """The tree with a ``jax.ShapeDtypeStruct`` per array leaf (usable as ``like=``)."""
+        sds = [jax.ShapeDtypeStruct(s.shape, _sds_dtype(s.dtype)) for s in self._specs]
+        return _treespec.decode_structure(self._structure, sds)
+
+    def load(self, like: Any = None, *, partial: bool = False, as_numpy: bool = False) -> Any:
+        """Load the whole tree (see :func:`load_pytree`)."""
+        if like is None:
+            if partial:
+                raise ValueError("partial=True needs like= to say which part to load")
+            idx = list(range(len(self._specs)))
+            leaves = self._convert(self._read(idx), idx, self._kinds, [None] * len(idx), as_numpy)
+            return _treespec.decode_structure(self._structure, leaves)
+        like_spec, like_arrays = _treespec.encode_structure(like, strict=False)
+        plan, problems = _treespec.match_structure(
+            self._structure, like_spec, self._specs, [_target_spec(x) for x in like_arrays],
+            partial=partial)
+        if problems:
+            listed = "\n".join(f"  - {p}" for p in problems)
+            raise StructureMismatchError(
+                f"the file does not match the target tree ({len(problems)} difference(s)):\n{listed}")
+        like_leaves, treedef = jax.tree.flatten(like)
+        want = [(pos, entry[1], leaf) for pos, (entry, leaf) in enumerate(zip(plan, like_leaves))
+                if entry is not None and entry[0] == "array"]
+        idx = [fi for _, fi, _ in want]
+        kinds = [_treespec.array_kind(leaf) for _, _, leaf in want]
+        arrays = self._convert(self._read(idx), idx, kinds, [leaf for _, _, leaf in want], as_numpy)
+        out = list(like_leaves)
+        for (pos, _, _), arr in zip(want, arrays):
+            out[pos] = arr
+        for pos, entry in enumerate(plan):
+            if entry is not None and entry[0] == "value":
+                out[pos] = _treespec.decode_plain_value(entry[1])
+        return jax.tree.unflatten(treedef, out)
+
+    def _read(self, idx: list[int]) -> list[np.ndarray]:
+        return self._reader.read(idx, self._storage, self._names) if idx else []
+
+    def _convert(self, arrays: list[np.ndarray], idx: list[int], kinds: list[str],
+                 targets: list[Any], as_numpy: bool) -> list[Any]:
+        out: list[Any] = []
+        batch: list[int] = []
+        for arr, i, kind, target in zip(arrays, idx, kinds, targets):
+            dtype = self._specs[i].dtype
+            x = from_storable(arr, dtype)
+            if kind == "scalar":
+                x = x[()]
+            elif kind == "jax" and not as_numpy and not self._specs[i].is_key:
+                batch.append(len(out))
+            out.append(x)
+        if batch:
+            default = [b for b in batch if getattr(targets[b], "sharding", None) is None]
+            placed = [b for b in batch if getattr(targets[b], "sharding", None) is not None]
+            for b, y in zip(default, jax.device_put([out[b] for b in default])):
+                out[b] = y
+            if placed:
+                ys = jax.device_put([out[b] for b in placed], [targets[b].sharding for b in placed])
+                for b, y in zip(placed, ys):
+                    out[b] = y
+        return out
+
+    def close(self) -> None:
+        self._reader.close()
+
+    def __enter__(self) -> PytreeFile:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _sds_dtype(name: str) -> Any:
+    if name.startswith("key<"):
+        return jax.random.key(0, impl=name[4:-1]).dtype
+    return dtype_from_name(name)
+
+
+def _array_kinds(structure: Any) -> list[str]:
+    if not isinstance(structure, dict) or not isinstance(structure.get("root"), dict):
+        raise FileFormatError("the header has no tree structure")
+    kinds: list[str] = []
+    stack = [structure["root"]]
+    while stack:
+        n = stack.pop()
+        if not isinstance(n, dict):
+            raise FileFormatError("invalid tree structure: a node is not a JSON object")
+        if n.get("t") == "leaf":
+            kind = n.get("kind")
+            if kind not in ("jax", "numpy", "scalar"):
+                raise FileFormatError(f"invalid tree structure: unknown leaf kind {kind!r:.40}")
+            kinds.append(kind)
+        elif isinstance(n.get("children"), list):
+            stack.extend(reversed(n["children"]))
+    return kinds
+
+
+def _upgrade(header: Any) -> dict[str, Any]:
+    if not isinstance(header, dict) or type(header.get("format_version")) is not int:
+        raise FileFormatError("the file has no jaxsave header with a format version")
+    version = header["format_version"]
+    if version > FORMAT_VERSION:
+        raise FileFormatError(
+            f"the file uses jaxsave format version {version} (written by jaxsave "
+            f"{header.get('jaxsave_version')}); this jaxsave {__version__} reads versions up to "
+            f"{FORMAT_VERSION}: upgrade jaxsave")
+    while version < FORMAT_VERSION:
+        if version not in _UPGRADES:
+            raise FileFormatError(f"no upgrade is registered from jaxsave format version {version}")
+        header = _UPGRADES[version](dict(header))
+        version += 1
+        header["format_version"] = version
+    return header
+

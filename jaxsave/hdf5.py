@@ -8,7 +8,8 @@ shaped ``(chain, draw, ...)``, with HDF5 dimension scales named ``chain``,
 
 Root attributes: ``jaxsave_version``, ``jaxsave_format``, ``jaxsave_layout``,
 ``created``, ``jaxsave_structure`` (JSON: key path, group, name, dtype and shape
-of every leaf, in ``jax.tree.leaves`` order) and ``sample_counts`` (kept samples
+of every leaf, in ``jax.tree.leaves`` order, and the tree's pickle-free ``treespec``)
+and ``sample_counts`` (kept samples
 per chain). Counts are only ever raised after the rows they count have been
 flushed, so a reader never trusts draws that were not completely written.
 See ``docs/hdf5.md`` for the full layout and the crash-safety guarantees.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import math
 import os
 import threading
@@ -28,9 +30,12 @@ import numpy as np
 
 from jaxsave import _dtypes
 from jaxsave._tree import flat_name
+from jaxsave._treespec import encode_structure
 from jaxsave._version import __version__
 from jaxsave.collectors import DataCollector, SampleLayout, _samples_collected, sample_layout
-from jaxsave.errors import SaverStateError, StructureMismatchError
+from jaxsave.errors import JaxsaveError, SaverStateError, StructureMismatchError
+
+logger = logging.getLogger("jaxsave")
 
 __all__ = ["HDF5Collector", "FORMAT_VERSION"]
 
@@ -44,6 +49,15 @@ _CACHE_BYTES = 64 * 2**20
 _RESERVED = ("chain", "draw")
 
 StatsSpec = Sequence[str] | Callable[[tuple[str, ...]], bool] | None
+
+
+def _encode_treespec(init_sample: Any) -> dict | None:
+    """The pickle-free JSON description of the sample's tree (``None`` if it cannot be described)."""
+    try:
+        return encode_structure(init_sample)[0]
+    except (JaxsaveError, TypeError, ValueError) as error:
+        logger.warning("jaxsave: the sample's tree structure is not stored (%s); load it with like=", error)
+        return None
 
 
 class HDF5Collector(DataCollector):
@@ -127,6 +141,7 @@ class HDF5Collector(DataCollector):
         self._stats = sample_stats
         self._lock = threading.RLock()
         self._sample: SampleLayout | None = None
+        self._treespec: dict | None = None
         self._entries: list[tuple[str, str]] = []  # (group, name) per leaf, posterior layout
         self._capacity: list[int | None] = []
         self._counts: list[int] = []
@@ -155,6 +170,7 @@ class HDF5Collector(DataCollector):
             if self._sample is None:
                 self._entries = self._name_leaves(layout)
                 self._sample = layout
+                self._treespec = _encode_treespec(init_sample)
                 self._file.attrs["jaxsave_structure"] = self._structure_json()
             elif layout.keys != self._sample.keys or layout.specs != self._sample.specs:
                 raise StructureMismatchError("all chains in one HDF5Collector must have samples of the same structure")
@@ -204,7 +220,7 @@ class HDF5Collector(DataCollector):
             spec = self._sample.specs[j]
             leaves.append({"key": list(key), "group": group, "name": name, "dtype": spec.dtype,
                            "shape": list(spec.shape)})
-        return json.dumps({"leaves": leaves, "treedef": str(self._sample.treedef)})
+        return json.dumps({"leaves": leaves, "treedef": str(self._sample.treedef), "treespec": self._treespec})
 
     def _write_root_attrs(self) -> None:
         attrs = self._file.attrs

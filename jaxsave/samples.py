@@ -25,7 +25,8 @@ import numpy as np
 
 from jaxsave import _dtypes, _superblock
 from jaxsave._tree import dict_to_pytree, flat_name, pytree_dict_keys
-from jaxsave.errors import FileFormatError, JaxsaveError, StructureMismatchError
+from jaxsave._treespec import decode_structure
+from jaxsave.errors import FileFormatError, JaxsaveError, StructureMismatchError, UnregisteredNameError
 from jaxsave.hdf5 import FORMAT_VERSION
 
 __all__ = ["load_samples", "open_live", "LiveSamples", "to_inference_data", "file_info", "SampleFileInfo",
@@ -271,8 +272,19 @@ def _load(f: h5py.File, chain: int | None, like: Any, draws: slice) -> Any:
         leaves.append(_dtypes.from_storable(stored[0] if chain is not None else stored, var.dtype))
     keys = [v.key for v in variables]
     if like is None:
-        return _nest(keys, leaves)
+        return _rebuild(f, keys, leaves)
     return dict_to_pytree(_nest(keys, leaves, lists=False), like)
+
+
+def _rebuild(f: h5py.File, keys: list[tuple[str, ...]], leaves: list[Any]) -> Any:
+    """The stored tree structure around ``leaves``; nested dicts if its classes are unknown here."""
+    spec = json.loads(_str(f.attrs["jaxsave_structure"])).get("treespec")
+    if spec is not None:
+        try:
+            return decode_structure(spec, leaves, leaf_fn=lambda kind, leaf: leaf)
+        except UnregisteredNameError as error:
+            warnings.warn(f"returning nested dicts: {error} (or pass like=)", stacklevel=3)
+    return _nest(keys, leaves)
 
 
 def load_samples(path: PathLike, chain: int | None = None, like: Any = None, *, draws: slice | None = None) -> Any:
@@ -285,8 +297,11 @@ def load_samples(path: PathLike, chain: int | None = None, like: Any = None, *, 
       like: a template of one sample (arrays or ``jax.ShapeDtypeStruct``); the
         result then has its exact tree structure, and a file whose leaves,
         shapes or dtypes differ raises :class:`jaxsave.StructureMismatchError`.
-        Without it, the tree is rebuilt as nested dicts (lists where the keys
-        are ``list_element_i``).
+        Without it, the stored structure is rebuilt (namedtuples, dataclasses,
+        ... whose classes are in :mod:`jaxsave.registry`; types defined by the
+        process that wrote the file are registered there); if a class is
+        unknown, you get nested dicts (lists for ``list_element_i`` keys) and a
+        warning.
       draws: a slice of the draws to read; only those are read from disk.
 
     Typed PRNG keys come back as key arrays, ml_dtypes as their own dtypes.

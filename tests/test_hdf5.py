@@ -1,0 +1,193 @@
+"""HDF5Collector files: layout read by xarray/h5netcdf and ArviZ, chunking, compression, attributes."""
+
+import datetime
+import json
+
+import arviz as az
+import h5py
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import xarray as xr
+
+import jaxsave
+
+
+def sampler_run(collector, chains=3, steps=40, thin=1, samples_collected=None, block_size=8, dim=4):
+    """A jit-compiled vmapped scan; the sample at step i of chain c is x = c * 1000 + i (plus lp, step_size)."""
+    init, save, post = jaxsave.save(collector, block_size=block_size)
+    template = {"x": jnp.zeros((chains, dim)), "lp": jnp.zeros(chains), "step_size": jnp.zeros(chains)}
+    state = init(template, None, jaxsave.static_information(samples_collected), chains=chains)
+
+    def chain(state, c):
+        def step(s, i):
+            v = (c * 1000 + i).astype(jnp.float32)
+            return save(s, i % thin == 0, {"x": jnp.full(dim, v), "lp": -v, "step_size": v / 10})
+
+        return jax.lax.scan(step, state, jnp.arange(steps))[0]
+
+    state = jax.jit(jax.vmap(chain))(state, jnp.arange(chains))
+    return post(state, None)
+
+
+def expected_x(chains, steps, thin=1):
+    i = np.arange(0, steps, thin)
+    return (np.arange(chains)[:, None] * 1000 + i[None, :]).astype(np.float32)
+
+
+def test_xarray_opens_posterior_and_sample_stats_with_named_dims(tmp_path):
+    path = tmp_path / "s.h5"
+    sampler_run(jaxsave.HDF5Collector(path, sample_stats=("lp", "step_size")), thin=2)
+    with xr.open_dataset(path, group="posterior", engine="h5netcdf") as post:
+        assert dict(post["x"].sizes) == {"chain": 3, "draw": 20, "x_dim_0": 4}
+        assert set(post.data_vars) == {"x"}
+        np.testing.assert_array_equal(post["x"].values[..., 0], expected_x(3, 40, 2))
+        np.testing.assert_array_equal(post["chain"].values, [0, 1, 2])
+        np.testing.assert_array_equal(post["draw"].values, np.arange(20))
+    with xr.open_dataset(path, group="sample_stats", engine="h5netcdf") as stats:
+        assert set(stats.data_vars) == {"lp", "step_size"}
+        assert stats["lp"].dims == ("chain", "draw")
+        np.testing.assert_array_equal(stats["lp"].values, -expected_x(3, 40, 2))
+
+
+def test_arviz_reads_the_file_directly(tmp_path):
+    path = tmp_path / "s.h5"
+    sampler_run(jaxsave.HDF5Collector(path, sample_stats=lambda key: key[0] in ("lp", "step_size")))
+    idata = az.from_netcdf(path)
+    assert {"posterior", "sample_stats"} <= set(idata.groups())
+    assert dict(idata.posterior["x"].sizes) == {"chain": 3, "draw": 40, "x_dim_0": 4}
+    np.testing.assert_allclose(idata.sample_stats["step_size"].values, expected_x(3, 40) / 10, rtol=1e-6)
+    summary = az.summary(idata, var_names=["x"])
+    assert len(summary) == 4
+    tree = xr.open_datatree(path, engine="h5netcdf")  # how ArviZ 1.x reads files
+    assert dict(tree["posterior"].dataset["x"].sizes) == {"chain": 3, "draw": 40, "x_dim_0": 4}
+    assert tree["sample_stats"].dataset["lp"].dims == ("chain", "draw")
+    tree.close()
+
+
+@pytest.mark.parametrize("known", [True, False])
+def test_preallocated_or_growing_datasets_end_trimmed(tmp_path, known):
+    path = tmp_path / "s.h5"
+    result = sampler_run(jaxsave.HDF5Collector(path), steps=50, thin=3, samples_collected=100 if known else None)
+    assert result["sample_count"].tolist() == [17, 17, 17]
+    with h5py.File(path, "r") as f:
+        ds = f["posterior/x"]
+        assert ds.shape == (3, 17, 4)
+        assert ds.maxshape == (None, None, 4)
+        assert ds.chunks[:2] == (1, 100 if known else ds.chunks[1])
+        if not known:
+            assert ds.chunks[1] >= 1024  # many draws per chunk: reading draws is fast
+        assert f["posterior/draw"].shape == (17,)
+        np.testing.assert_array_equal(ds[..., 0], expected_x(3, 50, 3))
+        assert f.attrs["sample_counts"].tolist() == [17, 17, 17]
+
+
+def test_chunks_of_big_samples_are_whole_rows(tmp_path):
+    path = tmp_path / "s.h5"
+    init, save, post = jaxsave.save(jaxsave.HDF5Collector(path), block_size=2)
+    state = init({"w": jnp.zeros((512, 1024))})
+    for i in range(3):
+        state, _ = save(state, True, {"w": jnp.full((512, 1024), i, jnp.float32)})
+    post(state, None)
+    with h5py.File(path, "r") as f:
+        assert f["posterior/w"].chunks == (1, 1, 512, 1024)
+        assert f["posterior/w"][0, :, 0, 0].tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("compression", [None, "gzip", "lzf"])
+def test_compression(tmp_path, compression):
+    path = tmp_path / "s.h5"
+    sampler_run(jaxsave.HDF5Collector(path, compression=compression), chains=2)
+    with h5py.File(path, "r") as f:
+        assert f["posterior/x"].compression == compression
+        assert f["posterior/x"].shuffle == (compression is not None)
+    np.testing.assert_array_equal(jaxsave.load_samples(path)["x"][..., 0], expected_x(2, 40))
+
+
+def test_root_attributes(tmp_path):
+    path = tmp_path / "s.h5"
+    sampler_run(jaxsave.HDF5Collector(path, sample_stats=("lp",)), chains=2, steps=10)
+    with h5py.File(path, "r") as f:
+        attrs = dict(f.attrs)
+    assert attrs["jaxsave_version"] == jaxsave.__version__
+    assert attrs["jaxsave_format"] == jaxsave.hdf5.FORMAT_VERSION
+    assert attrs["jaxsave_layout"] == "posterior"
+    created = datetime.datetime.fromisoformat(attrs["created"])
+    assert abs((datetime.datetime.now(datetime.timezone.utc) - created).total_seconds()) < 600
+    assert attrs["sample_counts"].tolist() == [10, 10]
+    structure = json.loads(attrs["jaxsave_structure"])
+    assert [(v["group"], v["name"], v["shape"], v["dtype"]) for v in structure["leaves"]] == [
+        ("sample_stats", "lp", [], "float32"), ("posterior", "step_size", [], "float32"),
+        ("posterior", "x", [4], "float32")]
+    assert structure["treespec"]["root"]["t"] == "dict"
+
+
+def test_older_chains_layout(tmp_path):
+    path = tmp_path / "s.h5"
+    sampler_run(jaxsave.HDF5Collector(path, layout="chains"), chains=2, steps=10, thin=2)
+    with h5py.File(path, "r") as f:
+        assert sorted(f) == ["chain~0", "chain~1"]
+        assert f["chain~1/x"].shape == (5, 4)
+        assert f["chain~1"].attrs["sample_count"] == 5
+        np.testing.assert_array_equal(f["chain~1/lp"][:], -expected_x(2, 10, 2)[1])
+    np.testing.assert_array_equal(jaxsave.load_samples(path, chain=1)["x"][:, 0], expected_x(2, 10, 2)[1])
+
+
+def test_sample_stats_and_names_are_checked(tmp_path):
+    def register(collector, sample):
+        try:
+            collector.register_chain(init_sample=sample)
+        finally:
+            collector.close()
+
+    with pytest.raises(jaxsave.StructureMismatchError, match="not top-level keys"):
+        register(jaxsave.HDF5Collector(tmp_path / "a.h5", sample_stats=("logp",)), {"lp": jnp.zeros(())})
+    with pytest.raises(ValueError, match="layout='posterior'"):
+        jaxsave.HDF5Collector(tmp_path / "b.h5", layout="chains", sample_stats=("lp",))
+    with pytest.raises(jaxsave.StructureMismatchError, match="both become posterior/a.b"):
+        register(jaxsave.HDF5Collector(tmp_path / "c.h5"), {"a.b": jnp.zeros(()), "a": {"b": jnp.zeros(())}})
+    with pytest.raises(jaxsave.StructureMismatchError, match="dimension name"):
+        register(jaxsave.HDF5Collector(tmp_path / "d.h5"), {"draw": jnp.zeros(())})
+    with pytest.raises(jaxsave.StructureMismatchError, match="dimension name"):
+        register(jaxsave.HDF5Collector(tmp_path / "e.h5"), {"w": jnp.zeros(2), "w_dim_0": jnp.zeros(())})
+
+
+def test_uneven_chains_single_chain_saves(tmp_path):
+    """Chains kept different numbers of samples (separate, unvmapped runs)."""
+    path = tmp_path / "s.h5"
+    init, save, post = jaxsave.save(jaxsave.HDF5Collector(path), block_size=4)
+    run = jax.jit(lambda s, n: jax.lax.scan(lambda s, i: save(s, i < n, {"v": i}), s, jnp.arange(10))[0])
+    states = [init({"v": jnp.int32(0)}) for _ in range(2)]
+    post(run(states[0], 7), None)
+    post(run(states[1], 3), None)
+    with h5py.File(path, "r") as f:
+        assert f.attrs["sample_counts"].tolist() == [7, 3]
+        assert f["posterior/v"].shape == (2, 7)
+    both = jaxsave.load_samples(path)["v"]
+    assert both.tolist() == [list(range(7)), [0, 1, 2, 0, 0, 0, 0]]
+
+
+def test_swmr_off_writes_an_hdf5_1_8_file(tmp_path):
+    path = tmp_path / "s.h5"
+    collector = jaxsave.HDF5Collector(path, swmr=False)
+    assert collector.file.libver[0] == "earliest"
+    sampler_run(collector, chains=2, steps=8)
+    with open(path, "rb") as fh:
+        assert fh.read(9)[8] == 0  # superblock version 0
+    np.testing.assert_array_equal(jaxsave.load_samples(path)["x"][..., 0], expected_x(2, 8))
+
+
+def test_user_supplied_file(tmp_path):
+    path = tmp_path / "s.h5"
+    with h5py.File(path, "w", libver="latest") as f:
+        f.attrs["mine"] = 1
+        collector = jaxsave.HDF5Collector(f)
+        assert collector.swmr
+        sampler_run(collector, chains=2, steps=8)
+        assert f.id.valid  # not closed by the collector
+    with h5py.File(path, "r") as f:
+        assert f.attrs["mine"] == 1 and f["posterior/x"].shape == (2, 8, 4)
+    with h5py.File(tmp_path / "old.h5", "w") as f:
+        with pytest.raises(ValueError, match="libver='latest'"):
+            jaxsave.HDF5Collector(f, swmr=True)

@@ -32,7 +32,7 @@ import enum
 import json
 import math
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -160,6 +160,9 @@ class _Encoder:
         if t is dict:
             return {"$": "dict", "v": [[self.value(k, path), self.value(c, f"{path}[{k!r}]")]
                                        for k, c in v.items()]}
+        if isinstance(v, Mapping) and registry.saveable_name(t) is not None:
+            return {"$": "mapping", "type": registry.saveable_name(t),
+                    "v": [[self.value(k, path), self.value(c, f"{path}[{k!r}]")] for k, c in v.items()]}
         if t is set or t is frozenset:
             items = sorted((self.value(c, path) for c in v), key=repr)
             return {"$": t.__name__, "v": items}
@@ -243,7 +246,7 @@ def referenced_names(spec: Any) -> set[str]:
                 name = x.get("v") if tag == "ref" else x.get("type")
                 _check(isinstance(name, str), "a type or reference name is not a string")
                 names.add(name)
-            elif tag in ("enum", "namedtuple"):
+            elif tag in ("enum", "namedtuple", "mapping"):
                 _check(isinstance(x.get("type"), str), "a type name is not a string")
                 names.add(x["type"])
             stack.extend(x.values())
@@ -330,10 +333,15 @@ class _Decoder:
         if tag in ("tuple", "set", "frozenset"):
             _check(isinstance(raw, list), f"bad {tag}")
             return {"tuple": tuple, "set": set, "frozenset": frozenset}[tag](self.value(raw))
-        if tag == "dict":
+        if tag in ("dict", "mapping"):
             _check(isinstance(raw, list) and all(isinstance(p, list) and len(p) == 2 for p in raw),
-                   "bad dict value")
-            return {self.value(k): self.value(c) for k, c in raw}
+                   f"bad {tag} value")
+            d = {self.value(k): self.value(c) for k, c in raw}
+            if tag == "dict":
+                return d
+            cls = self.objects[v["type"]]
+            _check(isinstance(cls, type) and issubclass(cls, Mapping), f"{v['type']} is not a Mapping")
+            return cls(d)
         if tag == "complex":
             _check(isinstance(raw, list) and len(raw) == 2, "bad complex")
             return complex(*self.value(raw))

@@ -291,11 +291,14 @@ def _builtin_objects() -> dict[str, dict[str, Any]]:
     dtypes = sys.modules.get("flax.nnx.nn.dtypes")
     if dtypes is not None and hasattr(dtypes, "promote_dtype"):
         out["flax.nnx.nn.dtypes"] = {"flax.nnx.nn.dtypes.promote_dtype": dtypes.promote_dtype}
+    typing_ = sys.modules.get("flax.typing")
+    if typing_ is not None and hasattr(typing_, "HashableMapping"):
+        out["flax.typing"] = {"flax.typing.HashableMapping": typing_.HashableMapping}
     return out
 
 
 #: Modules whose import makes a group of built-in saveables available.
-_BUILTIN_TRIGGERS = ("jax", "equinox._module._flatten", "flax.nnx.nn.dtypes")
+_BUILTIN_TRIGGERS = ("jax", "equinox._module._flatten", "flax.nnx.nn.dtypes", "flax.typing")
 
 
 def _load_builtins() -> None:

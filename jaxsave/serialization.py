@@ -113,7 +113,8 @@ def save_pytree(
             raise TypeError(f"leaf {name!r} is a ShapeDtypeStruct, which holds no data to save")
         s = leaf_spec(leaf)
         table.append({"name": name, "dtype": s.dtype, "shape": list(s.shape)})
-        arrays.append(np.ascontiguousarray(to_storable(leaf)))
+        arr = to_storable(leaf)
+        arrays.append(arr if arr.flags.c_contiguous else np.ascontiguousarray(arr).reshape(arr.shape))
     header = {
         "format": "jaxsave",
         "format_version": FORMAT_VERSION,

@@ -28,7 +28,7 @@ def _dataset_name(name: str, i: int) -> str:
 
 def write(target: str | BinaryIO, header: dict[str, Any], arrays: Sequence[np.ndarray]) -> None:
     with h5py.File(target, "w") as f:
-        f.attrs["jaxsave"] = json.dumps(header, separators=(",", ":"), allow_nan=False)
+        f.attrs["jaxsave"] = json.dumps(header, separators=(",", ":"))
         group = f.create_group(GROUP)
         for i, (leaf, a) in enumerate(zip(header["leaves"], arrays)):
             group.create_dataset(_dataset_name(leaf["name"], i), data=a)

@@ -45,7 +45,7 @@ def write(target: str | BinaryIO, header: dict[str, Any], arrays: Sequence[np.nd
         data.append([pos, a.nbytes])
         pos += a.nbytes
     text = json.dumps({**header, "data": data, "data_size": pos},
-                      separators=(",", ":"), allow_nan=False).encode("utf-8")
+                      separators=(",", ":")).encode("utf-8")
     size = _align(_PREFIX + len(text)) - _PREFIX
     if isinstance(target, (str, os.PathLike)):
         with open(target, "wb", buffering=1 << 20) as f:

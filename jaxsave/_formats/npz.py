@@ -29,7 +29,7 @@ HEADER_MEMBER = "__jaxsave__.json"
 
 
 def write(target: str | BinaryIO, header: dict[str, Any], arrays: Sequence[np.ndarray]) -> None:
-    text = json.dumps(header, separators=(",", ":"), allow_nan=False)
+    text = json.dumps(header, separators=(",", ":"))
     with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         for leaf, a in zip(header["leaves"], arrays):
             with zf.open(leaf["name"] + ".npy", "w", force_zip64=True) as fp:

@@ -46,7 +46,7 @@ def _to_tensor(a: np.ndarray) -> np.ndarray:
 def write(target: str | BinaryIO, header: dict[str, Any], arrays: Sequence[np.ndarray]) -> None:
     st = _library()
     tensors = {leaf["name"]: _to_tensor(a) for leaf, a in zip(header["leaves"], arrays)}
-    metadata = {"jaxsave": json.dumps(header, separators=(",", ":"), allow_nan=False)}
+    metadata = {"jaxsave": json.dumps(header, separators=(",", ":"))}
     if isinstance(target, (str, os.PathLike)):
         st.numpy.save_file(tensors, target, metadata=metadata)
     else:
@@ -67,8 +67,9 @@ class Reader:
                 raise FileFormatError(f"safetensors refused the file: {e}") from None
             self._get = self._file.get_tensor
         else:
+            start = target.tell()
             raw = self._read_st_header(target)
-            target.seek(-len(raw) - 8, os.SEEK_CUR)
+            target.seek(start)
             try:
                 tensors = st.numpy.load(target.read())
             except Exception as e:

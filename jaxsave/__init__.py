@@ -5,6 +5,7 @@
 [('a', {'list_element_0': 2}), ('b', 1)]
 """
 
+from jaxsave._checkpoint import ChainCheckpoint, Checkpoint, resume
 from jaxsave._stream import SaveState, Saver, no_save, save, static_information
 from jaxsave._tree import (
     dict_to_pytree,
@@ -52,6 +53,10 @@ __all__ = [
     "Saver",
     "DataCollector",
     "MemoryCollector",
+    # checkpoint and resume
+    "Checkpoint",
+    "ChainCheckpoint",
+    "resume",
     "HDF5Collector",
     # reading sample files
     "load_samples",

@@ -39,6 +39,7 @@ class Block:
     mask: np.ndarray
     leaves: list[np.ndarray]
     tail: bool = False
+    checkpoints: dict | None = None  # {chain: ChainCheckpoint}, stored after the block's samples
     keepalive: Any = field(default=None, repr=False)  # owners of the leaves' memory
 
     @property
@@ -89,6 +90,8 @@ class Writer:
         self.written: dict[int, int] = {}
         self.capacity: dict[int, int | None] = {}
         self.finalized: set[int] = set()
+        self.resumed: dict[int, int] = {}  # chain -> the step it was resumed at, until its first block
+        self.checkpoint_spec: Any = None
         self.error: BaseException | None = None
         self.on_block: Callable[[Block], None] | None = None
         self._queue = _ByteBoundedQueue(max_queue_bytes)
@@ -103,10 +106,21 @@ class Writer:
             self.received[chain_id] = start
             self.written[chain_id] = written
             self.capacity[chain_id] = capacity
+            self.finalized.discard(chain_id)
+            if start:
+                self.resumed[chain_id] = start
 
     def submit(self, block: Block) -> None:
         """Queue a block; never raises (errors are kept for ``postprocess``)."""
         self._queue.put(block, block.nbytes, abandon=lambda: self.error is not None)
+
+    def drain(self) -> None:
+        """Wait until every block queued so far has been handled."""
+        done = threading.Event()
+        self._queue.put(done)
+        while not done.wait(0.5):
+            if not self._thread.is_alive():
+                return
 
     def fail(self, error: BaseException) -> None:
         """Keep ``error`` as this writer's error, unless an earlier one is kept."""
@@ -154,6 +168,9 @@ class Writer:
             block = self._queue.get()
             if block is _STOP:
                 return
+            if isinstance(block, threading.Event):
+                block.set()
+                continue
             if self.error is not None:
                 continue  # drain, so that producers never block on a dead writer
             try:
@@ -165,17 +182,21 @@ class Writer:
 
     def _write(self, block: Block) -> None:
         rows = block.mask.shape[1]
-        kept = block.mask.sum(axis=1)
         for i, chain in enumerate(block.chain_ids.tolist()):
             if chain in self.finalized:
                 raise SaverStateError(f"chain {chain} saved samples after postprocess finished it")
-            start = int(block.ends[i]) - rows
-            if self.received.get(chain) != start:
+            start, received = int(block.ends[i]) - rows, self.received.get(chain)
+            if received is not None and start < received <= start + rows and self.resumed.get(chain) == received:
+                block.mask = block.mask.copy()  # the first block after a resume: drop the replayed rows
+                block.mask[i, : received - start] = False
+            elif received != start:
                 raise SaverStateError(
                     f"chain {chain}: a block for steps {start}..{start + rows} arrived after step "
                     f"{self.received.get(chain)}; a saving state was advanced twice (reuse the "
                     "state returned by the previous run, not an older one)"
                 )
+        kept = block.mask.sum(axis=1)
+        for i, chain in enumerate(block.chain_ids.tolist()):
             cap = self.capacity.get(chain)
             if cap is not None and self.written[chain] + int(kept[i]) > cap:
                 raise CapacityError(
@@ -188,6 +209,9 @@ class Writer:
             for i, chain in enumerate(block.chain_ids.tolist()):
                 self.received[chain] = int(block.ends[i])
                 self.written[chain] += int(kept[i])
+                self.resumed.pop(chain, None)
+        if block.checkpoints:
+            self.collector.checkpoint(block.checkpoints, self.checkpoint_spec)
         if self.on_block is not None:
             self.on_block(block)
         if block.tail:

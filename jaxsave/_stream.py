@@ -22,7 +22,8 @@ from jax import lax
 from jax.custom_batching import custom_vmap
 from jax.experimental import io_callback
 
-from jaxsave import _dtypes
+from jaxsave import _checkpoint, _dtypes
+from jaxsave._checkpoint import Checkpoint
 from jaxsave._host import Block, Writer
 from jaxsave._tree import check_like
 from jaxsave.collectors import DataCollector, MemoryCollector, SampleLayout, sample_layout
@@ -49,7 +50,8 @@ class SaveState(NamedTuple):
 
     ``data`` holds the ring buffer (``block_size`` rows per leaf) or, for
     :func:`no_save`, every kept sample; ``keep_mask`` the keep bits of the ring
-    buffer's rows; ``step`` the number of ``save`` calls so far.
+    buffer's rows; ``step`` the number of ``save`` calls so far; ``checkpoint``
+    the last checkpoint taken (with ``checkpoint_every``).
     """
 
     chain_id: jax.Array
@@ -57,6 +59,7 @@ class SaveState(NamedTuple):
     data: Any
     keep_mask: Any
     step: jax.Array
+    checkpoint: Any = None
 
 
 class Saver(NamedTuple):
@@ -180,8 +183,13 @@ def _stack_padded(leaves: tuple[Any, ...], length: int, batch: tuple[int, ...]) 
 class _Streamer(_SaverBase):
     """The saver behind :func:`save`: ring buffer on device, writer thread on host."""
 
-    def __init__(self, collector: DataCollector, block_size: int | None, max_queue_bytes: int):
+    def __init__(self, collector: DataCollector, checkpoint_every: int, block_size: int | None,
+                 max_queue_bytes: int):
         super().__init__()
+        if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be an int >= 0, got {checkpoint_every!r}")
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_spec: Any = None
         if not isinstance(collector, DataCollector):
             raise TypeError(f"data_collector must be a jaxsave.DataCollector, got {type(collector).__name__}")
         if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
@@ -203,15 +211,29 @@ class _Streamer(_SaverBase):
         static_information: Any = None,
         *,
         chains: int | None = None,
+        scheduler_state: Any = None,
+        resume: Checkpoint | None = None,
     ) -> SaveState:
-        """A new saving state for one chain, or ``chains`` chains stacked on a leading axis."""
+        """A new saving state for one chain, or ``chains`` chains stacked on a leading axis.
+
+        With ``checkpoint_every``, ``init_checkpoint`` is a template of the
+        ``solver_state`` that ``save`` will get (and ``scheduler_state`` one of the
+        scheduler state, if you pass one to ``save``). ``resume`` continues the
+        chains of a :class:`Checkpoint` from :func:`jaxsave.resume`.
+        """
         self._raise_late_error()
+        if resume is not None:
+            chains = None if np.ndim(resume.chain_ids) == 0 or len(resume.chain_ids) == 1 else len(resume.chain_ids)
         spec = self._sample_spec(init_sample, chains)
         capacity = _count(static_information)
+        ckpt_buffer = self._checkpoint_buffer(init_checkpoint, scheduler_state, chains)
         if self.block_size is None:
             self.block_size = int(np.clip(_BLOCK_BYTES // max(1, _row_bytes(self.layout)), 1, _MAX_BLOCK_ROWS))
         if self.writer is None or not self.writer.alive:
             self.writer = Writer(self.collector, max_queue_bytes=self.max_queue_bytes)
+            self.writer.checkpoint_spec = self.checkpoint_spec
+        if resume is not None:
+            return self._resume(spec, init_checkpoint, static_information, capacity, ckpt_buffer, resume)
         ids = []
         for _ in range(chains or 1):
             chain = int(self.collector.register_chain(
@@ -219,6 +241,50 @@ class _Streamer(_SaverBase):
             self.writer.add_chain(chain, capacity)
             self.registered.append(chain)
             ids.append(chain)
+        return self._new_state(ids, chains, ckpt_buffer)
+
+    def _checkpoint_buffer(self, init_checkpoint: Any, scheduler_state: Any, chains: int | None) -> Any:
+        if not self.checkpoint_every:
+            return None
+        if init_checkpoint is None:
+            raise ValueError("checkpoint_every needs init_checkpoint: a template of the solver_state to checkpoint")
+        tree = _checkpoint.checkpoint_tree(init_checkpoint, scheduler_state)
+        if chains is not None:
+            tree = jax.tree.map(lambda x: x[0], tree)
+        spec = jax.eval_shape(lambda t: t, tree)
+        if self.checkpoint_spec is None:
+            self.checkpoint_spec = spec
+        else:
+            check_like(spec, self.checkpoint_spec, "init_checkpoint of a new chain")
+        return _checkpoint.empty_buffer(spec)
+
+    def _resume(self, spec, init_checkpoint, static_information, capacity, ckpt_buffer, ckpt) -> SaveState:
+        ids = np.atleast_1d(np.asarray(ckpt.chain_ids)).tolist()
+        steps = np.atleast_1d(np.asarray(ckpt.step))
+        counts = np.atleast_1d(np.asarray(ckpt.sample_count))
+        self.writer.drain()  # blocks of an abandoned run land before the chains restart
+        self.writer.raise_error()
+        for chain, step, count in zip(ids, steps.tolist(), counts.tolist()):
+            self.collector.reopen_chain(chain, count, init_sample=spec, init_checkpoint=init_checkpoint,
+                                        static_information=static_information)
+            self.writer.add_chain(chain, capacity, start=step, written=count)
+            self.finished.discard(chain)
+            if chain not in self.registered:
+                self.registered.append(chain)
+        batched = len(ids) > 1
+        step = jnp.asarray(steps, jnp.int32) if batched else jnp.int32(steps[0])
+        saved = jnp.asarray(counts, jnp.int32) if batched else jnp.int32(counts[0])
+        if ckpt_buffer is not None:
+            tree = _checkpoint.checkpoint_tree(ckpt.solver_state, ckpt.scheduler_state)
+            check_like(jax.eval_shape(lambda t: jax.tree.map(lambda x: x[0], t) if batched else t, tree),
+                       self.checkpoint_spec, "the checkpoint to resume")
+            new = jnp.zeros(len(ids), bool) if batched else jnp.bool_(False)
+            ckpt_buffer = _checkpoint.CheckpointBuffer(tuple(_checkpoint.to_device_leaves(tree)), step, saved, new)
+        state = self._new_state(ids, len(ids) if batched else None, None)
+        return state._replace(step=step, saved_samples=saved, checkpoint=ckpt_buffer)
+
+    def _new_state(self, ids: list[int], chains: int | None, ckpt_buffer: Any) -> SaveState:
+        """A fresh state for chains ``ids`` (stacked when ``chains``), from step 0."""
         state = SaveState(
             chain_id=jnp.int32(ids[0]),
             saved_samples=jnp.int32(0),
@@ -228,6 +294,7 @@ class _Streamer(_SaverBase):
             ),
             keep_mask=jnp.zeros((self.block_size,), jnp.bool_),
             step=jnp.int32(0),
+            checkpoint=ckpt_buffer,
         )
         if chains is None:
             return state
@@ -244,7 +311,11 @@ class _Streamer(_SaverBase):
         scheduler_state: Any = None,
         solver_state: Any = None,
     ) -> tuple[SaveState, None]:
-        """Record ``sample`` if ``keep``; call inside jit/scan/vmap. Returns ``(state, None)``."""
+        """Record ``sample`` if ``keep``; call inside jit/scan/vmap. Returns ``(state, None)``.
+
+        With ``checkpoint_every=n``, every n-th call also takes a checkpoint of
+        ``solver_state`` (and ``scheduler_state``), as they are after this step.
+        """
         self._check_open()
         leaves = self._flat_sample(sample)
         keep = self._check_keep(keep)
@@ -253,17 +324,36 @@ class _Streamer(_SaverBase):
         data = tuple(lax.dynamic_update_index_in_dim(buf, x, slot, 0) for buf, x in zip(state.data, leaves))
         mask = lax.dynamic_update_index_in_dim(state.keep_mask, keep, slot, 0)
         step = state.step + 1
-        full = slot == rows - 1
-        self.flush(full, (full, state.chain_id, step, mask, data))
         saved = state.saved_samples + keep.astype(jnp.int32)
-        return SaveState(state.chain_id, saved, data, mask, step), None
+        full = slot == rows - 1
+        ckpt = state.checkpoint
+        if self.checkpoint_every:
+            tree = _checkpoint.checkpoint_tree(solver_state, scheduler_state)
+            check_like(tree, self.checkpoint_spec, "the solver_state/scheduler_state passed to save()")
+            due = step % self.checkpoint_every == 0
+            ckpt = _checkpoint.take(ckpt, due, _checkpoint.to_device_leaves(tree), step, saved)
+        self.flush(full, (full, state.chain_id, step, mask, data, ckpt))
+        if ckpt is not None:
+            ckpt = ckpt._replace(new=ckpt.new & ~full)
+        return SaveState(state.chain_id, saved, data, mask, step, ckpt), None
 
     def _make_flush(self) -> Callable[[Any, Any], None]:
         receive = self._receive
 
+        def send(payload):
+            ckpt = payload[-1]
+            if ckpt is None:
+                io_callback(receive, None, payload, ordered=False)
+                return
+            # Checkpoint arrays travel only when some flushing chain took a new one.
+            lax.cond(jnp.any(ckpt.new & payload[0]),
+                     lambda p: io_callback(receive, None, p, ordered=False),
+                     lambda p: io_callback(receive, None, p[:-1] + (None,), ordered=False),
+                     payload)
+
         @custom_vmap
         def flush(pred, payload):
-            lax.cond(pred, lambda p: io_callback(receive, None, p, ordered=False), lambda p: None, payload)
+            lax.cond(pred, send, lambda p: None, payload)
 
         @flush.def_vmap
         def _flush_vmap(axis_size, in_batched, pred, payload):
@@ -281,7 +371,7 @@ class _Streamer(_SaverBase):
     def _receive(self, payload: Any) -> None:
         """The flush callback: wrap the block and queue it; runs on an XLA thread."""
         try:
-            active, chain, end, mask, data = payload
+            active, chain, end, mask, data, ckpt = payload
             batch = np.shape(active)
             rows = np.shape(mask)[-1]
             active = np.asarray(active).reshape(-1)
@@ -295,9 +385,13 @@ class _Streamer(_SaverBase):
             leaves = [np.asarray(x).reshape(-1, *np.shape(x)[len(batch):]) for x in data]
             block = Block(chains, np.asarray(end).reshape(-1), np.asarray(mask).reshape(-1, rows), leaves,
                           keepalive=payload)
+            if ckpt is not None:
+                block.checkpoints = _checkpoint.records(chains, self._flat_checkpoint(ckpt, batch),
+                                                        active & np.asarray(ckpt.new).reshape(-1))
             if not active.all():
                 pick = np.flatnonzero(active)
-                block = Block(chains[pick], block.ends[pick], block.mask[pick], [x[pick] for x in leaves])
+                block = Block(chains[pick], block.ends[pick], block.mask[pick], [x[pick] for x in leaves],
+                              checkpoints=block.checkpoints)
             self.writer.submit(block)
         except SaverStateError as error:
             self.late_error = self.late_error or error
@@ -306,6 +400,11 @@ class _Streamer(_SaverBase):
         except BaseException as error:  # noqa: BLE001 - kept for postprocess, never raised on XLA threads
             if self.writer is not None:
                 self.writer.fail(error)
+
+    @staticmethod
+    def _flat_checkpoint(ckpt: Any, batch: tuple[int, ...]) -> tuple:
+        flat = lambda x: np.asarray(x).reshape(-1, *np.shape(x)[len(batch):])
+        return [flat(x) for x in ckpt.leaves], flat(ckpt.step), flat(ckpt.saved)
 
     def _raise_late_error(self) -> None:
         if self.late_error is not None:
@@ -335,12 +434,18 @@ class _Streamer(_SaverBase):
         leaves = [np.asarray(x).reshape(-1, *np.shape(x)[len(batch):]) for x in state.data]
         try:
             tails = steps % rows
+            records = {}
+            if state.checkpoint is not None:
+                records = _checkpoint.records(chains, self._flat_checkpoint(state.checkpoint, batch),
+                                              np.asarray(state.checkpoint.new).reshape(-1))
             for tail in np.unique(tails):
                 pick = np.flatnonzero(tails == tail)
                 for i in pick:
                     self.writer.wait_for(int(chains[i]), int(steps[i] - tail))
+                block_records = {c: records[c] for c in chains[pick].tolist() if c in records}
                 self.writer.submit(Block(chains[pick], steps[pick], mask[pick, :tail],
-                                         [x[pick, :tail] for x in leaves], tail=True))
+                                         [x[pick, :tail] for x in leaves], tail=True,
+                                         checkpoints=block_records or None))
             for chain, step, count in zip(chains.tolist(), steps.tolist(), counts.tolist()):
                 self.writer.wait_for(chain, step, finalized=True)
                 if self.writer.written[chain] != count:
@@ -391,7 +496,7 @@ class _DeviceSaver(_SaverBase):
             chain_id=jnp.int32(first),
             saved_samples=jnp.int32(0),
             data=tuple(
-                jnp.zeros((capacity, *self.layout.storage_shape(j)), self.layout.row_dtype(j))
+                jnp.zeros((capacity + 1, *self.layout.storage_shape(j)), self.layout.row_dtype(j))
                 for j in range(len(self.layout.specs))
             ),
             keep_mask=None,
@@ -408,16 +513,11 @@ class _DeviceSaver(_SaverBase):
         self._check_open()
         leaves = self._flat_sample(sample)
         keep = self._check_keep(keep)
-        capacity = state.data[0].shape[0] if state.data else 0
-        if capacity == 0:
-            return state._replace(saved_samples=state.saved_samples + keep, step=state.step + 1), None
-        row = jnp.minimum(state.saved_samples, capacity - 1)
-        write = keep & (state.saved_samples < capacity)
-        data = tuple(
-            lax.dynamic_update_index_in_dim(buf, jnp.where(write, x, lax.dynamic_index_in_dim(buf, row, 0, False)),
-                                            row, 0)
-            for buf, x in zip(state.data, leaves)
-        )
+        # Row ``capacity`` is scratch: a sample not kept (or past the end) is written
+        # there, so the update is a plain in-place write, never a copy of the buffer.
+        capacity = state.data[0].shape[0] - 1 if state.data else 0
+        row = jnp.where(keep & (state.saved_samples < capacity), state.saved_samples, capacity)
+        data = tuple(lax.dynamic_update_index_in_dim(buf, x, row, 0) for buf, x in zip(state.data, leaves))
         saved = state.saved_samples + keep.astype(jnp.int32)
         return state._replace(saved_samples=saved, data=data, step=state.step + 1), None
 
@@ -449,6 +549,7 @@ class _DeviceSaver(_SaverBase):
 
 def save(
     data_collector: DataCollector | None = None,
+    checkpoint_every: int = 0,
     *,
     block_size: int | None = None,
     max_queue_bytes: int = 256 * 2**20,
@@ -457,6 +558,8 @@ def save(
 
     Args:
       data_collector: where samples go (default: a new :class:`MemoryCollector`).
+      checkpoint_every: take a checkpoint of the ``solver_state`` given to ``save``
+        every this many steps (0: never); see :func:`jaxsave.resume`.
       block_size: samples buffered on device per chain before one callback sends
         them; by default about 4 MiB per chain, at most 4096 rows.
       max_queue_bytes: host memory the blocks waiting for the writer may use;
@@ -482,7 +585,7 @@ def save(
     ([2, 2], [[2.0, 3.0], [2.0, 3.0]])
     """
     streamer = _Streamer(data_collector if data_collector is not None else MemoryCollector(),
-                         block_size, max_queue_bytes)
+                         checkpoint_every, block_size, max_queue_bytes)
     return Saver(streamer.init, streamer.save, streamer.postprocess)
 
 

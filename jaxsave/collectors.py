@@ -102,6 +102,24 @@ class DataCollector(abc.ABC):
     def close(self) -> None:
         """Called once every registered chain is finished: release files and memory."""
 
+    def reopen_chain(self, chain_id: int, sample_count: int, init_sample: Any = None,
+                     init_checkpoint: Any = None, static_information: Any = None) -> None:
+        """Continue chain ``chain_id`` after its first ``sample_count`` samples, dropping later ones."""
+        raise SaverStateError(f"{type(self).__name__} cannot continue a chain from a checkpoint")
+
+    def checkpoint(self, records: dict, spec: Any) -> None:
+        """Store checkpoints ``{chain_id: ChainCheckpoint}`` of a tree shaped like ``spec``.
+
+        Called on the writer thread, after the samples the checkpoints count are
+        stored. The default keeps them in memory.
+        """
+        self._checkpoints = {**getattr(self, "_checkpoints", {}), **records}
+        self._checkpoint_spec = spec
+
+    def resume(self) -> tuple[dict, Any]:
+        """The stored ``({chain_id: ChainCheckpoint}, spec)``, the latest per chain."""
+        return dict(getattr(self, "_checkpoints", {})), getattr(self, "_checkpoint_spec", None)
+
     def _attach(self, owner: Any) -> None:
         if self._owner is not None and self._owner is not owner:
             raise SaverStateError(
@@ -166,6 +184,20 @@ class MemoryCollector(DataCollector):
         dtypes = {name: spec.dtype for name, spec in zip(names, chain.layout.specs)}
         arrays["__jaxsave__"] = np.array(json.dumps({"format": 1, "dtypes": dtypes}))
         np.savez(self._dir / f"chain_{chain_id}.npz", **arrays)
+
+    def reopen_chain(self, chain_id: int, sample_count: int, init_sample: Any = None,
+                     init_checkpoint: Any = None, static_information: Any = None) -> None:
+        if not 0 <= chain_id < len(self._chains):
+            raise SaverStateError(f"this MemoryCollector has no chain {chain_id} to continue")
+        chain = self._chains[chain_id]
+        rows = chain.samples if chain.samples is not None else [
+            np.concatenate(p) if p else np.zeros((0, *chain.layout.storage_shape(j)), chain.layout.row_dtype(j))
+            for j, p in enumerate(chain.parts)]
+        if rows and len(rows[0]) < sample_count:
+            raise SaverStateError(
+                f"chain {chain_id} holds {len(rows[0])} samples, fewer than the checkpoint's {sample_count}")
+        chain.parts = [[r[:sample_count]] for r in rows]
+        chain.samples = None
 
     def finished(self, chain_id: int) -> Any:
         chain = self._chains[chain_id]

@@ -1,0 +1,232 @@
+"""Streaming overhead: time per step of an SGLD loop with and without saving.
+
+For each case, in one run: (a) the loop without saving, (b) ``no_save``,
+(c) ``MemoryCollector``, (d) ``HDF5Collector``, (e) the naive way (one
+``io_callback`` per sample), and optionally (f) HDF5 with ``checkpoint_every``.
+Times are end to end (the compiled run plus ``postprocess``, which waits until
+every sample is written), the best of ``--repeats``. Ratios are to (a).
+
+    python benchmarks/stream.py            # the full cases of issue 2
+    python benchmarks/stream.py --quick    # 10x fewer steps, for a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import io_callback
+
+import jaxsave
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def sgld_step(x, key, eps=1e-3):
+    grad = x  # U(x) = |x|^2 / 2
+    return x - eps * grad + jnp.sqrt(2 * eps) * jax.random.normal(key, x.shape, x.dtype)
+
+
+def make_loop(saver, steps, dim, chains, thin, kind):
+    """A jit-compiled run of ``steps`` SGLD steps over ``chains`` vmapped chains."""
+
+    def chain(state, x, key):
+        def body(carry, i):
+            state, x, key = carry
+            key, sub = jax.random.split(key)
+            x = sgld_step(x, sub)
+            keep = i % thin == 0
+            if kind == "naive":
+                io_callback(naive_sink, None, keep, x, ordered=False)
+            elif kind != "baseline":
+                state, _ = saver.save(state, keep, {"x": x})
+            return (state, x, key), None
+
+        return jax.lax.scan(body, (state, x, key), jnp.arange(steps))[0]
+
+    state_axis = None if kind in ("baseline", "naive") else 0
+    return jax.jit(jax.vmap(chain, in_axes=(state_axis, 0, 0)) if chains > 1 else chain)
+
+
+NAIVE: list = []
+
+
+def naive_sink(keep, x):
+    keep, x = np.asarray(keep), np.asarray(x)
+    if keep.ndim == 0:
+        if keep:
+            NAIVE.append(x.copy())
+    else:
+        NAIVE.append(x[keep].copy())
+
+
+def run_stream_case(kind, steps, dim, chains, thin, tmp, checkpoint_every=0):
+    x0 = jnp.zeros((chains, dim) if chains > 1 else (dim,), jnp.float32)
+    keys = jax.random.split(jax.random.key(0), chains) if chains > 1 else jax.random.key(0)
+    saver, state, path = None, jnp.zeros(()), None
+    kept = -(-steps // thin)
+    info = jaxsave.static_information(samples_collected=kept)
+    if kind in ("no_save", "memory", "hdf5", "hdf5+ckpt"):
+        if kind == "no_save":
+            saver = jaxsave.no_save()
+        elif kind == "memory":
+            saver = jaxsave.save(jaxsave.MemoryCollector())
+        else:
+            path = Path(tmp) / f"bench-{time.monotonic_ns()}.h5"
+            extra = {"checkpoint_every": checkpoint_every} if kind == "hdf5+ckpt" else {}
+            saver = jaxsave.save(jaxsave.HDF5Collector(path), **extra)
+        sample = {"x": x0}
+        state = saver.init(sample, None, info, chains=chains if chains > 1 else None)
+    run = make_loop(saver, steps, dim, chains, thin, kind).lower(state, x0, keys).compile()
+    NAIVE.clear()
+    start = time.perf_counter()
+    out = run(state, x0, keys)
+    jax.block_until_ready(out)
+    if saver is not None:
+        result = saver.postprocess(out[0], None)
+        assert int(np.sum(result["sample_count"])) == kept * chains
+    elapsed = time.perf_counter() - start
+    if path is not None:
+        path.unlink()
+    return elapsed / steps
+
+
+def mlp_case(kind, steps, chains, thin, tmp):
+    """SGLD on a small Haiku MLP (regression, minibatches of 32), ``chains`` vmapped chains."""
+    import haiku as hk
+
+    rng = np.random.default_rng(0)
+    data_x = rng.normal(size=(2000, 8)).astype(np.float32)
+    data_y = (np.sin(data_x @ rng.normal(size=8)) + 0.1 * rng.normal(size=2000)).astype(np.float32)
+    net = hk.without_apply_rng(hk.transform(lambda x: hk.nets.MLP([64, 64, 1])(x)[:, 0]))
+    params0 = net.init(jax.random.key(0), data_x[:1])
+    n, batch, eps = len(data_x), 32, 1e-5
+
+    def potential(params, idx):
+        pred = net.apply(params, data_x[idx])
+        loglik = -0.5 * jnp.sum((pred - data_y[idx]) ** 2) * (n / batch)
+        logprior = -0.5 * sum(jnp.sum(p**2) for p in jax.tree.leaves(params))
+        return -(loglik + logprior)
+
+    def chain(state, params, key):
+        def body(carry, i):
+            state, params, key = carry
+            key, k_batch, k_noise = jax.random.split(key, 3)
+            idx = jax.random.randint(k_batch, (batch,), 0, n)
+            grads = jax.grad(potential)(params, idx)
+            leaves, tree = jax.tree.flatten(params)
+            noise = jax.random.split(k_noise, len(leaves))
+            params = jax.tree.unflatten(tree, [
+                p - eps * g + jnp.sqrt(2 * eps) * jax.random.normal(k, p.shape)
+                for p, g, k in zip(leaves, jax.tree.leaves(grads), noise)])
+            if kind != "baseline":
+                state, _ = saver.save(state, i % thin == 0, params)
+            return (state, params, key), None
+
+        return jax.lax.scan(body, (state, params, key), jnp.arange(steps))[0]
+
+    params = jax.tree.map(lambda p: jnp.broadcast_to(p, (chains, *p.shape)), params0)
+    keys = jax.random.split(jax.random.key(1), chains)
+    saver, state, path = None, jnp.zeros(()), None
+    kept = -(-steps // thin)
+    if kind != "baseline":
+        if kind == "no_save":
+            saver = jaxsave.no_save()
+        elif kind == "memory":
+            saver = jaxsave.save(jaxsave.MemoryCollector())
+        else:
+            path = Path(tmp) / f"mlp-{time.monotonic_ns()}.h5"
+            saver = jaxsave.save(jaxsave.HDF5Collector(path))
+        state = saver.init(params, None, jaxsave.static_information(samples_collected=kept), chains=chains)
+    run = jax.jit(jax.vmap(chain)).lower(state, params, keys).compile()
+    start = time.perf_counter()
+    out = run(state, params, keys)
+    jax.block_until_ready(out)
+    if saver is not None:
+        saver.postprocess(out[0], None)
+    elapsed = time.perf_counter() - start
+    if path is not None:
+        path.unlink()
+    return elapsed / steps
+
+
+def best_of(repeats, fn):
+    return min(fn() for _ in range(repeats))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="10x fewer steps")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--checkpoint-every", type=int, default=0,
+                        help="also time HDF5 with checkpoint_every=N (issue 4)")
+    parser.add_argument("--out", default=str(RESULTS / "stream.json"))
+    args = parser.parse_args(argv)
+    scale = 10 if args.quick else 1
+    tmp = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    tmp = tempfile.mkdtemp(dir=tmp)
+
+    cases = [
+        ("1 chain x 10 floats", dict(steps=100_000 // scale, dim=10, chains=1, thin=1)),
+        ("64 chains x 10 floats", dict(steps=10_000 // scale, dim=10, chains=64, thin=1)),
+        ("1 chain x 1M floats (4 MB)", dict(steps=max(20, 200 // scale), dim=2**20, chains=1, thin=1)),
+    ]
+    kinds = ["baseline", "no_save", "memory", "hdf5", "naive"]
+    if args.checkpoint_every:
+        kinds.insert(4, "hdf5+ckpt")
+    rows = []
+    try:
+        for name, case in cases:
+            row = {"case": name, **case, "us_per_step": {}}
+            for kind in kinds:
+                steps = case["steps"]
+                if kind == "naive" and case["dim"] < 1000:
+                    steps = max(1000, steps // 20)  # the naive way is slow; time fewer steps
+                fn = lambda: run_stream_case(kind, steps, case["dim"], case["chains"], case["thin"], tmp,
+                                             args.checkpoint_every)
+                row["us_per_step"][kind] = best_of(args.repeats, fn) * 1e6
+                print(f"  {name:30s} {kind:10s} {row['us_per_step'][kind]:10.2f} us/step", file=sys.stderr)
+            rows.append(row)
+        mlp_steps = 3000 // scale
+        row = {"case": "SGLD Haiku MLP, 4 chains", "steps": mlp_steps, "chains": 4, "thin": 10, "us_per_step": {}}
+        for kind in ["baseline", "no_save", "memory", "hdf5"]:
+            row["us_per_step"][kind] = best_of(args.repeats, lambda: mlp_case(kind, mlp_steps, 4, 10, tmp)) * 1e6
+            print(f"  {row['case']:30s} {kind:10s} {row['us_per_step'][kind]:10.2f} us/step", file=sys.stderr)
+        rows.append(row)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    for row in rows:
+        base = row["us_per_step"]["baseline"]
+        row["ratio"] = {k: v / base for k, v in row["us_per_step"].items()}
+        if "naive" in row["us_per_step"]:
+            row["hdf5_speedup_over_naive"] = row["us_per_step"]["naive"] / row["us_per_step"]["hdf5"]
+
+    header = ["case", "(a) us/step"] + [f"{k}/(a)" for k in kinds[1:]] + ["naive/hdf5"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        cells = [row["case"], f"{row['us_per_step']['baseline']:.2f}"]
+        cells += [f"{row['ratio'][k]:.2f}" if k in row["ratio"] else "-" for k in kinds[1:]]
+        cells.append(f"{row['hdf5_speedup_over_naive']:.0f}x" if "hdf5_speedup_over_naive" in row else "-")
+        print("| " + " | ".join(cells) + " |")
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    meta = {"jax": jax.__version__, "jaxsave": jaxsave.__version__, "machine": platform.machine(),
+            "cpus": os.cpu_count(), "quick": args.quick, "repeats": args.repeats}
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Checkpoints of the sampler state, taken inside jit and written with the sample blocks.
+
+Every ``checkpoint_every`` steps, ``save`` copies the ``solver_state`` (and
+``scheduler_state``) it is given into the saving state, together with the step
+and the number of kept samples. The copy rides along with the next block of
+samples (no extra callback); the writer stores it only after that block, so a
+checkpoint never refers to samples that are not stored. :func:`resume` reads the
+last one back; ``init(..., resume=checkpoint)`` continues the same chains.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.custom_batching import custom_vmap
+
+from jaxsave import _dtypes
+from jaxsave._tree import check_like
+from jaxsave.errors import JaxsaveError, StructureMismatchError
+
+__all__ = ["Checkpoint", "ChainCheckpoint", "resume"]
+
+
+class ChainCheckpoint(NamedTuple):
+    """One chain's checkpoint as a collector stores it: host arrays, keys as key data."""
+
+    step: int
+    sample_count: int
+    leaves: list[np.ndarray]
+
+
+class Checkpoint(NamedTuple):
+    """The last complete checkpoint of one or more chains.
+
+    With several chains, ``solver_state`` and ``scheduler_state`` have a leading
+    chain axis (in ``chain_ids`` order) and ``step``/``sample_count`` are arrays.
+    """
+
+    solver_state: Any
+    scheduler_state: Any
+    step: np.ndarray
+    sample_count: np.ndarray
+    chain_ids: np.ndarray
+
+
+class CheckpointBuffer(NamedTuple):
+    """The device-side copy of the last checkpoint taken (part of ``SaveState``)."""
+
+    leaves: tuple
+    step: jax.Array
+    saved: jax.Array
+    new: jax.Array  # taken since the last flush, not yet sent
+
+
+def checkpoint_tree(solver_state: Any, scheduler_state: Any) -> dict:
+    return {"solver_state": solver_state, "scheduler_state": scheduler_state}
+
+
+def to_device_leaves(tree: Any) -> list[jax.Array]:
+    return [jax.random.key_data(x) if _dtypes.is_key(x) else jnp.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def empty_buffer(spec: Any) -> CheckpointBuffer:
+    leaves = tuple(
+        jnp.zeros(_dtypes.key_data_shape(s) if s.is_key else s.shape,
+                   _dtypes.storage_dtype(s.dtype) if s.is_key else _dtypes.dtype_from_name(s.dtype))
+        for s in map(_dtypes.leaf_spec, jax.tree.leaves(spec))
+    )
+    return CheckpointBuffer(leaves, jnp.int32(0), jnp.int32(0), jnp.bool_(False))
+
+
+def _broadcast(tree: Any, batched: Any, size: int) -> Any:
+    return jax.tree.map(lambda x, b: x if b else jnp.broadcast_to(x, (size, *jnp.shape(x))), tree, batched)
+
+
+@custom_vmap
+def capture(pred: jax.Array, old: Any, new: Any, mask: jax.Array) -> Any:
+    """``new`` where ``mask`` (per chain), else ``old``; nothing is copied when ``pred`` is false.
+
+    Under vmap a batched ``pred`` becomes ``any(pred)`` and ``mask`` keeps the
+    per-chain choice, so the copy costs nothing on the steps with no checkpoint.
+    """
+
+    def pick():
+        return jax.tree.map(lambda o, n: jnp.where(mask.reshape(mask.shape + (1,) * (o.ndim - mask.ndim)), n, o),
+                            old, new)
+
+    return lax.cond(pred, pick, lambda: old)
+
+
+@capture.def_vmap
+def _capture_vmap(axis_size, in_batched, pred, old, new, mask):
+    pred_b, old_b, new_b, mask_b = in_batched
+    old, new = _broadcast(old, old_b, axis_size), _broadcast(new, new_b, axis_size)
+    mask = mask if mask_b else jnp.broadcast_to(mask, (axis_size, *jnp.shape(mask)))
+    out = capture(jnp.any(pred) if pred_b else pred, old, new, mask)
+    return out, jax.tree.map(lambda _: True, out)
+
+
+def take(buffer: CheckpointBuffer, due: jax.Array, leaves: list[jax.Array], step: jax.Array,
+         saved: jax.Array) -> CheckpointBuffer:
+    """The buffer after this step: a fresh checkpoint if ``due``."""
+    new = CheckpointBuffer(tuple(leaves), step, saved, jnp.bool_(True))
+    return capture(due, buffer, new, due)
+
+
+def records(chains: np.ndarray, buffer: Any, pick: np.ndarray) -> dict[int, ChainCheckpoint]:
+    """Host-side: the checkpoints of chains ``chains[pick]`` from a (flattened) buffer."""
+    leaves, step, saved = buffer
+    return {
+        int(chains[i]): ChainCheckpoint(int(step[i]), int(saved[i]), [np.array(x[i]) for x in leaves])
+        for i in np.flatnonzero(pick)
+    }
+
+
+def assemble(stored: dict[int, ChainCheckpoint], spec: Any, like: Any = None) -> Checkpoint:
+    """Stack per-chain records into a :class:`Checkpoint` shaped like ``spec``."""
+    if not stored:
+        raise JaxsaveError("no checkpoint has been written yet")
+    if like is not None:
+        check_like(checkpoint_tree(*like) if isinstance(like, tuple) else like, spec, "the checkpoint template")
+    ids = np.array(sorted(stored), dtype=np.int64)
+    specs = [_dtypes.leaf_spec(s) for s in jax.tree.leaves(spec)]
+    treedef = jax.tree.structure(spec)
+    per_chain = []
+    for chain in ids.tolist():
+        rec = stored[chain]
+        if len(rec.leaves) != len(specs):
+            raise StructureMismatchError(
+                f"checkpoint of chain {chain} has {len(rec.leaves)} leaves, the template {len(specs)}")
+        per_chain.append(rec.leaves)
+    stacked = []
+    for j, s in enumerate(specs):
+        arrays = [leaves[j] for leaves in per_chain]
+        value = arrays[0] if len(ids) == 1 else np.stack(arrays)
+        stacked.append(_dtypes.from_storable(value, s.dtype) if s.is_key else value)
+    tree = jax.tree.unflatten(treedef, stacked)
+    steps = np.array([stored[c].step for c in ids.tolist()])
+    counts = np.array([stored[c].sample_count for c in ids.tolist()])
+    if len(ids) == 1:
+        steps, counts = steps[0], counts[0]
+    return Checkpoint(tree["solver_state"], tree["scheduler_state"], steps, counts, ids)
+
+
+def resume(source: Any, like: Any = None) -> Checkpoint:
+    """The last complete checkpoint stored by a collector (or at a path).
+
+    Args:
+      source: a collector that a saver with ``checkpoint_every`` wrote to, or the
+        path of its file.
+      like: optional template ``(solver_state, scheduler_state)`` (or the checkpoint
+        dict); a mismatch in structure, shape or dtype is an error naming the leaf.
+
+    Continue with ``saver.init(init_sample, init_checkpoint, static_information,
+    resume=checkpoint)`` on a saver over the same collector (or file).
+    """
+    from jaxsave.collectors import DataCollector
+
+    if not isinstance(source, DataCollector):
+        from jaxsave.hdf5 import HDF5Collector
+
+        source = HDF5Collector(source, mode="a")
+    owner = getattr(source, "_owner", None)
+    if getattr(owner, "writer", None) is not None:
+        owner.writer.drain()  # what the sampler already sent is stored first
+    stored, spec = source.resume()
+    return assemble(stored, spec, like)

@@ -1,0 +1,134 @@
+"""Checkpoints taken inside jit, and exact resume (in-process; see test_resume_kill.py for SIGKILL)."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import jaxsave
+
+THIN = 3
+
+
+def run(saver, state, solver, start, stop):
+    """A chain whose whole state (position, bf16 momentum, typed key, counter) is the solver_state."""
+
+    def step(carry, i):
+        state, (x, m, key, n) = carry
+        key, sub = jax.random.split(key)
+        x = 0.9 * x + 0.1 * jax.random.normal(sub, x.shape)
+        m = (0.5 * m + x.astype(jnp.bfloat16)).astype(jnp.bfloat16)
+        solver = (x, m, key, n + 1)
+        state, _ = saver.save(state, i % THIN == 0, {"x": x, "m": m}, solver_state=solver)
+        return (state, solver), None
+
+    return jax.lax.scan(step, (state, solver), jnp.arange(start, stop))[0]
+
+
+def solver0(key):
+    return (jnp.zeros(2), jnp.zeros(2, jnp.bfloat16), key, jnp.int32(0))
+
+
+SAMPLE = {"x": jnp.zeros(2), "m": jnp.zeros(2, jnp.bfloat16)}
+
+
+def uninterrupted(steps, chains=None, **kwargs):
+    saver = jaxsave.save(jaxsave.MemoryCollector(), **kwargs)
+    if chains is None:
+        state = saver.init(SAMPLE, None)
+        state, _ = jax.jit(lambda s: run(saver, s, solver0(jax.random.key(0)), 0, steps))(state)
+    else:
+        keys = jax.random.split(jax.random.key(0), chains)
+        sample = jax.tree.map(lambda x: jnp.broadcast_to(x, (chains, *x.shape)), SAMPLE)
+        state = saver.init(sample, None, chains=chains)
+        state, _ = jax.jit(jax.vmap(lambda s, k: run(saver, s, solver0(k), 0, steps)))(state, keys)
+    return saver.postprocess(state, None)
+
+
+@pytest.mark.parametrize("crash_at", [9, 20, 33])
+def test_resume_in_process_is_exact_for_one_chain(crash_at):
+    steps, every = 50, 5
+    want = uninterrupted(steps, block_size=4)
+
+    collector = jaxsave.MemoryCollector()
+    saver = jaxsave.save(collector, checkpoint_every=every, block_size=4)
+    state = saver.init(SAMPLE, solver0(jax.random.key(0)))
+    state, _ = jax.jit(lambda s: run(saver, s, solver0(jax.random.key(0)), 0, crash_at))(state)
+    jax.block_until_ready(state)
+    del state  # the run dies here: no postprocess
+
+    ckpt = jaxsave.resume(collector, like=(solver0(jax.random.key(0)), None))
+    assert int(ckpt.step) % every == 0 and int(ckpt.step) <= crash_at
+    assert int(ckpt.sample_count) == len(range(0, int(ckpt.step), THIN))
+    assert ckpt.solver_state[1].dtype == ml_dtypes.bfloat16
+    assert jax.dtypes.issubdtype(ckpt.solver_state[2].dtype, jax.dtypes.prng_key)
+    assert int(ckpt.solver_state[3]) == int(ckpt.step)
+
+    state = saver.init(SAMPLE, solver0(jax.random.key(0)), resume=ckpt)
+    state, _ = jax.jit(lambda s, sv: run(saver, s, sv, int(ckpt.step), steps))(state, ckpt.solver_state)
+    got = saver.postprocess(state, None)
+    assert int(got["sample_count"]) == int(want["sample_count"])
+    for k in ("x", "m"):
+        np.testing.assert_array_equal(np.asarray(got["samples"][k]), np.asarray(want["samples"][k]))
+
+
+def test_resume_vmapped_chains_with_thinning_is_exact():
+    chains, steps, every = 3, 40, 6
+    want = uninterrupted(steps, chains=chains, block_size=5)
+
+    collector = jaxsave.MemoryCollector()
+    saver = jaxsave.save(collector, checkpoint_every=every, block_size=5)
+    keys = jax.random.split(jax.random.key(0), chains)
+    sample = jax.tree.map(lambda x: jnp.broadcast_to(x, (chains, *x.shape)), SAMPLE)
+    template = jax.vmap(solver0)(keys)
+    state = saver.init(sample, template, chains=chains)
+    body = lambda s, sv, start, stop: run(saver, s, sv, start, stop)
+    state, _ = jax.jit(jax.vmap(lambda s, sv: body(s, sv, 0, 29)))(state, template)
+    jax.block_until_ready(state)
+
+    ckpt = jaxsave.resume(collector)
+    assert ckpt.chain_ids.tolist() == [0, 1, 2]
+    assert ckpt.step.tolist() == [24] * 3  # the last checkpoint whose block was flushed
+    state = saver.init(sample, template, resume=ckpt)
+    start = int(ckpt.step[0])
+    state, _ = jax.jit(jax.vmap(lambda s, sv: body(s, sv, start, steps)))(state, ckpt.solver_state)
+    got = saver.postprocess(state, None)
+    np.testing.assert_array_equal(got["sample_count"], want["sample_count"])
+    np.testing.assert_array_equal(got["samples"]["x"], want["samples"]["x"])
+    np.testing.assert_array_equal(got["samples"]["m"].view(np.uint16), want["samples"]["m"].view(np.uint16))
+
+
+def test_checkpoint_is_written_with_the_tail_at_postprocess():
+    collector = jaxsave.MemoryCollector()
+    saver = jaxsave.save(collector, checkpoint_every=10, block_size=64)
+    state = saver.init(SAMPLE, solver0(jax.random.key(1)))
+    state, _ = jax.jit(lambda s: run(saver, s, solver0(jax.random.key(1)), 0, 25))(state)
+    assert collector.resume()[0] == {}  # nothing flushed yet: the block holds 64 rows
+    saver.postprocess(state, None)
+    assert int(jaxsave.resume(collector).step) == 20
+
+
+def test_checkpoint_errors():
+    saver = jaxsave.save(jaxsave.MemoryCollector(), checkpoint_every=5)
+    with pytest.raises(ValueError, match="needs init_checkpoint"):
+        saver.init(SAMPLE, None)
+    state = saver.init(SAMPLE, solver0(jax.random.key(0)))
+    with pytest.raises(jaxsave.StructureMismatchError, match="solver_state"):
+        saver.save(state, True, {"x": jnp.zeros(2), "m": jnp.zeros(2, jnp.bfloat16)}, solver_state=jnp.zeros(3))
+    with pytest.raises(jaxsave.JaxsaveError, match="no checkpoint"):
+        jaxsave.resume(jaxsave.MemoryCollector())
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        jaxsave.save(jaxsave.MemoryCollector(), checkpoint_every=-1)
+    saver.postprocess(state, None)
+
+
+def test_resume_like_mismatch_names_the_leaf():
+    collector = jaxsave.MemoryCollector()
+    saver = jaxsave.save(collector, checkpoint_every=2, block_size=2)
+    state = saver.init(SAMPLE, solver0(jax.random.key(0)))
+    state, _ = run(saver, state, solver0(jax.random.key(0)), 0, 4)
+    saver.postprocess(state, None)
+    bad = (jnp.zeros(3), jnp.zeros(2, jnp.bfloat16), jax.random.key(0), jnp.int32(0))
+    with pytest.raises(jaxsave.StructureMismatchError, match=r"solver_state/list_element_0': shape \(3,\)"):
+        jaxsave.resume(collector, like=(bad, None))

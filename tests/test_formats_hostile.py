@@ -1,0 +1,240 @@
+"""Hostile and broken files: refused with a clear jaxsave error, no code run, bounded memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+import sys
+import tracemalloc
+import zipfile
+
+import numpy as np
+import pytest
+
+import jaxsave
+from jaxsave._formats import native
+from jaxsave.errors import FileFormatError, JaxsaveError, UnregisteredNameError
+
+
+class Payload:
+    """Unpickling this creates a marker file: proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _split(path):
+    """(header, data bytes) of a .jaxsave file."""
+    raw = open(path, "rb").read()
+    (hlen,) = struct.unpack("<Q", raw[8:16])
+    return json.loads(raw[16:16 + hlen]), raw[16 + hlen:]
+
+
+def _assemble(path, header, data, hlen=None):
+    text = json.dumps(header).encode()
+    pad = -(16 + len(text)) % 64
+    text += b" " * pad
+    with open(path, "wb") as f:
+        f.write(native.MAGIC + struct.pack("<Q", len(text) if hlen is None else hlen) + text + data)
+
+
+@pytest.fixture
+def good(tmp_path):
+    path = tmp_path / "good.jaxsave"
+    jaxsave.save_pytree(path, {"a": np.arange(4.0), "b": [np.ones(3, np.int32)]})
+    return path
+
+
+def _edited(tmp_path, good, edit, data_edit=None):
+    header, data = _split(good)
+    edit(header)
+    path = tmp_path / "bad.jaxsave"
+    _assemble(path, header, data if data_edit is None else data_edit(data))
+    return path
+
+
+@pytest.mark.parametrize("name", ["x.jaxsave", "x.pkl", "x.npz", "x.safetensors"])
+def test_pickle_files_are_refused_without_running_them(tmp_path, name):
+    marker = tmp_path / "pwned"
+    (tmp_path / name).write_bytes(pickle.dumps(Payload(marker)))
+    with pytest.raises(FileFormatError, match="pickle"):
+        jaxsave.load_pytree(tmp_path / name)
+    with pytest.raises(FileFormatError):
+        jaxsave.read_metadata(tmp_path / name)
+    assert not marker.exists()
+
+
+def test_npz_with_object_array_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.npz"
+    np.savez(path, ok=np.ones(2), evil=np.array([Payload(marker)], dtype=object))
+    with pytest.raises(FileFormatError, match="object array"):
+        jaxsave.load_pytree(path)
+    assert not marker.exists()
+
+
+def test_jaxsave_npz_with_a_member_swapped_for_an_object_array(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "t.npz"
+    jaxsave.save_pytree(path, {"w": np.ones(2)})
+    with zipfile.ZipFile(path) as z:
+        header = z.read("__jaxsave__.json")
+    with zipfile.ZipFile(path, "w") as z:
+        with z.open("w.npy", "w") as fp:
+            np.lib.format.write_array(fp, np.array([Payload(marker)], dtype=object),
+                                      allow_pickle=True)
+        z.writestr("__jaxsave__.json", header)
+    with pytest.raises(FileFormatError, match="object array"):
+        jaxsave.load_pytree(path)
+    assert not marker.exists()
+
+
+def test_npz_member_claiming_an_impossible_size_is_refused(tmp_path):
+    path = tmp_path / "bomb.npz"
+    np.savez_compressed(path, a=np.zeros(1000))
+    raw = bytearray(path.read_bytes())
+    central = raw.index(b"PK\x01\x02")
+    raw[central + 24:central + 28] = struct.pack("<I", 2**32 - 2)  # uncompressed size
+    path.write_bytes(bytes(raw))
+    with pytest.raises(FileFormatError, match="impossible sizes"):
+        jaxsave.load_pytree(path)
+
+
+def test_huge_and_inconsistent_header_lengths(tmp_path, good):
+    header, data = _split(good)
+    for hlen in (2**62, 10**9, len(json.dumps(header)) + 10**6):
+        path = tmp_path / "h.jaxsave"
+        _assemble(path, header, data, hlen=hlen)
+        with pytest.raises(FileFormatError, match="header length"):
+            jaxsave.read_metadata(path)
+
+
+@pytest.mark.parametrize("text", [b"{not json", b"[" * 200_000, b"[1, 2]", b'{"a": NaN'])
+def test_garbage_headers(tmp_path, text):
+    path = tmp_path / "g.jaxsave"
+    path.write_bytes(native.MAGIC + struct.pack("<Q", len(text)) + text)
+    with pytest.raises(FileFormatError):
+        jaxsave.load_pytree(path)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda h: h["data"].__setitem__(0, [10**12, 32]), "outside the file"),
+    (lambda h: h["data"].__setitem__(0, [8, 32]), "outside the file"),  # misaligned
+    (lambda h: h["data"].__setitem__(0, [-64, 32]), "outside the file"),
+    (lambda h: h["data"].__setitem__(0, [0, 8]), "need 32"),
+    (lambda h: h["data"].__setitem__(0, "x"), "malformed"),
+    (lambda h: h.__setitem__("data_size", 10**15), "data bytes"),
+    (lambda h: h["leaves"][0].__setitem__("shape", [2**40, 2**40]), "need"),
+    (lambda h: h["leaves"][0].__setitem__("shape", [-4]), "invalid shape"),
+    (lambda h: h["leaves"][0].__setitem__("shape", [1] * 100), "invalid shape"),
+    (lambda h: h["leaves"][0].__setitem__("shape", ["4"]), "invalid shape"),
+    (lambda h: h["leaves"][0].__setitem__("shape", [2**70]), "invalid shape"),
+    (lambda h: h["leaves"][0].__setitem__("dtype", "object"), "dtype"),
+    (lambda h: h["leaves"][0].__setitem__("dtype", "<U8"), "dtype"),
+    (lambda h: h["leaves"][0].__setitem__("dtype", "V32"), "dtype"),
+    (lambda h: h["leaves"][0].__setitem__("dtype", "key<evil>"), "PRNG key implementation"),
+    (lambda h: h["leaves"].pop(), "leaf table"),
+    (lambda h: h["leaves"][1].__setitem__("name", "a"), "same name"),
+    (lambda h: h.__setitem__("format_version", "1"), "format version"),
+    (lambda h: h.pop("structure"), "structure"),
+    (lambda h: h["structure"]["root"].__setitem__("t", "eval"), "structure"),
+    (lambda h: h["structure"]["root"]["children"][0].__setitem__("kind", "pickle"), "leaf kind"),
+    (lambda h: h["structure"]["root"]["children"][1]["children"].append(
+        {"t": "value", "v": {"$": "float", "v": "__import__('os')"}}), "bad float"),
+    (lambda h: h["structure"]["root"]["children"][1]["children"].append(
+        {"t": "value", "v": {"$": "pickle", "v": "gASV"}}), "unknown value tag"),
+    (lambda h: h["structure"]["root"]["children"][1]["children"].append(
+        {"t": "value", "v": {"$": "ndarray", "dtype": "float64", "shape": [10**9, 10**9],
+                             "v": [1]}}), "bad inline array"),
+])
+def test_corrupt_native_headers(tmp_path, good, edit, match):
+    path = _edited(tmp_path, good, edit)
+    tracemalloc.start()
+    try:
+        with pytest.raises(JaxsaveError, match=match):
+            jaxsave.load_pytree(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 2**20  # nothing sized by the file's claims was allocated
+
+
+def test_truncated_file(tmp_path, good):
+    raw = good.read_bytes()
+    for cut in (len(raw) - 1, len(raw) - 40, 20, 5):
+        path = tmp_path / "t.jaxsave"
+        path.write_bytes(raw[:cut])
+        with pytest.raises(FileFormatError):
+            jaxsave.load_pytree(path)
+
+
+def test_empty_and_foreign_files(tmp_path):
+    for content in (b"", b"hello world, not a tree", b"\x00" * 64):
+        (tmp_path / "f.jaxsave").write_bytes(content)
+        with pytest.raises(FileFormatError):
+            jaxsave.load_pytree(tmp_path / "f.jaxsave")
+
+
+def test_names_are_never_imported_or_looked_up_outside_the_registry(tmp_path, good):
+    def point_at(name, kind="node"):
+        def edit(h):
+            h["structure"]["root"] = {"t": kind, "type": name, "aux": None, "fields": ["x"],
+                                      "keys": [".x"], "children": [{"t": "none"}]}
+            h["leaves"], h["data"], h["data_size"] = [], [], 0
+        return _edited(tmp_path, good, edit, data_edit=lambda d: b"")
+
+    before = set(sys.modules)
+    for name in ("os.system", "subprocess.Popen", "antigravity.fly", "jax._src.config.update",
+                 "jax.numpy.linalg.LinAlgError"):
+        with pytest.raises(UnregisteredNameError) as e:
+            jaxsave.load_pytree(point_at(name))
+        assert name in str(e.value) and "register_saveable" in str(e.value)
+    assert "antigravity" not in sys.modules and set(sys.modules) - before == set()
+    # a registered *function* named where a class is expected is refused, not called
+    with pytest.raises(FileFormatError, match="not a namedtuple type"):
+        jaxsave.load_pytree(point_at("jax.nn.relu", kind="namedtuple"))
+    with pytest.raises(FileFormatError, match="cannot rebuild a builtins.dict"):
+        jaxsave.load_pytree(point_at("builtins.dict"))
+    with pytest.raises(FileFormatError, match="not a registered pytree node"):
+        jaxsave.load_pytree(point_at("builtins.str"))
+
+
+def test_hostile_safetensors_headers(tmp_path):
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", 2**40) + b"{" + b" " * 100)
+    with pytest.raises(FileFormatError, match="exceeds"):
+        jaxsave.load_pytree(path)
+    path.write_bytes(struct.pack("<Q", 10) + b"{broken js")
+    with pytest.raises(FileFormatError):
+        jaxsave.load_pytree(path)
+    jaxsave.save_pytree(path, {"a": np.ones(4)})
+    raw = bytearray(path.read_bytes())
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    header["a"]["shape"] = [8]  # disagrees with the jaxsave header
+    text = json.dumps(header).encode().ljust(n)
+    path.write_bytes(raw[:8] + text + raw[8 + n:])
+    with pytest.raises(FileFormatError):
+        jaxsave.load_pytree(path)
+
+
+def test_hdf5_without_jaxsave_header(tmp_path):
+    import h5py
+
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        f["a"] = np.ones(3)
+    with pytest.raises(FileFormatError, match="not written by jaxsave"):
+        jaxsave.load_pytree(tmp_path / "x.h5")
+
+
+def test_wrong_format_argument(tmp_path, good):
+    with pytest.raises(FileFormatError, match="jaxsave format, not npz"):
+        jaxsave.load_pytree(good, format="npz")
+    with pytest.raises(ValueError, match="unknown format"):
+        jaxsave.save_pytree(tmp_path / "x", {}, format="pickle")
+    assert os.listdir(tmp_path) == ["good.jaxsave"]

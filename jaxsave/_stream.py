@@ -184,8 +184,16 @@ class _Streamer(_SaverBase):
     """The saver behind :func:`save`: ring buffer on device, writer thread on host."""
 
     def __init__(self, collector: DataCollector, checkpoint_every: int, block_size: int | None,
-                 max_queue_bytes: int):
+                 max_queue_bytes: int, progress: bool | int = False):
         super().__init__()
+        if isinstance(progress, bool) or progress is None:
+            self.progress_total = None
+        elif isinstance(progress, int) and progress > 0:
+            self.progress_total, progress = progress, True
+        else:
+            raise ValueError(f"progress must be a bool or the total number of steps, got {progress!r}")
+        self.progress = bool(progress)
+        self.bar: Any = None
         if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be an int >= 0, got {checkpoint_every!r}")
         self.checkpoint_every = checkpoint_every
@@ -232,6 +240,8 @@ class _Streamer(_SaverBase):
         if self.writer is None or not self.writer.alive:
             self.writer = Writer(self.collector, max_queue_bytes=self.max_queue_bytes)
             self.writer.checkpoint_spec = self.checkpoint_spec
+            if self.progress:
+                self._start_progress()
         if resume is not None:
             return self._resume(spec, init_checkpoint, static_information, capacity, ckpt_buffer, resume)
         ids = []
@@ -462,10 +472,30 @@ class _Streamer(_SaverBase):
         self._close_if_done()
         return self._stack_results(batch, counts, samples)
 
+    def _start_progress(self) -> None:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError as error:
+            raise ImportError("progress=True needs tqdm: pip install 'jaxsave[progress]'") from error
+        self.bar = tqdm(total=self.progress_total, unit="step", desc="sampling", dynamic_ncols=True)
+        bar, kept = self.bar, [0]
+
+        def on_block(block: Block) -> None:  # writer thread: one update per block, not per step
+            kept[0] += int(block.mask.sum())
+            position = int(block.ends.max()) if len(block.ends) else bar.n
+            if position > bar.n:
+                bar.update(position - bar.n)
+            bar.set_postfix(kept=kept[0], chains=len(self.registered), refresh=False)
+
+        self.writer.on_block = on_block
+
     def _close_if_done(self, force: bool = False) -> None:
         if force or len(self.finished) == len(self.registered):
             if self.writer is not None:
                 self.writer.close()
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
             self.collector.close()
 
 
@@ -553,6 +583,7 @@ def save(
     *,
     block_size: int | None = None,
     max_queue_bytes: int = 256 * 2**20,
+    progress: bool | int = False,
 ) -> Saver:
     """Stream samples from inside ``jax.jit`` to ``data_collector``.
 
@@ -564,6 +595,9 @@ def save(
         them; by default about 4 MiB per chain, at most 4096 rows.
       max_queue_bytes: host memory the blocks waiting for the writer may use;
         the sampler waits (backpressure) beyond it.
+      progress: show a tqdm progress bar (in steps), updated once per block from
+        the host side, so it costs nothing per step; an int gives the total
+        number of steps per chain.
 
     Returns:
       ``Saver(init, save, postprocess)``:
@@ -585,7 +619,7 @@ def save(
     ([2, 2], [[2.0, 3.0], [2.0, 3.0]])
     """
     streamer = _Streamer(data_collector if data_collector is not None else MemoryCollector(),
-                         checkpoint_every, block_size, max_queue_bytes)
+                         checkpoint_every, block_size, max_queue_bytes, progress)
     return Saver(streamer.init, streamer.save, streamer.postprocess)
 
 

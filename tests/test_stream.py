@@ -276,3 +276,30 @@ def test_legacy_api_shape(tmp_path):
         assert int(saved["sample_count"]) == 3 and saved["samples"] is None
         np.testing.assert_array_equal(file["/chain~0/iteration"][:], [0, 2, 4])
     assert io.pytree_dict_keys({"a": [0.0, 1.0], "b": 2.0}) == [("a", "list_element_0"), ("a", "list_element_1"), ("b",)]
+
+
+def test_progress_bar_counts_steps_from_the_flushes(capsys):
+    saver = jaxsave.save(jaxsave.MemoryCollector(), block_size=10, progress=60)
+    state = saver.init({"x": jnp.zeros((3, 2))}, None, chains=3)
+    streamer = saver.init.__self__
+    bar = streamer.bar
+    state = jax.jit(jax.vmap(lambda s: jax.lax.scan(
+        lambda s, i: saver.save(s, i % 2 == 0, {"x": jnp.full(2, i, jnp.float32)}), s, jnp.arange(55))[0]))(state)
+    out = saver.postprocess(state, None)
+    assert out["sample_count"].tolist() == [28, 28, 28]
+    assert bar.n == 55 and bar.total == 60 and streamer.bar is None  # closed after postprocess
+    assert "55/60" in capsys.readouterr().err
+
+
+def test_progress_bar_closes_on_error():
+    class Failing(jaxsave.MemoryCollector):
+        def save_block(self, chain_ids, values):
+            raise RuntimeError("nope")
+
+    saver = jaxsave.save(Failing(), block_size=4, progress=True)
+    state = saver.init(jnp.zeros(2), None)
+    streamer = saver.init.__self__
+    state = jax.lax.scan(lambda s, i: saver.save(s, True, jnp.zeros(2)), state, jnp.arange(9))[0]
+    with pytest.raises(RuntimeError, match="nope"):
+        saver.postprocess(state, None)
+    assert streamer.bar is None

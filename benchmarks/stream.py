@@ -148,7 +148,8 @@ def mlp_case(kind, steps, chains, thin, tmp):
             path = Path(tmp) / f"mlp-{time.monotonic_ns()}.h5"
             saver = jaxsave.save(jaxsave.HDF5Collector(path))
         state = saver.init(params, None, jaxsave.static_information(samples_collected=kept), chains=chains)
-    run = jax.jit(jax.vmap(chain)).lower(state, params, keys).compile()
+    state_axis = None if kind == "baseline" else 0
+    run = jax.jit(jax.vmap(chain, in_axes=(state_axis, 0, 0))).lower(state, params, keys).compile()
     start = time.perf_counter()
     out = run(state, params, keys)
     jax.block_until_ready(out)

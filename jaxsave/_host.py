@@ -84,7 +84,7 @@ class Writer:
     handed to the collector; ``written[c]`` is how many of them were kept.
     """
 
-    def __init__(self, collector: Any, *, max_queue_bytes: int = 256 * 2**20, name: str = "jaxsave-writer"):
+    def __init__(self, collector: Any, *, max_queue_bytes: int = 64 * 2**20, name: str = "jaxsave-writer"):
         self.collector = collector
         self.received: dict[int, int] = {}
         self.written: dict[int, int] = {}

@@ -582,7 +582,7 @@ def save(
     checkpoint_every: int = 0,
     *,
     block_size: int | None = None,
-    max_queue_bytes: int = 256 * 2**20,
+    max_queue_bytes: int = 64 * 2**20,
     progress: bool | int = False,
 ) -> Saver:
     """Stream samples from inside ``jax.jit`` to ``data_collector``.

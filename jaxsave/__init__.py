@@ -6,7 +6,8 @@
 """
 
 from jaxsave._checkpoint import ChainCheckpoint, Checkpoint, resume
-from jaxsave._stream import SaveState, Saver, no_save, save, static_information
+from jaxsave._device import no_save
+from jaxsave._stream import SaveState, Saver, save, static_information
 from jaxsave._tree import (
     dict_to_pytree,
     pytree_dict_keys,

@@ -10,6 +10,7 @@ last one back; ``init(..., resume=checkpoint)`` continues the same chains.
 
 from __future__ import annotations
 
+import os
 from typing import Any, NamedTuple
 
 import jax
@@ -23,6 +24,9 @@ from jaxsave._tree import check_like
 from jaxsave.errors import JaxsaveError, StructureMismatchError
 
 __all__ = ["Checkpoint", "ChainCheckpoint", "resume"]
+
+#: A samples file ``run.h5`` keeps its checkpoints in ``run.h5.ckpt``.
+CHECKPOINT_SUFFIX = ".ckpt"
 
 
 class ChainCheckpoint(NamedTuple):
@@ -122,7 +126,14 @@ def assemble(stored: dict[int, ChainCheckpoint], spec: Any, like: Any = None) ->
     if not stored:
         raise JaxsaveError("no checkpoint has been written yet")
     if like is not None:
-        check_like(checkpoint_tree(*like) if isinstance(like, tuple) else like, spec, "the checkpoint template")
+        like = checkpoint_tree(*like) if isinstance(like, tuple) else like
+        if spec is not None:
+            check_like(like, spec, "the checkpoint template")
+        spec = jax.eval_shape(lambda t: t, like)
+    if spec is None:
+        raise JaxsaveError(
+            "the checkpoint's sampler state uses classes that are not registered in this process: pass "
+            "like=(solver_state_template, scheduler_state_template) to resume")
     ids = np.array(sorted(stored), dtype=np.int64)
     specs = [_dtypes.leaf_spec(s) for s in jax.tree.leaves(spec)]
     treedef = jax.tree.structure(spec)
@@ -146,26 +157,80 @@ def assemble(stored: dict[int, ChainCheckpoint], spec: Any, like: Any = None) ->
     return Checkpoint(tree["solver_state"], tree["scheduler_state"], steps, counts, ids)
 
 
+def _shape_dtype(spec: _dtypes.LeafSpec) -> jax.ShapeDtypeStruct:
+    if spec.is_key:
+        _dtypes.key_data_shape(spec)  # refuses unknown implementations
+        dtype = jax.eval_shape(lambda: jax.random.key(0, impl=spec.key_impl)).dtype
+        return jax.ShapeDtypeStruct(spec.shape, dtype)
+    return jax.ShapeDtypeStruct(spec.shape, _dtypes.dtype_from_name(spec.dtype))
+
+
+def write_file(path: str, records: dict[int, ChainCheckpoint], spec: Any) -> None:
+    """Atomically replace the checkpoint file ``path`` with ``records`` (every chain's latest)."""
+    from jaxsave import _treespec
+    from jaxsave.serialization import save_pytree
+
+    structure, spec_leaves = _treespec.encode_structure(spec)
+    tree = {
+        str(chain): {"step": np.int64(r.step), "sample_count": np.int64(r.sample_count), "leaves": list(r.leaves)}
+        for chain, r in sorted(records.items())
+    }
+    leaves = [list(_dtypes.leaf_spec(x)) for x in spec_leaves]
+    save_pytree(path, tree, metadata={"kind": "jaxsave-checkpoint", "structure": structure, "leaves": leaves},
+                format="jaxsave")
+
+
+def read_file(path: str) -> tuple[dict[int, ChainCheckpoint], Any]:
+    """The records of a checkpoint file and the structure they fill (``None`` if it cannot be rebuilt)."""
+    from jaxsave import _treespec
+    from jaxsave.errors import FileFormatError, UnregisteredNameError
+    from jaxsave.serialization import load_pytree, read_metadata
+
+    meta = read_metadata(path)
+    if not isinstance(meta, dict) or meta.get("kind") != "jaxsave-checkpoint":
+        raise FileFormatError(f"{path} is not a jaxsave checkpoint file")
+    tree = load_pytree(path, as_numpy=True)
+    if not isinstance(tree, dict):
+        raise FileFormatError(f"{path}: malformed checkpoint")
+    try:
+        records = {
+            int(chain): ChainCheckpoint(int(r["step"]), int(r["sample_count"]), [np.asarray(x) for x in r["leaves"]])
+            for chain, r in tree.items()
+        }
+        leaf_specs = [_shape_dtype(_dtypes.LeafSpec(tuple(shape), dtype)) for shape, dtype in meta["leaves"]]
+    except (KeyError, TypeError, ValueError) as error:
+        raise FileFormatError(f"{path}: malformed checkpoint ({error})") from error
+    try:
+        spec = _treespec.decode_structure(meta["structure"], leaf_specs)
+    except UnregisteredNameError:
+        spec = None  # a class of the sampler state is not registered here: resume needs like=
+    return records, spec
+
+
 def resume(source: Any, like: Any = None) -> Checkpoint:
     """The last complete checkpoint stored by a collector (or at a path).
 
     Args:
       source: a collector that a saver with ``checkpoint_every`` wrote to, or the
-        path of its file.
-      like: optional template ``(solver_state, scheduler_state)`` (or the checkpoint
-        dict); a mismatch in structure, shape or dtype is an error naming the leaf.
+        path of its samples file (``run.h5``; the checkpoint is ``run.h5.ckpt``).
+      like: optional template of one chain, ``(solver_state, scheduler_state)``; a
+        mismatch in structure, shape or dtype is an error naming the leaf. Needed
+        when the state's classes are not registered in this process.
 
     Continue with ``saver.init(init_sample, init_checkpoint, static_information,
     resume=checkpoint)`` on a saver over the same collector (or file).
     """
     from jaxsave.collectors import DataCollector
 
-    if not isinstance(source, DataCollector):
-        from jaxsave.hdf5 import HDF5Collector
-
-        source = HDF5Collector(source, mode="a")
-    owner = getattr(source, "_owner", None)
-    if getattr(owner, "writer", None) is not None:
-        owner.writer.drain()  # what the sampler already sent is stored first
-    stored, spec = source.resume()
+    if isinstance(source, DataCollector):
+        owner = getattr(source, "_owner", None)
+        if getattr(owner, "writer", None) is not None:
+            owner.writer.drain()  # what the sampler already sent is stored first
+        stored, spec = source.resume()
+    else:
+        path = os.fspath(source)
+        path = path if path.endswith(CHECKPOINT_SUFFIX) else path + CHECKPOINT_SUFFIX
+        if not os.path.exists(path):
+            raise JaxsaveError(f"no checkpoint file {path}: the run wrote no checkpoint (checkpoint_every?)")
+        stored, spec = read_file(path)
     return assemble(stored, spec, like)

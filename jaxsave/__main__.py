@@ -65,11 +65,20 @@ def _add_recover(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(command=_cmd_recover)
 
 
+def _add_demo(subparsers: argparse._SubParsersAction) -> None:
+    from jaxsave import demo
+
+    p = subparsers.add_parser("demo", help="run SGLD on real data with 4 chains, stream to chains.h5, print a summary",
+                              description=demo.__doc__.split("\n\n")[0])
+    demo.add_arguments(p)
+    p.set_defaults(command=demo.run_from_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; add a subcommand with one ``_add_<name>`` function."""
     parser = argparse.ArgumentParser(prog="jaxsave", description="Inspect and manage jaxsave files.")
     subparsers = parser.add_subparsers(dest="subcommand", required=True)
-    for add in (_add_inspect, _add_recover):
+    for add in (_add_inspect, _add_recover, _add_demo):
         add(subparsers)
     return parser
 

@@ -43,6 +43,9 @@ from jaxsave import registry
 from jaxsave._dtypes import dtype_from_name
 from jaxsave.errors import FileFormatError, UnregisteredNameError
 
+#: How an array leaf appears in a description: the type it is restored as.
+ARRAY_KINDS = ("jax", "numpy", "scalar")
+
 __all__ = [
     "encode_structure",
     "decode_structure",
@@ -80,18 +83,39 @@ def _is_namedtuple(x: Any) -> bool:
 # ----------------------------------------------------------------------------- encoding
 
 
+def _entry_name(entry: Any) -> str:
+    """A child's name, as in :mod:`jaxsave._tree` (``list_element_{i}`` for positions)."""
+    if isinstance(entry, jax.tree_util.GetAttrKey):
+        return entry.name
+    if isinstance(entry, jax.tree_util.DictKey):
+        return str(entry.key)
+    if isinstance(entry, jax.tree_util.SequenceKey):
+        return f"list_element_{entry.idx}"
+    if isinstance(entry, jax.tree_util.FlattenedIndexKey):
+        return f"list_element_{entry.key}"
+    return str(entry)
+
+
 class _Encoder:
     def __init__(self, strict: bool = True) -> None:
         self.leaves: list[Any] = []
+        self.names: list[tuple[str, ...]] = []
         self.problems: list[str] = []
+        self.refs: set[str] = set()
         self.strict = strict
 
-    def node(self, x: Any, path: str) -> dict[str, Any]:
+    def type_ref(self, cls: type) -> str:
+        name = registry.type_name(cls)
+        self.refs.add(name)
+        return name
+
+    def node(self, x: Any, path: tuple[str, ...]) -> Any:
         flat = _REGISTRY.flatten_one_level_with_keys(x)
         if flat is None:
             if is_array_leaf(x):
                 self.leaves.append(x)
-                return {"t": "leaf", "kind": array_kind(x)}
+                self.names.append(path)
+                return array_kind(x)  # type: ignore[return-value]
             return {"t": "value", "v": self.value(x, path)}
         pairs, aux = flat
         cls = type(x)
@@ -105,33 +129,32 @@ class _Encoder:
             if order != keys:
                 position = {k: i for i, k in enumerate(keys)}
                 out["order"] = [position[k] for k in order]
-            out["children"] = [self.node(c, f"{path}[{k!r}]") for k, c in zip(keys, children)]
+            out["children"] = [self.node(c, path + (str(k),)) for k, c in zip(keys, children)]
             return out
         if cls is list or cls is tuple:
-            kids = [self.node(c, f"{path}[{i}]") for i, c in enumerate(children)]
+            kids = [self.node(c, path + (f"list_element_{i}",)) for i, c in enumerate(children)]
             return {"t": cls.__name__, "children": kids}
         if _is_namedtuple(x):
             fields = list(cls._fields)
-            kids = [self.node(c, f"{path}.{f}") for f, c in zip(fields, children)]
-            return {"t": "namedtuple", "type": registry.type_name(cls), "fields": fields,
+            kids = [self.node(c, path + (f,)) for f, c in zip(fields, children)]
+            return {"t": "namedtuple", "type": self.type_ref(cls), "fields": fields,
                     "children": kids}
         if cls is OrderedDict or cls is defaultdict:
             keys = list(aux if cls is OrderedDict else aux[1])
             out = {"t": cls.__name__.lower(), "keys": [self.value(k, path) for k in keys]}
             if cls is defaultdict:
-                out["factory"] = self.value(aux[0], f"{path}.default_factory")
-            out["children"] = [self.node(c, f"{path}[{k!r}]") for k, c in zip(keys, children)]
+                out["factory"] = self.value(aux[0], path + ("default_factory",))
+            out["children"] = [self.node(c, path + (str(k),)) for k, c in zip(keys, children)]
             return out
-        labels = [str(k) for k, _ in pairs]
         return {
             "t": "node",
-            "type": registry.type_name(cls),
-            "aux": self.value(aux, f"{path}<aux of {cls.__name__}>"),
-            "keys": labels,
-            "children": [self.node(c, path + lab) for lab, c in zip(labels, children)],
+            "type": self.type_ref(cls),
+            "aux": self.value(aux, path + (f"<static data of {cls.__name__}>",)),
+            "keys": [str(k) for k, _ in pairs],
+            "children": [self.node(c, path + (_entry_name(k),)) for k, c in pairs],
         }
 
-    def value(self, v: Any, path: str) -> Any:
+    def value(self, v: Any, path: tuple[str, ...]) -> Any:
         """A JSON value for ``v``: plain JSON for None/bool/int/str/finite float, else tagged."""
         t = type(v)
         if v is None or t is bool or t is str or t is int:
@@ -139,9 +162,10 @@ class _Encoder:
         if t is float:
             return v if math.isfinite(v) else {"$": "float", "v": repr(v)}
         if isinstance(v, enum.Enum):
-            return {"$": "enum", "type": registry.type_name(t), "v": v.name}
+            return {"$": "enum", "type": self.type_ref(t), "v": v.name}
         name = registry.saveable_name(v)
         if name is not None:
+            self.refs.add(name)
             return {"$": "ref", "v": name}
         if t is complex:
             return {"$": "complex", "v": [self.value(v.real, path), self.value(v.imag, path)]}
@@ -152,17 +176,17 @@ class _Encoder:
         if isinstance(v, type):
             return self._type_value(v, path)
         if _is_namedtuple(v):
-            return {"$": "namedtuple", "type": registry.type_name(t),
+            return {"$": "namedtuple", "type": self.type_ref(t),
                     "v": [self.value(c, path) for c in v]}
         if t is tuple or t is list:
-            items = [self.value(c, f"{path}[{i}]") for i, c in enumerate(v)]
+            items = [self.value(c, path + (f"list_element_{i}",)) for i, c in enumerate(v)]
             return items if t is list else {"$": "tuple", "v": items}
         if t is dict:
-            return {"$": "dict", "v": [[self.value(k, path), self.value(c, f"{path}[{k!r}]")]
+            return {"$": "dict", "v": [[self.value(k, path), self.value(c, path + (str(k),))]
                                        for k, c in v.items()]}
         if isinstance(v, Mapping) and registry.saveable_name(t) is not None:
-            return {"$": "mapping", "type": registry.saveable_name(t),
-                    "v": [[self.value(k, path), self.value(c, f"{path}[{k!r}]")] for k, c in v.items()]}
+            return {"$": "mapping", "type": self.type_ref(t),
+                    "v": [[self.value(k, path), self.value(c, path + (str(k),))] for k, c in v.items()]}
         if t is set or t is frozenset:
             items = sorted((self.value(c, path) for c in v), key=repr)
             return {"$": t.__name__, "v": items}
@@ -172,7 +196,7 @@ class _Encoder:
             items = [self.value(c, path) for c in v.ravel().tolist()]
             return {"$": "ndarray", "dtype": dtype_name(v.dtype), "shape": list(v.shape), "v": items}
         what = f"{type(v).__module__}.{type(v).__qualname__} {v!r:.80}"
-        self.problems.append(f"{path or '<root>'}: {what}")
+        self.problems.append(f"{'.'.join(path) or '<root>'}: {what}")
         return None if self.strict else {"$": "unregistered", "v": what}
 
     def _type_value(self, v: type, path: str) -> Any:
@@ -182,9 +206,9 @@ class _Encoder:
         if isinstance(dtype, np.dtype) and getattr(jnp, dtype.name, None) is v:
             return {"$": "jnptype", "v": dtype.name}
         try:
-            return {"$": "ref", "v": registry.type_name(v)}
+            return {"$": "ref", "v": self.type_ref(v)}
         except TypeError:
-            self.problems.append(f"{path or '<root>'}: class {v!r} has no importable name")
+            self.problems.append(f"{'.'.join(path) or '<root>'}: class {v!r} has no importable name")
             return None
 
 
@@ -195,7 +219,9 @@ def dtype_name(dtype: Any) -> str:
     return name
 
 
-def encode_structure(tree: Any, *, strict: bool = True) -> tuple[dict[str, Any], list[Any]]:
+def encode_structure(
+    tree: Any, *, strict: bool = True, _encoder: _Encoder | None = None
+) -> tuple[dict[str, Any], list[Any]]:
     """Describe ``tree`` as JSON and return ``(description, array_leaves)``.
 
     ``array_leaves`` are the array leaves (jax/numpy arrays, numpy scalars,
@@ -208,12 +234,12 @@ def encode_structure(tree: Any, *, strict: bool = True) -> tuple[dict[str, Any],
 
     >>> import jax.numpy as jnp
     >>> spec, leaves = encode_structure([jnp.ones(2), 3, None])
-    >>> spec["root"]["t"], [c["t"] for c in spec["root"]["children"]]
-    ('list', ['leaf', 'value', 'none'])
+    >>> spec["root"]["t"], spec["root"]["children"]
+    ('list', ['jax', {'t': 'value', 'v': 3}, {'t': 'none'}])
     """
-    enc = _Encoder(strict)
+    enc = _encoder or _Encoder(strict)
     try:
-        root = enc.node(tree, "")
+        root = enc.node(tree, ())
     except RecursionError:
         raise ValueError("the pytree is nested too deeply to be encoded") from None
     if enc.problems and strict:
@@ -223,7 +249,15 @@ def encode_structure(tree: Any, *, strict: bool = True) -> tuple[dict[str, Any],
             f"saved by name:\n{listed}\nMake them arrays, or register each with "
             "jaxsave.register_saveable(obj) / @jaxsave.saveable so it is saved by name."
         )
-    return {"treespec": TREESPEC_VERSION, "root": root}, enc.leaves
+    spec = {"treespec": TREESPEC_VERSION, "refs": sorted(enc.refs), "root": root}
+    return spec, enc.leaves
+
+
+def encode_structure_with_names(tree: Any) -> tuple[dict[str, Any], list[Any], list[tuple[str, ...]]]:
+    """:func:`encode_structure` plus each array leaf's key path (dictionize naming)."""
+    enc = _Encoder(True)
+    spec, leaves = encode_structure(tree, _encoder=enc)
+    return spec, leaves, enc.names
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -255,20 +289,26 @@ def referenced_names(spec: Any) -> set[str]:
     return names
 
 
+class _Objects(dict):
+    def __missing__(self, name: Any) -> Any:
+        raise FileFormatError(f"invalid tree structure: the name {name!r:.80} is not in its refs")
+
+
 class _Decoder:
     def __init__(self, objects: dict[str, Any], leaves: Iterator[Any],
                  leaf_fn: Callable[[str, Any], Any] | None):
-        self.objects = objects
+        self.objects = _Objects(objects)
         self.leaves = leaves
         self.leaf_fn = leaf_fn
 
     def node(self, n: Any) -> Any:
-        _check(isinstance(n, dict), "a node is not a JSON object")
-        t = n.get("t")
-        if t == "leaf":
+        if type(n) is str:
+            _check(n in ARRAY_KINDS, f"unknown array leaf kind {n!r:.40}")
             leaf = next(self.leaves, _END)
             _check(leaf is not _END, "more array leaves in the structure than stored")
-            return self.leaf_fn(n.get("kind"), leaf) if self.leaf_fn else leaf
+            return self.leaf_fn(n, leaf) if self.leaf_fn else leaf
+        _check(isinstance(n, dict), "a node is not a JSON object")
+        t = n.get("t")
         if t == "value":
             return self.value(n.get("v"))
         if t == "none":
@@ -406,7 +446,11 @@ def decode_structure(
             f"tree structure uses treespec version {version}; this jaxsave reads up to "
             f"{TREESPEC_VERSION}: upgrade jaxsave"
         )
-    objects, missing = registry.resolve_all(referenced_names(spec))
+    refs = spec.get("refs")
+    if refs is None:  # descriptions without a refs list: find the names by walking
+        refs = referenced_names(spec)
+    _check(isinstance(refs, (list, set)) and all(isinstance(r, str) for r in refs), "bad refs")
+    objects, missing = registry.resolve_all(refs)
     if missing:
         raise UnregisteredNameError(registry.missing_names_message(missing))
     it = iter(leaves)
@@ -429,6 +473,15 @@ def _label(key: Any) -> str:
     return f"[{key!r}]" if isinstance(key, str) else f"[{json.dumps(key, sort_keys=True)}]"
 
 
+def _t(n: Any) -> Any:
+    return "leaf" if isinstance(n, str) else n.get("t") if isinstance(n, dict) else None
+
+
+def _children(n: Any) -> list[Any]:
+    kids = n.get("children") if isinstance(n, dict) else None
+    return kids if isinstance(kids, list) else []
+
+
 def _child_labels(n: dict[str, Any]) -> list[str]:
     t = n.get("t")
     if t in ("dict", "ordereddict", "defaultdict"):
@@ -437,11 +490,11 @@ def _child_labels(n: dict[str, Any]) -> list[str]:
         return [f".{f}" for f in n.get("fields", [])]
     if t == "node":
         return [str(k) for k in n.get("keys", [])]
-    return [f"[{i}]" for i in range(len(n.get("children", [])))]
+    return [f"[{i}]" for i in range(len(_children(n)))]
 
 
-def _describe(n: dict[str, Any], spec: Any = None) -> str:
-    t = n.get("t")
+def _describe(n: Any, spec: Any = None) -> str:
+    t = _t(n)
     if t == "leaf":
         return f"an array {_fmt(spec)}" if spec is not None else "an array"
     if t == "value":
@@ -450,7 +503,7 @@ def _describe(n: dict[str, Any], spec: Any = None) -> str:
         return "None"
     if t in ("namedtuple", "node"):
         return f"a {n.get('type')}"
-    return f"a {t} of {len(n.get('children', []))}"
+    return f"a {t} of {len(_children(n))}"
 
 
 def _fmt(spec: Any) -> str:
@@ -473,29 +526,34 @@ class _Matcher:
         self.plan: list[tuple[str, Any] | None] = []
         self.problems: list[str] = []
         self.like_i = 0
-        self.file_index: dict[int, int] = {}
-        stack = [file_root]
-        while stack:  # number the file's array leaves in order
-            n = stack.pop()
-            if isinstance(n, dict):
-                if n.get("t") == "leaf":
-                    self.file_index[id(n)] = len(self.file_index)
-                elif isinstance(n.get("children"), list):
-                    stack.extend(reversed(n["children"]))
+        self.first_leaf: dict[int, list[int]] = {}  # id(node) -> first array index per child
+        self._count = 0
+        self._number(file_root)
+
+    def _number(self, n: Any) -> None:
+        if _t(n) == "leaf":
+            self._count += 1
+            return
+        firsts = []
+        for c in _children(n):
+            firsts.append(self._count)
+            self._number(c)
+        self.first_leaf[id(n)] = firsts
 
     def problem(self, path: str, msg: str) -> None:
         self.problems.append(f"{path or '<root>'}: {msg}")
 
-    def skip(self, like: dict[str, Any]) -> None:
-        t = like.get("t")
+    def skip(self, like: Any) -> None:
+        t = _t(like)
         if t in ("leaf", "value"):
             self.like_i += t == "leaf"
             self.plan.append(None)
-        for c in like.get("children", ()):
+        for c in _children(like):
             self.skip(c)
 
-    def walk(self, f: dict[str, Any], lk: dict[str, Any], path: str) -> None:
-        ft, lt = f.get("t"), lk.get("t")
+    def walk(self, f: Any, lk: Any, path: str, fi: int) -> None:
+        """Match file node ``f`` (whose first array leaf is ``fi``) with target node ``lk``."""
+        ft, lt = _t(f), _t(lk)
         if lt == "leaf":
             ls = self.like_arrays[self.like_i]
             self.like_i += 1
@@ -503,14 +561,13 @@ class _Matcher:
                 self.problem(path, f"the target has an array {_fmt(ls)}, the file has {_describe(f)}")
                 self.plan.append(None)
                 return
-            fi = self.file_index[id(f)]
             fs = self.file_arrays[fi]
             if tuple(fs.shape) != tuple(ls.shape) or str(fs.dtype) != str(ls.dtype):
                 self.problem(path, f"the file has {_fmt(fs)}, the target has {_fmt(ls)}")
             self.plan.append(("array", fi))
             return
         if lt == "value":
-            fv, lv = f.get("v"), lk.get("v")
+            fv, lv = (f.get("v") if ft == "value" else None), lk.get("v")
             if ft == "value" and fv == lv:
                 self.plan.append(("target", None))
             elif ft == "value" and _value_kind(fv) is not None and _value_kind(fv) == _value_kind(lv):
@@ -520,12 +577,13 @@ class _Matcher:
                 self.plan.append(None)
             return
         if ft != lt or (lt in ("namedtuple", "node") and f.get("type") != lk.get("type")):
-            fspec = self.file_arrays[self.file_index[id(f)]] if ft == "leaf" else None
+            fspec = self.file_arrays[fi] if ft == "leaf" else None
             self.problem(path, f"the file has {_describe(f, fspec)}, the target has {_describe(lk)}")
             self.skip(lk)
             return
         fl, ll = _child_labels(f), _child_labels(lk)
-        fc, lc = f.get("children", []), lk.get("children", [])
+        fc, lc = _children(f), _children(lk)
+        firsts = self.first_leaf[id(f)]
         same_keys = fl == ll and len(fc) == len(lc)
         if lt == "node" and same_keys and f.get("aux") != lk.get("aux"):
             self.problem(path, f"static data differ: the file has {json.dumps(f.get('aux'))[:120]}, "
@@ -539,13 +597,14 @@ class _Matcher:
                 self.problem(path, f"the file has children {fl[:8]}, the target has {ll[:8]}")
                 self.skip(lk)
                 return
-            for label, a, b in zip(ll, fc, lc):
-                self.walk(a, b, path + label)
+            for j, (label, b) in enumerate(zip(ll, lc)):
+                self.walk(fc[j], b, path + label, firsts[j])
             return
-        by_label = dict(zip(fl, fc))
+        position = {label: j for j, label in enumerate(fl)}
         for label, b in zip(ll, lc):
-            if label in by_label:
-                self.walk(by_label[label], b, path + label)
+            j = position.get(label)
+            if j is not None and j < len(fc):
+                self.walk(fc[j], b, path + label, firsts[j])
             else:
                 self.problem(path + label, "missing from the file")
                 self.skip(b)
@@ -583,7 +642,10 @@ def match_structure(
 "['b']: in the file but not in the target (partial=True skips it)"]
     """
     m = _Matcher(file_spec["root"], file_arrays, target_arrays, partial)
-    m.walk(file_spec["root"], target_spec["root"], "")
+    try:
+        m.walk(file_spec["root"], target_spec["root"], "", 0)
+    except (IndexError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        raise FileFormatError(f"invalid tree structure: {type(e).__name__}: {e}") from None
     return m.plan, m.problems
 
 

@@ -31,9 +31,10 @@ from jaxsave._dtypes import (
     from_storable,
     key_data_shape,
     leaf_spec,
+    storage_dtype,
     to_storable,
 )
-from jaxsave._tree import flat_name, pytree_dict_keys
+from jaxsave._tree import flat_name
 from jaxsave._version import __version__
 from jaxsave.errors import FileFormatError, StructureMismatchError
 
@@ -67,21 +68,44 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"metadata values must be JSON-able, got {type(o).__name__}")
 
 
-def _unique_names(tree: Any, n_leaves: int, is_array: list[bool]) -> list[str]:
-    try:
-        keys = pytree_dict_keys(tree)
-        names = [flat_name(k) for k, a in zip(keys, is_array) if a]
-    except Exception:  # a custom dictionize rule failed: fall back to positions
-        names = [f"leaf_{i}" for i in range(n_leaves)]
+def _unique_names(paths: list[tuple[str, ...]]) -> list[str]:
     seen: dict[str, int] = {}
     out = []
-    for name in names:
+    for path in paths:
+        name = flat_name(path)
         if name in seen:
             seen[name] += 1
             name = f"{name}~{seen[name]}"
         seen.setdefault(name, 0)
         out.append(name)
     return out
+
+
+#: dtype -> (logical dtype name, dtype of the stored view or None): the fast path.
+_DTYPE_INFO: dict[Any, tuple[str, Any]] = {}
+
+
+def _storable(name: str, leaf: Any) -> tuple[str, np.ndarray]:
+    """The logical dtype name and a C-contiguous storable array of one leaf."""
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        raise TypeError(f"leaf {name!r} is a ShapeDtypeStruct, which holds no data to save")
+    info = _DTYPE_INFO.get(leaf.dtype)
+    if info is None:
+        if not isinstance(leaf.dtype, np.dtype):  # an extended dtype: a typed PRNG key
+            arr = to_storable(leaf)
+            return leaf_spec(leaf).dtype, arr if arr.flags.c_contiguous else arr.copy()
+        dtype_name = leaf_spec(leaf).dtype
+        try:
+            dtype_from_name(dtype_name)
+        except FileFormatError:
+            raise TypeError(f"leaf {name!r} has dtype {leaf.dtype}, which jaxsave cannot "
+                            "store (object, string and structured arrays need pickle)") from None
+        view = to_storable(np.empty(0, leaf.dtype)).dtype
+        info = _DTYPE_INFO[leaf.dtype] = (dtype_name, None if view == leaf.dtype else view)
+    arr = np.asarray(leaf)
+    if not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr).reshape(arr.shape)
+    return info[0], arr if info[1] is None else arr.view(info[1])
 
 
 def save_pytree(
@@ -104,17 +128,12 @@ def save_pytree(
     :class:`~jaxsave.errors.UnregisteredNameError` listing all of them.
     """
     fmt = _formats.format_for_path(file, format)
-    spec, leaves = _treespec.encode_structure(tree)
-    all_leaves = jax.tree.leaves(tree)
-    names = _unique_names(tree, len(leaves), [_treespec.is_array_leaf(x) for x in all_leaves])
+    spec, leaves, paths = _treespec.encode_structure_with_names(tree)
     table, arrays = [], []
-    for name, leaf in zip(names, leaves):
-        if isinstance(leaf, jax.ShapeDtypeStruct):
-            raise TypeError(f"leaf {name!r} is a ShapeDtypeStruct, which holds no data to save")
-        s = leaf_spec(leaf)
-        table.append({"name": name, "dtype": s.dtype, "shape": list(s.shape)})
-        arr = to_storable(leaf)
-        arrays.append(arr if arr.flags.c_contiguous else np.ascontiguousarray(arr).reshape(arr.shape))
+    for name, leaf in zip(_unique_names(paths), leaves):
+        dtype, arr = _storable(name, leaf)
+        table.append({"name": name, "dtype": dtype, "shape": list(np.shape(leaf))})
+        arrays.append(arr)
     header = {
         "format": "jaxsave",
         "format_version": FORMAT_VERSION,
@@ -226,32 +245,44 @@ class PytreeFile:
         leaves = header.get("leaves")
         if not isinstance(leaves, list):
             raise FileFormatError("the header has no leaf table")
-        specs, names = [], []
+        specs, names, storage = [], [], []
         for i, leaf in enumerate(leaves):
-            if not isinstance(leaf, dict) or not isinstance(leaf.get("name"), str):
+            if type(leaf) is not dict or type(leaf.get("name")) is not str:
                 raise FileFormatError(f"leaf {i} of the header is malformed")
             shape, dtype = leaf.get("shape"), leaf.get("dtype")
-            if not (isinstance(shape, list) and len(shape) <= _MAX_NDIM
-                    and all(type(d) is int and 0 <= d < _MAX_DIM for d in shape)):
+            if type(shape) is not list or len(shape) > _MAX_NDIM or not all(
+                    type(d) is int and 0 <= d < _MAX_DIM for d in shape):
                 raise FileFormatError(f"leaf {leaf['name']!r} has an invalid shape {shape!r:.80}")
-            if not isinstance(dtype, str):
+            if type(dtype) is not str:
                 raise FileFormatError(f"leaf {leaf['name']!r} has no dtype name")
-            specs.append(LeafSpec(tuple(shape), dtype))
+            spec = LeafSpec(tuple(shape), dtype)
+            if _logical_view(dtype) == "key":
+                storage.append((key_data_shape(spec), dtype))
+            else:
+                storage.append((spec.shape, dtype))
+            specs.append(spec)
             names.append(leaf["name"])
         self._specs: list[LeafSpec] = specs
         self._names: list[str] = names
+        self._storage = storage
         self._index = {n: i for i, n in enumerate(names)}
         if len(self._index) != len(names):
             raise FileFormatError("two leaves of the header have the same name")
-        self._storage = [(key_data_shape(s) if s.is_key else s.shape, s.dtype) for s in specs]
         self._structure = header.get("structure")
-        self._kinds = _array_kinds(self._structure)
-        if len(self._kinds) != len(specs):
-            raise FileFormatError(
-                f"the structure has {len(self._kinds)} array leaves, the leaf table {len(specs)}")
+        self._kinds_cache: list[str] | None = None
         self.metadata: Any = header.get("metadata")
         self.format_version: int = header["format_version"]
         self.jaxsave_version: str | None = header.get("jaxsave_version")
+
+    @property
+    def _kinds(self) -> list[str]:
+        if self._kinds_cache is None:
+            kinds = _array_kinds(self._structure)
+            if len(kinds) != len(self._specs):
+                raise FileFormatError(
+                    f"the structure has {len(kinds)} array leaves, the leaf table {len(self._specs)}")
+            self._kinds_cache = kinds
+        return self._kinds_cache
 
     @property
     def specs(self) -> dict[str, LeafSpec]:
@@ -313,20 +344,25 @@ class PytreeFile:
         batch: list[int] = []
         for arr, i, kind, target in zip(arrays, idx, kinds, targets):
             dtype = self._specs[i].dtype
-            x = from_storable(arr, dtype)
+            view = _logical_view(dtype)
+            if view == "key":
+                out.append(from_storable(arr, dtype))
+                continue
+            x = arr if view is None else arr.view(view)
             if kind == "scalar":
                 x = x[()]
-            elif kind == "jax" and not as_numpy and not self._specs[i].is_key:
+            elif kind == "jax" and not as_numpy:
                 batch.append(len(out))
             out.append(x)
         if batch:
-            default = [b for b in batch if getattr(targets[b], "sharding", None) is None]
-            placed = [b for b in batch if getattr(targets[b], "sharding", None) is not None]
-            for b, y in zip(default, jax.device_put([out[b] for b in default])):
-                out[b] = y
-            if placed:
-                ys = jax.device_put([out[b] for b in placed], [targets[b].sharding for b in placed])
-                for b, y in zip(placed, ys):
+            default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            groups: dict[Any, list[int]] = {}
+            for b in batch:
+                sharding = getattr(targets[b], "sharding", None)
+                groups.setdefault(None if sharding == default else sharding, []).append(b)
+            for sharding, members in groups.items():
+                ys = jax.device_put([out[b] for b in members], sharding)
+                for b, y in zip(members, ys):
                     out[b] = y
         return out
 
@@ -340,6 +376,21 @@ class PytreeFile:
         self.close()
 
 
+@functools.lru_cache(maxsize=256)
+def _logical_view(dtype: str) -> Any:
+    """``None`` if stored as is, ``"key"`` for PRNG keys, else the dtype to view the storage as.
+
+    Raises :class:`~jaxsave.errors.FileFormatError` for names outside the whitelist.
+    """
+    if not isinstance(dtype, str):
+        raise FileFormatError(f"a dtype name must be a string, got {type(dtype).__name__}")
+    if dtype.startswith("key<"):
+        key_data_shape(LeafSpec((), dtype))  # validates the implementation's name
+        return "key"
+    logical = dtype_from_name(dtype)
+    return None if storage_dtype(dtype) == logical else logical
+
+
 def _sds_dtype(name: str) -> Any:
     if name.startswith("key<"):
         return jax.random.key(0, impl=name[4:-1]).dtype
@@ -347,19 +398,18 @@ def _sds_dtype(name: str) -> Any:
 
 
 def _array_kinds(structure: Any) -> list[str]:
-    if not isinstance(structure, dict) or not isinstance(structure.get("root"), dict):
+    if not isinstance(structure, dict) or "root" not in structure:
         raise FileFormatError("the header has no tree structure")
     kinds: list[str] = []
     stack = [structure["root"]]
     while stack:
         n = stack.pop()
-        if not isinstance(n, dict):
+        if type(n) is str:
+            if n not in _treespec.ARRAY_KINDS:
+                raise FileFormatError(f"invalid tree structure: unknown leaf kind {n!r:.40}")
+            kinds.append(n)
+        elif not isinstance(n, dict):
             raise FileFormatError("invalid tree structure: a node is not a JSON object")
-        if n.get("t") == "leaf":
-            kind = n.get("kind")
-            if kind not in ("jax", "numpy", "scalar"):
-                raise FileFormatError(f"invalid tree structure: unknown leaf kind {kind!r:.40}")
-            kinds.append(kind)
         elif isinstance(n.get("children"), list):
             stack.extend(reversed(n["children"]))
     return kinds

@@ -9,6 +9,7 @@ import struct
 import sys
 import tracemalloc
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
@@ -32,15 +33,16 @@ def _split(path):
     """(header, data bytes) of a .jaxsave file."""
     raw = open(path, "rb").read()
     (hlen,) = struct.unpack("<Q", raw[8:16])
-    return json.loads(raw[16:16 + hlen]), raw[16 + hlen:]
+    return json.loads(raw[24:24 + hlen]), raw[24 + hlen:]
 
 
 def _assemble(path, header, data, hlen=None):
+    """Write a .jaxsave file by hand, with a valid header checksum (as an attacker would)."""
     text = json.dumps(header).encode()
-    pad = -(16 + len(text)) % 64
-    text += b" " * pad
+    text += b" " * (-(24 + len(text)) % 64)
+    prefix = struct.pack("<QII", len(text) if hlen is None else hlen, zlib.crc32(text), 0)
     with open(path, "wb") as f:
-        f.write(native.MAGIC + struct.pack("<Q", len(text) if hlen is None else hlen) + text + data)
+        f.write(native.MAGIC + prefix + text + data)
 
 
 @pytest.fixture
@@ -114,22 +116,28 @@ def test_huge_and_inconsistent_header_lengths(tmp_path, good):
             jaxsave.read_metadata(path)
 
 
+def test_header_corruption_is_detected_by_its_checksum(tmp_path, good):
+    raw = bytearray(good.read_bytes())
+    raw[40] ^= 0x01
+    (tmp_path / "c.jaxsave").write_bytes(bytes(raw))
+    with pytest.raises(FileFormatError, match="checksum"):
+        jaxsave.load_pytree(tmp_path / "c.jaxsave")
+
+
 @pytest.mark.parametrize("text", [b"{not json", b"[" * 200_000, b"[1, 2]", b'{"a": NaN'])
 def test_garbage_headers(tmp_path, text):
     path = tmp_path / "g.jaxsave"
-    path.write_bytes(native.MAGIC + struct.pack("<Q", len(text)) + text)
+    path.write_bytes(native.MAGIC + struct.pack("<QII", len(text), zlib.crc32(text), 0) + text)
     with pytest.raises(FileFormatError):
         jaxsave.load_pytree(path)
 
 
 @pytest.mark.parametrize("edit, match", [
-    (lambda h: h["data"].__setitem__(0, [10**12, 32]), "outside the file"),
-    (lambda h: h["data"].__setitem__(0, [8, 32]), "outside the file"),  # misaligned
-    (lambda h: h["data"].__setitem__(0, [-64, 32]), "outside the file"),
-    (lambda h: h["data"].__setitem__(0, [0, 8]), "need 32"),
-    (lambda h: h["data"].__setitem__(0, "x"), "malformed"),
-    (lambda h: h.__setitem__("data_size", 10**15), "data bytes"),
-    (lambda h: h["leaves"][0].__setitem__("shape", [2**40, 2**40]), "need"),
+    (lambda h: h.__setitem__("data_size", 10**15), "header says 1000000000000000"),
+    (lambda h: h.__setitem__("data_size", "76"), "header says '76'"),
+    (lambda h: h["leaves"][0].__setitem__("shape", [9]), "need 140 data bytes"),
+    (lambda h: h["leaves"][0].__setitem__("shape", [2**40, 2**40]), "need 967140655691703339"),
+    (lambda h: h["leaves"][1].__setitem__("shape", [4]), "need 80 data bytes"),
     (lambda h: h["leaves"][0].__setitem__("shape", [-4]), "invalid shape"),
     (lambda h: h["leaves"][0].__setitem__("shape", [1] * 100), "invalid shape"),
     (lambda h: h["leaves"][0].__setitem__("shape", ["4"]), "invalid shape"),
@@ -138,12 +146,12 @@ def test_garbage_headers(tmp_path, text):
     (lambda h: h["leaves"][0].__setitem__("dtype", "<U8"), "dtype"),
     (lambda h: h["leaves"][0].__setitem__("dtype", "V32"), "dtype"),
     (lambda h: h["leaves"][0].__setitem__("dtype", "key<evil>"), "PRNG key implementation"),
-    (lambda h: h["leaves"].pop(), "leaf table"),
+    (lambda h: h["leaves"].pop(), "need 32 data bytes"),
     (lambda h: h["leaves"][1].__setitem__("name", "a"), "same name"),
     (lambda h: h.__setitem__("format_version", "1"), "format version"),
     (lambda h: h.pop("structure"), "structure"),
     (lambda h: h["structure"]["root"].__setitem__("t", "eval"), "structure"),
-    (lambda h: h["structure"]["root"]["children"][0].__setitem__("kind", "pickle"), "leaf kind"),
+    (lambda h: h["structure"]["root"]["children"].__setitem__(0, "pickle"), "leaf kind"),
     (lambda h: h["structure"]["root"]["children"][1]["children"].append(
         {"t": "value", "v": {"$": "float", "v": "__import__('os')"}}), "bad float"),
     (lambda h: h["structure"]["root"]["children"][1]["children"].append(
@@ -164,8 +172,11 @@ def test_corrupt_native_headers(tmp_path, good, edit, match):
     assert peak < 20 * 2**20  # nothing sized by the file's claims was allocated
 
 
-def test_truncated_file(tmp_path, good):
+def test_truncated_or_extended_file(tmp_path, good):
     raw = good.read_bytes()
+    (tmp_path / "long.jaxsave").write_bytes(raw + b"\0" * 64)
+    with pytest.raises(FileFormatError, match="data bytes"):
+        jaxsave.load_pytree(tmp_path / "long.jaxsave")
     for cut in (len(raw) - 1, len(raw) - 40, 20, 5):
         path = tmp_path / "t.jaxsave"
         path.write_bytes(raw[:cut])
@@ -181,8 +192,9 @@ def test_empty_and_foreign_files(tmp_path):
 
 
 def test_names_are_never_imported_or_looked_up_outside_the_registry(tmp_path, good):
-    def point_at(name, kind="node"):
+    def point_at(name, kind="node", declare=True):
         def edit(h):
+            h["structure"]["refs"] = [name] if declare else []
             h["structure"]["root"] = {"t": kind, "type": name, "aux": None, "fields": ["x"],
                                       "keys": [".x"], "children": [{"t": "none"}]}
             h["leaves"], h["data"], h["data_size"] = [], [], 0
@@ -198,6 +210,8 @@ def test_names_are_never_imported_or_looked_up_outside_the_registry(tmp_path, go
     # a registered *function* named where a class is expected is refused, not called
     with pytest.raises(FileFormatError, match="not a namedtuple type"):
         jaxsave.load_pytree(point_at("jax.nn.relu", kind="namedtuple"))
+    with pytest.raises(FileFormatError, match="not in its refs"):
+        jaxsave.load_pytree(point_at("jax.nn.relu", declare=False))
     with pytest.raises(FileFormatError, match="cannot rebuild a builtins.dict"):
         jaxsave.load_pytree(point_at("builtins.dict"))
     with pytest.raises(FileFormatError, match="not a registered pytree node"):

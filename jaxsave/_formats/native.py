@@ -5,11 +5,16 @@ Layout (all integers little-endian)::
     0     8 bytes   magic b"\\x93JAXSAVE"
     8     8 bytes   uint64 H: length of the header, padded with spaces so that
                     the data starts at a multiple of 64
-    16    H bytes   UTF-8 JSON header; "data": [[offset, nbytes], ...] per array
-                    (offsets from the data start, multiples of 64), "data_size"
-    16+H            data: the arrays, C order, back to back with zero padding
+    16    4 bytes   uint32 CRC-32 of the header
+    20    4 bytes   zero
+    24    H bytes   UTF-8 JSON header, with "data_size"
+    24+H            data: the arrays in leaf order, C order, each starting at the
+                    next multiple of 64 bytes (zero padding in between)
 
-The file size must be exactly ``16 + H + data_size``. Loading reads the arrays
+Offsets are not stored: they follow from the leaves' shapes and dtypes, so a
+file cannot point anywhere. The file size must be exactly ``16 + H + data_size``
+with ``data_size`` the end of the last array. (Only the header is checksummed:
+a CRC of the data would halve the loading speed.) Loading reads the arrays
 in as few ``readinto`` calls as possible into one page-aligned buffer, so they
 come back aligned (JAX then takes them without a copy on CPU).
 """
@@ -17,8 +22,10 @@ come back aligned (JAX then takes them without a copy on CPU).
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
+import zlib
 from collections.abc import Sequence
 from typing import Any, BinaryIO
 
@@ -30,7 +37,7 @@ from jaxsave.errors import FileFormatError
 
 MAGIC = b"\x93JAXSAVE"
 ALIGN = 64
-_PREFIX = 16
+_PREFIX = 24
 
 
 def _align(n: int, a: int = ALIGN) -> int:
@@ -39,13 +46,9 @@ def _align(n: int, a: int = ALIGN) -> int:
 
 def write(target: str | BinaryIO, header: dict[str, Any], arrays: Sequence[np.ndarray]) -> None:
     """Write ``header`` and the contiguous storable ``arrays`` to ``target``."""
-    data, pos = [], 0
-    for a in arrays:
-        pos = _align(pos)
-        data.append([pos, a.nbytes])
-        pos += a.nbytes
-    text = json.dumps({**header, "data": data, "data_size": pos},
-                      separators=(",", ":")).encode("utf-8")
+    data = _layout([a.nbytes for a in arrays])
+    total = data[-1][0] + data[-1][1] if data else 0
+    text = json.dumps({**header, "data_size": total}, separators=(",", ":")).encode("utf-8")
     size = _align(_PREFIX + len(text)) - _PREFIX
     if isinstance(target, (str, os.PathLike)):
         with open(target, "wb", buffering=1 << 20) as f:
@@ -56,7 +59,8 @@ def write(target: str | BinaryIO, header: dict[str, Any], arrays: Sequence[np.nd
 
 def _write_to(f: BinaryIO, text: bytes, size: int, arrays: Sequence[np.ndarray],
               data: list[list[int]]) -> None:
-    f.write(MAGIC + struct.pack("<Q", size) + text + b" " * (size - len(text)))
+    text += b" " * (size - len(text))
+    f.write(MAGIC + struct.pack("<QII", size, zlib.crc32(text), 0) + text)
     written = 0
     for a, (offset, nbytes) in zip(arrays, data):
         if offset > written:
@@ -64,6 +68,16 @@ def _write_to(f: BinaryIO, text: bytes, size: int, arrays: Sequence[np.ndarray],
         if nbytes:
             f.write(a.reshape(-1).view(np.uint8))
         written = offset + nbytes
+
+
+def _layout(sizes: Sequence[int]) -> list[list[int]]:
+    """``[offset, nbytes]`` of each array: back to back, each aligned to 64 bytes."""
+    out, pos = [], 0
+    for n in sizes:
+        pos = _align(pos)
+        out.append([pos, n])
+        pos += n
+    return out
 
 
 def _aligned_buffer(nbytes: int) -> np.ndarray:
@@ -93,12 +107,14 @@ class Reader:
         prefix = f.read(_PREFIX)
         if len(prefix) < _PREFIX or not prefix.startswith(MAGIC):
             raise FileFormatError("not a .jaxsave file (bad magic or truncated)")
-        (hlen,) = struct.unpack("<Q", prefix[8:])
+        hlen, crc, _ = struct.unpack("<QII", prefix[8:])
         if hlen > MAX_HEADER_BYTES or hlen > size - _PREFIX:
             raise FileFormatError(f"header length {hlen} exceeds the limit or the file size")
         text = f.read(hlen)
         if len(text) != hlen:
             raise FileFormatError("the file is truncated inside its header")
+        if zlib.crc32(text) != crc:
+            raise FileFormatError("the header's checksum does not match (corrupt file)")
         try:
             header = json.loads(text)
         except (ValueError, RecursionError) as e:
@@ -106,30 +122,28 @@ class Reader:
         if not isinstance(header, dict):
             raise FileFormatError("the header is not a JSON object")
         self._data_start = self._start + _PREFIX + hlen
-        data, total = header.get("data"), header.get("data_size")
-        if not isinstance(total, int) or total != size - _PREFIX - hlen:
-            raise FileFormatError(
-                f"the file has {size - _PREFIX - hlen} data bytes, the header says {total!r} "
-                "(truncated or corrupt)")
-        if not isinstance(data, list) or not all(
-            isinstance(d, list) and len(d) == 2 and all(type(x) is int for x in d) for d in data
-        ):
-            raise FileFormatError("the header's data table is malformed")
-        for offset, nbytes in data:
-            if offset < 0 or nbytes < 0 or offset % ALIGN or offset + nbytes > total:
-                raise FileFormatError(f"array data [{offset}, +{nbytes}) lies outside the file")
-        self._data: list[list[int]] = data
+        self._data_size = size - _PREFIX - hlen
+        self._data: list[list[int]] = []
         return header
 
     def check_arrays(self, specs: Sequence[tuple[tuple[int, ...], str]],
                      names: Sequence[str] = ()) -> None:
-        """Check that each array's byte count matches its (validated) shape and dtype."""
-        if len(specs) != len(self._data):
-            raise FileFormatError(f"{len(specs)} leaves but {len(self._data)} data entries")
-        for i, ((shape, dtype), (_, nbytes)) in enumerate(zip(specs, self._data)):
-            want = int(np.prod(shape, dtype=object)) * storage_dtype(dtype).itemsize
-            if want != nbytes:
-                raise FileFormatError(f"array {i} has {nbytes} bytes, its shape and dtype need {want}")
+        """Lay the arrays out from their (validated) shapes and dtypes; check the file size."""
+        itemsize: dict[str, int] = {}
+        sizes = []
+        for shape, dtype in specs:
+            size = itemsize.get(dtype)
+            if size is None:
+                size = itemsize[dtype] = storage_dtype(dtype).itemsize
+            sizes.append(math.prod(shape) * size)
+        data = _layout(sizes)
+        total = data[-1][0] + data[-1][1] if data else 0
+        declared = self.header.get("data_size")
+        if total != self._data_size or declared != total:
+            raise FileFormatError(
+                f"the arrays' shapes and dtypes need {total} data bytes, the file has "
+                f"{self._data_size} and its header says {declared!r} (truncated or corrupt)")
+        self._data = data
 
     def read(self, indices: Sequence[int], specs: Sequence[tuple[tuple[int, ...], str]],
              names: Sequence[str] = ()) -> list[np.ndarray]:
@@ -144,6 +158,7 @@ class Reader:
         total = sum(_align(self._end(r[-1]) - self._data[r[0]][0]) for r in runs)
         buf = _aligned_buffer(total)
         out: dict[int, np.ndarray] = {}
+        dtypes: dict[str, np.dtype] = {}
         pos = 0
         for run in runs:
             first = self._data[run[0]][0]
@@ -153,7 +168,10 @@ class Reader:
                 offset, nbytes = self._data[i]
                 shape, dtype = specs[i]
                 start = pos + offset - first
-                out[i] = buf[start:start + nbytes].view(storage_dtype(dtype)).reshape(shape)
+                store = dtypes.get(dtype)
+                if store is None:
+                    store = dtypes[dtype] = storage_dtype(dtype)
+                out[i] = buf[start:start + nbytes].view(store).reshape(shape)
             pos += _align(span)
         return [out[i] for i in indices]
 

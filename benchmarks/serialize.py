@@ -1,0 +1,297 @@
+"""Benchmark: save/load of pytrees with jaxsave vs np.savez, safetensors, flax msgpack, orbax.
+
+Two trees, both made of ``jax.Array`` leaves:
+
+* ``large``: about ``--size-gb`` GB in a few hundred leaves of mixed dtypes
+  (float32, bfloat16, float16, int32, int8, bool);
+* ``small``: ``--small-leaves`` tiny arrays (10k by default) in nested dicts.
+
+Every library gets the same job: *save* the tree to a file in ``--dir`` (page
+cache: /dev/shm by default) and *load* it back as the same pytree of
+``jax.Array`` leaves ("load → jax"). Libraries that cannot hold a pytree or
+ml_dtypes get the usual glue (flatten to named arrays, bfloat16 as uint16 views,
+unflatten with the known structure, one batched ``jax.device_put``), and the
+glue is timed. "load → numpy" is the same without the device transfer (host
+arrays; orbax only restores jax arrays). jaxsave saves with its default fsync.
+
+Run ``python benchmarks/serialize.py`` (1 GB, about two minutes on 2 cores and
+needing ~6 GB of RAM) or ``--small`` for a quick run. Prints a table and writes
+JSON to benchmarks/results/serialize.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import shutil
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+import jaxsave
+
+# ----------------------------------------------------------------------------- trees
+
+_MIX = [(np.float32, 0.6), (ml_dtypes.bfloat16, 0.15), (np.float16, 0.1), (np.int32, 0.1),
+        (np.int8, 0.04), (np.bool_, 0.01)]
+
+
+def large_tree(size_bytes: int, n_leaves: int, seed: int = 0) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    tree: dict[str, Any] = {}
+    per_leaf = size_bytes / n_leaves
+    for i in range(n_leaves):
+        dtype = _MIX[i % len(_MIX)][0] if i % 10 else np.float32
+        dt = np.dtype(dtype)
+        n = max(1, int(per_leaf * rng.uniform(0.5, 1.5) / dt.itemsize) // 256 * 256)
+        base = rng.integers(0, 100, size=min(n, 4096)).astype(np.float32)
+        data = np.resize(base, n).reshape(-1, 256) if n >= 256 else np.resize(base, n)
+        tree.setdefault(f"layer_{i // 8:03d}", {})[f"p{i % 8}"] = jnp.asarray(data.astype(dtype))
+    return tree
+
+
+def small_tree(n_leaves: int, seed: int = 0) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    tree: dict[str, Any] = {}
+    for i in range(n_leaves):
+        dtype = (np.float32, np.int32, ml_dtypes.bfloat16, np.float16)[i % 4]
+        shape = ((4,), (2, 3), (), (8,))[i % 4]
+        leaf = np.asarray(rng.normal(size=shape)).astype(dtype)
+        tree.setdefault(f"module_{i // 100:03d}", {})[f"param_{i % 100:03d}"] = leaf
+    return dict(zip(tree, jax.device_put(list(tree.values()))))
+
+
+# ----------------------------------------------------------------------------- glue
+
+
+def _flat(tree: Any) -> tuple[dict[str, np.ndarray], Any]:
+    """Named host arrays (ml_dtypes as uint views) plus what is needed to rebuild."""
+    leaves, treedef = jax.tree.flatten(tree)
+    arrays, dtypes = {}, []
+    for i, leaf in enumerate(leaves):
+        a = np.asarray(leaf)
+        dtypes.append(a.dtype)
+        if a.dtype.name in ("bfloat16",):
+            a = a.view(np.uint16)
+        arrays[f"leaf_{i}"] = a
+    return arrays, (treedef, dtypes)
+
+
+def _unflat(arrays: dict[str, np.ndarray], info: Any, to_jax: bool) -> Any:
+    treedef, dtypes = info
+    leaves = [arrays[f"leaf_{i}"].view(dt) for i, dt in enumerate(dtypes)]
+    if to_jax:
+        leaves = jax.device_put(leaves)
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+class Lib:
+    name = ""
+    suffix = ""
+
+    def save(self, path: str, tree: Any) -> None: ...
+    def load(self, path: str, like: Any, to_jax: bool) -> Any: ...
+
+
+class Jaxsave(Lib):
+    name, suffix = "jaxsave", ".jaxsave"
+
+    def save(self, path, tree):
+        jaxsave.save_pytree(path, tree)
+
+    def load(self, path, like, to_jax):
+        return jaxsave.load_pytree(path, as_numpy=not to_jax)
+
+
+class Savez(Lib):
+    name, suffix = "np.savez", ".npz"
+
+    def save(self, path, tree):
+        np.savez(path, **_flat(tree)[0])
+
+    def load(self, path, like, to_jax):
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        return _unflat(arrays, _flat_info(like), to_jax)
+
+
+class Safetensors(Lib):
+    name, suffix = "safetensors", ".safetensors"
+
+    def save(self, path, tree):
+        import safetensors.numpy
+
+        safetensors.numpy.save_file(_flat(tree)[0], path)
+
+    def load(self, path, like, to_jax):
+        import safetensors.numpy
+
+        return _unflat(safetensors.numpy.load_file(path), _flat_info(like), to_jax)
+
+
+class FlaxMsgpack(Lib):
+    name, suffix = "flax msgpack", ".msgpack"
+
+    def save(self, path, tree):
+        import flax.serialization
+
+        with open(path, "wb") as f:
+            f.write(flax.serialization.to_bytes(tree))
+
+    def load(self, path, like, to_jax):
+        import flax.serialization
+
+        with open(path, "rb") as f:
+            out = flax.serialization.from_bytes(like, f.read())
+        return jax.tree.unflatten(jax.tree.structure(out), jax.device_put(jax.tree.leaves(out))) \
+            if to_jax else out
+
+
+class Orbax(Lib):
+    name, suffix = "orbax", ".orbax"
+
+    def __init__(self):
+        import orbax.checkpoint as ocp
+
+        self.ckpt = ocp.StandardCheckpointer()
+
+    def save(self, path, tree):
+        self.ckpt.save(path, tree)
+        self.ckpt.wait_until_finished()
+
+    def load(self, path, like, to_jax):
+        if not to_jax:
+            return None
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                like)
+        return self.ckpt.restore(path, abstract)
+
+
+_INFO_CACHE: dict[int, Any] = {}
+
+
+def _flat_info(like: Any) -> Any:
+    """The structure and dtypes of ``like`` (what a user of a flat format keeps around)."""
+    key = id(like)
+    if key not in _INFO_CACHE:
+        leaves, treedef = jax.tree.flatten(like)
+        _INFO_CACHE[key] = (treedef, [np.dtype(x.dtype) for x in leaves])
+    return _INFO_CACHE[key]
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def _check(out: Any, tree: Any) -> None:
+    assert jax.tree.structure(out) == jax.tree.structure(tree)
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(tree)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+    a, b = jax.tree.leaves(out)[-1], jax.tree.leaves(tree)[-1]
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _time(fn: Callable[[], Any], repeat: int, before: Callable[[], None] | None = None) -> list[float]:
+    times = []
+    for _ in range(repeat):
+        if before:
+            before()
+        gc.collect()
+        t = time.perf_counter()
+        out = fn()
+        jax.block_until_ready(out)
+        times.append(time.perf_counter() - t)
+        del out
+    return times
+
+
+def bench(lib: Lib, tree: Any, nbytes: int, directory: str, repeat: int) -> dict[str, Any]:
+    path = os.path.join(directory, f"bench{lib.suffix}")
+    _remove(path)
+    save = _time(lambda: lib.save(path, tree), repeat, before=lambda: _remove(path))
+    size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(path) for f in fs) \
+        if os.path.isdir(path) else os.path.getsize(path)
+    _check(lib.load(path, tree, True), tree)
+    to_jax = _time(lambda: lib.load(path, tree, True), repeat)
+    to_np = _time(lambda: lib.load(path, tree, False), repeat)
+    _remove(path)
+    row = {"library": lib.name, "file_bytes": size,
+           "save_s": min(save), "load_jax_s": min(to_jax),
+           "load_numpy_s": None if lib.name == "orbax" else min(to_np),
+           "save_all_s": save, "load_jax_all_s": to_jax}
+    row["save_GBps"] = nbytes / row["save_s"] / 1e9
+    row["load_jax_GBps"] = nbytes / row["load_jax_s"] / 1e9
+    return row
+
+
+def _fmt(x: float | None, unit: str = "") -> str:
+    return "n/a" if x is None else (f"{x:.3f}{unit}" if x < 100 else f"{x:.0f}{unit}")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size-gb", type=float, default=1.0, help="size of the large tree (GB)")
+    p.add_argument("--leaves", type=int, default=300, help="leaves of the large tree")
+    p.add_argument("--small-leaves", type=int, default=10_000, help="leaves of the small tree")
+    p.add_argument("--small", action="store_true", help="quick run: 0.1 GB and 2000 small leaves")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else "/tmp")
+    p.add_argument("--libs", default="jaxsave,np.savez,safetensors,flax msgpack,orbax")
+    p.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results",
+                                                    "serialize.json"))
+    args = p.parse_args(argv)
+    if args.small:
+        args.size_gb, args.small_leaves = min(args.size_gb, 0.1), min(args.small_leaves, 2000)
+    libs = {c.name: c for c in (Jaxsave, Savez, Safetensors, FlaxMsgpack, Orbax)}
+    chosen = [libs[n.strip()]() for n in args.libs.split(",")]
+    directory = os.path.join(args.dir, f"jaxsave_bench_{os.getpid()}")
+    os.makedirs(directory)
+    trees = {
+        "large": large_tree(int(args.size_gb * 1e9), args.leaves),
+        "small": small_tree(args.small_leaves),
+    }
+    results: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "jax": jax.__version__, "numpy": np.__version__, "dir": args.dir},
+        "args": vars(args), "trees": {},
+    }
+    try:
+        for tname, tree in trees.items():
+            leaves = jax.tree.leaves(tree)
+            nbytes = sum(x.nbytes for x in leaves)
+            rows = [bench(lib, tree, nbytes, directory, args.repeat) for lib in chosen]
+            results["trees"][tname] = {"bytes": nbytes, "leaves": len(leaves), "rows": rows}
+            print(f"\n{tname} tree: {len(leaves)} leaves, {nbytes / 1e9:.3f} GB "
+                  f"(best of {args.repeat}, seconds; GB/s in brackets)")
+            print(f"| {'library':13s} | {'save':>16s} | {'load → jax':>16s} | {'load → numpy':>12s} |")
+            print(f"|{'-' * 15}|{'-' * 18}|{'-' * 18}|{'-' * 14}|")
+            for r in rows:
+                print(f"| {r['library']:13s} | {_fmt(r['save_s']):>7s} ({r['save_GBps']:5.2f}) "
+                      f"| {_fmt(r['load_jax_s']):>7s} ({r['load_jax_GBps']:5.2f}) "
+                      f"| {_fmt(r['load_numpy_s']):>12s} |")
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"\nwrote {args.output}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -101,3 +101,19 @@ def clear_open_flags(path: str | os.PathLike) -> bool:
         fh.flush()
         os.fsync(fh.fileno())
     return True
+
+
+def stored_eof(path: str | os.PathLike) -> int | None:
+    """The end-of-file address a v2/v3 superblock records (``None`` for older superblocks)."""
+    with open(path, "rb") as fh:
+        offset = _find_superblock(fh)
+        fh.seek(offset + 8)
+        head = fh.read(4)
+        if len(head) < 4 or head[0] < 2:
+            return None
+        size = head[1]
+        fh.seek(offset + 12 + 2 * size)
+        raw = fh.read(size)
+    if len(raw) < size:
+        raise FileFormatError("the HDF5 superblock is truncated")
+    return offset + int.from_bytes(raw, "little")

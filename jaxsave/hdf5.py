@@ -271,7 +271,7 @@ class HDF5Collector(DataCollector):
             chunks=chunk_lead + shape if math.prod(shape) else None,
             compression=self.compression,
             shuffle=self.compression is not None,
-            fillvalue=np.nan if dtype.kind in "fc" else None,
+            fillvalue=np.full((), np.nan, dtype) if dtype.kind in "fc" else None,
         )
         ds.attrs["jaxsave_dtype"] = spec.dtype
         ds.attrs["jaxsave_key"] = json.dumps(list(self._sample.keys[j]))

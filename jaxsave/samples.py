@@ -63,22 +63,25 @@ class SampleFileInfo(NamedTuple):
 
 
 @contextlib.contextmanager
-def _open(path: PathLike, *, live: bool = False) -> Iterator[h5py.File]:
-    """Open a sample file for reading; every failure becomes a :class:`FileFormatError`."""
+def _open(path: PathLike) -> Iterator[h5py.File]:
+    """Open a sample file for reading; every failure becomes a :class:`FileFormatError`.
+
+    A file still marked open for writing (a running or killed SWMR writer) is
+    opened in SWMR read mode, others normally. A file shorter than its
+    superblock says is refused up front: SWMR readers would wait for the
+    missing bytes forever.
+    """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file: {path!r}")
-    attempts = [{"libver": "latest", "swmr": True}, {}] if live else [{}, {"libver": "latest", "swmr": True}]
-    errors = []
-    for kwargs in attempts:
-        try:
-            f = h5py.File(path, "r", **kwargs)
-            break
-        except (OSError, ValueError, RuntimeError) as error:
-            errors.append(error)
-    else:
+    try:
+        flags, eof = _superblock.open_flags(path), _superblock.stored_eof(path)
+        if eof is not None and eof > os.path.getsize(path):
+            raise FileFormatError(f"truncated: {os.path.getsize(path)} bytes, the superblock says {eof}")
+        f = h5py.File(path, "r", **({"libver": "latest", "swmr": True} if flags else {}))
+    except (OSError, ValueError, RuntimeError) as error:
         raise FileFormatError(f"{path!r} cannot be opened as an HDF5 file (truncated, corrupt or not HDF5): "
-                              f"{errors[-1]}") from errors[-1]
+                              f"{error}") from error
     try:
         _check_header(f, path)
         yield f
@@ -332,7 +335,7 @@ class LiveSamples:
         self.path = os.fspath(path)
         self.like = like
         self.sample_counts = np.zeros(0, np.int64)
-        with _open(self.path, live=True):
+        with _open(self.path):
             pass
 
     def refresh(self, chain: int | None = None, draws: slice | None = None) -> Any:
@@ -340,7 +343,7 @@ class LiveSamples:
 
         Also updates :attr:`sample_counts`.
         """
-        with _open(self.path, live=True) as f:
+        with _open(self.path) as f:
             self.sample_counts = _counts(f)
             return _load(f, chain, self.like, slice(None) if draws is None else draws)
 
@@ -421,6 +424,8 @@ def to_inference_data(path_or_result: PathLike | dict, *, sample_stats: Any = No
             for var in variables:
                 arr = _read_leaf(f, layout, var, chains, counts, slice(None)) if chains else None
                 if arr is not None:
+                    if var.dtype in _dtypes._ML_DTYPES:
+                        arr = arr.view(_dtypes.dtype_from_name(var.dtype))
                     (stats if var.group == "sample_stats" else posterior)[var.name] = arr
     n = int(counts.min()) if counts.size else 0
     if counts.size and n < int(counts.max()):

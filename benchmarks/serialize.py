@@ -206,11 +206,9 @@ def _check(out: Any, tree: Any) -> None:
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def _time(fn: Callable[[], Any], repeat: int, before: Callable[[], None] | None = None) -> list[float]:
+def _time(fn: Callable[[], Any], repeat: int) -> list[float]:
     times = []
     for _ in range(repeat):
-        if before:
-            before()
         gc.collect()
         t = time.perf_counter()
         out = fn()
@@ -220,23 +218,35 @@ def _time(fn: Callable[[], Any], repeat: int, before: Callable[[], None] | None 
     return times
 
 
-def bench(lib: Lib, tree: Any, nbytes: int, directory: str, repeat: int) -> dict[str, Any]:
-    path = os.path.join(directory, f"bench{lib.suffix}")
-    _remove(path)
-    save = _time(lambda: lib.save(path, tree), repeat, before=lambda: _remove(path))
-    size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(path) for f in fs) \
-        if os.path.isdir(path) else os.path.getsize(path)
-    _check(lib.load(path, tree, True), tree)
-    to_jax = _time(lambda: lib.load(path, tree, True), repeat)
-    to_np = _time(lambda: lib.load(path, tree, False), repeat)
-    _remove(path)
-    row = {"library": lib.name, "file_bytes": size,
-           "save_s": min(save), "load_jax_s": min(to_jax),
-           "load_numpy_s": None if lib.name == "orbax" else min(to_np),
-           "save_all_s": save, "load_jax_all_s": to_jax}
-    row["save_GBps"] = nbytes / row["save_s"] / 1e9
-    row["load_jax_GBps"] = nbytes / row["load_jax_s"] / 1e9
-    return row
+def bench(libs: list[Lib], tree: Any, nbytes: int, directory: str, repeat: int) -> list[dict]:
+    """Round-robin over the libraries ``repeat`` times (so load noise hits all alike)."""
+    times = {lib.name: {"save": [], "jax": [], "numpy": []} for lib in libs}
+    sizes = {}
+    for r in range(repeat):
+        for lib in libs:
+            path = os.path.join(directory, f"bench{lib.suffix}")
+            _remove(path)
+            t = times[lib.name]
+            t["save"] += _time(lambda: lib.save(path, tree), 1)
+            if r == 0:
+                sizes[lib.name] = sum(os.path.getsize(os.path.join(dp, f))
+                                      for dp, _, fs in os.walk(path) for f in fs) \
+                    if os.path.isdir(path) else os.path.getsize(path)
+                _check(lib.load(path, tree, True), tree)
+            t["jax"] += _time(lambda: lib.load(path, tree, True), 1)
+            t["numpy"] += _time(lambda: lib.load(path, tree, False), 1)
+            _remove(path)
+    rows = []
+    for lib in libs:
+        t = times[lib.name]
+        row = {"library": lib.name, "file_bytes": sizes[lib.name],
+               "save_s": min(t["save"]), "load_jax_s": min(t["jax"]),
+               "load_numpy_s": None if lib.name == "orbax" else min(t["numpy"]),
+               "save_all_s": t["save"], "load_jax_all_s": t["jax"], "load_numpy_all_s": t["numpy"]}
+        row["save_GBps"] = nbytes / row["save_s"] / 1e9
+        row["load_jax_GBps"] = nbytes / row["load_jax_s"] / 1e9
+        rows.append(row)
+    return rows
 
 
 def _fmt(x: float | None, unit: str = "") -> str:
@@ -274,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for tname, tree in trees.items():
             leaves = jax.tree.leaves(tree)
             nbytes = sum(x.nbytes for x in leaves)
-            rows = [bench(lib, tree, nbytes, directory, args.repeat) for lib in chosen]
+            rows = bench(chosen, tree, nbytes, directory, args.repeat)
             results["trees"][tname] = {"bytes": nbytes, "leaves": len(leaves), "rows": rows}
             print(f"\n{tname} tree: {len(leaves)} leaves, {nbytes / 1e9:.3f} GB "
                   f"(best of {args.repeat}, seconds; GB/s in brackets)")

@@ -250,13 +250,16 @@ class PytreeFile:
             if type(leaf) is not dict or type(leaf.get("name")) is not str:
                 raise FileFormatError(f"leaf {i} of the header is malformed")
             shape, dtype = leaf.get("shape"), leaf.get("dtype")
-            if type(shape) is not list or len(shape) > _MAX_NDIM or not all(
-                    type(d) is int and 0 <= d < _MAX_DIM for d in shape):
+            if type(shape) is not list or len(shape) > _MAX_NDIM:
                 raise FileFormatError(f"leaf {leaf['name']!r} has an invalid shape {shape!r:.80}")
+            for d in shape:
+                if type(d) is not int or d < 0 or d >= _MAX_DIM:
+                    raise FileFormatError(
+                        f"leaf {leaf['name']!r} has an invalid shape {shape!r:.80}")
             if type(dtype) is not str:
                 raise FileFormatError(f"leaf {leaf['name']!r} has no dtype name")
             spec = LeafSpec(tuple(shape), dtype)
-            if _logical_view(dtype) == "key":
+            if _logical_view(dtype) is _KEY:
                 storage.append((key_data_shape(spec), dtype))
             else:
                 storage.append((spec.shape, dtype))
@@ -345,7 +348,7 @@ class PytreeFile:
         for arr, i, kind, target in zip(arrays, idx, kinds, targets):
             dtype = self._specs[i].dtype
             view = _logical_view(dtype)
-            if view == "key":
+            if view is _KEY:
                 out.append(from_storable(arr, dtype))
                 continue
             x = arr if view is None else arr.view(view)
@@ -376,6 +379,9 @@ class PytreeFile:
         self.close()
 
 
+_KEY = "key"
+
+
 @functools.lru_cache(maxsize=256)
 def _logical_view(dtype: str) -> Any:
     """``None`` if stored as is, ``"key"`` for PRNG keys, else the dtype to view the storage as.
@@ -386,7 +392,7 @@ def _logical_view(dtype: str) -> Any:
         raise FileFormatError(f"a dtype name must be a string, got {type(dtype).__name__}")
     if dtype.startswith("key<"):
         key_data_shape(LeafSpec((), dtype))  # validates the implementation's name
-        return "key"
+        return _KEY
     logical = dtype_from_name(dtype)
     return None if storage_dtype(dtype) == logical else logical
 

@@ -27,6 +27,7 @@ import os
 import struct
 import zlib
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -36,6 +37,7 @@ from jaxsave._formats import MAX_HEADER_BYTES
 from jaxsave.errors import FileFormatError
 
 MAGIC = b"\x93JAXSAVE"
+_PARALLEL_BYTES = 64 * 2**20  # reads this large use two threads
 ALIGN = 64
 _PREFIX = 24
 
@@ -148,31 +150,32 @@ class Reader:
     def read(self, indices: Sequence[int], specs: Sequence[tuple[tuple[int, ...], str]],
              names: Sequence[str] = ()) -> list[np.ndarray]:
         """The storable arrays ``indices`` (shapes/dtypes from ``specs``, checked)."""
-        order = sorted(set(indices), key=lambda i: self._data[i][0])
-        runs: list[list[int]] = []  # contiguous groups of arrays in file order
+        data = self._data
+        order = sorted(set(indices))  # offsets grow with the index
+        runs: list[list[int]] = []  # groups of arrays that are contiguous in the file
+        end = -1
         for i in order:
-            if runs and self._data[i][0] == _align(self._end(runs[-1][-1])):
-                runs[-1].append(i)
-            else:
-                runs.append([i])
-        total = sum(_align(self._end(r[-1]) - self._data[r[0]][0]) for r in runs)
-        buf = _aligned_buffer(total)
+            offset, nbytes = data[i]
+            if offset != end:
+                runs.append([])
+            runs[-1].append(i)
+            end = -(-(offset + nbytes) // ALIGN) * ALIGN
+        spans = [(data[r[0]][0], self._end(r[-1])) for r in runs]
+        buf = _aligned_buffer(sum(_align(b - a) for a, b in spans))
         out: dict[int, np.ndarray] = {}
         dtypes: dict[str, np.dtype] = {}
         pos = 0
-        for run in runs:
-            first = self._data[run[0]][0]
-            span = self._end(run[-1]) - first
-            self._readinto(self._data_start + first, buf[pos:pos + span])
+        for run, (first, last) in zip(runs, spans):
+            self._readinto(self._data_start + first, buf[pos:pos + last - first])
+            base = pos - first
             for i in run:
-                offset, nbytes = self._data[i]
+                offset, nbytes = data[i]
                 shape, dtype = specs[i]
-                start = pos + offset - first
                 store = dtypes.get(dtype)
                 if store is None:
                     store = dtypes[dtype] = storage_dtype(dtype)
-                out[i] = buf[start:start + nbytes].view(store).reshape(shape)
-            pos += _align(span)
+                out[i] = buf[base + offset:base + offset + nbytes].view(store).reshape(shape)
+            pos += _align(last - first)
         return [out[i] for i in indices]
 
     def _end(self, i: int) -> int:
@@ -180,10 +183,27 @@ class Reader:
 
     def _readinto(self, offset: int, view: np.ndarray) -> None:
         mv = memoryview(view)
+        if self._own and len(mv) >= _PARALLEL_BYTES:
+            # Two threads: copying out of the page cache (and faulting in fresh pages)
+            # is CPU-bound, and preadv releases the GIL.
+            half = _align(len(mv) // 2, 4096)
+            with ThreadPoolExecutor(2) as pool:
+                done = list(pool.map(lambda part: self._pread(offset + part[0], mv[part[0]:part[1]]),
+                                     [(0, half), (half, len(mv))]))
+            del done
+            return
         self._f.seek(offset)
         got = 0
         while got < len(mv):
             n = self._f.readinto(mv[got:])
+            if not n:
+                raise FileFormatError("the file ended before its data did (truncated?)")
+            got += n
+
+    def _pread(self, offset: int, mv: memoryview) -> None:
+        fd, got = self._f.fileno(), 0
+        while got < len(mv):
+            n = os.preadv(fd, [mv[got:]], offset + got)
             if not n:
                 raise FileFormatError("the file ended before its data did (truncated?)")
             got += n

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import threading
 from typing import Any, Callable, Sequence
 
@@ -119,21 +120,6 @@ class HDF5Collector(DataCollector):
             raise ValueError("sample_stats= needs layout='posterior'")
         if isinstance(sample_stats, str):
             raise TypeError("sample_stats must be a sequence of names or a predicate, not a string")
-        if isinstance(file, h5py.File):
-            if not file.id.valid:
-                raise ValueError("the h5py.File is closed")
-            if file.mode != "r+":
-                raise ValueError("the h5py.File must be open for writing")
-            latest = file.libver[0] not in ("earliest", "v108")
-            if swmr and not latest:
-                raise ValueError("swmr=True needs an h5py.File opened with libver='latest'")
-            self._file, self._owned, self._path = file, False, None
-            self.swmr = latest if swmr is None else bool(swmr)
-        else:
-            self._path = os.fspath(file)
-            self.swmr = True if swmr is None else bool(swmr)
-            self._file = self._open(mode)
-            self._owned = True
         self.layout = layout
         self.compression = compression
         self.flush_every = int(flush_every)
@@ -149,13 +135,107 @@ class HDF5Collector(DataCollector):
         self._datasets: list[h5py.Dataset] = []  # posterior layout: one per leaf
         self._chain_datasets: dict[int, list[h5py.Dataset]] = {}  # chains layout
         self._blocks = 0
-        self._write_root_attrs()
+        if isinstance(file, h5py.File):
+            if not file.id.valid:
+                raise ValueError("the h5py.File is closed")
+            if file.mode != "r+":
+                raise ValueError("the h5py.File must be open for writing")
+            latest = file.libver[0] not in ("earliest", "v108")
+            if swmr and not latest:
+                raise ValueError("swmr=True needs an h5py.File opened with libver='latest'")
+            self._file, self._owned, self._path = file, False, None
+            self.swmr = latest if swmr is None else bool(swmr)
+            self._write_root_attrs()
+        else:
+            self._path = os.fspath(file)
+            self.swmr = True if swmr is None else bool(swmr)
+            self._owned = True
+            self._file = self._create_file(mode)
 
-    def _open(self, mode: str) -> h5py.File:
+    # -- the file on disk: complete and closed, or open in SWMR mode ------------------------
+
+    def _create_file(self, mode: str) -> h5py.File:
+        """Open the path; a new file appears only complete (written aside, then renamed)."""
+        exists = os.path.exists(self._path)
+        if mode == "x" and exists:
+            raise FileExistsError(f"{self._path!r} exists (mode='x')")
+        if mode == "a" and exists:
+            self._file = self._open_path(self._path, "r+")
+            if self.swmr:
+                self._file.close()
+                self._file = None
+                self._change(self._write_root_attrs)
+            else:
+                self._write_root_attrs()
+            return self._file
+        tmp = self._aside()
+        try:
+            self._file = self._open_path(tmp, "w")
+            self._write_root_attrs()
+            self._file.close()
+            os.replace(tmp, self._path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return self._reopen()
+
+    def _aside(self) -> str:
+        return f"{self._path}.jaxsave-{os.getpid()}.tmp"
+
+    def _open_path(self, path: str, mode: str) -> h5py.File:
         kwargs: dict[str, Any] = {"rdcc_nbytes": _CACHE_BYTES, "rdcc_nslots": 100_003}
         if self.swmr:
             kwargs["libver"] = "latest"
-        return h5py.File(self._path, mode, **kwargs)
+        return h5py.File(path, mode, **kwargs)
+
+    def _reopen(self) -> h5py.File:
+        """Open the path for writing: straight into SWMR mode when ``swmr`` (never "open, not SWMR")."""
+        if not self.swmr:
+            return self._open_path(self._path, "r+")
+        fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+        fapl.set_libver_bounds(h5py.h5f.LIBVER_LATEST, h5py.h5f.LIBVER_LATEST)
+        fapl.set_cache(0, 100_003, _CACHE_BYTES, 0.75)
+        flags = h5py.h5f.ACC_RDWR | h5py.h5f.ACC_SWMR_WRITE
+        return h5py.File(h5py.h5f.open(os.fsencode(self._path), flags, fapl=fapl))
+
+    def _change(self, change: Callable[[], None], *, then_swmr: bool = False) -> None:
+        """Run ``change`` (which creates objects or attributes) where a SWMR file allows it.
+
+        A path opened with ``swmr`` is changed on a copy that then replaces it, so
+        the file on disk is always complete or in SWMR mode, whenever the process
+        is killed. Other files are changed in place (and enter SWMR mode after, if
+        ``then_swmr``: once the datasets exist).
+        """
+        if not (self._owned and self.swmr):
+            if self._file.swmr_mode:
+                raise SaverStateError(
+                    "with swmr, a user-supplied h5py.File cannot get new chains after the first block; "
+                    "register every chain (init) before running, or pass a path")
+            change()
+            if then_swmr:
+                self._start_swmr()
+            return
+        if self._file is not None and self._file.id.valid:
+            self._file.close()
+        tmp = self._aside()
+        try:
+            shutil.copyfile(self._path, tmp)
+            self._file = self._open_path(tmp, "r+")
+            change()
+            names = [ds.name for ds in self._datasets]
+            chain_names = {c: [ds.name for ds in dsets] for c, dsets in self._chain_datasets.items()}
+            self._file.close()
+            os.replace(tmp, self._path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        self._file = self._reopen()
+        self._datasets = [self._file[n] for n in names]
+        self._chain_datasets = {c: [self._file[n] for n in ns] for c, ns in chain_names.items()}
+
+    def _start_swmr(self) -> None:
+        if self.swmr and not self._file.swmr_mode:
+            self._file.swmr_mode = True
 
     @property
     def file(self) -> h5py.File:
@@ -171,13 +251,13 @@ class HDF5Collector(DataCollector):
                 self._entries = self._name_leaves(layout)
                 self._sample = layout
                 self._treespec = _encode_treespec(init_sample)
-                self._file.attrs["jaxsave_structure"] = self._structure_json()
+                self._change(lambda: self._file.attrs.__setitem__("jaxsave_structure", self._structure_json()))
             elif layout.keys != self._sample.keys or layout.specs != self._sample.specs:
                 raise StructureMismatchError("all chains in one HDF5Collector must have samples of the same structure")
             if not self._file.id.valid:
                 if not self._owned:
                     raise ValueError("the h5py.File given to HDF5Collector was closed")
-                self._file = self._open("a")
+                self._file = self._reopen()
                 self._datasets, self._chain_datasets = [], {}
             self._capacity.append(_samples_collected(static_information))
             self._counts.append(0)
@@ -233,25 +313,6 @@ class HDF5Collector(DataCollector):
 
     # -- dataset creation --------------------------------------------------------------
 
-    def _structural_change(self) -> None:
-        """Leave SWMR mode (by reopening) so that objects and attributes can be created."""
-        if not self._file.swmr_mode:
-            return
-        if not self._owned:
-            raise SaverStateError(
-                "with swmr, a user-supplied h5py.File cannot get new chains after the first block; "
-                "register every chain (init) before running, or pass a path")
-        self._file.flush()
-        self._file.close()
-        self._file = self._open("r+")
-        names = [ds.name for ds in self._datasets]
-        self._datasets = [self._file[n] for n in names]
-        self._chain_datasets = {c: [self._file[d.name] for d in ds] for c, ds in self._chain_datasets.items()}
-
-    def _start_swmr(self) -> None:
-        if self.swmr and not self._file.swmr_mode:
-            self._file.swmr_mode = True
-
     def _chunk_rows(self, j: int) -> int:
         row = math.prod(self._sample.storage_shape(j)) * self._sample.row_dtype(j).itemsize
         rows = max(1, _CHUNK_BYTES // max(1, row))
@@ -286,39 +347,42 @@ class HDF5Collector(DataCollector):
     def _posterior(self, needed_draws: int) -> list[h5py.Dataset]:
         n_chains = len(self._counts)
         if not self._datasets:
-            self._structural_change()
-            draws = self._draw_extent(list(range(n_chains)), needed_draws)
-            for group_name in dict.fromkeys(g for g, _ in self._entries):
-                group = self._file.require_group(group_name)
-                for name, size in (("chain", n_chains), ("draw", draws)):
-                    if name not in group:
-                        scale = group.create_dataset(name, data=np.arange(size, dtype=np.int64), maxshape=(None,),
-                                                     chunks=(max(1, min(size, 4096)),) if size else (1,))
-                        scale.make_scale(name)
-            for j, (group_name, var) in enumerate(self._entries):
-                group = self._file[group_name]
-                ds = self._create(group, var, j, (n_chains, draws))
-                ds.dims[0].attach_scale(group["chain"])
-                ds.dims[1].attach_scale(group["draw"])
-                for k, size in enumerate(ds.shape[2:]):
-                    dim = f"{var}_dim_{k}"
-                    scale = group.create_dataset(dim, data=np.arange(size, dtype=np.int64))
-                    scale.make_scale(dim)
-                    ds.dims[k + 2].attach_scale(scale)
-                self._datasets.append(ds)
-            self._write_counts()
-            self._file.flush()
-            self._start_swmr()
-        ds0 = self._datasets[0] if self._datasets else None
-        if ds0 is not None and (ds0.shape[0] < n_chains or ds0.shape[1] < needed_draws):
-            grow_chains = ds0.shape[0] < n_chains
-            if grow_chains:
-                self._structural_change()  # the counts attribute grows
-            self._resize(max(ds0.shape[0], n_chains), max(ds0.shape[1], needed_draws))
-            if grow_chains:
+            first_group, first_var = self._entries[0]
+            if f"{first_group}/{first_var}" in self._file:  # reopened after close: bind what exists
+                self._datasets = [self._file[f"{g}/{v}"] for g, v in self._entries]
+            else:
+                self._change(lambda: self._create_posterior(n_chains, needed_draws), then_swmr=True)
+        ds0 = self._datasets[0]
+        if ds0.shape[0] < n_chains:  # chains registered after the first block
+            def grow() -> None:
+                self._resize(n_chains, max(ds0.shape[1], needed_draws))
                 self._write_counts()
-                self._start_swmr()
+            self._change(grow, then_swmr=True)
+            ds0 = self._datasets[0]
+        if ds0.shape[1] < needed_draws:
+            self._resize(n_chains, needed_draws)
         return self._datasets
+
+    def _create_posterior(self, n_chains: int, needed_draws: int) -> None:
+        draws = self._draw_extent(list(range(n_chains)), needed_draws)
+        for group_name in dict.fromkeys(g for g, _ in self._entries):
+            group = self._file.require_group(group_name)
+            for name, size in (("chain", n_chains), ("draw", draws)):
+                scale = group.create_dataset(name, data=np.arange(size, dtype=np.int64), maxshape=(None,),
+                                             chunks=(max(1, min(size, 4096)),) if size else (1,))
+                scale.make_scale(name)
+        for j, (group_name, var) in enumerate(self._entries):
+            group = self._file[group_name]
+            ds = self._create(group, var, j, (n_chains, draws))
+            ds.dims[0].attach_scale(group["chain"])
+            ds.dims[1].attach_scale(group["draw"])
+            for k, size in enumerate(ds.shape[2:]):
+                dim = f"{var}_dim_{k}"
+                scale = group.create_dataset(dim, data=np.arange(size, dtype=np.int64))
+                scale.make_scale(dim)
+                ds.dims[k + 2].attach_scale(scale)
+            self._datasets.append(ds)
+        self._write_counts()
 
     def _resize(self, chains: int, draws: int) -> None:
         for ds in self._datasets:
@@ -334,28 +398,33 @@ class HDF5Collector(DataCollector):
 
     def _chain_group(self, chain: int, needed: int) -> list[h5py.Dataset]:
         if chain not in self._chain_datasets:
-            self._structural_change()
-            for c in range(len(self._counts)):  # every registered chain now: no objects once in SWMR
-                if c in self._chain_datasets:
-                    continue
-                group = self._file.require_group(f"chain~{c}")
-                draws = self._draw_extent([c], needed if c == chain else 0)
-                dsets = []
-                for j, key in enumerate(self._sample.keys):
-                    parent = group
-                    for part in key[:-1]:
-                        parent = parent.require_group(part)
-                    dsets.append(self._create(parent, key[-1] if key else "sample", j, (draws,)))
-                group.attrs["sample_count"] = 0
-                self._chain_datasets[c] = dsets
-            self._write_counts()
-            self._file.flush()
-            self._start_swmr()
+            self._change(lambda: self._create_chain_groups(chain, needed), then_swmr=True)
         dsets = self._chain_datasets[chain]
         if dsets and dsets[0].shape[0] < needed:
             for ds in dsets:
                 ds.resize((needed,) + ds.shape[1:])
         return dsets
+
+    def _create_chain_groups(self, chain: int, needed: int) -> None:
+        """Datasets of every registered chain at once: a SWMR file cannot get objects later."""
+        for c in range(len(self._counts)):
+            if c in self._chain_datasets:
+                continue
+            names = [f"chain~{c}/" + ("/".join(key) if key else "sample") for key in self._sample.keys]
+            if names and names[0] in self._file:  # reopened after close: bind what exists
+                self._chain_datasets[c] = [self._file[n] for n in names]
+                continue
+            group = self._file.require_group(f"chain~{c}")
+            draws = self._draw_extent([c], needed if c == chain else 0)
+            dsets = []
+            for j, key in enumerate(self._sample.keys):
+                parent = group
+                for part in key[:-1]:
+                    parent = parent.require_group(part)
+                dsets.append(self._create(parent, key[-1] if key else "sample", j, (draws,)))
+            group.attrs["sample_count"] = 0
+            self._chain_datasets[c] = dsets
+        self._write_counts()
 
     # -- writing (writer thread) ---------------------------------------------------------
 
@@ -399,10 +468,13 @@ class HDF5Collector(DataCollector):
     def _write_counts(self) -> None:
         counts = np.asarray(self._counts, dtype=np.int64)
         attrs = self._file.attrs
-        if attrs["sample_counts"].shape != counts.shape:
-            attrs["sample_counts"] = counts
-        else:
+        if attrs["sample_counts"].shape == counts.shape:
             attrs.modify("sample_counts", counts)
+        elif self._file.swmr_mode:  # a new attribute shape: not in SWMR mode
+            self._change(self._write_counts)
+            return
+        else:
+            attrs["sample_counts"] = counts
         for chain in self._chain_datasets:
             self._file[f"chain~{chain}"].attrs.modify("sample_count", self._counts[chain])
 

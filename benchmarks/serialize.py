@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import time
 from collections.abc import Callable
 from typing import Any

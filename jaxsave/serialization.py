@@ -22,7 +22,7 @@ from typing import Any, BinaryIO, Union
 import jax
 import numpy as np
 
-from jaxsave import _formats, _treespec
+from jaxsave import _formats, _treematch, _treespec
 from jaxsave._atomic import atomic_path
 from jaxsave._dtypes import (
     KEY_IMPLS,
@@ -317,7 +317,7 @@ class PytreeFile:
             leaves = self._convert(self._read(idx), idx, self._kinds, [None] * len(idx), as_numpy)
             return _treespec.decode_structure(self._structure, leaves)
         like_spec, like_arrays = _treespec.encode_structure(like, strict=False)
-        plan, problems = _treespec.match_structure(
+        plan, problems = _treematch.match_structure(
             self._structure, like_spec, self._specs, [_target_spec(x) for x in like_arrays],
             partial=partial)
         if problems:
@@ -335,7 +335,7 @@ class PytreeFile:
             out[pos] = arr
         for pos, entry in enumerate(plan):
             if entry is not None and entry[0] == "value":
-                out[pos] = _treespec.decode_plain_value(entry[1])
+                out[pos] = _treematch.decode_plain_value(entry[1])
         return jax.tree.unflatten(treedef, out)
 
     def _read(self, idx: list[int]) -> list[np.ndarray]:

@@ -359,8 +359,8 @@ class HDF5Collector(DataCollector):
                 self._write_counts()
             self._change(grow, then_swmr=True)
             ds0 = self._datasets[0]
-        if ds0.shape[1] < needed_draws:
-            self._resize(n_chains, needed_draws)
+        if ds0.shape[1] < needed_draws:  # grow by a quarter at least: O(log n) resizes
+            self._resize(n_chains, max(needed_draws, ds0.shape[1] + ds0.shape[1] // 4))
         return self._datasets
 
     def _create_posterior(self, n_chains: int, needed_draws: int) -> None:

@@ -189,7 +189,7 @@ def _read_leaf(f: h5py.File, layout: str, var: VariableInfo, chains: list[int], 
     spec = _dtypes.LeafSpec(var.shape, var.dtype)
     shape = _dtypes.key_data_shape(spec) if spec.is_key else var.shape
     dtype = _dtypes.storage_dtype(var.dtype)
-    out = np.full((len(chains), len(rows)) + shape, _fill(dtype), dtype)
+    out = np.empty((len(chains), len(rows)) + shape, dtype)
     if not chains or not len(rows):
         return out
     flip = (lambda a: np.flip(a, axis=-1 - len(shape))) if rows.step < 0 else (lambda a: a)
@@ -197,18 +197,24 @@ def _read_leaf(f: h5py.File, layout: str, var: VariableInfo, chains: list[int], 
         ds = _checked(_dataset(f, layout, var), (len(counts), n), shape, dtype)
         if chains == list(range(chains[0], chains[-1] + 1)):
             lo, hi, step = _forward(rows)
-            out[:] = flip(ds[chains[0]:chains[-1] + 1, lo:hi:step])
+            if rows.step > 0:  # straight into the result, no temporary
+                ds.read_direct(out, np.s_[chains[0]:chains[-1] + 1, lo:hi:step])
+            else:
+                out[:] = flip(ds[chains[0]:chains[-1] + 1, lo:hi:step])
             for i, c in enumerate(chains):
                 span = _valid_span(rows, int(counts[c]))
                 out[i, :span.start] = out[i, span.stop:] = _fill(dtype)
             return out
     for i, c in enumerate(chains):
         span = _valid_span(rows, int(counts[c]))
+        out[i, :span.start] = out[i, span.stop:] = _fill(dtype)
         sub = rows[span]
         if not len(sub):
             continue
         lo, hi, step = _forward(sub)
-        if layout == "posterior":
+        if layout == "posterior" and rows.step > 0:
+            ds.read_direct(out, np.s_[c, lo:hi:step], np.s_[i, span])
+        elif layout == "posterior":
             out[i, span] = flip(ds[c, lo:hi:step])
         else:
             out[i, span] = flip(_checked(_dataset(f, layout, var, c), (int(counts[c]),), shape, dtype)[lo:hi:step])

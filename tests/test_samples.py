@@ -137,20 +137,21 @@ def test_uneven_chains_are_padded_and_sliced(tmp_path):
             jaxsave.load_samples(path, chain=3)
 
 
-def test_lazy_draws_read_only_what_is_asked(tmp_path):
+def test_lazy_draws_read_only_what_is_asked(tmp_path, monkeypatch):
     path = tmp_path / "s.h5"
     write(path, lambda c, i: {"w": jnp.full((256,), c * 100 + i, jnp.float32)}, chains=2, steps=200, block_size=64)
-    with h5py.File(path, "r") as f:
-        ds = f["posterior/w"]
-        reads = []
-        original = h5py.Dataset.__getitem__
-        h5py.Dataset.__getitem__ = lambda self, sel, **kw: reads.append(sel) or original(self, sel, **kw)
-    try:
-        got = jaxsave.load_samples(path, chain=1, draws=slice(190, 195))["w"]
-    finally:
-        h5py.Dataset.__getitem__ = original
+    reads = []
+    getitem, read_direct = h5py.Dataset.__getitem__, h5py.Dataset.read_direct
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", lambda self, sel, **kw: reads.append(sel) or getitem(
+        self, sel, **kw))
+    monkeypatch.setattr(h5py.Dataset, "read_direct", lambda self, dest, source_sel=None, dest_sel=None: reads.append(
+        source_sel) or read_direct(self, dest, source_sel, dest_sel))
+    got = jaxsave.load_samples(path, chain=1, draws=slice(190, 195))["w"]
     assert got[:, 0].tolist() == [290, 291, 292, 293, 294]
     assert reads == [(slice(1, 2), slice(190, 195, 1))]
+    reads.clear()
+    assert jaxsave.load_samples(path, draws=slice(None, 4, 2))["w"][:, :, 0].tolist() == [[0, 2], [100, 102]]
+    assert reads == [(slice(0, 2), slice(0, 3, 2))]
 
 
 def test_to_inference_data_from_file_and_from_result(tmp_path):

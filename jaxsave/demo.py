@@ -228,7 +228,7 @@ def run(
     output = None if collector != "hdf5" else os.fspath(output if output is not None else "chains.h5")
 
     say(f"jaxsave demo: Bayesian logistic regression, breast-cancer data ({n_data} x {dim}), SGLD")
-    say(f"  {chains} chains x {steps} steps (burn-in {burn_in}, thin {thin}: {kept} draws per chain), "
+    say(f"  {chains} chain{'s' if chains > 1 else ''} x {steps} steps (burn-in {burn_in}, thin {thin}: {kept} draws per chain), "
         f"minibatch {batch_size}, step size {step_size:g}")
     say(f"  collector: {collector}" + (f" -> {output}" if output else ""))
 

@@ -56,16 +56,24 @@ def test_default_run_mixes_and_predicts(tmp_path):
     assert np.abs(means - means.mean(0)).max() < 0.5
 
 
-def test_memory_and_no_save_collectors_give_the_samples_of_the_file(tmp_path):
+def test_no_save_gives_the_samples_of_the_file(tmp_path):
+    """Streaming to HDF5 and keeping everything on the device store the same draws."""
     kwargs = dict(chains=2, steps=600, burn_in=100, thin=7, seed=3, progress=False, quiet=True)
     from_file = demo.run(output=tmp_path / "c.h5", collector="hdf5", **kwargs)
-    assert from_file.sample_counts.tolist() == [72, 72]
-    for collector in ("memory", "no_save"):
-        other = demo.run(output=tmp_path / "unused.h5", collector=collector, **kwargs)
-        assert not (tmp_path / "unused.h5").exists() and other.output is None
-        assert other.sample_counts.tolist() == [72, 72]
-        for key in ("w", "b", "lp"):
-            np.testing.assert_array_equal(from_file.samples[key], other.samples[key])
+    on_device = demo.run(output=tmp_path / "unused.h5", collector="no_save", **kwargs)
+    assert not (tmp_path / "unused.h5").exists() and on_device.output is None
+    assert from_file.sample_counts.tolist() == on_device.sample_counts.tolist() == [72, 72]
+    for key in ("w", "b", "lp"):
+        np.testing.assert_array_equal(from_file.samples[key], on_device.samples[key])
+
+
+def test_memory_collector_via_the_cli(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--collector", "memory", "--chains", "1", "--steps", "300", "--burn-in", "100", "--thin", "1",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr()
+    assert "collector: memory" in out.out and "200 samples kept ([200] per chain)" in out.out
+    assert "sampling" not in out.err and not list(tmp_path.iterdir())  # no bar, no file
 
 
 def test_bad_options_are_usage_errors(tmp_path, capsys):

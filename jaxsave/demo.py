@@ -187,9 +187,9 @@ def summarize(samples: dict[str, np.ndarray], names: list[str] | None = None) ->
 
 def run(
     chains: int = 4,
-    steps: int = 20_000,
-    burn_in: int = 5_000,
-    thin: int = 10,
+    steps: int = 40_000,
+    burn_in: int = 10_000,
+    thin: int = 20,
     step_size: float = 6e-3,
     batch_size: int = 64,
     output: str | os.PathLike | None = "chains.h5",
@@ -334,9 +334,9 @@ def print_report(summary: list[dict[str, Any]], counts: np.ndarray, accuracy: fl
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the demo's options to ``parser`` (used by ``jaxsave demo``)."""
     parser.add_argument("--chains", type=int, default=4, help="chains, vmapped (default 4)")
-    parser.add_argument("--steps", type=int, default=20_000, help="SGLD steps per chain (default 20000)")
-    parser.add_argument("--burn-in", type=int, default=5_000, help="steps discarded first (default 5000)")
-    parser.add_argument("--thin", type=int, default=10, help="keep every n-th step after burn-in (default 10)")
+    parser.add_argument("--steps", type=int, default=40_000, help="SGLD steps per chain (default 40000)")
+    parser.add_argument("--burn-in", type=int, default=10_000, help="steps discarded first (default 10000)")
+    parser.add_argument("--thin", type=int, default=20, help="keep every n-th step after burn-in (default 20)")
     parser.add_argument("--step-size", type=float, default=6e-3, help="SGLD step size (default 0.006)")
     parser.add_argument("--batch-size", type=int, default=64, help="minibatch size (default 64)")
     parser.add_argument("--output", default="chains.h5", help="HDF5 file for --collector hdf5 (default chains.h5)")

@@ -48,7 +48,7 @@ def test_default_run_mixes_and_predicts(tmp_path):
     rhat = [row["r_hat"] for row in result.summary]
     ess = [row["ess_bulk"] for row in result.summary]
     assert len(result.summary) == 31
-    assert max(rhat) < 1.1 and min(ess) > 100, (max(rhat), min(ess))
+    assert max(rhat) < 1.05 and min(ess) > 300, (max(rhat), min(ess))
     assert result.accuracy > 0.95  # the data set is nearly separable
     # The chains differ (own keys and starts) but agree on the posterior.
     means = result.samples["w"].mean(axis=1)

@@ -45,8 +45,8 @@ FORMAT_VERSION = 1
 _LAYOUTS = ("posterior", "chains")
 #: Target size of one chunk: big enough that reading draws is fast.
 _CHUNK_BYTES = 1 * 2**20
-#: Chunk cache of a file this collector opens: room for a partial chunk per chain and leaf.
-_CACHE_BYTES = 64 * 2**20
+#: Chunk cache per dataset: holds partial ~1 MiB chunks; bigger chunks (big samples) bypass it.
+_CACHE_BYTES = 2 * 2**20
 _RESERVED = ("chain", "draw")
 
 StatsSpec = Sequence[str] | Callable[[tuple[str, ...]], bool] | None

@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import h5py
 import numpy as np
 
-from jaxsave import _dtypes
+from jaxsave import _checkpoint, _dtypes, _superblock
 from jaxsave._tree import flat_name
 from jaxsave._treespec import encode_structure
 from jaxsave._version import __version__
@@ -45,6 +45,8 @@ FORMAT_VERSION = 1
 _LAYOUTS = ("posterior", "chains")
 #: Target size of one chunk: big enough that reading draws is fast.
 _CHUNK_BYTES = 1 * 2**20
+#: ... and at most this many draws, so that short runs of small samples stay small files.
+_MAX_CHUNK_ROWS = 4096
 #: Chunk cache per dataset: holds partial ~1 MiB chunks; bigger chunks (big samples) bypass it.
 _CACHE_BYTES = 2 * 2**20
 _RESERVED = ("chain", "draw")
@@ -69,7 +71,8 @@ class HDF5Collector(DataCollector):
       layout: ``"posterior"`` (ArviZ/xarray layout, default) or ``"chains"``
         (the older ``/chain~{id}/...`` layout).
       mode: how a path is opened: ``"w"`` (create or truncate, default), ``"x"``
-        (fail if it exists) or ``"a"``.
+        (fail if it exists) or ``"a"`` (continue an existing file, e.g. to resume
+        its chains from a checkpoint; no other process may be writing it).
       compression: ``None`` (default), ``"gzip"`` or ``"lzf"``.
       flush_every: flush the file after every n-th written block (default 1);
         0 flushes only at the end.
@@ -151,6 +154,8 @@ class HDF5Collector(DataCollector):
             self.swmr = True if swmr is None else bool(swmr)
             self._owned = True
             self._file = self._create_file(mode)
+        self._adopt_existing_chains()
+        self._checkpoints: dict[int, _checkpoint.ChainCheckpoint] = {}
 
     # -- the file on disk: complete and closed, or open in SWMR mode ------------------------
 
@@ -160,6 +165,7 @@ class HDF5Collector(DataCollector):
         if mode == "x" and exists:
             raise FileExistsError(f"{self._path!r} exists (mode='x')")
         if mode == "a" and exists:
+            _superblock.clear_open_flags(self._path)  # a killed writer's mark: we take the file over
             self._file = self._open_path(self._path, "r+")
             if self.swmr:
                 self._file.close()
@@ -309,13 +315,14 @@ class HDF5Collector(DataCollector):
         attrs["jaxsave_layout"] = self.layout
         if "created" not in attrs:
             attrs["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
-        attrs["sample_counts"] = np.zeros(0, np.int64)
+        if "sample_counts" not in attrs:
+            attrs["sample_counts"] = np.zeros(0, np.int64)
 
     # -- dataset creation --------------------------------------------------------------
 
     def _chunk_rows(self, j: int) -> int:
         row = math.prod(self._sample.storage_shape(j)) * self._sample.row_dtype(j).itemsize
-        rows = max(1, _CHUNK_BYTES // max(1, row))
+        rows = min(_MAX_CHUNK_ROWS, max(1, _CHUNK_BYTES // max(1, row)))
         known = [c for c in self._capacity if c]
         return min(rows, max(known)) if known else rows
 
@@ -508,6 +515,56 @@ class HDF5Collector(DataCollector):
                 for ds in dsets:
                     ds.resize((self._counts[chain],) + ds.shape[1:])
         self._commit()
+
+    # -- checkpoints and resume ------------------------------------------------------------
+
+    def _adopt_existing_chains(self) -> None:
+        """In a file that already holds chains (mode "a"), they keep their ids and counts."""
+        counts = np.asarray(self._file.attrs.get("sample_counts", np.zeros(0)), dtype=np.int64).reshape(-1)
+        self._counts = counts.tolist()
+        self._capacity = [None] * len(self._counts)
+        self._finalized = set(range(len(self._counts)))  # until a chain is reopened
+
+    @property
+    def checkpoint_path(self) -> str:
+        """Where checkpoints go: next to the samples file, ``<file>.ckpt``."""
+        return self._file.filename + _checkpoint.CHECKPOINT_SUFFIX
+
+    def checkpoint(self, records: dict, spec: Any) -> None:
+        """Commit the samples, then atomically replace ``<file>.ckpt`` with every chain's latest checkpoint."""
+        with self._lock:
+            self._commit()  # a checkpoint never counts samples that are not on disk
+            if not self._checkpoints and os.path.exists(self.checkpoint_path):
+                self._checkpoints = _checkpoint.read_file(self.checkpoint_path)[0]
+            self._checkpoints.update(records)
+            _checkpoint.write_file(self.checkpoint_path, self._checkpoints, spec)
+
+    def resume(self) -> tuple[dict, Any]:
+        if os.path.exists(self.checkpoint_path):
+            return _checkpoint.read_file(self.checkpoint_path)
+        return {}, None
+
+    def reopen_chain(self, chain_id: int, sample_count: int, init_sample: Any = None,
+                     init_checkpoint: Any = None, static_information: Any = None) -> None:
+        """Continue chain ``chain_id`` of this file after its first ``sample_count`` samples."""
+        with self._lock:
+            if not 0 <= chain_id < len(self._counts):
+                raise SaverStateError(
+                    f"{self._file.filename} has no chain {chain_id} to continue (open it with mode='a')")
+            if self._counts[chain_id] < sample_count:
+                raise SaverStateError(
+                    f"chain {chain_id} holds {self._counts[chain_id]} samples in {self._file.filename}, "
+                    f"fewer than the checkpoint's {sample_count}")
+            layout = sample_layout(init_sample)
+            if self._sample is None:
+                self._entries = self._name_leaves(layout)
+                self._sample = layout
+                self._treespec = _encode_treespec(init_sample)
+            elif layout.keys != self._sample.keys or layout.specs != self._sample.specs:
+                raise StructureMismatchError("the resumed chain's samples differ from this file's")
+            self._counts[chain_id] = int(sample_count)  # later draws are written over
+            self._capacity[chain_id] = _samples_collected(static_information)
+            self._finalized.discard(chain_id)
 
     def close(self) -> None:
         """Trim, flush and (if this collector opened it) close the file."""

@@ -299,7 +299,7 @@ def run(
 
 
 def _fmt(value: float, digits: int) -> str:
-    return "nan" if not math.isfinite(value) else f"{value:.{digits}f}"
+    return "-" if not math.isfinite(value) else f"{value:.{digits}f}"
 
 
 def print_report(summary: list[dict[str, Any]], counts: np.ndarray, accuracy: float, seconds_compile: float,

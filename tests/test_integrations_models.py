@@ -61,7 +61,11 @@ def sgld(saver: jaxsave.Saver, apply: Callable, state: Any, params: Any, key: ja
     return state, jax.tree.map(lambda w: w[THIN - 1::THIN], trace)
 
 
-@pytest.mark.parametrize("make_model", [haiku_model, flax_model, equinox_model], ids=["haiku", "flax", "equinox"])
+@pytest.mark.parametrize("make_model", [
+    pytest.param(haiku_model, id="haiku"),
+    pytest.param(flax_model, id="flax", marks=pytest.mark.slow),  # the same path; keeps the default suite short
+    pytest.param(equinox_model, id="equinox", marks=pytest.mark.slow),
+])
 def test_model_parameters_as_samples(tmp_path, make_model):
     keys = jax.random.split(jax.random.key(0), CHAINS)
     params, apply = make_model(keys[0])

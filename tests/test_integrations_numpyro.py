@@ -60,7 +60,7 @@ def test_numpyro_nuts_in_scan_with_checkpoints(tmp_path):
     assert not samples["diverging"].any()
 
     # The whole NUTS state, adaptation included, is checkpointed and comes back typed.
-    ckpt = jaxsave.resume(collector, like=(jax.tree.map(lambda x: x[0], hmc_state), None))
+    ckpt = jaxsave.resume(path, like=(jax.tree.map(lambda x: x[0], hmc_state), None))  # reads numpyro.h5.ckpt
     assert ckpt.step.tolist() == [400, 400]
     assert type(ckpt.solver_state).__name__ == "HMCState"
     np.testing.assert_array_equal(ckpt.solver_state.z["mu"], final.z["mu"])

@@ -48,6 +48,8 @@ def make_loop(saver, steps, dim, chains, thin, kind):
             keep = i % thin == 0
             if kind == "naive":
                 io_callback(naive_sink, None, keep, x, ordered=False)
+            elif kind == "hdf5+ckpt":
+                state, _ = saver.save(state, keep, {"x": x}, solver_state={"x": x, "key": key})
             elif kind != "baseline":
                 state, _ = saver.save(state, keep, {"x": x})
             return (state, x, key), None
@@ -86,7 +88,8 @@ def run_stream_case(kind, steps, dim, chains, thin, tmp, checkpoint_every=0):
             extra = {"checkpoint_every": checkpoint_every} if kind == "hdf5+ckpt" else {}
             saver = jaxsave.save(jaxsave.HDF5Collector(path), **extra)
         sample = {"x": x0}
-        state = saver.init(sample, None, info, chains=chains if chains > 1 else None)
+        solver = {"x": x0, "key": keys} if kind == "hdf5+ckpt" else None
+        state = saver.init(sample, solver, info, chains=chains if chains > 1 else None)
     run = make_loop(saver, steps, dim, chains, thin, kind).lower(state, x0, keys).compile()
     NAIVE.clear()
     start = time.perf_counter()
@@ -109,6 +112,7 @@ def mlp_case(kind, steps, chains, thin, tmp):
     data_x = rng.normal(size=(2000, 8)).astype(np.float32)
     data_y = (np.sin(data_x @ rng.normal(size=8)) + 0.1 * rng.normal(size=2000)).astype(np.float32)
     net = hk.without_apply_rng(hk.transform(lambda x: hk.nets.MLP([64, 64, 1])(x)[:, 0]))
+    data_x, data_y = jnp.asarray(data_x), jnp.asarray(data_y)
     params0 = net.init(jax.random.key(0), data_x[:1])
     n, batch, eps = len(data_x), 32, 1e-5
 

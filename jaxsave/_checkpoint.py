@@ -77,7 +77,8 @@ def empty_buffer(spec: Any) -> CheckpointBuffer:
     return CheckpointBuffer(leaves, jnp.int32(0), jnp.int32(0), jnp.bool_(False))
 
 
-def _broadcast(tree: Any, batched: Any, size: int) -> Any:
+def broadcast_unbatched(tree: Any, batched: Any, size: int) -> Any:
+    """Give every leaf that ``batched`` marks as unbatched a leading axis of ``size`` (vmap rules)."""
     return jax.tree.map(lambda x, b: x if b else jnp.broadcast_to(x, (size, *jnp.shape(x))), tree, batched)
 
 
@@ -99,7 +100,7 @@ def capture(pred: jax.Array, old: Any, new: Any, mask: jax.Array) -> Any:
 @capture.def_vmap
 def _capture_vmap(axis_size, in_batched, pred, old, new, mask):
     pred_b, old_b, new_b, mask_b = in_batched
-    old, new = _broadcast(old, old_b, axis_size), _broadcast(new, new_b, axis_size)
+    old, new = broadcast_unbatched(old, old_b, axis_size), broadcast_unbatched(new, new_b, axis_size)
     mask = mask if mask_b else jnp.broadcast_to(mask, (axis_size, *jnp.shape(mask)))
     out = capture(jnp.any(pred) if pred_b else pred, old, new, mask)
     return out, jax.tree.map(lambda _: True, out)

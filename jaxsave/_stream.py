@@ -11,6 +11,7 @@ chain. ``postprocess`` sends the partial last block from the final state.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Any, Callable, NamedTuple
@@ -23,7 +24,7 @@ from jax.custom_batching import custom_vmap
 from jax.experimental import io_callback
 
 from jaxsave import _checkpoint, _dtypes
-from jaxsave._checkpoint import Checkpoint
+from jaxsave._checkpoint import Checkpoint, broadcast_unbatched
 from jaxsave._host import Block, Writer
 from jaxsave._tree import check_like
 from jaxsave.collectors import DataCollector, MemoryCollector, SampleLayout, sample_layout
@@ -88,6 +89,30 @@ def _count(static_info: Any) -> int | None:
 
 def _row_bytes(layout: SampleLayout) -> int:
     return sum(math.prod(layout.storage_shape(j)) * layout.row_dtype(j).itemsize for j in range(len(layout.specs)))
+
+
+@functools.lru_cache(maxsize=None)
+def _row_writer(axis: int) -> Callable:
+    """``write(buffers, rows, index)``: each row written at ``index`` along ``axis`` of its buffer.
+
+    Under vmap a batched ``index`` is taken from the first chain: vmapped chains
+    advance together (the host checks it), so the write stays an in-place
+    dynamic-update-slice instead of becoming a scatter that copies the buffer.
+    """
+
+    @custom_vmap
+    def write(buffers, rows, index):
+        return tuple(lax.dynamic_update_index_in_dim(b, r, index, axis) for b, r in zip(buffers, rows))
+
+    @write.def_vmap
+    def _write_vmap(axis_size, in_batched, buffers, rows, index):
+        buffers_b, rows_b, index_b = in_batched
+        buffers = broadcast_unbatched(buffers, buffers_b, axis_size)
+        rows = broadcast_unbatched(rows, rows_b, axis_size)
+        out = _row_writer(axis + 1)(buffers, rows, index[0] if index_b else index)
+        return out, tuple(True for _ in out)
+
+    return write
 
 
 class _SaverBase:
@@ -242,15 +267,20 @@ class _Streamer(_SaverBase):
             self.writer.checkpoint_spec = self.checkpoint_spec
             if self.progress:
                 self._start_progress()
-        if resume is not None:
-            return self._resume(spec, init_checkpoint, static_information, capacity, ckpt_buffer, resume)
-        ids = []
-        for _ in range(chains or 1):
-            chain = int(self.collector.register_chain(
-                init_sample=spec, init_checkpoint=init_checkpoint, static_information=static_information))
-            self.writer.add_chain(chain, capacity)
-            self.registered.append(chain)
-            ids.append(chain)
+        try:
+            if resume is not None:
+                return self._resume(spec, init_checkpoint, static_information, capacity, ckpt_buffer, resume)
+            ids = []
+            for _ in range(chains or 1):
+                chain = int(self.collector.register_chain(
+                    init_sample=spec, init_checkpoint=init_checkpoint, static_information=static_information))
+                self.writer.add_chain(chain, capacity)
+                self.registered.append(chain)
+                ids.append(chain)
+        except BaseException:
+            if not self.registered or len(self.finished) == len(self.registered):
+                self._close_if_done(force=True)  # no chain left running: no thread left behind
+            raise
         return self._new_state(ids, chains, ckpt_buffer)
 
     def _checkpoint_buffer(self, init_checkpoint: Any, scheduler_state: Any, chains: int | None) -> Any:
@@ -331,8 +361,8 @@ class _Streamer(_SaverBase):
         keep = self._check_keep(keep)
         rows = state.keep_mask.shape[-1]
         slot = state.step % rows
-        data = tuple(lax.dynamic_update_index_in_dim(buf, x, slot, 0) for buf, x in zip(state.data, leaves))
-        mask = lax.dynamic_update_index_in_dim(state.keep_mask, keep, slot, 0)
+        *data, mask = _row_writer(0)((*state.data, state.keep_mask), (*leaves, keep), slot)
+        data = tuple(data)
         step = state.step + 1
         saved = state.saved_samples + keep.astype(jnp.int32)
         full = slot == rows - 1
@@ -368,9 +398,7 @@ class _Streamer(_SaverBase):
         @flush.def_vmap
         def _flush_vmap(axis_size, in_batched, pred, payload):
             pred_batched, payload_batched = in_batched
-            payload = jax.tree.map(
-                lambda x, b: x if b else jnp.broadcast_to(x, (axis_size, *jnp.shape(x))), payload, payload_batched
-            )
+            payload = broadcast_unbatched(payload, payload_batched, axis_size)
             flush(jnp.any(pred) if pred_batched else pred, payload)
             return None, None
 
@@ -386,6 +414,11 @@ class _Streamer(_SaverBase):
             rows = np.shape(mask)[-1]
             active = np.asarray(active).reshape(-1)
             chains = np.asarray(chain).reshape(-1)
+            ends = np.asarray(end).reshape(-1)
+            if (ends != ends[0]).any():
+                raise SaverStateError(
+                    f"the vmapped chains {chains.tolist()} are at different steps {ends.tolist()}: stack only "
+                    "states that were created together (init(..., chains=n)) and advanced together")
             finished = sorted(set(chains[active].tolist()) & self.finished)
             if finished or self.writer is None or not self.writer.alive:
                 raise SaverStateError(
@@ -393,8 +426,7 @@ class _Streamer(_SaverBase):
                     "finished them; start again from init"
                 )
             leaves = [np.asarray(x).reshape(-1, *np.shape(x)[len(batch):]) for x in data]
-            block = Block(chains, np.asarray(end).reshape(-1), np.asarray(mask).reshape(-1, rows), leaves,
-                          keepalive=payload)
+            block = Block(chains, ends, np.asarray(mask).reshape(-1, rows), leaves, keepalive=payload)
             if ckpt is not None:
                 block.checkpoints = _checkpoint.records(chains, self._flat_checkpoint(ckpt, batch),
                                                         active & np.asarray(ckpt.new).reshape(-1))

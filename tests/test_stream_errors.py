@@ -192,3 +192,26 @@ def test_uneven_chains_are_zero_padded():
     out = saver.postprocess(state, None)
     assert out["sample_count"].tolist() == [6, 3]
     np.testing.assert_array_equal(out["samples"]["x"][:, :, 0], [[0, 1, 2, 3, 4, 5], [0, 2, 4, 0, 0, 0]])
+
+
+def test_a_failing_register_chain_leaves_no_thread(tmp_path):
+    class Refusing(jaxsave.MemoryCollector):
+        def register_chain(self, *args, **kwargs):
+            raise OSError("read-only file system")
+
+    saver = jaxsave.save(Refusing())
+    with pytest.raises(OSError, match="read-only"):
+        saver.init(jnp.zeros(2), None)
+    # the autouse fixture checks that no writer thread is left running
+
+
+def test_stacking_chains_at_different_steps_is_refused():
+    saver = jaxsave.save(jaxsave.MemoryCollector(), block_size=4)
+    a = saver.init(jnp.zeros(2), None)
+    b = saver.init(jnp.zeros(2), None)
+    a = scan_save(saver, a, 2, make=lambda i: jnp.zeros(2))  # a is two steps ahead of b
+    stacked = jax.tree.map(lambda x, y: jnp.stack([x, y]), a, b)
+    with pytest.raises(Exception, match="different steps"):
+        jax.block_until_ready(jax.vmap(lambda s: scan_save(saver, s, 4, make=lambda i: jnp.zeros(2)))(stacked))
+    streamer = saver.init.__self__
+    streamer.writer.close()

@@ -72,6 +72,17 @@ def naive_sink(keep, x):
         NAIVE.append(x[keep].copy())
 
 
+def make_saver(kind, tmp, checkpoint_every=0):
+    """The saver of variant ``kind`` and the file it writes (``None`` if it writes none)."""
+    if kind == "no_save":
+        return jaxsave.no_save(), None
+    if kind == "memory":
+        return jaxsave.save(jaxsave.MemoryCollector()), None
+    path = Path(tmp) / f"bench-{time.monotonic_ns()}.h5"
+    extra = {"checkpoint_every": checkpoint_every} if kind == "hdf5+ckpt" else {}
+    return jaxsave.save(jaxsave.HDF5Collector(path), **extra), path
+
+
 def run_stream_case(kind, steps, dim, chains, thin, tmp, checkpoint_every=0):
     x0 = jnp.zeros((chains, dim) if chains > 1 else (dim,), jnp.float32)
     keys = jax.random.split(jax.random.key(0), chains) if chains > 1 else jax.random.key(0)
@@ -79,14 +90,7 @@ def run_stream_case(kind, steps, dim, chains, thin, tmp, checkpoint_every=0):
     kept = -(-steps // thin)
     info = jaxsave.static_information(samples_collected=kept)
     if kind in ("no_save", "memory", "hdf5", "hdf5+ckpt"):
-        if kind == "no_save":
-            saver = jaxsave.no_save()
-        elif kind == "memory":
-            saver = jaxsave.save(jaxsave.MemoryCollector())
-        else:
-            path = Path(tmp) / f"bench-{time.monotonic_ns()}.h5"
-            extra = {"checkpoint_every": checkpoint_every} if kind == "hdf5+ckpt" else {}
-            saver = jaxsave.save(jaxsave.HDF5Collector(path), **extra)
+        saver, path = make_saver(kind, tmp, checkpoint_every)
         sample = {"x": x0}
         solver = {"x": x0, "key": keys} if kind == "hdf5+ckpt" else None
         state = saver.init(sample, solver, info, chains=chains if chains > 1 else None)
@@ -101,6 +105,7 @@ def run_stream_case(kind, steps, dim, chains, thin, tmp, checkpoint_every=0):
     elapsed = time.perf_counter() - start
     if path is not None:
         path.unlink()
+        Path(f"{path}.ckpt").unlink(missing_ok=True)
     return elapsed / steps
 
 
@@ -144,13 +149,7 @@ def mlp_case(kind, steps, chains, thin, tmp):
     saver, state, path = None, jnp.zeros(()), None
     kept = -(-steps // thin)
     if kind != "baseline":
-        if kind == "no_save":
-            saver = jaxsave.no_save()
-        elif kind == "memory":
-            saver = jaxsave.save(jaxsave.MemoryCollector())
-        else:
-            path = Path(tmp) / f"mlp-{time.monotonic_ns()}.h5"
-            saver = jaxsave.save(jaxsave.HDF5Collector(path))
+        saver, path = make_saver(kind, tmp)
         state = saver.init(params, None, jaxsave.static_information(samples_collected=kept), chains=chains)
     state_axis = None if kind == "baseline" else 0
     run = jax.jit(jax.vmap(chain, in_axes=(state_axis, 0, 0))).lower(state, params, keys).compile()
@@ -162,6 +161,7 @@ def mlp_case(kind, steps, chains, thin, tmp):
     elapsed = time.perf_counter() - start
     if path is not None:
         path.unlink()
+        Path(f"{path}.ckpt").unlink(missing_ok=True)
     return elapsed / steps
 
 

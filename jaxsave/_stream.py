@@ -513,6 +513,8 @@ class _Streamer(_SaverBase):
         bar, kept = self.bar, [0]
 
         def on_block(block: Block) -> None:  # writer thread: one update per block, not per step
+            if bar.n == 0 and kept[0] == 0:
+                bar.reset(total=bar.total)  # the clock starts with sampling, not with compilation
             kept[0] += int(block.mask.sum())
             position = int(block.ends.max()) if len(block.ends) else bar.n
             if position > bar.n:

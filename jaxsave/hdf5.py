@@ -156,6 +156,7 @@ class HDF5Collector(DataCollector):
             self._file = self._create_file(mode)
         self._adopt_existing_chains()
         self._checkpoints: dict[int, _checkpoint.ChainCheckpoint] = {}
+        self._filename = self._file.filename  # still known after close()
 
     # -- the file on disk: complete and closed, or open in SWMR mode ------------------------
 
@@ -528,7 +529,7 @@ class HDF5Collector(DataCollector):
     @property
     def checkpoint_path(self) -> str:
         """Where checkpoints go: next to the samples file, ``<file>.ckpt``."""
-        return self._file.filename + _checkpoint.CHECKPOINT_SUFFIX
+        return self._filename + _checkpoint.CHECKPOINT_SUFFIX
 
     def checkpoint(self, records: dict, spec: Any) -> None:
         """Commit the samples, then atomically replace ``<file>.ckpt`` with every chain's latest checkpoint."""

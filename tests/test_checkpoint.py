@@ -132,3 +132,14 @@ def test_resume_like_mismatch_names_the_leaf():
     bad = (jnp.zeros(3), jnp.zeros(2, jnp.bfloat16), jax.random.key(0), jnp.int32(0))
     with pytest.raises(jaxsave.StructureMismatchError, match=r"solver_state/list_element_0': shape \(3,\)"):
         jaxsave.resume(collector, like=(bad, None))
+
+
+def test_resume_from_an_hdf5_collector_after_postprocess(tmp_path):
+    collector = jaxsave.HDF5Collector(tmp_path / "run.h5")
+    saver = jaxsave.save(collector, checkpoint_every=4, block_size=4)
+    state = saver.init(SAMPLE, solver0(jax.random.key(0)))
+    state, _ = jax.jit(lambda s: run(saver, s, solver0(jax.random.key(0)), 0, 10))(state)
+    saver.postprocess(state, None)  # closes the file
+    ckpt = jaxsave.resume(collector, like=(solver0(jax.random.key(0)), None))
+    assert int(ckpt.step) == 8 and int(ckpt.sample_count) == 3
+    assert int(jaxsave.resume(tmp_path / "run.h5", like=(solver0(jax.random.key(0)), None)).step) == 8

@@ -168,13 +168,16 @@ class HDF5Collector(DataCollector):
         if mode == "a" and exists:
             _superblock.clear_open_flags(self._path)  # a killed writer's mark: we take the file over
             self._file = self._open_path(self._path, "r+")
-            if self.swmr:
-                self._file.close()
-                self._file = None
-                self._change(self._write_root_attrs)
-            else:
+            if not self.swmr:
                 self._write_root_attrs()
-            return self._file
+                return self._file
+            stale = self._root_attrs_stale()
+            self._file.close()
+            self._file = None
+            if stale:  # rewriting attributes needs a copy in SWMR files: only when they change
+                self._change(self._write_root_attrs)
+                return self._file
+            return self._reopen()
         tmp = self._aside()
         try:
             self._file = self._open_path(tmp, "w")
@@ -308,6 +311,12 @@ class HDF5Collector(DataCollector):
             leaves.append({"key": list(key), "group": group, "name": name, "dtype": spec.dtype,
                            "shape": list(spec.shape)})
         return json.dumps({"leaves": leaves, "treedef": str(self._sample.treedef), "treespec": self._treespec})
+
+    def _root_attrs_stale(self) -> bool:
+        attrs = self._file.attrs
+        want = {"jaxsave_version": __version__, "jaxsave_format": FORMAT_VERSION, "jaxsave_layout": self.layout}
+        return "created" not in attrs or "sample_counts" not in attrs or any(
+            k not in attrs or attrs[k] != v for k, v in want.items())
 
     def _write_root_attrs(self) -> None:
         attrs = self._file.attrs

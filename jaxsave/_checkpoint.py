@@ -1,11 +1,13 @@
 """Checkpoints of the sampler state, taken inside jit and written with the sample blocks.
 
-Every ``checkpoint_every`` steps, ``save`` copies the ``solver_state`` (and
-``scheduler_state``) it is given into the saving state, together with the step
-and the number of kept samples. The copy rides along with the next block of
-samples (no extra callback); the writer stores it only after that block, so a
-checkpoint never refers to samples that are not stored. :func:`resume` reads the
-last one back; ``init(..., resume=checkpoint)`` continues the same chains.
+Checkpoints are taken at block boundaries: the block size divides
+``checkpoint_every``, and the flush that ends a block at a multiple of it also
+carries the ``solver_state`` (and ``scheduler_state``) given to ``save`` at that
+step, with the step and the number of kept samples. Nothing is copied or
+tested on the other steps, and there is no extra callback. The writer stores a
+checkpoint only after its block, so it never refers to samples that are not
+stored. :func:`resume` reads the last one back; ``init(..., resume=checkpoint)``
+continues the same chains.
 """
 
 from __future__ import annotations
@@ -16,8 +18,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
-from jax.custom_batching import custom_vmap
 
 from jaxsave import _dtypes
 from jaxsave._tree import check_like
@@ -51,15 +51,6 @@ class Checkpoint(NamedTuple):
     chain_ids: np.ndarray
 
 
-class CheckpointBuffer(NamedTuple):
-    """The device-side copy of the last checkpoint taken (part of ``SaveState``)."""
-
-    leaves: tuple
-    step: jax.Array
-    saved: jax.Array
-    new: jax.Array  # taken since the last flush, not yet sent
-
-
 def checkpoint_tree(solver_state: Any, scheduler_state: Any) -> dict:
     return {"solver_state": solver_state, "scheduler_state": scheduler_state}
 
@@ -68,56 +59,16 @@ def to_device_leaves(tree: Any) -> list[jax.Array]:
     return [jax.random.key_data(x) if _dtypes.is_key(x) else jnp.asarray(x) for x in jax.tree.leaves(tree)]
 
 
-def empty_buffer(spec: Any) -> CheckpointBuffer:
-    leaves = tuple(
-        jnp.zeros(_dtypes.key_data_shape(s) if s.is_key else s.shape,
-                   _dtypes.storage_dtype(s.dtype) if s.is_key else _dtypes.dtype_from_name(s.dtype))
-        for s in map(_dtypes.leaf_spec, jax.tree.leaves(spec))
-    )
-    return CheckpointBuffer(leaves, jnp.int32(0), jnp.int32(0), jnp.bool_(False))
-
-
 def broadcast_unbatched(tree: Any, batched: Any, size: int) -> Any:
     """Give every leaf that ``batched`` marks as unbatched a leading axis of ``size`` (vmap rules)."""
     return jax.tree.map(lambda x, b: x if b else jnp.broadcast_to(x, (size, *jnp.shape(x))), tree, batched)
 
 
-@custom_vmap
-def capture(pred: jax.Array, old: Any, new: Any, mask: jax.Array) -> Any:
-    """``new`` where ``mask`` (per chain), else ``old``; nothing is copied when ``pred`` is false.
-
-    Under vmap a batched ``pred`` becomes ``any(pred)`` and ``mask`` keeps the
-    per-chain choice, so the copy costs nothing on the steps with no checkpoint.
-    """
-
-    def pick():
-        return jax.tree.map(lambda o, n: jnp.where(mask.reshape(mask.shape + (1,) * (o.ndim - mask.ndim)), n, o),
-                            old, new)
-
-    return lax.cond(pred, pick, lambda: old)
-
-
-@capture.def_vmap
-def _capture_vmap(axis_size, in_batched, pred, old, new, mask):
-    pred_b, old_b, new_b, mask_b = in_batched
-    old, new = broadcast_unbatched(old, old_b, axis_size), broadcast_unbatched(new, new_b, axis_size)
-    mask = mask if mask_b else jnp.broadcast_to(mask, (axis_size, *jnp.shape(mask)))
-    out = capture(jnp.any(pred) if pred_b else pred, old, new, mask)
-    return out, jax.tree.map(lambda _: True, out)
-
-
-def take(buffer: CheckpointBuffer, due: jax.Array, leaves: list[jax.Array], step: jax.Array,
-         saved: jax.Array) -> CheckpointBuffer:
-    """The buffer after this step: a fresh checkpoint if ``due``."""
-    new = CheckpointBuffer(tuple(leaves), step, saved, jnp.bool_(True))
-    return capture(due, buffer, new, due)
-
-
-def records(chains: np.ndarray, buffer: Any, pick: np.ndarray) -> dict[int, ChainCheckpoint]:
-    """Host-side: the checkpoints of chains ``chains[pick]`` from a (flattened) buffer."""
-    leaves, step, saved = buffer
+def records(chains: np.ndarray, steps: np.ndarray, saved: np.ndarray, leaves: list[np.ndarray],
+            pick: np.ndarray) -> dict[int, ChainCheckpoint]:
+    """Host-side: the checkpoints of chains ``chains[pick]``, from flattened (chain-major) arrays."""
     return {
-        int(chains[i]): ChainCheckpoint(int(step[i]), int(saved[i]), [np.array(x[i]) for x in leaves])
+        int(chains[i]): ChainCheckpoint(int(steps[i]), int(saved[i]), [np.array(x[i]) for x in leaves])
         for i in np.flatnonzero(pick)
     }
 

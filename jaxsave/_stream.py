@@ -51,8 +51,7 @@ class SaveState(NamedTuple):
 
     ``data`` holds the ring buffer (``block_size`` rows per leaf) or, for
     :func:`no_save`, every kept sample; ``keep_mask`` the keep bits of the ring
-    buffer's rows; ``step`` the number of ``save`` calls so far; ``checkpoint``
-    the last checkpoint taken (with ``checkpoint_every``).
+    buffer's rows; ``step`` the number of ``save`` calls so far.
     """
 
     chain_id: jax.Array
@@ -60,7 +59,6 @@ class SaveState(NamedTuple):
     data: Any
     keep_mask: Any
     step: jax.Array
-    checkpoint: Any = None
 
 
 class Saver(NamedTuple):
@@ -221,6 +219,10 @@ class _Streamer(_SaverBase):
         self.bar: Any = None
         if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be an int >= 0, got {checkpoint_every!r}")
+        if checkpoint_every and block_size and checkpoint_every % block_size:
+            raise ValueError(
+                f"checkpoints are taken at block boundaries: block_size={block_size} must divide "
+                f"checkpoint_every={checkpoint_every} (or leave block_size to be chosen)")
         self.checkpoint_every = checkpoint_every
         self.checkpoint_spec: Any = None
         if not isinstance(collector, DataCollector):
@@ -259,9 +261,12 @@ class _Streamer(_SaverBase):
             chains = None if np.ndim(resume.chain_ids) == 0 or len(resume.chain_ids) == 1 else len(resume.chain_ids)
         spec = self._sample_spec(init_sample, chains)
         capacity = _count(static_information)
-        ckpt_buffer = self._checkpoint_buffer(init_checkpoint, scheduler_state, chains)
+        self._checkpoint_spec(init_checkpoint, scheduler_state, chains)
         if self.block_size is None:
-            self.block_size = int(np.clip(_BLOCK_BYTES // max(1, _row_bytes(self.layout)), 1, _MAX_BLOCK_ROWS))
+            rows = int(np.clip(_BLOCK_BYTES // max(1, _row_bytes(self.layout)), 1, _MAX_BLOCK_ROWS))
+            if self.checkpoint_every:  # the largest block that ends on every checkpoint step
+                rows = max(d for d in range(1, min(rows, self.checkpoint_every) + 1) if self.checkpoint_every % d == 0)
+            self.block_size = rows
         if self.writer is None or not self.writer.alive:
             self.writer = Writer(self.collector, max_queue_bytes=self.max_queue_bytes)
             self.writer.checkpoint_spec = self.checkpoint_spec
@@ -269,7 +274,7 @@ class _Streamer(_SaverBase):
                 self._start_progress()
         try:
             if resume is not None:
-                return self._resume(spec, init_checkpoint, static_information, capacity, ckpt_buffer, resume)
+                return self._resume(spec, init_checkpoint, static_information, capacity, resume)
             ids = []
             for _ in range(chains or 1):
                 chain = int(self.collector.register_chain(
@@ -281,11 +286,11 @@ class _Streamer(_SaverBase):
             if not self.registered or len(self.finished) == len(self.registered):
                 self._close_if_done(force=True)  # no chain left running: no thread left behind
             raise
-        return self._new_state(ids, chains, ckpt_buffer)
+        return self._new_state(ids, chains)
 
-    def _checkpoint_buffer(self, init_checkpoint: Any, scheduler_state: Any, chains: int | None) -> Any:
+    def _checkpoint_spec(self, init_checkpoint: Any, scheduler_state: Any, chains: int | None) -> None:
         if not self.checkpoint_every:
-            return None
+            return
         if init_checkpoint is None:
             raise ValueError("checkpoint_every needs init_checkpoint: a template of the solver_state to checkpoint")
         tree = _checkpoint.checkpoint_tree(init_checkpoint, scheduler_state)
@@ -296,9 +301,8 @@ class _Streamer(_SaverBase):
             self.checkpoint_spec = spec
         else:
             check_like(spec, self.checkpoint_spec, "init_checkpoint of a new chain")
-        return _checkpoint.empty_buffer(spec)
 
-    def _resume(self, spec, init_checkpoint, static_information, capacity, ckpt_buffer, ckpt) -> SaveState:
+    def _resume(self, spec, init_checkpoint, static_information, capacity, ckpt) -> SaveState:
         ids = np.atleast_1d(np.asarray(ckpt.chain_ids)).tolist()
         steps = np.atleast_1d(np.asarray(ckpt.step))
         counts = np.atleast_1d(np.asarray(ckpt.sample_count))
@@ -314,16 +318,14 @@ class _Streamer(_SaverBase):
         batched = len(ids) > 1
         step = jnp.asarray(steps, jnp.int32) if batched else jnp.int32(steps[0])
         saved = jnp.asarray(counts, jnp.int32) if batched else jnp.int32(counts[0])
-        if ckpt_buffer is not None:
+        if self.checkpoint_spec is not None:
             tree = _checkpoint.checkpoint_tree(ckpt.solver_state, ckpt.scheduler_state)
             check_like(jax.eval_shape(lambda t: jax.tree.map(lambda x: x[0], t) if batched else t, tree),
                        self.checkpoint_spec, "the checkpoint to resume")
-            new = jnp.zeros(len(ids), bool) if batched else jnp.bool_(False)
-            ckpt_buffer = _checkpoint.CheckpointBuffer(tuple(_checkpoint.to_device_leaves(tree)), step, saved, new)
-        state = self._new_state(ids, len(ids) if batched else None, None)
-        return state._replace(step=step, saved_samples=saved, checkpoint=ckpt_buffer)
+        state = self._new_state(ids, len(ids) if batched else None)
+        return state._replace(step=step, saved_samples=saved)
 
-    def _new_state(self, ids: list[int], chains: int | None, ckpt_buffer: Any) -> SaveState:
+    def _new_state(self, ids: list[int], chains: int | None) -> SaveState:
         """A fresh state for chains ``ids`` (stacked when ``chains``), from step 0."""
         state = SaveState(
             chain_id=jnp.int32(ids[0]),
@@ -334,7 +336,6 @@ class _Streamer(_SaverBase):
             ),
             keep_mask=jnp.zeros((self.block_size,), jnp.bool_),
             step=jnp.int32(0),
-            checkpoint=ckpt_buffer,
         )
         if chains is None:
             return state
@@ -354,7 +355,8 @@ class _Streamer(_SaverBase):
         """Record ``sample`` if ``keep``; call inside jit/scan/vmap. Returns ``(state, None)``.
 
         With ``checkpoint_every=n``, every n-th call also takes a checkpoint of
-        ``solver_state`` (and ``scheduler_state``), as they are after this step.
+        ``solver_state`` (and ``scheduler_state``), as they are after this step:
+        they travel with that step's block of samples, at no cost on other steps.
         """
         self._check_open()
         leaves = self._flat_sample(sample)
@@ -366,27 +368,24 @@ class _Streamer(_SaverBase):
         step = state.step + 1
         saved = state.saved_samples + keep.astype(jnp.int32)
         full = slot == rows - 1
-        ckpt = state.checkpoint
+        ckpt = None
         if self.checkpoint_every:
             tree = _checkpoint.checkpoint_tree(solver_state, scheduler_state)
             check_like(tree, self.checkpoint_spec, "the solver_state/scheduler_state passed to save()")
-            due = step % self.checkpoint_every == 0
-            ckpt = _checkpoint.take(ckpt, due, _checkpoint.to_device_leaves(tree), step, saved)
+            ckpt = (tuple(_checkpoint.to_device_leaves(tree)), saved)
         self.flush(full, (full, state.chain_id, step, mask, data, ckpt))
-        if ckpt is not None:
-            ckpt = ckpt._replace(new=ckpt.new & ~full)
-        return SaveState(state.chain_id, saved, data, mask, step, ckpt), None
+        return SaveState(state.chain_id, saved, data, mask, step), None
 
     def _make_flush(self) -> Callable[[Any, Any], None]:
-        receive = self._receive
+        receive, every = self._receive, self.checkpoint_every
 
         def send(payload):
-            ckpt = payload[-1]
+            active, _, end, _, _, ckpt = payload
             if ckpt is None:
                 io_callback(receive, None, payload, ordered=False)
                 return
-            # Checkpoint arrays travel only when some flushing chain took a new one.
-            lax.cond(jnp.any(ckpt.new & payload[0]),
+            # The solver state travels only with blocks that end on a checkpoint step.
+            lax.cond(jnp.any(active & (end % every == 0)),
                      lambda p: io_callback(receive, None, p, ordered=False),
                      lambda p: io_callback(receive, None, p[:-1] + (None,), ordered=False),
                      payload)
@@ -428,8 +427,10 @@ class _Streamer(_SaverBase):
             leaves = [np.asarray(x).reshape(-1, *np.shape(x)[len(batch):]) for x in data]
             block = Block(chains, ends, np.asarray(mask).reshape(-1, rows), leaves, keepalive=payload)
             if ckpt is not None:
-                block.checkpoints = _checkpoint.records(chains, self._flat_checkpoint(ckpt, batch),
-                                                        active & np.asarray(ckpt.new).reshape(-1))
+                flat = lambda x: np.asarray(x).reshape(-1, *np.shape(x)[len(batch):])
+                block.checkpoints = _checkpoint.records(
+                    chains, ends, flat(ckpt[1]), [flat(x) for x in ckpt[0]],
+                    active & (ends % self.checkpoint_every == 0))
             if not active.all():
                 pick = np.flatnonzero(active)
                 block = Block(chains[pick], block.ends[pick], block.mask[pick], [x[pick] for x in leaves],
@@ -442,11 +443,6 @@ class _Streamer(_SaverBase):
         except BaseException as error:  # noqa: BLE001 - kept for postprocess, never raised on XLA threads
             if self.writer is not None:
                 self.writer.fail(error)
-
-    @staticmethod
-    def _flat_checkpoint(ckpt: Any, batch: tuple[int, ...]) -> tuple:
-        flat = lambda x: np.asarray(x).reshape(-1, *np.shape(x)[len(batch):])
-        return [flat(x) for x in ckpt.leaves], flat(ckpt.step), flat(ckpt.saved)
 
     def _raise_late_error(self) -> None:
         if self.late_error is not None:
@@ -476,18 +472,12 @@ class _Streamer(_SaverBase):
         leaves = [np.asarray(x).reshape(-1, *np.shape(x)[len(batch):]) for x in state.data]
         try:
             tails = steps % rows
-            records = {}
-            if state.checkpoint is not None:
-                records = _checkpoint.records(chains, self._flat_checkpoint(state.checkpoint, batch),
-                                              np.asarray(state.checkpoint.new).reshape(-1))
             for tail in np.unique(tails):
                 pick = np.flatnonzero(tails == tail)
                 for i in pick:
                     self.writer.wait_for(int(chains[i]), int(steps[i] - tail))
-                block_records = {c: records[c] for c in chains[pick].tolist() if c in records}
                 self.writer.submit(Block(chains[pick], steps[pick], mask[pick, :tail],
-                                         [x[pick, :tail] for x in leaves], tail=True,
-                                         checkpoints=block_records or None))
+                                         [x[pick, :tail] for x in leaves], tail=True))
             for chain, step, count in zip(chains.tolist(), steps.tolist(), counts.tolist()):
                 self.writer.wait_for(chain, step, finalized=True)
                 if self.writer.written[chain] != count:

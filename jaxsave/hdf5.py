@@ -24,6 +24,7 @@ import math
 import os
 import shutil
 import threading
+import time
 from typing import Any, Callable, Sequence
 
 import h5py
@@ -76,6 +77,9 @@ class HDF5Collector(DataCollector):
       compression: ``None`` (default), ``"gzip"`` or ``"lzf"``.
       flush_every: flush the file after every n-th written block (default 1);
         0 flushes only at the end.
+      flush_interval: ... but at most once per this many seconds (default 0.2),
+        so that tiny, fast blocks do not wait for the disk; a crash loses at
+        most the draws of the last interval.
       sample_stats: leaves to store in ``sample_stats/`` instead of
         ``posterior/``: a sequence of top-level names (``("lp", "step_size")``)
         or a predicate on a leaf's key path (``lambda key: key[-1] == "lp"``).
@@ -86,6 +90,10 @@ class HDF5Collector(DataCollector):
         HDF5 1.8 reads, but a kill during a flush can corrupt them.
       fsync: also ``fsync`` the file after each flush (survives power loss of
         the flushed data, at a large cost in throughput).
+      checkpoint_interval: write the checkpoint file (``<file>.ckpt``) at most
+        once per this many seconds (default 1): a restart needs only the newest
+        checkpoint, and a sampler that takes one every millisecond should not
+        wait for the disk. The newest is always written at the end of the run.
 
     >>> import tempfile, os, jax, jax.numpy as jnp, jaxsave, h5py
     >>> path = os.path.join(tempfile.mkdtemp(), "chains.h5")
@@ -109,9 +117,11 @@ class HDF5Collector(DataCollector):
         mode: str = "w",
         compression: str | None = None,
         flush_every: int = 1,
+        flush_interval: float = 0.2,
         sample_stats: StatsSpec = None,
         swmr: bool | None = None,
         fsync: bool = False,
+        checkpoint_interval: float = 1.0,
     ):
         if layout not in _LAYOUTS:
             raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
@@ -126,6 +136,8 @@ class HDF5Collector(DataCollector):
         self.layout = layout
         self.compression = compression
         self.flush_every = int(flush_every)
+        self.flush_interval = float(flush_interval)
+        self._committed = -float("inf")
         self.fsync = bool(fsync)
         self._stats = sample_stats
         self._lock = threading.RLock()
@@ -156,6 +168,10 @@ class HDF5Collector(DataCollector):
             self._file = self._create_file(mode)
         self._adopt_existing_chains()
         self._checkpoints: dict[int, _checkpoint.ChainCheckpoint] = {}
+        self._checkpoint_spec: Any = None
+        self._checkpoint_pending = False
+        self._checkpoint_written = -float("inf")
+        self.checkpoint_interval = float(checkpoint_interval)
         self._filename = self._file.filename  # still known after close()
 
     # -- the file on disk: complete and closed, or open in SWMR mode ------------------------
@@ -479,7 +495,8 @@ class HDF5Collector(DataCollector):
 
     def _after_block(self) -> None:
         self._blocks += 1
-        if self.flush_every and self._blocks % self.flush_every == 0:
+        if (self.flush_every and self._blocks % self.flush_every == 0
+                and time.monotonic() - self._committed >= self.flush_interval):
             self._commit()
 
     def _write_counts(self) -> None:
@@ -502,6 +519,7 @@ class HDF5Collector(DataCollector):
         self._file.flush()
         if self.fsync:
             os.fsync(self._file.id.get_vfd_handle())
+        self._committed = time.monotonic()
 
     def finalize(self, chain_id: int) -> None:
         with self._lock:
@@ -510,6 +528,7 @@ class HDF5Collector(DataCollector):
                 self._chain_group(chain_id, self._counts[chain_id])
             if len(self._finalized) == len(self._counts):
                 self._trim()
+                self._write_checkpoints()
 
     def _trim(self) -> None:
         """Cut preallocated draws down to what was kept, and record the final counts."""
@@ -541,15 +560,28 @@ class HDF5Collector(DataCollector):
         return self._filename + _checkpoint.CHECKPOINT_SUFFIX
 
     def checkpoint(self, records: dict, spec: Any) -> None:
-        """Commit the samples, then atomically replace ``<file>.ckpt`` with every chain's latest checkpoint."""
+        """Keep the newest checkpoints; write them if ``checkpoint_interval`` has passed since the last write."""
         with self._lock:
-            self._commit()  # a checkpoint never counts samples that are not on disk
             if not self._checkpoints and os.path.exists(self.checkpoint_path):
                 self._checkpoints = _checkpoint.read_file(self.checkpoint_path)[0]
             self._checkpoints.update(records)
-            _checkpoint.write_file(self.checkpoint_path, self._checkpoints, spec)
+            self._checkpoint_spec, self._checkpoint_pending = spec, True
+            if time.monotonic() - self._checkpoint_written >= self.checkpoint_interval:
+                self._write_checkpoints()
+
+    def _write_checkpoints(self) -> None:
+        """Commit the samples, then atomically replace ``<file>.ckpt`` with every chain's newest checkpoint."""
+        if not self._checkpoint_pending:
+            return
+        self._commit()  # a checkpoint never counts samples that are not on disk
+        _checkpoint.write_file(self.checkpoint_path, self._checkpoints, self._checkpoint_spec)
+        self._checkpoint_pending = False
+        self._checkpoint_written = time.monotonic()
 
     def resume(self) -> tuple[dict, Any]:
+        with self._lock:
+            if self._checkpoint_pending and self._file.id.valid:
+                self._write_checkpoints()
         if os.path.exists(self.checkpoint_path):
             return _checkpoint.read_file(self.checkpoint_path)
         return {}, None
@@ -582,5 +614,6 @@ class HDF5Collector(DataCollector):
             if not self._file.id.valid:
                 return
             self._trim()
+            self._write_checkpoints()
             if self._owned:
                 self._file.close()

@@ -48,7 +48,7 @@ def uninterrupted(steps, chains=None, **kwargs):
 
 @pytest.mark.parametrize("crash_at", [9, 20, 33])
 def test_resume_in_process_is_exact_for_one_chain(crash_at):
-    steps, every = 50, 5
+    steps, every = 50, 8
     want = uninterrupted(steps, block_size=4)
 
     collector = jaxsave.MemoryCollector()
@@ -74,7 +74,7 @@ def test_resume_in_process_is_exact_for_one_chain(crash_at):
 
 
 def test_resume_vmapped_chains_with_thinning_is_exact():
-    chains, steps, every = 3, 40, 6
+    chains, steps, every = 3, 40, 10
     want = uninterrupted(steps, chains=chains, block_size=5)
 
     collector = jaxsave.MemoryCollector()
@@ -89,7 +89,7 @@ def test_resume_vmapped_chains_with_thinning_is_exact():
 
     ckpt = jaxsave.resume(collector)
     assert ckpt.chain_ids.tolist() == [0, 1, 2]
-    assert ckpt.step.tolist() == [24] * 3  # the last checkpoint whose block was flushed
+    assert ckpt.step.tolist() == [20] * 3  # the last checkpoint step reached (29 steps ran)
     state = saver.init(sample, template, resume=ckpt)
     start = int(ckpt.step[0])
     state, _ = jax.jit(jax.vmap(lambda s, sv: body(s, sv, start, steps)))(state, ckpt.solver_state)
@@ -99,14 +99,17 @@ def test_resume_vmapped_chains_with_thinning_is_exact():
     np.testing.assert_array_equal(got["samples"]["m"].view(np.uint16), want["samples"]["m"].view(np.uint16))
 
 
-def test_checkpoint_is_written_with_the_tail_at_postprocess():
+def test_checkpoints_are_taken_at_block_boundaries():
     collector = jaxsave.MemoryCollector()
-    saver = jaxsave.save(collector, checkpoint_every=10, block_size=64)
+    saver = jaxsave.save(collector, checkpoint_every=10)
     state = saver.init(SAMPLE, solver0(jax.random.key(1)))
+    assert state.keep_mask.shape == (10,)  # the automatic block size divides checkpoint_every
     state, _ = jax.jit(lambda s: run(saver, s, solver0(jax.random.key(1)), 0, 25))(state)
-    assert collector.resume()[0] == {}  # nothing flushed yet: the block holds 64 rows
     saver.postprocess(state, None)
-    assert int(jaxsave.resume(collector).step) == 20
+    ckpt = jaxsave.resume(collector)
+    assert int(ckpt.step) == 20 and int(ckpt.solver_state[3]) == 20
+    with pytest.raises(ValueError, match="block_size=64 must divide checkpoint_every=10"):
+        jaxsave.save(jaxsave.MemoryCollector(), checkpoint_every=10, block_size=64)
 
 
 def test_checkpoint_errors():

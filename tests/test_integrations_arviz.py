@@ -76,7 +76,7 @@ def test_plot_trace_draws_every_chain(sample_file):
 def test_live_file_is_readable_by_arviz_mid_run(tmp_path):
     """A file that a sampler is still writing already gives an InferenceData of the draws so far."""
     path = tmp_path / "live.h5"
-    init, save, postprocess = jaxsave.save(jaxsave.HDF5Collector(path), block_size=10)
+    init, save, postprocess = jaxsave.save(jaxsave.HDF5Collector(path, flush_interval=0), block_size=10)
     state = init({"x": jnp.zeros(())})
     step = jax.jit(lambda s, i: save(s, True, {"x": i.astype(jnp.float32)})[0])
     for i in range(25):

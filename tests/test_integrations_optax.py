@@ -61,7 +61,7 @@ def test_optax_state_checkpointed_inside_jit_resumes_exactly(tmp_path):
     assert float(want["loss"][-10:].mean()) < 0.1 * float(want["loss"][:10].mean())  # it trains
 
     collector = jaxsave.MemoryCollector()
-    saver = jaxsave.save(collector, checkpoint_every=EVERY, block_size=16)
+    saver = jaxsave.save(collector, checkpoint_every=EVERY, block_size=5)
     state = saver.init(SAMPLE, initial_solver())
     state, _ = jax.jit(lambda s, v: run(saver, s, v, 0, 70))(state, initial_solver())
     jax.block_until_ready(state)

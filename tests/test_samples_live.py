@@ -38,7 +38,7 @@ READER = textwrap.dedent("""
 
 def test_a_second_process_reads_while_the_sampler_writes(tmp_path):
     path = tmp_path / "live.h5"
-    init, save, post = jaxsave.save(jaxsave.HDF5Collector(path), block_size=10)
+    init, save, post = jaxsave.save(jaxsave.HDF5Collector(path, flush_interval=0), block_size=10)
     state = init({"v": jnp.zeros(2, jnp.int32)}, None, chains=2)
 
     def chain(s, c):

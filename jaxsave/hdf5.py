@@ -25,13 +25,13 @@ import os
 import shutil
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import h5py
 import numpy as np
 
 from jaxsave import _checkpoint, _dtypes, _superblock
-from jaxsave._tree import flat_name
+from jaxsave._hdf5_names import StatsSpec, leaf_entries
 from jaxsave._treespec import encode_structure
 from jaxsave._version import __version__
 from jaxsave.collectors import DataCollector, SampleLayout, _samples_collected, sample_layout
@@ -50,9 +50,6 @@ _CHUNK_BYTES = 1 * 2**20
 _MAX_CHUNK_ROWS = 4096
 #: Chunk cache per dataset: holds partial ~1 MiB chunks; bigger chunks (big samples) bypass it.
 _CACHE_BYTES = 2 * 2**20
-_RESERVED = ("chain", "draw")
-
-StatsSpec = Sequence[str] | Callable[[tuple[str, ...]], bool] | None
 
 
 def _encode_treespec(init_sample: Any) -> dict | None:
@@ -271,15 +268,9 @@ class HDF5Collector(DataCollector):
     # -- registration ----------------------------------------------------------------
 
     def register_chain(self, init_sample=None, init_checkpoint=None, static_information=None, **unused) -> int:
-        layout = sample_layout(init_sample)
         with self._lock:
-            if self._sample is None:
-                self._entries = self._name_leaves(layout)
-                self._sample = layout
-                self._treespec = _encode_treespec(init_sample)
+            if self._set_layout(init_sample):
                 self._change(lambda: self._file.attrs.__setitem__("jaxsave_structure", self._structure_json()))
-            elif layout.keys != self._sample.keys or layout.specs != self._sample.specs:
-                raise StructureMismatchError("all chains in one HDF5Collector must have samples of the same structure")
             if not self._file.id.valid:
                 if not self._owned:
                     raise ValueError("the h5py.File given to HDF5Collector was closed")
@@ -289,35 +280,16 @@ class HDF5Collector(DataCollector):
             self._counts.append(0)
             return len(self._counts) - 1
 
-    def _is_stat(self, key: tuple[str, ...]) -> bool:
-        if self._stats is None:
-            return False
-        if callable(self._stats):
-            return bool(self._stats(key))
-        return bool(key) and key[0] in self._stats
-
-    def _name_leaves(self, layout: SampleLayout) -> list[tuple[str, str]]:
-        """``(group, variable name)`` of every leaf; refuses names that collide."""
-        entries = [("sample_stats" if self._is_stat(k) else "posterior", flat_name(k)) for k in layout.keys]
-        if self.layout == "chains":
-            return [("chain~{}", "/".join(k) if k else "sample") for k in layout.keys]
-        if self._stats is not None and not callable(self._stats):
-            unknown = set(self._stats) - {k[0] for k in layout.keys if k}
-            if unknown:
-                raise StructureMismatchError(f"sample_stats names {sorted(unknown)} are not top-level keys of the sample")
-        seen: dict[tuple[str, str], tuple[str, ...]] = {}
-        for key, (group, name) in zip(layout.keys, entries):
-            if (group, name) in seen:
-                raise StructureMismatchError(
-                    f"leaves {'/'.join(seen[group, name])!r} and {'/'.join(key)!r} both become {group}/{name}")
-            seen[group, name] = key
-        for key, (group, name) in zip(layout.keys, entries):
-            clash = name in _RESERVED or any(
-                name.startswith(f"{other}_dim_") for (g, other) in seen if g == group and other != name)
-            if clash:
-                raise StructureMismatchError(
-                    f"leaf {'/'.join(key)!r} would be named {name!r}, which is a dimension name in {group}/")
-        return entries
+    def _set_layout(self, init_sample: Any) -> bool:
+        """Record the samples' layout (first chain: returns True) or check that it matches."""
+        layout = sample_layout(init_sample)
+        if self._sample is None:
+            self._entries = leaf_entries(layout.keys, self._stats, self.layout)
+            self._sample, self._treespec = layout, _encode_treespec(init_sample)
+            return True
+        if layout.keys != self._sample.keys or layout.specs != self._sample.specs:
+            raise StructureMismatchError("all chains in one HDF5Collector must have samples of the same structure")
+        return False
 
     def _structure_json(self) -> str:
         leaves = []
@@ -597,13 +569,7 @@ class HDF5Collector(DataCollector):
                 raise SaverStateError(
                     f"chain {chain_id} holds {self._counts[chain_id]} samples in {self._file.filename}, "
                     f"fewer than the checkpoint's {sample_count}")
-            layout = sample_layout(init_sample)
-            if self._sample is None:
-                self._entries = self._name_leaves(layout)
-                self._sample = layout
-                self._treespec = _encode_treespec(init_sample)
-            elif layout.keys != self._sample.keys or layout.specs != self._sample.specs:
-                raise StructureMismatchError("the resumed chain's samples differ from this file's")
+            self._set_layout(init_sample)
             self._counts[chain_id] = int(sample_count)  # later draws are written over
             self._capacity[chain_id] = _samples_collected(static_information)
             self._finalized.discard(chain_id)

@@ -1,0 +1,56 @@
+"""Names of the sample leaves in an HDF5 file: one variable per leaf, no collisions.
+
+In the ``posterior`` layout a leaf becomes ``posterior/<name>`` (or
+``sample_stats/<name>`` if chosen with ``sample_stats=``), where ``<name>`` is its
+key path joined readably; in the ``chains`` layout it becomes
+``chain~{id}/<key>/<subkey>``. Names that collide with each other or with a
+dimension name (``chain``, ``draw``, ``<var>_dim_k``) are refused.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from jaxsave._tree import flat_name
+from jaxsave.errors import StructureMismatchError
+
+#: ``sample_stats=``: top-level names, or a predicate on a leaf's key path.
+StatsSpec = Sequence[str] | Callable[[tuple[str, ...]], bool] | None
+#: Names that are dimensions in every group.
+RESERVED = ("chain", "draw")
+
+
+def _is_stat(stats: StatsSpec, key: tuple[str, ...]) -> bool:
+    if stats is None:
+        return False
+    if callable(stats):
+        return bool(stats(key))
+    return bool(key) and key[0] in stats
+
+
+def leaf_entries(keys: list[tuple[str, ...]], stats: StatsSpec, layout: str) -> list[tuple[str, str]]:
+    """``(group, variable name)`` of every leaf; refuses names that collide.
+
+    >>> leaf_entries([("x",), ("lp",)], ("lp",), "posterior")
+    [('posterior', 'x'), ('sample_stats', 'lp')]
+    """
+    if layout == "chains":
+        return [("chain~{}", "/".join(k) if k else "sample") for k in keys]
+    entries = [("sample_stats" if _is_stat(stats, k) else "posterior", flat_name(k)) for k in keys]
+    if stats is not None and not callable(stats):
+        unknown = set(stats) - {k[0] for k in keys if k}
+        if unknown:
+            raise StructureMismatchError(f"sample_stats names {sorted(unknown)} are not top-level keys of the sample")
+    seen: dict[tuple[str, str], tuple[str, ...]] = {}
+    for key, (group, name) in zip(keys, entries):
+        if (group, name) in seen:
+            raise StructureMismatchError(
+                f"leaves {'/'.join(seen[group, name])!r} and {'/'.join(key)!r} both become {group}/{name}")
+        seen[group, name] = key
+    for key, (group, name) in zip(keys, entries):
+        clash = name in RESERVED or any(
+            name.startswith(f"{other}_dim_") for (g, other) in seen if g == group and other != name)
+        if clash:
+            raise StructureMismatchError(
+                f"leaf {'/'.join(key)!r} would be named {name!r}, which is a dimension name in {group}/")
+    return entries

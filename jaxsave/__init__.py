@@ -7,7 +7,8 @@
 
 from jaxsave._checkpoint import ChainCheckpoint, Checkpoint, resume
 from jaxsave._device import no_save
-from jaxsave._stream import SaveState, Saver, save, static_information
+from jaxsave._saver import SaveState, Saver, static_information
+from jaxsave._stream import save
 from jaxsave._tree import (
     dict_to_pytree,
     pytree_dict_keys,

@@ -16,7 +16,7 @@ import numpy as np
 from jax import lax
 
 from jaxsave import _dtypes
-from jaxsave._stream import SaveState, Saver, _count, _SaverBase
+from jaxsave._saver import SaveState, Saver, _count, _SaverBase
 from jaxsave.errors import CapacityError
 
 __all__ = ["no_save"]

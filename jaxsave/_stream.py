@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -23,66 +23,22 @@ from jax import lax
 from jax.custom_batching import custom_vmap
 from jax.experimental import io_callback
 
-from jaxsave import _checkpoint, _dtypes
+from jaxsave import _checkpoint
 from jaxsave._checkpoint import Checkpoint, broadcast_unbatched
 from jaxsave._host import Block, Writer
+from jaxsave._saver import SaveState, Saver, _count, _SaverBase
 from jaxsave._tree import check_like
-from jaxsave.collectors import DataCollector, MemoryCollector, SampleLayout, sample_layout
-from jaxsave.errors import SaverStateError, StructureMismatchError
+from jaxsave.collectors import DataCollector, MemoryCollector, SampleLayout
+from jaxsave.errors import SaverStateError
 
 logger = logging.getLogger("jaxsave")
 
-__all__ = ["save", "static_information", "SaveState", "Saver"]
+__all__ = ["save"]
 
 #: Automatic block size: aim for this many bytes per chain and block ...
 _BLOCK_BYTES = 4 * 2**20
 #: ... with at most this many rows.
 _MAX_BLOCK_ROWS = 4096
-
-
-class static_information(NamedTuple):  # noqa: N801 - the older io module's name
-    """What is known before the run: ``samples_collected`` (``None`` if unknown)."""
-
-    samples_collected: Any = None
-
-
-class SaveState(NamedTuple):
-    """The saving state threaded through the user's loop; vmapped chains add leading axes.
-
-    ``data`` holds the ring buffer (``block_size`` rows per leaf) or, for
-    :func:`no_save`, every kept sample; ``keep_mask`` the keep bits of the ring
-    buffer's rows; ``step`` the number of ``save`` calls so far.
-    """
-
-    chain_id: jax.Array
-    saved_samples: jax.Array
-    data: Any
-    keep_mask: Any
-    step: jax.Array
-
-
-class Saver(NamedTuple):
-    """``init``, ``save`` and ``postprocess`` of one saver; unpacks as a 3-tuple."""
-
-    init: Callable[..., SaveState]
-    save: Callable[..., tuple[SaveState, None]]
-    postprocess: Callable[..., dict]
-
-
-def _count(static_info: Any) -> int | None:
-    n = getattr(static_info, "samples_collected", None)
-    if n is None:
-        return None
-    try:
-        value = int(n)
-    except (TypeError, jax.errors.ConcretizationTypeError) as error:
-        raise TypeError(
-            f"samples_collected must be a concrete integer (a Python int or a JAX scalar "
-            f"outside jit), got {n!r}"
-        ) from error
-    if value < 0:
-        raise ValueError(f"samples_collected must be >= 0, got {value}")
-    return value
 
 
 def _row_bytes(layout: SampleLayout) -> int:
@@ -111,96 +67,6 @@ def _row_writer(axis: int) -> Callable:
         return out, tuple(True for _ in out)
 
     return write
-
-
-class _SaverBase:
-    """What the streaming saver and ``no_save`` share: layout, checks, chain bookkeeping."""
-
-    def __init__(self) -> None:
-        self.spec: Any = None  # per-chain jax.ShapeDtypeStruct tree of the sample
-        self.layout: SampleLayout | None = None
-        self.registered: list[int] = []
-        self.finished: set[int] = set()
-
-    def _sample_spec(self, init_sample: Any, chains: int | None) -> Any:
-        try:
-            spec = jax.eval_shape(lambda tree: tree, init_sample)
-        except TypeError as error:
-            raise TypeError(f"init_sample must be a pytree of arrays or numbers: {error}") from error
-        if chains is not None:
-            if not isinstance(chains, int) or chains < 1:
-                raise ValueError(f"chains must be a positive int, got {chains!r}")
-            for key, leaf in zip(sample_layout(spec).keys, jax.tree.leaves(spec)):
-                if leaf.shape[:1] != (chains,):
-                    raise StructureMismatchError(
-                        f"with chains={chains}, every leaf of init_sample needs a leading axis of "
-                        f"size {chains}; leaf {'/'.join(key) or '<root>'!r} has shape {leaf.shape}"
-                    )
-            spec = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), spec)
-        if self.spec is None:
-            self.spec, self.layout = spec, sample_layout(spec)
-        else:
-            check_like(spec, self.spec, "init_sample of a new chain")
-        return spec
-
-    def _check_open(self) -> None:
-        if self.registered and len(self.finished) == len(self.registered):
-            raise SaverStateError(
-                "this saver's chains were all finished by postprocess; saving again needs a new "
-                "state from init (or a new saver)"
-            )
-
-    def _flat_sample(self, sample: Any) -> list[jax.Array]:
-        """The sample's leaves as device arrays of the registered dtypes (keys as key data)."""
-        if self.spec is None:
-            raise SaverStateError("save() was called before init()")
-        leaves, treedef = jax.tree.flatten(sample)
-        if treedef == self.layout.treedef:  # Python scalars take the registered dtype
-            specs = jax.tree.leaves(self.spec)
-            leaves = [x if hasattr(x, "dtype") else jnp.asarray(x, s.dtype) for x, s in zip(leaves, specs)]
-            sample = jax.tree.unflatten(treedef, leaves)
-        check_like(sample, self.spec, "the sample passed to save()")
-        return [jax.random.key_data(x) if _dtypes.is_key(x) else jnp.asarray(x) for x in jax.tree.leaves(sample)]
-
-    @staticmethod
-    def _check_keep(keep: Any) -> jax.Array:
-        keep = jnp.asarray(keep)
-        if keep.shape != () or keep.dtype != jnp.bool_:
-            raise TypeError(
-                f"keep must be a boolean scalar (e.g. `step % thin == 0`), got dtype {keep.dtype} "
-                f"and shape {keep.shape}"
-            )
-        return keep
-
-    def _register_finished(self, chains: np.ndarray) -> None:
-        again = sorted(set(chains.tolist()) & self.finished)
-        if again:
-            raise SaverStateError(f"postprocess was already called for chain(s) {again}")
-        unknown = sorted(set(chains.tolist()) - set(self.registered))
-        if unknown:
-            raise SaverStateError(f"chain id(s) {unknown} were not created by this saver's init")
-
-    def _stack_results(self, batch: tuple[int, ...], counts: np.ndarray, samples: list[Any]) -> dict:
-        if batch == ():
-            return {"sample_count": counts.reshape(()), "samples": samples[0]}
-        if any(s is None for s in samples):
-            stacked = None
-        else:
-            longest = int(counts.max()) if counts.size else 0
-            stacked = jax.tree.map(
-                lambda *xs: _stack_padded(xs, longest, batch), *samples,
-            )
-        return {"sample_count": counts.reshape(batch), "samples": stacked}
-
-
-def _stack_padded(leaves: tuple[Any, ...], length: int, batch: tuple[int, ...]) -> Any:
-    """Stack per-chain ``(n_i, ...)`` arrays into ``batch + (length, ...)``, zero-padded."""
-    keys = _dtypes.is_key(leaves[0])
-    impl = str(jax.random.key_impl(leaves[0])) if keys else None
-    arrays = [np.asarray(jax.random.key_data(x)) if keys else np.asarray(x) for x in leaves]
-    padded = [np.pad(a, [(0, length - a.shape[0])] + [(0, 0)] * (a.ndim - 1)) for a in arrays]
-    out = np.stack(padded).reshape(batch + padded[0].shape)
-    return jax.random.wrap_key_data(out, impl=impl) if keys else out
 
 
 class _Streamer(_SaverBase):

@@ -14,7 +14,7 @@ import pytest
 
 CHILD = textwrap.dedent(
     """
-    import sys, jax, jax.numpy as jnp, jaxsave
+    import sys, time, jax, jax.numpy as jnp, jaxsave
     path, mode, chains, total, every, thin = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])
     CHUNK = 20
 
@@ -51,6 +51,7 @@ CHILD = textwrap.dedent(
         state, solver = run(state, solver, s0)
         jax.block_until_ready(state)
         print("step", s0 + CHUNK, flush=True)
+        time.sleep(0.02)  # a real step takes time; the writer (and its checkpoints) keep up
     saver.postprocess(state, None)
     print("done", flush=True)
     """

@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import threading
 import time
 from typing import Any, Callable
@@ -30,7 +29,7 @@ from typing import Any, Callable
 import h5py
 import numpy as np
 
-from jaxsave import _checkpoint, _dtypes, _superblock
+from jaxsave import _checkpoint, _dtypes, _superblock, _swmr_file
 from jaxsave._hdf5_names import StatsSpec, leaf_entries
 from jaxsave._treespec import encode_structure
 from jaxsave._version import __version__
@@ -48,8 +47,6 @@ _LAYOUTS = ("posterior", "chains")
 _CHUNK_BYTES = 1 * 2**20
 #: ... and at most this many draws, so that short runs of small samples stay small files.
 _MAX_CHUNK_ROWS = 4096
-#: Chunk cache per dataset: holds partial ~1 MiB chunks; bigger chunks (big samples) bypass it.
-_CACHE_BYTES = 2 * 2**20
 
 
 def _encode_treespec(init_sample: Any) -> dict | None:
@@ -180,46 +177,19 @@ class HDF5Collector(DataCollector):
             raise FileExistsError(f"{self._path!r} exists (mode='x')")
         if mode == "a" and exists:
             _superblock.clear_open_flags(self._path)  # a killed writer's mark: we take the file over
-            self._file = self._open_path(self._path, "r+")
+            self._file = _swmr_file.open_path(self._path, "r+", swmr=self.swmr)
             if not self.swmr:
                 self._write_root_attrs()
                 return self._file
             stale = self._root_attrs_stale()
             self._file.close()
-            self._file = None
             if stale:  # rewriting attributes needs a copy in SWMR files: only when they change
                 self._change(self._write_root_attrs)
                 return self._file
-            return self._reopen()
-        tmp = self._aside()
-        try:
-            self._file = self._open_path(tmp, "w")
+            return _swmr_file.reopen(self._path, swmr=True)
+        with _swmr_file.replaced(self._path, copy=False, swmr=self.swmr) as self._file:
             self._write_root_attrs()
-            self._file.close()
-            os.replace(tmp, self._path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return self._reopen()
-
-    def _aside(self) -> str:
-        return f"{self._path}.jaxsave-{os.getpid()}.tmp"
-
-    def _open_path(self, path: str, mode: str) -> h5py.File:
-        kwargs: dict[str, Any] = {"rdcc_nbytes": _CACHE_BYTES, "rdcc_nslots": 100_003}
-        if self.swmr:
-            kwargs["libver"] = "latest"
-        return h5py.File(path, mode, **kwargs)
-
-    def _reopen(self) -> h5py.File:
-        """Open the path for writing: straight into SWMR mode when ``swmr`` (never "open, not SWMR")."""
-        if not self.swmr:
-            return self._open_path(self._path, "r+")
-        fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
-        fapl.set_libver_bounds(h5py.h5f.LIBVER_LATEST, h5py.h5f.LIBVER_LATEST)
-        fapl.set_cache(0, 100_003, _CACHE_BYTES, 0.75)
-        flags = h5py.h5f.ACC_RDWR | h5py.h5f.ACC_SWMR_WRITE
-        return h5py.File(h5py.h5f.open(os.fsencode(self._path), flags, fapl=fapl))
+        return _swmr_file.reopen(self._path, swmr=self.swmr)
 
     def _change(self, change: Callable[[], None], *, then_swmr: bool = False) -> None:
         """Run ``change`` (which creates objects or attributes) where a SWMR file allows it.
@@ -240,19 +210,11 @@ class HDF5Collector(DataCollector):
             return
         if self._file is not None and self._file.id.valid:
             self._file.close()
-        tmp = self._aside()
-        try:
-            shutil.copyfile(self._path, tmp)
-            self._file = self._open_path(tmp, "r+")
+        with _swmr_file.replaced(self._path, copy=True, swmr=True) as self._file:
             change()
             names = [ds.name for ds in self._datasets]
             chain_names = {c: [ds.name for ds in dsets] for c, dsets in self._chain_datasets.items()}
-            self._file.close()
-            os.replace(tmp, self._path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        self._file = self._reopen()
+        self._file = _swmr_file.reopen(self._path, swmr=True)
         self._datasets = [self._file[n] for n in names]
         self._chain_datasets = {c: [self._file[n] for n in ns] for c, ns in chain_names.items()}
 
@@ -274,7 +236,7 @@ class HDF5Collector(DataCollector):
             if not self._file.id.valid:
                 if not self._owned:
                     raise ValueError("the h5py.File given to HDF5Collector was closed")
-                self._file = self._reopen()
+                self._file = _swmr_file.reopen(self._path, swmr=self.swmr)
                 self._datasets, self._chain_datasets = [], {}
             self._capacity.append(_samples_collected(static_information))
             self._counts.append(0)

@@ -1,0 +1,68 @@
+"""An HDF5 file on disk that is always complete and closed, or open in SWMR mode.
+
+A writer killed at any moment must leave a file that opens. HDF5 guarantees that
+for a file in single-writer/multiple-reader (SWMR) mode, but not for one that is
+open for ordinary writing. So a path is only ever written in SWMR mode; what SWMR
+does not allow (creating datasets or attributes) is done on a copy written aside,
+which then replaces the file by an atomic rename.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from typing import Any, Iterator
+
+import h5py
+
+#: Chunk cache per dataset: holds partial ~1 MiB chunks; bigger chunks (big samples) bypass it.
+CACHE_BYTES = 2 * 2**20
+_CACHE_SLOTS = 100_003
+
+
+def aside(path: str) -> str:
+    """The temporary name a change of ``path`` is written under."""
+    return f"{path}.jaxsave-{os.getpid()}.tmp"
+
+
+def open_path(path: str, mode: str, *, swmr: bool) -> h5py.File:
+    """Open ``path`` the ordinary way (``libver="latest"`` when it will be used with SWMR)."""
+    kwargs: dict[str, Any] = {"rdcc_nbytes": CACHE_BYTES, "rdcc_nslots": _CACHE_SLOTS}
+    if swmr:
+        kwargs["libver"] = "latest"
+    return h5py.File(path, mode, **kwargs)
+
+
+def reopen(path: str, *, swmr: bool) -> h5py.File:
+    """Open ``path`` for writing: straight into SWMR mode when ``swmr`` (never "open, not SWMR")."""
+    if not swmr:
+        return open_path(path, "r+", swmr=False)
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_libver_bounds(h5py.h5f.LIBVER_LATEST, h5py.h5f.LIBVER_LATEST)
+    fapl.set_cache(0, _CACHE_SLOTS, CACHE_BYTES, 0.75)
+    flags = h5py.h5f.ACC_RDWR | h5py.h5f.ACC_SWMR_WRITE
+    return h5py.File(h5py.h5f.open(os.fsencode(path), flags, fapl=fapl))
+
+
+@contextlib.contextmanager
+def replaced(path: str, *, copy: bool, swmr: bool) -> Iterator[h5py.File]:
+    """A writable file that replaces ``path`` when the block ends without an error.
+
+    It starts as a copy of ``path`` (``copy=True``) or empty, is written under
+    :func:`aside`, closed, and renamed over ``path``; on an error ``path`` is left
+    as it was. Close ``path`` before entering.
+    """
+    tmp = aside(path)
+    try:
+        if copy:
+            shutil.copyfile(path, tmp)
+        file = open_path(tmp, "r+" if copy else "w", swmr=swmr)
+        try:
+            yield file
+        finally:
+            file.close()
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
@@ -130,10 +131,51 @@ class DataCollector(abc.ABC):
 
 
 class _MemoryChain:
-    def __init__(self, layout: SampleLayout):
+    """One chain's rows, in arrays that grow by half when full, up to the expected count.
+
+    Every sample is copied once, into its final place: no per-block arrays to
+    concatenate at the end, so memory peaks at the samples' size, not twice it.
+    """
+
+    #: The first allocation holds at most this many bytes per chain (then grows by half).
+    FIRST_BYTES = 64 * 2**20
+
+    def __init__(self, layout: SampleLayout, capacity: int | None):
         self.layout = layout
-        self.parts: list[list[np.ndarray]] = [[] for _ in layout.specs]
-        self.samples: list[np.ndarray] | None = None
+        self.capacity = capacity
+        self.rows: list[np.ndarray] | None = None
+        self.count = 0
+        self.done = False
+
+    def append(self, values: list[np.ndarray]) -> None:
+        n = len(values[0]) if values else 0
+        needed = self.count + n
+        if self.rows is None or needed > len(self.rows[0]):
+            size = self._next_size(needed)
+            grown = [np.empty((size, *self.layout.storage_shape(j)), self.layout.row_dtype(j))
+                     for j in range(len(self.layout.specs))]
+            if self.rows is not None:
+                for new, old in zip(grown, self.rows):
+                    new[: self.count] = old[: self.count]
+            self.rows = grown
+        for rows, block in zip(self.rows, values):
+            rows[self.count:needed] = block
+        self.count = needed
+
+    def _next_size(self, needed: int) -> int:
+        row_bytes = sum(math.prod(self.layout.storage_shape(j)) * self.layout.row_dtype(j).itemsize
+                        for j in range(len(self.layout.specs)))
+        current = len(self.rows[0]) if self.rows else 0
+        size = max(needed, current * 3 // 2, self.FIRST_BYTES // max(1, row_bytes))
+        if self.capacity is not None and needed <= self.capacity:
+            size = min(size, self.capacity)
+        return size
+
+    def samples(self) -> list[np.ndarray]:
+        if self.rows is None:
+            return [np.zeros((0, *self.layout.storage_shape(j)), self.layout.row_dtype(j))
+                    for j in range(len(self.layout.specs))]
+        return [rows[: self.count] for rows in self.rows]
 
 
 class MemoryCollector(DataCollector):
@@ -158,29 +200,23 @@ class MemoryCollector(DataCollector):
         self._chains: list[_MemoryChain] = []
 
     def register_chain(self, init_sample=None, init_checkpoint=None, static_information=None, **unused) -> int:
-        self._chains.append(_MemoryChain(sample_layout(init_sample)))
+        capacity = _samples_collected(static_information)
+        self._chains.append(_MemoryChain(sample_layout(init_sample), capacity))
         return len(self._chains) - 1
 
     def save(self, chain_id: int, values: list[np.ndarray]) -> None:
-        parts = self._chains[chain_id].parts
-        for j, rows in enumerate(values):
-            parts[j].append(np.array(rows, copy=True))
+        self._chains[chain_id].append(values)
 
     def finalize(self, chain_id: int) -> None:
         chain = self._chains[chain_id]
-        layout = chain.layout
-        chain.samples = [
-            np.concatenate(parts) if parts else np.zeros((0, *layout.storage_shape(j)), layout.row_dtype(j))
-            for j, parts in enumerate(chain.parts)
-        ]
-        chain.parts = []
+        chain.done = True
         if self._dir is not None:
             self._write_npz(chain_id, chain)
 
     def _write_npz(self, chain_id: int, chain: _MemoryChain) -> None:
         self._dir.mkdir(parents=True, exist_ok=True)
         names = ["/".join(key) for key in chain.layout.keys]
-        arrays = {name: _dtypes.to_storable(a) for name, a in zip(names, chain.samples)}
+        arrays = {name: _dtypes.to_storable(a) for name, a in zip(names, chain.samples())}
         dtypes = {name: spec.dtype for name, spec in zip(names, chain.layout.specs)}
         arrays["__jaxsave__"] = np.array(json.dumps({"format": 1, "dtypes": dtypes}))
         np.savez(self._dir / f"chain_{chain_id}.npz", **arrays)
@@ -190,21 +226,18 @@ class MemoryCollector(DataCollector):
         if not 0 <= chain_id < len(self._chains):
             raise SaverStateError(f"this MemoryCollector has no chain {chain_id} to continue")
         chain = self._chains[chain_id]
-        rows = chain.samples if chain.samples is not None else [
-            np.concatenate(p) if p else np.zeros((0, *chain.layout.storage_shape(j)), chain.layout.row_dtype(j))
-            for j, p in enumerate(chain.parts)]
-        if rows and len(rows[0]) < sample_count:
+        if chain.count < sample_count:
             raise SaverStateError(
-                f"chain {chain_id} holds {len(rows[0])} samples, fewer than the checkpoint's {sample_count}")
-        chain.parts = [[r[:sample_count]] for r in rows]
-        chain.samples = None
+                f"chain {chain_id} holds {chain.count} samples, fewer than the checkpoint's {sample_count}")
+        chain.count = sample_count
+        chain.done = False
 
     def finished(self, chain_id: int) -> Any:
         chain = self._chains[chain_id]
-        if chain.samples is None:
+        if not chain.done:
             raise SaverStateError(f"chain {chain_id} has not been finalized")
         leaves = [
             _dtypes.from_storable(a, spec.dtype) if spec.is_key else a
-            for a, spec in zip(chain.samples, chain.layout.specs)
+            for a, spec in zip(chain.samples(), chain.layout.specs)
         ]
         return chain.layout.unflatten(leaves)

@@ -239,6 +239,23 @@ def test_memory_collector_writes_npz_per_chain(tmp_path):
         np.testing.assert_array_equal(f["c/list_element_0"], np.arange(5))
 
 
+@pytest.mark.parametrize("capacity", [None, 37, 10**9])
+def test_memory_collector_grows_in_place_and_copies_each_sample_once(monkeypatch, capacity):
+    from jaxsave.collectors import _MemoryChain
+
+    monkeypatch.setattr(_MemoryChain, "FIRST_BYTES", 5 * 8)  # room for 5 rows of (2,) float32: grow often
+    collector = jaxsave.MemoryCollector()
+    saver = jaxsave.save(collector, block_size=3)
+    state = saver.init(jnp.zeros(2), None, jaxsave.static_information(samples_collected=capacity))
+    state, _ = jax.lax.scan(lambda s, i: saver.save(s, i % 3 != 1, jnp.full(2, i, jnp.float32)),
+                            state, jnp.arange(55))
+    out = saver.postprocess(state, None)
+    want = np.array([i for i in range(55) if i % 3 != 1], np.float32)
+    np.testing.assert_array_equal(out["samples"][:, 0], want)
+    allocated = len(collector._chains[0].rows[0])
+    assert len(want) <= allocated <= (37 if capacity == 37 else 3 * len(want) // 2 + 5)
+
+
 def test_device_state_is_bounded_by_the_block_size(sample):
     saver = jaxsave.save(jaxsave.MemoryCollector(), block_size=32)
     state = saver.init(sample, None, jaxsave.static_information(samples_collected=10**6))

@@ -4,7 +4,8 @@ For each case, in one run: (a) the loop without saving, (b) ``no_save``,
 (c) ``MemoryCollector``, (d) ``HDF5Collector``, (e) the naive way (one
 ``io_callback`` per sample), and optionally (f) HDF5 with ``checkpoint_every``.
 Times are end to end (the compiled run plus ``postprocess``, which waits until
-every sample is written), the best of ``--repeats``. Ratios are to (a).
+every sample is written), the best of ``--repeats`` rounds that
+time every variant in turn. Ratios are to (a).
 
     python benchmarks/stream.py            # the full cases of issue 2
     python benchmarks/stream.py --quick    # 10x fewer steps, for a smoke run
@@ -13,6 +14,7 @@ every sample is written), the best of ``--repeats``. Ratios are to (a).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -165,8 +167,19 @@ def mlp_case(kind, steps, chains, thin, tmp):
     return elapsed / steps
 
 
-def best_of(repeats, fn):
-    return min(fn() for _ in range(repeats))
+def interleaved(row, repeats):
+    """Time every variant of ``row`` once per round, ``repeats`` rounds; keep each one's best.
+
+    Round-robin rather than one variant after another, so a burst of load on a
+    shared machine hits every variant alike and the ratios stay fair.
+    """
+    fns, best = row["us_per_step"], {}
+    for _ in range(repeats):
+        for kind, fn in fns.items():
+            best[kind] = min(best.get(kind, float("inf")), fn() * 1e6)
+    for kind, us in best.items():
+        print(f"  {row['case']:30s} {kind:10s} {us:10.2f} us/step", file=sys.stderr)
+    return {**row, "us_per_step": best}
 
 
 def main(argv=None):
@@ -197,17 +210,15 @@ def main(argv=None):
                 steps = case["steps"]
                 if kind == "naive" and case["dim"] < 1000:
                     steps = max(1000, steps // 20)  # the naive way is slow; time fewer steps
-                fn = lambda: run_stream_case(kind, steps, case["dim"], case["chains"], case["thin"], tmp,
-                                             args.checkpoint_every)
-                row["us_per_step"][kind] = best_of(args.repeats, fn) * 1e6
-                print(f"  {name:30s} {kind:10s} {row['us_per_step'][kind]:10.2f} us/step", file=sys.stderr)
-            rows.append(row)
+                row["us_per_step"][kind] = functools.partial(
+                    run_stream_case, kind, steps, case["dim"], case["chains"], case["thin"], tmp,
+                    args.checkpoint_every)
+            rows.append(interleaved(row, args.repeats))
         mlp_steps = 3000 // scale
-        row = {"case": "SGLD Haiku MLP, 4 chains", "steps": mlp_steps, "chains": 4, "thin": 10, "us_per_step": {}}
-        for kind in ["baseline", "no_save", "memory", "hdf5"]:
-            row["us_per_step"][kind] = best_of(args.repeats, lambda: mlp_case(kind, mlp_steps, 4, 10, tmp)) * 1e6
-            print(f"  {row['case']:30s} {kind:10s} {row['us_per_step'][kind]:10.2f} us/step", file=sys.stderr)
-        rows.append(row)
+        row = {"case": "SGLD Haiku MLP, 4 chains", "steps": mlp_steps, "chains": 4, "thin": 10, "us_per_step": {
+            kind: functools.partial(mlp_case, kind, mlp_steps, 4, 10, tmp)
+            for kind in ["baseline", "no_save", "memory", "hdf5"]}}
+        rows.append(interleaved(row, args.repeats))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -26,6 +26,7 @@ from jax.experimental import io_callback
 from jaxsave import _checkpoint
 from jaxsave._checkpoint import Checkpoint, broadcast_unbatched
 from jaxsave._host import Block, Writer
+from jaxsave._packing import Packing, pack, unpack
 from jaxsave._saver import SaveState, Saver, _count, _SaverBase
 from jaxsave._tree import check_like
 from jaxsave.collectors import DataCollector, MemoryCollector, SampleLayout
@@ -43,30 +44,6 @@ _MAX_BLOCK_ROWS = 4096
 
 def _row_bytes(layout: SampleLayout) -> int:
     return sum(math.prod(layout.storage_shape(j)) * layout.row_dtype(j).itemsize for j in range(len(layout.specs)))
-
-
-@functools.lru_cache(maxsize=None)
-def _row_writer(axis: int) -> Callable:
-    """``write(buffers, rows, index)``: each row written at ``index`` along ``axis`` of its buffer.
-
-    Under vmap a batched ``index`` is taken from the first chain: vmapped chains
-    advance together (the host checks it), so the write stays an in-place
-    dynamic-update-slice instead of becoming a scatter that copies the buffer.
-    """
-
-    @custom_vmap
-    def write(buffers, rows, index):
-        return tuple(lax.dynamic_update_index_in_dim(b, r, index, axis) for b, r in zip(buffers, rows))
-
-    @write.def_vmap
-    def _write_vmap(axis_size, in_batched, buffers, rows, index):
-        buffers_b, rows_b, index_b = in_batched
-        buffers = broadcast_unbatched(buffers, buffers_b, axis_size)
-        rows = broadcast_unbatched(rows, rows_b, axis_size)
-        out = _row_writer(axis + 1)(buffers, rows, index[0] if index_b else index)
-        return out, tuple(True for _ in out)
-
-    return write
 
 
 class _Streamer(_SaverBase):
@@ -99,6 +76,7 @@ class _Streamer(_SaverBase):
         self.collector = collector
         self.block_size = block_size
         self.max_queue_bytes = max_queue_bytes
+        self.packing: Packing | None = None
         self.writer: Writer | None = None
         self.late_error: BaseException | None = None
         self.flush = self._make_flush()
@@ -133,6 +111,10 @@ class _Streamer(_SaverBase):
             if self.checkpoint_every:  # the largest block that ends on every checkpoint step
                 rows = max(d for d in range(1, min(rows, self.checkpoint_every) + 1) if self.checkpoint_every % d == 0)
             self.block_size = rows
+        if self.packing is None:
+            leaves = range(len(self.layout.specs))
+            self.packing = Packing.build(self.block_size, [self.layout.storage_shape(j) for j in leaves],
+                                         [self.layout.row_dtype(j) for j in leaves])
         if self.writer is None or not self.writer.alive:
             self.writer = Writer(self.collector, max_queue_bytes=self.max_queue_bytes)
             self.writer.checkpoint_spec = self.checkpoint_spec
@@ -196,10 +178,7 @@ class _Streamer(_SaverBase):
         state = SaveState(
             chain_id=jnp.int32(ids[0]),
             saved_samples=jnp.int32(0),
-            data=tuple(
-                jnp.zeros((self.block_size, *self.layout.storage_shape(j)), self.layout.row_dtype(j))
-                for j in range(len(self.layout.specs))
-            ),
+            data=self.packing.zeros(),
             keep_mask=jnp.zeros((self.block_size,), jnp.bool_),
             step=jnp.int32(0),
         )
@@ -229,8 +208,7 @@ class _Streamer(_SaverBase):
         keep = self._check_keep(keep)
         rows = state.keep_mask.shape[-1]
         slot = state.step % rows
-        *data, mask = _row_writer(0)((*state.data, state.keep_mask), (*leaves, keep), slot)
-        data = tuple(data)
+        data, mask = self.packing.write(state.data, state.keep_mask, leaves, keep, slot)
         step = state.step + 1
         saved = state.saved_samples + keep.astype(jnp.int32)
         full = slot == rows - 1
@@ -247,7 +225,8 @@ class _Streamer(_SaverBase):
 
         def send(payload):
             # Every argument of io_callback costs ~0.1 ms: the small per-chain fields and
-            # the keep mask travel as one int32 array, (chains..., 4 + rows).
+            # the keep mask travel as one int32 array, (chains..., 4 + rows); the samples
+            # as one buffer per dtype; the solver state packed the same way.
             active, chain, end, mask, data, ckpt = payload
             saved = ckpt[1] if ckpt is not None else jnp.zeros_like(end)
             meta = jnp.concatenate([jnp.stack([active.astype(jnp.int32), chain, end, saved], axis=-1),
@@ -256,8 +235,10 @@ class _Streamer(_SaverBase):
                 io_callback(receive, None, (meta, data, None), ordered=False)
                 return
             # The solver state travels only with blocks that end on a checkpoint step.
+            solver, layout = pack(ckpt[0], meta.ndim - 1)
             lax.cond(jnp.any(active & (end % every == 0)),
-                     lambda: io_callback(receive, None, (meta, data, ckpt[0]), ordered=False),
+                     lambda: io_callback(functools.partial(receive, solver_layout=layout), None,
+                                         (meta, data, solver), ordered=False),
                      lambda: io_callback(receive, None, (meta, data, None), ordered=False))
 
         @custom_vmap
@@ -275,11 +256,10 @@ class _Streamer(_SaverBase):
 
     # -- host ------------------------------------------------------------------------
 
-    def _receive(self, payload: Any) -> None:
+    def _receive(self, payload: Any, solver_layout: tuple = ()) -> None:
         """The flush callback: wrap the block and queue it; runs on an XLA thread."""
         try:
-            meta, data, ckpt_leaves = payload
-            batch = np.shape(meta)[:-1]
+            meta, data, solver = payload
             meta = np.asarray(meta).reshape(-1, np.shape(meta)[-1])
             active, chains, ends, saved = meta[:, 0].astype(bool), meta[:, 1], meta[:, 2], meta[:, 3]
             mask = meta[:, 4:].astype(bool)
@@ -293,10 +273,10 @@ class _Streamer(_SaverBase):
                     f"chain(s) {finished or chains[active].tolist()} saved samples after postprocess "
                     "finished them; start again from init"
                 )
-            leaves = [np.asarray(x).reshape(-1, *np.shape(x)[len(batch):]) for x in data]
+            leaves = self.packing.unpack(data)
             block = Block(chains, ends, mask, leaves, keepalive=payload)
-            if ckpt_leaves is not None:
-                flat = [np.asarray(x).reshape(-1, *np.shape(x)[len(batch):]) for x in ckpt_leaves]
+            if solver is not None:
+                flat = unpack(solver, solver_layout)
                 block.checkpoints = _checkpoint.records(
                     chains, ends, saved, flat, active & (ends % self.checkpoint_every == 0))
             if not active.all():
@@ -337,7 +317,7 @@ class _Streamer(_SaverBase):
         counts = np.asarray(state.saved_samples).reshape(-1)
         rows = np.shape(state.keep_mask)[-1]
         mask = np.asarray(state.keep_mask).reshape(-1, rows)
-        leaves = [np.asarray(x).reshape(-1, *np.shape(x)[len(batch):]) for x in state.data]
+        leaves = self.packing.unpack(state.data)
         try:
             tails = steps % rows
             for tail in np.unique(tails):

@@ -8,6 +8,7 @@
 from jaxsave._checkpoint import ChainCheckpoint, Checkpoint, resume
 from jaxsave._device import no_save
 from jaxsave._saver import SaveState, Saver, static_information
+from jaxsave._sharding import shard_state
 from jaxsave._stream import save
 from jaxsave._tree import (
     dict_to_pytree,
@@ -55,6 +56,7 @@ __all__ = [
     "Saver",
     "DataCollector",
     "MemoryCollector",
+    "shard_state",
     # checkpoint and resume
     "Checkpoint",
     "ChainCheckpoint",

@@ -19,6 +19,7 @@ from jaxsave._tree import (
 from jaxsave._version import __version__
 from jaxsave.collectors import DataCollector, MemoryCollector
 from jaxsave.hdf5 import HDF5Collector
+from jaxsave.merge import merge
 from jaxsave.samples import (
     LiveSamples,
     SampleFileInfo,
@@ -70,6 +71,7 @@ __all__ = [
     "file_info",
     "SampleFileInfo",
     "recover",
+    "merge",
     # saving and loading pytrees and models
     "save_pytree",
     "load_pytree",

@@ -55,8 +55,10 @@ def shard_state(state: Any, mesh: jax.sharding.Mesh, axis: str | tuple[str, ...]
     >>> mesh = jax.make_mesh((1,), ("chains",))
     >>> init, save, postprocess = jaxsave.save()
     >>> state = jaxsave.shard_state(init(jnp.zeros((4, 2)), chains=4), mesh)
-    >>> state.chain_id.sharding.spec
-    PartitionSpec('chains',)
+    >>> state.chain_id.sharding.spec == jax.sharding.PartitionSpec("chains")
+    True
+    >>> postprocess(state, None)["sample_count"].tolist()
+    [0, 0, 0, 0]
     """
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis))
     if jax.process_count() == 1:

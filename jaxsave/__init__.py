@@ -8,6 +8,7 @@
 from jaxsave._checkpoint import ChainCheckpoint, Checkpoint, resume
 from jaxsave._device import no_save
 from jaxsave._saver import SaveState, Saver, static_information
+from jaxsave._sharding import shard_state
 from jaxsave._stream import save
 from jaxsave._tree import (
     dict_to_pytree,
@@ -18,6 +19,7 @@ from jaxsave._tree import (
 from jaxsave._version import __version__
 from jaxsave.collectors import DataCollector, MemoryCollector
 from jaxsave.hdf5 import HDF5Collector
+from jaxsave.merge import merge
 from jaxsave.samples import (
     LiveSamples,
     SampleFileInfo,
@@ -55,6 +57,7 @@ __all__ = [
     "Saver",
     "DataCollector",
     "MemoryCollector",
+    "shard_state",
     # checkpoint and resume
     "Checkpoint",
     "ChainCheckpoint",
@@ -68,6 +71,7 @@ __all__ = [
     "file_info",
     "SampleFileInfo",
     "recover",
+    "merge",
     # saving and loading pytrees and models
     "save_pytree",
     "load_pytree",

@@ -23,7 +23,7 @@ from jax import lax
 from jax.custom_batching import custom_vmap
 from jax.experimental import io_callback
 
-from jaxsave import _checkpoint
+from jaxsave import _checkpoint, _sharding
 from jaxsave._checkpoint import Checkpoint, broadcast_unbatched
 from jaxsave._host import Block, Writer
 from jaxsave._packing import Packing, pack, unpack
@@ -307,7 +307,7 @@ class _Streamer(_SaverBase):
         """
         if self.writer is None:
             raise SaverStateError("postprocess() was called before init()")
-        state = jax.device_get(state)
+        state = _sharding.local_part(state)  # this process's chains, on the host
         jax.effects_barrier()
         self._raise_late_error()
         batch = np.shape(state.chain_id)

@@ -4,6 +4,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+# Child scripts that the tests run in their own processes (they set XLA_FLAGS before importing jax).
+collect_ignore_glob = ["_*.py"]
+
 
 def random_walk(saver, state, key, steps, burn_in=0, thin=1, phase=0, dim=3):
     """A small SGLD-like chain under jit + scan; keeps ``i >= burn_in and (i - phase) % thin == 0``.

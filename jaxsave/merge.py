@@ -1,0 +1,165 @@
+"""One view over many sample files: the chains of several processes as one ``posterior``.
+
+With ``jax.distributed``, each process writes its own chains to its own file
+(``run-0.h5``, ``run-1.h5``, ...). :func:`merge` writes a small HDF5 file whose
+``posterior/`` (and ``sample_stats/``) variables are *virtual datasets* over
+those files: no sample is copied, and every reader (h5py, xarray, ArviZ,
+:func:`jaxsave.load_samples`) sees ``(chain, draw, ...)`` arrays with a global
+chain index, the chains of the first file first.
+
+The sources are named by paths relative to the merged file, so a directory that
+holds all of them can be moved or copied as a whole.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from typing import NamedTuple, Sequence
+
+import h5py
+import numpy as np
+
+from jaxsave import _atomic
+from jaxsave._version import __version__
+from jaxsave.errors import FileFormatError, StructureMismatchError
+from jaxsave.hdf5 import FORMAT_VERSION
+from jaxsave.samples import VariableInfo, _counts, _dataset, _open, _str, _variables
+
+__all__ = ["merge"]
+
+PathLike = str | os.PathLike
+
+
+class _Source(NamedTuple):
+    path: str
+    counts: np.ndarray
+    structure: str
+    variables: list[VariableInfo]
+    shapes: dict[str, tuple[int, ...]]  # "group/name" -> stored dataset shape
+    dtypes: dict[str, np.dtype]
+    attrs: dict[str, dict]
+
+
+def _read_source(path: str) -> _Source:
+    if not os.path.exists(path):
+        raise FileFormatError(f"cannot merge {path!r}: no such file")
+    with _open(path) as f:
+        if _str(f.attrs["jaxsave_layout"]) != "posterior":
+            raise FileFormatError(f"cannot merge {path!r}: only files with layout='posterior' can be merged")
+        if "jaxsave_structure" not in f.attrs:
+            raise FileFormatError(f"cannot merge {path!r}: it holds no chains")
+        variables, counts = _variables(f), _counts(f)
+        shapes, dtypes, attrs = {}, {}, {}
+        for var in variables:
+            ds = _dataset(f, "posterior", var)
+            if ds.is_virtual:
+                raise FileFormatError(f"cannot merge {path!r}: it is itself a merged file; merge its sources")
+            if ds.shape[0] < len(counts) or ds.shape[1] < (counts.max() if counts.size else 0):
+                raise FileFormatError(
+                    f"{path!r}: dataset {ds.name} of shape {ds.shape} is smaller than the sample counts "
+                    f"{counts.tolist()} say")
+            key = f"{var.group}/{var.name}"
+            shapes[key], dtypes[key] = ds.shape, ds.dtype
+            attrs[key] = {k: ds.attrs[k] for k in ("jaxsave_dtype", "jaxsave_key") if k in ds.attrs}
+        return _Source(path, counts, _str(f.attrs["jaxsave_structure"]), variables, shapes, dtypes, attrs)
+
+
+def _check_same(first: _Source, other: _Source) -> None:
+    problems = []
+    mine = {f"{v.group}/{v.name}": v for v in first.variables}
+    theirs = {f"{v.group}/{v.name}": v for v in other.variables}
+    problems += [f"{other.path!r} lacks variable {k!r}" for k in mine if k not in theirs]
+    problems += [f"{other.path!r} has variable {k!r}, which {first.path!r} lacks" for k in theirs if k not in mine]
+    for k in mine.keys() & theirs.keys():
+        a, b = mine[k], theirs[k]
+        if (a.dtype, a.shape, a.key) != (b.dtype, b.shape, b.key) or first.dtypes[k] != other.dtypes[k]:
+            problems.append(f"variable {k!r}: {first.path!r} has shape {a.shape} dtype {a.dtype}, "
+                            f"{other.path!r} has shape {b.shape} dtype {b.dtype}")
+    if problems:
+        raise StructureMismatchError("the files cannot be merged:\n  " + "\n  ".join(sorted(problems)))
+
+
+def merge(paths: Sequence[PathLike], out_path: PathLike) -> str:
+    """Write ``out_path``: one sample file whose chains are those of ``paths``, in order.
+
+    Every ``posterior/`` and ``sample_stats/`` variable of ``out_path`` is an
+    HDF5 virtual dataset over the same variable of the sources, shaped
+    ``(total chains, longest chain, ...)``; draws past a chain's count read as
+    NaN (0 for integers), and the root attribute ``sample_counts`` holds every
+    chain's count. The sources must be finished files
+    (:class:`jaxsave.HDF5Collector` closed; :func:`jaxsave.recover` those of a
+    killed process) with the same variables, shapes and dtypes. The root
+    attributes ``jaxsave_merged_from`` (source paths, relative to ``out_path``)
+    and ``jaxsave_chain_offsets`` (the first global chain of each source) say
+    where each chain lives. Returns ``out_path``.
+
+    >>> import os, tempfile, jax.numpy as jnp, jaxsave
+    >>> d = tempfile.mkdtemp()
+    >>> for i in range(2):  # e.g. one file per process
+    ...     init, save, post = jaxsave.save(jaxsave.HDF5Collector(os.path.join(d, f"run-{i}.h5")))
+    ...     state, _ = save(init({"x": jnp.zeros(2)}), True, {"x": jnp.full(2, i, jnp.float32)})
+    ...     _ = post(state, None)
+    >>> out = jaxsave.merge([os.path.join(d, "run-0.h5"), os.path.join(d, "run-1.h5")], os.path.join(d, "all.h5"))
+    >>> jaxsave.load_samples(out)["x"].tolist()
+    [[[0.0, 0.0]], [[1.0, 1.0]]]
+    """
+    out_path = os.fspath(out_path)
+    paths = [os.fspath(p) for p in paths]
+    if not paths:
+        raise ValueError("merge needs at least one source file")
+    if any(os.path.abspath(p) == os.path.abspath(out_path) for p in paths):
+        raise ValueError(f"the merged file {out_path!r} cannot also be a source")
+    sources = [_read_source(p) for p in paths]
+    for other in sources[1:]:
+        _check_same(sources[0], other)
+    counts = np.concatenate([s.counts for s in sources]).astype(np.int64)
+    offsets = np.cumsum([0] + [len(s.counts) for s in sources])
+    draws = int(counts.max()) if counts.size else 0
+    here = os.path.dirname(os.path.abspath(out_path))
+    names = [os.path.relpath(os.path.abspath(p), here) for p in paths]
+    first = sources[0]
+    with _atomic.atomic_path(out_path) as tmp:
+        with h5py.File(tmp, "w", libver=("v110", "latest")) as f:
+            f.attrs["jaxsave_version"] = __version__
+            f.attrs["jaxsave_format"] = FORMAT_VERSION
+            f.attrs["jaxsave_layout"] = "posterior"
+            f.attrs["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
+            f.attrs["jaxsave_structure"] = first.structure
+            f.attrs["sample_counts"] = counts
+            f.attrs["jaxsave_merged_from"] = json.dumps(names)
+            f.attrs["jaxsave_chain_offsets"] = offsets[:-1].astype(np.int64)
+            for group_name in dict.fromkeys(v.group for v in first.variables):
+                group = f.create_group(group_name)
+                for name, size in (("chain", len(counts)), ("draw", draws)):
+                    group.create_dataset(name, data=np.arange(size, dtype=np.int64)).make_scale(name)
+            for var in first.variables:
+                _virtual_variable(f, var, sources, names, offsets, draws)
+    return out_path
+
+
+def _virtual_variable(f: h5py.File, var: VariableInfo, sources: list[_Source], names: list[str],
+                      offsets: np.ndarray, draws: int) -> None:
+    key = f"{var.group}/{var.name}"
+    tail, dtype = sources[0].shapes[key][2:], sources[0].dtypes[key]
+    layout = h5py.VirtualLayout(shape=(int(offsets[-1]), draws) + tail, dtype=dtype)
+    for source, name, start in zip(sources, names, offsets[:-1].tolist()):
+        chains = len(source.counts)
+        n = int(source.counts.max()) if chains else 0
+        if not chains or not n:
+            continue
+        vsource = h5py.VirtualSource(name, key, shape=source.shapes[key])
+        layout[start:start + chains, :n] = vsource[:chains, :n]
+    fill = np.full((), np.nan, dtype) if dtype.kind in "fc" else None
+    group = f[var.group]
+    ds = group.create_virtual_dataset(var.name, layout, fillvalue=fill)
+    for k, v in sources[0].attrs[key].items():
+        ds.attrs[k] = v
+    ds.dims[0].attach_scale(group["chain"])
+    ds.dims[1].attach_scale(group["draw"])
+    for k, size in enumerate(tail):
+        dim = f"{var.name}_dim_{k}"
+        if dim not in group:
+            group.create_dataset(dim, data=np.arange(size, dtype=np.int64)).make_scale(dim)
+        ds.dims[k + 2].attach_scale(group[dim])

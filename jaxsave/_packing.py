@@ -1,10 +1,11 @@
-"""Leaves packed into one flat buffer per dtype, so a flush sends few arrays.
+"""Leaves packed into one buffer per dtype, so a flush sends few arrays.
 
 Every argument of an ``io_callback`` costs about 0.1 ms on top of the call
 itself, so a model with 100 parameter leaves would pay 10 ms per flush. The ring
-buffer therefore keeps one flat buffer per storage dtype; each leaf owns a
-contiguous stretch of it, ``rows`` rows long (leaf-major), so on the host every
-leaf of a chain is a contiguous view, no copy.
+buffer therefore keeps one buffer per storage dtype, ``(rows, n)``: a row is the
+concatenation of that dtype's leaves, flattened. A sample that is one large
+leaf keeps its own layout (a leaf sharded over devices stays sharded the same way
+in the buffer), and on the host each leaf is a view, no copy.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ __all__ = ["Packing", "pack", "unpack"]
 
 
 class Slot(NamedTuple):
-    """Where leaf ``j`` lives: buffer ``group``, elements ``[start, start + rows * size)``."""
+    """Where leaf ``j`` lives: columns ``[start, start + size)`` of buffer ``group``."""
 
     group: int
     start: int
@@ -32,75 +33,71 @@ class Slot(NamedTuple):
 
 
 class Packing(NamedTuple):
-    """How leaves of the given row shapes and dtypes share one flat buffer per dtype."""
+    """How leaves of the given row shapes and dtypes share one ``(rows, n)`` buffer per dtype."""
 
     rows: int
     shapes: tuple[tuple[int, ...], ...]
     dtypes: tuple[np.dtype, ...]  # one per buffer
+    widths: tuple[int, ...]  # one per buffer
     slots: tuple[Slot, ...]  # one per leaf
 
     @classmethod
     def build(cls, rows: int, shapes: Sequence[tuple[int, ...]], dtypes: Sequence[np.dtype]) -> Packing:
         groups: list[np.dtype] = []
-        used: list[int] = []
+        widths: list[int] = []
         slots = []
         for shape, dtype in zip(shapes, dtypes):
             dtype = np.dtype(dtype)
             if dtype not in groups:
                 groups.append(dtype)
-                used.append(0)
+                widths.append(0)
             g, size = groups.index(dtype), math.prod(shape)
-            slots.append(Slot(g, used[g], size))
-            used[g] += rows * size
-        return cls(rows, tuple(map(tuple, shapes)), tuple(groups), tuple(slots))
+            slots.append(Slot(g, widths[g], size))
+            widths[g] += size
+        return cls(rows, tuple(map(tuple, shapes)), tuple(groups), tuple(widths), tuple(slots))
 
     def zeros(self) -> tuple[jax.Array, ...]:
         """The empty buffers of one chain."""
-        totals = [0] * len(self.dtypes)
-        for slot in self.slots:
-            totals[slot.group] = max(totals[slot.group], slot.start + self.rows * slot.size)
-        return tuple(jnp.zeros((n,), dtype) for n, dtype in zip(totals, self.dtypes))
+        return tuple(jnp.zeros((self.rows, n), dtype) for n, dtype in zip(self.widths, self.dtypes))
 
     def write(self, buffers: tuple[jax.Array, ...], mask: jax.Array, leaves: Sequence[jax.Array],
               keep: jax.Array, row: jax.Array) -> tuple[tuple[jax.Array, ...], jax.Array]:
         """``(buffers, mask)`` with the leaves and ``keep`` written as row ``row``, in place (also under vmap)."""
-        plan = (*((s.group, s.start, s.size) for s in self.slots), (len(buffers), 0, 1))
-        pieces = (*(jnp.reshape(x, (-1,)) for x in leaves), jnp.reshape(keep, (1,)))
-        *buffers, mask = _writer(plan)((*buffers, mask), pieces, row)
+        parts: list[list[jax.Array]] = [[] for _ in self.dtypes]
+        for slot, x in zip(self.slots, leaves):
+            parts[slot.group].append(jnp.reshape(x, (slot.size,)))
+        rows = tuple(p[0] if len(p) == 1 else jnp.concatenate(p) for p in parts)
+        *buffers, mask = _row_writer(0)((*buffers, mask), (*rows, keep), row)
         return tuple(buffers), mask
 
     def unpack(self, buffers: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Host side: leaf ``j`` as ``(chains, rows, *shape)`` views of buffers ``(*chains, n)``."""
-        flat = [np.asarray(b).reshape(-1, np.shape(b)[-1]) for b in buffers]
+        """Host side: leaf ``j`` as ``(chains, rows, *shape)`` views of buffers ``(*chains, rows, n)``."""
+        flat = [np.asarray(b).reshape(-1, self.rows, np.shape(b)[-1]) for b in buffers]
         return [
-            flat[s.group][:, s.start:s.start + self.rows * s.size].reshape(-1, self.rows, *shape)
+            flat[s.group][:, :, s.start:s.start + s.size].reshape(-1, self.rows, *shape)
             for s, shape in zip(self.slots, self.shapes)
         ]
 
 
 @functools.lru_cache(maxsize=None)
-def _writer(plan: tuple[tuple[int, int, int], ...]) -> Callable:
-    """``write(buffers, pieces, row)``: piece i at ``start + row * size`` of buffer ``group`` (last axis).
+def _row_writer(axis: int) -> Callable:
+    """``write(buffers, rows, index)``: each row written at ``index`` along ``axis`` of its buffer.
 
-    Under vmap a batched ``row`` is taken from the first chain: vmapped chains
+    Under vmap a batched ``index`` is taken from the first chain: vmapped chains
     advance together (the host checks it), so the write stays an in-place
     dynamic-update-slice instead of becoming a scatter that copies the buffer.
     """
 
     @custom_vmap
-    def write(buffers, pieces, row):
-        out = list(buffers)
-        for (group, start, size), piece in zip(plan, pieces):
-            buf = out[group]
-            out[group] = lax.dynamic_update_slice_in_dim(buf, piece, start + row * size, buf.ndim - 1)
-        return tuple(out)
+    def write(buffers, rows, index):
+        return tuple(lax.dynamic_update_index_in_dim(b, r, index, axis) for b, r in zip(buffers, rows))
 
     @write.def_vmap
-    def _write_vmap(axis_size, in_batched, buffers, pieces, row):
-        buffers_b, pieces_b, row_b = in_batched
+    def _write_vmap(axis_size, in_batched, buffers, rows, index):
+        buffers_b, rows_b, index_b = in_batched
         buffers = _broadcast(buffers, buffers_b, axis_size)
-        pieces = _broadcast(pieces, pieces_b, axis_size)
-        out = write(buffers, pieces, row[0] if row_b else row)
+        rows = _broadcast(rows, rows_b, axis_size)
+        out = _row_writer(axis + 1)(buffers, rows, index[0] if index_b else index)
         return out, tuple(True for _ in out)
 
     return write

@@ -4,8 +4,7 @@ Case 1: one process, 8 CPU devices x 8 chains each (64 chains), a 10-float
 SGLD step in ``shard_map`` over a ``chains`` mesh axis. Case 2: 2 processes
 (``jax.distributed``, loopback coordinator), 4 devices x 8 chains each per
 process, each process writing its own file; the ratio is per process.
-Saving uses ``block_size=256`` (see docs/scaling.md: larger per-device blocks stalled on
-fake CPU devices). Times are end to end (compiled run plus ``postprocess``), best of
+Saving uses the automatic block size unless ``--block-size`` is given. Times are end to end (compiled run plus ``postprocess``), best of
 ``--repeats``, baseline measured in the same process.
 
     python benchmarks/sharded.py            # both cases, writes results/sharded.json
@@ -74,7 +73,7 @@ def worker(args) -> dict:
         times["baseline"].append((time.perf_counter() - start) / steps)
 
         saver = jaxsave.save(jaxsave.HDF5Collector(os.path.join(tmp, f"run-{args.pid}-{r}.h5")),
-                             block_size=args.block_size)
+                             block_size=args.block_size or None)
         state = saver.init({"x": jnp.zeros((local, dim))}, None,
                            jaxsave.static_information(samples_collected=steps), chains=local)
         state = jaxsave.shard_state(state, mesh)
@@ -122,7 +121,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chains-per-device", type=int, default=8)
-    parser.add_argument("--block-size", type=int, default=256)
+    parser.add_argument("--block-size", type=int, default=0, help="rows per block (0: automatic)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.worker:

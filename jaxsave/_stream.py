@@ -21,9 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.custom_batching import custom_vmap
-from jax.experimental import io_callback
 
-from jaxsave import _checkpoint, _sharding
+from jaxsave import _callback, _checkpoint, _sharding
 from jaxsave._checkpoint import Checkpoint, broadcast_unbatched
 from jaxsave._host import Block, Writer
 from jaxsave._packing import Packing, pack, unpack
@@ -232,14 +231,14 @@ class _Streamer(_SaverBase):
             meta = jnp.concatenate([jnp.stack([active.astype(jnp.int32), chain, end, saved], axis=-1),
                                     mask.astype(jnp.int32)], axis=-1)
             if ckpt is None:
-                io_callback(receive, None, (meta, data, None), ordered=False)
+                _callback.send(receive, (meta, data, None))
                 return
             # The solver state travels only with blocks that end on a checkpoint step.
             solver, layout = pack(ckpt[0], meta.ndim - 1)
             lax.cond(jnp.any(active & (end % every == 0)),
-                     lambda: io_callback(functools.partial(receive, solver_layout=layout), None,
-                                         (meta, data, solver), ordered=False),
-                     lambda: io_callback(receive, None, (meta, data, None), ordered=False))
+                     lambda: _callback.send(functools.partial(receive, solver_layout=layout),
+                                            (meta, data, solver)),
+                     lambda: _callback.send(receive, (meta, data, None)))
 
         @custom_vmap
         def flush(pred, payload):

@@ -34,9 +34,9 @@ CALLS: list = []
 _receive = _stream._Streamer._receive
 
 
-def counting_receive(self, payload):
+def counting_receive(self, payload, **kwargs):
     CALLS.append((threading.get_ident(), np.shape(payload[0]), [np.shape(x) for x in payload[1]]))
-    return _receive(self, payload)
+    return _receive(self, payload, **kwargs)
 
 
 _stream._Streamer._receive = counting_receive
@@ -99,7 +99,7 @@ def pmap_case():
 
 
 def sharded_sample_case():
-    n = 8 * 256  # a parameter vector split over the 8 devices (see docs/scaling.md on larger ones)
+    n = 8 * 1024  # a parameter vector split over the 8 devices; a block (131 KB) is cut into pieces
     path = os.path.join(out_dir, "sharded_sample.h5")
     auto = jax.make_mesh((8,), ("d",), axis_types=(AxisType.Auto,))
     init, save, post = jaxsave.save(jaxsave.HDF5Collector(path), block_size=BLOCK)
@@ -134,7 +134,37 @@ def sharded_sample_case():
           f"{block_bytes} B, temp {stats.temp_size_in_bytes} B; gathers: {len(gathers)}")
 
 
-CASES = sys.argv[2:] or ["shard_map", "pmap", "sharded_sample"]
+def large_blocks_case():
+    """Default block size: 8 chains x 4096 rows x 10 floats = 1.3 MB per device and flush.
+
+    Arguments of 100 KiB or more used to hang this run (every device waiting in a
+    callback for a host copy no thread would make); jaxsave._callback cuts them.
+    """
+    path = os.path.join(out_dir, "large_blocks.h5")
+    init, save, post = jaxsave.save(jaxsave.HDF5Collector(path))
+    state = init({"x": jnp.zeros((64, 10))}, chains=64)
+    rows = state.keep_mask.shape[-1]
+    steps = 2 * rows + 5
+    x0 = jnp.arange(640, dtype=jnp.float32).reshape(64, 10)
+
+    def chain(state, x):
+        def step(carry, i):
+            state, x = carry
+            x = x + 1.0
+            return (save(state, True, {"x": x})[0], x), None
+        return jax.lax.scan(step, (state, x), jnp.arange(steps))[0]
+
+    run = jax.jit(jax.shard_map(jax.vmap(chain), mesh=mesh, in_specs=P("chains"), out_specs=P("chains")))
+    CALLS.clear()
+    out, _ = run(jaxsave.shard_state(state, mesh), jaxsave.shard_state(x0, mesh))
+    assert post(out, None)["sample_count"].tolist() == [steps] * 64
+    assert len(CALLS) == 8 * 2, len(CALLS)  # still one callback per device and flush
+    stored = jaxsave.load_samples(path)["x"]
+    np.testing.assert_array_equal(stored, np.asarray(x0)[:, None, :] + np.arange(1, steps + 1)[None, :, None])
+    print(f"large blocks: {rows} rows x 8 chains per device, {len(CALLS)} callbacks")
+
+
+CASES = sys.argv[2:] or ["shard_map", "pmap", "sharded_sample", "large_blocks"]
 for case in CASES:
     globals()[case + "_case"]()
 print("ok", flush=True)

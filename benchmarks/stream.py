@@ -39,7 +39,12 @@ def sgld_step(x, key, eps=1e-3):
     return x - eps * grad + jnp.sqrt(2 * eps) * jax.random.normal(key, x.shape, x.dtype)
 
 
-def make_loop(saver, steps, dim, chains, thin, kind):
+def as_sample(x, leaves):
+    """The sample: ``x`` itself, or its ``leaves`` rows as separate leaves (a model's parameter list)."""
+    return {"x": x} if leaves == 1 else {"x": [x[..., i, :] for i in range(leaves)]}
+
+
+def make_loop(saver, steps, dim, chains, thin, kind, leaves=1):
     """A jit-compiled run of ``steps`` SGLD steps over ``chains`` vmapped chains."""
 
     def chain(state, x, key):
@@ -51,9 +56,9 @@ def make_loop(saver, steps, dim, chains, thin, kind):
             if kind == "naive":
                 io_callback(naive_sink, None, keep, x, ordered=False)
             elif kind == "hdf5+ckpt":
-                state, _ = saver.save(state, keep, {"x": x}, solver_state={"x": x, "key": key})
+                state, _ = saver.save(state, keep, as_sample(x, leaves), solver_state={"x": x, "key": key})
             elif kind != "baseline":
-                state, _ = saver.save(state, keep, {"x": x})
+                state, _ = saver.save(state, keep, as_sample(x, leaves))
             return (state, x, key), None
 
         return jax.lax.scan(body, (state, x, key), jnp.arange(steps))[0]
@@ -85,18 +90,19 @@ def make_saver(kind, tmp, checkpoint_every=0):
     return jaxsave.save(jaxsave.HDF5Collector(path), **extra), path
 
 
-def run_stream_case(kind, steps, dim, chains, thin, tmp, checkpoint_every=0):
-    x0 = jnp.zeros((chains, dim) if chains > 1 else (dim,), jnp.float32)
+def run_stream_case(kind, steps, dim, chains, thin, tmp, checkpoint_every=0, leaves=1):
+    shape = (dim,) if leaves == 1 else (leaves, dim // leaves)
+    x0 = jnp.zeros((chains, *shape) if chains > 1 else shape, jnp.float32)
     keys = jax.random.split(jax.random.key(0), chains) if chains > 1 else jax.random.key(0)
     saver, state, path = None, jnp.zeros(()), None
     kept = -(-steps // thin)
     info = jaxsave.static_information(samples_collected=kept)
     if kind in ("no_save", "memory", "hdf5", "hdf5+ckpt"):
         saver, path = make_saver(kind, tmp, checkpoint_every)
-        sample = {"x": x0}
+        sample = as_sample(x0, leaves)
         solver = {"x": x0, "key": keys} if kind == "hdf5+ckpt" else None
         state = saver.init(sample, solver, info, chains=chains if chains > 1 else None)
-    run = make_loop(saver, steps, dim, chains, thin, kind).lower(state, x0, keys).compile()
+    run = make_loop(saver, steps, dim, chains, thin, kind, leaves).lower(state, x0, keys).compile()
     NAIVE.clear()
     start = time.perf_counter()
     out = run(state, x0, keys)
@@ -198,6 +204,7 @@ def main(argv=None):
         ("1 chain x 10 floats", dict(steps=100_000 // scale, dim=10, chains=1, thin=1)),
         ("64 chains x 10 floats", dict(steps=10_000 // scale, dim=10, chains=64, thin=1)),
         ("1 chain x 1M floats (4 MB)", dict(steps=max(20, 200 // scale), dim=2**20, chains=1, thin=1)),
+        ("1 chain x 100 leaves x 100 floats", dict(steps=20_000 // scale, dim=10_000, chains=1, thin=1, leaves=100)),
     ]
     kinds = ["baseline", "no_save", "memory", "hdf5", "naive"]
     if args.checkpoint_every:
@@ -212,7 +219,7 @@ def main(argv=None):
                     steps = max(1000, steps // 20)  # the naive way is slow; time fewer steps
                 row["us_per_step"][kind] = functools.partial(
                     run_stream_case, kind, steps, case["dim"], case["chains"], case["thin"], tmp,
-                    args.checkpoint_every)
+                    args.checkpoint_every, case.get("leaves", 1))
             rows.append(interleaved(row, args.repeats))
         mlp_steps = 3000 // scale
         row = {"case": "SGLD Haiku MLP, 4 chains", "steps": mlp_steps, "chains": 4, "thin": 10, "us_per_step": {

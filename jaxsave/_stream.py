@@ -354,9 +354,12 @@ class _Streamer(_SaverBase):
                         f"received {self.writer.written[chain]}"
                     )
             samples = [self.collector.finished(c) for c in chains.tolist()]
-        except BaseException:
+        except BaseException as error:
             self.finished.update(chains.tolist())
-            self._close_if_done(force=True)
+            try:
+                self._close_if_done(force=True)
+            except Exception as late:  # noqa: BLE001 - the first error is the one to report
+                logger.error("jaxsave: closing after %r failed too: %r", error, late)
             raise
         self.finished.update(chains.tolist())
         self._close_if_done()

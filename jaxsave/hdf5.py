@@ -18,6 +18,7 @@ See ``docs/hdf5.md`` for the full layout and the crash-safety guarantees.
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import logging
 import math
@@ -47,6 +48,13 @@ _LAYOUTS = ("posterior", "chains")
 _CHUNK_BYTES = 1 * 2**20
 #: ... and at most this many draws, so that short runs of small samples stay small files.
 _MAX_CHUNK_ROWS = 4096
+#: Free space kept beyond what the next block may need (see ``HDF5Collector._check_space``).
+SPACE_MARGIN = 2 * 2**20
+
+try:
+    import resource as _resource
+except ImportError:  # not POSIX: no file-size limit to respect
+    _resource = None
 
 
 def _encode_treespec(init_sample: Any) -> dict | None:
@@ -411,7 +419,9 @@ class HDF5Collector(DataCollector):
                 return
             start, n = starts.pop(), values[0].shape[1] if values else 0
             stop = first + len(chain_ids)
-            for ds, rows in zip(self._posterior(start + n), values):
+            dsets = self._posterior(start + n)
+            self._check_space(dsets, len(chain_ids), values)
+            for ds, rows in zip(dsets, values):
                 ds[first:stop, start:start + n] = _dtypes.to_storable(rows)
             for chain in chain_ids:
                 self._counts[chain] += n
@@ -420,12 +430,42 @@ class HDF5Collector(DataCollector):
     def _write_rows(self, chain: int, values: list[np.ndarray]) -> None:
         start, n = self._counts[chain], len(values[0]) if values else 0
         dsets = self._posterior(start + n) if self.layout == "posterior" else self._chain_group(chain, start + n)
+        self._check_space(dsets, 1, values)
         for ds, rows in zip(dsets, values):
             if self.layout == "posterior":
                 ds[chain, start:start + n] = _dtypes.to_storable(rows)
             else:
                 ds[start:start + n] = _dtypes.to_storable(rows)
         self._counts[chain] += n
+
+    def _check_space(self, dsets: list[h5py.Dataset], chains: int, values: list[np.ndarray]) -> None:
+        """Refuse a block that the disk (or the file-size limit) may not have room for, before HDF5 sees it.
+
+        HDF5 cannot recover from a write that fails for lack of space: the file
+        stays open and the process crashes at exit. So before each block this
+        checks that there is room for the block, for a chunk per dataset and
+        chain it may newly allocate and one still in the chunk cache, and for
+        :data:`SPACE_MARGIN`; if not, it raises ``OSError`` (ENOSPC or EFBIG)
+        with the file untouched, which then closes cleanly with every sample
+        written so far.
+        """
+        if self._file.driver not in ("sec2", "stdio"):
+            return
+        chunk = sum(math.prod(ds.chunks) * ds.dtype.itemsize for ds in dsets if ds.chunks)
+        needed = sum(v.nbytes for v in values) + 2 * chains * chunk + SPACE_MARGIN
+        where = os.path.dirname(os.path.abspath(self._filename))
+        stat = os.statvfs(where)
+        free = stat.f_bavail * stat.f_frsize
+        held = f"the file keeps the {sum(self._counts)} samples written before"
+        if needed > free:
+            raise OSError(errno.ENOSPC, f"No space left on device for {self._filename}: {free / 2**20:.1f} MiB "
+                                        f"free, the next block needs up to {needed / 2**20:.1f} MiB; {held}")
+        if _resource is not None:
+            limit = _resource.getrlimit(_resource.RLIMIT_FSIZE)[0]
+            size = os.path.getsize(self._filename)
+            if limit != _resource.RLIM_INFINITY and size + needed > limit:
+                raise OSError(errno.EFBIG, f"File too large: {self._filename} would pass this process's file size "
+                                           f"limit (ulimit -f) of {limit} bytes; {held}")
 
     def _after_block(self) -> None:
         self._blocks += 1
@@ -541,7 +581,9 @@ class HDF5Collector(DataCollector):
         with self._lock:
             if not self._file.id.valid:
                 return
-            self._trim()
-            self._write_checkpoints()
-            if self._owned:
-                self._file.close()
+            try:
+                self._trim()
+                self._write_checkpoints()
+            finally:  # a failed write (full disk...) still releases the file
+                if self._owned:
+                    self._file.close()

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import h5py
 import numpy as np
 
-from jaxsave import _checkpoint, _dtypes, _superblock, _swmr_file
+from jaxsave import _atomic, _checkpoint, _dtypes, _superblock, _swmr_file
 from jaxsave._hdf5_names import StatsSpec, leaf_entries
 from jaxsave._treespec import encode_structure
 from jaxsave._version import __version__
@@ -180,6 +180,7 @@ class HDF5Collector(DataCollector):
 
     def _create_file(self, mode: str) -> h5py.File:
         """Open the path; a new file appears only complete (written aside, then renamed)."""
+        self._remove_stale_temporaries()
         exists = os.path.exists(self._path)
         if mode == "x" and exists:
             raise FileExistsError(f"{self._path!r} exists (mode='x')")
@@ -198,6 +199,13 @@ class HDF5Collector(DataCollector):
         with _swmr_file.replaced(self._path, copy=False, swmr=self.swmr) as self._file:
             self._write_root_attrs()
         return _swmr_file.reopen(self._path, swmr=self.swmr)
+
+    def _remove_stale_temporaries(self) -> None:
+        """Delete what writers killed while changing this file (or its checkpoint) left next to it."""
+        directory, name = os.path.split(os.path.abspath(self._path))
+        if os.path.isdir(directory):
+            _swmr_file.remove_stale_asides(self._path)
+            _atomic.remove_stale_temporaries(directory, target=name + _checkpoint.CHECKPOINT_SUFFIX)
 
     def _change(self, change: Callable[[], None], *, then_swmr: bool = False) -> None:
         """Run ``change`` (which creates objects or attributes) where a SWMR file allows it.

@@ -18,7 +18,6 @@ See ``docs/hdf5.md`` for the full layout and the crash-safety guarantees.
 from __future__ import annotations
 
 import datetime
-import errno
 import json
 import logging
 import math
@@ -30,7 +29,7 @@ from typing import Any, Callable
 import h5py
 import numpy as np
 
-from jaxsave import _atomic, _checkpoint, _dtypes, _superblock, _swmr_file
+from jaxsave import _atomic, _checkpoint, _diskspace, _dtypes, _superblock, _swmr_file
 from jaxsave._hdf5_names import StatsSpec, leaf_entries
 from jaxsave._treespec import encode_structure
 from jaxsave._version import __version__
@@ -48,13 +47,6 @@ _LAYOUTS = ("posterior", "chains")
 _CHUNK_BYTES = 1 * 2**20
 #: ... and at most this many draws, so that short runs of small samples stay small files.
 _MAX_CHUNK_ROWS = 4096
-#: Free space kept beyond what the next block may need (see ``HDF5Collector._check_space``).
-SPACE_MARGIN = 2 * 2**20
-
-try:
-    import resource as _resource
-except ImportError:  # not POSIX: no file-size limit to respect
-    _resource = None
 
 
 def _encode_treespec(init_sample: Any) -> dict | None:
@@ -411,13 +403,22 @@ class HDF5Collector(DataCollector):
 
     # -- writing (writer thread) ---------------------------------------------------------
 
+    def _require_open(self) -> None:
+        """Refuse to write into a file that was closed under the collector (by the user)."""
+        if not self._file.id.valid:
+            raise SaverStateError(
+                f"the h5py.File {self._filename!r} given to HDF5Collector was closed while the sampler was still "
+                "saving to it; keep it open until postprocess has returned")
+
     def save(self, chain_id: int, values: list[np.ndarray]) -> None:
         with self._lock:
+            self._require_open()
             self._write_rows(chain_id, values)
             self._after_block()
 
     def save_block(self, chain_ids: list[int], values: list[np.ndarray]) -> None:
         with self._lock:
+            self._require_open()
             first, starts = chain_ids[0], {self._counts[c] for c in chain_ids}
             contiguous = chain_ids == list(range(first, first + len(chain_ids)))
             if self.layout != "posterior" or not contiguous or len(starts) != 1:
@@ -447,33 +448,16 @@ class HDF5Collector(DataCollector):
         self._counts[chain] += n
 
     def _check_space(self, dsets: list[h5py.Dataset], chains: int, values: list[np.ndarray]) -> None:
-        """Refuse a block that the disk (or the file-size limit) may not have room for, before HDF5 sees it.
+        """Refuse a block the disk may not have room for, before HDF5 sees it (see :mod:`jaxsave._diskspace`).
 
-        HDF5 cannot recover from a write that fails for lack of space: the file
-        stays open and the process crashes at exit. So before each block this
-        checks that there is room for the block, for a chunk per dataset and
-        chain it may newly allocate and one still in the chunk cache, and for
-        :data:`SPACE_MARGIN`; if not, it raises ``OSError`` (ENOSPC or EFBIG)
-        with the file untouched, which then closes cleanly with every sample
-        written so far.
+        Room is needed for the block, a chunk per dataset and chain it may newly
+        allocate and one still in the chunk cache.
         """
         if self._file.driver not in ("sec2", "stdio"):
             return
         chunk = sum(math.prod(ds.chunks) * ds.dtype.itemsize for ds in dsets if ds.chunks)
-        needed = sum(v.nbytes for v in values) + 2 * chains * chunk + SPACE_MARGIN
-        where = os.path.dirname(os.path.abspath(self._filename))
-        stat = os.statvfs(where)
-        free = stat.f_bavail * stat.f_frsize
-        held = f"the file keeps the {sum(self._counts)} samples written before"
-        if needed > free:
-            raise OSError(errno.ENOSPC, f"No space left on device for {self._filename}: {free / 2**20:.1f} MiB "
-                                        f"free, the next block needs up to {needed / 2**20:.1f} MiB; {held}")
-        if _resource is not None:
-            limit = _resource.getrlimit(_resource.RLIMIT_FSIZE)[0]
-            size = os.path.getsize(self._filename)
-            if limit != _resource.RLIM_INFINITY and size + needed > limit:
-                raise OSError(errno.EFBIG, f"File too large: {self._filename} would pass this process's file size "
-                                           f"limit (ulimit -f) of {limit} bytes; {held}")
+        needed = sum(v.nbytes for v in values) + 2 * chains * chunk
+        _diskspace.check_room(self._filename, needed, f"the file keeps the {sum(self._counts)} samples written before")
 
     def _after_block(self) -> None:
         self._blocks += 1
@@ -505,6 +489,7 @@ class HDF5Collector(DataCollector):
 
     def finalize(self, chain_id: int) -> None:
         with self._lock:
+            self._require_open()
             self._finalized.add(chain_id)
             if self.layout == "chains" and self._sample is not None:
                 self._chain_group(chain_id, self._counts[chain_id])
@@ -544,6 +529,7 @@ class HDF5Collector(DataCollector):
     def checkpoint(self, records: dict, spec: Any) -> None:
         """Keep the newest checkpoints; write them if ``checkpoint_interval`` has passed since the last write."""
         with self._lock:
+            self._require_open()
             if not self._checkpoints and os.path.exists(self.checkpoint_path):
                 self._checkpoints = _checkpoint.read_file(self.checkpoint_path)[0]
             self._checkpoints.update(records)

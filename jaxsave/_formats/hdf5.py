@@ -9,12 +9,14 @@ on the HDF5 library's own parsing; prefer the default format for those.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from typing import Any, BinaryIO
 
 import h5py
 import numpy as np
 
+from jaxsave._diskspace import check_room
 from jaxsave._dtypes import storage_dtype
 from jaxsave._formats import MAX_HEADER_BYTES
 from jaxsave.errors import FileFormatError
@@ -27,6 +29,8 @@ def _dataset_name(name: str, i: int) -> str:
 
 
 def write(target: str | BinaryIO, header: dict[str, Any], arrays: Sequence[np.ndarray]) -> None:
+    if isinstance(target, (str, os.PathLike)):  # HDF5 cannot recover from a full disk: check first
+        check_room(os.fspath(target), sum(a.nbytes for a in arrays) + 4096 * (len(arrays) + 1))
     with h5py.File(target, "w") as f:
         f.attrs["jaxsave"] = json.dumps(header, separators=(",", ":"))
         group = f.create_group(GROUP)

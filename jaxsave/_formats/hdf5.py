@@ -38,6 +38,25 @@ def write(target: str | BinaryIO, header: dict[str, Any], arrays: Sequence[np.nd
             group.create_dataset(_dataset_name(leaf["name"], i), data=a)
 
 
+#: Deflate cannot expand data more than about 1032:1 (LZF far less): a bound on a compressed dataset's content.
+_MAX_RATIO = 1100
+
+
+def check_stored(ds: h5py.Dataset, nbytes: int) -> None:
+    """Refuse to read ``nbytes`` from ``ds`` when the file does not hold data for them.
+
+    An HDF5 dataset can declare any shape and store nothing (unallocated chunks
+    read as the fill value), so a small hostile file could make a reader
+    allocate terabytes. The bytes read must be backed by stored bytes (times
+    the best compression ratio, for filtered datasets), plus 64 MiB of slack.
+    """
+    stored = ds.id.get_storage_size()
+    limit = stored * (_MAX_RATIO if ds.compression or ds.id.get_create_plist().get_nfilters() else 1) + 2**26
+    if nbytes > limit:
+        raise FileFormatError(f"dataset {ds.name!r} declares {nbytes} bytes to read but the file stores only "
+                              f"{stored} for it (a sparse or hostile file)")
+
+
 class Reader:
     """Read a jaxsave HDF5 file."""
 
@@ -73,6 +92,7 @@ class Reader:
                 raise FileFormatError(
                     f"dataset {ds.name!r} is {ds.dtype}{list(ds.shape)}, "
                     f"the header says {dtype}{list(shape)}")
+            check_stored(ds, int(np.prod(shape, dtype=object)) * ds.dtype.itemsize)
 
     def read(self, indices: Sequence[int], specs: Sequence[tuple[tuple[int, ...], str]],
              names: Sequence[str]) -> list[np.ndarray]:

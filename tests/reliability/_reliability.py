@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, settings
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 #: Deterministic fuzzing (the same examples on every run), no deadline (files, 2 shared cores).
-FUZZ = settings(derandomize=True, deadline=None, max_examples=150, database=None,
+FUZZ = settings(derandomize=True, deadline=None, max_examples=500, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 

@@ -26,7 +26,7 @@ from jax.experimental import io_callback
 from jaxsave import _checkpoint
 from jaxsave._checkpoint import Checkpoint, broadcast_unbatched
 from jaxsave._host import Block, Writer
-from jaxsave._saver import SaveState, Saver, _count, _SaverBase
+from jaxsave._saver import SaveState, Saver, _count, _SaverBase, check_state
 from jaxsave._tree import check_like
 from jaxsave.collectors import DataCollector, MemoryCollector, SampleLayout
 from jaxsave.errors import SaverStateError
@@ -95,6 +95,8 @@ class _Streamer(_SaverBase):
             raise TypeError(f"data_collector must be a jaxsave.DataCollector, got {type(collector).__name__}")
         if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        if not isinstance(max_queue_bytes, int) or max_queue_bytes < 1:
+            raise ValueError(f"max_queue_bytes must be a positive int, got {max_queue_bytes!r}")
         collector._attach(self)
         self.collector = collector
         self.block_size = block_size
@@ -225,6 +227,7 @@ class _Streamer(_SaverBase):
         they travel with that step's block of samples, at no cost on other steps.
         """
         self._check_open()
+        check_state(state, "save()")
         leaves = self._flat_sample(sample)
         keep = self._check_keep(keep)
         rows = state.keep_mask.shape[-1]
@@ -327,6 +330,7 @@ class _Streamer(_SaverBase):
         """
         if self.writer is None:
             raise SaverStateError("postprocess() was called before init()")
+        check_state(state, "postprocess()")
         state = jax.device_get(state)
         jax.effects_barrier()
         self._raise_late_error()

@@ -127,6 +127,11 @@ class HDF5Collector(DataCollector):
             raise ValueError("sample_stats= needs layout='posterior'")
         if isinstance(sample_stats, str):
             raise TypeError("sample_stats must be a sequence of names or a predicate, not a string")
+        if not isinstance(flush_every, int) or flush_every < 0:
+            raise ValueError(f"flush_every must be an int >= 0, got {flush_every!r}")
+        for name, value in (("flush_interval", flush_interval), ("checkpoint_interval", checkpoint_interval)):
+            if not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
+                raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
         self.layout = layout
         self.compression = compression
         self.flush_every = int(flush_every)
@@ -172,11 +177,17 @@ class HDF5Collector(DataCollector):
 
     def _create_file(self, mode: str) -> h5py.File:
         """Open the path; a new file appears only complete (written aside, then renamed)."""
+        directory = os.path.dirname(os.path.abspath(self._path))
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"cannot create {self._path!r}: the directory {directory!r} does not exist")
+        if os.path.isdir(self._path):
+            raise IsADirectoryError(f"{self._path!r} is a directory; HDF5Collector needs a file path")
         self._remove_stale_temporaries()
         exists = os.path.exists(self._path)
         if mode == "x" and exists:
             raise FileExistsError(f"{self._path!r} exists (mode='x')")
         if mode == "a" and exists:
+            self._check_takeover()
             _superblock.clear_open_flags(self._path)  # a killed writer's mark: we take the file over
             self._file = _swmr_file.open_path(self._path, "r+", swmr=self.swmr)
             if not self.swmr:
@@ -191,6 +202,19 @@ class HDF5Collector(DataCollector):
         with _swmr_file.replaced(self._path, copy=False, swmr=self.swmr) as self._file:
             self._write_root_attrs()
         return _swmr_file.reopen(self._path, swmr=self.swmr)
+
+    def _check_takeover(self) -> None:
+        """mode="a": the path must be a jaxsave sample file (not another program's HDF5 file)."""
+        from jaxsave.errors import FileFormatError
+
+        try:
+            with h5py.File(self._path, "r", locking=False) as f:
+                ours = "jaxsave_format" in f.attrs
+        except OSError:
+            return  # unreadable while marked open by a killed writer: clear_open_flags checks it is HDF5
+        if not ours:
+            raise FileFormatError(f"{self._path!r} is an HDF5 file not written by jaxsave; mode='a' only continues "
+                                  "jaxsave sample files (use mode='w' to replace it)")
 
     def _remove_stale_temporaries(self) -> None:
         """Delete what writers killed while changing this file (or its checkpoint) left next to it."""

@@ -343,6 +343,8 @@ def load_samples(path: PathLike, chain: int | None = None, like: Any = None, *, 
     draws = slice(None) if draws is None else draws
     if not isinstance(draws, slice):
         raise TypeError(f"draws must be a slice, got {type(draws).__name__}")
+    if draws.step == 0:
+        raise ValueError("draws: a slice step cannot be zero")
     with _open(path) as f:
         return _load(f, chain, like, draws)
 

@@ -131,6 +131,8 @@ def save_pytree(
     :class:`~jaxsave.errors.UnregisteredNameError` listing all of them.
     """
     fmt = _formats.format_for_path(file, format)
+    if isinstance(file, (str, os.PathLike)) and os.path.isdir(file):
+        raise IsADirectoryError(f"{os.fspath(file)!r} is a directory; save_pytree needs a file path")
     spec, leaves, paths = _treespec.encode_structure_with_names(tree)
     table, arrays = [], []
     for name, leaf in zip(_unique_names(paths), leaves):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import math
 from typing import Any, Callable
 
@@ -104,6 +105,7 @@ class _Streamer(_SaverBase):
         self.writer: Writer | None = None
         self.late_error: BaseException | None = None
         self.flush = self._make_flush()
+        self._lock = threading.RLock()  # chains may be registered (and finished) from several threads
 
     # -- init ------------------------------------------------------------------------
 
@@ -124,6 +126,12 @@ class _Streamer(_SaverBase):
         scheduler state, if you pass one to ``save``). ``resume`` continues the
         chains of a :class:`Checkpoint` from :func:`jaxsave.resume`.
         """
+        with self._lock:
+            return self._init(init_sample, init_checkpoint, static_information, chains=chains,
+                              scheduler_state=scheduler_state, resume=resume)
+
+    def _init(self, init_sample: Any, init_checkpoint: Any, static_information: Any, *, chains: int | None,
+              scheduler_state: Any, resume: Checkpoint | None) -> SaveState:
         self._raise_late_error()
         if resume is not None:
             chains = None if np.ndim(resume.chain_ids) == 0 or len(resume.chain_ids) == 1 else len(resume.chain_ids)
@@ -359,14 +367,16 @@ class _Streamer(_SaverBase):
                     )
             samples = [self.collector.finished(c) for c in chains.tolist()]
         except BaseException as error:
-            self.finished.update(chains.tolist())
-            try:
-                self._close_if_done(force=True)
-            except Exception as late:  # noqa: BLE001 - the first error is the one to report
-                logger.error("jaxsave: closing after %r failed too: %r", error, late)
+            with self._lock:
+                self.finished.update(chains.tolist())
+                try:
+                    self._close_if_done(force=True)
+                except Exception as late:  # noqa: BLE001 - the first error is the one to report
+                    logger.error("jaxsave: closing after %r failed too: %r", error, late)
             raise
-        self.finished.update(chains.tolist())
-        self._close_if_done()
+        with self._lock:
+            self.finished.update(chains.tolist())
+            self._close_if_done()
         return self._stack_results(batch, counts, samples)
 
     def _start_progress(self) -> None:

@@ -192,6 +192,7 @@ def test_atomic_writes_under_a_file_size_limit_keep_the_old_file(tmp_path, figur
     figures("faults", "file-size limit during save_pytree/Checkpointer", surfaced=5, injected=5)
 
 
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # preexec_fn forks; the child execs at once
 def test_directory_made_read_only_mid_run(figures):
     # tmp_path lives under a 0700 root-owned directory: use a directory the child can reach.
     directory = tempfile.mkdtemp(prefix="jaxsave-ro-")

@@ -331,6 +331,50 @@ def _checkpoints(tmp_path):
     return 3
 
 
+
+@hostile("damaged zip internals (compression method, member names, offsets)")
+def _zip_internals(tmp_path):
+    path = tmp_path / "z.npz"
+    jaxsave.save_pytree(path, {"a": np.arange(8.0), "b": np.ones(2)})
+    raw = path.read_bytes()
+    cases = []
+    local = raw.index(b"PK\x03\x04")
+    central = raw.index(b"PK\x01\x02")
+    b = bytearray(raw)
+    b[local + 8:local + 10] = struct.pack("<H", 99)  # a compression method zipfile does not know
+    b[central + 10:central + 12] = struct.pack("<H", 99)
+    cases.append(bytes(b))
+    b = bytearray(raw)
+    b[local + 30] ^= 0x20  # the local member name disagrees with the directory's
+    cases.append(bytes(b))
+    b = bytearray(raw)
+    b[central + 42:central + 46] = struct.pack("<I", 2**31)  # a member offset past the end
+    cases.append(bytes(b))
+    for data in cases:
+        path.write_bytes(data)
+        _expect_refusal(lambda: jaxsave.load_pytree(path))
+    return len(cases)
+
+
+@hostile("damaged HDF5 data and heaps under a valid superblock")
+def _h5_internals(tmp_path):
+    path = tmp_path / "d.h5"
+    jaxsave.save_pytree(path, {"a": np.arange(64.0), "s": "a string kept in the header"})
+    raw = path.read_bytes()
+    n = 0
+    for pos in range(96, len(raw), max(1, len(raw) // 40)):  # flip a byte every 1/40th of the file
+        b = bytearray(raw)
+        b[pos] ^= 0xFF
+        path.write_bytes(bytes(b))
+        try:
+            got = jaxsave.load_pytree(path, as_numpy=True)
+            assert got["a"].shape == (64,) and got["a"].dtype == np.float64
+        except jaxsave.JaxsaveError:
+            pass
+        n += 1
+    return n
+
+
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_crafted_hostile_files(tmp_path, case, figures):
     n = HOSTILE[case](tmp_path)

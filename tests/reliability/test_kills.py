@@ -222,3 +222,21 @@ def test_sigkill_during_checkpointer_saves(tmp_path, figures):
             assert got_step == step and (np.asarray(tree["w"]) == step).all() and int(tree["step"]) == step
         survived += 1
     figures("kills", "Checkpointer.save", survived=survived, tried=KILLS)
+
+
+def test_stale_leftovers_of_a_killed_writer_are_removed_on_open(tmp_path):
+    """A kill during a change leaves ``<file>.jaxsave-<pid>.tmp`` (and checkpoint temporaries): cleaned on open."""
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path = tmp_path / "s.h5"
+    jaxsave.HDF5Collector(path).close()
+    stale = [tmp_path / f"s.h5.jaxsave-{dead.pid}.tmp", tmp_path / f".s.h5.ckpt.{dead.pid}.0123abcd.jaxsave-tmp"]
+    live = [tmp_path / f"s.h5.jaxsave-{os.getppid()}.tmp",  # a live process's change in progress
+            tmp_path / f".other.h5.ckpt.{dead.pid}.0123abcd.jaxsave-tmp"]  # another file's
+    for p in stale + live:
+        p.write_bytes(b"partial")
+    jaxsave.HDF5Collector(path, mode="a").close()
+    assert sorted(os.listdir(tmp_path)) == sorted(["s.h5"] + [p.name for p in live])

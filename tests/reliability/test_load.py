@@ -68,8 +68,8 @@ def test_64_chains_100k_steps_stream_in_flat_memory(tmp_path, figures):
     device_growth = (min(device_after_chunk[-warm:]) - max(device_after_chunk[:warm])) / 2**20
     peak = (rss.peak - rss.base) / 2**20
     mib = [round(r / 2**20) for r in after_chunk]
-    # What may still grow is bounded: HDF5's metadata cache (32 MiB per file), its chunk caches (2 MiB per
-    # dataset) and the allocator's arenas (benchmarks/reliability_figures.py --long shows the plateau).
+    # Some growth remains while the allocator's arenas settle; it levels off (about +170 MiB over the start
+    # after ~1M steps: benchmarks/reliability_figures.py --long). HDF5's metadata cache stays near 1 MiB.
     assert growth < 64, f"host RSS grew by {growth:.0f} MiB after warm-up: {mib}"
     assert peak < 64 + 128, f"host RSS peaked {peak:.0f} MiB over the start (queue bound: 64 MiB): {mib}"
     assert device_growth < 1, f"device memory grew by {device_growth:.1f} MiB: {device_after_chunk}"

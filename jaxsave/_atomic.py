@@ -108,15 +108,16 @@ def atomic_write(
         fsync_directory(os.path.dirname(os.path.abspath(path)))
 
 
-def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[str]:
+def remove_stale_temporaries(directory: str | os.PathLike[str], target: str | None = None) -> list[str]:
     """Delete temporary files left in ``directory`` by processes that no longer run.
 
-    Files of live processes (on this machine) are kept. Returns the removed paths.
+    Files of live processes (on this machine) are kept; with ``target`` (a file
+    name), only the temporaries of that file are considered. Returns the removed paths.
     """
     removed = []
     for name in os.listdir(directory):
         m = _TEMP_RE.match(name)
-        if m is None or _pid_alive(int(m.group("pid"))):
+        if m is None or (target is not None and m.group("target") != target) or pid_alive(int(m.group("pid"))):
             continue
         path = os.path.join(directory, name)
         with contextlib.suppress(OSError):
@@ -125,7 +126,8 @@ def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[str]:
     return removed
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (this process counts as running)."""
     if pid == os.getpid():
         return True
     try:

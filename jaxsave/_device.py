@@ -16,7 +16,7 @@ import numpy as np
 from jax import lax
 
 from jaxsave import _dtypes
-from jaxsave._saver import SaveState, Saver, _count, _SaverBase
+from jaxsave._saver import SaveState, Saver, _count, _SaverBase, check_state
 from jaxsave.errors import CapacityError
 
 __all__ = ["no_save"]
@@ -65,6 +65,7 @@ class _DeviceSaver(_SaverBase):
         """Write ``sample`` at the next free row if ``keep``; call inside jit/scan/vmap."""
         self._check_open()
         leaves = self._flat_sample(sample)
+        check_state(state, "save()")
         keep = self._check_keep(keep)
         # Row ``capacity`` is scratch: a sample not kept (or past the end) is written
         # there, so the update is a plain in-place write, never a copy of the buffer.
@@ -76,6 +77,7 @@ class _DeviceSaver(_SaverBase):
 
     def postprocess(self, state: SaveState, unused_saved: Any = None) -> dict:
         """The kept samples, as the original tree (vmapped chains: zero-padded, stacked)."""
+        check_state(state, "postprocess()")
         state = jax.device_get(state)
         batch = np.shape(state.chain_id)
         chains = np.asarray(state.chain_id).reshape(-1)

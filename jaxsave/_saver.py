@@ -55,6 +55,8 @@ def _count(static_info: Any) -> int | None:
     n = getattr(static_info, "samples_collected", None)
     if n is None:
         return None
+    if isinstance(n, float) or getattr(n, "dtype", np.dtype(int)).kind not in "iu":
+        raise TypeError(f"samples_collected must be an integer, got {n!r}")
     try:
         value = int(n)
     except (TypeError, jax.errors.ConcretizationTypeError) as error:
@@ -80,7 +82,11 @@ class _SaverBase:
         try:
             spec = jax.eval_shape(lambda tree: tree, init_sample)
         except TypeError as error:
-            raise TypeError(f"init_sample must be a pytree of arrays or numbers: {error}") from error
+            paths = jax.tree_util.tree_flatten_with_path(init_sample)[0]
+            bad = [f"{jax.tree_util.keystr(p) or '<root>'} ({type(x).__name__})" for p, x in paths
+                   if not _is_array_like(x)]
+            raise TypeError(f"init_sample must be a pytree of arrays or numbers; not arrays: {', '.join(bad) or error}"
+                            ) from error
         if chains is not None:
             if not isinstance(chains, int) or chains < 1:
                 raise ValueError(f"chains must be a positive int, got {chains!r}")
@@ -118,6 +124,8 @@ class _SaverBase:
 
     @staticmethod
     def _check_keep(keep: Any) -> jax.Array:
+        if keep is None or isinstance(keep, (str, bytes)):
+            raise TypeError(f"keep must be a boolean scalar (e.g. `step % thin == 0`), got {keep!r}")
         keep = jnp.asarray(keep)
         if keep.shape != () or keep.dtype != jnp.bool_:
             raise TypeError(
@@ -155,3 +163,18 @@ def _stack_padded(leaves: tuple[Any, ...], length: int, batch: tuple[int, ...]) 
     padded = [np.pad(a, [(0, length - a.shape[0])] + [(0, 0)] * (a.ndim - 1)) for a in arrays]
     out = np.stack(padded).reshape(batch + padded[0].shape)
     return jax.random.wrap_key_data(out, impl=impl) if keys else out
+
+
+def _is_array_like(x: Any) -> bool:
+    try:
+        jax.eval_shape(lambda t: t, x)
+        return True
+    except TypeError:
+        return False
+
+
+def check_state(state: Any, where: str) -> None:
+    """Refuse anything but a :class:`SaveState` as the saving state (a clear error instead of an AttributeError)."""
+    if not isinstance(state, SaveState):
+        raise TypeError(f"{where}: state must be the SaveState returned by init (or by the previous save), "
+                        f"got {type(state).__name__}")

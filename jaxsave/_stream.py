@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import math
 from typing import Any, Callable
 
@@ -26,7 +27,7 @@ from jaxsave import _callback, _checkpoint, _sharding
 from jaxsave._checkpoint import Checkpoint, broadcast_unbatched
 from jaxsave._host import Block, Writer
 from jaxsave._packing import Packing, pack, unpack
-from jaxsave._saver import SaveState, Saver, _count, _SaverBase
+from jaxsave._saver import SaveState, Saver, _count, _SaverBase, check_state
 from jaxsave._tree import check_like
 from jaxsave.collectors import DataCollector, MemoryCollector, SampleLayout
 from jaxsave.errors import SaverStateError
@@ -71,6 +72,8 @@ class _Streamer(_SaverBase):
             raise TypeError(f"data_collector must be a jaxsave.DataCollector, got {type(collector).__name__}")
         if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        if not isinstance(max_queue_bytes, int) or max_queue_bytes < 1:
+            raise ValueError(f"max_queue_bytes must be a positive int, got {max_queue_bytes!r}")
         collector._attach(self)
         self.collector = collector
         self.block_size = block_size
@@ -79,6 +82,7 @@ class _Streamer(_SaverBase):
         self.writer: Writer | None = None
         self.late_error: BaseException | None = None
         self.flush = self._make_flush()
+        self._lock = threading.RLock()  # chains may be registered (and finished) from several threads
 
     # -- init ------------------------------------------------------------------------
 
@@ -99,6 +103,12 @@ class _Streamer(_SaverBase):
         scheduler state, if you pass one to ``save``). ``resume`` continues the
         chains of a :class:`Checkpoint` from :func:`jaxsave.resume`.
         """
+        with self._lock:
+            return self._init(init_sample, init_checkpoint, static_information, chains=chains,
+                              scheduler_state=scheduler_state, resume=resume)
+
+    def _init(self, init_sample: Any, init_checkpoint: Any, static_information: Any, *, chains: int | None,
+              scheduler_state: Any, resume: Checkpoint | None) -> SaveState:
         self._raise_late_error()
         if resume is not None:
             chains = None if np.ndim(resume.chain_ids) == 0 or len(resume.chain_ids) == 1 else len(resume.chain_ids)
@@ -203,6 +213,7 @@ class _Streamer(_SaverBase):
         they travel with that step's block of samples, at no cost on other steps.
         """
         self._check_open()
+        check_state(state, "save()")
         leaves = self._flat_sample(sample)
         keep = self._check_keep(keep)
         rows = state.keep_mask.shape[-1]
@@ -306,6 +317,7 @@ class _Streamer(_SaverBase):
         """
         if self.writer is None:
             raise SaverStateError("postprocess() was called before init()")
+        check_state(state, "postprocess()")
         state = _sharding.local_part(state)  # this process's chains, on the host
         jax.effects_barrier()
         self._raise_late_error()
@@ -333,12 +345,17 @@ class _Streamer(_SaverBase):
                         f"received {self.writer.written[chain]}"
                     )
             samples = [self.collector.finished(c) for c in chains.tolist()]
-        except BaseException:
-            self.finished.update(chains.tolist())
-            self._close_if_done(force=True)
+        except BaseException as error:
+            with self._lock:
+                self.finished.update(chains.tolist())
+                try:
+                    self._close_if_done(force=True)
+                except Exception as late:  # noqa: BLE001 - the first error is the one to report
+                    logger.error("jaxsave: closing after %r failed too: %r", error, late)
             raise
-        self.finished.update(chains.tolist())
-        self._close_if_done()
+        with self._lock:
+            self.finished.update(chains.tolist())
+            self._close_if_done()
         return self._stack_results(batch, counts, samples)
 
     def _start_progress(self) -> None:

@@ -10,11 +10,15 @@ which then replaces the file by an atomic rename.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import re
 import shutil
 from typing import Any, Iterator
 
 import h5py
+
+from jaxsave._atomic import pid_alive
 
 #: Chunk cache per dataset: holds partial ~1 MiB chunks; bigger chunks (big samples) bypass it.
 CACHE_BYTES = 2 * 2**20
@@ -24,6 +28,19 @@ _CACHE_SLOTS = 100_003
 def aside(path: str) -> str:
     """The temporary name a change of ``path`` is written under."""
     return f"{path}.jaxsave-{os.getpid()}.tmp"
+
+
+def remove_stale_asides(path: str) -> list[str]:
+    """Delete the :func:`aside` copies of ``path`` left by writers killed during a change."""
+    removed = []
+    pattern = re.compile(re.escape(os.path.basename(path)) + r"\.jaxsave-(\d+)\.tmp$")
+    for name in glob.glob(glob.escape(path) + ".jaxsave-*.tmp"):
+        m = pattern.match(os.path.basename(name))
+        if m and not pid_alive(int(m.group(1))):
+            with contextlib.suppress(OSError):
+                os.remove(name)
+                removed.append(name)
+    return removed
 
 
 def open_path(path: str, mode: str, *, swmr: bool) -> h5py.File:

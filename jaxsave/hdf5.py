@@ -29,7 +29,7 @@ from typing import Any, Callable
 import h5py
 import numpy as np
 
-from jaxsave import _checkpoint, _dtypes, _superblock, _swmr_file
+from jaxsave import _atomic, _checkpoint, _diskspace, _dtypes, _superblock, _swmr_file
 from jaxsave._hdf5_names import StatsSpec, leaf_entries
 from jaxsave._treespec import encode_structure
 from jaxsave._version import __version__
@@ -127,6 +127,11 @@ class HDF5Collector(DataCollector):
             raise ValueError("sample_stats= needs layout='posterior'")
         if isinstance(sample_stats, str):
             raise TypeError("sample_stats must be a sequence of names or a predicate, not a string")
+        if not isinstance(flush_every, int) or flush_every < 0:
+            raise ValueError(f"flush_every must be an int >= 0, got {flush_every!r}")
+        for name, value in (("flush_interval", flush_interval), ("checkpoint_interval", checkpoint_interval)):
+            if not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
+                raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
         self.layout = layout
         self.compression = compression
         self.flush_every = int(flush_every)
@@ -172,10 +177,17 @@ class HDF5Collector(DataCollector):
 
     def _create_file(self, mode: str) -> h5py.File:
         """Open the path; a new file appears only complete (written aside, then renamed)."""
+        directory = os.path.dirname(os.path.abspath(self._path))
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"cannot create {self._path!r}: the directory {directory!r} does not exist")
+        if os.path.isdir(self._path):
+            raise IsADirectoryError(f"{self._path!r} is a directory; HDF5Collector needs a file path")
+        self._remove_stale_temporaries()
         exists = os.path.exists(self._path)
         if mode == "x" and exists:
             raise FileExistsError(f"{self._path!r} exists (mode='x')")
         if mode == "a" and exists:
+            self._check_takeover()
             _superblock.clear_open_flags(self._path)  # a killed writer's mark: we take the file over
             self._file = _swmr_file.open_path(self._path, "r+", swmr=self.swmr)
             if not self.swmr:
@@ -190,6 +202,26 @@ class HDF5Collector(DataCollector):
         with _swmr_file.replaced(self._path, copy=False, swmr=self.swmr) as self._file:
             self._write_root_attrs()
         return _swmr_file.reopen(self._path, swmr=self.swmr)
+
+    def _check_takeover(self) -> None:
+        """mode="a": the path must be a jaxsave sample file (not another program's HDF5 file)."""
+        from jaxsave.errors import FileFormatError
+
+        try:
+            with h5py.File(self._path, "r", locking=False) as f:
+                ours = "jaxsave_format" in f.attrs
+        except OSError:
+            return  # unreadable while marked open by a killed writer: clear_open_flags checks it is HDF5
+        if not ours:
+            raise FileFormatError(f"{self._path!r} is an HDF5 file not written by jaxsave; mode='a' only continues "
+                                  "jaxsave sample files (use mode='w' to replace it)")
+
+    def _remove_stale_temporaries(self) -> None:
+        """Delete what writers killed while changing this file (or its checkpoint) left next to it."""
+        directory, name = os.path.split(os.path.abspath(self._path))
+        if os.path.isdir(directory):
+            _swmr_file.remove_stale_asides(self._path)
+            _atomic.remove_stale_temporaries(directory, target=name + _checkpoint.CHECKPOINT_SUFFIX)
 
     def _change(self, change: Callable[[], None], *, then_swmr: bool = False) -> None:
         """Run ``change`` (which creates objects or attributes) where a SWMR file allows it.
@@ -395,13 +427,22 @@ class HDF5Collector(DataCollector):
 
     # -- writing (writer thread) ---------------------------------------------------------
 
+    def _require_open(self) -> None:
+        """Refuse to write into a file that was closed under the collector (by the user)."""
+        if not self._file.id.valid:
+            raise SaverStateError(
+                f"the h5py.File {self._filename!r} given to HDF5Collector was closed while the sampler was still "
+                "saving to it; keep it open until postprocess has returned")
+
     def save(self, chain_id: int, values: list[np.ndarray]) -> None:
         with self._lock:
+            self._require_open()
             self._write_rows(chain_id, values)
             self._after_block()
 
     def save_block(self, chain_ids: list[int], values: list[np.ndarray]) -> None:
         with self._lock:
+            self._require_open()
             first, starts = chain_ids[0], {self._counts[c] for c in chain_ids}
             contiguous = chain_ids == list(range(first, first + len(chain_ids)))
             if self.layout != "posterior" or not contiguous or len(starts) != 1:
@@ -411,7 +452,9 @@ class HDF5Collector(DataCollector):
                 return
             start, n = starts.pop(), values[0].shape[1] if values else 0
             stop = first + len(chain_ids)
-            for ds, rows in zip(self._posterior(start + n), values):
+            dsets = self._posterior(start + n)
+            self._check_space(dsets, len(chain_ids), values)
+            for ds, rows in zip(dsets, values):
                 ds[first:stop, start:start + n] = _dtypes.to_storable(rows)
             for chain in chain_ids:
                 self._counts[chain] += n
@@ -420,12 +463,25 @@ class HDF5Collector(DataCollector):
     def _write_rows(self, chain: int, values: list[np.ndarray]) -> None:
         start, n = self._counts[chain], len(values[0]) if values else 0
         dsets = self._posterior(start + n) if self.layout == "posterior" else self._chain_group(chain, start + n)
+        self._check_space(dsets, 1, values)
         for ds, rows in zip(dsets, values):
             if self.layout == "posterior":
                 ds[chain, start:start + n] = _dtypes.to_storable(rows)
             else:
                 ds[start:start + n] = _dtypes.to_storable(rows)
         self._counts[chain] += n
+
+    def _check_space(self, dsets: list[h5py.Dataset], chains: int, values: list[np.ndarray]) -> None:
+        """Refuse a block the disk may not have room for, before HDF5 sees it (see :mod:`jaxsave._diskspace`).
+
+        Room is needed for the block, a chunk per dataset and chain it may newly
+        allocate and one still in the chunk cache.
+        """
+        if self._file.driver not in ("sec2", "stdio"):
+            return
+        chunk = sum(math.prod(ds.chunks) * ds.dtype.itemsize for ds in dsets if ds.chunks)
+        needed = sum(v.nbytes for v in values) + 2 * chains * chunk
+        _diskspace.check_room(self._filename, needed, f"the file keeps the {sum(self._counts)} samples written before")
 
     def _after_block(self) -> None:
         self._blocks += 1
@@ -457,6 +513,7 @@ class HDF5Collector(DataCollector):
 
     def finalize(self, chain_id: int) -> None:
         with self._lock:
+            self._require_open()
             self._finalized.add(chain_id)
             if self.layout == "chains" and self._sample is not None:
                 self._chain_group(chain_id, self._counts[chain_id])
@@ -496,6 +553,7 @@ class HDF5Collector(DataCollector):
     def checkpoint(self, records: dict, spec: Any) -> None:
         """Keep the newest checkpoints; write them if ``checkpoint_interval`` has passed since the last write."""
         with self._lock:
+            self._require_open()
             if not self._checkpoints and os.path.exists(self.checkpoint_path):
                 self._checkpoints = _checkpoint.read_file(self.checkpoint_path)[0]
             self._checkpoints.update(records)
@@ -541,7 +599,9 @@ class HDF5Collector(DataCollector):
         with self._lock:
             if not self._file.id.valid:
                 return
-            self._trim()
-            self._write_checkpoints()
-            if self._owned:
-                self._file.close()
+            try:
+                self._trim()
+                self._write_checkpoints()
+            finally:  # a failed write (full disk...) still releases the file
+                if self._owned:
+                    self._file.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import warnings
 from typing import Any, Iterator, NamedTuple, Sequence
@@ -25,6 +26,7 @@ import numpy as np
 
 from jaxsave import _dtypes, _superblock
 from jaxsave._tree import dict_to_pytree, flat_name, pytree_dict_keys
+from jaxsave._formats.hdf5 import check_stored
 from jaxsave._treespec import decode_structure
 from jaxsave.errors import FileFormatError, JaxsaveError, StructureMismatchError, UnregisteredNameError
 from jaxsave.hdf5 import FORMAT_VERSION
@@ -189,12 +191,23 @@ def _read_leaf(f: h5py.File, layout: str, var: VariableInfo, chains: list[int], 
     spec = _dtypes.LeafSpec(var.shape, var.dtype)
     shape = _dtypes.key_data_shape(spec) if spec.is_key else var.shape
     dtype = _dtypes.storage_dtype(var.dtype)
-    out = np.empty((len(chains), len(rows)) + shape, dtype)
     if not chains or not len(rows):
-        return out
+        return np.empty((len(chains), len(rows)) + shape, dtype)
+    row = math.prod(shape) * dtype.itemsize
+    valid = sum(len(rows[_valid_span(rows, int(counts[c]))]) for c in chains) * row
+    if len(chains) * len(rows) * row > max(64 * valid, 2**26):
+        raise FileFormatError(f"the sample counts of the {len(chains)} chains (at most {n}) would pad the stored draws "
+                              "more than 64-fold")
+    if layout == "posterior":  # checked against the file before allocating anything
+        ds = _checked(_dataset(f, layout, var), (len(counts), n), shape, dtype)
+        check_stored(ds, valid)
+    else:
+        for c in chains:
+            check_stored(_checked(_dataset(f, layout, var, c), (int(counts[c]),), shape, dtype),
+                         int(counts[c]) * math.prod(shape) * dtype.itemsize)
+    out = np.empty((len(chains), len(rows)) + shape, dtype)
     flip = (lambda a: np.flip(a, axis=-1 - len(shape))) if rows.step < 0 else (lambda a: a)
     if layout == "posterior":
-        ds = _checked(_dataset(f, layout, var), (len(counts), n), shape, dtype)
         if chains == list(range(chains[0], chains[-1] + 1)):
             lo, hi, step = _forward(rows)
             if rows.step > 0:  # straight into the result, no temporary
@@ -330,6 +343,8 @@ def load_samples(path: PathLike, chain: int | None = None, like: Any = None, *, 
     draws = slice(None) if draws is None else draws
     if not isinstance(draws, slice):
         raise TypeError(f"draws must be a slice, got {type(draws).__name__}")
+    if draws.step == 0:
+        raise ValueError("draws: a slice step cannot be zero")
     with _open(path) as f:
         return _load(f, chain, like, draws)
 

@@ -13,10 +13,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
-from collections.abc import Callable
+import struct
+import zipfile
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO, Union
 
 import jax
@@ -36,7 +39,7 @@ from jaxsave._dtypes import (
 )
 from jaxsave._tree import flat_name
 from jaxsave._version import __version__
-from jaxsave.errors import FileFormatError, StructureMismatchError
+from jaxsave.errors import FileFormatError, JaxsaveError, StructureMismatchError
 
 __all__ = ["save_pytree", "load_pytree", "read_metadata", "open_pytree", "PytreeFile",
            "register_format_upgrade", "FORMAT_VERSION"]
@@ -128,6 +131,8 @@ def save_pytree(
     :class:`~jaxsave.errors.UnregisteredNameError` listing all of them.
     """
     fmt = _formats.format_for_path(file, format)
+    if isinstance(file, (str, os.PathLike)) and os.path.isdir(file):
+        raise IsADirectoryError(f"{os.fspath(file)!r} is a directory; save_pytree needs a file path")
     spec, leaves, paths = _treespec.encode_structure_with_names(tree)
     table, arrays = [], []
     for name, leaf in zip(_unique_names(paths), leaves):
@@ -207,6 +212,34 @@ def _target_spec(x: Any) -> LeafSpec:
     return leaf_spec(x)
 
 
+#: What the file readers (zipfile, numpy, h5py, safetensors) raise on damaged bytes.
+_DAMAGE = (zipfile.BadZipFile, NotImplementedError, EOFError, struct.error, UnicodeDecodeError, ValueError,
+           KeyError, IndexError, TypeError, RuntimeError, OverflowError, RecursionError)
+
+
+@contextlib.contextmanager
+def _damage_is_a_format_error(file: Any) -> Iterator[None]:
+    """Turn what a reader raises on a damaged file into a :class:`FileFormatError` naming the file.
+
+    Errors of the file system itself (missing file, no permission...) pass as they are.
+    """
+    try:
+        yield
+    except JaxsaveError:
+        raise
+    except _DAMAGE as error:
+        raise FileFormatError(f"{_describe(file)} is damaged or not a valid file of its format: "
+                              f"{type(error).__name__}: {error}") from error
+    except OSError as error:
+        if type(error) is not OSError or error.errno not in (None, 22):  # EINVAL: a seek to a bad offset
+            raise
+        raise FileFormatError(f"{_describe(file)} is damaged or not a valid file of its format: {error}") from error
+
+
+def _describe(file: Any) -> str:
+    return repr(os.fspath(file)) if isinstance(file, (str, os.PathLike)) else "the file"
+
+
 class PytreeFile:
     """A saved tree, opened: metadata and leaf specs at once, arrays on demand."""
 
@@ -221,13 +254,16 @@ class PytreeFile:
             head = file.read(16)
             file.seek(pos)
         self.format = _formats.sniff(head, file, format)
-        self._reader = _formats.format_module(self.format).Reader(file)
+        self._file = file
+        with _damage_is_a_format_error(file):
+            self._reader = _formats.format_module(self.format).Reader(file)
         try:
-            header = self._reader.header
-            if header is None:
-                header = self._foreign_header()
-            self._init_header(_upgrade(header))
-            self._reader.check_arrays(self._storage, self._names)
+            with _damage_is_a_format_error(file):
+                header = self._reader.header
+                if header is None:
+                    header = self._foreign_header()
+                self._init_header(_upgrade(header))
+                self._reader.check_arrays(self._storage, self._names)
         except BaseException:
             self._reader.close()
             raise
@@ -339,7 +375,8 @@ class PytreeFile:
         return jax.tree.unflatten(treedef, out)
 
     def _read(self, idx: list[int]) -> list[np.ndarray]:
-        return self._reader.read(idx, self._storage, self._names) if idx else []
+        with _damage_is_a_format_error(self._file):
+            return self._reader.read(idx, self._storage, self._names) if idx else []
 
     def _convert(self, arrays: list[np.ndarray], idx: list[int], kinds: list[str],
                  targets: list[Any], as_numpy: bool) -> list[Any]:

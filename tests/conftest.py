@@ -1,3 +1,6 @@
+import json
+import os
+import pathlib
 import threading
 
 import jax
@@ -41,3 +44,36 @@ def no_leaked_writer_threads():
         t.join(timeout=5)
     alive = [t for t in alive if t.is_alive()]
     assert not alive, f"writer threads left running: {alive}"
+
+
+# -- figures of the reliability suite (tests/reliability, marker "reliability") ------------------
+# Tests record what they measured with the ``figures`` fixture; the figures are printed at the end
+# of the run and, when JAXSAVE_RELIABILITY_JSON names a file, written there as JSON
+# (benchmarks/reliability_figures.py does that). Kept here, not in tests/reliability/conftest.py:
+# a second conftest module would shadow this one for ``from conftest import ...``.
+
+FIGURES: dict[str, dict[str, dict]] = {}
+
+
+@pytest.fixture
+def figures():
+    """``figures(family, case, **numbers)`` records a measured figure for the reliability page."""
+
+    def record(family: str, case: str, **numbers) -> None:
+        FIGURES.setdefault(family, {})[case] = numbers
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not FIGURES:
+        return
+    terminalreporter.section("jaxsave reliability figures")
+    for family, cases in sorted(FIGURES.items()):
+        for case, numbers in sorted(cases.items()):
+            shown = ", ".join(f"{k}={v}" for k, v in numbers.items())
+            terminalreporter.write_line(f"{family:12s} {case:40s} {shown}")
+    out = os.environ.get("JAXSAVE_RELIABILITY_JSON")
+    if out:
+        pathlib.Path(out).write_text(json.dumps(FIGURES, indent=2, sort_keys=True))
+

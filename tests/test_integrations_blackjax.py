@@ -104,7 +104,7 @@ def test_blackjax_nuts_positions_and_info_as_sample_stats(tmp_path):
     state = jax.jit(jax.vmap(run_chain))(state, jax.random.split(jax.random.key(1), chains))
     assert postprocess(state, None)["sample_count"].tolist() == [steps] * chains
 
-    az = pytest.importorskip("arviz")
+    pytest.importorskip("arviz")
     idata = jaxsave.to_inference_data(path)
     assert sorted(idata.sample_stats.data_vars) == sorted(stats)
     assert idata.sample_stats["num_integration_steps"].dtype == np.int32

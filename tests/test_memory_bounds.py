@@ -1,8 +1,5 @@
 """Memory used by saving is bounded by the block size, not by the number of samples."""
 
-import threading
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,31 +7,7 @@ import pytest
 
 import jaxsave
 
-psutil = pytest.importorskip("psutil")
-
-
-class PeakRSS:
-    """Samples this process's resident memory every few milliseconds."""
-
-    def __init__(self):
-        self.proc = psutil.Process()
-        self.base = self.proc.memory_info().rss
-        self.peak = self.base
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.005)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+from _helpers import PeakRSS
 
 
 @pytest.mark.slow

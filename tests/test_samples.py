@@ -7,7 +7,6 @@ from collections import namedtuple
 import h5py
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 

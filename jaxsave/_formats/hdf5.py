@@ -9,12 +9,14 @@ on the HDF5 library's own parsing; prefer the default format for those.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from typing import Any, BinaryIO
 
 import h5py
 import numpy as np
 
+from jaxsave._diskspace import check_room
 from jaxsave._dtypes import storage_dtype
 from jaxsave._formats import MAX_HEADER_BYTES
 from jaxsave.errors import FileFormatError
@@ -27,11 +29,32 @@ def _dataset_name(name: str, i: int) -> str:
 
 
 def write(target: str | BinaryIO, header: dict[str, Any], arrays: Sequence[np.ndarray]) -> None:
+    if isinstance(target, (str, os.PathLike)):  # HDF5 cannot recover from a full disk: check first
+        check_room(os.fspath(target), sum(a.nbytes for a in arrays) + 4096 * (len(arrays) + 1))
     with h5py.File(target, "w") as f:
         f.attrs["jaxsave"] = json.dumps(header, separators=(",", ":"))
         group = f.create_group(GROUP)
         for i, (leaf, a) in enumerate(zip(header["leaves"], arrays)):
             group.create_dataset(_dataset_name(leaf["name"], i), data=a)
+
+
+#: Deflate cannot expand data more than about 1032:1 (LZF far less): a bound on a compressed dataset's content.
+_MAX_RATIO = 1100
+
+
+def check_stored(ds: h5py.Dataset, nbytes: int) -> None:
+    """Refuse to read ``nbytes`` from ``ds`` when the file does not hold data for them.
+
+    An HDF5 dataset can declare any shape and store nothing (unallocated chunks
+    read as the fill value), so a small hostile file could make a reader
+    allocate terabytes. The bytes read must be backed by stored bytes (times
+    the best compression ratio, for filtered datasets), plus 64 MiB of slack.
+    """
+    stored = ds.id.get_storage_size()
+    limit = stored * (_MAX_RATIO if ds.compression or ds.id.get_create_plist().get_nfilters() else 1) + 2**26
+    if nbytes > limit:
+        raise FileFormatError(f"dataset {ds.name!r} declares {nbytes} bytes to read but the file stores only "
+                              f"{stored} for it (a sparse or hostile file)")
 
 
 class Reader:
@@ -69,6 +92,7 @@ class Reader:
                 raise FileFormatError(
                     f"dataset {ds.name!r} is {ds.dtype}{list(ds.shape)}, "
                     f"the header says {dtype}{list(shape)}")
+            check_stored(ds, int(np.prod(shape, dtype=object)) * ds.dtype.itemsize)
 
     def read(self, indices: Sequence[int], specs: Sequence[tuple[tuple[int, ...], str]],
              names: Sequence[str]) -> list[np.ndarray]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from collections.abc import Sequence
 from typing import Any, BinaryIO
@@ -48,7 +49,13 @@ def write(target: str | BinaryIO, header: dict[str, Any], arrays: Sequence[np.nd
     tensors = {leaf["name"]: _to_tensor(a) for leaf, a in zip(header["leaves"], arrays)}
     metadata = {"jaxsave": json.dumps(header, separators=(",", ":"))}
     if isinstance(target, (str, os.PathLike)):
-        st.numpy.save_file(tensors, target, metadata=metadata)
+        try:
+            st.numpy.save_file(tensors, target, metadata=metadata)
+        except Exception as error:  # safetensors raises its own type for I/O errors: make it an OSError
+            if type(error).__name__ != "SafetensorError":
+                raise
+            code = re.search(r"os error (\d+)", str(error))
+            raise OSError(int(code.group(1)) if code else None, f"{error}: {os.fspath(target)}") from error
     else:
         target.write(st.numpy.save(tensors, metadata=metadata))
 

@@ -1,0 +1,63 @@
+"""Helpers shared by test modules (tests/ is on sys.path through tests/conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import psutil
+
+
+class PeakRSS:
+    """Samples this process's resident memory every few milliseconds (``with PeakRSS() as rss``).
+
+    ``extra`` is an optional function sampled at the same moments (e.g. the bytes held
+    by live device arrays); its peak is ``extra_peak``, its samples ``extra_samples``.
+    """
+
+    def __init__(self, interval: float = 0.005, extra=None):
+        self.proc = psutil.Process()
+        self.base = self.proc.memory_info().rss
+        self.peak = self.base
+        self.samples: list[tuple[float, int]] = []
+        self.extra, self.extra_peak, self.extra_samples = extra, 0, []
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            rss = self.proc.memory_info().rss
+            self.peak = max(self.peak, rss)
+            self.samples.append((time.monotonic(), rss))
+            if self.extra is not None:
+                value = self.extra()
+                self.extra_peak = max(self.extra_peak, value)
+                self.extra_samples.append(value)
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def open_fds() -> dict[int, str]:
+    """This process's open file descriptors and what they point to (Linux: /proc/self/fd)."""
+    out = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out[int(fd)] = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            pass  # closed meanwhile (the listing's own descriptor)
+    return out
+
+
+def files_under(fds: dict[int, str], directory) -> list[str]:
+    """The targets in ``fds`` that are files inside ``directory``."""
+    directory = os.path.realpath(os.fspath(directory))
+    return sorted(t for t in fds.values() if t.startswith(directory + os.sep))

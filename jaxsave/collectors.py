@@ -131,13 +131,14 @@ class DataCollector(abc.ABC):
 
 
 class _MemoryChain:
-    """One chain's rows, in arrays that grow by half when full, up to the expected count.
+    """One chain's rows, in arrays allocated for the expected count (or doubled when full).
 
     Every sample is copied once, into its final place: no per-block arrays to
     concatenate at the end, so memory peaks at the samples' size, not twice it.
+    Allocations are ``np.empty``: rows not yet written take no memory.
     """
 
-    #: The first allocation holds at most this many bytes per chain (then grows by half).
+    #: Without a known count, the first allocation holds this many bytes per chain.
     FIRST_BYTES = 64 * 2**20
 
     def __init__(self, layout: SampleLayout, capacity: int | None):
@@ -151,25 +152,30 @@ class _MemoryChain:
         n = len(values[0]) if values else 0
         needed = self.count + n
         if self.rows is None or needed > len(self.rows[0]):
-            size = self._next_size(needed)
-            grown = [np.empty((size, *self.layout.storage_shape(j)), self.layout.row_dtype(j))
-                     for j in range(len(self.layout.specs))]
-            if self.rows is not None:
-                for new, old in zip(grown, self.rows):
-                    new[: self.count] = old[: self.count]
-            self.rows = grown
+            self._grow(needed)
         for rows, block in zip(self.rows, values):
             rows[self.count:needed] = block
         self.count = needed
 
-    def _next_size(self, needed: int) -> int:
+    def _grow(self, needed: int) -> None:
         row_bytes = sum(math.prod(self.layout.storage_shape(j)) * self.layout.row_dtype(j).itemsize
                         for j in range(len(self.layout.specs)))
         current = len(self.rows[0]) if self.rows else 0
-        size = max(needed, current * 3 // 2, self.FIRST_BYTES // max(1, row_bytes))
+        sizes = [max(needed, 2 * current, self.FIRST_BYTES // max(1, row_bytes))]
         if self.capacity is not None and needed <= self.capacity:
-            size = min(size, self.capacity)
-        return size
+            sizes.insert(0, self.capacity)  # all of it at once: untouched pages cost nothing
+        for i, size in enumerate(sizes):
+            try:
+                grown = [np.empty((size, *self.layout.storage_shape(j)), self.layout.row_dtype(j))
+                         for j in range(len(self.layout.specs))]
+                break
+            except MemoryError:  # a count too large to reserve at once: grow as the rows come
+                if i == len(sizes) - 1:
+                    raise
+        if self.rows is not None:
+            for new, old in zip(grown, self.rows):
+                new[: self.count] = old[: self.count]
+        self.rows = grown
 
     def samples(self) -> list[np.ndarray]:
         if self.rows is None:

@@ -30,6 +30,7 @@ import h5py
 import numpy as np
 
 from jaxsave import _atomic, _checkpoint, _diskspace, _dtypes, _superblock, _swmr_file
+from jaxsave._hdf5_datasets import DatasetLayout
 from jaxsave._hdf5_names import StatsSpec, leaf_entries
 from jaxsave._treespec import encode_structure
 from jaxsave._version import __version__
@@ -43,10 +44,6 @@ __all__ = ["HDF5Collector", "FORMAT_VERSION"]
 #: Version of the file layout written by this module.
 FORMAT_VERSION = 1
 _LAYOUTS = ("posterior", "chains")
-#: Target size of one chunk: big enough that reading draws is fast.
-_CHUNK_BYTES = 1 * 2**20
-#: ... and at most this many draws, so that short runs of small samples stay small files.
-_MAX_CHUNK_ROWS = 4096
 
 
 def _encode_treespec(init_sample: Any) -> dict | None:
@@ -58,7 +55,7 @@ def _encode_treespec(init_sample: Any) -> dict | None:
         return None
 
 
-class HDF5Collector(DataCollector):
+class HDF5Collector(DatasetLayout, DataCollector):
     """Write samples to an HDF5 file, in blocks, from a writer thread.
 
     Args:
@@ -309,121 +306,6 @@ class HDF5Collector(DataCollector):
             attrs["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
         if "sample_counts" not in attrs:
             attrs["sample_counts"] = np.zeros(0, np.int64)
-
-    # -- dataset creation --------------------------------------------------------------
-
-    def _chunk_rows(self, j: int) -> int:
-        row = math.prod(self._sample.storage_shape(j)) * self._sample.row_dtype(j).itemsize
-        rows = min(_MAX_CHUNK_ROWS, max(1, _CHUNK_BYTES // max(1, row)))
-        known = [c for c in self._capacity if c]
-        return min(rows, max(known)) if known else rows
-
-    def _create(self, group: h5py.Group, name: str, j: int, lead: tuple[int, ...]) -> h5py.Dataset:
-        spec = self._sample.specs[j]
-        shape = self._sample.storage_shape(j)
-        dtype = _dtypes.storage_dtype(spec.dtype)
-        chunk_lead = (1,) * (len(lead) - 1) + (self._chunk_rows(j),)
-        ds = group.create_dataset(
-            name,
-            shape=lead + shape,
-            maxshape=(None,) * len(lead) + shape,
-            dtype=dtype,
-            chunks=chunk_lead + shape if math.prod(shape) else None,
-            compression=self.compression,
-            shuffle=self.compression is not None,
-            fillvalue=np.full((), np.nan, dtype) if dtype.kind in "fc" else None,
-        )
-        ds.attrs["jaxsave_dtype"] = spec.dtype
-        ds.attrs["jaxsave_key"] = json.dumps(list(self._sample.keys[j]))
-        return ds
-
-    def _draw_extent(self, chains: list[int], needed: int) -> int:
-        caps = [self._capacity[c] for c in chains]
-        if all(c is not None for c in caps):
-            return max(needed, max(caps))
-        return needed
-
-    def _posterior(self, needed_draws: int) -> list[h5py.Dataset]:
-        n_chains = len(self._counts)
-        if not self._datasets:
-            first_group, first_var = self._entries[0]
-            if f"{first_group}/{first_var}" in self._file:  # reopened after close: bind what exists
-                self._datasets = [self._file[f"{g}/{v}"] for g, v in self._entries]
-            else:
-                self._change(lambda: self._create_posterior(n_chains, needed_draws), then_swmr=True)
-        ds0 = self._datasets[0]
-        if ds0.shape[0] < n_chains:  # chains registered after the first block
-            def grow() -> None:
-                self._resize(n_chains, max(ds0.shape[1], needed_draws))
-                self._write_counts()
-            self._change(grow, then_swmr=True)
-            ds0 = self._datasets[0]
-        if ds0.shape[1] < needed_draws:  # grow by a quarter at least: O(log n) resizes
-            self._resize(n_chains, max(needed_draws, ds0.shape[1] + ds0.shape[1] // 4))
-        return self._datasets
-
-    def _create_posterior(self, n_chains: int, needed_draws: int) -> None:
-        draws = self._draw_extent(list(range(n_chains)), needed_draws)
-        for group_name in dict.fromkeys(g for g, _ in self._entries):
-            group = self._file.require_group(group_name)
-            for name, size in (("chain", n_chains), ("draw", draws)):
-                scale = group.create_dataset(name, data=np.arange(size, dtype=np.int64), maxshape=(None,),
-                                             chunks=(max(1, min(size, 4096)),) if size else (1,))
-                scale.make_scale(name)
-        for j, (group_name, var) in enumerate(self._entries):
-            group = self._file[group_name]
-            ds = self._create(group, var, j, (n_chains, draws))
-            ds.dims[0].attach_scale(group["chain"])
-            ds.dims[1].attach_scale(group["draw"])
-            for k, size in enumerate(ds.shape[2:]):
-                dim = f"{var}_dim_{k}"
-                scale = group.create_dataset(dim, data=np.arange(size, dtype=np.int64))
-                scale.make_scale(dim)
-                ds.dims[k + 2].attach_scale(scale)
-            self._datasets.append(ds)
-        self._write_counts()
-
-    def _resize(self, chains: int, draws: int) -> None:
-        for ds in self._datasets:
-            ds.resize((chains, draws) + ds.shape[2:])
-        for group_name in dict.fromkeys(g for g, _ in self._entries):
-            for name, size in (("chain", chains), ("draw", draws)):
-                scale = self._file[group_name][name]
-                old = scale.shape[0]
-                if old != size:
-                    scale.resize((size,))
-                    if size > old:
-                        scale[old:] = np.arange(old, size)
-
-    def _chain_group(self, chain: int, needed: int) -> list[h5py.Dataset]:
-        if chain not in self._chain_datasets:
-            self._change(lambda: self._create_chain_groups(chain, needed), then_swmr=True)
-        dsets = self._chain_datasets[chain]
-        if dsets and dsets[0].shape[0] < needed:
-            for ds in dsets:
-                ds.resize((needed,) + ds.shape[1:])
-        return dsets
-
-    def _create_chain_groups(self, chain: int, needed: int) -> None:
-        """Datasets of every registered chain at once: a SWMR file cannot get objects later."""
-        for c in range(len(self._counts)):
-            if c in self._chain_datasets:
-                continue
-            names = [f"chain~{c}/" + ("/".join(key) if key else "sample") for key in self._sample.keys]
-            if names and names[0] in self._file:  # reopened after close: bind what exists
-                self._chain_datasets[c] = [self._file[n] for n in names]
-                continue
-            group = self._file.require_group(f"chain~{c}")
-            draws = self._draw_extent([c], needed if c == chain else 0)
-            dsets = []
-            for j, key in enumerate(self._sample.keys):
-                parent = group
-                for part in key[:-1]:
-                    parent = parent.require_group(part)
-                dsets.append(self._create(parent, key[-1] if key else "sample", j, (draws,)))
-            group.attrs["sample_count"] = 0
-            self._chain_datasets[c] = dsets
-        self._write_counts()
 
     # -- writing (writer thread) ---------------------------------------------------------
 

@@ -1,0 +1,159 @@
+"""The HDF5 collector's datasets: created at the first block, grown as draws and chains come.
+
+Layout ``"posterior"``: one ``(chain, draw, ...)`` dataset per leaf under
+``posterior/`` or ``sample_stats/``, with ``chain``/``draw``/``<var>_dim_k``
+dimension scales. Layout ``"chains"``: one ``(draw, ...)`` dataset per leaf and
+chain under ``/chain~{id}/``. Datasets are chunked (about 1 MiB, at most 4096
+draws) and resizable; with a known count they are allocated at their final size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+
+import h5py
+import numpy as np
+
+from jaxsave import _dtypes
+from jaxsave.collectors import SampleLayout
+
+__all__ = ["DatasetLayout"]
+
+#: Target size of one chunk: big enough that reading draws is fast.
+_CHUNK_BYTES = 1 * 2**20
+#: ... and at most this many draws, so that short runs of small samples stay small files.
+_MAX_CHUNK_ROWS = 4096
+
+
+class DatasetLayout:
+    """Mixin of :class:`jaxsave.HDF5Collector`: creating and growing its datasets.
+
+    Uses the collector's file, sample layout, per-chain capacities and counts,
+    its ``_change`` (structural changes outside SWMR mode) and ``_write_counts``.
+    """
+
+    _file: h5py.File
+    _sample: SampleLayout
+    _entries: list[tuple[str, str]]
+    _capacity: list[int | None]
+    _counts: list[int]
+    _datasets: list[h5py.Dataset]
+    _chain_datasets: dict[int, list[h5py.Dataset]]
+    compression: str | None
+    _change: Callable[..., None]
+    _write_counts: Callable[[], None]
+
+    def _chunk_rows(self, j: int) -> int:
+        row = math.prod(self._sample.storage_shape(j)) * self._sample.row_dtype(j).itemsize
+        rows = min(_MAX_CHUNK_ROWS, max(1, _CHUNK_BYTES // max(1, row)))
+        known = [c for c in self._capacity if c]
+        return min(rows, max(known)) if known else rows
+
+    def _create(self, group: h5py.Group, name: str, j: int, lead: tuple[int, ...]) -> h5py.Dataset:
+        spec = self._sample.specs[j]
+        shape = self._sample.storage_shape(j)
+        dtype = _dtypes.storage_dtype(spec.dtype)
+        chunk_lead = (1,) * (len(lead) - 1) + (self._chunk_rows(j),)
+        ds = group.create_dataset(
+            name,
+            shape=lead + shape,
+            maxshape=(None,) * len(lead) + shape,
+            dtype=dtype,
+            chunks=chunk_lead + shape if math.prod(shape) else None,
+            compression=self.compression,
+            shuffle=self.compression is not None,
+            fillvalue=np.full((), np.nan, dtype) if dtype.kind in "fc" else None,
+        )
+        ds.attrs["jaxsave_dtype"] = spec.dtype
+        ds.attrs["jaxsave_key"] = json.dumps(list(self._sample.keys[j]))
+        return ds
+
+    def _draw_extent(self, chains: list[int], needed: int) -> int:
+        caps = [self._capacity[c] for c in chains]
+        if all(c is not None for c in caps):
+            return max(needed, max(caps))
+        return needed
+
+    def _posterior(self, needed_draws: int) -> list[h5py.Dataset]:
+        n_chains = len(self._counts)
+        if not self._datasets:
+            first_group, first_var = self._entries[0]
+            if f"{first_group}/{first_var}" in self._file:  # reopened after close: bind what exists
+                self._datasets = [self._file[f"{g}/{v}"] for g, v in self._entries]
+            else:
+                self._change(lambda: self._create_posterior(n_chains, needed_draws), then_swmr=True)
+        ds0 = self._datasets[0]
+        if ds0.shape[0] < n_chains:  # chains registered after the first block
+            def grow() -> None:
+                self._resize(n_chains, max(ds0.shape[1], needed_draws))
+                self._write_counts()
+            self._change(grow, then_swmr=True)
+            ds0 = self._datasets[0]
+        if ds0.shape[1] < needed_draws:  # grow by a quarter at least: O(log n) resizes
+            self._resize(n_chains, max(needed_draws, ds0.shape[1] + ds0.shape[1] // 4))
+        return self._datasets
+
+    def _create_posterior(self, n_chains: int, needed_draws: int) -> None:
+        draws = self._draw_extent(list(range(n_chains)), needed_draws)
+        for group_name in dict.fromkeys(g for g, _ in self._entries):
+            group = self._file.require_group(group_name)
+            for name, size in (("chain", n_chains), ("draw", draws)):
+                scale = group.create_dataset(name, data=np.arange(size, dtype=np.int64), maxshape=(None,),
+                                             chunks=(max(1, min(size, 4096)),) if size else (1,))
+                scale.make_scale(name)
+        for j, (group_name, var) in enumerate(self._entries):
+            group = self._file[group_name]
+            ds = self._create(group, var, j, (n_chains, draws))
+            ds.dims[0].attach_scale(group["chain"])
+            ds.dims[1].attach_scale(group["draw"])
+            for k, size in enumerate(ds.shape[2:]):
+                dim = f"{var}_dim_{k}"
+                scale = group.create_dataset(dim, data=np.arange(size, dtype=np.int64))
+                scale.make_scale(dim)
+                ds.dims[k + 2].attach_scale(scale)
+            self._datasets.append(ds)
+        self._write_counts()
+
+    def _resize(self, chains: int, draws: int) -> None:
+        for ds in self._datasets:
+            ds.resize((chains, draws) + ds.shape[2:])
+        for group_name in dict.fromkeys(g for g, _ in self._entries):
+            for name, size in (("chain", chains), ("draw", draws)):
+                scale = self._file[group_name][name]
+                old = scale.shape[0]
+                if old != size:
+                    scale.resize((size,))
+                    if size > old:
+                        scale[old:] = np.arange(old, size)
+
+    def _chain_group(self, chain: int, needed: int) -> list[h5py.Dataset]:
+        if chain not in self._chain_datasets:
+            self._change(lambda: self._create_chain_groups(chain, needed), then_swmr=True)
+        dsets = self._chain_datasets[chain]
+        if dsets and dsets[0].shape[0] < needed:
+            for ds in dsets:
+                ds.resize((needed,) + ds.shape[1:])
+        return dsets
+
+    def _create_chain_groups(self, chain: int, needed: int) -> None:
+        """Datasets of every registered chain at once: a SWMR file cannot get objects later."""
+        for c in range(len(self._counts)):
+            if c in self._chain_datasets:
+                continue
+            names = [f"chain~{c}/" + ("/".join(key) if key else "sample") for key in self._sample.keys]
+            if names and names[0] in self._file:  # reopened after close: bind what exists
+                self._chain_datasets[c] = [self._file[n] for n in names]
+                continue
+            group = self._file.require_group(f"chain~{c}")
+            draws = self._draw_extent([c], needed if c == chain else 0)
+            dsets = []
+            for j, key in enumerate(self._sample.keys):
+                parent = group
+                for part in key[:-1]:
+                    parent = parent.require_group(part)
+                dsets.append(self._create(parent, key[-1] if key else "sample", j, (draws,)))
+            group.attrs["sample_count"] = 0
+            self._chain_datasets[c] = dsets
+        self._write_counts()

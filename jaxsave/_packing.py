@@ -21,6 +21,8 @@ import numpy as np
 from jax import lax
 from jax.custom_batching import custom_vmap
 
+from jaxsave._checkpoint import broadcast_unbatched
+
 __all__ = ["Packing", "pack", "unpack"]
 
 
@@ -74,7 +76,7 @@ class Packing(NamedTuple):
         """Host side: leaf ``j`` as ``(chains, rows, *shape)`` views of buffers ``(*chains, rows, n)``."""
         flat = [np.asarray(b).reshape(-1, self.rows, np.shape(b)[-1]) for b in buffers]
         return [
-            flat[s.group][:, :, s.start:s.start + s.size].reshape(-1, self.rows, *shape)
+            flat[s.group][:, :, s.start:s.start + s.size].reshape(len(flat[s.group]), self.rows, *shape)
             for s, shape in zip(self.slots, self.shapes)
         ]
 
@@ -95,16 +97,12 @@ def _row_writer(axis: int) -> Callable:
     @write.def_vmap
     def _write_vmap(axis_size, in_batched, buffers, rows, index):
         buffers_b, rows_b, index_b = in_batched
-        buffers = _broadcast(buffers, buffers_b, axis_size)
-        rows = _broadcast(rows, rows_b, axis_size)
+        buffers = broadcast_unbatched(buffers, buffers_b, axis_size)
+        rows = broadcast_unbatched(rows, rows_b, axis_size)
         out = _row_writer(axis + 1)(buffers, rows, index[0] if index_b else index)
         return out, tuple(True for _ in out)
 
     return write
-
-
-def _broadcast(tree, batched, size):
-    return jax.tree.map(lambda x, b: x if b else jnp.broadcast_to(x, (size, *jnp.shape(x))), tree, batched)
 
 
 def pack(leaves: Sequence[jax.Array], batch_ndim: int) -> tuple[tuple[jax.Array, ...], tuple]:
@@ -128,6 +126,6 @@ def unpack(buffers: Sequence[np.ndarray], layout: tuple) -> list[np.ndarray]:
         buf = np.asarray(buffers[group])
         flat = buf.reshape(-1, buf.shape[-1])
         start, size = offsets.get(group, 0), math.prod(shape)
-        leaves.append(flat[:, start:start + size].reshape(-1, *shape))
+        leaves.append(flat[:, start:start + size].reshape(len(flat), *shape))
         offsets[group] = start + size
     return leaves

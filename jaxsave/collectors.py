@@ -145,13 +145,14 @@ class _MemoryChain:
         self.layout = layout
         self.capacity = capacity
         self.rows: list[np.ndarray] | None = None
+        self.allocated = 0
         self.count = 0
         self.done = False
 
     def append(self, values: list[np.ndarray]) -> None:
         n = len(values[0]) if values else 0
         needed = self.count + n
-        if self.rows is None or needed > len(self.rows[0]):
+        if self.rows is None or needed > self.allocated:
             self._grow(needed)
         for rows, block in zip(self.rows, values):
             rows[self.count:needed] = block
@@ -160,8 +161,7 @@ class _MemoryChain:
     def _grow(self, needed: int) -> None:
         row_bytes = sum(math.prod(self.layout.storage_shape(j)) * self.layout.row_dtype(j).itemsize
                         for j in range(len(self.layout.specs)))
-        current = len(self.rows[0]) if self.rows else 0
-        sizes = [max(needed, 2 * current, self.FIRST_BYTES // max(1, row_bytes))]
+        sizes = [max(needed, 2 * self.allocated, self.FIRST_BYTES // max(1, row_bytes))]
         if self.capacity is not None and needed <= self.capacity:
             sizes.insert(0, self.capacity)  # all of it at once: untouched pages cost nothing
         for i, size in enumerate(sizes):
@@ -175,7 +175,7 @@ class _MemoryChain:
         if self.rows is not None:
             for new, old in zip(grown, self.rows):
                 new[: self.count] = old[: self.count]
-        self.rows = grown
+        self.rows, self.allocated = grown, size
 
     def samples(self) -> list[np.ndarray]:
         if self.rows is None:

@@ -252,7 +252,7 @@ def test_memory_collector_grows_in_place_and_copies_each_sample_once(monkeypatch
     out = saver.postprocess(state, None)
     want = np.array([i for i in range(55) if i % 3 != 1], np.float32)
     np.testing.assert_array_equal(out["samples"][:, 0], want)
-    allocated = len(collector._chains[0].rows[0])
+    allocated = collector._chains[0].allocated
     if capacity is None:
         assert len(want) <= allocated < 2 * len(want)  # doubled from 5 rows: 5, 10, 20, 40
     elif capacity == 37:
@@ -325,3 +325,14 @@ def test_progress_bar_closes_on_error():
     with pytest.raises(RuntimeError, match="nope"):
         saver.postprocess(state, None)
     assert streamer.bar is None
+
+
+@pytest.mark.parametrize("sample", [{"empty": jnp.zeros((0, 3)), "b": jnp.zeros(2)}, {}],
+                         ids=["zero-size leaf", "empty sample"])
+def test_zero_size_leaves_and_empty_samples(sample):
+    init, save, postprocess = jaxsave.save(jaxsave.MemoryCollector(), block_size=3)
+    state = init(sample)
+    state = jax.jit(lambda s: jax.lax.scan(lambda s, i: save(s, i % 2 == 0, sample), s, jnp.arange(7))[0])(state)
+    out = postprocess(state, None)
+    assert int(out["sample_count"]) == 4
+    assert jax.tree.map(np.shape, out["samples"]) == jax.tree.map(lambda x: (4, *x.shape), sample)

@@ -53,5 +53,5 @@ def _glued(receive: Callable[[Any], None], treedef: Any, plan: tuple, pieces: li
     leaves = []
     for shape, count in plan:
         parts = [np.asarray(next(it)) for _ in range(count)]
-        leaves.append(parts[0] if count == 1 else np.concatenate(parts).reshape(shape))
+        leaves.append(np.concatenate(parts).reshape(shape) if count > 1 else parts[0].reshape(shape))
     receive(jax.tree.unflatten(treedef, leaves))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 
 try:
     import resource as _resource
@@ -30,8 +31,7 @@ def check_room(path: str, needed: int, held: str = "") -> None:
     """
     needed += MARGIN
     path = os.path.abspath(path)
-    stat = os.statvfs(os.path.dirname(path))
-    free = stat.f_bavail * stat.f_frsize
+    free = shutil.disk_usage(os.path.dirname(path)).free
     tail = f"; {held}" if held else ""
     if needed > free:
         raise OSError(errno.ENOSPC, f"No space left on device for {path}: {free / 2**20:.1f} MiB free, "

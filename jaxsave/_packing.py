@@ -74,7 +74,7 @@ class Packing(NamedTuple):
 
     def unpack(self, buffers: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Host side: leaf ``j`` as ``(chains, rows, *shape)`` views of buffers ``(*chains, rows, n)``."""
-        flat = [np.asarray(b).reshape(-1, self.rows, np.shape(b)[-1]) for b in buffers]
+        flat = [np.asarray(b).reshape(math.prod(np.shape(b)[:-2]), self.rows, np.shape(b)[-1]) for b in buffers]
         return [
             flat[s.group][:, :, s.start:s.start + s.size].reshape(len(flat[s.group]), self.rows, *shape)
             for s, shape in zip(self.slots, self.shapes)
@@ -124,7 +124,7 @@ def unpack(buffers: Sequence[np.ndarray], layout: tuple) -> list[np.ndarray]:
     leaves = []
     for group, _, shape in layout:
         buf = np.asarray(buffers[group])
-        flat = buf.reshape(-1, buf.shape[-1])
+        flat = buf.reshape(math.prod(buf.shape[:-1]), buf.shape[-1])
         start, size = offsets.get(group, 0), math.prod(shape)
         leaves.append(flat[:, start:start + size].reshape(len(flat), *shape))
         offsets[group] = start + size

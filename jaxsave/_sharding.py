@@ -28,6 +28,8 @@ def local_part(tree: Any) -> Any:
     def part(x: Any) -> Any:
         if not isinstance(x, jax.Array) or x.is_fully_addressable:
             return jax.device_get(x)
+        if x.ndim == 0:  # one chain's field, replicated: every process holds all of it
+            return np.asarray(x.addressable_data(0))
         shards = {}
         for shard in x.addressable_shards:
             index = shard.index

@@ -245,10 +245,11 @@ class _Streamer(_SaverBase):
                 _callback.send(receive, (meta, data, None))
                 return
             # The solver state travels only with blocks that end on a checkpoint step.
-            solver, layout = pack(ckpt[0], meta.ndim - 1)
-            lax.cond(jnp.any(active & (end % every == 0)),
-                     lambda: _callback.send(functools.partial(receive, solver_layout=layout),
-                                            (meta, data, solver)),
+            def with_solver_state():
+                solver, layout = pack(ckpt[0], meta.ndim - 1)  # concatenated only on checkpoint flushes
+                _callback.send(functools.partial(receive, solver_layout=layout), (meta, data, solver))
+
+            lax.cond(jnp.any(active & (end % every == 0)), with_solver_state,
                      lambda: _callback.send(receive, (meta, data, None)))
 
         @custom_vmap

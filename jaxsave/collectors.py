@@ -235,6 +235,11 @@ class MemoryCollector(DataCollector):
         if chain.count < sample_count:
             raise SaverStateError(
                 f"chain {chain_id} holds {chain.count} samples, fewer than the checkpoint's {sample_count}")
+        if chain.done and chain.rows is not None:  # postprocess handed out views: write into new arrays
+            fresh = [np.empty_like(rows) for rows in chain.rows]  # untouched rows stay free
+            for new, old in zip(fresh, chain.rows):
+                new[:sample_count] = old[:sample_count]
+            chain.rows = fresh
         chain.count = sample_count
         chain.done = False
 

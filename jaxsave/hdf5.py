@@ -35,7 +35,7 @@ from jaxsave._hdf5_names import StatsSpec, leaf_entries
 from jaxsave._treespec import encode_structure
 from jaxsave._version import __version__
 from jaxsave.collectors import DataCollector, SampleLayout, _samples_collected, sample_layout
-from jaxsave.errors import JaxsaveError, SaverStateError, StructureMismatchError
+from jaxsave.errors import FileFormatError, JaxsaveError, SaverStateError, StructureMismatchError
 
 logger = logging.getLogger("jaxsave")
 
@@ -202,8 +202,6 @@ class HDF5Collector(DatasetLayout, DataCollector):
 
     def _check_takeover(self) -> None:
         """mode="a": the path must be a jaxsave sample file (not another program's HDF5 file)."""
-        from jaxsave.errors import FileFormatError
-
         try:
             with h5py.File(self._path, "r", locking=False) as f:
                 ours = "jaxsave_format" in f.attrs

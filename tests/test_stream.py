@@ -327,8 +327,9 @@ def test_progress_bar_closes_on_error():
     assert streamer.bar is None
 
 
-@pytest.mark.parametrize("sample", [{"empty": jnp.zeros((0, 3)), "b": jnp.zeros(2)}, {}],
-                         ids=["zero-size leaf", "empty sample"])
+@pytest.mark.parametrize("sample", [{"empty": jnp.zeros((0, 3)), "b": jnp.zeros(2)},
+                                    {"alone": jnp.zeros((0,), jnp.int32), "b": jnp.zeros(2)}, {}],
+                         ids=["zero-size leaf", "zero-size dtype group", "empty sample"])
 def test_zero_size_leaves_and_empty_samples(sample):
     init, save, postprocess = jaxsave.save(jaxsave.MemoryCollector(), block_size=3)
     state = init(sample)
@@ -336,3 +337,32 @@ def test_zero_size_leaves_and_empty_samples(sample):
     out = postprocess(state, None)
     assert int(out["sample_count"]) == 4
     assert jax.tree.map(np.shape, out["samples"]) == jax.tree.map(lambda x: (4, *x.shape), sample)
+
+
+def test_postprocess_results_survive_a_resume_of_the_same_memory_collector():
+    collector = jaxsave.MemoryCollector()
+    init, save, postprocess = jaxsave.save(collector, checkpoint_every=4)
+    state = init(jnp.zeros(()), jnp.zeros(()))
+    run = jax.jit(lambda s, xs: jax.lax.scan(lambda s, x: save(s, True, x, solver_state=x), s, xs)[0])
+    first = postprocess(run(state, jnp.arange(22.0)), None)["samples"]
+    kept = np.array(first, copy=True)
+    ckpt = jaxsave.resume(collector)
+    assert int(ckpt.step) == 20
+    again = postprocess(run(init(jnp.zeros(()), jnp.zeros(()), resume=ckpt), jnp.array([100.0, 101.0])), None)
+    np.testing.assert_array_equal(first, kept)  # the first result is not overwritten by the resumed chain
+    np.testing.assert_array_equal(again["samples"][-2:], [100.0, 101.0])
+
+
+def test_a_callback_argument_of_exactly_one_piece_keeps_its_shape(monkeypatch):
+    from jaxsave import _callback
+
+    monkeypatch.setattr(_callback, "_pieces_needed", lambda: True)  # as on a multi-device CPU backend
+    got = []
+    x = jnp.arange(_callback.PIECE_BYTES // 4, dtype=jnp.float32).reshape(-1, 8)  # exactly one piece
+    big = jnp.ones((3, _callback.PIECE_BYTES // 4 + 5), jnp.float32)  # three pieces
+    jax.jit(lambda a, b: _callback.send(got.append, (a, b, None)))(x, big)
+    jax.effects_barrier()
+    (a, b, none), = got
+    assert none is None and a.shape == x.shape and b.shape == big.shape
+    np.testing.assert_array_equal(a, x)
+    np.testing.assert_array_equal(b, big)

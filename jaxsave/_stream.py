@@ -139,9 +139,9 @@ class _Streamer(_SaverBase):
                 self.writer.add_chain(chain, capacity)
                 self.registered.append(chain)
                 ids.append(chain)
-        except BaseException:
+        except BaseException as error:
             if not self.registered or len(self.finished) == len(self.registered):
-                self._close_if_done(force=True)  # no chain left running: no thread left behind
+                self._close_after(error)  # no chain left running: no thread left behind
             raise
         return self._new_state(ids, chains)
 
@@ -349,10 +349,7 @@ class _Streamer(_SaverBase):
         except BaseException as error:
             with self._lock:
                 self.finished.update(chains.tolist())
-                try:
-                    self._close_if_done(force=True)
-                except Exception as late:  # noqa: BLE001 - the first error is the one to report
-                    logger.error("jaxsave: closing after %r failed too: %r", error, late)
+                self._close_after(error)
             raise
         with self._lock:
             self.finished.update(chains.tolist())
@@ -377,6 +374,13 @@ class _Streamer(_SaverBase):
             bar.set_postfix(kept=kept[0], chains=len(self.registered), refresh=False)
 
         self.writer.on_block = on_block
+
+    def _close_after(self, error: BaseException) -> None:
+        """Close everything after ``error``; a failure to close is logged, ``error`` stays the one raised."""
+        try:
+            self._close_if_done(force=True)
+        except Exception as late:  # noqa: BLE001 - the first error is the one to report
+            logger.error("jaxsave: closing after %r failed too: %r", error, late)
 
     def _close_if_done(self, force: bool = False) -> None:
         if force or len(self.finished) == len(self.registered):

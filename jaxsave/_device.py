@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxsave import _dtypes
+from jaxsave import _dtypes, _sharding
 from jaxsave._saver import SaveState, Saver, _count, _SaverBase, check_state
 from jaxsave.errors import CapacityError
 
@@ -78,7 +78,7 @@ class _DeviceSaver(_SaverBase):
     def postprocess(self, state: SaveState, unused_saved: Any = None) -> dict:
         """The kept samples, as the original tree (vmapped chains: zero-padded, stacked)."""
         check_state(state, "postprocess()")
-        state = jax.device_get(state)
+        state = _sharding.local_part(state)  # this process's chains, on the host
         batch = np.shape(state.chain_id)
         chains = np.asarray(state.chain_id).reshape(-1)
         self._register_finished(chains)

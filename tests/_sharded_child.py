@@ -54,6 +54,17 @@ def chain_loop(save):
     return lambda state, x: jax.lax.scan(step, (state, x), jnp.arange(STEPS))[0]
 
 
+def counting_loop(save, name, steps):
+    """``run(state, x)``: ``steps`` steps of ``x += 1``, each saved (kept) as ``{name: x}``."""
+
+    def step(carry, i):
+        state, x = carry
+        x = x + 1.0
+        return (save(state, True, {name: x})[0], x), None
+
+    return lambda state, x: jax.lax.scan(step, (state, x), jnp.arange(steps))[0]
+
+
 def check_file(path, x0):
     stored = jaxsave.load_samples(path)
     kept = np.arange(1, STEPS + 1)[::2]
@@ -107,14 +118,7 @@ def sharded_sample_case():
     state = state._replace(data=(jax.device_put(state.data[0], NamedSharding(auto, P(None, "d"))),))
     w0 = jax.device_put(jnp.arange(n, dtype=jnp.float32), NamedSharding(auto, P("d")))
 
-    def run(state, w):
-        def step(carry, i):
-            state, w = carry
-            w = w + 1.0
-            return (save(state, True, {"w": w})[0], w), None
-        return jax.lax.scan(step, (state, w), jnp.arange(STEPS))[0]
-
-    compiled = jax.jit(run).lower(state, w0).compile()
+    compiled = jax.jit(counting_loop(save, "w", STEPS)).lower(state, w0).compile()
     hlo = compiled.as_text()
     gathers = [line for line in hlo.splitlines() if " all-gather(" in line]
     # The only gather is of one block (BLOCK rows), for the callback: never of a whole history.
@@ -147,13 +151,7 @@ def large_blocks_case():
     steps = 2 * rows + 5
     x0 = jnp.arange(640, dtype=jnp.float32).reshape(64, 10)
 
-    def chain(state, x):
-        def step(carry, i):
-            state, x = carry
-            x = x + 1.0
-            return (save(state, True, {"x": x})[0], x), None
-        return jax.lax.scan(step, (state, x), jnp.arange(steps))[0]
-
+    chain = counting_loop(save, "x", steps)
     run = jax.jit(jax.shard_map(jax.vmap(chain), mesh=mesh, in_specs=P("chains"), out_specs=P("chains")))
     CALLS.clear()
     out, _ = run(jaxsave.shard_state(state, mesh), jaxsave.shard_state(x0, mesh))

@@ -1,7 +1,7 @@
 """Checkpoints of the sampler state, taken inside jit and written with the sample blocks.
 
-Checkpoints are taken at block boundaries: the block size divides
-``checkpoint_every``, and the flush that ends a block at a multiple of it also
+Checkpoints travel with the samples: at every multiple of ``checkpoint_every``
+the rows gathered so far are flushed (a full block or not), and that flush also
 carries the ``solver_state`` (and ``scheduler_state``) given to ``save`` at that
 step, with the step and the number of kept samples. Nothing is copied or
 tested on the other steps, and there is no extra callback. The writer stores a

@@ -30,11 +30,12 @@ class Block:
     """Samples of several chains, as they left the device.
 
     ``leaves[j]`` has shape ``(chains, rows, ...)``; ``mask[i, r]`` is the keep bit
-    of row ``r`` of chain ``chain_ids[i]``; ``ends[i]`` is the chain's step count
-    after the block's last row, so the block covers steps ``ends - rows .. ends``.
+    of row ``r`` of chain ``chain_ids[i]``. The block covers the steps
+    ``starts[i] .. ends[i]`` of the chain; its rows are the steps some chain kept.
     """
 
     chain_ids: np.ndarray
+    starts: np.ndarray
     ends: np.ndarray
     mask: np.ndarray
     leaves: list[np.ndarray]
@@ -90,7 +91,6 @@ class Writer:
         self.written: dict[int, int] = {}
         self.capacity: dict[int, int | None] = {}
         self.finalized: set[int] = set()
-        self.resumed: dict[int, int] = {}  # chain -> the step it was resumed at, until its first block
         self.checkpoint_spec: Any = None
         self.error: BaseException | None = None
         self.on_block: Callable[[Block], None] | None = None
@@ -107,8 +107,6 @@ class Writer:
             self.written[chain_id] = written
             self.capacity[chain_id] = capacity
             self.finalized.discard(chain_id)
-            if start:
-                self.resumed[chain_id] = start
 
     def submit(self, block: Block) -> None:
         """Queue a block; never raises (errors are kept for ``postprocess``)."""
@@ -181,17 +179,12 @@ class Writer:
                 self._cond.notify_all()
 
     def _write(self, block: Block) -> None:
-        rows = block.mask.shape[1]
-        for i, chain in enumerate(block.chain_ids.tolist()):
+        for chain, start, end in zip(block.chain_ids.tolist(), block.starts.tolist(), block.ends.tolist()):
             if chain in self.finalized:
                 raise SaverStateError(f"chain {chain} saved samples after postprocess finished it")
-            start, received = int(block.ends[i]) - rows, self.received.get(chain)
-            if received is not None and start < received <= start + rows and self.resumed.get(chain) == received:
-                block.mask = block.mask.copy()  # the first block after a resume: drop the replayed rows
-                block.mask[i, : received - start] = False
-            elif received != start:
+            if self.received.get(chain) != start:
                 raise SaverStateError(
-                    f"chain {chain}: a block for steps {start}..{start + rows} arrived after step "
+                    f"chain {chain}: a block for steps {start}..{end} arrived after step "
                     f"{self.received.get(chain)}; a saving state was advanced twice (reuse the "
                     "state returned by the previous run, not an older one)"
                 )
@@ -209,7 +202,6 @@ class Writer:
             for i, chain in enumerate(block.chain_ids.tolist()):
                 self.received[chain] = int(block.ends[i])
                 self.written[chain] += int(kept[i])
-                self.resumed.pop(chain, None)
         if block.checkpoints:
             self.collector.checkpoint(block.checkpoints, self.checkpoint_spec)
         if self.on_block is not None:

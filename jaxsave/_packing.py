@@ -23,7 +23,7 @@ from jax.custom_batching import custom_vmap
 
 from jaxsave._checkpoint import broadcast_unbatched
 
-__all__ = ["Packing", "pack", "unpack"]
+__all__ = ["Packing", "advance", "pack", "unpack"]
 
 
 class Slot(NamedTuple):
@@ -103,6 +103,24 @@ def _row_writer(axis: int) -> Callable:
         return out, tuple(True for _ in out)
 
     return write
+
+
+@custom_vmap
+def advance(fill: jax.Array, keep: jax.Array) -> jax.Array:
+    """The ring buffer's next free row: ``fill + keep``, so only kept steps take a row.
+
+    Vmapped chains share their rows (one in-place write for all of them), so under
+    vmap a row is taken when *any* chain keeps; each chain's keep bits tell the
+    host which rows are its own.
+    """
+    return fill + keep.astype(fill.dtype)
+
+
+@advance.def_vmap
+def _advance_vmap(axis_size, in_batched, fill, keep):
+    fill_b, keep_b = in_batched
+    out = advance(fill[0] if fill_b else fill, jnp.any(keep, axis=0) if keep_b else keep)
+    return jnp.broadcast_to(out, (axis_size, *jnp.shape(out))), True
 
 
 def pack(leaves: Sequence[jax.Array], batch_ndim: int) -> tuple[tuple[jax.Array, ...], tuple]:

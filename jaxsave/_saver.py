@@ -33,7 +33,9 @@ class SaveState(NamedTuple):
 
     ``data`` holds the ring buffer (``block_size`` rows per leaf) or, for
     :func:`no_save`, every kept sample; ``keep_mask`` the keep bits of the ring
-    buffer's rows; ``step`` the number of ``save`` calls so far.
+    buffer's rows; ``step`` the number of ``save`` calls so far. Streaming only:
+    ``fill`` is the number of rows of the current block in use (a row is taken
+    only by a step that some chain keeps), ``block_start`` the step it began at.
     """
 
     chain_id: jax.Array
@@ -41,6 +43,8 @@ class SaveState(NamedTuple):
     data: Any
     keep_mask: Any
     step: jax.Array
+    fill: Any = None
+    block_start: Any = None
 
 
 class Saver(NamedTuple):

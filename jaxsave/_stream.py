@@ -2,8 +2,9 @@
 
 ``save(collector)`` returns ``(init, save, postprocess)``. ``save`` writes each
 sample and its keep bit into a ring buffer of ``block_size`` rows that lives in
-the saving state; when the buffer is full, one ``io_callback`` sends the whole
-block of every chain to the host. The callback sits in a ``custom_vmap`` whose
+the saving state; only kept steps take a row, so thinning shrinks the traffic
+too. When the buffer is full (or a checkpoint is due), one ``io_callback`` sends
+the block of every chain to the host. The callback sits in a ``custom_vmap`` whose
 batching rule folds the chain axes into the payload, so C vmapped chains (nested
 vmaps included) cost one callback per block, not C, and ``keep`` may differ per
 chain. ``postprocess`` sends the partial last block from the final state.
@@ -26,7 +27,7 @@ from jax.custom_batching import custom_vmap
 from jaxsave import _callback, _checkpoint, _sharding
 from jaxsave._checkpoint import Checkpoint, broadcast_unbatched
 from jaxsave._host import Block, Writer
-from jaxsave._packing import Packing, pack, unpack
+from jaxsave._packing import Packing, advance, pack, unpack
 from jaxsave._saver import SaveState, Saver, _count, _SaverBase, check_state
 from jaxsave._tree import check_like
 from jaxsave.collectors import DataCollector, MemoryCollector, SampleLayout
@@ -62,10 +63,6 @@ class _Streamer(_SaverBase):
         self.bar: Any = None
         if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be an int >= 0, got {checkpoint_every!r}")
-        if checkpoint_every and block_size and checkpoint_every % block_size:
-            raise ValueError(
-                f"checkpoints are taken at block boundaries: block_size={block_size} must divide "
-                f"checkpoint_every={checkpoint_every} (or leave block_size to be chosen)")
         self.checkpoint_every = checkpoint_every
         self.checkpoint_spec: Any = None
         if not isinstance(collector, DataCollector):
@@ -116,10 +113,7 @@ class _Streamer(_SaverBase):
         capacity = _count(static_information)
         self._checkpoint_spec(init_checkpoint, scheduler_state, chains)
         if self.block_size is None:
-            rows = int(np.clip(_BLOCK_BYTES // max(1, _row_bytes(self.layout)), 1, _MAX_BLOCK_ROWS))
-            if self.checkpoint_every:  # the largest block that ends on every checkpoint step
-                rows = max(d for d in range(1, min(rows, self.checkpoint_every) + 1) if self.checkpoint_every % d == 0)
-            self.block_size = rows
+            self.block_size = int(np.clip(_BLOCK_BYTES // max(1, _row_bytes(self.layout)), 1, _MAX_BLOCK_ROWS))
         if self.packing is None:
             leaves = range(len(self.layout.specs))
             self.packing = Packing.build(self.block_size, [self.layout.storage_shape(j) for j in leaves],
@@ -180,7 +174,7 @@ class _Streamer(_SaverBase):
             check_like(jax.eval_shape(lambda t: jax.tree.map(lambda x: x[0], t) if batched else t, tree),
                        self.checkpoint_spec, "the checkpoint to resume")
         state = self._new_state(ids, len(ids) if batched else None)
-        return state._replace(step=step, saved_samples=saved)
+        return state._replace(step=step, saved_samples=saved, block_start=step)
 
     def _new_state(self, ids: list[int], chains: int | None) -> SaveState:
         """A fresh state for chains ``ids`` (stacked when ``chains``), from step 0."""
@@ -190,6 +184,8 @@ class _Streamer(_SaverBase):
             data=self.packing.zeros(),
             keep_mask=jnp.zeros((self.block_size,), jnp.bool_),
             step=jnp.int32(0),
+            fill=jnp.int32(0),
+            block_start=jnp.int32(0),
         )
         if chains is None:
             return state
@@ -210,25 +206,31 @@ class _Streamer(_SaverBase):
 
         With ``checkpoint_every=n``, every n-th call also takes a checkpoint of
         ``solver_state`` (and ``scheduler_state``), as they are after this step:
-        they travel with that step's block of samples, at no cost on other steps.
+        they travel with the block of samples sent at that step, at no cost on
+        other steps.
         """
         self._check_open()
         check_state(state, "save()")
         leaves = self._flat_sample(sample)
         keep = self._check_keep(keep)
-        rows = state.keep_mask.shape[-1]
-        slot = state.step % rows
-        data, mask = self.packing.write(state.data, state.keep_mask, leaves, keep, slot)
+        _check_ring(state, "save()")
+        # The row at `fill` is written every step but taken only when kept: a step
+        # nobody keeps is overwritten by the next one.
+        data, mask = self.packing.write(state.data, state.keep_mask, leaves, keep, state.fill)
         step = state.step + 1
         saved = state.saved_samples + keep.astype(jnp.int32)
-        full = slot == rows - 1
+        fill = advance(state.fill, keep)
+        full = fill == state.keep_mask.shape[-1]
         ckpt = None
         if self.checkpoint_every:
+            full = full | (step % self.checkpoint_every == 0)
             tree = _checkpoint.checkpoint_tree(solver_state, scheduler_state)
             check_like(tree, self.checkpoint_spec, "the solver_state/scheduler_state passed to save()")
             ckpt = (tuple(_checkpoint.to_device_leaves(tree)), saved)
-        self.flush(full, (full, state.chain_id, step, mask, data, ckpt))
-        return SaveState(state.chain_id, saved, data, mask, step), None
+        self.flush(full, (full, state.chain_id, state.block_start, step, fill, mask, data, ckpt))
+        fill = jnp.where(full, 0, fill)
+        block_start = jnp.where(full, step, state.block_start)
+        return SaveState(state.chain_id, saved, data, mask, step, fill, block_start), None
 
     def _make_flush(self) -> Callable[[Any, Any], None]:
         receive, every = self._receive, self.checkpoint_every
@@ -237,10 +239,10 @@ class _Streamer(_SaverBase):
             # Every argument of io_callback costs ~0.1 ms: the small per-chain fields and
             # the keep mask travel as one int32 array, (chains..., 4 + rows); the samples
             # as one buffer per dtype; the solver state packed the same way.
-            active, chain, end, mask, data, ckpt = payload
+            active, chain, start, end, fill, mask, data, ckpt = payload
             saved = ckpt[1] if ckpt is not None else jnp.zeros_like(end)
-            meta = jnp.concatenate([jnp.stack([active.astype(jnp.int32), chain, end, saved], axis=-1),
-                                    mask.astype(jnp.int32)], axis=-1)
+            fields = [active.astype(jnp.int32), chain, end, saved, start, fill]
+            meta = jnp.concatenate([jnp.stack(fields, axis=-1), mask.astype(jnp.int32)], axis=-1)
             if ckpt is None:
                 _callback.send(receive, (meta, data, None))
                 return
@@ -273,8 +275,9 @@ class _Streamer(_SaverBase):
             meta, data, solver = payload
             meta = np.asarray(meta).reshape(-1, np.shape(meta)[-1])
             active, chains, ends, saved = meta[:, 0].astype(bool), meta[:, 1], meta[:, 2], meta[:, 3]
-            mask = meta[:, 4:].astype(bool)
-            if (ends != ends[0]).any():
+            starts, rows = meta[:, 4], int(meta[0, 5])
+            mask = meta[:, 6:6 + rows].astype(bool)
+            if (ends != ends[0]).any() or (meta[:, 5] != rows).any():
                 raise SaverStateError(
                     f"the vmapped chains {chains.tolist()} are at different steps {ends.tolist()}: stack only "
                     "states that were created together (init(..., chains=n)) and advanced together")
@@ -284,15 +287,15 @@ class _Streamer(_SaverBase):
                     f"chain(s) {finished or chains[active].tolist()} saved samples after postprocess "
                     "finished them; start again from init"
                 )
-            leaves = self.packing.unpack(data)
-            block = Block(chains, ends, mask, leaves, keepalive=payload)
+            leaves = [x[:, :rows] for x in self.packing.unpack(data)]
+            block = Block(chains, starts, ends, mask, leaves, keepalive=payload)
             if solver is not None:
                 flat = unpack(solver, solver_layout)
                 block.checkpoints = _checkpoint.records(
                     chains, ends, saved, flat, active & (ends % self.checkpoint_every == 0))
             if not active.all():
                 pick = np.flatnonzero(active)
-                block = Block(chains[pick], block.ends[pick], block.mask[pick], [x[pick] for x in leaves],
+                block = Block(chains[pick], starts[pick], ends[pick], mask[pick], [x[pick] for x in leaves],
                               checkpoints=block.checkpoints)
             self.writer.submit(block)
         except SaverStateError as error:
@@ -319,6 +322,7 @@ class _Streamer(_SaverBase):
         if self.writer is None:
             raise SaverStateError("postprocess() was called before init()")
         check_state(state, "postprocess()")
+        _check_ring(state, "postprocess()")
         state = _sharding.local_part(state)  # this process's chains, on the host
         jax.effects_barrier()
         self._raise_late_error()
@@ -327,16 +331,16 @@ class _Streamer(_SaverBase):
         self._register_finished(chains)
         steps = np.asarray(state.step).reshape(-1)
         counts = np.asarray(state.saved_samples).reshape(-1)
-        rows = np.shape(state.keep_mask)[-1]
-        mask = np.asarray(state.keep_mask).reshape(-1, rows)
+        starts = np.asarray(state.block_start).reshape(-1)
+        fills = np.asarray(state.fill).reshape(-1)
+        mask = np.asarray(state.keep_mask).reshape(len(chains), -1)
         leaves = self.packing.unpack(state.data)
         try:
-            tails = steps % rows
-            for tail in np.unique(tails):
-                pick = np.flatnonzero(tails == tail)
+            for tail in np.unique(fills):
+                pick = np.flatnonzero(fills == tail)
                 for i in pick:
-                    self.writer.wait_for(int(chains[i]), int(steps[i] - tail))
-                self.writer.submit(Block(chains[pick], steps[pick], mask[pick, :tail],
+                    self.writer.wait_for(int(chains[i]), int(starts[i]))
+                self.writer.submit(Block(chains[pick], starts[pick], steps[pick], mask[pick, :tail],
                                          [x[pick, :tail] for x in leaves], tail=True))
             for chain, step, count in zip(chains.tolist(), steps.tolist(), counts.tolist()):
                 self.writer.wait_for(chain, step, finalized=True)
@@ -390,6 +394,12 @@ class _Streamer(_SaverBase):
                 self.bar.close()
                 self.bar = None
             self.collector.close()
+
+
+def _check_ring(state: SaveState, where: str) -> None:
+    if state.fill is None or state.block_start is None:
+        raise TypeError(f"{where}: this state has no ring buffer (is it a no_save() state?); pass the state "
+                        "returned by this saver's init, or by the previous save")
 
 
 def save(

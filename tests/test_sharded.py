@@ -117,8 +117,8 @@ def test_writer_takes_blocks_from_many_threads():
         for b in range(blocks):
             values = np.stack([np.full((rows, 2), 1000 * c + rows * b + np.arange(rows)[:, None], np.float32)
                                for c in ids])
-            writer.submit(Block(np.array(ids), np.full(len(ids), rows * (b + 1)), np.ones((len(ids), rows), bool),
-                                [values]))
+            writer.submit(Block(np.array(ids), np.full(len(ids), rows * b), np.full(len(ids), rows * (b + 1)),
+                                np.ones((len(ids), rows), bool), [values]))
 
     threads = [threading.Thread(target=device, args=([2 * d, 2 * d + 1],)) for d in range(chains // 2)]
     for t in threads:
@@ -126,7 +126,7 @@ def test_writer_takes_blocks_from_many_threads():
     for t in threads:
         t.join(timeout=60)
     for c in range(chains):  # postprocess's empty tail block finalizes each chain
-        writer.submit(Block(np.array([c]), np.array([rows * blocks]), np.ones((1, 0), bool),
+        writer.submit(Block(np.array([c]), np.array([rows * blocks]), np.array([rows * blocks]), np.ones((1, 0), bool),
                             [np.zeros((1, 0, 2), np.float32)], tail=True))
         writer.wait_for(c, rows * blocks, finalized=True)
     writer.close()

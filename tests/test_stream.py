@@ -366,3 +366,36 @@ def test_a_callback_argument_of_exactly_one_piece_keeps_its_shape(monkeypatch):
     assert none is None and a.shape == x.shape and b.shape == big.shape
     np.testing.assert_array_equal(a, x)
     np.testing.assert_array_equal(b, big)
+
+
+def test_only_kept_steps_take_rows_of_the_block():
+    """Thinning shrinks what leaves the device: a block fills with kept steps only."""
+    collector = jaxsave.MemoryCollector()
+    rows = []
+    original = collector.save_block
+    collector.save_block = lambda ids, values: (rows.append(len(values[0][0])), original(ids, values))
+    saver = jaxsave.save(collector, block_size=4)
+    state = saver.init(jnp.float32(0), None)
+    run = jax.jit(lambda s: jax.lax.scan(lambda s, i: saver.save(s, i % 10 == 0, i.astype(jnp.float32)),
+                                         s, jnp.arange(100))[0])
+    out = saver.postprocess(run(state), None)
+    assert rows == [4, 4, 2]  # 10 kept steps: two full blocks and the tail, not 100 rows
+    np.testing.assert_array_equal(out["samples"], np.arange(0, 100, 10))
+
+
+def test_vmapped_chains_share_a_row_when_any_of_them_keeps():
+    thin = jnp.array([10, 25])  # chain 0 keeps 0, 10, ..., 90; chain 1 keeps 0, 25, 50, 75
+    saver = jaxsave.save(jaxsave.MemoryCollector(), block_size=4)
+    state = saver.init(jnp.zeros(2), None, chains=2)
+
+    def chain(state, thin):
+        return jax.lax.scan(lambda s, i: saver.save(s, i % thin == 0, i.astype(jnp.float32)), state,
+                            jnp.arange(100))[0]
+
+    state = jax.jit(jax.vmap(chain))(state, thin)
+    # 12 distinct kept steps fill 3 blocks of 4 rows; the last one was sent after step 90.
+    assert state.fill.tolist() == [0, 0] and state.block_start.tolist() == [91, 91]
+    out = saver.postprocess(state, None)
+    assert out["sample_count"].tolist() == [10, 4]
+    np.testing.assert_array_equal(out["samples"][0], np.arange(0, 100, 10))
+    np.testing.assert_array_equal(out["samples"][1, :4], np.arange(0, 100, 25))

@@ -42,6 +42,7 @@ from jaxsave.errors import (
     CapacityError,
     FileFormatError,
     JaxsaveError,
+    ReadTooLargeError,
     SaverStateError,
     StructureMismatchError,
     UnregisteredNameError,
@@ -93,4 +94,5 @@ __all__ = [
     "UnregisteredNameError",
     "SaverStateError",
     "CapacityError",
+    "ReadTooLargeError",
 ]

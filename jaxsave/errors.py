@@ -15,6 +15,7 @@ __all__ = [
     "UnregisteredNameError",
     "SaverStateError",
     "CapacityError",
+    "ReadTooLargeError",
 ]
 
 
@@ -43,3 +44,12 @@ class SaverStateError(JaxsaveError, RuntimeError):
 
 class CapacityError(JaxsaveError, ValueError):
     """More samples were kept than ``samples_collected`` allows."""
+
+
+class ReadTooLargeError(JaxsaveError, MemoryError):
+    """A read of an intact file would need far more memory than the data it reads.
+
+    Raised, before allocating anything, by :func:`jaxsave.load_samples` with all
+    chains when chains of very different lengths would be padded to the longest;
+    read them one at a time (``chain=``, ``draws=``) instead.
+    """

@@ -28,7 +28,8 @@ from jaxsave import _dtypes, _superblock
 from jaxsave._tree import dict_to_pytree, flat_name, pytree_dict_keys
 from jaxsave._formats.hdf5 import check_stored
 from jaxsave._treespec import decode_structure
-from jaxsave.errors import FileFormatError, JaxsaveError, StructureMismatchError, UnregisteredNameError
+from jaxsave.errors import (FileFormatError, JaxsaveError, ReadTooLargeError, StructureMismatchError,
+                            UnregisteredNameError)
 from jaxsave.hdf5 import FORMAT_VERSION
 
 __all__ = ["load_samples", "open_live", "LiveSamples", "to_inference_data", "file_info", "SampleFileInfo",
@@ -183,28 +184,60 @@ def _forward(rows: range) -> tuple[int, int, int]:
     return rows[-1], rows.start + 1, -rows.step
 
 
-def _read_leaf(f: h5py.File, layout: str, var: VariableInfo, chains: list[int], counts: np.ndarray,
-               draws: slice) -> np.ndarray:
-    """Stored rows ``(len(chains), draws, ...)`` of one leaf; rows past a chain's count are fill."""
+def _storage(var: VariableInfo) -> tuple[tuple[int, ...], np.dtype]:
+    """Per-draw shape and dtype of a leaf as stored (key data for PRNG keys)."""
+    spec = _dtypes.LeafSpec(var.shape, var.dtype)
+    return (_dtypes.key_data_shape(spec) if spec.is_key else var.shape), _dtypes.storage_dtype(var.dtype)
+
+
+def _read_leaves(f: h5py.File, layout: str, variables: list[VariableInfo], chains: list[int], counts: np.ndarray,
+                 draws: slice) -> list[np.ndarray]:
+    """Stored rows ``(len(chains), draws, ...)`` of each leaf; rows past a chain's count are fill.
+
+    Every leaf is checked against the file before anything is allocated: data
+    the file declares but does not store is a :class:`FileFormatError`; padding
+    short chains to the longest beyond 64 times the draws read (and 64 MiB) is
+    a :class:`ReadTooLargeError`.
+    """
     n = int(max((counts[c] for c in chains), default=0))
     rows = range(n)[draws]
-    spec = _dtypes.LeafSpec(var.shape, var.dtype)
-    shape = _dtypes.key_data_shape(spec) if spec.is_key else var.shape
-    dtype = _dtypes.storage_dtype(var.dtype)
+    storage = [_storage(var) for var in variables]
     if not chains or not len(rows):
-        return np.empty((len(chains), len(rows)) + shape, dtype)
-    row = math.prod(shape) * dtype.itemsize
-    valid = sum(len(rows[_valid_span(rows, int(counts[c]))]) for c in chains) * row
-    if len(chains) * len(rows) * row > max(64 * valid, 2**26):
-        raise FileFormatError(f"the sample counts of the {len(chains)} chains (at most {n}) would pad the stored draws "
-                              "more than 64-fold")
-    if layout == "posterior":  # checked against the file before allocating anything
-        ds = _checked(_dataset(f, layout, var), (len(counts), n), shape, dtype)
-        check_stored(ds, valid)
-    else:
-        for c in chains:
-            check_stored(_checked(_dataset(f, layout, var, c), (int(counts[c]),), shape, dtype),
-                         int(counts[c]) * math.prod(shape) * dtype.itemsize)
+        return [np.empty((len(chains), len(rows)) + shape, dtype) for shape, dtype in storage]
+    valid = sum(len(rows[_valid_span(rows, int(counts[c]))]) for c in chains)  # draws read, all chains
+    posterior = [_checked(_dataset(f, layout, var), (len(counts), n), *st) if layout == "posterior" else None
+                 for var, st in zip(variables, storage)]
+
+    def backed(slack: int) -> None:  # every dataset read must store the bytes read from it
+        for var, (shape, dtype), ds in zip(variables, storage, posterior):
+            row = math.prod(shape) * dtype.itemsize
+            if ds is not None:
+                check_stored(ds, valid * row, slack)
+                continue
+            for c in chains:
+                check_stored(_checked(_dataset(f, layout, var, c), (int(counts[c]),), shape, dtype),
+                             int(counts[c]) * row, slack)
+
+    backed(2**26)
+    draw_bytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in storage)
+    padded = len(chains) * len(rows) * draw_bytes
+    if padded > max(64 * valid * draw_bytes, 2**26):
+        backed(0)  # a file that stores less than it declares is damaged, not large
+        lengths = [int(counts[c]) for c in chains]
+        size = f"{padded / 2**30:.1f} GiB" if padded >= 2**30 else f"{padded / 2**20:.0f} MiB"
+        raise ReadTooLargeError(
+            f"reading the {len(chains)} chains at once needs {padded:,} bytes ({size}): they hold "
+            f"{min(lengths)} to {max(lengths)} draws, and each is padded to {len(rows)} rows, "
+            f"{padded / (valid * draw_bytes):.0f} times the {valid * draw_bytes:,} bytes of the draws themselves. "
+            "Read one chain at a time with load_samples(path, chain=i), and draws=slice(start, stop) for part "
+            "of a long chain")
+    return [_read_leaf(f, layout, var, ds, chains, counts, rows) for var, ds in zip(variables, posterior)]
+
+
+def _read_leaf(f: h5py.File, layout: str, var: VariableInfo, ds: h5py.Dataset | None, chains: list[int],
+               counts: np.ndarray, rows: range) -> np.ndarray:
+    """One leaf's rows, read after :func:`_read_leaves` checked it (``ds``: its posterior dataset)."""
+    shape, dtype = _storage(var)
     out = np.empty((len(chains), len(rows)) + shape, dtype)
     flip = (lambda a: np.flip(a, axis=-1 - len(shape))) if rows.step < 0 else (lambda a: a)
     if layout == "posterior":
@@ -288,10 +321,8 @@ def _load(f: h5py.File, chain: int | None, like: Any, draws: slice) -> Any:
     if chain is not None and not 0 <= chain < len(counts):
         raise IndexError(f"chain {chain} is not in the file, which has {len(counts)} chains")
     chains = list(range(len(counts))) if chain is None else [int(chain)]
-    leaves = []
-    for var in variables:
-        stored = _read_leaf(f, layout, var, chains, counts, draws)
-        leaves.append(_dtypes.from_storable(stored[0] if chain is not None else stored, var.dtype))
+    leaves = [_dtypes.from_storable(stored[0] if chain is not None else stored, var.dtype)
+              for var, stored in zip(variables, _read_leaves(f, layout, variables, chains, counts, draws))]
     keys = [v.key for v in variables]
     if like is None:
         return _rebuild(f, keys, leaves)
@@ -315,7 +346,9 @@ def load_samples(path: PathLike, chain: int | None = None, like: Any = None, *, 
     Args:
       path: a file written by :class:`jaxsave.HDF5Collector` (either layout).
       chain: one chain's index, or ``None`` for all chains (shorter chains are
-        padded with NaN, or 0 for non-float leaves, up to the longest).
+        padded with NaN, or 0 for non-float leaves, up to the longest). Padding
+        beyond 64 times the draws read (and 64 MiB) raises
+        :class:`jaxsave.ReadTooLargeError`: read such chains one at a time.
       like: a template of one sample (arrays or ``jax.ShapeDtypeStruct``); the
         result then has its exact tree structure, and a file whose leaves,
         shapes or dtypes differ raises :class:`jaxsave.StructureMismatchError`.
@@ -442,12 +475,11 @@ def to_inference_data(path_or_result: PathLike | dict, *, sample_stats: Any = No
             variables, counts = _variables(f), _counts(f)
             chains = list(range(len(counts)))
             posterior, stats = {}, {}
-            for var in variables:
-                arr = _read_leaf(f, layout, var, chains, counts, slice(None)) if chains else None
-                if arr is not None:
-                    if var.dtype in _dtypes._ML_DTYPES:
-                        arr = arr.view(_dtypes.dtype_from_name(var.dtype))
-                    (stats if var.group == "sample_stats" else posterior)[var.name] = arr
+            arrays = _read_leaves(f, layout, variables, chains, counts, slice(None)) if chains else []
+            for var, arr in zip(variables, arrays):
+                if var.dtype in _dtypes._ML_DTYPES:
+                    arr = arr.view(_dtypes.dtype_from_name(var.dtype))
+                (stats if var.group == "sample_stats" else posterior)[var.name] = arr
     n = int(counts.min()) if counts.size else 0
     if counts.size and n < int(counts.max()):
         warnings.warn(f"chains have different sample counts {counts.tolist()}; using the first {n} draws of each",

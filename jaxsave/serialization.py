@@ -57,7 +57,8 @@ def register_format_upgrade(from_version: int) -> Callable[[Callable], Callable]
     """Register ``fn(header) -> header`` turning a format ``from_version`` header into the next.
 
     Loading a file of an older format applies the registered upgrades in turn;
-    a missing step is a :class:`~jaxsave.errors.FileFormatError`.
+    a missing step is a :class:`~jaxsave.errors.FileFormatError`. What an
+    upgrade raises propagates as it is (with a note naming the upgrade).
     """
     def register(fn: Callable[[dict[str, Any]], dict[str, Any]]) -> Callable:
         _UPGRADES[from_version] = fn
@@ -222,6 +223,7 @@ def _damage_is_a_format_error(file: Any) -> Iterator[None]:
     """Turn what a reader raises on a damaged file into a :class:`FileFormatError` naming the file.
 
     Errors of the file system itself (missing file, no permission...) pass as they are.
+    Only jaxsave's own reading runs inside: user code (format upgrades) does not.
     """
     try:
         yield
@@ -262,7 +264,9 @@ class PytreeFile:
                 header = self._reader.header
                 if header is None:
                     header = self._foreign_header()
-                self._init_header(_upgrade(header))
+            header = _upgrade(header)  # outside: what a registered upgrade raises is not damage
+            with _damage_is_a_format_error(file):
+                self._init_header(header)
                 self._reader.check_arrays(self._storage, self._names)
         except BaseException:
             self._reader.close()
@@ -458,7 +462,13 @@ def _array_kinds(structure: Any) -> list[str]:
     return kinds
 
 
+def _callable_name(fn: Any) -> str:
+    module, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    return f"{module}.{name}" if isinstance(module, str) and isinstance(name, str) else repr(fn)
+
+
 def _upgrade(header: Any) -> dict[str, Any]:
+    """``header`` brought to :data:`FORMAT_VERSION` by the registered upgrades."""
     if not isinstance(header, dict) or type(header.get("format_version")) is not int:
         raise FileFormatError("the file has no jaxsave header with a format version")
     version = header["format_version"]
@@ -470,7 +480,17 @@ def _upgrade(header: Any) -> dict[str, Any]:
     while version < FORMAT_VERSION:
         if version not in _UPGRADES:
             raise FileFormatError(f"no upgrade is registered from jaxsave format version {version}")
-        header = _UPGRADES[version](dict(header))
+        upgrade = _UPGRADES[version]
+        try:
+            header = upgrade(dict(header))
+        except Exception as error:  # a bug of the upgrade, or its own verdict: never reported as damage
+            if hasattr(error, "add_note"):  # Python 3.11+
+                error.add_note(f"raised by the format upgrade {_callable_name(upgrade)} (registered from jaxsave "
+                               f"format version {version})")
+            raise
+        if not isinstance(header, dict):
+            raise TypeError(f"the format upgrade {_callable_name(upgrade)} (registered from jaxsave format version "
+                            f"{version}) returned {type(header).__name__}, not a header dict")
         version += 1
         header["format_version"] = version
     return header

@@ -136,6 +136,38 @@ def test_uneven_chains_are_padded_and_sliced(tmp_path):
             jaxsave.load_samples(path, chain=3)
 
 
+@pytest.mark.parametrize("layout", ["posterior", "chains"])
+def test_very_unequal_chains_read_one_at_a_time(tmp_path, layout):
+    """An intact file whose chains differ ~1000-fold: all at once is a size error, each chain reads."""
+    path, chains, long = tmp_path / "s.h5", 80, 1000
+    init, save, post = jaxsave.save(jaxsave.HDF5Collector(path, layout=layout), block_size=100)
+    run = jax.jit(jax.vmap(lambda s, c, n: jax.lax.scan(
+        lambda s, i: save(s, i < n, {"v": jnp.full(256, c * 10_000 + i, jnp.float32)}), s, jnp.arange(long))[0]))
+    counts = np.ones(chains, np.int32)
+    counts[3] = long  # chain 3 keeps 1000 draws, the 79 others one each
+    post(run(init({"v": jnp.zeros((chains, 256))}, None, chains=chains), jnp.arange(chains), jnp.asarray(counts)), None)
+    assert jaxsave.file_info(path).sample_counts.tolist() == counts.tolist()
+
+    padded = chains * long * 256 * 4  # 82 MB for 1.1 MB of draws
+    with pytest.raises(jaxsave.ReadTooLargeError) as e:
+        jaxsave.load_samples(path)
+    message = str(e.value)
+    assert not isinstance(e.value, jaxsave.FileFormatError) and isinstance(e.value, MemoryError)
+    assert f"needs {padded:,} bytes" in message and "1 to 1000 draws" in message
+    assert "chain=i" in message and "draws=" in message
+    with pytest.raises(jaxsave.ReadTooLargeError):
+        jaxsave.to_inference_data(path)
+
+    for c in range(chains):
+        got = jaxsave.load_samples(path, chain=c)["v"]
+        assert got.shape == (counts[c], 256)
+        np.testing.assert_array_equal(got[:, 0], c * 10_000 + np.arange(counts[c]))
+        assert (got == got[:, :1]).all()
+    head = jaxsave.load_samples(path, draws=slice(0, 2))["v"]  # a short span of every chain pads little
+    assert head.shape == (chains, 2, 256) and head[:, 0, 0].tolist() == [c * 10_000 for c in range(chains)]
+    assert np.isnan(head[np.arange(chains) != 3, 1]).all() and head[3, 1, 0] == 30_001
+
+
 def test_lazy_draws_read_only_what_is_asked(tmp_path, monkeypatch):
     path = tmp_path / "s.h5"
     write(path, lambda c, i: {"w": jnp.full((256,), c * 100 + i, jnp.float32)}, chains=2, steps=200, block_size=64)

@@ -496,6 +496,45 @@ def test_format_versions(tmp_path):
         del _UPGRADES[0]
 
 
+def test_errors_of_a_format_upgrade_are_not_file_damage(tmp_path):
+    from jaxsave._formats import native
+    from jaxsave.serialization import _UPGRADES, register_format_upgrade
+
+    path = tmp_path / "x.jaxsave"
+    jaxsave.save_pytree(path, {"a": np.arange(3)})
+    reader = native.Reader(str(path))
+    header = {k: v for k, v in reader.header.items() if k != "data_size"}
+    reader.check_arrays([((3,), "int64")])
+    arrays = reader.read([0], [((3,), "int64")])
+    reader.close()
+    native.write(str(path), {**header, "format_version": 0}, arrays)
+    calls = []
+
+    @register_format_upgrade(0)
+    def buggy_upgrade(h):
+        calls.append(h["format_version"])
+        return h["no such field"]  # a KeyError, which jaxsave's own reading would call damage
+
+    try:
+        with pytest.raises(KeyError, match="no such field") as e:
+            jaxsave.load_pytree(path)
+        assert not isinstance(e.value, FileFormatError) and calls == [0]
+        if sys.version_info >= (3, 11):
+            assert any("buggy_upgrade" in note and "version 0" in note for note in e.value.__notes__)
+        register_format_upgrade(0)(lambda h: None)
+        with pytest.raises(TypeError, match="returned NoneType, not a header dict"):
+            jaxsave.read_metadata(path)
+        register_format_upgrade(0)(lambda h: h)
+        assert jaxsave.load_pytree(path)["a"].tolist() == [0, 1, 2]
+        raw = path.read_bytes()  # real damage stays a FileFormatError, with the upgrade registered
+        for damaged in (raw[:-8], raw[:40]):
+            path.write_bytes(damaged)
+            with pytest.raises(FileFormatError, match="damaged|truncated|size"):
+                jaxsave.load_pytree(path)
+    finally:
+        del _UPGRADES[0]
+
+
 def test_plain_npz_and_safetensors_load_as_flat_dicts(tmp_path):
     import safetensors.numpy
 

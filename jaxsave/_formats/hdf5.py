@@ -42,16 +42,16 @@ def write(target: str | BinaryIO, header: dict[str, Any], arrays: Sequence[np.nd
 _MAX_RATIO = 1100
 
 
-def check_stored(ds: h5py.Dataset, nbytes: int) -> None:
+def check_stored(ds: h5py.Dataset, nbytes: int, slack: int = 2**26) -> None:
     """Refuse to read ``nbytes`` from ``ds`` when the file does not hold data for them.
 
     An HDF5 dataset can declare any shape and store nothing (unallocated chunks
     read as the fill value), so a small hostile file could make a reader
     allocate terabytes. The bytes read must be backed by stored bytes (times
-    the best compression ratio, for filtered datasets), plus 64 MiB of slack.
+    the best compression ratio, for filtered datasets), plus ``slack`` bytes.
     """
     stored = ds.id.get_storage_size()
-    limit = stored * (_MAX_RATIO if ds.compression or ds.id.get_create_plist().get_nfilters() else 1) + 2**26
+    limit = stored * (_MAX_RATIO if ds.compression or ds.id.get_create_plist().get_nfilters() else 1) + slack
     if nbytes > limit:
         raise FileFormatError(f"dataset {ds.name!r} declares {nbytes} bytes to read but the file stores only "
                               f"{stored} for it (a sparse or hostile file)")

@@ -138,10 +138,10 @@ class Payload:
         return (open, (self.marker, "w"))
 
 
-def _expect_refusal(call, marker=None, peak_mb=64):
+def _expect_refusal(call, marker=None, peak_mb=64, error=jaxsave.JaxsaveError, match=None):
     tracemalloc.start()
     try:
-        with pytest.raises(jaxsave.JaxsaveError):
+        with pytest.raises(error, match=match):
             call()
         peak = tracemalloc.get_traced_memory()[1]
     finally:
@@ -260,6 +260,23 @@ def _giant_samples(tmp_path):
         _expect_refusal(lambda: jaxsave.load_samples(path))
         _inspect(path)
     return len(cases)
+
+
+@hostile("sample files: many chains padded to one long chain (sparse, or stored)")
+def _padded_samples(tmp_path):
+    chains, long = 100, 2**16
+    counts = (long,) + (1,) * (chains - 1)  # 100 chains padded to 65536 draws of 3 floats: 79 MB
+    sparse = _samples_file(tmp_path / "p1.h5", counts=counts, extent=long)  # declares 0.8 MB, stores none
+    _expect_refusal(lambda: jaxsave.load_samples(sparse), error=jaxsave.FileFormatError, match="stores only")
+    stored = _samples_file(tmp_path / "p2.h5", counts=counts, extent=long)
+    with h5py.File(stored, "r+") as f:  # the draws it counts are there: intact, only too unequal
+        f["posterior/x"][0] = np.ones((long, 3), np.float32)
+        f["posterior/x"][1:, 0] = np.ones((chains - 1, 3), np.float32)
+    _expect_refusal(lambda: jaxsave.load_samples(stored), error=jaxsave.ReadTooLargeError, match="chain=i")
+    assert jaxsave.load_samples(stored, chain=0)["x"].shape == (long, 3)
+    for path in (sparse, stored):
+        _inspect(path)
+    return 2
 
 
 @hostile("path traversal in names (every format, samples)")

@@ -1,6 +1,8 @@
 """Streaming overhead: time per step of an SGLD loop with and without saving.
 
-For each case, in one run: (a) the loop without saving, (b) ``no_save``,
+For each case, in one run: (a) the loop without saving, (ring) the same loop
+carrying a 4096-row device buffer that it updates in place and never sends
+(the floor of any device-side buffering; see docs/performance.md), (b) ``no_save``,
 (c) ``MemoryCollector``, (d) ``HDF5Collector``, (e) the naive way (one
 ``io_callback`` per sample), and optionally (f) HDF5 with ``checkpoint_every``.
 Times are end to end (the compiled run plus ``postprocess``, which waits until
@@ -32,6 +34,7 @@ from jax.experimental import io_callback
 import jaxsave
 
 RESULTS = Path(__file__).parent / "results"
+RING_ROWS = 4096
 
 
 def sgld_step(x, key, eps=1e-3):
@@ -55,6 +58,8 @@ def make_loop(saver, steps, dim, chains, thin, kind, leaves=1):
             keep = i % thin == 0
             if kind == "naive":
                 io_callback(naive_sink, None, keep, x, ordered=False)
+            elif kind == "ring":
+                state = jax.lax.dynamic_update_index_in_dim(state, x, i % state.shape[0], 0)
             elif kind == "hdf5+ckpt":
                 state, _ = saver.save(state, keep, as_sample(x, leaves), solver_state={"x": x, "key": key})
             elif kind != "baseline":
@@ -63,7 +68,7 @@ def make_loop(saver, steps, dim, chains, thin, kind, leaves=1):
 
         return jax.lax.scan(body, (state, x, key), jnp.arange(steps))[0]
 
-    state_axis = None if kind in ("baseline", "naive") else 0
+    state_axis = None if kind in ("baseline", "naive") or chains == 1 else 0
     return jax.jit(jax.vmap(chain, in_axes=(state_axis, 0, 0)) if chains > 1 else chain)
 
 
@@ -102,6 +107,9 @@ def run_stream_case(kind, steps, dim, chains, thin, tmp, checkpoint_every=0, lea
         sample = as_sample(x0, leaves)
         solver = {"x": x0, "key": keys} if kind == "hdf5+ckpt" else None
         state = saver.init(sample, solver, info, chains=chains if chains > 1 else None)
+    if kind == "ring":
+        rows = int(np.clip(4 * 2**20 // (4 * dim), 1, RING_ROWS))  # as jaxsave's automatic block size
+        state = jnp.zeros(((chains,) if chains > 1 else ()) + (rows, *shape), jnp.float32)
     run = make_loop(saver, steps, dim, chains, thin, kind, leaves).lower(state, x0, keys).compile()
     NAIVE.clear()
     start = time.perf_counter()
@@ -194,6 +202,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--checkpoint-every", type=int, default=0,
                         help="also time HDF5 with checkpoint_every=N (issue 4)")
+    parser.add_argument("--cases", default="",
+                        help="run only the cases whose name contains one of these comma-separated words")
     parser.add_argument("--out", default=str(RESULTS / "stream.json"))
     args = parser.parse_args(argv)
     scale = 10 if args.quick else 1
@@ -206,7 +216,11 @@ def main(argv=None):
         ("1 chain x 1M floats (4 MB)", dict(steps=max(20, 200 // scale), dim=2**20, chains=1, thin=1)),
         ("1 chain x 100 leaves x 100 floats", dict(steps=20_000 // scale, dim=10_000, chains=1, thin=1, leaves=100)),
     ]
-    kinds = ["baseline", "no_save", "memory", "hdf5", "naive"]
+    mlp_name = "SGLD Haiku MLP, 4 chains"
+    wanted = [w.strip().lower() for w in args.cases.split(",") if w.strip()]
+    chosen = lambda name: not wanted or any(w in name.lower() for w in wanted)  # noqa: E731
+    cases = [(name, case) for name, case in cases if chosen(name)]
+    kinds = ["baseline", "ring", "no_save", "memory", "hdf5", "naive"]
     if args.checkpoint_every:
         kinds.insert(4, "hdf5+ckpt")
     rows = []
@@ -222,10 +236,11 @@ def main(argv=None):
                     args.checkpoint_every, case.get("leaves", 1))
             rows.append(interleaved(row, args.repeats))
         mlp_steps = 3000 // scale
-        row = {"case": "SGLD Haiku MLP, 4 chains", "steps": mlp_steps, "chains": 4, "thin": 10, "us_per_step": {
-            kind: functools.partial(mlp_case, kind, mlp_steps, 4, 10, tmp)
-            for kind in ["baseline", "no_save", "memory", "hdf5"]}}
-        rows.append(interleaved(row, args.repeats))
+        if chosen(mlp_name):
+            row = {"case": mlp_name, "steps": mlp_steps, "chains": 4, "thin": 10, "us_per_step": {
+                kind: functools.partial(mlp_case, kind, mlp_steps, 4, 10, tmp)
+                for kind in ["baseline", "no_save", "memory", "hdf5"]}}
+            rows.append(interleaved(row, args.repeats))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -113,7 +113,10 @@ class _Streamer(_SaverBase):
         capacity = _count(static_information)
         self._checkpoint_spec(init_checkpoint, scheduler_state, chains)
         if self.block_size is None:
-            self.block_size = int(np.clip(_BLOCK_BYTES // max(1, _row_bytes(self.layout)), 1, _MAX_BLOCK_ROWS))
+            rows = int(np.clip(_BLOCK_BYTES // max(1, _row_bytes(self.layout)), 1, _MAX_BLOCK_ROWS))
+            # A checkpoint flushes at least every checkpoint_every steps, and a flush
+            # sends the whole buffer: no use for more rows than that.
+            self.block_size = min(rows, self.checkpoint_every or rows)
         if self.packing is None:
             leaves = range(len(self.layout.specs))
             self.packing = Packing.build(self.block_size, [self.layout.storage_shape(j) for j in leaves],

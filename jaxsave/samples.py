@@ -218,11 +218,13 @@ def _read_leaves(f: h5py.File, layout: str, variables: list[VariableInfo], chain
                 check_stored(_checked(_dataset(f, layout, var, c), (int(counts[c]),), shape, dtype),
                              int(counts[c]) * row, slack)
 
-    backed(2**26)
     draw_bytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in storage)
     padded = len(chains) * len(rows) * draw_bytes
+    # Small reads may exceed what is stored by 64 MiB; a read that allocates more
+    # must be backed byte for byte, or a tiny file could declare 64 MiB of draws
+    # that padding over many chains blows up to gigabytes.
+    backed(2**26 if padded <= 2**26 else 0)
     if padded > max(64 * valid * draw_bytes, 2**26):
-        backed(0)  # a file that stores less than it declares is damaged, not large
         lengths = [int(counts[c]) for c in chains]
         size = f"{padded / 2**30:.1f} GiB" if padded >= 2**30 else f"{padded / 2**20:.0f} MiB"
         raise ReadTooLargeError(

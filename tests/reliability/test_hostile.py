@@ -274,9 +274,13 @@ def _padded_samples(tmp_path):
         f["posterior/x"][1:, 0] = np.ones((chains - 1, 3), np.float32)
     _expect_refusal(lambda: jaxsave.load_samples(stored), error=jaxsave.ReadTooLargeError, match="chain=i")
     assert jaxsave.load_samples(stored, chain=0)["x"].shape == (long, 3)
-    for path in (sparse, stored):
+    # Under 64 MiB declared and stored as nothing, but padded over 10 chains to 200 MB:
+    # a read that large must be backed byte for byte.
+    blown = _samples_file(tmp_path / "p3.h5", counts=(20_000,) + (1,) * 9, extent=20_000, shape=(256,))
+    _expect_refusal(lambda: jaxsave.load_samples(blown), error=jaxsave.FileFormatError, match="stores only")
+    for path in (sparse, stored, blown):
         _inspect(path)
-    return 2
+    return 3
 
 
 @hostile("path traversal in names (every format, samples)")

@@ -5,6 +5,8 @@ Layout ``"posterior"``: one ``(chain, draw, ...)`` dataset per leaf under
 dimension scales. Layout ``"chains"``: one ``(draw, ...)`` dataset per leaf and
 chain under ``/chain~{id}/``. Datasets are chunked (about 1 MiB, at most 4096
 draws) and resizable; with a known count they are allocated at their final size.
+Rows are written by :func:`write_rows` / :func:`write_block`, which hand the
+whole chunks of an unfiltered dataset straight to the file.
 """
 
 from __future__ import annotations
@@ -19,12 +21,57 @@ import numpy as np
 from jaxsave import _dtypes
 from jaxsave.collectors import SampleLayout
 
-__all__ = ["DatasetLayout"]
+__all__ = ["DatasetLayout", "write_block", "write_rows"]
 
 #: Target size of one chunk: big enough that reading draws is fast.
 _CHUNK_BYTES = 1 * 2**20
 #: ... and at most this many draws, so that short runs of small samples stay small files.
 _MAX_CHUNK_ROWS = 4096
+#: Chunks at least this big are written whole with ``write_direct_chunk`` when a block covers them:
+#: past HDF5's selection and chunk cache, twice as fast (4 MiB: 1.8 ms instead of 3.6 ms on tmpfs).
+_DIRECT_CHUNK_BYTES = 256 * 2**10
+
+
+def _whole_chunks(ds: h5py.Dataset, axis: int, start: int, n: int, dtype: np.dtype) -> tuple[int, int, int] | None:
+    """``(lo, hi, rows)``: the chunks of draws ``lo..hi`` (``rows`` each) that a write of draws
+    ``start..start+n`` along ``axis`` covers whole and may go to the file directly; ``None`` if none."""
+    chunks = ds.chunks
+    if (chunks is None or dtype != ds.dtype or any(c != 1 for c in chunks[:axis])
+            or chunks[axis + 1:] != ds.shape[axis + 1:]
+            or math.prod(chunks) * dtype.itemsize < _DIRECT_CHUNK_BYTES
+            or ds.id.get_create_plist().get_nfilters()):
+        return None
+    rows = chunks[axis]
+    lo = -(-start // rows) * rows
+    hi = min(start + n, ds.shape[axis]) // rows * rows  # a chunk past the extent is not written whole
+    return (lo, hi, rows) if hi > lo else None
+
+
+def write_rows(ds: h5py.Dataset, lead: tuple[int, ...], start: int, rows: np.ndarray) -> None:
+    """``ds[(*lead, slice(start, start + len(rows)))] = rows``, whole chunks written directly."""
+    axis, n = len(lead), len(rows)
+    whole = _whole_chunks(ds, axis, start, n, rows.dtype)
+    if whole is None:
+        ds[(*lead, slice(start, start + n))] = rows
+        return
+    lo, hi, size = whole
+    if lo > start:
+        ds[(*lead, slice(start, lo))] = rows[:lo - start]
+    zeros = (0,) * (rows.ndim - 1)
+    for k in range(lo, hi, size):
+        ds.id.write_direct_chunk((*lead, k, *zeros), np.ascontiguousarray(rows[k - start:k - start + size]))
+    if hi < start + n:
+        ds[(*lead, slice(hi, start + n))] = rows[hi - start:]
+
+
+def write_block(ds: h5py.Dataset, first: int, start: int, rows: np.ndarray) -> None:
+    """``ds[first:first + len(rows), start:start + rows.shape[1]] = rows``: chains ``first...``, draws ``start...``."""
+    n = rows.shape[1]
+    if _whole_chunks(ds, 1, start, n, rows.dtype) is None:
+        ds[first:first + len(rows), start:start + n] = rows
+        return
+    for i, chain_rows in enumerate(rows):
+        write_rows(ds, (first + i,), start, chain_rows)
 
 
 class DatasetLayout:

@@ -58,25 +58,38 @@ class Packing(NamedTuple):
             widths[g] += size
         return cls(rows, tuple(map(tuple, shapes)), tuple(groups), tuple(widths), tuple(slots))
 
+    @property
+    def unbuffered(self) -> bool:
+        """Blocks of one row leave as they are made: the state keeps no buffer, no row is copied into one."""
+        return self.rows == 1
+
     def zeros(self) -> tuple[jax.Array, ...]:
-        """The empty buffers of one chain."""
-        return tuple(jnp.zeros((self.rows, n), dtype) for n, dtype in zip(self.widths, self.dtypes))
+        """The empty buffers of one chain (no rows if :attr:`unbuffered`)."""
+        rows = 0 if self.unbuffered else self.rows
+        return tuple(jnp.zeros((rows, n), dtype) for n, dtype in zip(self.widths, self.dtypes))
 
     def write(self, buffers: tuple[jax.Array, ...], mask: jax.Array, leaves: Sequence[jax.Array],
               keep: jax.Array, row: jax.Array) -> tuple[tuple[jax.Array, ...], jax.Array]:
-        """``(buffers, mask)`` with the leaves and ``keep`` written as row ``row``, in place (also under vmap)."""
+        """``(buffers, mask)`` with the leaves and ``keep`` written as row ``row``, in place (also under vmap).
+
+        If :attr:`unbuffered`, the returned buffers are the one-row block to send,
+        not the state's (empty) buffers.
+        """
         parts: list[list[jax.Array]] = [[] for _ in self.dtypes]
         for slot, x in zip(self.slots, leaves):
             parts[slot.group].append(jnp.reshape(x, (slot.size,)))
         rows = tuple(p[0] if len(p) == 1 else jnp.concatenate(p) for p in parts)
+        if self.unbuffered:
+            return tuple(r[None] for r in rows), jnp.reshape(keep, (1,))
         *buffers, mask = _row_writer(0)((*buffers, mask), (*rows, keep), row)
         return tuple(buffers), mask
 
     def unpack(self, buffers: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Host side: leaf ``j`` as ``(chains, rows, *shape)`` views of buffers ``(*chains, rows, n)``."""
-        flat = [np.asarray(b).reshape(math.prod(np.shape(b)[:-2]), self.rows, np.shape(b)[-1]) for b in buffers]
+        flat = [np.asarray(b) for b in buffers]
+        flat = [b.reshape(math.prod(b.shape[:-2]), *b.shape[-2:]) for b in flat]
         return [
-            flat[s.group][:, :, s.start:s.start + s.size].reshape(len(flat[s.group]), self.rows, *shape)
+            flat[s.group][:, :, s.start:s.start + s.size].reshape(*flat[s.group].shape[:2], *shape)
             for s, shape in zip(self.slots, self.shapes)
         ]
 

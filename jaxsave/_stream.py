@@ -231,6 +231,8 @@ class _Streamer(_SaverBase):
             check_like(tree, self.checkpoint_spec, "the solver_state/scheduler_state passed to save()")
             ckpt = (tuple(_checkpoint.to_device_leaves(tree)), saved)
         self.flush(full, (full, state.chain_id, state.block_start, step, fill, mask, data, ckpt))
+        if self.packing.unbuffered:  # the row just sent was the whole block
+            data = state.data
         fill = jnp.where(full, 0, fill)
         block_start = jnp.where(full, step, state.block_start)
         return SaveState(state.chain_id, saved, data, mask, step, fill, block_start), None

@@ -30,7 +30,7 @@ import h5py
 import numpy as np
 
 from jaxsave import _atomic, _checkpoint, _diskspace, _dtypes, _superblock, _swmr_file
-from jaxsave._hdf5_datasets import DatasetLayout
+from jaxsave._hdf5_datasets import DatasetLayout, write_block, write_rows
 from jaxsave._hdf5_names import StatsSpec, leaf_entries
 from jaxsave._treespec import encode_structure
 from jaxsave._version import __version__
@@ -331,11 +331,10 @@ class HDF5Collector(DatasetLayout, DataCollector):
                 self._after_block()
                 return
             start, n = starts.pop(), values[0].shape[1] if values else 0
-            stop = first + len(chain_ids)
             dsets = self._posterior(start + n)
             self._check_space(dsets, len(chain_ids), values)
             for ds, rows in zip(dsets, values):
-                ds[first:stop, start:start + n] = _dtypes.to_storable(rows)
+                write_block(ds, first, start, _dtypes.to_storable(rows))
             for chain in chain_ids:
                 self._counts[chain] += n
             self._after_block()
@@ -344,11 +343,9 @@ class HDF5Collector(DatasetLayout, DataCollector):
         start, n = self._counts[chain], len(values[0]) if values else 0
         dsets = self._posterior(start + n) if self.layout == "posterior" else self._chain_group(chain, start + n)
         self._check_space(dsets, 1, values)
+        lead = (chain,) if self.layout == "posterior" else ()
         for ds, rows in zip(dsets, values):
-            if self.layout == "posterior":
-                ds[chain, start:start + n] = _dtypes.to_storable(rows)
-            else:
-                ds[start:start + n] = _dtypes.to_storable(rows)
+            write_rows(ds, lead, start, _dtypes.to_storable(rows))
         self._counts[chain] += n
 
     def _check_space(self, dsets: list[h5py.Dataset], chains: int, values: list[np.ndarray]) -> None:

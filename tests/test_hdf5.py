@@ -2,6 +2,7 @@
 
 import datetime
 import json
+import math
 
 import arviz as az
 import h5py
@@ -191,3 +192,94 @@ def test_user_supplied_file(tmp_path):
     with h5py.File(tmp_path / "old.h5", "w") as f:
         with pytest.raises(ValueError, match="libver='latest'"):
             jaxsave.HDF5Collector(f, swmr=True)
+
+
+class CountingDataset:
+    """A real h5py dataset that counts the chunks written to it directly."""
+
+    def __init__(self, ds):
+        self.ds, self.direct = ds, []
+        outer = self
+
+        class _Id:
+            def __getattr__(self, name):
+                return getattr(ds.id, name)
+
+            def write_direct_chunk(self, offsets, data):
+                outer.direct.append(offsets)
+                ds.id.write_direct_chunk(offsets, data)
+
+        self.id = _Id()
+
+    def __getattr__(self, name):
+        return getattr(self.ds, name)
+
+    def __setitem__(self, index, value):
+        self.ds[index] = value
+
+
+@pytest.mark.parametrize("compression", [None, "gzip"])
+@pytest.mark.parametrize(("start", "n"), [(0, 4), (2, 13), (5, 2), (4, 16), (12, 8)])
+def test_blocks_write_whole_chunks_directly_and_edges_through_hdf5(tmp_path, start, n, compression):
+    """Chunks of 4 draws x 64 Ki floats (1 MiB) in a dataset of 18 draws: whole chunks go to the file."""
+    from jaxsave._hdf5_datasets import write_block, write_rows
+
+    width, chains, draws = 2**16, 3, 18
+    rng = np.random.default_rng(start)
+    block = rng.normal(size=(chains, n, width)).astype(np.float32)
+    with h5py.File(tmp_path / "d.h5", "w", libver="latest") as f:
+        post = CountingDataset(f.create_dataset(
+            "post", shape=(chains, draws, width), chunks=(1, 4, width), dtype="f4",
+            fillvalue=np.float32(np.nan), compression=compression))
+        per_chain = CountingDataset(f.create_dataset(
+            "chain", shape=(draws, width), chunks=(4, width), dtype="f4", fillvalue=np.float32(np.nan),
+            compression=compression))
+        stop = min(start + n, draws)
+        block = block[:, :stop - start]
+        write_block(post, 0, start, block)
+        write_rows(per_chain, (), start, block[1])
+        expected = np.full((chains, draws, width), np.nan, np.float32)
+        expected[:, start:stop] = block
+        np.testing.assert_array_equal(post.ds[...], expected)
+        np.testing.assert_array_equal(per_chain.ds[...], expected[1])
+        whole = [k for k in range(0, 16, 4) if start <= k and k + 4 <= stop]  # draws 16, 17: chunk past the end
+        assert [o[1] for o in post.direct] == ([] if compression else whole * chains)
+        assert [o[0] for o in per_chain.direct] == ([] if compression else whole)
+
+
+def test_small_chunks_and_other_dtypes_go_through_hdf5(tmp_path):
+    from jaxsave._hdf5_datasets import write_rows
+
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        small = CountingDataset(f.create_dataset("small", shape=(8, 10), chunks=(4, 10), dtype="f4"))
+        write_rows(small, (), 0, np.ones((8, 10), np.float32))
+        wide = CountingDataset(f.create_dataset("wide", shape=(4, 2**16), chunks=(1, 2**16), dtype="f8"))
+        write_rows(wide, (), 0, np.ones((4, 2**16), np.float32))  # converted by HDF5, not copied raw
+        assert small.direct == [] and wide.direct == []
+        assert (small.ds[...] == 1).all() and (wide.ds[...] == 1).all()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_big_samples_leave_one_row_at_a_time_without_a_device_buffer(tmp_path, dtype):
+    """Rows of 2 MiB or more: blocks of one row sent as they are made, each a whole chunk on disk."""
+    path, chains, steps = tmp_path / "s.h5", 3, 7
+    init, save, post = jaxsave.save(jaxsave.HDF5Collector(path))
+    shape = (2**10, 2**10) if dtype == jnp.bfloat16 else (2**9, 2**10)  # 2 MiB either way
+    state = init({"w": jnp.zeros((chains, *shape), dtype), "i": jnp.zeros(chains, jnp.int32)}, chains=chains)
+    assert sorted(b.shape for b in state.data) == [(chains, 0, 1), (chains, 0, math.prod(shape))]
+
+    def chain(state, c):
+        def step(s, i):
+            return save(s, (i + c) % 2 == 0, {"w": jnp.full(shape, c * 10 + i, dtype), "i": i})[0], None
+        return jax.lax.scan(step, state, jnp.arange(steps))[0]
+
+    state = jax.jit(jax.vmap(chain))(state, jnp.arange(chains))
+    assert post(state, None)["sample_count"].tolist() == [4, 3, 4]
+    samples = jaxsave.load_samples(path)
+    for c in range(chains):
+        kept = [i for i in range(steps) if (i + c) % 2 == 0]
+        assert samples["i"][c, :len(kept)].tolist() == kept
+        np.testing.assert_array_equal(np.asarray(samples["w"][c, :len(kept), 5, 7], np.float32),
+                                      np.asarray([c * 10 + i for i in kept], np.float32))
+    with h5py.File(path, "r") as f:
+        assert f["posterior/w"].chunks == (1, 1, *shape)

@@ -235,7 +235,7 @@ def main(argv=None):
                     run_stream_case, kind, steps, case["dim"], case["chains"], case["thin"], tmp,
                     args.checkpoint_every, case.get("leaves", 1))
             rows.append(interleaved(row, args.repeats))
-        mlp_steps = 3000 // scale
+        mlp_steps = 10_000 // scale
         if chosen(mlp_name):
             row = {"case": mlp_name, "steps": mlp_steps, "chains": 4, "thin": 10, "us_per_step": {
                 kind: functools.partial(mlp_case, kind, mlp_steps, 4, 10, tmp)

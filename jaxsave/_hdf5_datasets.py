@@ -93,8 +93,7 @@ class DatasetLayout:
     _write_counts: Callable[[], None]
 
     def _chunk_rows(self, j: int) -> int:
-        row = math.prod(self._sample.storage_shape(j)) * self._sample.row_dtype(j).itemsize
-        rows = min(_MAX_CHUNK_ROWS, max(1, _CHUNK_BYTES // max(1, row)))
+        rows = min(_MAX_CHUNK_ROWS, max(1, _CHUNK_BYTES // max(1, self._sample.row_bytes(j))))
         known = [c for c in self._capacity if c]
         return min(rows, max(known)) if known else rows
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-import math
 from typing import Any, Callable
 
 import jax
@@ -30,7 +29,7 @@ from jaxsave._host import Block, Writer
 from jaxsave._packing import Packing, advance, pack, unpack
 from jaxsave._saver import SaveState, Saver, _count, _SaverBase, check_state
 from jaxsave._tree import check_like
-from jaxsave.collectors import DataCollector, MemoryCollector, SampleLayout
+from jaxsave.collectors import DataCollector, MemoryCollector
 from jaxsave.errors import SaverStateError
 
 logger = logging.getLogger("jaxsave")
@@ -41,10 +40,6 @@ __all__ = ["save"]
 _BLOCK_BYTES = 4 * 2**20
 #: ... with at most this many rows.
 _MAX_BLOCK_ROWS = 4096
-
-
-def _row_bytes(layout: SampleLayout) -> int:
-    return sum(math.prod(layout.storage_shape(j)) * layout.row_dtype(j).itemsize for j in range(len(layout.specs)))
 
 
 class _Streamer(_SaverBase):
@@ -113,7 +108,7 @@ class _Streamer(_SaverBase):
         capacity = _count(static_information)
         self._checkpoint_spec(init_checkpoint, scheduler_state, chains)
         if self.block_size is None:
-            rows = int(np.clip(_BLOCK_BYTES // max(1, _row_bytes(self.layout)), 1, _MAX_BLOCK_ROWS))
+            rows = int(np.clip(_BLOCK_BYTES // max(1, self.layout.row_bytes()), 1, _MAX_BLOCK_ROWS))
             # A checkpoint flushes at least every checkpoint_every steps, and a flush
             # sends the whole buffer: no use for more rows than that.
             self.block_size = min(rows, self.checkpoint_every or rows)

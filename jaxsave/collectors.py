@@ -44,6 +44,12 @@ class SampleLayout(NamedTuple):
         spec = self.specs[j]
         return _dtypes.storage_dtype(spec.dtype) if spec.is_key else _dtypes.dtype_from_name(spec.dtype)
 
+    def row_bytes(self, j: int | None = None) -> int:
+        """Bytes of one row of leaf ``j`` as stored, or of all leaves if ``j`` is ``None``."""
+        if j is None:
+            return sum(self.row_bytes(i) for i in range(len(self.specs)))
+        return math.prod(self.storage_shape(j)) * self.row_dtype(j).itemsize
+
     def unflatten(self, leaves: Sequence[Any]) -> Any:
         return jax.tree.unflatten(self.treedef, list(leaves))
 
@@ -159,9 +165,7 @@ class _MemoryChain:
         self.count = needed
 
     def _grow(self, needed: int) -> None:
-        row_bytes = sum(math.prod(self.layout.storage_shape(j)) * self.layout.row_dtype(j).itemsize
-                        for j in range(len(self.layout.specs)))
-        sizes = [max(needed, 2 * self.allocated, self.FIRST_BYTES // max(1, row_bytes))]
+        sizes = [max(needed, 2 * self.allocated, self.FIRST_BYTES // max(1, self.layout.row_bytes()))]
         if self.capacity is not None and needed <= self.capacity:
             sizes.insert(0, self.capacity)  # all of it at once: untouched pages cost nothing
         for i, size in enumerate(sizes):

@@ -331,8 +331,8 @@ class HDF5Collector(DatasetLayout, DataCollector):
                 self._after_block()
                 return
             start, n = starts.pop(), values[0].shape[1] if values else 0
+            self._check_space(len(chain_ids), values)
             dsets = self._posterior(start + n)
-            self._check_space(dsets, len(chain_ids), values)
             for ds, rows in zip(dsets, values):
                 write_block(ds, first, start, _dtypes.to_storable(rows))
             for chain in chain_ids:
@@ -341,22 +341,23 @@ class HDF5Collector(DatasetLayout, DataCollector):
 
     def _write_rows(self, chain: int, values: list[np.ndarray]) -> None:
         start, n = self._counts[chain], len(values[0]) if values else 0
+        self._check_space(1, values)
         dsets = self._posterior(start + n) if self.layout == "posterior" else self._chain_group(chain, start + n)
-        self._check_space(dsets, 1, values)
         lead = (chain,) if self.layout == "posterior" else ()
         for ds, rows in zip(dsets, values):
             write_rows(ds, lead, start, _dtypes.to_storable(rows))
         self._counts[chain] += n
 
-    def _check_space(self, dsets: list[h5py.Dataset], chains: int, values: list[np.ndarray]) -> None:
-        """Refuse a block the disk may not have room for, before HDF5 sees it (see :mod:`jaxsave._diskspace`).
+    def _check_space(self, chains: int, values: list[np.ndarray]) -> None:
+        """Refuse a block the disk may not have room for, before HDF5 sees it, datasets not
+        even grown (see :mod:`jaxsave._diskspace`).
 
         Room is needed for the block, a chunk per dataset and chain it may newly
         allocate and one still in the chunk cache.
         """
         if self._file.driver not in ("sec2", "stdio"):
             return
-        chunk = sum(math.prod(ds.chunks) * ds.dtype.itemsize for ds in dsets if ds.chunks)
+        chunk = sum(self._chunk_rows(j) * self._sample.row_bytes(j) for j in range(len(self._sample.specs)))
         needed = sum(v.nbytes for v in values) + 2 * chains * chunk
         _diskspace.check_room(self._filename, needed, f"the file keeps the {sum(self._counts)} samples written before")
 

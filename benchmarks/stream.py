@@ -1,8 +1,11 @@
 """Streaming overhead: time per step of an SGLD loop with and without saving.
 
 For each case, in one run: (a) the loop without saving, (ring) the same loop
-carrying a 4096-row device buffer that it updates in place and never sends
-(the floor of any device-side buffering; see docs/performance.md), (b) ``no_save``,
+carrying a device buffer of jaxsave's automatic block size that it updates in
+place and never sends (the floor of any device-side buffering; see
+docs/performance.md), (ring+cb) the same, handing each full buffer to a Python
+``io_callback`` that does nothing (the floor of any design built on
+``io_callback``), (b) ``no_save``,
 (c) ``MemoryCollector``, (d) ``HDF5Collector``, (e) the naive way (one
 ``io_callback`` per sample), and optionally (f) HDF5 with ``checkpoint_every``.
 Times are end to end (the compiled run plus ``postprocess``, which waits until
@@ -58,8 +61,12 @@ def make_loop(saver, steps, dim, chains, thin, kind, leaves=1):
             keep = i % thin == 0
             if kind == "naive":
                 io_callback(naive_sink, None, keep, x, ordered=False)
-            elif kind == "ring":
-                state = jax.lax.dynamic_update_index_in_dim(state, x, i % state.shape[0], 0)
+            elif kind in ("ring", "ring+cb"):
+                rows = state.shape[0]
+                state = jax.lax.dynamic_update_index_in_dim(state, x, i % rows, 0)
+                if kind == "ring+cb":  # ... and hands it to a Python function that does nothing when full
+                    jax.lax.cond(i % rows == rows - 1, lambda s: io_callback(discard, None, s, ordered=False),
+                                 lambda s: None, state)
             elif kind == "hdf5+ckpt":
                 state, _ = saver.save(state, keep, as_sample(x, leaves), solver_state={"x": x, "key": key})
             elif kind != "baseline":
@@ -73,6 +80,10 @@ def make_loop(saver, steps, dim, chains, thin, kind, leaves=1):
 
 
 NAIVE: list = []
+
+
+def discard(block):
+    """The host side of the ``ring+cb`` floor: receive the block, keep nothing."""
 
 
 def naive_sink(keep, x):
@@ -107,7 +118,7 @@ def run_stream_case(kind, steps, dim, chains, thin, tmp, checkpoint_every=0, lea
         sample = as_sample(x0, leaves)
         solver = {"x": x0, "key": keys} if kind == "hdf5+ckpt" else None
         state = saver.init(sample, solver, info, chains=chains if chains > 1 else None)
-    if kind == "ring":
+    if kind in ("ring", "ring+cb"):
         rows = int(np.clip(4 * 2**20 // (4 * dim), 1, RING_ROWS))  # as jaxsave's automatic block size
         state = jnp.zeros(((chains,) if chains > 1 else ()) + (rows, *shape), jnp.float32)
     run = make_loop(saver, steps, dim, chains, thin, kind, leaves).lower(state, x0, keys).compile()
@@ -220,7 +231,7 @@ def main(argv=None):
     wanted = [w.strip().lower() for w in args.cases.split(",") if w.strip()]
     chosen = lambda name: not wanted or any(w in name.lower() for w in wanted)  # noqa: E731
     cases = [(name, case) for name, case in cases if chosen(name)]
-    kinds = ["baseline", "ring", "no_save", "memory", "hdf5", "naive"]
+    kinds = ["baseline", "ring", "ring+cb", "no_save", "memory", "hdf5", "naive"]
     if args.checkpoint_every:
         kinds.insert(4, "hdf5+ckpt")
     rows = []
@@ -228,6 +239,8 @@ def main(argv=None):
         for name, case in cases:
             row = {"case": name, **case, "us_per_step": {}}
             for kind in kinds:
+                if kind == "ring+cb" and case["chains"] > 1:
+                    continue  # an io_callback under vmap-of-cond is refused by JAX (jaxsave works around it)
                 steps = case["steps"]
                 if kind == "naive" and case["dim"] < 1000:
                     steps = max(1000, steps // 20)  # the naive way is slow; time fewer steps

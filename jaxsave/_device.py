@@ -16,7 +16,8 @@ import numpy as np
 from jax import lax
 
 from jaxsave import _dtypes, _sharding
-from jaxsave._saver import SaveState, Saver, _count, _SaverBase, check_state
+from jaxsave._saver import SaveState, Saver, _SaverBase, check_state
+from jaxsave.collectors import _samples_collected
 from jaxsave.errors import CapacityError
 
 __all__ = ["no_save"]
@@ -32,7 +33,7 @@ class _DeviceSaver(_SaverBase):
     def init(self, init_sample: Any, init_checkpoint: Any = None, static_information: Any = None,
              *, chains: int | None = None) -> SaveState:
         """A state holding room for ``samples_collected`` samples per chain."""
-        capacity = _count(static_information)
+        capacity = _samples_collected(static_information)
         if capacity is None:
             raise ValueError(
                 "no_save() keeps every sample on the device and needs to know how many: pass "

@@ -55,24 +55,6 @@ class Saver(NamedTuple):
     postprocess: Callable[..., dict]
 
 
-def _count(static_info: Any) -> int | None:
-    n = getattr(static_info, "samples_collected", None)
-    if n is None:
-        return None
-    if isinstance(n, float) or getattr(n, "dtype", np.dtype(int)).kind not in "iu":
-        raise TypeError(f"samples_collected must be an integer, got {n!r}")
-    try:
-        value = int(n)
-    except (TypeError, jax.errors.ConcretizationTypeError) as error:
-        raise TypeError(
-            f"samples_collected must be a concrete integer (a Python int or a JAX scalar "
-            f"outside jit), got {n!r}"
-        ) from error
-    if value < 0:
-        raise ValueError(f"samples_collected must be >= 0, got {value}")
-    return value
-
-
 class _SaverBase:
     """What the streaming saver and ``no_save`` share: layout, checks, chain bookkeeping."""
 

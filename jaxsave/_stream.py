@@ -27,9 +27,9 @@ from jaxsave import _callback, _checkpoint, _sharding
 from jaxsave._checkpoint import Checkpoint, broadcast_unbatched
 from jaxsave._host import Block, Writer
 from jaxsave._packing import Packing, advance, pack, unpack
-from jaxsave._saver import SaveState, Saver, _count, _SaverBase, check_state
+from jaxsave._saver import SaveState, Saver, _SaverBase, check_state
 from jaxsave._tree import check_like
-from jaxsave.collectors import DataCollector, MemoryCollector
+from jaxsave.collectors import DataCollector, MemoryCollector, _samples_collected
 from jaxsave.errors import SaverStateError
 
 logger = logging.getLogger("jaxsave")
@@ -105,7 +105,7 @@ class _Streamer(_SaverBase):
         if resume is not None:
             chains = None if np.ndim(resume.chain_ids) == 0 or len(resume.chain_ids) == 1 else len(resume.chain_ids)
         spec = self._sample_spec(init_sample, chains)
-        capacity = _count(static_information)
+        capacity = _samples_collected(static_information)
         self._checkpoint_spec(init_checkpoint, scheduler_state, chains)
         if self.block_size is None:
             rows = int(np.clip(_BLOCK_BYTES // max(1, self.layout.row_bytes()), 1, _MAX_BLOCK_ROWS))
@@ -417,7 +417,8 @@ def save(
       checkpoint_every: take a checkpoint of the ``solver_state`` given to ``save``
         every this many steps (0: never); see :func:`jaxsave.resume`.
       block_size: samples buffered on device per chain before one callback sends
-        them; by default about 4 MiB per chain, at most 4096 rows.
+        them; by default about 4 MiB per chain, at most 4096 rows. With 1, each
+        kept sample leaves as it is made and the state keeps no buffer.
       max_queue_bytes: host memory the blocks waiting for the writer may use;
         the sampler waits (backpressure) beyond it.
       progress: show a tqdm progress bar (in steps), updated once per block from

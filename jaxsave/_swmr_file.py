@@ -10,37 +10,17 @@ which then replaces the file by an atomic rename.
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
-import re
 import shutil
 from typing import Any, Iterator
 
 import h5py
 
-from jaxsave._atomic import pid_alive
+from jaxsave import _atomic
 
 #: Chunk cache per dataset: holds partial ~1 MiB chunks; bigger chunks (big samples) bypass it.
 CACHE_BYTES = 2 * 2**20
 _CACHE_SLOTS = 100_003
-
-
-def aside(path: str) -> str:
-    """The temporary name a change of ``path`` is written under."""
-    return f"{path}.jaxsave-{os.getpid()}.tmp"
-
-
-def remove_stale_asides(path: str) -> list[str]:
-    """Delete the :func:`aside` copies of ``path`` left by writers killed during a change."""
-    removed = []
-    pattern = re.compile(re.escape(os.path.basename(path)) + r"\.jaxsave-(\d+)\.tmp$")
-    for name in glob.glob(glob.escape(path) + ".jaxsave-*.tmp"):
-        m = pattern.match(os.path.basename(name))
-        if m and not pid_alive(int(m.group(1))):
-            with contextlib.suppress(OSError):
-                os.remove(name)
-                removed.append(name)
-    return removed
 
 
 def open_path(path: str, mode: str, *, swmr: bool) -> h5py.File:
@@ -66,12 +46,12 @@ def reopen(path: str, *, swmr: bool) -> h5py.File:
 def replaced(path: str, *, copy: bool, swmr: bool) -> Iterator[h5py.File]:
     """A writable file that replaces ``path`` when the block ends without an error.
 
-    It starts as a copy of ``path`` (``copy=True``) or empty, is written under
-    :func:`aside`, closed, and renamed over ``path``; on an error ``path`` is left
-    as it was. Close ``path`` before entering.
+    It starts as a copy of ``path`` (``copy=True``) or empty, is written under a
+    temporary name of :func:`jaxsave._atomic.atomic_path` (so a killed writer's
+    leftover is cleaned like any other), closed, and renamed over ``path``; on an
+    error ``path`` is left as it was. Close ``path`` before entering.
     """
-    tmp = aside(path)
-    try:
+    with _atomic.atomic_path(path, fsync=False) as tmp:
         if copy:
             shutil.copyfile(path, tmp)
         file = open_path(tmp, "r+" if copy else "w", swmr=swmr)
@@ -79,7 +59,3 @@ def replaced(path: str, *, copy: bool, swmr: bool) -> Iterator[h5py.File]:
             yield file
         finally:
             file.close()
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -64,8 +64,22 @@ def sample_layout(init_sample: Any) -> SampleLayout:
 
 
 def _samples_collected(static_information: Any) -> int | None:
+    """``static_information.samples_collected`` as an int >= 0, or ``None`` (count unknown)."""
     n = getattr(static_information, "samples_collected", None)
-    return None if n is None else int(n)
+    if n is None:
+        return None
+    if isinstance(n, float) or getattr(n, "dtype", np.dtype(int)).kind not in "iu":
+        raise TypeError(f"samples_collected must be an integer, got {n!r}")
+    try:
+        value = int(n)
+    except (TypeError, jax.errors.ConcretizationTypeError) as error:
+        raise TypeError(
+            f"samples_collected must be a concrete integer (a Python int or a JAX scalar "
+            f"outside jit), got {n!r}"
+        ) from error
+    if value < 0:
+        raise ValueError(f"samples_collected must be >= 0, got {value}")
+    return value
 
 
 class DataCollector(abc.ABC):

@@ -215,8 +215,8 @@ class HDF5Collector(DatasetLayout, DataCollector):
         """Delete what writers killed while changing this file (or its checkpoint) left next to it."""
         directory, name = os.path.split(os.path.abspath(self._path))
         if os.path.isdir(directory):
-            _swmr_file.remove_stale_asides(self._path)
-            _atomic.remove_stale_temporaries(directory, target=name + _checkpoint.CHECKPOINT_SUFFIX)
+            for target in (name, name + _checkpoint.CHECKPOINT_SUFFIX):
+                _atomic.remove_stale_temporaries(directory, target=target)
 
     def _change(self, change: Callable[[], None], *, then_swmr: bool = False) -> None:
         """Run ``change`` (which creates objects or attributes) where a SWMR file allows it.

@@ -225,7 +225,7 @@ def test_sigkill_during_checkpointer_saves(tmp_path, figures):
 
 
 def test_stale_leftovers_of_a_killed_writer_are_removed_on_open(tmp_path):
-    """A kill during a change leaves ``<file>.jaxsave-<pid>.tmp`` (and checkpoint temporaries): cleaned on open."""
+    """A kill during a change leaves ``.<file>.<pid>.<hex>.jaxsave-tmp`` (or the checkpoint's): cleaned on open."""
     import subprocess
     import sys
 
@@ -233,8 +233,8 @@ def test_stale_leftovers_of_a_killed_writer_are_removed_on_open(tmp_path):
     dead.wait()
     path = tmp_path / "s.h5"
     jaxsave.HDF5Collector(path).close()
-    stale = [tmp_path / f"s.h5.jaxsave-{dead.pid}.tmp", tmp_path / f".s.h5.ckpt.{dead.pid}.0123abcd.jaxsave-tmp"]
-    live = [tmp_path / f"s.h5.jaxsave-{os.getppid()}.tmp",  # a live process's change in progress
+    stale = [tmp_path / f".s.h5.{dead.pid}.89abcdef.jaxsave-tmp", tmp_path / f".s.h5.ckpt.{dead.pid}.0123abcd.jaxsave-tmp"]
+    live = [tmp_path / f".s.h5.{os.getppid()}.89abcdef.jaxsave-tmp",  # a live process's change in progress
             tmp_path / f".other.h5.ckpt.{dead.pid}.0123abcd.jaxsave-tmp"]  # another file's
     for p in stale + live:
         p.write_bytes(b"partial")

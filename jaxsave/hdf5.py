@@ -317,12 +317,14 @@ class HDF5Collector(DatasetLayout, DataCollector):
     def save(self, chain_id: int, values: list[np.ndarray]) -> None:
         with self._lock:
             self._require_open()
+            self._check_rows(values, 1)
             self._write_rows(chain_id, values)
             self._after_block()
 
     def save_block(self, chain_ids: list[int], values: list[np.ndarray]) -> None:
         with self._lock:
             self._require_open()
+            self._check_rows(values, 2, chains=len(chain_ids))
             first, starts = chain_ids[0], {self._counts[c] for c in chain_ids}
             contiguous = chain_ids == list(range(first, first + len(chain_ids)))
             if self.layout != "posterior" or not contiguous or len(starts) != 1:
@@ -338,6 +340,20 @@ class HDF5Collector(DatasetLayout, DataCollector):
             for chain in chain_ids:
                 self._counts[chain] += n
             self._after_block()
+
+    def _check_rows(self, values: list[np.ndarray], lead: int, chains: int | None = None) -> None:
+        """Refuse rows unlike the registered sample: the low-level writes would take them."""
+        specs = self._sample.specs if self._sample is not None else []
+        if len(values) != len(specs):
+            raise TypeError(f"HDF5Collector: got rows of {len(values)} leaves, the sample has {len(specs)}")
+        leads = {np.shape(v)[:lead] for v in values}
+        if len(leads) > 1 or (chains is not None and leads and next(iter(leads))[0] != chains):
+            raise TypeError(f"HDF5Collector: the leaves' rows disagree on their leading (chain, draw) axes: "
+                            f"{sorted(leads)}" + (f" for {chains} chains" if chains is not None else ""))
+        for j, v in enumerate(values):
+            if np.shape(v)[lead:] != self._sample.storage_shape(j):
+                raise TypeError(f"HDF5Collector: rows of leaf {'/'.join(self._sample.keys[j]) or 'sample'} have "
+                                f"shape {np.shape(v)[lead:]}, the sample's is {self._sample.storage_shape(j)}")
 
     def _write_rows(self, chain: int, values: list[np.ndarray]) -> None:
         start, n = self._counts[chain], len(values[0]) if values else 0

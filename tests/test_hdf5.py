@@ -259,18 +259,23 @@ def test_small_chunks_and_other_dtypes_go_through_hdf5(tmp_path):
         assert (small.ds[...] == 1).all() and (wide.ds[...] == 1).all()
 
 
+def big_sample(shape, dtype, c, i):
+    """A sample whose every element differs (within bfloat16's 8 bits: exact up to 256)."""
+    return (jnp.arange(math.prod(shape)) % 251 + c * 3 + i).astype(dtype).reshape(shape)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_big_samples_leave_one_row_at_a_time_without_a_device_buffer(tmp_path, dtype):
-    """Rows of 2 MiB or more: blocks of one row sent as they are made, each a whole chunk on disk."""
+    """Rows over 2 MiB: blocks of one row sent as they are made, each a whole chunk on disk."""
     path, chains, steps = tmp_path / "s.h5", 3, 7
     init, save, post = jaxsave.save(jaxsave.HDF5Collector(path))
-    shape = (2**10, 2**10) if dtype == jnp.bfloat16 else (2**9, 2**10)  # 2 MiB either way
+    shape = (2**10, 2**10) if dtype == jnp.bfloat16 else (2**9, 2**10)  # 2 MiB, + 4 B of "i"
     state = init({"w": jnp.zeros((chains, *shape), dtype), "i": jnp.zeros(chains, jnp.int32)}, chains=chains)
     assert sorted(b.shape for b in state.data) == [(chains, 0, 1), (chains, 0, math.prod(shape))]
 
     def chain(state, c):
         def step(s, i):
-            return save(s, (i + c) % 2 == 0, {"w": jnp.full(shape, c * 10 + i, dtype), "i": i})[0], None
+            return save(s, (i + c) % 2 == 0, {"w": big_sample(shape, dtype, c, i), "i": i})[0], None
         return jax.lax.scan(step, state, jnp.arange(steps))[0]
 
     state = jax.jit(jax.vmap(chain))(state, jnp.arange(chains))
@@ -279,7 +284,47 @@ def test_big_samples_leave_one_row_at_a_time_without_a_device_buffer(tmp_path, d
     for c in range(chains):
         kept = [i for i in range(steps) if (i + c) % 2 == 0]
         assert samples["i"][c, :len(kept)].tolist() == kept
-        np.testing.assert_array_equal(np.asarray(samples["w"][c, :len(kept), 5, 7], np.float32),
-                                      np.asarray([c * 10 + i for i in kept], np.float32))
+        for d, i in enumerate(kept):
+            np.testing.assert_array_equal(samples["w"][c, d], np.asarray(big_sample(shape, dtype, c, i)))
     with h5py.File(path, "r") as f:
         assert f["posterior/w"].chunks == (1, 1, *shape)
+
+
+def test_one_row_blocks_with_checkpoints_and_a_single_chain(tmp_path):
+    """block_size=1: checkpoint steps that keep nothing send an empty block; every kept row arrives."""
+    path = tmp_path / "s.h5"
+    init, save, post = jaxsave.save(jaxsave.HDF5Collector(path), checkpoint_every=3, block_size=1)
+    shape = (300, 1024)  # 1.2 MB rows: whole 1-row chunks written directly
+    state = init({"w": jnp.zeros(shape), "k": jax.random.key(0)}, {"n": jnp.int32(0)})
+    assert [b.shape[0] for b in state.data] == [0, 0]
+
+    def step(s, i):
+        sample = {"w": big_sample(shape, jnp.float32, 0, i), "k": jax.random.fold_in(jax.random.key(0), i)}
+        return save(s, i % 4 == 1, sample, solver_state={"n": i})[0], None
+
+    state = jax.jit(lambda s: jax.lax.scan(step, s, jnp.arange(14))[0])(state)
+    assert int(post(state, None)["sample_count"]) == 4
+    samples = jaxsave.load_samples(path)
+    for d, i in enumerate([1, 5, 9, 13]):
+        np.testing.assert_array_equal(samples["w"][0, d], np.asarray(big_sample(shape, jnp.float32, 0, i)))
+        assert jax.random.key_data(samples["k"][0, d]).tolist() == \
+            jax.random.key_data(jax.random.fold_in(jax.random.key(0), i)).tolist()
+    assert int(jaxsave.resume(path).step) == 12
+
+
+def test_rows_unlike_the_sample_are_refused(tmp_path):
+    collector = jaxsave.HDF5Collector(tmp_path / "s.h5")
+    try:
+        chain = collector.register_chain(init_sample={"a": np.zeros(8, np.float32), "b": np.zeros((), np.int32)})
+        with pytest.raises(TypeError, match=r"rows of leaf a have shape \(4,\), the sample's is \(8,\)"):
+            collector.save(chain, [np.ones((3, 4), np.float32), np.ones(3, np.int32)])
+        with pytest.raises(TypeError, match="got rows of 1 leaves, the sample has 2"):
+            collector.save(chain, [np.ones((3, 8), np.float32)])
+        with pytest.raises(TypeError, match="disagree on their leading"):
+            collector.save_block([chain], [np.ones((1, 3, 8), np.float32), np.ones((1, 2), np.int32)])
+        collector.save(chain, [np.ones((3, 8), np.float32), np.arange(3, dtype=np.int32)])
+    finally:
+        collector.close()
+    with h5py.File(tmp_path / "s.h5", "r") as f:
+        assert f.attrs["sample_counts"].tolist() == [3]
+        assert (f["posterior/a"][0] == 1).all() and f["posterior/b"][0].tolist() == [0, 1, 2]

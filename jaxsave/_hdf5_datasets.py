@@ -18,7 +18,7 @@ from collections.abc import Callable
 import h5py
 import numpy as np
 
-from jaxsave import _dtypes
+from jaxsave import _diskspace, _dtypes
 from jaxsave.collectors import SampleLayout
 
 __all__ = ["DatasetLayout", "write_block", "write_rows"]
@@ -86,10 +86,11 @@ def write_block(ds: h5py.Dataset, first: int, start: int, rows: np.ndarray) -> N
 
 
 class DatasetLayout:
-    """Mixin of :class:`jaxsave.HDF5Collector`: creating and growing its datasets.
+    """Mixin of :class:`jaxsave.HDF5Collector`: creating and growing its datasets, writing rows.
 
-    Uses the collector's file, sample layout, per-chain capacities and counts,
-    its ``_change`` (structural changes outside SWMR mode) and ``_write_counts``.
+    Uses the collector's file (and its name), layout, sample layout, per-chain
+    capacities and counts, its ``_change`` (structural changes outside SWMR mode)
+    and ``_write_counts``.
     """
 
     _file: h5py.File
@@ -102,6 +103,8 @@ class DatasetLayout:
     compression: str | None
     _change: Callable[..., None]
     _write_counts: Callable[[], None]
+    _filename: str
+    layout: str
 
     def _chunk_rows(self, j: int) -> int:
         rows = min(_MAX_CHUNK_ROWS, max(1, _CHUNK_BYTES // max(1, self._sample.row_bytes(j))))
@@ -214,3 +217,41 @@ class DatasetLayout:
             group.attrs["sample_count"] = 0
             self._chain_datasets[c] = dsets
         self._write_counts()
+
+    # -- writing rows (writer thread) -------------------------------------------------------
+
+    def _check_rows(self, values: list[np.ndarray], lead: int, chains: int | None = None) -> None:
+        """Refuse rows unlike the registered sample: the low-level writes would take them."""
+        specs = self._sample.specs if self._sample is not None else []
+        if len(values) != len(specs):
+            raise TypeError(f"HDF5Collector: got rows of {len(values)} leaves, the sample has {len(specs)}")
+        leads = {np.shape(v)[:lead] for v in values}
+        if len(leads) > 1 or (chains is not None and leads and next(iter(leads))[0] != chains):
+            raise TypeError(f"HDF5Collector: the leaves' rows disagree on their leading (chain, draw) axes: "
+                            f"{sorted(leads)}" + (f" for {chains} chains" if chains is not None else ""))
+        for j, v in enumerate(values):
+            if np.shape(v)[lead:] != self._sample.storage_shape(j):
+                raise TypeError(f"HDF5Collector: rows of leaf {'/'.join(self._sample.keys[j]) or 'sample'} have "
+                                f"shape {np.shape(v)[lead:]}, the sample's is {self._sample.storage_shape(j)}")
+
+    def _write_rows(self, chain: int, values: list[np.ndarray]) -> None:
+        start, n = self._counts[chain], len(values[0]) if values else 0
+        self._check_space(1, values)
+        dsets = self._posterior(start + n) if self.layout == "posterior" else self._chain_group(chain, start + n)
+        lead = (chain,) if self.layout == "posterior" else ()
+        for ds, rows in zip(dsets, values):
+            write_rows(ds, lead, start, _dtypes.to_storable(rows))
+        self._counts[chain] += n
+
+    def _check_space(self, chains: int, values: list[np.ndarray]) -> None:
+        """Refuse a block the disk may not have room for, before HDF5 sees it, datasets not
+        even grown (see :mod:`jaxsave._diskspace`).
+
+        Room is needed for the block, a chunk per dataset and chain it may newly
+        allocate and one still in the chunk cache.
+        """
+        if self._file.driver not in ("sec2", "stdio"):
+            return
+        chunk = sum(self._chunk_rows(j) * self._sample.row_bytes(j) for j in range(len(self._sample.specs)))
+        needed = sum(v.nbytes for v in values) + 2 * chains * chunk
+        _diskspace.check_room(self._filename, needed, f"the file keeps the {sum(self._counts)} samples written before")

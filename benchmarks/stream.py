@@ -7,13 +7,16 @@ docs/performance.md), (ring+cb) the same, handing each full buffer to a Python
 ``io_callback`` that does nothing (the floor of any design built on
 ``io_callback``), (b) ``no_save``,
 (c) ``MemoryCollector``, (d) ``HDF5Collector``, (e) the naive way (one
-``io_callback`` per sample), and optionally (f) HDF5 with ``checkpoint_every``.
+``io_callback`` per sample), and optionally (f) HDF5 with ``checkpoint_every``
+and (``--floors``) jaxsave with a collector that drops the rows (``drop``) or
+``os.write``-s their raw bytes to a file (``os.write``).
 Times are end to end (the compiled run plus ``postprocess``, which waits until
 every sample is written), the best of ``--repeats`` rounds that
 time every variant in turn. Ratios are to (a).
 
     python benchmarks/stream.py            # the full cases of issue 2
     python benchmarks/stream.py --quick    # 10x fewer steps, for a smoke run
+    python benchmarks/stream.py --floors --cases "4 MB" --out benchmarks/results/stream_floors.json
 """
 
 from __future__ import annotations
@@ -95,12 +98,42 @@ def naive_sink(keep, x):
         NAIVE.append(x[keep].copy())
 
 
+class RawFileCollector(jaxsave.DataCollector):
+    """The ``--floors`` collectors: ``os.write`` the rows' bytes to a file, or (no path) drop them.
+
+    Not a real collector (no format, one chain): the floor of getting the bytes
+    that jaxsave delivers into a file at all, or of delivering them at all.
+    """
+
+    def __init__(self, path=None):
+        self.fd = None if path is None else os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        self.chains = 0
+
+    def register_chain(self, *args, **kwargs):
+        self.chains += 1
+        return self.chains - 1
+
+    def save(self, chain_id, values):
+        if self.fd is not None:
+            for rows in values:
+                os.write(self.fd, np.ascontiguousarray(rows))
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+
+
 def make_saver(kind, tmp, checkpoint_every=0):
     """The saver of variant ``kind`` and the file it writes (``None`` if it writes none)."""
     if kind == "no_save":
         return jaxsave.no_save(), None
     if kind == "memory":
         return jaxsave.save(jaxsave.MemoryCollector()), None
+    if kind == "drop":
+        return jaxsave.save(RawFileCollector()), None
+    if kind == "os.write":
+        path = Path(tmp) / f"bench-{time.monotonic_ns()}.bin"
+        return jaxsave.save(RawFileCollector(path)), path
     path = Path(tmp) / f"bench-{time.monotonic_ns()}.h5"
     extra = {"checkpoint_every": checkpoint_every} if kind == "hdf5+ckpt" else {}
     return jaxsave.save(jaxsave.HDF5Collector(path), **extra), path
@@ -113,7 +146,7 @@ def run_stream_case(kind, steps, dim, chains, thin, tmp, checkpoint_every=0, lea
     saver, state, path = None, jnp.zeros(()), None
     kept = -(-steps // thin)
     info = jaxsave.static_information(samples_collected=kept)
-    if kind in ("no_save", "memory", "hdf5", "hdf5+ckpt"):
+    if kind in ("no_save", "memory", "hdf5", "hdf5+ckpt", "drop", "os.write"):
         saver, path = make_saver(kind, tmp, checkpoint_every)
         sample = as_sample(x0, leaves)
         solver = {"x": x0, "key": keys} if kind == "hdf5+ckpt" else None
@@ -213,6 +246,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--checkpoint-every", type=int, default=0,
                         help="also time HDF5 with checkpoint_every=N (issue 4)")
+    parser.add_argument("--floors", action="store_true",
+                        help="also time jaxsave with collectors that drop the rows (drop) or os.write "
+                             "their bytes to a file (os.write): the floors under a real collector")
     parser.add_argument("--cases", default="",
                         help="run only the cases whose name contains one of these comma-separated words")
     parser.add_argument("--out", default=str(RESULTS / "stream.json"))
@@ -232,6 +268,8 @@ def main(argv=None):
     chosen = lambda name: not wanted or any(w in name.lower() for w in wanted)  # noqa: E731
     cases = [(name, case) for name, case in cases if chosen(name)]
     kinds = ["baseline", "ring", "ring+cb", "no_save", "memory", "hdf5", "naive"]
+    if args.floors:
+        kinds[5:5] = ["drop", "os.write"]
     if args.checkpoint_every:
         kinds.insert(4, "hdf5+ckpt")
     rows = []

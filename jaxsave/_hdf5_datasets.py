@@ -106,10 +106,13 @@ class DatasetLayout:
     _filename: str
     layout: str
 
-    def _chunk_rows(self, j: int) -> int:
+    def _chunk_rows(self, j: int, largest: int | None = None) -> int:
+        """Draws per chunk of leaf ``j``: about 1 MiB, at most 4096, at most the ``largest``
+        known count of a chain (computed if not given)."""
         rows = min(_MAX_CHUNK_ROWS, max(1, _CHUNK_BYTES // max(1, self._sample.row_bytes(j))))
-        known = [c for c in self._capacity if c]
-        return min(rows, max(known)) if known else rows
+        if largest is None:
+            largest = max((c for c in self._capacity if c), default=0)
+        return min(rows, largest) if largest else rows
 
     def _create(self, group: h5py.Group, name: str, j: int, lead: tuple[int, ...]) -> h5py.Dataset:
         spec = self._sample.specs[j]
@@ -252,6 +255,7 @@ class DatasetLayout:
         """
         if self._file.driver not in ("sec2", "stdio"):
             return
-        chunk = sum(self._chunk_rows(j) * self._sample.row_bytes(j) for j in range(len(self._sample.specs)))
+        largest = max((c for c in self._capacity if c), default=0)  # once per block, not per leaf
+        chunk = sum(self._chunk_rows(j, largest) * self._sample.row_bytes(j) for j in range(len(self._sample.specs)))
         needed = sum(v.nbytes for v in values) + 2 * chains * chunk
         _diskspace.check_room(self._filename, needed, f"the file keeps the {sum(self._counts)} samples written before")

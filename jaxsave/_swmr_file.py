@@ -12,11 +12,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import time
 from typing import Any, Iterator
 
 import h5py
 
-from jaxsave import _atomic
+from jaxsave import _atomic, _superblock
 
 #: Chunk cache per dataset: holds partial ~1 MiB chunks; bigger chunks (big samples) bypass it.
 CACHE_BYTES = 2 * 2**20
@@ -31,8 +32,35 @@ def open_path(path: str, mode: str, *, swmr: bool) -> h5py.File:
     return h5py.File(path, mode, **kwargs)
 
 
+#: How long :func:`reopen` waits for readers that hold the file (see there).
+REOPEN_WAIT_S = 10.0
+
+
 def reopen(path: str, *, swmr: bool) -> h5py.File:
-    """Open ``path`` for writing: straight into SWMR mode when ``swmr`` (never "open, not SWMR")."""
+    """Open ``path`` for writing: straight into SWMR mode when ``swmr`` (never "open, not SWMR").
+
+    After a copy replaced the file, a reader can open it before the writer does
+    (``jaxsave.file_info`` polling it, say), and HDF5 refuses the writer while a
+    reader in this process, or a non-SWMR reader elsewhere (file lock), has it
+    open. Such opens are short: wait for them, at most :data:`REOPEN_WAIT_S`.
+    """
+    delay, deadline = 0.001, time.monotonic() + REOPEN_WAIT_S
+    while True:
+        try:
+            return _open_for_writing(path, swmr=swmr)
+        except OSError as error:
+            busy = "already open" in str(error) or "lock" in str(error).lower()
+            if not busy:
+                raise
+            if time.monotonic() > deadline:
+                raise OSError(error.errno, f"cannot reopen {path!r} for writing: a reader kept it open for "
+                                           f"{REOPEN_WAIT_S:g} s (readers of a file being written must use SWMR, "
+                                           f"e.g. jaxsave.follow; {error})") from error
+            time.sleep(delay)
+            delay = min(2 * delay, 0.05)
+
+
+def _open_for_writing(path: str, *, swmr: bool) -> h5py.File:
     if not swmr:
         return open_path(path, "r+", swmr=False)
     fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
@@ -54,6 +82,9 @@ def replaced(path: str, *, copy: bool, swmr: bool) -> Iterator[h5py.File]:
     with _atomic.atomic_path(path, fsync=False) as tmp:
         if copy:
             shutil.copyfile(path, tmp)
+            # A reader in this process can hold the closed file open (HDF5 shares one open file
+            # per process), so it may still be marked open for writing: the copy is ours alone.
+            _superblock.clear_open_flags(tmp)
         file = open_path(tmp, "r+" if copy else "w", swmr=swmr)
         try:
             yield file

@@ -236,6 +236,7 @@ class HDF5Collector(DatasetLayout, DataCollector):
                 self._start_swmr()
             return
         if self._file is not None and self._file.id.valid:
+            self._file.flush()  # complete on disk even if a reader in this process keeps it open
             self._file.close()
         with _swmr_file.replaced(self._path, copy=True, swmr=True) as self._file:
             change()

@@ -70,3 +70,40 @@ def test_a_second_process_reads_while_the_sampler_writes(tmp_path):
     assert all(s["ok"] and s["open"] for s in seen)  # read while the writer had the file open
     assert final == {"counts": [90, 90], "ok": True, "open": False}
     np.testing.assert_array_equal(jaxsave.load_samples(path)["v"][1], 1000 + np.arange(90))
+
+
+def test_a_reader_in_this_process_polling_while_the_file_changes(tmp_path):
+    """file_info polled from a thread of the writer's own process, while the writer creates its
+    datasets (a copy that replaces the file, then reopened): the writer waits for the reader's
+    open instead of failing with "file is already open" (before the fix it failed every time we ran it)."""
+    import threading
+
+    path = tmp_path / "s.h5"
+    for attempt in range(5):
+        path.unlink(missing_ok=True)
+        saver = jaxsave.save(jaxsave.HDF5Collector(path, flush_interval=0.0), checkpoint_every=64, block_size=16)
+        state = saver.init({"i": jnp.zeros((), jnp.int32), "w": jnp.zeros(1024)}, {"n": jnp.int32(0)})
+
+        def step(s, i):
+            return saver.save(s, True, {"i": i, "w": jnp.full(1024, i, jnp.float32)}, solver_state={"n": i})
+
+        run = jax.jit(lambda s, k: jax.lax.scan(lambda s, i: step(s, k * 64 + i), s, jnp.arange(64))[0])
+        done = threading.Event()
+
+        def poll():
+            while not done.is_set():
+                try:
+                    jaxsave.file_info(path)
+                except (FileNotFoundError, jaxsave.FileFormatError):
+                    pass  # not created yet, or caught mid-replace: readers retry
+
+        reader = threading.Thread(target=poll)
+        reader.start()
+        try:
+            for k in range(4):
+                state = run(state, k)
+            assert int(saver.postprocess(state, None)["sample_count"]) == 256
+        finally:
+            done.set()
+            reader.join()
+        np.testing.assert_array_equal(jaxsave.load_samples(path)["i"][0], np.arange(256))

@@ -63,9 +63,23 @@ def _write_slab(ds: h5py.Dataset, offset: tuple[int, ...], rows: np.ndarray) -> 
 
 def write_rows(ds: h5py.Dataset, lead: tuple[int, ...], start: int, rows: np.ndarray) -> None:
     """``ds[(*lead, slice(start, start + len(rows)))] = rows``, whole chunks written directly."""
-    axis, n = len(lead), len(rows)
+    _write_span(ds, lead, start, rows, _whole_chunks(ds, len(lead), start, len(rows), rows.dtype))
+
+
+def write_block(ds: h5py.Dataset, first: int, start: int, rows: np.ndarray) -> None:
+    """``ds[first:first + len(rows), start:start + rows.shape[1]] = rows``: chains ``first...``, draws ``start...``."""
+    whole = _whole_chunks(ds, 1, start, rows.shape[1], rows.dtype)  # the same span for every chain
+    if whole is None:
+        _write_slab(ds, (first, start) + (0,) * (rows.ndim - 2), rows)
+        return
+    for i, chain_rows in enumerate(rows):
+        _write_span(ds, (first + i,), start, chain_rows, whole)
+
+
+def _write_span(ds: h5py.Dataset, lead: tuple[int, ...], start: int, rows: np.ndarray,
+                whole: tuple[int, int, int] | None) -> None:
+    """Draws ``start...`` of ``rows``: the chunks ``whole`` (of :func:`_whole_chunks`) directly, the rest as slabs."""
     zeros = (0,) * (rows.ndim - 1)
-    whole = _whole_chunks(ds, axis, start, n, rows.dtype)
     if whole is None:
         _write_slab(ds, (*lead, start, *zeros), rows)
         return
@@ -74,15 +88,6 @@ def write_rows(ds: h5py.Dataset, lead: tuple[int, ...], start: int, rows: np.nda
     for k in range(lo, hi, size):
         ds.id.write_direct_chunk((*lead, k, *zeros), np.ascontiguousarray(rows[k - start:k - start + size]))
     _write_slab(ds, (*lead, hi, *zeros), rows[hi - start:])
-
-
-def write_block(ds: h5py.Dataset, first: int, start: int, rows: np.ndarray) -> None:
-    """``ds[first:first + len(rows), start:start + rows.shape[1]] = rows``: chains ``first...``, draws ``start...``."""
-    if _whole_chunks(ds, 1, start, rows.shape[1], rows.dtype) is None:
-        _write_slab(ds, (first, start) + (0,) * (rows.ndim - 2), rows)
-        return
-    for i, chain_rows in enumerate(rows):
-        write_rows(ds, (first + i,), start, chain_rows)
 
 
 class DatasetLayout:
@@ -236,6 +241,23 @@ class DatasetLayout:
             if np.shape(v)[lead:] != self._sample.storage_shape(j):
                 raise TypeError(f"HDF5Collector: rows of leaf {'/'.join(self._sample.keys[j]) or 'sample'} have "
                                 f"shape {np.shape(v)[lead:]}, the sample's is {self._sample.storage_shape(j)}")
+
+    def _write_block(self, chain_ids: list[int], values: list[np.ndarray]) -> None:
+        """Rows ``values[j][i]`` of chains ``chain_ids[i]``: one write per leaf where the chains are
+        consecutive and level in a ``posterior`` file, else chain by chain."""
+        first, starts = chain_ids[0], {self._counts[c] for c in chain_ids}
+        contiguous = chain_ids == list(range(first, first + len(chain_ids)))
+        if self.layout != "posterior" or not contiguous or len(starts) != 1:
+            for i, chain in enumerate(chain_ids):
+                self._write_rows(chain, [leaf[i] for leaf in values])
+            return
+        start, n = starts.pop(), values[0].shape[1] if values else 0
+        self._check_space(len(chain_ids), values)
+        dsets = self._posterior(start + n)
+        for ds, rows in zip(dsets, values):
+            write_block(ds, first, start, _dtypes.to_storable(rows))
+        for chain in chain_ids:
+            self._counts[chain] += n
 
     def _write_rows(self, chain: int, values: list[np.ndarray]) -> None:
         start, n = self._counts[chain], len(values[0]) if values else 0

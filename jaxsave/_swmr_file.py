@@ -49,7 +49,7 @@ def reopen(path: str, *, swmr: bool) -> h5py.File:
         try:
             return _open_for_writing(path, swmr=swmr)
         except OSError as error:
-            busy = "already open" in str(error) or "lock" in str(error).lower()
+            busy = "already open" in str(error) or "unable to lock file" in str(error)
             if not busy:
                 raise
             if time.monotonic() > deadline:

@@ -29,8 +29,8 @@ from typing import Any, Callable
 import h5py
 import numpy as np
 
-from jaxsave import _atomic, _checkpoint, _dtypes, _superblock, _swmr_file
-from jaxsave._hdf5_datasets import DatasetLayout, write_block
+from jaxsave import _atomic, _checkpoint, _superblock, _swmr_file
+from jaxsave._hdf5_datasets import DatasetLayout
 from jaxsave._hdf5_names import StatsSpec, leaf_entries
 from jaxsave._treespec import encode_structure
 from jaxsave._version import __version__
@@ -326,20 +326,7 @@ class HDF5Collector(DatasetLayout, DataCollector):
         with self._lock:
             self._require_open()
             self._check_rows(values, 2, chains=len(chain_ids))
-            first, starts = chain_ids[0], {self._counts[c] for c in chain_ids}
-            contiguous = chain_ids == list(range(first, first + len(chain_ids)))
-            if self.layout != "posterior" or not contiguous or len(starts) != 1:
-                for i, chain in enumerate(chain_ids):
-                    self._write_rows(chain, [leaf[i] for leaf in values])
-                self._after_block()
-                return
-            start, n = starts.pop(), values[0].shape[1] if values else 0
-            self._check_space(len(chain_ids), values)
-            dsets = self._posterior(start + n)
-            for ds, rows in zip(dsets, values):
-                write_block(ds, first, start, _dtypes.to_storable(rows))
-            for chain in chain_ids:
-                self._counts[chain] += n
+            self._write_block(chain_ids, values)
             self._after_block()
 
     def _after_block(self) -> None:

@@ -39,6 +39,8 @@ from typing import Any, NamedTuple, TextIO
 
 import numpy as np
 
+from jaxsave import _arviz
+
 __all__ = ["DemoResult", "load_data", "run", "summarize", "print_report", "split_rhat",
            "effective_sample_size", "add_arguments", "run_from_args", "main"]
 
@@ -162,7 +164,7 @@ def summarize(samples: dict[str, np.ndarray], names: list[str] | None = None) ->
     except ImportError:
         az = None
     if az is not None:
-        idata = az.from_dict(posterior={k: np.asarray(samples[k]) for k in names})
+        idata = _arviz.from_groups({"posterior": {k: np.asarray(samples[k]) for k in names}})
         table = az.summary(idata, kind="all", round_to="none")
         return [
             {"name": str(name), "mean": float(row["mean"]), "sd": float(row["sd"]),

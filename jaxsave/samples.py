@@ -3,7 +3,8 @@
 * :func:`load_samples` returns the samples as the original pytree, for one chain
   ``(draw, ...)`` or all ``(chain, draw, ...)``, reading only the draws asked for.
 * :func:`open_live` follows a file while the sampler still writes it (SWMR).
-* :func:`to_inference_data` makes an ``arviz.InferenceData``.
+* :func:`to_inference_data` makes what the installed ArviZ works with
+  (``xarray.DataTree`` on ArviZ 1.x, ``arviz.InferenceData`` on 0.x).
 * :func:`file_info` describes a file; :func:`recover` makes the file of a killed
   writer readable by every HDF5 reader again.
 
@@ -24,7 +25,7 @@ import h5py
 import jax
 import numpy as np
 
-from jaxsave import _dtypes, _superblock
+from jaxsave import _arviz, _dtypes, _superblock
 from jaxsave._tree import dict_to_pytree, flat_name, pytree_dict_keys
 from jaxsave._formats.hdf5 import check_stored
 from jaxsave._treespec import decode_structure
@@ -454,7 +455,11 @@ def _for_arviz(arr: np.ndarray, n: int) -> np.ndarray:
 
 
 def to_inference_data(path_or_result: PathLike | dict, *, sample_stats: Any = None) -> Any:
-    """An ``arviz.InferenceData`` with groups ``posterior`` (and ``sample_stats``).
+    """The samples as ArviZ data: groups ``posterior`` (and ``sample_stats``).
+
+    Returns an ``xarray.DataTree`` on ArviZ 1.x and an ``arviz.InferenceData`` on
+    ArviZ 0.x; both have dims ``chain``, ``draw`` and ``<var>_dim_<i>``, and both
+    are indexed the same way (``data["posterior"]["x"]``).
 
     Takes a sample file, or the dict that ``postprocess`` returns (then
     ``sample_stats`` names the top-level keys, or is a key-path predicate, that
@@ -464,11 +469,9 @@ def to_inference_data(path_or_result: PathLike | dict, *, sample_stats: Any = No
     >>> import jax.numpy as jnp, jaxsave
     >>> result = {"sample_count": jnp.array([3, 3]), "samples": {"x": jnp.zeros((2, 3, 4)), "lp": jnp.zeros((2, 3))}}
     >>> idata = jaxsave.to_inference_data(result, sample_stats=("lp",))
-    >>> dict(idata.posterior["x"].sizes), list(idata.sample_stats.data_vars)
+    >>> dict(idata["posterior"]["x"].sizes), list(idata["sample_stats"].data_vars)
     ({'chain': 2, 'draw': 3, 'x_dim_0': 4}, ['lp'])
     """
-    import arviz as az
-
     if isinstance(path_or_result, dict):
         posterior, stats, counts = _result_arrays(path_or_result, sample_stats)
     else:
@@ -488,7 +491,7 @@ def to_inference_data(path_or_result: PathLike | dict, *, sample_stats: Any = No
                       stacklevel=2)
     posterior = {k: _for_arviz(v, n) for k, v in posterior.items()}
     stats = {k: _for_arviz(v, n) for k, v in stats.items()}
-    return az.from_dict(posterior=posterior, sample_stats=stats or None)
+    return _arviz.from_groups({"posterior": posterior, "sample_stats": stats})
 
 
 def recover(path: PathLike) -> bool:

@@ -422,11 +422,14 @@ def open_live(path: PathLike, like: Any = None) -> LiveSamples:
 
     >>> import tempfile, os, jax.numpy as jnp, jaxsave
     >>> path = os.path.join(tempfile.mkdtemp(), "s.h5")
-    >>> init, save, post = jaxsave.save(jaxsave.HDF5Collector(path), block_size=2)
+    >>> init, save, post = jaxsave.save(jaxsave.HDF5Collector(path, flush_interval=0), block_size=2)
     >>> state = init({"w": jnp.zeros(())})
     >>> for i in range(3):
     ...     state, _ = save(state, True, {"w": jnp.float32(i)})
     >>> live = jaxsave.open_live(path)
+    >>> import time; deadline = time.monotonic() + 60   # the writer thread stores the first block
+    >>> while live.refresh(chain=0)["w"].shape[0] < 2 and time.monotonic() < deadline:
+    ...     time.sleep(0.01)
     >>> live.refresh(chain=0)["w"].tolist(), live.sample_counts.tolist()
     ([0.0, 1.0], [2])
     >>> _ = post(state, None)

@@ -61,3 +61,8 @@ def files_under(fds: dict[int, str], directory) -> list[str]:
     """The targets in ``fds`` that are files inside ``directory``."""
     directory = os.path.realpath(os.fspath(directory))
     return sorted(t for t in fds.values() if t.startswith(directory + os.sep))
+
+
+def group_names(data) -> set[str]:
+    """The group names of ArviZ data: an ``xarray.DataTree`` (ArviZ 1.x) or ``InferenceData`` (0.x)."""
+    return set(data.children) if hasattr(data, "children") else set(data.groups())

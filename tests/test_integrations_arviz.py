@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 import jaxsave
+from _helpers import group_names
+from jaxsave import _arviz
 
 az = pytest.importorskip("arviz")
 matplotlib = pytest.importorskip("matplotlib")
@@ -43,7 +45,7 @@ def sample_file(tmp_path_factory):
 def test_inference_data_has_named_dimensions(sample_file):
     path, _, _ = sample_file
     idata = jaxsave.to_inference_data(path)
-    assert set(idata.groups()) == {"posterior", "sample_stats"}
+    assert group_names(idata) == {"posterior", "sample_stats"}
     assert dict(idata.posterior["theta"].sizes) == {"chain": 3, "draw": 1000, "theta_dim_0": 2}
     np.testing.assert_array_equal(idata.posterior["theta"].values, jaxsave.load_samples(path)["theta"])
     assert "lp" in idata.sample_stats
@@ -63,12 +65,18 @@ def test_plot_trace_draws_every_chain(sample_file):
 
     path, _, _ = sample_file
     idata = jaxsave.to_inference_data(path)
-    axes = az.plot_trace(idata, var_names=["theta"], compact=False)
     try:
-        assert axes.shape == (2, 2)  # theta[0], theta[1]: density | trace
-        trace_lines = axes[1, 1].get_lines()
-        assert len(trace_lines) == 3  # one per chain
-        np.testing.assert_allclose(trace_lines[2].get_ydata(), idata.posterior["theta"].values[2, :, 1])
+        if _arviz.major_version(az) >= 1:  # a PlotCollection: its artists, by variable and dims
+            lines = az.plot_trace(idata, var_names=["theta"]).viz["trace"]["theta"]
+            assert dict(lines.sizes) == {"chain": 3, "theta_dim_0": 2}  # one line per chain and entry
+            last = lines.sel(chain=2, theta_dim_0=1).item().get_ydata()
+        else:  # an array of matplotlib axes: theta[0], theta[1] x density | trace
+            axes = az.plot_trace(idata, var_names=["theta"], compact=False)
+            assert axes.shape == (2, 2)
+            trace_lines = axes[1, 1].get_lines()
+            assert len(trace_lines) == 3  # one per chain
+            last = trace_lines[2].get_ydata()
+        np.testing.assert_allclose(last, idata.posterior["theta"].values[2, :, 1])
     finally:
         plt.close("all")
 

@@ -237,14 +237,12 @@ class HDF5Collector(DatasetLayout, DataCollector):
             return
         if self._file is not None and self._file.id.valid:
             self._file.flush()  # complete on disk even if a reader in this process keeps it open
-            self._file.close()
+            self._file.close()  # ... which kills every handle into it: rebound below
         with _swmr_file.replaced(self._path, copy=True, swmr=True) as self._file:
+            self._rebind()  # `change` works on the copy, through the copy's handles
             change()
-            names = [ds.name for ds in self._datasets]
-            chain_names = {c: [ds.name for ds in dsets] for c, dsets in self._chain_datasets.items()}
         self._file = _swmr_file.reopen(self._path, swmr=True)
-        self._datasets = [self._file[n] for n in names]
-        self._chain_datasets = {c: [self._file[n] for n in ns] for c, ns in chain_names.items()}
+        self._rebind()
 
     def _start_swmr(self) -> None:
         if self.swmr and not self._file.swmr_mode:

@@ -24,6 +24,7 @@ import math
 import os
 import threading
 import time
+import warnings
 from typing import Any, Callable
 
 import h5py
@@ -146,6 +147,7 @@ class HDF5Collector(DatasetLayout, DataCollector):
         self._datasets: list[h5py.Dataset] = []  # posterior layout: one per leaf
         self._chain_datasets: dict[int, list[h5py.Dataset]] = {}  # chains layout
         self._blocks = 0
+        self._warned_swmr_change = False
         if isinstance(file, h5py.File):
             if not file.id.valid:
                 raise ValueError("the h5py.File is closed")
@@ -227,11 +229,10 @@ class HDF5Collector(DatasetLayout, DataCollector):
         ``then_swmr``: once the datasets exist).
         """
         if not (self._owned and self.swmr):
-            if self._file.swmr_mode:
-                raise SaverStateError(
-                    "with swmr, a user-supplied h5py.File cannot get new chains after the first block; "
-                    "register every chain (init) before running, or pass a path")
-            change()
+            if self._file.swmr_mode:  # a user's file: it cannot be swapped
+                self._change_in_swmr_mode(change)
+            else:
+                change()
             if then_swmr:
                 self._start_swmr()
             return
@@ -243,6 +244,23 @@ class HDF5Collector(DatasetLayout, DataCollector):
             change()
         self._file = _swmr_file.reopen(self._path, swmr=True)
         self._rebind()
+
+    def _change_in_swmr_mode(self, change: Callable[[], None]) -> None:
+        """Change a user-supplied file that is in SWMR mode already, in place.
+
+        SWMR mode cannot be left, and the file cannot be replaced by a copy, so a
+        chain added after the first block (the older library's ``strategy="map"``)
+        gets its datasets and counts right there, in SWMR mode: HDF5 writes them, but
+        neither SWMR readers nor a killed process are guaranteed a consistent file
+        while it does (``register_chain`` warns).
+        """
+        try:
+            change()
+        except (RuntimeError, OSError, ValueError, KeyError) as error:
+            raise SaverStateError(
+                f"this HDF5 library cannot add a chain to the h5py.File {self._filename!r} in SWMR mode "
+                f"({error}); pass a path, open the file without libver='latest' (or pass swmr=False), or "
+                "init every chain before running") from error
 
     def _start_swmr(self) -> None:
         if self.swmr and not self._file.swmr_mode:
@@ -257,13 +275,20 @@ class HDF5Collector(DatasetLayout, DataCollector):
 
     def register_chain(self, init_sample=None, init_checkpoint=None, static_information=None, **unused) -> int:
         with self._lock:
-            if self._set_layout(init_sample):
-                self._change(lambda: self._file.attrs.__setitem__("jaxsave_structure", self._structure_json()))
-            if not self._file.id.valid:
+            if not self._file.id.valid:  # closed when every chain was finished: a new run
                 if not self._owned:
                     raise ValueError("the h5py.File given to HDF5Collector was closed")
                 self._file = _swmr_file.reopen(self._path, swmr=self.swmr)
                 self._datasets, self._chain_datasets = [], {}
+            if self._set_layout(init_sample):
+                self._change(lambda: self._file.attrs.__setitem__("jaxsave_structure", self._structure_json()))
+            elif not self._owned and self._file.swmr_mode and not self._warned_swmr_change:
+                self._warned_swmr_change = True
+                warnings.warn(
+                    f"jaxsave: chain {len(self._counts)} is added to the h5py.File {self._filename!r} after "
+                    "the first block, in SWMR mode: its datasets are created in place, which SWMR readers "
+                    "and crash safety do not cover; pass a path (changed on a copy) or init every chain "
+                    "before running to keep them", RuntimeWarning, stacklevel=4)
             self._capacity.append(_samples_collected(static_information))
             self._counts.append(0)
             return len(self._counts) - 1
@@ -335,14 +360,12 @@ class HDF5Collector(DatasetLayout, DataCollector):
 
     def _write_counts(self) -> None:
         counts = np.asarray(self._counts, dtype=np.int64)
-        attrs = self._file.attrs
-        if attrs["sample_counts"].shape == counts.shape:
-            attrs.modify("sample_counts", counts)
-        elif self._file.swmr_mode:  # a new attribute shape: not in SWMR mode
-            self._change(self._write_counts)
-            return
+        if self._file.attrs["sample_counts"].shape == counts.shape:
+            self._file.attrs.modify("sample_counts", counts)
+        elif self._file.swmr_mode:  # a new attribute shape: not in SWMR mode (_change may swap the file)
+            self._change(lambda: self._file.attrs.__setitem__("sample_counts", counts))
         else:
-            attrs["sample_counts"] = counts
+            self._file.attrs["sample_counts"] = counts
         for chain in self._chain_datasets:
             self._file[f"chain~{chain}"].attrs.modify("sample_count", self._counts[chain])
 

@@ -197,7 +197,8 @@ class DatasetLayout:
 
     def _chain_names(self, chain: int) -> list[str]:
         """The paths of chain ``chain``'s datasets (``chains`` layout)."""
-        return [f"chain~{chain}/" + ("/".join(key) if key else "sample") for key in self._sample.keys]
+        return [f"chain~{chain}/" + ("/".join(key) if key else "sample")
+                for key in self._sample.keys]
 
     def _rebind(self) -> None:
         """Point the dataset handles at ``self._file``, after it was replaced or reopened.
@@ -208,7 +209,8 @@ class DatasetLayout:
         """
         if self._datasets:
             self._datasets = [self._file[f"{g}/{v}"] for g, v in self._entries]
-        self._chain_datasets = {c: [self._file[n] for n in self._chain_names(c)] for c in self._chain_datasets}
+        self._chain_datasets = {c: [self._file[n] for n in self._chain_names(c)]
+                                for c in self._chain_datasets}
 
     def _chain_group(self, chain: int, needed: int) -> list[h5py.Dataset]:
         if chain not in self._chain_datasets:

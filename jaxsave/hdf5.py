@@ -258,9 +258,9 @@ class HDF5Collector(DatasetLayout, DataCollector):
             change()
         except (RuntimeError, OSError, ValueError, KeyError) as error:
             raise SaverStateError(
-                f"this HDF5 library cannot add a chain to the h5py.File {self._filename!r} in SWMR mode "
-                f"({error}); pass a path, open the file without libver='latest' (or pass swmr=False), or "
-                "init every chain before running") from error
+                f"this HDF5 library cannot add a chain to the h5py.File {self._filename!r} in "
+                f"SWMR mode ({error}); pass a path, open the file without libver='latest' (or "
+                "pass swmr=False), or init every chain before running") from error
 
     def _start_swmr(self) -> None:
         if self.swmr and not self._file.swmr_mode:
@@ -275,20 +275,21 @@ class HDF5Collector(DatasetLayout, DataCollector):
 
     def register_chain(self, init_sample=None, init_checkpoint=None, static_information=None, **unused) -> int:
         with self._lock:
-            if not self._file.id.valid:  # closed when every chain was finished: a new run
+            if self._set_layout(init_sample):
+                self._change(lambda: self._file.attrs.__setitem__("jaxsave_structure", self._structure_json()))
+            if not self._file.id.valid:
                 if not self._owned:
                     raise ValueError("the h5py.File given to HDF5Collector was closed")
                 self._file = _swmr_file.reopen(self._path, swmr=self.swmr)
                 self._datasets, self._chain_datasets = [], {}
-            if self._set_layout(init_sample):
-                self._change(lambda: self._file.attrs.__setitem__("jaxsave_structure", self._structure_json()))
-            elif not self._owned and self._file.swmr_mode and not self._warned_swmr_change:
+            if not self._owned and self._file.swmr_mode and not self._warned_swmr_change:
                 self._warned_swmr_change = True
                 warnings.warn(
-                    f"jaxsave: chain {len(self._counts)} is added to the h5py.File {self._filename!r} after "
-                    "the first block, in SWMR mode: its datasets are created in place, which SWMR readers "
-                    "and crash safety do not cover; pass a path (changed on a copy) or init every chain "
-                    "before running to keep them", RuntimeWarning, stacklevel=4)
+                    f"jaxsave: chain {len(self._counts)} is added to the h5py.File "
+                    f"{self._filename!r} after the first block, in SWMR mode: its datasets are "
+                    "created in place, which SWMR readers and crash safety do not cover; pass a "
+                    "path (changed on a copy) or init every chain before running to keep them",
+                    RuntimeWarning, stacklevel=4)
             self._capacity.append(_samples_collected(static_information))
             self._counts.append(0)
             return len(self._counts) - 1
@@ -362,7 +363,7 @@ class HDF5Collector(DatasetLayout, DataCollector):
         counts = np.asarray(self._counts, dtype=np.int64)
         if self._file.attrs["sample_counts"].shape == counts.shape:
             self._file.attrs.modify("sample_counts", counts)
-        elif self._file.swmr_mode:  # a new attribute shape: not in SWMR mode (_change may swap the file)
+        elif self._file.swmr_mode:  # a new attribute shape: not in SWMR mode (may swap the file)
             self._change(lambda: self._file.attrs.__setitem__("sample_counts", counts))
         else:
             self._file.attrs["sample_counts"] = counts

@@ -84,7 +84,8 @@ def _mcmc_map(saving, init_states, *, init_all_first: bool) -> list[dict]:
                                        _sample(chain.astype(jnp.int32), i))
             return (chain, saving_state), saved
 
-        (_, saving_state), saved = jax.lax.scan(update, (chain, saving_state), jnp.arange(static[0]))
+        (_, saving_state), saved = jax.lax.scan(update, (chain, saving_state),
+                                                jnp.arange(static[0]))
         return saving_state, saved
 
     if not init_all_first:  # mcmc's run_single
@@ -109,7 +110,8 @@ def test_jax_sgmc_mcmc_map_strategy_keeps_every_chain(tmp_path, layout, kind, in
     collector, file = _collector(kind, path, layout)
     saving = jaxsave.save(collector, block_size=2)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # h5py-latest, run_single: warned (tested below)
+        # h5py-latest, run_single: warned (tested below)
+        warnings.simplefilter("ignore", RuntimeWarning)
         results = _mcmc_map(saving, [0, 1, 2], init_all_first=init_all_first)
     if file is not None:
         assert file.id.valid  # the user's file stays open
@@ -123,7 +125,8 @@ def test_jax_sgmc_mcmc_map_strategy_keeps_every_chain(tmp_path, layout, kind, in
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_same_saver_run_again_after_postprocess(tmp_path, layout):
-    """init -> jitted run -> postprocess, then init again on the same saver: a new chain, the first intact."""
+    """init -> jitted run -> postprocess, then init again on the same saver: a new chain in the
+    same file, the first run's samples intact."""
     path = tmp_path / "again.h5"
     saver = jaxsave.save(jaxsave.HDF5Collector(path, layout=layout), block_size=2)
     for chain in range(3):
@@ -145,7 +148,7 @@ def test_chain_added_after_the_first_block(tmp_path, layout, swmr):
     run = jax.jit(_walk, static_argnums=0)
     first = jax.block_until_ready(run(saver.save, saver.init(_sample(0, 0), None), 0))
     jax.effects_barrier()
-    saver.init.__self__.writer.drain()  # chain 0's two full blocks are in the file, its tail in the state
+    saver.init.__self__.writer.drain()  # chain 0's 2 full blocks are in the file, its tail is not
     with collector._lock:
         assert collector.file.attrs["sample_counts"].tolist() == [4]
     second = run(saver.save, saver.init(_sample(0, 0), None), 1)
@@ -159,7 +162,8 @@ def test_chain_added_after_the_first_block(tmp_path, layout, swmr):
         got = jaxsave.load_samples(path, chain=c)
         np.testing.assert_array_equal(np.asarray(got["x"]), _expected(c)["x"])
     # the vmapped pair (chains 2 and 3) got the sample of "chain 2" both
-    np.testing.assert_array_equal(np.asarray(jaxsave.load_samples(path, chain=3)["x"]), _expected(2)["x"])
+    np.testing.assert_array_equal(np.asarray(jaxsave.load_samples(path, chain=3)["x"]),
+                                  _expected(2)["x"])
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -172,7 +176,8 @@ def test_chain_registered_while_blocks_are_written(tmp_path, layout):
         saver = jaxsave.save(jaxsave.HDF5Collector(path, layout=layout), block_size=2)
         run = jax.jit(_walk, static_argnums=0)  # one compilation for both chains (chain traced)
         first = run(saver.save, saver.init(_sample(0, 0), None), 0)
-        second = run(saver.save, saver.init(_sample(0, 0), None), 1)  # no wait: races chain 0's blocks
+        # no wait: the registration races chain 0's blocks
+        second = run(saver.save, saver.init(_sample(0, 0), None), 1)
         saver.postprocess(first, None)
         saver.postprocess(second, None)
         _check_file(path, 2)

@@ -152,13 +152,12 @@ class DatasetLayout:
                 self._datasets = [self._file[f"{g}/{v}"] for g, v in self._entries]
             else:
                 self._change(lambda: self._create_posterior(n_chains, needed_draws), then_swmr=True)
-        ds0 = self._datasets[0]
-        if ds0.shape[0] < n_chains:  # chains registered after the first block
-            def grow() -> None:
-                self._resize(n_chains, max(ds0.shape[1], needed_draws))
+        if self._datasets[0].shape[0] < n_chains:  # chains registered after the first block
+            def grow() -> None:  # on the file _change hands over (a copy): its handles, not ours
+                self._resize(n_chains, max(self._datasets[0].shape[1], needed_draws))
                 self._write_counts()
             self._change(grow, then_swmr=True)
-            ds0 = self._datasets[0]
+        ds0 = self._datasets[0]
         if ds0.shape[1] < needed_draws:  # grow by a quarter at least: O(log n) resizes
             self._resize(n_chains, max(needed_draws, ds0.shape[1] + ds0.shape[1] // 4))
         return self._datasets
@@ -196,6 +195,23 @@ class DatasetLayout:
                     if size > old:
                         scale[old:] = np.arange(old, size)
 
+    def _chain_names(self, chain: int) -> list[str]:
+        """The paths of chain ``chain``'s datasets (``chains`` layout)."""
+        return [f"chain~{chain}/" + ("/".join(key) if key else "sample")
+                for key in self._sample.keys]
+
+    def _rebind(self) -> None:
+        """Point the dataset handles at ``self._file``, after it was replaced or reopened.
+
+        Handles into a closed file are dead (h5py closes a file's objects with it), so
+        every swap of the file must rebind; the paths come from the layout, not from
+        the old handles (whose names are gone with their file).
+        """
+        if self._datasets:
+            self._datasets = [self._file[f"{g}/{v}"] for g, v in self._entries]
+        self._chain_datasets = {c: [self._file[n] for n in self._chain_names(c)]
+                                for c in self._chain_datasets}
+
     def _chain_group(self, chain: int, needed: int) -> list[h5py.Dataset]:
         if chain not in self._chain_datasets:
             self._change(lambda: self._create_chain_groups(chain, needed), then_swmr=True)
@@ -210,7 +226,7 @@ class DatasetLayout:
         for c in range(len(self._counts)):
             if c in self._chain_datasets:
                 continue
-            names = [f"chain~{c}/" + ("/".join(key) if key else "sample") for key in self._sample.keys]
+            names = self._chain_names(c)
             if names and names[0] in self._file:  # reopened after close: bind what exists
                 self._chain_datasets[c] = [self._file[n] for n in names]
                 continue

@@ -24,6 +24,7 @@ import math
 import os
 import threading
 import time
+import warnings
 from typing import Any, Callable
 
 import h5py
@@ -146,6 +147,7 @@ class HDF5Collector(DatasetLayout, DataCollector):
         self._datasets: list[h5py.Dataset] = []  # posterior layout: one per leaf
         self._chain_datasets: dict[int, list[h5py.Dataset]] = {}  # chains layout
         self._blocks = 0
+        self._warned_swmr_change = False
         if isinstance(file, h5py.File):
             if not file.id.valid:
                 raise ValueError("the h5py.File is closed")
@@ -227,24 +229,38 @@ class HDF5Collector(DatasetLayout, DataCollector):
         ``then_swmr``: once the datasets exist).
         """
         if not (self._owned and self.swmr):
-            if self._file.swmr_mode:
-                raise SaverStateError(
-                    "with swmr, a user-supplied h5py.File cannot get new chains after the first block; "
-                    "register every chain (init) before running, or pass a path")
-            change()
+            if self._file.swmr_mode:  # a user's file: it cannot be swapped
+                self._change_in_swmr_mode(change)
+            else:
+                change()
             if then_swmr:
                 self._start_swmr()
             return
         if self._file is not None and self._file.id.valid:
             self._file.flush()  # complete on disk even if a reader in this process keeps it open
-            self._file.close()
+            self._file.close()  # ... which kills every handle into it: rebound below
         with _swmr_file.replaced(self._path, copy=True, swmr=True) as self._file:
+            self._rebind()  # `change` works on the copy, through the copy's handles
             change()
-            names = [ds.name for ds in self._datasets]
-            chain_names = {c: [ds.name for ds in dsets] for c, dsets in self._chain_datasets.items()}
         self._file = _swmr_file.reopen(self._path, swmr=True)
-        self._datasets = [self._file[n] for n in names]
-        self._chain_datasets = {c: [self._file[n] for n in ns] for c, ns in chain_names.items()}
+        self._rebind()
+
+    def _change_in_swmr_mode(self, change: Callable[[], None]) -> None:
+        """Change a user-supplied file that is in SWMR mode already, in place.
+
+        SWMR mode cannot be left, and the file cannot be replaced by a copy, so a
+        chain added after the first block (the older library's ``strategy="map"``)
+        gets its datasets and counts right there, in SWMR mode: HDF5 writes them, but
+        neither SWMR readers nor a killed process are guaranteed a consistent file
+        while it does (``register_chain`` warns).
+        """
+        try:
+            change()
+        except (RuntimeError, OSError, ValueError, KeyError) as error:
+            raise SaverStateError(
+                f"this HDF5 library cannot add a chain to the h5py.File {self._filename!r} in "
+                f"SWMR mode ({error}); pass a path, open the file without libver='latest' (or "
+                "pass swmr=False), or init every chain before running") from error
 
     def _start_swmr(self) -> None:
         if self.swmr and not self._file.swmr_mode:
@@ -266,6 +282,14 @@ class HDF5Collector(DatasetLayout, DataCollector):
                     raise ValueError("the h5py.File given to HDF5Collector was closed")
                 self._file = _swmr_file.reopen(self._path, swmr=self.swmr)
                 self._datasets, self._chain_datasets = [], {}
+            if not self._owned and self._file.swmr_mode and not self._warned_swmr_change:
+                self._warned_swmr_change = True
+                warnings.warn(
+                    f"jaxsave: chain {len(self._counts)} is added to the h5py.File "
+                    f"{self._filename!r} after the first block, in SWMR mode: its datasets are "
+                    "created in place, which SWMR readers and crash safety do not cover; pass a "
+                    "path (changed on a copy) or init every chain before running to keep them",
+                    RuntimeWarning, stacklevel=4)
             self._capacity.append(_samples_collected(static_information))
             self._counts.append(0)
             return len(self._counts) - 1
@@ -337,14 +361,12 @@ class HDF5Collector(DatasetLayout, DataCollector):
 
     def _write_counts(self) -> None:
         counts = np.asarray(self._counts, dtype=np.int64)
-        attrs = self._file.attrs
-        if attrs["sample_counts"].shape == counts.shape:
-            attrs.modify("sample_counts", counts)
-        elif self._file.swmr_mode:  # a new attribute shape: not in SWMR mode
-            self._change(self._write_counts)
-            return
+        if self._file.attrs["sample_counts"].shape == counts.shape:
+            self._file.attrs.modify("sample_counts", counts)
+        elif self._file.swmr_mode:  # a new attribute shape: not in SWMR mode (may swap the file)
+            self._change(lambda: self._file.attrs.__setitem__("sample_counts", counts))
         else:
-            attrs["sample_counts"] = counts
+            self._file.attrs["sample_counts"] = counts
         for chain in self._chain_datasets:
             self._file[f"chain~{chain}"].attrs.modify("sample_count", self._counts[chain])
 

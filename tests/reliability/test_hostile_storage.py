@@ -1,0 +1,352 @@
+"""Hostile HDF5 storage and hostile names, tried on every loader: refused, nothing leaked or imported.
+
+HDF5 can take a dataset's bytes from outside the file: external storage (any
+path: a local secret, a FIFO that blocks the reader, ``/dev/zero``), external
+links, soft links, virtual datasets, and filters (plugins, decompression). Every
+such file, built with real h5py, must be refused with a ``FileFormatError`` by
+``load_pytree``/``open_pytree``/``read_metadata`` (``.h5`` format), ``resume``
+(a ``.ckpt`` that is such a file), ``load_samples``, ``file_info``,
+``open_live``, ``recover``, ``to_inference_data``, ``merge`` and ``jaxsave
+inspect``, before any data is read and with bounded memory. A merged file's
+virtual datasets are allowed only over the sources it names, each a regular
+jaxsave sample file checked the same way. Names found in files (every pytree
+format, sample files, checkpoints) must never import a module, which is checked
+in a fresh child process. Tests that could hang (FIFOs) run in a child process
+with a timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import tracemalloc
+import warnings
+from collections import namedtuple
+
+import arviz  # noqa: F401  (imported up front: its import is not what a load allocates)
+import h5py
+import jax
+import numpy as np
+import pytest
+
+import jaxsave
+from jaxsave import __main__ as cli
+from jaxsave._formats import format_module
+
+from _reliability import child_env
+
+pytestmark = [pytest.mark.reliability, pytest.mark.timeout(300)]
+
+SECRET = b"TOP-SECRET-KEY!!"  # 16 bytes: two float64s
+SHAPE, DTYPE = (2, 4), np.float64  # the attacked variable: 64 bytes, 4 secrets
+
+
+# -- the attacks: each creates the dataset `name` of `f`, of `shape`, with its bytes from elsewhere --
+
+
+def _secrets(d, shape):
+    """A raw secret file and an HDF5 file holding it as dataset /secret (outside the attacked file)."""
+    raw = d / "secret.bin"
+    raw.write_bytes(SECRET * 64)
+    h5 = d / "secret.h5"
+    with h5py.File(h5, "w") as f:
+        f["secret"] = np.frombuffer(SECRET * 4, DTYPE).reshape(shape)
+    return raw, h5
+
+
+def _external(f, name, d, shape):
+    raw, _ = _secrets(d, shape)
+    f.create_dataset(name, shape=shape, dtype=DTYPE, external=[(str(raw), 0, 64)])
+
+
+def _external_link(f, name, d, shape):
+    _, h5 = _secrets(d, shape)
+    f[name] = h5py.ExternalLink(str(h5), "/secret")
+
+
+def _soft_link(f, name, d, shape):
+    f["hidden"] = np.frombuffer(SECRET * 4, DTYPE).reshape(shape)
+    f[name] = h5py.SoftLink("/hidden")
+
+
+def _virtual(f, name, d, shape):
+    _, h5 = _secrets(d, shape)
+    layout = h5py.VirtualLayout(shape=shape, dtype=DTYPE)
+    layout[...] = h5py.VirtualSource(str(h5), "secret", shape=shape)
+    f.create_virtual_dataset(name, layout)
+
+
+def _filtered(*codes):
+    def make(f, name, d, shape):
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_chunk(shape)
+        for code in codes:
+            if code == h5py.h5z.FILTER_DEFLATE:
+                dcpl.set_deflate(9)
+            else:  # optional: h5py writes past a filter it does not have; HDF5 still lists it
+                dcpl.set_filter(code, h5py.h5z.FLAG_OPTIONAL)
+        ds = h5py.h5d.create(f.id, name.encode(), h5py.h5t.IEEE_F64LE, h5py.h5s.create_simple(shape), dcpl=dcpl)
+        ds.write(h5py.h5s.ALL, h5py.h5s.ALL, np.zeros(shape, DTYPE))
+    return make
+
+
+def _scaleoffset(f, name, d, shape):
+    f.create_dataset(name, data=np.zeros(shape, DTYPE), scaleoffset=2)  # 0 bits a value: no bound
+
+
+ATTACKS = {
+    "external storage (a secret file)": _external,
+    "external link (a secret HDF5 file)": _external_link,
+    "soft link": _soft_link,
+    "virtual dataset (a secret HDF5 file)": _virtual,
+    "unknown filter (a plugin)": _filtered(32015),
+    "scale-offset filter": _scaleoffset,
+    "deflate twice (a decompression bomb)": _filtered(h5py.h5z.FILTER_DEFLATE, h5py.h5z.FILTER_DEFLATE),
+}
+
+
+# -- hostile files of each kind --------------------------------------------------------------------
+
+
+def _pytree_h5(path, attack, shape=SHAPE):
+    """A jaxsave .h5 pytree file {"a": array of ``shape``} whose dataset ``attack`` makes."""
+    jaxsave.save_pytree(path, {"a": np.zeros(shape, DTYPE)}, format="hdf5")
+    with h5py.File(path, "r+") as f:
+        del f["arrays/a"]
+        attack(f, "arrays/a", path.parent, shape)
+    return path
+
+
+def _samples(path, attack=None, counts=(4,), draw_shape=(2,), value=0.0):
+    """A posterior-layout sample file, crafted by hand: chains of draws of ``draw_shape`` floats.
+
+    With ``attack``, the dataset ``posterior/x`` (shape ``(chains, draws) + draw_shape``) is the attack's.
+    """
+    shape = (len(counts), max(counts)) + tuple(draw_shape)
+    with h5py.File(path, "w") as f:
+        f.attrs["jaxsave_format"] = 1
+        f.attrs["jaxsave_layout"] = "posterior"
+        f.attrs["jaxsave_version"] = "0"
+        f.attrs["sample_counts"] = np.asarray(counts, np.int64)
+        f.attrs["jaxsave_structure"] = json.dumps({"leaves": [{"key": ["x"], "group": "posterior", "name": "x",
+                                                              "dtype": "float64", "shape": list(draw_shape)}]})
+        group = f.create_group("posterior")
+        if attack is not None:
+            attack(f, "posterior/x", path.parent, shape)
+        else:
+            group["x"] = np.full(shape, value, DTYPE)
+    return path
+
+
+def _inspect(path) -> None:
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+        code = cli.main(["inspect", str(path)])
+    if code == 2:
+        raise jaxsave.FileFormatError(f"jaxsave inspect exited with 2: {err.getvalue()}")
+    assert code == 0
+
+
+def _pytree_loaders(path):
+    """Every loader of a pytree file at ``path`` (and ``resume``, for a checkpoint that is one)."""
+    ckpt = str(path) + ".ckpt"
+    if not os.path.exists(ckpt):
+        os.link(path, ckpt)
+    return {
+        "load_pytree": lambda: jaxsave.load_pytree(path, as_numpy=True),
+        "load_pytree(like=)": lambda: jaxsave.load_pytree(path, like={"a": np.zeros(SHAPE, DTYPE)}),
+        "open_pytree": lambda: jaxsave.open_pytree(path).close(),
+        "read_metadata": lambda: jaxsave.read_metadata(path),
+        "resume": lambda: jaxsave.resume(path),
+    }
+
+
+def _sample_loaders(path, tmp_path):
+    return {
+        "load_samples": lambda: jaxsave.load_samples(path),
+        "load_samples(chain=0)": lambda: jaxsave.load_samples(path, chain=0, draws=slice(1, 3)),
+        "file_info": lambda: jaxsave.file_info(path),
+        "open_live": lambda: jaxsave.open_live(path).refresh(),
+        "recover": lambda: jaxsave.recover(path),
+        "to_inference_data": lambda: jaxsave.to_inference_data(path),
+        "merge": lambda: jaxsave.merge([path], tmp_path / "merged-out.h5"),
+        "jaxsave inspect": lambda: _inspect(path),
+    }
+
+
+def _refused(call, peak_mb=32, match=None):
+    """``call`` raises FileFormatError, allocates under ``peak_mb``, and never returns the secret."""
+    tracemalloc.start()
+    try:
+        got = call()
+    except jaxsave.FileFormatError as error:
+        assert match is None or match in str(error), error
+        return str(error)
+    else:
+        arrays = [x for x in jax.tree.leaves(got) if isinstance(x, (np.ndarray, jax.Array))]
+        leaked = any(SECRET[:8] in np.asarray(x).tobytes() for x in arrays)
+        pytest.fail(f"not refused{' (and the secret was read)' if leaked else ''}: returned {type(got).__name__}")
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < peak_mb * 2**20, f"{peak / 2**20:.0f} MiB allocated on a hostile file"
+
+
+# -- tests: hostile storage -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_hostile_storage_in_a_pytree_h5_is_refused_by_every_loader(tmp_path, attack, figures):
+    path = _pytree_h5(tmp_path / "t.h5", ATTACKS[attack])
+    loaders = _pytree_loaders(path)
+    for load in loaders.values():
+        _refused(load)
+    figures("hostile", f"storage: {attack}, .h5 pytree", handled=len(loaders), tried=len(loaders))
+
+
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_hostile_storage_in_a_sample_file_is_refused_by_every_loader(tmp_path, attack, figures):
+    path = _samples(tmp_path / "s.h5", ATTACKS[attack])
+    loaders = _sample_loaders(path, tmp_path)
+    for load in loaders.values():
+        _refused(load)
+    assert not (tmp_path / "merged-out.h5").exists()
+    figures("hostile", f"storage: {attack}, sample file", handled=len(loaders), tried=len(loaders))
+
+
+def test_external_storage_on_dev_zero_allocates_nothing(tmp_path):
+    """256 MiB declared as external storage on /dev/zero (the size guard trusted get_storage_size)."""
+
+    def zero(f, name, d, shape):
+        f.create_dataset(name, shape=shape, dtype=DTYPE, external=[("/dev/zero", 0, 2**28)])
+
+    path = _pytree_h5(tmp_path / "z.h5", zero, shape=(2**15, 2**10))  # float64: 256 MiB
+    assert os.path.getsize(path) < 2**16
+    for load in _pytree_loaders(path).values():
+        _refused(load, match="external")
+    samples = _samples(tmp_path / "zs.h5", zero, counts=(2**15,), draw_shape=(2**10,))
+    for load in _sample_loaders(samples, tmp_path).values():
+        _refused(load, match="external")
+
+
+_CHILD = textwrap.dedent("""
+    import sys, jaxsave
+    kind, path = sys.argv[1:]
+    loads = {"pytree": [lambda: jaxsave.load_pytree(path), lambda: jaxsave.read_metadata(path)],
+             "samples": [lambda: jaxsave.load_samples(path), lambda: jaxsave.file_info(path),
+                         lambda: jaxsave.to_inference_data(path)]}[kind]
+    for load in loads:
+        try:
+            load()
+            print("loaded")
+        except jaxsave.FileFormatError as error:
+            print("FileFormatError:", str(error).replace(chr(10), " "))
+""")
+
+
+def _run_child(kind, path, timeout=120):
+    """The loaders of ``kind`` run on ``path`` in a child process: a hang fails, it does not hang."""
+    try:
+        proc = subprocess.run([sys.executable, "-c", _CHILD, kind, str(path)], env=child_env(),
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"a loader hung on {path} (killed after {timeout} s)")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.splitlines()
+
+
+def test_external_storage_on_a_fifo_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+
+    def on_fifo(f, name, d, shape):
+        f.create_dataset(name, shape=shape, dtype=DTYPE, external=[(str(fifo), 0, 64)])
+
+    pytree = _pytree_h5(tmp_path / "f.h5", on_fifo)
+    samples = _samples(tmp_path / "fs.h5", on_fifo)
+    for kind, path in (("pytree", pytree), ("samples", samples)):
+        lines = _run_child(kind, path)
+        assert lines and all(line.startswith("FileFormatError:") and "external" in line for line in lines), lines
+
+
+# -- merged files: virtual datasets only over the sources merge names ------------------------------
+
+
+def _sources(d, n=2):
+    return [_samples(d / f"run-{i}.h5", value=float(i)) for i in range(n)]
+
+
+def test_a_merged_file_reads_only_the_sources_it_names(tmp_path, figures):
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    runs.mkdir()
+    out.mkdir()
+    merged = jaxsave.merge(_sources(runs), out / "all.h5")  # sources named "../runs/run-i.h5"
+    x = jaxsave.load_samples(merged)["x"]
+    assert x.shape == (2, 4, 2) and x[1].tolist() == [[1.0, 1.0]] * 4
+    assert jaxsave.file_info(merged).chains == 2
+    _, secret = _secrets(tmp_path, (1, 4, 2))
+    _samples(runs / "ext.h5", _external)
+    jaxsave.merge([runs / "run-0.h5"], runs / "nested.h5")
+
+    def edited(name, mappings, named=None, virtual=True):
+        """A copy of ``merged`` whose posterior/x maps ``mappings`` [(file, dataset)] (``named``: merged_from)."""
+        path = out / name
+        path.write_bytes(merged.read_bytes() if hasattr(merged, "read_bytes") else open(merged, "rb").read())
+        with h5py.File(path, "r+") as f:
+            if named is not None:
+                f.attrs["jaxsave_merged_from"] = json.dumps(named)
+            if not virtual:
+                del f.attrs["jaxsave_merged_from"]
+            if mappings is not None:
+                del f["posterior/x"]
+                layout = h5py.VirtualLayout(shape=(2, 4, 2), dtype=DTYPE)
+                for i, (file_name, dset) in enumerate(mappings):
+                    layout[i] = h5py.VirtualSource(file_name, dset, shape=(1, 4, 2))[0]
+                f.create_virtual_dataset("posterior/x", layout)
+        return path
+
+    first = ("../runs/run-0.h5", "posterior/x")
+    cases = {
+        "an absolute source": edited("abs.h5", [first, (str(secret), "secret")], [first[0], str(secret)]),
+        "a source it does not name": edited("unnamed.h5", [first, ("../secret.h5", "secret")]),
+        "another dataset of a source": edited("other.h5", [first, ("../runs/run-1.h5", "secret")]),
+        "a source mapped twice": edited("twice.h5", [first, first]),
+        "a source with external storage": edited("ext.h5", [first, ("../runs/ext.h5", "posterior/x")],
+                                                 [first[0], "../runs/ext.h5"]),
+        "a source that is a merged file": edited("nested.h5", [first, ("../runs/nested.h5", "posterior/x")],
+                                                 [first[0], "../runs/nested.h5"]),
+        "a missing source": edited("missing.h5", [first, ("../runs/gone.h5", "posterior/x")],
+                                   [first[0], "../runs/gone.h5"]),
+        "a source that is not a sample file": edited("foreign.h5", [first, ("../secret.h5", "secret")],
+                                                     [first[0], "../secret.h5"]),
+        "a malformed jaxsave_merged_from": edited("bad-attr.h5", None, {"a": 1}),
+        "no jaxsave_merged_from": edited("plain.h5", None, virtual=False),
+    }
+    for case, path in cases.items():
+        for load in _sample_loaders(path, tmp_path).values():
+            _refused(load)
+    assert jaxsave.load_samples(merged)["x"][1].tolist() == [[1.0, 1.0]] * 4  # the real sources still load
+    n = len(cases) * len(_sample_loaders(merged, tmp_path))
+    figures("hostile", "storage: merged files mapping other files", handled=n, tried=n)
+
+
+def test_a_merged_source_that_is_a_fifo_is_refused_without_blocking(tmp_path):
+    sources = _sources(tmp_path)
+    merged = jaxsave.merge(sources, tmp_path / "all.h5")
+    os.remove(sources[1])
+    os.mkfifo(sources[1])  # HDF5 would open it and wait for a writer forever
+    lines = _run_child("samples", merged)
+    assert lines and all("not a regular file" in line for line in lines), lines
+
+
+def test_merged_files_over_64_mib_load(tmp_path):
+    """The size guard backs a virtual dataset by its sources' storage (it counted 0 bytes for it)."""
+    draws = 2**12
+    sources = [_samples(tmp_path / f"big-{i}.h5", counts=(draws,), draw_shape=(2**10,), value=i) for i in range(3)]
+    merged = jaxsave.merge(sources, tmp_path / "big.h5")  # 3 x 32 MiB
+    x = jaxsave.load_samples(merged)["x"]
+    assert x.shape == (3, draws, 2**10) and x[2, -1, -1] == 2.0

@@ -350,3 +350,156 @@ def test_merged_files_over_64_mib_load(tmp_path):
     merged = jaxsave.merge(sources, tmp_path / "big.h5")  # 3 x 32 MiB
     x = jaxsave.load_samples(merged)["x"]
     assert x.shape == (3, draws, 2**10) and x[2, -1, -1] == 2.0
+
+
+# -- names in files: resolved through the registry only, never importing a module ------------------
+
+#: Names under jax whose lookup as attributes runs jax's lazy loader (it imported these modules).
+LAZY_NAMES = ("jax.scipy.signal.X", "jax.scipy.stats.norm.X", "jax.scipy.cluster.vq.X", "jax.scipy.integrate.X",
+              "jax.scipy.special.X", "jax.experimental.sparse.BCOO", "jax.nn.initializers.X", "optax.X",
+              "jax.scipy.signal")
+
+
+def _named_spec(name, where):
+    """A tree description naming ``name`` as ``where`` (a node type, a namedtuple, a value, an enum...)."""
+    node = {"node": {"t": "node", "type": name, "aux": None, "keys": [], "children": []},
+            "namedtuple": {"t": "namedtuple", "type": name, "fields": [], "children": []},
+            "ref": {"t": "value", "v": {"$": "ref", "v": name}},
+            "enum": {"t": "value", "v": {"$": "enum", "type": name, "v": "A"}},
+            "mapping": {"t": "value", "v": {"$": "mapping", "type": name, "v": []}},
+            "factory": {"t": "defaultdict", "keys": [], "children": [], "factory": {"$": "ref", "v": name}}}[where]
+    return {"treespec": 1, "refs": [name], "root": node}
+
+
+_NAMES_CHILD = textwrap.dedent("""
+    import json, sys
+    import jaxsave
+    from jaxsave._formats import format_module
+    specs, d = json.loads(sys.argv[1]), sys.argv[2]
+    header = lambda spec, meta=None: {"format": "jaxsave", "format_version": 1, "jaxsave_version": "0",
+                                      "metadata": meta, "structure": spec, "leaves": []}
+    paths = []
+    for fmt, suffix in (("jaxsave", "jaxsave"), ("npz", "npz"), ("safetensors", "safetensors"), ("hdf5", "h5")):
+        good = f"{d}/good.{suffix}"
+        jaxsave.save_pytree(good, {"a": [1, None]}, format=fmt)
+        jaxsave.load_pytree(good)  # what loading a format imports, imported before the snapshot
+        for i, spec in enumerate(specs):
+            path = f"{d}/n{i}.{suffix}"
+            format_module(fmt).write(path, header(spec), [])
+            paths.append(path)
+    before = set(sys.modules)
+    outcomes = []
+    for path in paths:
+        for load in (lambda: jaxsave.load_pytree(path), lambda: jaxsave.open_pytree(path).shape_dtype_tree()):
+            try:
+                load()
+                outcomes.append("loaded " + path)
+            except (jaxsave.UnregisteredNameError, jaxsave.FileFormatError) as error:
+                outcomes.append(type(error).__name__ + ": " + str(error).replace(chr(10), " "))
+    for i, spec in enumerate(specs):  # a checkpoint naming it
+        ckpt = f"{d}/r{i}.h5.ckpt"
+        jaxsave.save_pytree(ckpt, {"0": {"step": 1, "sample_count": 1, "leaves": []}},
+                            metadata={"kind": "jaxsave-checkpoint", "structure": spec, "leaves": []}, format="jaxsave")
+        try:
+            jaxsave.resume(f"{d}/r{i}.h5")
+            outcomes.append("resumed")
+        except jaxsave.JaxsaveError as error:
+            outcomes.append("resume: " + type(error).__name__)
+    print(json.dumps({"new": sorted(set(sys.modules) - before), "outcomes": outcomes}))
+""")
+
+
+def test_names_in_files_never_import_a_module(tmp_path, figures):
+    """In a fresh process: loading files that name lazily-loaded jax modules imports nothing."""
+    wheres = ["node", "namedtuple", "ref", "enum", "mapping", "factory"]
+    cases = [(name, wheres[i % len(wheres)]) for i, name in enumerate(LAZY_NAMES)]
+    cases += [(LAZY_NAMES[0], w) for w in wheres]
+    specs = [_named_spec(name, where) for name, where in cases]
+    proc = subprocess.run([sys.executable, "-c", _NAMES_CHILD, json.dumps(specs), str(tmp_path)],
+                          env=child_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.splitlines()[-1])
+    assert got["new"] == [], f"loading imported {got['new']}"
+    outcomes = got["outcomes"]
+    assert len(outcomes) == 4 * 2 * len(cases) + len(cases)
+    loads = outcomes[:-len(cases)]
+    for k, outcome in enumerate(loads):
+        name = cases[(k // 2) % len(cases)][0]
+        assert outcome.startswith("UnregisteredNameError") and name in outcome, outcome
+    figures("hostile", "names of lazily imported modules, every format", handled=len(outcomes), tried=len(outcomes))
+
+
+def test_names_in_a_sample_file_never_import_a_module(tmp_path):
+    """A sample file's stored structure naming lazy modules: nested dicts and a warning naming them."""
+    path = _samples(tmp_path / "s.h5")
+    with h5py.File(path, "r+") as f:
+        structure = json.loads(f.attrs["jaxsave_structure"])
+        structure["treespec"] = {"treespec": 1, "refs": list(LAZY_NAMES),
+                                 "root": {"t": "node", "type": LAZY_NAMES[0], "aux": None, "keys": [],
+                                          "children": ["numpy"]}}
+        f.attrs["jaxsave_structure"] = json.dumps(structure)
+    script = textwrap.dedent(f"""
+        import json, sys, warnings, jaxsave, arviz
+        jaxsave.load_samples({str(tmp_path / 'good.h5')!r})
+        before = set(sys.modules)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            x = jaxsave.load_samples({str(path)!r})["x"]
+        print(json.dumps({{"new": sorted(set(sys.modules) - before), "shape": list(x.shape),
+                          "warnings": [str(w.message) for w in caught]}}))
+    """)
+    _samples(tmp_path / "good.h5")
+    proc = subprocess.run([sys.executable, "-c", script], env=child_env(), capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.splitlines()[-1])
+    assert got["new"] == [] and got["shape"] == [1, 4, 2], got
+    assert any(all(n in w for n in LAZY_NAMES) for w in got["warnings"]), got["warnings"]
+
+
+# -- a registered class that raises while it is rebuilt: not a damaged file ------------------------
+
+
+class Positive:
+    """A pytree node whose unflatten validates (as a user's class may); ``REJECT`` makes it refuse."""
+
+    REJECT = False
+
+    def __init__(self, x):
+        if Positive.REJECT:
+            raise ValueError("Positive needs x > 0")
+        self.x = x
+
+
+jax.tree_util.register_pytree_node(Positive, lambda p: ((p.x,), None), lambda aux, kids: Positive(*kids))
+jaxsave.register_saveable(Positive, name="tests.hostile_storage.Positive")
+Pair = namedtuple("Pair", ["a", "b"])
+
+
+class StrictPair(Pair):
+    REJECT = False
+
+    def __new__(cls, a, b):
+        if StrictPair.REJECT:
+            raise TypeError("StrictPair refuses")
+        return super().__new__(cls, a, b)
+
+
+jaxsave.register_saveable(StrictPair, name="tests.hostile_storage.StrictPair")
+
+
+@pytest.mark.parametrize("fmt", ["jaxsave", "hdf5"])
+@pytest.mark.parametrize("cls", [Positive, StrictPair])
+def test_a_class_that_raises_on_rebuild_is_a_rebuild_error_naming_it(tmp_path, fmt, cls):
+    tree = {"p": Positive(np.ones(2)) if cls is Positive else StrictPair(np.ones(2), np.zeros(1))}
+    path = tmp_path / "t"
+    jaxsave.save_pytree(path, tree, format=fmt)
+    cls.REJECT = True
+    try:
+        with pytest.raises(jaxsave.RebuildError, match=cls.__name__) as caught:
+            jaxsave.load_pytree(path, as_numpy=True)
+    finally:
+        cls.REJECT = False
+    assert not isinstance(caught.value, jaxsave.FileFormatError)
+    assert isinstance(caught.value.__cause__, (ValueError, TypeError))
+    assert isinstance(jaxsave.load_pytree(path, as_numpy=True)["p"], cls)

@@ -60,11 +60,16 @@ def expansion(dcpl: h5py.h5p.PropDCID, name: str = "") -> int:
     for i in range(dcpl.get_nfilters()):
         code, _, _, label = dcpl.get_filter(i)
         if code not in FILTER_EXPANSION:
-            raise FileFormatError(f"dataset {name!r} uses the HDF5 filter {code} ({label.decode(errors='replace')!r}), "
-                                  "which jaxsave never writes")
+            raise FileFormatError(
+                f"dataset {name!r} uses the HDF5 filter {code} "
+                f"({label.decode(errors='replace')!r}), "
+                "which jaxsave never writes"
+            )
         ratio *= FILTER_EXPANSION[code]
     if ratio > _MAX_EXPANSION:
-        raise FileFormatError(f"dataset {name!r} is compressed more than once (a decompression bomb)")
+        raise FileFormatError(
+            f"dataset {name!r} is compressed more than once (a decompression bomb)"
+        )
     return ratio
 
 
@@ -76,13 +81,17 @@ def check_file(f: h5py.File, where: str, *, merged: bool = False) -> None:
     may hold none).
     """
     links: list[tuple[bytes, int]] = []
-    f.id.links.visit(lambda name, info: links.append((name, info.type)), info=True)  # never raise in there
+    f.id.links.visit(
+        lambda name, info: links.append((name, info.type)), info=True
+    )  # never raise in there
     sources = _merged_from(f, where) if merged and MERGED_FROM in f.attrs else None
     for raw, kind in links:
         name = raw.decode("utf-8", "replace")
         if kind != h5py.h5l.TYPE_HARD:
             what = _LINK_KINDS.get(kind, f"a user-defined link (type {kind})")
-            raise FileFormatError(f"{where}: {name!r} is {what}; jaxsave reads only objects stored in the file")
+            raise FileFormatError(
+                f"{where}: {name!r} is {what}; jaxsave reads only objects stored in the file"
+            )
         oid = h5py.h5o.open(f.id, raw)
         if h5py.h5i.get_type(oid) == h5py.h5i.DATASET:
             _check_dataset(oid.get_create_plist(), name, where, sources)
@@ -91,14 +100,16 @@ def check_file(f: h5py.File, where: str, *, merged: bool = False) -> None:
         for source in sources:
             with open_source(os.path.join(base, source), where) as s:
                 if "jaxsave_format" not in s.attrs:
-                    raise FileFormatError(f"{where}: its source {source!r} is not a jaxsave sample file")
+                    raise FileFormatError(
+                        f"{where}: its source {source!r} is not a jaxsave sample file"
+                    )
                 if MERGED_FROM in s.attrs:
                     raise FileFormatError(f"{where}: its source {source!r} is itself a merged file")
                 check_file(s, f"{where} (source {source!r})")
 
 
 def _merged_from(f: h5py.File, where: str) -> list[str]:
-    """The relative source paths a merged file names (each checked to stay a plain relative path)."""
+    """The source paths a merged file names (each checked to be a plain relative path)."""
     raw = f.attrs[MERGED_FROM]
     try:
         names = json.loads(raw.decode() if isinstance(raw, bytes) else str(raw))
@@ -108,26 +119,40 @@ def _merged_from(f: h5py.File, where: str) -> list[str]:
         raise FileFormatError(f"{where}: the attribute {MERGED_FROM!r} is not a list of file names")
     for n in names:
         if not n or os.path.isabs(n) or "%" in n or "\0" in n or n in (".", os.curdir):
-            raise FileFormatError(f"{where}: the merged file names the source {n!r}; merge writes only plain paths "
-                                  "relative to the merged file")
+            raise FileFormatError(
+                f"{where}: the merged file names the source {n!r}; merge writes only plain paths "
+                "relative to the merged file"
+            )
     return names
 
 
-def _check_dataset(dcpl: h5py.h5p.PropDCID, name: str, where: str, sources: list[str] | None) -> None:
+def _check_dataset(
+    dcpl: h5py.h5p.PropDCID, name: str, where: str, sources: list[str] | None
+) -> None:
     if dcpl.get_external_count():
-        raise FileFormatError(f"{where}: dataset {name!r} keeps its bytes in external files "
-                              "(HDF5 external storage); jaxsave reads only data stored in the file")
+        raise FileFormatError(
+            f"{where}: dataset {name!r} keeps its bytes in external files "
+            "(HDF5 external storage); jaxsave reads only data stored in the file"
+        )
     layout = dcpl.get_layout()
     if layout == h5py.h5d.VIRTUAL:
         if sources is None:
-            raise FileFormatError(f"{where}: dataset {name!r} is a virtual dataset (data of other files) in a file "
-                                  "that jaxsave.merge did not write")
+            raise FileFormatError(
+                f"{where}: dataset {name!r} is a virtual dataset (data of other files) in a file "
+                "that jaxsave.merge did not write"
+            )
         seen = set()
         for i in range(dcpl.get_virtual_count()):
             file_name, dset = dcpl.get_virtual_filename(i), dcpl.get_virtual_dsetname(i)
-            if file_name not in sources or dset.lstrip("/") != name.lstrip("/") or file_name in seen:
-                raise FileFormatError(f"{where}: the virtual dataset {name!r} maps {dset!r} of {file_name!r}; a "
-                                      f"merged file maps its own variable once from each of {sources}")
+            if (
+                file_name not in sources
+                or dset.lstrip("/") != name.lstrip("/")
+                or file_name in seen
+            ):
+                raise FileFormatError(
+                    f"{where}: the virtual dataset {name!r} maps {dset!r} of {file_name!r}; a "
+                    f"merged file maps its own variable once from each of {sources}"
+                )
             seen.add(file_name)
     elif layout not in _LAYOUTS:
         raise FileFormatError(f"{where}: dataset {name!r} has an unknown storage layout {layout}")
@@ -140,18 +165,22 @@ def _directory(f: h5py.File) -> str:
 
 
 def open_source(path: str, where: str) -> h5py.File:
-    """Open the source ``path`` of a merged file for reading, if it is a regular file (not a FIFO or device)."""
+    """Open a merged file's source ``path`` for reading if it is a regular file (no FIFO)."""
     try:
         mode = os.stat(path).st_mode
     except OSError as error:
-        raise FileFormatError(f"{where}: its source {path!r} cannot be found ({error.strerror})") from None
+        raise FileFormatError(
+            f"{where}: its source {path!r} cannot be found ({error.strerror})"
+        ) from None
     if not stat.S_ISREG(mode):
         raise FileFormatError(f"{where}: its source {path!r} is not a regular file")
     try:
         swmr = _superblock.open_flags(path) != 0
         return h5py.File(path, "r", **({"libver": "latest", "swmr": True} if swmr else {}))
     except (OSError, ValueError, RuntimeError) as error:
-        raise FileFormatError(f"{where}: its source {path!r} cannot be opened as an HDF5 file: {error}") from None
+        raise FileFormatError(
+            f"{where}: its source {path!r} cannot be opened as an HDF5 file: {error}"
+        ) from None
 
 
 def stored_bytes(ds: h5py.Dataset) -> int:

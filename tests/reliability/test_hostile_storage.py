@@ -21,11 +21,11 @@ import contextlib
 import io
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
 import tracemalloc
-import warnings
 from collections import namedtuple
 
 import arviz  # noqa: F401  (imported up front: its import is not what a load allocates)
@@ -36,7 +36,6 @@ import pytest
 
 import jaxsave
 from jaxsave import __main__ as cli
-from jaxsave._formats import format_module
 
 from _reliability import child_env
 
@@ -90,8 +89,11 @@ def _filtered(*codes):
                 dcpl.set_deflate(9)
             else:  # optional: h5py writes past a filter it does not have; HDF5 still lists it
                 dcpl.set_filter(code, h5py.h5z.FLAG_OPTIONAL)
-        ds = h5py.h5d.create(f.id, name.encode(), h5py.h5t.IEEE_F64LE, h5py.h5s.create_simple(shape), dcpl=dcpl)
+        ds = h5py.h5d.create(
+            f.id, name.encode(), h5py.h5t.IEEE_F64LE, h5py.h5s.create_simple(shape), dcpl=dcpl
+        )
         ds.write(h5py.h5s.ALL, h5py.h5s.ALL, np.zeros(shape, DTYPE))
+
     return make
 
 
@@ -106,7 +108,9 @@ ATTACKS = {
     "virtual dataset (a secret HDF5 file)": _virtual,
     "unknown filter (a plugin)": _filtered(32015),
     "scale-offset filter": _scaleoffset,
-    "deflate twice (a decompression bomb)": _filtered(h5py.h5z.FILTER_DEFLATE, h5py.h5z.FILTER_DEFLATE),
+    "deflate twice (a decompression bomb)": _filtered(
+        h5py.h5z.FILTER_DEFLATE, h5py.h5z.FILTER_DEFLATE
+    ),
 }
 
 
@@ -133,8 +137,19 @@ def _samples(path, attack=None, counts=(4,), draw_shape=(2,), value=0.0):
         f.attrs["jaxsave_layout"] = "posterior"
         f.attrs["jaxsave_version"] = "0"
         f.attrs["sample_counts"] = np.asarray(counts, np.int64)
-        f.attrs["jaxsave_structure"] = json.dumps({"leaves": [{"key": ["x"], "group": "posterior", "name": "x",
-                                                              "dtype": "float64", "shape": list(draw_shape)}]})
+        f.attrs["jaxsave_structure"] = json.dumps(
+            {
+                "leaves": [
+                    {
+                        "key": ["x"],
+                        "group": "posterior",
+                        "name": "x",
+                        "dtype": "float64",
+                        "shape": list(draw_shape),
+                    }
+                ]
+            }
+        )
         group = f.create_group("posterior")
         if attack is not None:
             attack(f, "posterior/x", path.parent, shape)
@@ -144,7 +159,10 @@ def _samples(path, attack=None, counts=(4,), draw_shape=(2,), value=0.0):
 
 
 def _inspect(path) -> None:
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+    with (
+        contextlib.redirect_stdout(io.StringIO()),
+        contextlib.redirect_stderr(io.StringIO()) as err,
+    ):
         code = cli.main(["inspect", str(path)])
     if code == 2:
         raise jaxsave.FileFormatError(f"jaxsave inspect exited with 2: {err.getvalue()}")
@@ -178,7 +196,7 @@ def _sample_loaders(path, tmp_path):
     }
 
 
-def _refused(call, peak_mb=32, match=None):
+def _refused(call, peak_mb=32, match=None, what=""):
     """``call`` raises FileFormatError, allocates under ``peak_mb``, and never returns the secret."""
     tracemalloc.start()
     try:
@@ -189,7 +207,9 @@ def _refused(call, peak_mb=32, match=None):
     else:
         arrays = [x for x in jax.tree.leaves(got) if isinstance(x, (np.ndarray, jax.Array))]
         leaked = any(SECRET[:8] in np.asarray(x).tobytes() for x in arrays)
-        pytest.fail(f"not refused{' (and the secret was read)' if leaked else ''}: returned {type(got).__name__}")
+        pytest.fail(
+            f"{what} not refused{' (the secret was read)' if leaked else ''}: got {type(got).__name__}"
+        )
     finally:
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
@@ -251,8 +271,13 @@ _CHILD = textwrap.dedent("""
 def _run_child(kind, path, timeout=120):
     """The loaders of ``kind`` run on ``path`` in a child process: a hang fails, it does not hang."""
     try:
-        proc = subprocess.run([sys.executable, "-c", _CHILD, kind, str(path)], env=child_env(),
-                              capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, "-c", _CHILD, kind, str(path)],
+            env=child_env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
         pytest.fail(f"a loader hung on {path} (killed after {timeout} s)")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -270,7 +295,9 @@ def test_external_storage_on_a_fifo_is_refused_without_blocking(tmp_path):
     samples = _samples(tmp_path / "fs.h5", on_fifo)
     for kind, path in (("pytree", pytree), ("samples", samples)):
         lines = _run_child(kind, path)
-        assert lines and all(line.startswith("FileFormatError:") and "external" in line for line in lines), lines
+        assert lines and all(
+            line.startswith("FileFormatError:") and "external" in line for line in lines
+        ), lines
 
 
 # -- merged files: virtual datasets only over the sources merge names ------------------------------
@@ -295,7 +322,7 @@ def test_a_merged_file_reads_only_the_sources_it_names(tmp_path, figures):
     def edited(name, mappings, named=None, virtual=True):
         """A copy of ``merged`` whose posterior/x maps ``mappings`` [(file, dataset)] (``named``: merged_from)."""
         path = out / name
-        path.write_bytes(merged.read_bytes() if hasattr(merged, "read_bytes") else open(merged, "rb").read())
+        path.write_bytes(pathlib.Path(merged).read_bytes())
         with h5py.File(path, "r+") as f:
             if named is not None:
                 f.attrs["jaxsave_merged_from"] = json.dumps(named)
@@ -311,25 +338,35 @@ def test_a_merged_file_reads_only_the_sources_it_names(tmp_path, figures):
 
     first = ("../runs/run-0.h5", "posterior/x")
     cases = {
-        "an absolute source": edited("abs.h5", [first, (str(secret), "secret")], [first[0], str(secret)]),
+        "an absolute source": edited(
+            "abs.h5", [first, (str(secret), "secret")], [first[0], str(secret)]
+        ),
         "a source it does not name": edited("unnamed.h5", [first, ("../secret.h5", "secret")]),
         "another dataset of a source": edited("other.h5", [first, ("../runs/run-1.h5", "secret")]),
         "a source mapped twice": edited("twice.h5", [first, first]),
-        "a source with external storage": edited("ext.h5", [first, ("../runs/ext.h5", "posterior/x")],
-                                                 [first[0], "../runs/ext.h5"]),
-        "a source that is a merged file": edited("nested.h5", [first, ("../runs/nested.h5", "posterior/x")],
-                                                 [first[0], "../runs/nested.h5"]),
-        "a missing source": edited("missing.h5", [first, ("../runs/gone.h5", "posterior/x")],
-                                   [first[0], "../runs/gone.h5"]),
-        "a source that is not a sample file": edited("foreign.h5", [first, ("../secret.h5", "secret")],
-                                                     [first[0], "../secret.h5"]),
+        "a source with external storage": edited(
+            "ext.h5", [first, ("../runs/ext.h5", "posterior/x")], [first[0], "../runs/ext.h5"]
+        ),
+        "a source that is a merged file": edited(
+            "nested.h5",
+            [first, ("../runs/nested.h5", "posterior/x")],
+            [first[0], "../runs/nested.h5"],
+        ),
+        "a missing source": edited(
+            "missing.h5", [first, ("../runs/gone.h5", "posterior/x")], [first[0], "../runs/gone.h5"]
+        ),
+        "a source that is not a sample file": edited(
+            "foreign.h5", [first, ("../secret.h5", "secret")], [first[0], "../secret.h5"]
+        ),
         "a malformed jaxsave_merged_from": edited("bad-attr.h5", None, {"a": 1}),
         "no jaxsave_merged_from": edited("plain.h5", None, virtual=False),
     }
     for case, path in cases.items():
-        for load in _sample_loaders(path, tmp_path).values():
-            _refused(load)
-    assert jaxsave.load_samples(merged)["x"][1].tolist() == [[1.0, 1.0]] * 4  # the real sources still load
+        for name, load in _sample_loaders(path, tmp_path).items():
+            _refused(load, what=f"{name} on a merged file with {case}")
+    assert (
+        jaxsave.load_samples(merged)["x"][1].tolist() == [[1.0, 1.0]] * 4
+    )  # the real sources still load
     n = len(cases) * len(_sample_loaders(merged, tmp_path))
     figures("hostile", "storage: merged files mapping other files", handled=n, tried=n)
 
@@ -346,7 +383,10 @@ def test_a_merged_source_that_is_a_fifo_is_refused_without_blocking(tmp_path):
 def test_merged_files_over_64_mib_load(tmp_path):
     """The size guard backs a virtual dataset by its sources' storage (it counted 0 bytes for it)."""
     draws = 2**12
-    sources = [_samples(tmp_path / f"big-{i}.h5", counts=(draws,), draw_shape=(2**10,), value=i) for i in range(3)]
+    sources = [
+        _samples(tmp_path / f"big-{i}.h5", counts=(draws,), draw_shape=(2**10,), value=i)
+        for i in range(3)
+    ]
     merged = jaxsave.merge(sources, tmp_path / "big.h5")  # 3 x 32 MiB
     x = jaxsave.load_samples(merged)["x"]
     assert x.shape == (3, draws, 2**10) and x[2, -1, -1] == 2.0
@@ -355,19 +395,34 @@ def test_merged_files_over_64_mib_load(tmp_path):
 # -- names in files: resolved through the registry only, never importing a module ------------------
 
 #: Names under jax whose lookup as attributes runs jax's lazy loader (it imported these modules).
-LAZY_NAMES = ("jax.scipy.signal.X", "jax.scipy.stats.norm.X", "jax.scipy.cluster.vq.X", "jax.scipy.integrate.X",
-              "jax.scipy.special.X", "jax.experimental.sparse.BCOO", "jax.nn.initializers.X", "optax.X",
-              "jax.scipy.signal")
+LAZY_NAMES = (
+    "jax.scipy.signal.X",
+    "jax.scipy.stats.norm.X",
+    "jax.scipy.cluster.vq.X",
+    "jax.scipy.integrate.X",
+    "jax.scipy.special.X",
+    "jax.experimental.sparse.BCOO",
+    "jax.nn.initializers.X",
+    "optax.X",
+    "jax.scipy.signal",
+)
 
 
 def _named_spec(name, where):
     """A tree description naming ``name`` as ``where`` (a node type, a namedtuple, a value, an enum...)."""
-    node = {"node": {"t": "node", "type": name, "aux": None, "keys": [], "children": []},
-            "namedtuple": {"t": "namedtuple", "type": name, "fields": [], "children": []},
-            "ref": {"t": "value", "v": {"$": "ref", "v": name}},
-            "enum": {"t": "value", "v": {"$": "enum", "type": name, "v": "A"}},
-            "mapping": {"t": "value", "v": {"$": "mapping", "type": name, "v": []}},
-            "factory": {"t": "defaultdict", "keys": [], "children": [], "factory": {"$": "ref", "v": name}}}[where]
+    node = {
+        "node": {"t": "node", "type": name, "aux": None, "keys": [], "children": []},
+        "namedtuple": {"t": "namedtuple", "type": name, "fields": [], "children": []},
+        "ref": {"t": "value", "v": {"$": "ref", "v": name}},
+        "enum": {"t": "value", "v": {"$": "enum", "type": name, "v": "A"}},
+        "mapping": {"t": "value", "v": {"$": "mapping", "type": name, "v": []}},
+        "factory": {
+            "t": "defaultdict",
+            "keys": [],
+            "children": [],
+            "factory": {"$": "ref", "v": name},
+        },
+    }[where]
     return {"treespec": 1, "refs": [name], "root": node}
 
 
@@ -415,18 +470,28 @@ def test_names_in_files_never_import_a_module(tmp_path, figures):
     cases = [(name, wheres[i % len(wheres)]) for i, name in enumerate(LAZY_NAMES)]
     cases += [(LAZY_NAMES[0], w) for w in wheres]
     specs = [_named_spec(name, where) for name, where in cases]
-    proc = subprocess.run([sys.executable, "-c", _NAMES_CHILD, json.dumps(specs), str(tmp_path)],
-                          env=child_env(), capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, "-c", _NAMES_CHILD, json.dumps(specs), str(tmp_path)],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.splitlines()[-1])
     assert got["new"] == [], f"loading imported {got['new']}"
     outcomes = got["outcomes"]
     assert len(outcomes) == 4 * 2 * len(cases) + len(cases)
-    loads = outcomes[:-len(cases)]
+    loads = outcomes[: -len(cases)]
     for k, outcome in enumerate(loads):
         name = cases[(k // 2) % len(cases)][0]
         assert outcome.startswith("UnregisteredNameError") and name in outcome, outcome
-    figures("hostile", "names of lazily imported modules, every format", handled=len(outcomes), tried=len(outcomes))
+    figures(
+        "hostile",
+        "names of lazily imported modules, every format",
+        handled=len(outcomes),
+        tried=len(outcomes),
+    )
 
 
 def test_names_in_a_sample_file_never_import_a_module(tmp_path):
@@ -434,13 +499,21 @@ def test_names_in_a_sample_file_never_import_a_module(tmp_path):
     path = _samples(tmp_path / "s.h5")
     with h5py.File(path, "r+") as f:
         structure = json.loads(f.attrs["jaxsave_structure"])
-        structure["treespec"] = {"treespec": 1, "refs": list(LAZY_NAMES),
-                                 "root": {"t": "node", "type": LAZY_NAMES[0], "aux": None, "keys": [],
-                                          "children": ["numpy"]}}
+        structure["treespec"] = {
+            "treespec": 1,
+            "refs": list(LAZY_NAMES),
+            "root": {
+                "t": "node",
+                "type": LAZY_NAMES[0],
+                "aux": None,
+                "keys": [],
+                "children": ["numpy"],
+            },
+        }
         f.attrs["jaxsave_structure"] = json.dumps(structure)
     script = textwrap.dedent(f"""
         import json, sys, warnings, jaxsave, arviz
-        jaxsave.load_samples({str(tmp_path / 'good.h5')!r})
+        jaxsave.load_samples({str(tmp_path / "good.h5")!r})
         before = set(sys.modules)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -449,8 +522,9 @@ def test_names_in_a_sample_file_never_import_a_module(tmp_path):
                           "warnings": [str(w.message) for w in caught]}}))
     """)
     _samples(tmp_path / "good.h5")
-    proc = subprocess.run([sys.executable, "-c", script], env=child_env(), capture_output=True, text=True,
-                          timeout=240)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=child_env(), capture_output=True, text=True, timeout=240
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.splitlines()[-1])
     assert got["new"] == [] and got["shape"] == [1, 4, 2], got
@@ -471,7 +545,9 @@ class Positive:
         self.x = x
 
 
-jax.tree_util.register_pytree_node(Positive, lambda p: ((p.x,), None), lambda aux, kids: Positive(*kids))
+jax.tree_util.register_pytree_node(
+    Positive, lambda p: ((p.x,), None), lambda aux, kids: Positive(*kids)
+)
 jaxsave.register_saveable(Positive, name="tests.hostile_storage.Positive")
 Pair = namedtuple("Pair", ["a", "b"])
 

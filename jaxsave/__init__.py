@@ -43,6 +43,7 @@ from jaxsave.errors import (
     FileFormatError,
     JaxsaveError,
     ReadTooLargeError,
+    RebuildError,
     SaverStateError,
     StructureMismatchError,
     UnregisteredNameError,
@@ -95,4 +96,5 @@ __all__ = [
     "SaverStateError",
     "CapacityError",
     "ReadTooLargeError",
+    "RebuildError",
 ]

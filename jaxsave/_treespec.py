@@ -40,7 +40,7 @@ import numpy as np
 
 from jaxsave import registry
 from jaxsave._dtypes import dtype_from_name
-from jaxsave.errors import FileFormatError, UnregisteredNameError
+from jaxsave.errors import FileFormatError, JaxsaveError, RebuildError, UnregisteredNameError
 
 #: How an array leaf appears in a description: the type it is restored as.
 ARRAY_KINDS = ("jax", "numpy", "scalar")
@@ -336,7 +336,7 @@ class _Decoder:
                    f"{n['type']} is not a namedtuple type")
             _check(list(cls._fields) == fields and len(children) == len(fields),
                    f"namedtuple {n['type']} has fields {list(cls._fields)}, the file has {fields}")
-            return cls(*children)
+            return _rebuilt(n["type"], lambda: cls(*children))
         _check(t == "node", f"unknown node type {t!r}")
         _check(isinstance(cls, type) and _REGISTRY.is_node(cls),
                f"{n['type']} is not a registered pytree node type")
@@ -344,9 +344,14 @@ class _Decoder:
         try:
             treedef = jax.tree_util.PyTreeDef.from_node_data_and_children(
                 _REGISTRY, (cls, aux), [_LEAF_DEF] * len(children))
-            return treedef.unflatten(children)
-        except Exception as e:  # a registered unflatten rejected the stored data
+        except Exception as e:  # jax's own checks of the stored node data
             raise FileFormatError(f"cannot rebuild a {n['type']} node: {e}") from e
+        if cls in _JAX_NODES:  # jax's own containers: what their unflatten rejects is the file's fault
+            try:
+                return treedef.unflatten(children)
+            except Exception as e:
+                raise FileFormatError(f"cannot rebuild a {n['type']} node: {e}") from e
+        return _rebuilt(n["type"], lambda: treedef.unflatten(children))
 
     def keys(self, n: dict[str, Any], count: int) -> list[Any]:
         keys = n.get("keys")
@@ -379,7 +384,7 @@ class _Decoder:
                 return d
             cls = self.objects[v["type"]]
             _check(isinstance(cls, type) and issubclass(cls, Mapping), f"{v['type']} is not a Mapping")
-            return cls(d)
+            return _rebuilt(v["type"], lambda: cls(d))
         if tag == "complex":
             _check(isinstance(raw, list) and len(raw) == 2, "bad complex")
             return complex(*self.value(raw))
@@ -403,7 +408,9 @@ class _Decoder:
             return dtype_from_name(raw).type
         if tag == "jnptype":
             dtype_from_name(raw)
-            return getattr(jnp, raw)
+            scalar_type = vars(jnp).get(raw)  # the module's dict: never its __getattr__
+            _check(isinstance(scalar_type, type), f"jax.numpy has no scalar type {raw!r:.40}")
+            return scalar_type
         if tag == "npscalar":
             return dtype_from_name(v.get("dtype")).type(self.value(raw))
         if tag == "ndarray":
@@ -415,6 +422,22 @@ class _Decoder:
 
 
 _END = object()
+
+#: Node types whose unflatten is jax's own (a failure there is a damaged description).
+_JAX_NODES = (dict, list, tuple, type(None), OrderedDict, defaultdict)
+
+
+def _rebuilt(name: str, build: Callable[[], Any]) -> Any:
+    """``build()``, which runs a registered class's code: what it raises is a :class:`RebuildError`.
+
+    Its own validation rejecting the stored values, or a bug in it, is not a
+    damaged file (and is not reported as one), but it is still a jaxsave error.
+    """
+    try:
+        return build()
+    except Exception as e:
+        raise RebuildError(f"rebuilding a {name} from the stored tree: the class raised "
+                           f"{type(e).__name__}: {e}") from e
 
 
 def decode_structure(
@@ -457,7 +480,7 @@ def decode_structure(
     except RecursionError:
         raise FileFormatError("invalid tree structure: nested too deeply") from None
     except (TypeError, ValueError, KeyError) as e:
-        if isinstance(e, FileFormatError):
+        if isinstance(e, JaxsaveError):
             raise
         raise FileFormatError(f"invalid tree structure: {type(e).__name__}: {e}") from e
     _check(next(it, _END) is _END, "fewer array leaves in the structure than stored")

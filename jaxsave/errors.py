@@ -16,6 +16,7 @@ __all__ = [
     "SaverStateError",
     "CapacityError",
     "ReadTooLargeError",
+    "RebuildError",
 ]
 
 
@@ -52,4 +53,13 @@ class ReadTooLargeError(JaxsaveError, MemoryError):
     Raised, before allocating anything, by :func:`jaxsave.load_samples` with all
     chains when chains of very different lengths would be padded to the longest;
     read them one at a time (``chain=``, ``draws=``) instead.
+    """
+
+
+class RebuildError(JaxsaveError, RuntimeError):
+    """A registered class raised while a loaded tree was rebuilt (not a damaged file).
+
+    Its own checks rejected the stored values, or its unflatten/constructor has a
+    bug; the message names the class and the error, which is chained as
+    ``__cause__``. Load with ``like=`` to take the classes from a target tree.
     """

@@ -39,7 +39,7 @@ from __future__ import annotations
 import enum
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, overload
 
 import jax
@@ -230,7 +230,13 @@ _MISSING = _Missing()
 
 
 def _library_type(name: str) -> Any:
-    """A namedtuple/enum/pytree-node type defined in an imported trusted package, or missing."""
+    """A namedtuple/enum/pytree-node type defined in an imported trusted package, or missing.
+
+    Only dictionaries are read: ``sys.modules``, then the ``__dict__`` of the
+    module and of the classes the name walks through. No attribute of a module
+    is ever looked up (a module's ``__getattr__``, such as jax's lazy loader of
+    ``jax.scipy.*``, would import a module the file chose).
+    """
     if "<" in name or name.split(".", 1)[0] not in TRUSTED_PACKAGES:
         return _MISSING
     parts = name.split(".")
@@ -239,20 +245,35 @@ def _library_type(name: str) -> Any:
         if module is None:
             continue
         obj: Any = module
-        for attr in parts[i:]:
-            obj = getattr(obj, attr, _MISSING)
+        for k, attr in enumerate(parts[i:]):
+            if k and not isinstance(obj, type):
+                return _MISSING  # below the module, the name walks through classes only
+            namespace = object.__getattribute__(obj, "__dict__")  # the object's own dict: no __getattr__
+            obj = namespace.get(attr, _MISSING) if isinstance(namespace, Mapping) else _MISSING
             if obj is _MISSING:
                 return _MISSING
         ok_type = isinstance(obj, type) and (
-            (issubclass(obj, tuple) and hasattr(obj, "_fields"))
+            (issubclass(obj, tuple) and "_fields" in _class_attrs(obj))
             or issubclass(obj, enum.Enum)
             or jax.tree_util.default_registry.is_node(obj)
         )
-        if ok_type and canonical_name(obj) == name:
+        if ok_type and _defined_name(obj) == name:
             _register(obj, name, auto=True)
             return obj
         return _MISSING
     return _MISSING
+
+
+def _class_attrs(cls: type) -> set[str]:
+    """Names defined in the class dicts of ``cls``'s MRO (read without attribute access)."""
+    return {k for c in type.__getattribute__(cls, "__mro__") for k in vars(c)}
+
+
+def _defined_name(cls: type) -> str | None:
+    """``module.qualname`` of a class, read from the class itself (no metaclass ``__getattr__``)."""
+    module = vars(cls).get("__module__")
+    qualname = type.__getattribute__(cls, "__qualname__")
+    return f"{module}.{qualname}" if isinstance(module, str) and isinstance(qualname, str) else None
 
 
 _JNP_FUNCTIONS = (
@@ -269,13 +290,12 @@ def _builtin_objects() -> dict[str, dict[str, Any]]:
         import jax.nn
         import jax.numpy as jnp
 
+        # Module dicts, not getattr: a module's __getattr__ may import (see _library_type).
         objs = {
-            f"jax.nn.{n}": getattr(jax.nn, n)
-            for n in dir(jax.nn)
-            if not n.startswith("_") and callable(getattr(jax.nn, n))
-            and not isinstance(getattr(jax.nn, n), type)
+            f"jax.nn.{n}": v for n, v in sorted(vars(jax.nn).items())
+            if not n.startswith("_") and callable(v) and not isinstance(v, type)
         }
-        objs.update({f"jax.numpy.{n}": getattr(jnp, n) for n in _JNP_FUNCTIONS if hasattr(jnp, n)})
+        objs.update({f"jax.numpy.{n}": vars(jnp)[n] for n in _JNP_FUNCTIONS if n in vars(jnp)})
         objs["jax.lax.dot_general"] = jax.lax.dot_general
         objs["jax.lax.Precision"] = jax.lax.Precision
         out["jax"] = objs

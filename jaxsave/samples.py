@@ -28,6 +28,7 @@ import numpy as np
 from jaxsave import _arviz, _dtypes, _superblock
 from jaxsave._tree import dict_to_pytree, flat_name, pytree_dict_keys
 from jaxsave._formats.hdf5 import check_stored
+from jaxsave._hdf5_trust import check_file
 from jaxsave._treespec import decode_structure
 from jaxsave.errors import (FileFormatError, JaxsaveError, ReadTooLargeError, StructureMismatchError,
                             UnregisteredNameError)
@@ -106,6 +107,7 @@ def _check_header(f: h5py.File, path: str) -> None:
             f"{path!r} has jaxsave format {int(fmt)}; this jaxsave reads up to {FORMAT_VERSION}: upgrade jaxsave")
     if _str(f.attrs.get("jaxsave_layout", "")) not in ("posterior", "chains"):
         raise FileFormatError(f"{path!r} has an unknown layout {f.attrs.get('jaxsave_layout')!r}")
+    check_file(f, repr(path), merged=True)  # no data from outside the file (but a merged file's sources)
 
 
 def _str(value: Any) -> str:

@@ -2,8 +2,11 @@
 
 Datasets are named by the leaves' readable key paths (``params.dense.kernel``),
 so the file browses well in HDFView or h5py; the jaxsave header is the JSON
-string attribute ``jaxsave`` of the root group. Safety on untrusted files rests
-on the HDF5 library's own parsing; prefer the default format for those.
+string attribute ``jaxsave`` of the root group. A file whose data is not all
+inside it (external storage, external or soft links, virtual datasets) or that
+uses a filter jaxsave does not write is refused before anything is read
+(:mod:`jaxsave._hdf5_trust`); beyond that, safety on untrusted files rests on
+the HDF5 library's own parsing: prefer the default format for those.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import numpy as np
 from jaxsave._diskspace import check_room
 from jaxsave._dtypes import storage_dtype
 from jaxsave._formats import MAX_HEADER_BYTES
+from jaxsave._hdf5_trust import check_file, stored_bytes
 from jaxsave.errors import FileFormatError
 
 GROUP = "arrays"
@@ -38,21 +42,17 @@ def write(target: str | BinaryIO, header: dict[str, Any], arrays: Sequence[np.nd
             group.create_dataset(_dataset_name(leaf["name"], i), data=a)
 
 
-#: Deflate cannot expand data more than about 1032:1 (LZF far less): a bound on a compressed dataset's content.
-_MAX_RATIO = 1100
-
-
 def check_stored(ds: h5py.Dataset, nbytes: int, slack: int = 2**26) -> None:
     """Refuse to read ``nbytes`` from ``ds`` when the file does not hold data for them.
 
     An HDF5 dataset can declare any shape and store nothing (unallocated chunks
     read as the fill value), so a small hostile file could make a reader
     allocate terabytes. The bytes read must be backed by stored bytes (times
-    the best compression ratio, for filtered datasets), plus ``slack`` bytes.
+    the filters' expansion, the sources' for a merged file's virtual dataset:
+    see :func:`jaxsave._hdf5_trust.stored_bytes`), plus ``slack`` bytes.
     """
-    stored = ds.id.get_storage_size()
-    limit = stored * (_MAX_RATIO if ds.compression or ds.id.get_create_plist().get_nfilters() else 1) + slack
-    if nbytes > limit:
+    stored = stored_bytes(ds)
+    if nbytes > stored + slack:
         raise FileFormatError(f"dataset {ds.name!r} declares {nbytes} bytes to read but the file stores only "
                               f"{stored} for it (a sparse or hostile file)")
 
@@ -65,6 +65,11 @@ class Reader:
             self._f = h5py.File(target, "r")
         except OSError as e:
             raise FileFormatError(f"not a readable HDF5 file: {e}") from None
+        try:
+            check_file(self._f, "the HDF5 file")  # before any data is read: nothing from outside it
+        except BaseException:
+            self._f.close()
+            raise
         raw = self._f.attrs.get("jaxsave")
         if raw is None:
             self._f.close()

@@ -319,6 +319,11 @@ class _Streamer(_SaverBase):
             self.late_error = self.late_error or error
             logger.error("jaxsave: %s", error)
             raise
+        except (KeyboardInterrupt, SystemExit):
+            # Ctrl-C while the callback runs on the main thread (JAX's CPU backend): it must stop the
+            # run, not become the writer's error. JAX raises it as a JaxRuntimeError; the blocks
+            # queued before this one are written, at postprocess or at interpreter exit.
+            raise
         except BaseException as error:  # noqa: BLE001 - kept for postprocess, never raised on XLA threads
             if self.writer is not None:
                 self.writer.fail(error)

@@ -123,15 +123,21 @@ def test_every_way_out_exits_and_leaves_a_readable_file(tmp_path, figures):
     for kind, (_, _, files, _) in CASES.items():  # all at once: most of each child is importing jax
         paths = [tmp_path / f"{kind}-{i}.h5" for i in range(files)]
         children[kind] = (python(script, kind, *paths), paths)
-    for kind, (child, paths) in children.items():
-        status, shows, _, count = CASES[kind]
-        rc, _, err = _finish(child, kind)
-        assert rc == status, f"{kind}: exit status {rc}, expected {status}; stderr:\n{err[-3000:]}"
-        if shows:
-            assert shows in err
-        for path in paths:
-            _check_file(path, count)
-        figures("exit", kind, exit_status=rc, samples_per_chain=count)
+    try:
+        for kind, (child, paths) in children.items():
+            status, shows, _, count = CASES[kind]
+            rc, _, err = _finish(child, kind)
+            assert rc == status, f"{kind}: exit status {rc}, expected {status}; stderr:\n{err[-3000:]}"
+            if shows:
+                assert shows in err
+            for path in paths:
+                _check_file(path, count)
+            figures("exit", kind, exit_status=rc, samples_per_chain=count)
+    finally:
+        for child, _ in children.values():
+            if child.poll() is None:
+                child.kill()
+                child.communicate()
 
 
 @pytest.mark.parametrize("run", range(3))  # the moment the signal lands varies
@@ -140,6 +146,15 @@ def test_sigint_to_a_running_sampler(tmp_path, figures, run):
     script.write_text(CHILD)
     path = tmp_path / "sigint.h5"
     child = python(script, "sigint", path)
+    try:
+        _interrupt(child, path, figures, run)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+
+
+def _interrupt(child, path, figures, run) -> None:
     reported = 0
     timer = threading.Timer(CHILD_TIMEOUT_S, child.kill)  # a child that never reports fails, not hangs
     timer.start()
@@ -161,7 +176,6 @@ def test_sigint_to_a_running_sampler(tmp_path, figures, run):
     count = _check_file(path, None)
     assert count >= reported and count % BLOCK == 0
     figures("exit", f"SIGINT {run}", exit_status=rc, samples_per_chain=count, reported=reported)
-
 
 
 class _FailsOnChain(jaxsave.HDF5Collector):

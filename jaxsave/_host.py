@@ -122,7 +122,8 @@ class Writer:
         if self._stopping:
             self.dropped += 1
             return
-        self._queue.put(block, block.nbytes, abandon=lambda: self.error is not None or self._stopping)
+        abandon = lambda: self.error is not None or self._stopping
+        self._queue.put(block, block.nbytes, abandon=abandon)
 
     def drain(self) -> None:
         """Wait until every block queued so far has been handled."""

@@ -285,8 +285,11 @@ class _Streamer(_SaverBase):
 
     def _receive(self, payload: Any, solver_layout: tuple = ()) -> None:
         """The flush callback: wrap the block and queue it; runs on an XLA thread."""
-        if self.exited:
-            logger.warning("jaxsave: a block computed during interpreter exit was dropped (the writer has stopped)")
+        if self.exited:  # a computation still running after _at_exit (from another thread)
+            if self.writer is not None and not self.writer.dropped:
+                logger.warning("jaxsave: blocks computed during interpreter exit are dropped")
+            if self.writer is not None:
+                self.writer.dropped += 1
             return
         try:
             meta, data, solver = payload
@@ -320,9 +323,9 @@ class _Streamer(_SaverBase):
             logger.error("jaxsave: %s", error)
             raise
         except (KeyboardInterrupt, SystemExit):
-            # Ctrl-C while the callback runs on the main thread (JAX's CPU backend): it must stop the
-            # run, not become the writer's error. JAX raises it as a JaxRuntimeError; the blocks
-            # queued before this one are written, at postprocess or at interpreter exit.
+            # Ctrl-C while the callback runs on the main thread (JAX's CPU backend): it must stop
+            # the run, not become the writer's error. JAX raises it as a JaxRuntimeError; the
+            # blocks queued before this one are written, at postprocess or at interpreter exit.
             raise
         except BaseException as error:  # noqa: BLE001 - kept for postprocess, never raised on XLA threads
             if self.writer is not None:
@@ -418,27 +421,32 @@ class _Streamer(_SaverBase):
             self.collector.close()
 
     def _stop_at_exit(self, deadline: float) -> None:
-        """Interpreter exit: write what is queued (until ``deadline``), stop the writer, close the collector."""
+        """At exit: write what is queued (until ``deadline``), stop the writer, close the file."""
         writer = self.writer
         if writer is None or not writer.alive:
             return
         self.exited = True
         unfinished = sorted(set(self.registered) - self.finished)
-        stopped = writer.stop(deadline - time.monotonic())
+        try:
+            stopped = writer.stop(deadline - time.monotonic())
+        except KeyboardInterrupt:  # a second Ctrl-C: drop what is still queued
+            stopped = writer.stop(0.0)
         if writer.dropped:
-            logger.warning("jaxsave: interpreter exit: %d block(s) of samples were not written (dropped after "
-                           "%.0f s of writing)", writer.dropped, EXIT_TIMEOUT_S)
+            logger.warning("jaxsave: interpreter exit: %d block(s) of samples were not written "
+                           "(dropped after %.0f s of writing)", writer.dropped, EXIT_TIMEOUT_S)
         if not stopped:
-            logger.error("jaxsave: interpreter exit: the writer thread is still inside %s; the collector "
-                         "is left open", type(self.collector).__name__)
+            logger.error("jaxsave: interpreter exit: the writer thread is still inside %s; "
+                         "the collector is left open", type(self.collector).__name__)
             return
         self.finished.update(unfinished)
-        logger.warning("jaxsave: the interpreter exits before postprocess finished chain(s) %s; their samples "
-                       "that reached the host are written, the collector is closed", unfinished)
+        if unfinished:
+            logger.warning("jaxsave: the interpreter exits before postprocess finished chain(s) "
+                           "%s; their samples that reached the host are written", unfinished)
         try:
             self._close_if_done(force=True)
         except Exception as error:  # noqa: BLE001 - exiting anyway
-            logger.error("jaxsave: interpreter exit: closing %s failed: %r", type(self.collector).__name__, error)
+            logger.error("jaxsave: interpreter exit: closing %s failed: %r",
+                         type(self.collector).__name__, error)
 
 
 #: Every streamer that started a writer thread; :func:`_at_exit` stops the live ones.
@@ -456,7 +464,7 @@ def _watch(streamer: _Streamer) -> None:
 
 
 def _at_exit() -> None:
-    """Before daemon threads are frozen: finish the running computations, then stop every live writer.
+    """Before daemon threads freeze: finish the running computations, stop every live writer.
 
     A writer frozen inside the collector would hold h5py's lock (the interpreter hangs
     at exit), and an XLA thread entering a callback during shutdown aborts the process.
@@ -468,7 +476,7 @@ def _at_exit() -> None:
     try:
         jax.effects_barrier()  # the blocks of computations still running reach the writers
     except BaseException as error:  # noqa: BLE001 - exiting anyway; the writers must still stop
-        logger.error("jaxsave: interpreter exit: waiting for the running computations failed: %r", error)
+        logger.error("jaxsave: interpreter exit: waiting for the computations failed: %r", error)
     deadline = time.monotonic() + EXIT_TIMEOUT_S
     for streamer in live:
         try:

@@ -53,7 +53,8 @@ CHILD = textwrap.dedent(f"""
         state = saver.init(jnp.zeros(({CHAINS}, {WIDTH})), None, chains={CHAINS})
         def chain(s, c, start):
             def step(s, i):
-                return saver.save(s, True, jnp.full({WIDTH}, i + c * {OFFSET}, jnp.float32))[0], None
+                x = jnp.full({WIDTH}, i + c * {OFFSET}, jnp.float32)
+                return saver.save(s, True, x)[0], None
             return jax.lax.scan(step, s, start + jnp.arange(steps))[0]
         run = jax.jit(jax.vmap(chain, in_axes=(0, 0, None)))
         return run, state, jnp.arange({CHAINS})
@@ -127,7 +128,7 @@ def test_every_way_out_exits_and_leaves_a_readable_file(tmp_path, figures):
         for kind, (child, paths) in children.items():
             status, shows, _, count = CASES[kind]
             rc, _, err = _finish(child, kind)
-            assert rc == status, f"{kind}: exit status {rc}, expected {status}; stderr:\n{err[-3000:]}"
+            assert rc == status, f"{kind}: status {rc}, expected {status}; stderr:\n{err[-3000:]}"
             if shows:
                 assert shows in err
             for path in paths:
@@ -156,7 +157,7 @@ def test_sigint_to_a_running_sampler(tmp_path, figures, run):
 
 def _interrupt(child, path, figures, run) -> None:
     reported = 0
-    timer = threading.Timer(CHILD_TIMEOUT_S, child.kill)  # a child that never reports fails, not hangs
+    timer = threading.Timer(CHILD_TIMEOUT_S, child.kill)  # a silent child fails, not hangs
     timer.start()
     try:
         for line in child.stdout:
@@ -171,7 +172,7 @@ def _interrupt(child, path, figures, run) -> None:
     # Python's status for KeyboardInterrupt (killed by SIGINT), or, when the signal is handled in
     # JAX's callback wrapper (on CPU callbacks run on the main thread), JAX's error for it: 1.
     jax_error = "JaxRuntimeError" in err and "KeyboardInterrupt" in err
-    assert rc == -signal.SIGINT or (rc == 1 and jax_error), f"exit status {rc}; stderr:\n{err[-3000:]}"
+    assert rc == -signal.SIGINT or (rc == 1 and jax_error), f"status {rc}; stderr:\n{err[-3000:]}"
     assert "KeyboardInterrupt" in err
     count = _check_file(path, None)
     assert count >= reported and count % BLOCK == 0
@@ -192,7 +193,7 @@ class _FailsOnChain(jaxsave.HDF5Collector):
 
 
 def _writers():
-    return [t for t in threading.enumerate() if t.name.startswith("jaxsave-writer") and t.is_alive()]
+    return [t for t in threading.enumerate() if t.name.startswith("jaxsave-writer")]
 
 
 def test_register_chain_failing_for_a_later_chain_stops_the_writer(tmp_path):

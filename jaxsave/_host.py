@@ -4,6 +4,10 @@ The callback (on an XLA thread) only wraps the block it was given and puts it in
 bounded queue; one writer thread per saver takes blocks off in order, drops the
 rows whose ``keep`` bit is off, and hands the rest to the collector. Errors are
 kept, never raised on XLA threads, and re-raised by ``postprocess``.
+
+The thread is a daemon (interpreter exit must not wait for chains that nobody will
+finish), so :meth:`Writer.stop` ends it before exit: a thread frozen by interpreter
+shutdown while inside the collector would hold h5py's global lock forever.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ logger = logging.getLogger("jaxsave")
 
 #: How long ``postprocess`` waits for a missing block before calling it lost.
 WAIT_TIMEOUT_S = 120.0
+#: After ``Writer.stop``'s wait, how long the block being written may still take.
+STOP_GRACE_S = 5.0
 
 
 @dataclass
@@ -94,8 +100,11 @@ class Writer:
         self.checkpoint_spec: Any = None
         self.error: BaseException | None = None
         self.on_block: Callable[[Block], None] | None = None
+        self.dropped = 0  # blocks left unwritten because stop() ran out of time
         self._queue = _ByteBoundedQueue(max_queue_bytes)
         self._cond = threading.Condition()
+        self._stopping = False  # stop() was called: blocks submitted from now on are dropped
+        self._dropping = False  # stop() ran out of time: what is still queued is dropped
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -110,12 +119,16 @@ class Writer:
 
     def submit(self, block: Block) -> None:
         """Queue a block; never raises (errors are kept for ``postprocess``)."""
-        self._queue.put(block, block.nbytes, abandon=lambda: self.error is not None)
+        if self._stopping:
+            self.dropped += 1
+            return
+        abandon = lambda: self.error is not None or self._stopping
+        self._queue.put(block, block.nbytes, abandon=abandon)
 
     def drain(self) -> None:
         """Wait until every block queued so far has been handled."""
         done = threading.Event()
-        self._queue.put(done)
+        self._queue.put(done, abandon=lambda: True)
         while not done.wait(0.5):
             if not self._thread.is_alive():
                 return
@@ -152,8 +165,23 @@ class Writer:
     def close(self) -> None:
         """Stop the thread once everything queued is written."""
         if self._thread.is_alive():
-            self._queue.put(_STOP)
+            self._queue.put(_STOP, abandon=lambda: True)
             self._thread.join()
+
+    def stop(self, timeout: float) -> bool:
+        """Write what is queued for at most ``timeout`` seconds, drop the rest, end the thread.
+
+        Blocks submitted after the call are dropped (counted in ``dropped``). Returns
+        whether the thread ended: it does not while a collector call outlasts the wait.
+        """
+        self._stopping = True
+        if self._thread.is_alive():
+            self._queue.put(_STOP, abandon=lambda: True)
+            self._thread.join(max(0.0, timeout))
+        if self._thread.is_alive():
+            self._dropping = True  # skip the queue; the block being written still finishes
+            self._thread.join(STOP_GRACE_S)
+        return not self._thread.is_alive()
 
     @property
     def alive(self) -> bool:
@@ -168,6 +196,9 @@ class Writer:
                 return
             if isinstance(block, threading.Event):
                 block.set()
+                continue
+            if self._dropping:
+                self.dropped += 1
                 continue
             if self.error is not None:
                 continue  # drain, so that producers never block on a dead writer

@@ -8,13 +8,20 @@ the block of every chain to the host. The callback sits in a ``custom_vmap`` who
 batching rule folds the chain axes into the payload, so C vmapped chains (nested
 vmaps included) cost one callback per block, not C, and ``keep`` may differ per
 chain. ``postprocess`` sends the partial last block from the final state.
+
+A script that ends before ``postprocess`` (an exception, ``sys.exit``, Ctrl-C) is
+handled at interpreter exit (:func:`_at_exit`): the computations still running
+finish, every block that reached the host is written, and the collector is closed.
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import threading
+import time
+import weakref
 from typing import Any, Callable
 
 import jax
@@ -40,6 +47,8 @@ __all__ = ["save"]
 _BLOCK_BYTES = 4 * 2**20
 #: ... with at most this many rows.
 _MAX_BLOCK_ROWS = 4096
+#: At interpreter exit, how long the writers may take to write what is queued.
+EXIT_TIMEOUT_S = 60.0
 
 
 class _Streamer(_SaverBase):
@@ -73,6 +82,7 @@ class _Streamer(_SaverBase):
         self.packing: Packing | None = None
         self.writer: Writer | None = None
         self.late_error: BaseException | None = None
+        self.exited = False  # the interpreter is exiting: the writer was stopped by _at_exit
         self.flush = self._make_flush()
         self._lock = threading.RLock()  # chains may be registered (and finished) from several threads
 
@@ -119,8 +129,10 @@ class _Streamer(_SaverBase):
         if self.writer is None or not self.writer.alive:
             self.writer = Writer(self.collector, max_queue_bytes=self.max_queue_bytes)
             self.writer.checkpoint_spec = self.checkpoint_spec
+            _watch(self)
             if self.progress:
                 self._start_progress()
+        running = set(self.registered) - self.finished
         try:
             if resume is not None:
                 return self._resume(spec, init_checkpoint, static_information, capacity, resume)
@@ -132,7 +144,9 @@ class _Streamer(_SaverBase):
                 self.registered.append(chain)
                 ids.append(chain)
         except BaseException as error:
-            if not self.registered or len(self.finished) == len(self.registered):
+            # The chains this call registered (or reopened) get no state: none of them will run.
+            self.finished.update(set(self.registered) - running)
+            if len(self.finished) == len(self.registered):
                 self._close_after(error)  # no chain left running: no thread left behind
             raise
         return self._new_state(ids, chains)
@@ -271,6 +285,12 @@ class _Streamer(_SaverBase):
 
     def _receive(self, payload: Any, solver_layout: tuple = ()) -> None:
         """The flush callback: wrap the block and queue it; runs on an XLA thread."""
+        if self.exited:  # a computation still running after _at_exit (from another thread)
+            if self.writer is not None and not self.writer.dropped:
+                logger.warning("jaxsave: blocks computed during interpreter exit are dropped")
+            if self.writer is not None:
+                self.writer.dropped += 1
+            return
         try:
             meta, data, solver = payload
             meta = np.asarray(meta).reshape(-1, np.shape(meta)[-1])
@@ -301,6 +321,11 @@ class _Streamer(_SaverBase):
         except SaverStateError as error:
             self.late_error = self.late_error or error
             logger.error("jaxsave: %s", error)
+            raise
+        except (KeyboardInterrupt, SystemExit):
+            # Ctrl-C while the callback runs on the main thread (JAX's CPU backend): it must stop
+            # the run, not become the writer's error. JAX raises it as a JaxRuntimeError; the
+            # blocks queued before this one are written, at postprocess or at interpreter exit.
             raise
         except BaseException as error:  # noqa: BLE001 - kept for postprocess, never raised on XLA threads
             if self.writer is not None:
@@ -394,6 +419,70 @@ class _Streamer(_SaverBase):
                 self.bar.close()
                 self.bar = None
             self.collector.close()
+
+    def _stop_at_exit(self, deadline: float) -> None:
+        """At exit: write what is queued (until ``deadline``), stop the writer, close the file."""
+        writer = self.writer
+        if writer is None or not writer.alive:
+            return
+        self.exited = True
+        unfinished = sorted(set(self.registered) - self.finished)
+        try:
+            stopped = writer.stop(deadline - time.monotonic())
+        except KeyboardInterrupt:  # a second Ctrl-C: drop what is still queued
+            stopped = writer.stop(0.0)
+        if writer.dropped:
+            logger.warning("jaxsave: interpreter exit: %d block(s) of samples were not written "
+                           "(dropped after %.0f s of writing)", writer.dropped, EXIT_TIMEOUT_S)
+        if not stopped:
+            logger.error("jaxsave: interpreter exit: the writer thread is still inside %s; "
+                         "the collector is left open", type(self.collector).__name__)
+            return
+        self.finished.update(unfinished)
+        if unfinished:
+            logger.warning("jaxsave: the interpreter exits before postprocess finished chain(s) "
+                           "%s; their samples that reached the host are written", unfinished)
+        try:
+            self._close_if_done(force=True)
+        except Exception as error:  # noqa: BLE001 - exiting anyway
+            logger.error("jaxsave: interpreter exit: closing %s failed: %r",
+                         type(self.collector).__name__, error)
+
+
+#: Every streamer that started a writer thread; :func:`_at_exit` stops the live ones.
+_STREAMERS: weakref.WeakSet = weakref.WeakSet()
+_HOOKED = threading.Lock()
+
+
+def _watch(streamer: _Streamer) -> None:
+    """Have :func:`_at_exit` stop ``streamer``'s writer if the interpreter exits first."""
+    with _HOOKED:
+        if not _STREAMERS:  # registered late, so it runs before JAX's own exit hooks
+            atexit.unregister(_at_exit)
+            atexit.register(_at_exit)
+        _STREAMERS.add(streamer)
+
+
+def _at_exit() -> None:
+    """Before daemon threads freeze: finish the running computations, stop every live writer.
+
+    A writer frozen inside the collector would hold h5py's lock (the interpreter hangs
+    at exit), and an XLA thread entering a callback during shutdown aborts the process.
+    A second Ctrl-C skips the wait for the computations.
+    """
+    live = [s for s in list(_STREAMERS) if s.writer is not None and s.writer.alive]
+    if not live:
+        return
+    try:
+        jax.effects_barrier()  # the blocks of computations still running reach the writers
+    except BaseException as error:  # noqa: BLE001 - exiting anyway; the writers must still stop
+        logger.error("jaxsave: interpreter exit: waiting for the computations failed: %r", error)
+    deadline = time.monotonic() + EXIT_TIMEOUT_S
+    for streamer in live:
+        try:
+            streamer._stop_at_exit(deadline)
+        except BaseException as error:  # noqa: BLE001 - the other savers must still stop
+            logger.error("jaxsave: interpreter exit: stopping a saver failed: %r", error)
 
 
 def _check_ring(state: SaveState, where: str) -> None:

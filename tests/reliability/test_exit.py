@@ -1,0 +1,221 @@
+"""A script that ends before ``postprocess``: the process exits as Python would, the file reads.
+
+Each way out (an uncaught exception, ``sys.exit``, ``KeyboardInterrupt`` raised, a
+real SIGINT to a running sampler, a collector that failed mid-run, several savers
+at once) runs in a child process with blocks still queued. The child must exit
+within the timeout with Python's usual status, never abort; its HDF5 file must open
+and hold, per chain, exactly the first samples of the run, in order: at exit every
+block that left the device is written (the partial block still on the device is not).
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import textwrap
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxsave
+
+from _reliability import python
+
+pytestmark = [pytest.mark.reliability, pytest.mark.timeout(300)]
+
+CHAINS, WIDTH, BLOCK, STEPS = 4, 4096, 16, 2008
+#: A hang fails the test after this long (the children take ~10 s on 2 busy cores).
+CHILD_TIMEOUT_S = 150
+#: Every block that left the device: STEPS rounded down to whole blocks.
+FLUSHED = STEPS // BLOCK * BLOCK
+#: Sample ``step`` of chain ``c`` is ``step + c * OFFSET`` in every column (exact in float32).
+OFFSET = 10_000
+
+CHILD = textwrap.dedent(f"""
+    import os, sys, time
+    import jax, jax.numpy as jnp, jaxsave
+
+    kind, paths = sys.argv[1], sys.argv[2:]
+
+    class Failing(jaxsave.HDF5Collector):
+        calls = 0
+        def save_block(self, chain_ids, values):
+            Failing.calls += 1
+            if Failing.calls > 10:
+                raise OSError("injected")
+            super().save_block(chain_ids, values)
+
+    def sampler(collector, steps):
+        saver = jaxsave.save(collector, block_size={BLOCK})
+        state = saver.init(jnp.zeros(({CHAINS}, {WIDTH})), None, chains={CHAINS})
+        def chain(s, c, start):
+            def step(s, i):
+                x = jnp.full({WIDTH}, i + c * {OFFSET}, jnp.float32)
+                return saver.save(s, True, x)[0], None
+            return jax.lax.scan(step, s, start + jnp.arange(steps))[0]
+        run = jax.jit(jax.vmap(chain, in_axes=(0, 0, None)))
+        return run, state, jnp.arange({CHAINS})
+
+    if kind == "sigint":
+        run, state, c = sampler(jaxsave.HDF5Collector(paths[0]), 256)
+        for k in range(10_000):
+            state = jax.block_until_ready(run(state, c, k * 256))
+            print("steps", (k + 1) * 256, flush=True)
+    collectors = [(Failing if kind == "failing" else jaxsave.HDF5Collector)(p) for p in paths]
+    if kind == "several":
+        collectors.append(jaxsave.MemoryCollector())
+    for collector in collectors:  # left running: no block_until_ready, no postprocess
+        run, state, c = sampler(collector, {STEPS})
+        state = run(state, c, 0)
+    if kind == "exception":
+        raise RuntimeError("the user's script failed")
+    if kind == "sys.exit":
+        sys.exit(3)
+    if kind == "KeyboardInterrupt":
+        raise KeyboardInterrupt
+    # failing, several: the script just ends
+""")
+
+#: kind -> (exit status, what stderr must show, files, samples per chain in each file)
+CASES = {
+    "exception": (1, "RuntimeError: the user's script failed", 1, FLUSHED),
+    "sys.exit": (3, None, 1, FLUSHED),
+    "KeyboardInterrupt": (-signal.SIGINT, "KeyboardInterrupt", 1, FLUSHED),
+    "failing": (0, None, 1, 10 * BLOCK),
+    "several": (0, None, 2, FLUSHED),
+}
+
+
+def _check_file(path, count: int | None) -> int:
+    """The file opens; every chain holds its first samples in order; returns the count per chain."""
+    info = jaxsave.file_info(path)
+    assert not info.open_for_writing
+    counts = info.sample_counts.tolist()
+    assert len(counts) == CHAINS and len(set(counts)) == 1, counts
+    if count is not None:
+        assert counts[0] == count
+    for c in range(CHAINS):
+        x = np.asarray(jaxsave.load_samples(path, chain=c))
+        assert x.shape == (counts[c], WIDTH)
+        want = (np.arange(counts[c]) + c * OFFSET).astype(np.float32)
+        np.testing.assert_array_equal(x, np.broadcast_to(want[:, None], x.shape))
+    return counts[0]
+
+
+def _finish(child, case: str) -> tuple[int, str, str]:
+    try:
+        out, err = child.communicate(timeout=CHILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        out, err = child.communicate()
+        pytest.fail(f"{case}: the child hung at exit ({CHILD_TIMEOUT_S} s); stderr:\n{err[-3000:]}")
+    for crash in ("terminate called", "FATAL", "Fatal Python error", "Segmentation"):
+        assert crash not in err, f"{case}: the child crashed at exit:\n{err[-3000:]}"
+    return child.returncode, out, err
+
+
+def test_every_way_out_exits_and_leaves_a_readable_file(tmp_path, figures):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    children = {}
+    for kind, (_, _, files, _) in CASES.items():  # all at once: most of each child is importing jax
+        paths = [tmp_path / f"{kind}-{i}.h5" for i in range(files)]
+        children[kind] = (python(script, kind, *paths), paths)
+    try:
+        for kind, (child, paths) in children.items():
+            status, shows, _, count = CASES[kind]
+            rc, _, err = _finish(child, kind)
+            assert rc == status, f"{kind}: status {rc}, expected {status}; stderr:\n{err[-3000:]}"
+            if shows:
+                assert shows in err
+            for path in paths:
+                _check_file(path, count)
+            figures("exit", kind, exit_status=rc, samples_per_chain=count)
+    finally:
+        for child, _ in children.values():
+            if child.poll() is None:
+                child.kill()
+                child.communicate()
+
+
+@pytest.mark.parametrize("run", range(3))  # the moment the signal lands varies
+def test_sigint_to_a_running_sampler(tmp_path, figures, run):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    path = tmp_path / "sigint.h5"
+    child = python(script, "sigint", path)
+    try:
+        _interrupt(child, path, figures, run)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+
+
+def _interrupt(child, path, figures, run) -> None:
+    reported = 0
+    timer = threading.Timer(CHILD_TIMEOUT_S, child.kill)  # a silent child fails, not hangs
+    timer.start()
+    try:
+        for line in child.stdout:
+            reported = int(line.split()[1])
+            if reported >= 512:
+                break
+    finally:
+        timer.cancel()
+    assert reported >= 512, child.stderr.read()[-3000:]
+    child.send_signal(signal.SIGINT)
+    rc, _, err = _finish(child, "sigint")
+    # Python's status for KeyboardInterrupt (killed by SIGINT), or, when the signal is handled in
+    # JAX's callback wrapper (on CPU callbacks run on the main thread), JAX's error for it: 1.
+    jax_error = "JaxRuntimeError" in err and "KeyboardInterrupt" in err
+    assert rc == -signal.SIGINT or (rc == 1 and jax_error), f"status {rc}; stderr:\n{err[-3000:]}"
+    assert "KeyboardInterrupt" in err
+    count = _check_file(path, None)
+    assert count >= reported and count % BLOCK == 0
+    figures("exit", f"SIGINT {run}", exit_status=rc, samples_per_chain=count, reported=reported)
+
+
+class _FailsOnChain(jaxsave.HDF5Collector):
+    """Registration of the chain numbered ``fail_at`` fails (a full disk, a closed file...)."""
+
+    def __init__(self, path, fail_at):
+        super().__init__(path)
+        self.fail_at = fail_at
+
+    def register_chain(self, *args, **kwargs):
+        if len(self._counts) == self.fail_at:
+            raise OSError(f"injected: cannot register chain {self.fail_at}")
+        return super().register_chain(*args, **kwargs)
+
+
+def _writers():
+    return [t for t in threading.enumerate() if t.name.startswith("jaxsave-writer")]
+
+
+def test_register_chain_failing_for_a_later_chain_stops_the_writer(tmp_path):
+    saver = jaxsave.save(_FailsOnChain(tmp_path / "a.h5", fail_at=2), block_size=4)
+    with pytest.raises(OSError, match="cannot register chain 2"):
+        saver.init(jnp.zeros((4, 3)), None, chains=4)
+    assert not _writers()
+
+
+def test_register_chain_failing_beside_running_chains(tmp_path):
+    """Chains of an earlier init keep running; once postprocess finished them, the writer stops."""
+    path = tmp_path / "b.h5"
+    saver = jaxsave.save(_FailsOnChain(path, fail_at=3), block_size=4)
+    state = saver.init(jnp.zeros((2, 3)), None, chains=2)
+    with pytest.raises(OSError, match="cannot register chain 3"):
+        saver.init(jnp.zeros((2, 3)), None, chains=2)
+    assert _writers()  # chains 0 and 1 are still running
+
+    def step(s, i):
+        return saver.save(s, True, jnp.full(3, i, jnp.float32))[0], None
+
+    state = jax.vmap(lambda s: jax.lax.scan(step, s, jnp.arange(10))[0])(state)
+    assert saver.postprocess(state, None)["sample_count"].tolist() == [10, 10]
+    assert not _writers()
+    np.testing.assert_array_equal(jaxsave.load_samples(path, chain=1)[:, 0], np.arange(10))

@@ -83,6 +83,13 @@ class Writer:
 
     ``received[c]`` is the step count up to which chain ``c``'s samples have been
     handed to the collector; ``written[c]`` is how many of them were kept.
+
+    Checkpoints are handed over one step at a time for each *group*: the chains
+    that one ``init`` created, which advance together. Sharded over several
+    devices, a group's chains arrive in several blocks, and one device may be
+    checkpoints ahead of another; a step's checkpoints are held back until every
+    chain of the group has reached it, so that the collector only ever stores
+    (and a kill only ever leaves) checkpoints of the group at one step.
     """
 
     def __init__(self, collector: Any, *, max_queue_bytes: int = 64 * 2**20, name: str = "jaxsave-writer"):
@@ -92,6 +99,9 @@ class Writer:
         self.capacity: dict[int, int | None] = {}
         self.finalized: set[int] = set()
         self.checkpoint_spec: Any = None
+        self.groups: dict[int, tuple[int, ...]] = {}  # chain -> its group (sorted chain ids)
+        # group -> step -> {chain: ChainCheckpoint}: checkpoints not yet reached by the whole group
+        self._pending: dict[tuple[int, ...], dict[int, dict]] = {}
         self.error: BaseException | None = None
         self.on_block: Callable[[Block], None] | None = None
         self._queue = _ByteBoundedQueue(max_queue_bytes)
@@ -107,6 +117,18 @@ class Writer:
             self.written[chain_id] = written
             self.capacity[chain_id] = capacity
             self.finalized.discard(chain_id)
+
+    def add_group(self, chain_ids: list[int]) -> None:
+        """Chains ``chain_ids`` (added with ``add_chain``) take their checkpoints together."""
+        group = tuple(sorted(chain_ids))
+        with self._cond:
+            for old in {self.groups[c] for c in group if c in self.groups}:
+                self._pending.pop(old, None)  # a chain restarted: what its old group held back is void
+                for c in old:
+                    if c not in group:
+                        self.groups[c] = (c,)  # ... and its former companions go on alone
+            for c in group:
+                self.groups[c] = group
 
     def submit(self, block: Block) -> None:
         """Queue a block; never raises (errors are kept for ``postprocess``)."""
@@ -203,13 +225,34 @@ class Writer:
                 self.received[chain] = int(block.ends[i])
                 self.written[chain] += int(kept[i])
         if block.checkpoints:
-            self.collector.checkpoint(block.checkpoints, self.checkpoint_spec)
+            ready = self._reached_by_group(block.checkpoints)
+            if ready:
+                self.collector.checkpoint(ready, self.checkpoint_spec)
         if self.on_block is not None:
             self.on_block(block)
         if block.tail:
             for chain in block.chain_ids.tolist():
                 self.collector.finalize(chain)
                 self.finalized.add(chain)
+
+    def _reached_by_group(self, records: dict) -> dict:
+        """Of ``records`` and those held back, the newest checkpoint step each group has completed."""
+        ready: dict = {}
+        with self._cond:
+            groups = set()
+            for chain, record in records.items():
+                group = self.groups.get(chain, (chain,))
+                self._pending.setdefault(group, {}).setdefault(record.step, {})[chain] = record
+                groups.add(group)
+            for group in groups:
+                steps = self._pending[group]
+                complete = [step for step, held in steps.items() if len(held) == len(group)]
+                if complete:
+                    newest = max(complete)
+                    ready.update(steps[newest])
+                    for step in [step for step in steps if step <= newest]:
+                        del steps[step]
+        return ready
 
     def _hand_over(self, block: Block) -> None:
         mask, leaves = block.mask, block.leaves

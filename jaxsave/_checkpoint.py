@@ -165,23 +165,26 @@ def at_one_step(steps: dict[int, int], what: str) -> None:
     for chain, step in sorted(steps.items()):
         by_step.setdefault(int(step), []).append(chain)
     if len(by_step) > 1:
-        where = ", ".join(f"chain(s) {chains} at step {step}" for step, chains in sorted(by_step.items()))
+        where = ", ".join(f"chain(s) {ids} at step {step}" for step, ids in sorted(by_step.items()))
         raise SaverStateError(
-            f"{what} holds chains at different steps ({where}), which cannot continue as one stack of "
-            "chains from one start; chains that were run separately resume separately: "
+            f"{what} holds chains at different steps ({where}), which cannot continue as one "
+            "stack of chains from one start; chains that were run separately resume separately: "
             "resume(source, chains=[...]) for each set of chains at one step")
 
 
 def select_chains(stored: dict[int, ChainCheckpoint], chains: Any) -> dict[int, ChainCheckpoint]:
-    """The records of ``chains`` (chain ids), or refuse ids that are not ints or have no checkpoint."""
+    """The records of ``chains`` (chain ids); refuses ids that are not ints or have no record."""
     if chains is None:
         return stored
     ids = list(chains) if isinstance(chains, (list, tuple, range, np.ndarray)) else [chains]
-    if not ids or any(isinstance(c, (bool, np.bool_)) or not isinstance(c, (int, np.integer)) for c in ids):
-        raise TypeError(f"chains must be a chain id or a non-empty sequence of chain ids, got {chains!r}")
+    if not ids or any(isinstance(c, (bool, np.bool_)) or not isinstance(c, (int, np.integer))
+                      for c in ids):
+        raise TypeError(
+            f"chains must be a chain id or a non-empty sequence of chain ids, got {chains!r}")
     missing = sorted({int(c) for c in ids} - set(stored))
     if missing:
-        raise JaxsaveError(f"no checkpoint of chain(s) {missing}; there are checkpoints of chains {sorted(stored)}")
+        raise JaxsaveError(
+            f"no checkpoint of chain(s) {missing}; there are checkpoints of {sorted(stored)}")
     return {int(c): stored[int(c)] for c in sorted({int(c) for c in ids})}
 
 

@@ -78,6 +78,10 @@ class _ByteBoundedQueue:
 _STOP = object()
 
 
+def _nbytes(record: Any) -> int:
+    return sum(x.nbytes for x in record.leaves)
+
+
 class Writer:
     """Drains blocks into a collector on its own thread, checking every step arrives once.
 
@@ -89,7 +93,10 @@ class Writer:
     devices, a group's chains arrive in several blocks, and one device may be
     checkpoints ahead of another; a step's checkpoints are held back until every
     chain of the group has reached it, so that the collector only ever stores
-    (and a kill only ever leaves) checkpoints of the group at one step.
+    (and a kill only ever leaves) checkpoints of the group at one step. Held-back
+    checkpoints beyond ``max_queue_bytes`` per group are dropped, oldest first (the
+    newest is always kept): the stored step then waits until the slow chains reach
+    one that is still held.
     """
 
     def __init__(self, collector: Any, *, max_queue_bytes: int = 64 * 2**20, name: str = "jaxsave-writer"):
@@ -102,9 +109,12 @@ class Writer:
         self.groups: dict[int, tuple[int, ...]] = {}  # chain -> its group (sorted chain ids)
         # group -> step -> {chain: ChainCheckpoint}: checkpoints not yet reached by the whole group
         self._pending: dict[tuple[int, ...], dict[int, dict]] = {}
+        self._pending_bytes: dict[tuple[int, ...], int] = {}
+        self._dropped: set[tuple[int, ...]] = set()  # groups whose held ones were cut (logged)
         self.error: BaseException | None = None
         self.on_block: Callable[[Block], None] | None = None
         self._queue = _ByteBoundedQueue(max_queue_bytes)
+        self._held_bytes = max_queue_bytes  # per group, for held-back checkpoints
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -123,7 +133,8 @@ class Writer:
         group = tuple(sorted(chain_ids))
         with self._cond:
             for old in {self.groups[c] for c in group if c in self.groups}:
-                self._pending.pop(old, None)  # a chain restarted: what its old group held back is void
+                self._pending.pop(old, None)  # a chain restarted: its old group's are void
+                self._pending_bytes.pop(old, None)
                 for c in old:
                     if c not in group:
                         self.groups[c] = (c,)  # ... and its former companions go on alone
@@ -236,13 +247,14 @@ class Writer:
                 self.finalized.add(chain)
 
     def _reached_by_group(self, records: dict) -> dict:
-        """Of ``records`` and those held back, the newest checkpoint step each group has completed."""
+        """Of ``records`` and those held back: the newest step each group has completed."""
         ready: dict = {}
         with self._cond:
             groups = set()
             for chain, record in records.items():
                 group = self.groups.get(chain, (chain,))
                 self._pending.setdefault(group, {}).setdefault(record.step, {})[chain] = record
+                self._pending_bytes[group] = self._pending_bytes.get(group, 0) + _nbytes(record)
                 groups.add(group)
             for group in groups:
                 steps = self._pending[group]
@@ -251,8 +263,20 @@ class Writer:
                     newest = max(complete)
                     ready.update(steps[newest])
                     for step in [step for step in steps if step <= newest]:
-                        del steps[step]
+                        self._drop(group, step)
+                # Beyond the memory allowed, the oldest held steps go (never the newest).
+                while len(steps) > 1 and self._pending_bytes[group] > self._held_bytes:
+                    self._drop(group, min(steps))
+                    if group not in self._dropped:
+                        self._dropped.add(group)
+                        logger.info("jaxsave: chains %s are many checkpoints apart; the stored "
+                                    "checkpoint advances once the slow ones reach a step still "
+                                    "held", list(group))
         return ready
+
+    def _drop(self, group: tuple[int, ...], step: int) -> None:
+        held = self._pending[group].pop(step)
+        self._pending_bytes[group] -= sum(_nbytes(r) for r in held.values())
 
     def _hand_over(self, block: Block) -> None:
         mask, leaves = block.mask, block.leaves

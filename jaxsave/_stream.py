@@ -157,8 +157,8 @@ class _Streamer(_SaverBase):
         steps = np.atleast_1d(np.asarray(ckpt.step))
         counts = np.atleast_1d(np.asarray(ckpt.sample_count))
         if len(steps) != len(ids) or len(counts) != len(ids):
-            raise SaverStateError(f"the checkpoint to resume has {len(ids)} chain ids but {len(steps)} steps "
-                                  f"and {len(counts)} sample counts")
+            raise SaverStateError(f"the checkpoint to resume has {len(ids)} chain ids but "
+                                  f"{len(steps)} steps and {len(counts)} sample counts")
         _checkpoint.at_one_step(dict(zip(ids, steps.tolist())), "the checkpoint to resume")
         self.writer.drain()  # blocks of an abandoned run land before the chains restart
         self.writer.raise_error()

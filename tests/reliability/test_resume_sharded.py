@@ -55,7 +55,8 @@ CHILD = textwrap.dedent(f"""
         solver, start = ckpt.solver_state, int(np.asarray(ckpt.step).reshape(-1)[0])
         print("resumed", np.asarray(ckpt.step).reshape(-1).tolist(), flush=True)
     else:
-        saver = jaxsave.save(jaxsave.HDF5Collector(path, checkpoint_interval=0), checkpoint_every={EVERY})
+        saver = jaxsave.save(jaxsave.HDF5Collector(path, checkpoint_interval=0),
+                             checkpoint_every={EVERY})
         state = saver.init(sample, solver0(), chains={CHAINS})
         solver, start = solver0(), 0
 
@@ -108,7 +109,7 @@ def _lines(proc, into: queue.Queue) -> None:
 
 
 def _kill_during_run(script, path, delay: float) -> bool:
-    """Start the child and SIGKILL it ``delay`` s after its first chunk; False if it finished first."""
+    """Start the child, SIGKILL it ``delay`` s after its first chunk; False if it finished first."""
     proc = python(script, path, env=_env())
     try:
         lines: queue.Queue = queue.Queue()
@@ -162,7 +163,7 @@ def test_sigkill_sharded_run_then_resume_is_exact(tmp_path, figures):
     assert counts.tolist() == [WANT] * CHAINS, (counts.tolist(), out)
     for k in want:
         assert got[k].shape == want[k].shape
-        np.testing.assert_array_equal(got[k], want[k])  # bit-identical draws, none duplicated or missing
+        np.testing.assert_array_equal(got[k], want[k])  # bit-identical: none duplicated or missing
     assert not mixed, f"checkpoints with chains at different steps: {mixed}"
     figures("kills", "sharded resume (2 devices x 2 chains, HDF5)", killed=kills, tried=KILLS,
             devices_apart=apart)

@@ -27,7 +27,7 @@ from _reliability import child_env, python
 pytestmark = [pytest.mark.reliability, pytest.mark.timeout(600)]
 
 CHAINS, EVERY, CHUNK, TOTAL = 4, 10, 100, 600
-KILLS = 4
+KILLS = 3
 #: The chains of the second device do this many times the work per step: they fall behind.
 SLOW = 30
 
@@ -53,7 +53,6 @@ CHILD = textwrap.dedent(f"""
                              checkpoint_every={EVERY})
         state = saver.init(sample, solver0(), resume=ckpt)
         solver, start = ckpt.solver_state, int(np.asarray(ckpt.step).reshape(-1)[0])
-        print("resumed", np.asarray(ckpt.step).reshape(-1).tolist(), flush=True)
     else:
         saver = jaxsave.save(jaxsave.HDF5Collector(path, checkpoint_interval=0),
                              checkpoint_every={EVERY})
@@ -76,6 +75,7 @@ CHILD = textwrap.dedent(f"""
         return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("chains"), P("chains"), P()),
                                      out_specs=(P("chains"), P("chains"))))
 
+    print("start", start, flush=True)
     runs = {{}}
     state, solver = jaxsave.shard_state(state, mesh), jaxsave.shard_state(solver, mesh)
     s0 = start
@@ -106,22 +106,31 @@ def _finish(script, path) -> str:
 def _lines(proc, into: queue.Queue) -> None:
     for line in proc.stdout:
         into.put(line.split())
+    into.put(None)  # the child closed its output: it ended
 
 
-def _kill_during_run(script, path, delay: float) -> bool:
-    """Start the child, SIGKILL it ``delay`` s after its first chunk; False if it finished first."""
+def _kill_during_run(script, path, rng: np.random.Generator) -> bool:
+    """Start the child and SIGKILL it just after it reports one of its next two chunk ends (while
+    the writer still stores that chunk's blocks, from both devices); False if it finished first."""
     proc = python(script, path, env=_env())
     try:
         lines: queue.Queue = queue.Queue()
         threading.Thread(target=_lines, args=(proc, lines), daemon=True).start()
+        target = TOTAL
         while True:
             words = lines.get(timeout=240)
+            if words is None:
+                proc.wait(timeout=60)
+                raise AssertionError(f"the child failed ({proc.returncode}): {proc.stderr.read()[-3000:]}")
             if words[:1] == ["done"]:
                 proc.wait(timeout=60)
                 return False
-            if words[:1] == ["steps"]:
+            if words[:1] == ["start"]:
+                start = int(words[1])
+                target = min(TOTAL, (start // CHUNK + 1 + int(rng.integers(0, 2))) * CHUNK)
+            if words[:1] == ["steps"] and int(words[1]) >= target:
                 break
-        time.sleep(delay)
+        time.sleep(float(rng.uniform(0.0, 0.05)))
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
         return proc.returncode == -signal.SIGKILL
@@ -147,8 +156,8 @@ def test_sigkill_sharded_run_then_resume_is_exact(tmp_path, figures):
     rng = np.random.default_rng(15)
     path = tmp_path / "killed.h5"
     kills, apart, mixed = 0, 0, []
-    for delay in rng.uniform(0.0, 0.6, size=KILLS):
-        if not _kill_during_run(script, path, float(delay)):
+    for _ in range(KILLS):
+        if not _kill_during_run(script, path, rng):
             break  # the run finished before the kill
         kills += 1
         if os.path.exists(f"{path}.ckpt"):

@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxsave import _dtypes
 from jaxsave._tree import check_like
-from jaxsave.errors import JaxsaveError, StructureMismatchError
+from jaxsave.errors import JaxsaveError, SaverStateError, StructureMismatchError
 
 __all__ = ["Checkpoint", "ChainCheckpoint", "resume"]
 
@@ -159,7 +159,36 @@ def read_file(path: str) -> tuple[dict[int, ChainCheckpoint], Any]:
     return records, spec
 
 
-def resume(source: Any, like: Any = None) -> Checkpoint:
+def at_one_step(steps: dict[int, int], what: str) -> None:
+    """Refuse chains ``{chain: step}`` that are not all at one step, naming the steps."""
+    by_step: dict[int, list[int]] = {}
+    for chain, step in sorted(steps.items()):
+        by_step.setdefault(int(step), []).append(chain)
+    if len(by_step) > 1:
+        where = ", ".join(f"chain(s) {ids} at step {step}" for step, ids in sorted(by_step.items()))
+        raise SaverStateError(
+            f"{what} holds chains at different steps ({where}), which cannot continue as one "
+            "stack of chains from one start; chains that were run separately resume separately: "
+            "resume(source, chains=[...]) for each set of chains at one step")
+
+
+def select_chains(stored: dict[int, ChainCheckpoint], chains: Any) -> dict[int, ChainCheckpoint]:
+    """The records of ``chains`` (chain ids); refuses ids that are not ints or have no record."""
+    if chains is None:
+        return stored
+    ids = list(chains) if isinstance(chains, (list, tuple, range, np.ndarray)) else [chains]
+    if not ids or any(isinstance(c, (bool, np.bool_)) or not isinstance(c, (int, np.integer))
+                      for c in ids):
+        raise TypeError(
+            f"chains must be a chain id or a non-empty sequence of chain ids, got {chains!r}")
+    missing = sorted({int(c) for c in ids} - set(stored))
+    if missing:
+        raise JaxsaveError(
+            f"no checkpoint of chain(s) {missing}; there are checkpoints of {sorted(stored)}")
+    return {int(c): stored[int(c)] for c in sorted({int(c) for c in ids})}
+
+
+def resume(source: Any, like: Any = None, *, chains: Any = None) -> Checkpoint:
     """The last complete checkpoint stored by a collector (or at a path).
 
     Args:
@@ -168,6 +197,12 @@ def resume(source: Any, like: Any = None) -> Checkpoint:
       like: optional template of one chain, ``(solver_state, scheduler_state)``; a
         mismatch in structure, shape or dtype is an error naming the leaf. Needed
         when the state's classes are not registered in this process.
+      chains: only these chain ids (default: every chain with a checkpoint).
+
+    The chains returned are all at one step (the chains of one ``init``, sharded
+    or not, are always stored at one step); chains at different steps, which were
+    run separately, are refused with an error naming the steps: resume them with
+    ``chains=``, one set at a time.
 
     Continue with ``saver.init(init_sample, init_checkpoint, static_information,
     resume=checkpoint)`` on a saver over the same collector (or file).
@@ -185,4 +220,8 @@ def resume(source: Any, like: Any = None) -> Checkpoint:
         if not os.path.exists(path):
             raise JaxsaveError(f"no checkpoint file {path}: the run wrote no checkpoint (checkpoint_every?)")
         stored, spec = read_file(path)
+    if not stored:
+        raise JaxsaveError("no checkpoint has been written yet")
+    stored = select_chains(stored, chains)
+    at_one_step({c: r.step for c, r in stored.items()}, "the checkpoint")
     return assemble(stored, spec, like)

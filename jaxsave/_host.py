@@ -84,11 +84,25 @@ class _ByteBoundedQueue:
 _STOP = object()
 
 
+def _nbytes(record: Any) -> int:
+    return sum(x.nbytes for x in record.leaves)
+
+
 class Writer:
     """Drains blocks into a collector on its own thread, checking every step arrives once.
 
     ``received[c]`` is the step count up to which chain ``c``'s samples have been
     handed to the collector; ``written[c]`` is how many of them were kept.
+
+    Checkpoints are handed over one step at a time for each *group*: the chains
+    that one ``init`` created, which advance together. Sharded over several
+    devices, a group's chains arrive in several blocks, and one device may be
+    checkpoints ahead of another; a step's checkpoints are held back until every
+    chain of the group has reached it, so that the collector only ever stores
+    (and a kill only ever leaves) checkpoints of the group at one step. Held-back
+    checkpoints beyond ``max_queue_bytes`` per group are dropped, oldest first (the
+    newest is always kept): the stored step then waits until the slow chains reach
+    one that is still held.
     """
 
     def __init__(self, collector: Any, *, max_queue_bytes: int = 64 * 2**20, name: str = "jaxsave-writer"):
@@ -98,10 +112,16 @@ class Writer:
         self.capacity: dict[int, int | None] = {}
         self.finalized: set[int] = set()
         self.checkpoint_spec: Any = None
+        self.groups: dict[int, tuple[int, ...]] = {}  # chain -> its group (sorted chain ids)
+        # group -> step -> {chain: ChainCheckpoint}: checkpoints not yet reached by the whole group
+        self._pending: dict[tuple[int, ...], dict[int, dict]] = {}
+        self._pending_bytes: dict[tuple[int, ...], int] = {}
+        self._dropped: set[tuple[int, ...]] = set()  # groups whose held ones were cut (logged)
         self.error: BaseException | None = None
         self.on_block: Callable[[Block], None] | None = None
         self.dropped = 0  # blocks left unwritten because stop() ran out of time
         self._queue = _ByteBoundedQueue(max_queue_bytes)
+        self._held_bytes = max_queue_bytes  # per group, for held-back checkpoints
         self._cond = threading.Condition()
         self._stopping = False  # stop() was called: blocks submitted from now on are dropped
         self._dropping = False  # stop() ran out of time: what is still queued is dropped
@@ -116,6 +136,19 @@ class Writer:
             self.written[chain_id] = written
             self.capacity[chain_id] = capacity
             self.finalized.discard(chain_id)
+
+    def add_group(self, chain_ids: list[int]) -> None:
+        """Chains ``chain_ids`` (added with ``add_chain``) take their checkpoints together."""
+        group = tuple(sorted(chain_ids))
+        with self._cond:
+            for old in {self.groups[c] for c in group if c in self.groups}:
+                self._pending.pop(old, None)  # a chain restarted: its old group's are void
+                self._pending_bytes.pop(old, None)
+                for c in old:
+                    if c not in group:
+                        self.groups[c] = (c,)  # ... and its former companions go on alone
+            for c in group:
+                self.groups[c] = group
 
     def submit(self, block: Block) -> None:
         """Queue a block; never raises (errors are kept for ``postprocess``)."""
@@ -234,13 +267,47 @@ class Writer:
                 self.received[chain] = int(block.ends[i])
                 self.written[chain] += int(kept[i])
         if block.checkpoints:
-            self.collector.checkpoint(block.checkpoints, self.checkpoint_spec)
+            ready = self._reached_by_group(block.checkpoints)
+            if ready:
+                self.collector.checkpoint(ready, self.checkpoint_spec)
         if self.on_block is not None:
             self.on_block(block)
         if block.tail:
             for chain in block.chain_ids.tolist():
                 self.collector.finalize(chain)
                 self.finalized.add(chain)
+
+    def _reached_by_group(self, records: dict) -> dict:
+        """Of ``records`` and those held back: the newest step each group has completed."""
+        ready: dict = {}
+        with self._cond:
+            groups = set()
+            for chain, record in records.items():
+                group = self.groups.get(chain, (chain,))
+                self._pending.setdefault(group, {}).setdefault(record.step, {})[chain] = record
+                self._pending_bytes[group] = self._pending_bytes.get(group, 0) + _nbytes(record)
+                groups.add(group)
+            for group in groups:
+                steps = self._pending[group]
+                complete = [step for step, held in steps.items() if len(held) == len(group)]
+                if complete:
+                    newest = max(complete)
+                    ready.update(steps[newest])
+                    for step in [step for step in steps if step <= newest]:
+                        self._drop(group, step)
+                # Beyond the memory allowed, the oldest held steps go (never the newest).
+                while len(steps) > 1 and self._pending_bytes[group] > self._held_bytes:
+                    self._drop(group, min(steps))
+                    if group not in self._dropped:
+                        self._dropped.add(group)
+                        logger.info("jaxsave: chains %s are many checkpoints apart; the stored "
+                                    "checkpoint advances once the slow ones reach a step still "
+                                    "held", list(group))
+        return ready
+
+    def _drop(self, group: tuple[int, ...], step: int) -> None:
+        held = self._pending[group].pop(step)
+        self._pending_bytes[group] -= sum(_nbytes(r) for r in held.values())
 
     def _hand_over(self, block: Block) -> None:
         mask, leaves = block.mask, block.leaves

@@ -143,6 +143,7 @@ class _Streamer(_SaverBase):
                 self.writer.add_chain(chain, capacity)
                 self.registered.append(chain)
                 ids.append(chain)
+            self.writer.add_group(ids)  # they advance together: checkpoints are stored step by step
         except BaseException as error:
             # The chains this call registered (or reopened) get no state: none of them will run.
             self.finished.update(set(self.registered) - running)
@@ -169,6 +170,10 @@ class _Streamer(_SaverBase):
         ids = np.atleast_1d(np.asarray(ckpt.chain_ids)).tolist()
         steps = np.atleast_1d(np.asarray(ckpt.step))
         counts = np.atleast_1d(np.asarray(ckpt.sample_count))
+        if len(steps) != len(ids) or len(counts) != len(ids):
+            raise SaverStateError(f"the checkpoint to resume has {len(ids)} chain ids but "
+                                  f"{len(steps)} steps and {len(counts)} sample counts")
+        _checkpoint.at_one_step(dict(zip(ids, steps.tolist())), "the checkpoint to resume")
         self.writer.drain()  # blocks of an abandoned run land before the chains restart
         self.writer.raise_error()
         for chain, step, count in zip(ids, steps.tolist(), counts.tolist()):
@@ -178,6 +183,7 @@ class _Streamer(_SaverBase):
             self.finished.discard(chain)
             if chain not in self.registered:
                 self.registered.append(chain)
+        self.writer.add_group(ids)
         batched = len(ids) > 1
         step = jnp.asarray(steps, jnp.int32) if batched else jnp.int32(steps[0])
         saved = jnp.asarray(counts, jnp.int32) if batched else jnp.int32(counts[0])

@@ -150,3 +150,105 @@ def test_resume_from_an_hdf5_collector_after_postprocess(tmp_path):
     ckpt = jaxsave.resume(collector, like=(solver0(jax.random.key(0)), None))
     assert int(ckpt.step) == 8 and int(ckpt.sample_count) == 3
     assert int(jaxsave.resume(tmp_path / "run.h5", like=(solver0(jax.random.key(0)), None)).step) == 8
+
+
+def _one(tree, i):
+    return jax.tree.map(lambda x: x[i], tree)
+
+
+def test_chains_of_one_init_are_stored_at_one_step_even_when_they_advance_apart():
+    """As when a shard_map'd run is killed with one device ahead: the chains of one init(chains=n)
+    are checkpointed at the newest step all of them reached, and continue exactly from there."""
+    chains, steps, every = 2, 40, 10
+    want = uninterrupted(steps, chains=chains, block_size=5)
+
+    collector = jaxsave.MemoryCollector()
+    saver = jaxsave.save(collector, checkpoint_every=every, block_size=5)
+    keys = jax.random.split(jax.random.key(0), chains)
+    sample = jax.tree.map(lambda x: jnp.broadcast_to(x, (chains, *x.shape)), SAMPLE)
+    template = jax.vmap(solver0)(keys)
+    state = saver.init(sample, template, chains=chains)
+    for chain, stop in ((0, 35), (1, 12)):  # each chain on its own, as the devices run
+        part = jax.jit(lambda s, sv, stop=stop: run(saver, s, sv, 0, stop))
+        jax.block_until_ready(part(_one(state, chain), _one(template, chain)))
+
+    ckpt = jaxsave.resume(collector)
+    assert ckpt.step.tolist() == [10, 10]  # chain 0's checkpoints at 20 and 30 wait for chain 1
+    assert ckpt.sample_count.tolist() == [len(range(0, 10, THIN))] * 2
+    state = saver.init(sample, template, resume=ckpt)
+    body = jax.vmap(lambda s, sv: run(saver, s, sv, 10, steps))
+    state, _ = jax.jit(body)(state, ckpt.solver_state)
+    got = saver.postprocess(state, None)
+    np.testing.assert_array_equal(got["sample_count"], want["sample_count"])
+    np.testing.assert_array_equal(got["samples"]["x"], want["samples"]["x"])
+
+
+def test_chains_run_separately_resume_separately():
+    steps, every = 50, 10
+    want = uninterrupted(steps, block_size=4)
+    collector = jaxsave.MemoryCollector()
+    saver = jaxsave.save(collector, checkpoint_every=every, block_size=4)
+    for stop in (25, 12):  # two chains, init one by one, killed at different steps
+        state = saver.init(SAMPLE, solver0(jax.random.key(0)))
+        part = jax.jit(lambda s, stop=stop: run(saver, s, solver0(jax.random.key(0)), 0, stop))
+        jax.block_until_ready(part(state))
+
+    steps_named = r"chain\(s\) \[1\] at step 10, chain\(s\) \[0\] at step 20"
+    with pytest.raises(jaxsave.SaverStateError, match=steps_named):
+        jaxsave.resume(collector)
+    finals = []
+    for chain in (0, 1):
+        ckpt = jaxsave.resume(collector, chains=[chain])
+        assert ckpt.chain_ids.tolist() == [chain] and int(ckpt.step) == (20, 10)[chain]
+        state = saver.init(SAMPLE, solver0(jax.random.key(0)), resume=ckpt)
+        rest = jax.jit(lambda s, sv, s0=int(ckpt.step): run(saver, s, sv, s0, steps))
+        finals.append(rest(state, ckpt.solver_state))
+    for state, _ in finals:
+        got = saver.postprocess(state, None)
+        assert int(got["sample_count"]) == int(want["sample_count"])
+        np.testing.assert_array_equal(np.asarray(got["samples"]["x"]),
+                                      np.asarray(want["samples"]["x"]))
+
+
+def test_resume_refuses_bad_chain_selections_and_mixed_steps():
+    collector = jaxsave.MemoryCollector()
+    saver = jaxsave.save(collector, checkpoint_every=4, block_size=4)
+    keys = jax.random.split(jax.random.key(0), 2)
+    sample = jax.tree.map(lambda x: jnp.broadcast_to(x, (2, *x.shape)), SAMPLE)
+    template = jax.vmap(solver0)(keys)
+    state = saver.init(sample, template, chains=2)
+    state, _ = jax.jit(jax.vmap(lambda s, sv: run(saver, s, sv, 0, 8)))(state, template)
+    for bad in (True, [], ["0"], 0.0):
+        with pytest.raises(TypeError, match="chains must be"):
+            jaxsave.resume(collector, chains=bad)
+    with pytest.raises(jaxsave.JaxsaveError, match=r"no checkpoint of chain\(s\) \[5\]"):
+        jaxsave.resume(collector, chains=[0, 5])
+    ckpt = jaxsave.resume(collector, chains=np.array([1, 0]))
+    assert ckpt.chain_ids.tolist() == [0, 1] and ckpt.step.tolist() == [8, 8]
+    mixed = ckpt._replace(step=np.array([8, 4]))
+    steps_named = r"chain\(s\) \[1\] at step 4, chain\(s\) \[0\] at step 8"
+    with pytest.raises(jaxsave.SaverStateError, match=steps_named):
+        saver.init(sample, template, resume=mixed)
+    saver.postprocess(state, None)
+
+
+def test_held_back_checkpoints_are_bounded_by_max_queue_bytes(caplog):
+    """Checkpoints waiting for the slow chains of their init use at most max_queue_bytes (the
+    newest is kept): the stored step then advances when the slow chains reach a step still held."""
+    collector = jaxsave.MemoryCollector()
+    saver = jaxsave.save(collector, checkpoint_every=10, block_size=5, max_queue_bytes=1)
+    keys = jax.random.split(jax.random.key(0), 2)
+    sample = jax.tree.map(lambda x: jnp.broadcast_to(x, (2, *x.shape)), SAMPLE)
+    template = jax.vmap(solver0)(keys)
+    state = saver.init(sample, template, chains=2)
+    part = jax.jit(lambda s, sv, start, stop: run(saver, s, sv, start, stop), static_argnums=(2, 3))
+    with caplog.at_level("INFO", logger="jaxsave"):
+        fast = jax.block_until_ready(part(_one(state, 0), _one(template, 0), 0, 35))  # held: 10, 20, 30
+        slow = jax.block_until_ready(part(_one(state, 1), _one(template, 1), 0, 12))
+        with pytest.raises(jaxsave.JaxsaveError, match="no checkpoint"):
+            jaxsave.resume(collector)  # chain 0's step 10 was dropped, its 30 is the one kept
+    assert "many checkpoints apart" in caplog.text
+    slow = jax.block_until_ready(part(*slow, 12, 35))
+    assert jaxsave.resume(collector).step.tolist() == [30, 30]
+    for final in (fast, slow):
+        assert int(saver.postprocess(final[0], None)["sample_count"]) == len(range(0, 35, THIN))

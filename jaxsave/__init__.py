@@ -40,7 +40,9 @@ from jaxsave.serialization import (
 )
 from jaxsave.errors import (
     CapacityError,
+    FileChangedError,
     FileFormatError,
+    FileInUseError,
     JaxsaveError,
     ReadTooLargeError,
     SaverStateError,
@@ -95,4 +97,6 @@ __all__ = [
     "SaverStateError",
     "CapacityError",
     "ReadTooLargeError",
+    "FileInUseError",
+    "FileChangedError",
 ]

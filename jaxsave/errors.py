@@ -16,6 +16,8 @@ __all__ = [
     "SaverStateError",
     "CapacityError",
     "ReadTooLargeError",
+    "FileInUseError",
+    "FileChangedError",
 ]
 
 
@@ -52,4 +54,21 @@ class ReadTooLargeError(JaxsaveError, MemoryError):
     Raised, before allocating anything, by :func:`jaxsave.load_samples` with all
     chains when chains of very different lengths would be padded to the longest;
     read them one at a time (``chain=``, ``draws=``) instead.
+    """
+
+
+class FileInUseError(JaxsaveError, RuntimeError):
+    """Another writer (in this or another process) holds the sample file a collector would write.
+
+    One sample file takes one writer at a time: ``HDF5Collector`` holds an OS
+    lock on ``<file>.lock`` from its creation until it is closed (a killed
+    process releases it). The message names the holder (pid, host, start time).
+    """
+
+
+class FileChangedError(JaxsaveError, OSError):
+    """The file a collector writes was deleted, replaced or truncated under it.
+
+    The samples the collector wrote are not (all) in the file on disk any more;
+    the message names the file and what happened to it.
     """

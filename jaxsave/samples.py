@@ -25,7 +25,7 @@ import h5py
 import jax
 import numpy as np
 
-from jaxsave import _dtypes, _superblock
+from jaxsave import _dtypes, _filelock, _superblock
 from jaxsave._tree import dict_to_pytree, flat_name, pytree_dict_keys
 from jaxsave._formats.hdf5 import check_stored
 from jaxsave._treespec import decode_structure
@@ -542,8 +542,8 @@ def recover(path: PathLike) -> bool:
 
     A file written in SWMR mode stays marked "open for writing" when its writer
     is killed; jaxsave's readers open it anyway, but xarray and plain h5py refuse.
-    Call this only when no process writes the file. Returns whether the mark
-    was there. The samples counted in ``sample_counts`` are all readable after.
+    A file that a collector still writes is refused (:class:`jaxsave.FileInUseError`,
+    naming the writer). Returns whether the mark was there. The samples counted in ``sample_counts`` are all readable after.
 
     >>> import tempfile, os, jax.numpy as jnp, jaxsave
     >>> path = os.path.join(tempfile.mkdtemp(), "s.h5")
@@ -555,6 +555,7 @@ def recover(path: PathLike) -> bool:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file: {path!r}")
+    _filelock.check_unlocked(path)
     changed = _superblock.clear_open_flags(path)
     with _open(path):
         pass

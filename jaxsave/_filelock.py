@@ -51,6 +51,7 @@ class FileLock:
 
     def __init__(self, path: str, lock_file: str, fd: int | None):
         self.path, self.lock_file, self._fd = path, lock_file, fd
+        self._pid = os.getpid()  # a forked child shares the lock: it must not delete the file
 
     def release(self) -> None:
         """Delete the lock file (still locked, so no one locks the deleted file) and unlock."""
@@ -62,7 +63,7 @@ class FileLock:
             return
         with contextlib.suppress(OSError):
             ours, now = os.fstat(fd), os.stat(self.lock_file)
-            if (ours.st_dev, ours.st_ino) == (now.st_dev, now.st_ino):
+            if (ours.st_dev, ours.st_ino) == (now.st_dev, now.st_ino) and self._pid == os.getpid():
                 os.unlink(self.lock_file)
         os.close(fd)
 
@@ -82,16 +83,17 @@ def acquire(path: str | os.PathLike) -> FileLock:
     with _registry:
         if _held.get(lock_file, lambda: None)() is not None:
             raise FileInUseError(
-                f"{path!r} is being written by another HDF5Collector in this process (pid {os.getpid()}): "
-                "one sample file takes one writer; close the other collector (postprocess or close()) "
-                "first, or write to another path")
+                f"{path!r} is being written by another HDF5Collector in this process "
+                f"(pid {os.getpid()}): one sample file takes one writer; close the other collector "
+                "(postprocess or close()) first, or write to another path"
+            )
         lock = FileLock(path, lock_file, _lock_file(path, lock_file))
         _held[lock_file] = weakref.ref(lock)
         return lock
 
 
 def _lock_file(path: str, lock_file: str) -> int | None:
-    """An open, ``flock``-ed descriptor of ``lock_file`` (``None`` where the file system has no locks)."""
+    """A ``flock``-ed descriptor of ``lock_file`` (``None``: the file system has no locks)."""
     for _ in range(100):
         fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         try:
@@ -100,15 +102,21 @@ def _lock_file(path: str, lock_file: str) -> int | None:
             holder = _describe_holder(fd)
             os.close(fd)
             raise FileInUseError(
-                f"{path!r} is being written by another process ({holder}; lock file {lock_file!r}): one "
-                "sample file takes one writer at a time; give each run or process its own file (e.g. "
-                "f'run-{jax.process_index()}.h5'), or wait until the other writer is done") from None
+                f"{path!r} is being written by another process ({holder}; lock file "
+                f"{lock_file!r}): one sample file takes one writer at a time; give each run or "
+                "process its own file (e.g. "
+                "f'run-{jax.process_index()}.h5'), or wait until the other writer is done"
+            ) from None
         except OSError as error:
             if error.errno not in _UNSUPPORTED:
                 os.close(fd)
                 raise
-            logger.warning("jaxsave: %s has no file locks (%s): another process writing %r is not detected",
-                           os.path.dirname(lock_file), error, path)
+            logger.warning(
+                "jaxsave: %s has no file locks (%s): another process writing %r is not detected",
+                os.path.dirname(lock_file),
+                error,
+                path,
+            )
             os.close(fd)
             return None
         with contextlib.suppress(FileNotFoundError):
@@ -138,6 +146,6 @@ def _describe_holder(fd: int) -> str:
 
 
 def check_unlocked(path: str | os.PathLike) -> None:
-    """Raise :class:`FileInUseError` if a collector writes ``path`` now (for tools that need no writer)."""
+    """Raise :class:`FileInUseError` if a collector writes ``path`` now (for recover)."""
     if os.path.exists(lock_path(path)):
         acquire(path).release()

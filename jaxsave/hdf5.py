@@ -31,12 +31,12 @@ import numpy as np
 
 from jaxsave import _atomic, _checkpoint, _filelock, _superblock, _swmr_file
 from jaxsave._hdf5_datasets import DatasetLayout
+from jaxsave._hdf5_owner import OwnedFile
 from jaxsave._hdf5_names import StatsSpec, leaf_entries
 from jaxsave._treespec import encode_structure
 from jaxsave._version import __version__
 from jaxsave.collectors import DataCollector, SampleLayout, _samples_collected, sample_layout
-from jaxsave.errors import (FileChangedError, FileFormatError, JaxsaveError, SaverStateError,
-                            StructureMismatchError)
+from jaxsave.errors import FileFormatError, JaxsaveError, SaverStateError, StructureMismatchError
 
 logger = logging.getLogger("jaxsave")
 
@@ -56,12 +56,7 @@ def _encode_treespec(init_sample: Any) -> dict | None:
         return None
 
 
-def _open_here(error: BaseException) -> bool:
-    """Whether HDF5 refused an open because this process has the file open in another mode."""
-    return "already open" in str(error) or "not the same" in str(error)
-
-
-class HDF5Collector(DatasetLayout, DataCollector):
+class HDF5Collector(DatasetLayout, OwnedFile, DataCollector):
     """Write samples to an HDF5 file, in blocks, from a writer thread.
 
     Args:
@@ -155,7 +150,7 @@ class HDF5Collector(DatasetLayout, DataCollector):
         self._chain_datasets: dict[int, list[h5py.Dataset]] = {}  # chains layout
         self._blocks = 0
         self._file_lock: _filelock.FileLock | None = None
-        self._on_disk: tuple[int, int, int] | None = None  # device, inode, size of the file we write
+        self._on_disk: tuple[int, int, int] | None = None  # device, inode, size of our file
         if isinstance(file, h5py.File):
             if not file.id.valid:
                 raise ValueError("the h5py.File is closed")
@@ -171,7 +166,6 @@ class HDF5Collector(DatasetLayout, DataCollector):
             self._path = os.fspath(file)
             self.swmr = True if swmr is None else bool(swmr)
             self._owned = True
-            self._file_lock = _filelock.acquire(self._path)
             try:
                 self._file = self._create_file(mode)
             except BaseException:
@@ -194,6 +188,7 @@ class HDF5Collector(DatasetLayout, DataCollector):
             raise FileNotFoundError(f"cannot create {self._path!r}: the directory {directory!r} does not exist")
         if os.path.isdir(self._path):
             raise IsADirectoryError(f"{self._path!r} is a directory; HDF5Collector needs a file path")
+        self._file_lock = _filelock.acquire(self._path)  # one writer per path, until close()
         self._remove_stale_temporaries()
         exists = os.path.exists(self._path)
         if mode == "x" and exists:
@@ -261,85 +256,6 @@ class HDF5Collector(DatasetLayout, DataCollector):
         self._file = _swmr_file.reopen(self._path, swmr=True)
         self._datasets = [self._file[n] for n in names]
         self._chain_datasets = {c: [self._file[n] for n in ns] for c, ns in chain_names.items()}
-
-    @property
-    def _file(self) -> h5py.File:
-        return self._handle
-
-    @_file.setter
-    def _file(self, handle: h5py.File) -> None:
-        """Every (re)opened handle: remember the size of its file, the first thing to check."""
-        self._handle, self._on_disk = handle, None
-        if getattr(self, "_owned", False) and handle.id.valid and handle.driver == "sec2":
-            mine = os.fstat(handle.id.get_vfd_handle())
-            self._on_disk = (mine.st_dev, mine.st_ino, mine.st_size)
-
-    def _check_on_disk(self, *, baseline: bool = False) -> None:
-        """Refuse to go on once the path no longer names the file written, as long as it was.
-
-        Otherwise a file deleted, replaced or truncated by someone else mid-run
-        would end in a run that reports its samples saved with the file gone or
-        unreadable. The size may only grow between two checks (HDF5 itself
-        changes it only in a flush: ``baseline`` records the size after one).
-        """
-        if not self._owned or not self._file.id.valid or self._file.driver != "sec2":
-            return
-        mine = os.fstat(self._file.id.get_vfd_handle())
-        try:
-            now = os.stat(self._path)
-        except FileNotFoundError:
-            now = None
-        if now is None or mine.st_nlink == 0:
-            raise self._lost("was deleted")
-        if (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino):
-            raise self._lost("was replaced by another file (moved or written there by another program)")
-        known, inode = self._on_disk, (mine.st_dev, mine.st_ino)
-        if not baseline and known is not None and known[:2] == inode and mine.st_size < known[2]:
-            raise self._lost(f"was truncated from {known[2]} to {mine.st_size} bytes")
-        self._on_disk = (*inode, mine.st_size)
-
-    def _lost(self, what: str) -> FileChangedError:
-        return FileChangedError(
-            f"{self._path!r} {what} while HDF5Collector was writing it: what it wrote "
-            f"({sum(self._counts)} samples so far) is not (all) in the file on disk any more")
-
-    def _verify_closed(self, inode: tuple[int, int] | None, datasets: list[str]) -> None:
-        """After close: the path still names the file written, and it reads back with our counts."""
-        try:
-            now = os.stat(self._path)
-        except FileNotFoundError:
-            raise self._lost("was deleted") from None
-        if inode is not None and (now.st_dev, now.st_ino) != inode:
-            raise self._lost("was replaced by another file (moved or written there by another program)")
-        try:
-            self._read_back(datasets, swmr=False)
-        except (OSError, KeyError, ValueError, RuntimeError) as error:
-            if not _open_here(error):
-                raise self._lost(f"does not read back after close ({error})") from error
-            try:  # a reader in this process holds it in SWMR mode: read it that way
-                self._read_back(datasets, swmr=True)
-            except (OSError, KeyError, ValueError, RuntimeError) as again:
-                if not _open_here(again):
-                    raise self._lost(f"does not read back after close ({again})") from again
-
-    def _read_back(self, datasets: list[str], *, swmr: bool) -> None:
-        """Open the closed file, compare its counts, read one element of each dataset (and its index)."""
-        eof = _superblock.stored_eof(self._path)
-        if eof is not None and eof > os.path.getsize(self._path):  # SWMR readers would wait for it
-            raise ValueError(f"{os.path.getsize(self._path)} bytes, the superblock says {eof}")
-        with h5py.File(self._path, "r", **({"libver": "latest", "swmr": True} if swmr else {})) as f:
-            counts = np.asarray(f.attrs.get("sample_counts", ()), np.int64).reshape(-1).tolist()
-            if counts != self._counts:
-                raise ValueError(f"its sample_counts are {counts}, not {self._counts}")
-            for name in datasets:
-                ds = f[name]
-                if ds.size:
-                    ds[tuple(n - 1 for n in ds.shape)]
-
-    def _release_lock(self) -> None:
-        lock, self._file_lock = self._file_lock, None
-        if lock is not None:
-            lock.release()
 
     def _start_swmr(self) -> None:
         if self.swmr and not self._file.swmr_mode:
@@ -541,7 +457,7 @@ class HDF5Collector(DatasetLayout, DataCollector):
             self._finalized.discard(chain_id)
 
     def close(self) -> None:
-        """Trim, flush and (if this collector opened it) close the file, check that it reads back, unlock it.
+        """Trim, flush and (if this collector opened it) close the file, check it, unlock it.
 
         Raises :class:`jaxsave.FileChangedError` if the file was deleted, replaced
         or truncated while it was written.

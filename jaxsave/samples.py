@@ -100,7 +100,7 @@ def _open_file(path: str) -> h5py.File:
 
 
 def _open_retrying(path: str) -> h5py.File:
-    """:func:`_open_file`, retried while a writer swaps or reopens the file (at most :data:`OPEN_RETRY_S`).
+    """:func:`_open_file`, retried while a writer swaps or reopens the file (:data:`OPEN_RETRY_S`).
 
     A writer replaces the file by a rename and reopens it for SWMR writing; a
     reader that looks at the file's flags just before and opens it just after
@@ -117,8 +117,8 @@ def _open_retrying(path: str) -> h5py.File:
             if not transient:
                 raise
             if time.monotonic() > deadline:
-                raise FileFormatError(f"{error} (still after retrying for {OPEN_RETRY_S:g} s: a writer that "
-                                      "is not SWMR holds the file, or it keeps changing)") from error
+                raise FileFormatError(f"{error} (still after retrying for {OPEN_RETRY_S:g} s: a "
+                                      "writer that is not SWMR holds it, or it keeps changing)") from error
         time.sleep(delay)
         delay = min(2 * delay, 0.05)
 
@@ -543,7 +543,8 @@ def recover(path: PathLike) -> bool:
     A file written in SWMR mode stays marked "open for writing" when its writer
     is killed; jaxsave's readers open it anyway, but xarray and plain h5py refuse.
     A file that a collector still writes is refused (:class:`jaxsave.FileInUseError`,
-    naming the writer). Returns whether the mark was there. The samples counted in ``sample_counts`` are all readable after.
+    naming the writer). Returns whether the mark was there. The samples counted
+    in ``sample_counts`` are all readable after.
 
     >>> import tempfile, os, jax.numpy as jnp, jaxsave
     >>> path = os.path.join(tempfile.mkdtemp(), "s.h5")

@@ -18,6 +18,7 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
 import textwrap
 import threading
 
@@ -25,10 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _reliability import python
 
 import jaxsave
-
-from _reliability import python
 
 pytestmark = [pytest.mark.reliability, pytest.mark.timeout(300)]
 
@@ -49,7 +49,8 @@ HOLDER = textwrap.dedent(f"""
     def step(carry, i):
         state, solver = carry
         solver = {{"n": solver["n"] + 1}}
-        state, _ = saver.save(state, True, {{"x": jnp.full(3, i, jnp.float32)}}, solver_state=solver)
+        x = {{"x": jnp.full(3, i, jnp.float32)}}
+        state, _ = saver.save(state, True, x, solver_state=solver)
         return (state, solver), None
 
     run = jax.jit(lambda st, sv, s0: jax.lax.scan(step, (st, sv), s0 + jnp.arange({STEPS}))[0])
@@ -91,7 +92,9 @@ def _stream(saver, state, solver, start: int):
         state, _ = saver.save(state, True, {"x": jnp.full(3, i, jnp.float32)}, solver_state=solver)
         return (state, solver), None
 
-    return jax.jit(lambda st, sv: jax.lax.scan(step, (st, sv), start + jnp.arange(STEPS))[0])(state, solver)
+    return jax.jit(lambda st, sv: jax.lax.scan(step, (st, sv), start + jnp.arange(STEPS))[0])(
+        state, solver
+    )
 
 
 def _lines(proc) -> queue.Queue:
@@ -110,8 +113,13 @@ def _expect(lines: queue.Queue, proc, word: str, timeout: float = 120) -> str:
         line = lines.get(timeout=timeout)
     except queue.Empty:
         proc.kill()
-        raise AssertionError(f"the child did not print {word!r} within {timeout} s: {proc.stderr.read()[-3000:]}")
-    assert line.startswith(word), (line, proc.stderr.read()[-3000:] if proc.poll() is not None else "")
+        raise AssertionError(
+            f"the child did not print {word!r} within {timeout} s: {proc.stderr.read()[-3000:]}"
+        )
+    assert line.startswith(word), (
+        line,
+        proc.stderr.read()[-3000:] if proc.poll() is not None else "",
+    )
     return line
 
 
@@ -121,7 +129,7 @@ def holder(tmp_path):
     script = tmp_path / "holder.py"
     script.write_text(HOLDER)
     path = tmp_path / "s.h5"
-    proc = python(script, path, stdin=__import__("subprocess").PIPE)
+    proc = python(script, path, stdin=subprocess.PIPE)
     lines = _lines(proc)
     try:
         _expect(lines, proc, "ready")
@@ -136,11 +144,18 @@ def test_two_collectors_in_one_process(tmp_path, monkeypatch):
     path = tmp_path / "s.h5"
     collector = jaxsave.HDF5Collector(path, flush_interval=0)
     saver = jaxsave.save(collector, checkpoint_every=10, block_size=10)
-    state, solver = _stream(saver, saver.init({"x": jnp.zeros(3)}, {"n": jnp.int32(0)}), {"n": jnp.int32(0)}, 0)
+    state, _ = _stream(
+        saver, saver.init({"x": jnp.zeros(3)}, {"n": jnp.int32(0)}), {"n": jnp.int32(0)}, 0
+    )
     os.symlink(path, tmp_path / "link.h5")
     monkeypatch.chdir(tmp_path)
-    for other, mode in ((path, "w"), (path, "a"), ("s.h5", "x"), (tmp_path / "link.h5", "a"),
-                        (tmp_path / "." / "s.h5", "w")):
+    for other, mode in (
+        (path, "w"),
+        (path, "a"),
+        ("s.h5", "x"),
+        (tmp_path / "link.h5", "a"),
+        (tmp_path / "." / "s.h5", "w"),
+    ):
         with pytest.raises(jaxsave.FileInUseError, match=re.escape(repr(os.fspath(other)))) as e:
             jaxsave.HDF5Collector(other, mode=mode)
         assert "this process" in str(e.value) and str(os.getpid()) in str(e.value)
@@ -173,7 +188,9 @@ def test_a_second_process_is_refused_naming_the_holder(holder):
     proc.stdin.flush()
     _expect(lines, proc, "done")
     assert proc.wait(timeout=60) == 0
-    np.testing.assert_array_equal(jaxsave.load_samples(path, chain=0)["x"][:, 0], np.arange(2 * STEPS))
+    np.testing.assert_array_equal(
+        jaxsave.load_samples(path, chain=0)["x"][:, 0], np.arange(2 * STEPS)
+    )
     assert not os.path.exists(f"{path}{LOCK_SUFFIX}")
     jaxsave.HDF5Collector(path, mode="a").close()  # the holder is done: the path is free
 
@@ -190,7 +207,9 @@ def test_a_killed_holder_does_not_block_the_next_run(holder):
     state, solver = _stream(saver, state, ckpt.solver_state, STEPS)
     assert saver.postprocess(state, None)["sample_count"] == 2 * STEPS
     assert int(solver["n"]) == 2 * STEPS
-    np.testing.assert_array_equal(jaxsave.load_samples(path, chain=0)["x"][:, 0], np.arange(2 * STEPS))
+    np.testing.assert_array_equal(
+        jaxsave.load_samples(path, chain=0)["x"][:, 0], np.arange(2 * STEPS)
+    )
     assert not os.path.exists(f"{path}{LOCK_SUFFIX}")
 
 
@@ -211,13 +230,18 @@ def _replace(path):
     os.replace(f"{path}.copy", path)
 
 
-@pytest.mark.parametrize("damage", [_delete, _truncate_to_zero, _truncate_to_half, _replace],
-                         ids=lambda f: f.__name__.strip("_"))
+@pytest.mark.parametrize(
+    "damage",
+    [_delete, _truncate_to_zero, _truncate_to_half, _replace],
+    ids=lambda f: f.__name__.strip("_"),
+)
 def test_a_file_lost_mid_run_is_an_error_naming_it(tmp_path, damage):
     path = tmp_path / "s.h5"
     collector = jaxsave.HDF5Collector(path, flush_interval=0, checkpoint_interval=0)
     saver = jaxsave.save(collector, checkpoint_every=10, block_size=10)
-    state, solver = _stream(saver, saver.init({"x": jnp.zeros(3)}, {"n": jnp.int32(0)}), {"n": jnp.int32(0)}, 0)
+    state, solver = _stream(
+        saver, saver.init({"x": jnp.zeros(3)}, {"n": jnp.int32(0)}), {"n": jnp.int32(0)}, 0
+    )
     jaxsave.resume(collector)  # every sample so far is on disk, and its checkpoint
     damage(path)
     for k in range(1, 10):

@@ -2,8 +2,8 @@
 
 A mixin of :class:`jaxsave.HDF5Collector`. The collector holds ``<file>.lock``
 (:mod:`jaxsave._filelock`) from its creation to its close. Each handle it opens is
-remembered (device, inode, size); at every block, flush and close the path must
-still name that file, and the file must not have shrunk; after close the file
+remembered (device, inode, size); at every block it must not have shrunk or lost
+its name, at every flush and close the path must still name it; after close the file
 must read back. Otherwise a file deleted, replaced or truncated by someone else
 would end a run that reports its samples saved.
 """
@@ -33,7 +33,7 @@ class OwnedFile:
     _owned: bool
     _counts: list[int]
     _file_lock: _filelock.FileLock | None
-    _on_disk: tuple[int, int, int] | None
+    _on_disk: tuple[int, int, int, int] | None  # device, inode, size, descriptor
 
     @property
     def _file(self) -> h5py.File:
@@ -41,11 +41,22 @@ class OwnedFile:
 
     @_file.setter
     def _file(self, handle: h5py.File) -> None:
-        """Every (re)opened handle: remember the size of its file, the first thing to check."""
+        """Every (re)opened handle: remember its file (and size), the first thing to check."""
         self._handle, self._on_disk = handle, None
         if getattr(self, "_owned", False) and handle.id.valid and handle.driver == "sec2":
-            mine = os.fstat(handle.id.get_vfd_handle())
-            self._on_disk = (mine.st_dev, mine.st_ino, mine.st_size)
+            fd = handle.id.get_vfd_handle()
+            mine = os.fstat(fd)
+            self._on_disk = (mine.st_dev, mine.st_ino, mine.st_size, fd)
+
+    def _check_size(self) -> None:
+        """Per block (one ``fstat``): our file is still linked and did not shrink; else as below."""
+        known = self._on_disk
+        if known is None:
+            return
+        mine = os.fstat(known[3])
+        if mine.st_nlink == 0 or mine.st_size < known[2]:
+            self._check_on_disk()
+        self._on_disk = (*known[:2], mine.st_size, known[3])
 
     def _check_on_disk(self, *, baseline: bool = False) -> None:
         """Refuse to go on once the path no longer names the file written, as long as it was.
@@ -55,21 +66,21 @@ class OwnedFile:
         unreadable. The size may only grow between two checks (HDF5 itself
         changes it only in a flush: ``baseline`` records the size after one).
         """
-        if not self._owned or not self._file.id.valid or self._file.driver != "sec2":
+        known = self._on_disk
+        if known is None or not self._file.id.valid:  # not ours, or not a plain file
             return
-        mine = os.fstat(self._file.id.get_vfd_handle())
+        mine = os.fstat(known[3])
         try:
             now = os.stat(self._path)
         except FileNotFoundError:
             now = None
         if now is None or mine.st_nlink == 0:
-            raise self._lost("was deleted")
-        if (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino):
+            raise self._lost("was deleted" if now is None else _REPLACED)
+        if (now.st_dev, now.st_ino) != known[:2]:
             raise self._lost(_REPLACED)
-        known, inode = self._on_disk, (mine.st_dev, mine.st_ino)
-        if not baseline and known is not None and known[:2] == inode and mine.st_size < known[2]:
+        if not baseline and mine.st_size < known[2]:
             raise self._lost(f"was truncated from {known[2]} to {mine.st_size} bytes")
-        self._on_disk = (*inode, mine.st_size)
+        self._on_disk = (*known[:2], mine.st_size, known[3])
 
     def _lost(self, what: str) -> FileChangedError:
         return FileChangedError(

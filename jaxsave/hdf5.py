@@ -150,7 +150,7 @@ class HDF5Collector(DatasetLayout, OwnedFile, DataCollector):
         self._chain_datasets: dict[int, list[h5py.Dataset]] = {}  # chains layout
         self._blocks = 0
         self._file_lock: _filelock.FileLock | None = None
-        self._on_disk: tuple[int, int, int] | None = None  # device, inode, size of our file
+        self._on_disk: tuple[int, int, int, int] | None = None  # our file's (see OwnedFile)
         if isinstance(file, h5py.File):
             if not file.id.valid:
                 raise ValueError("the h5py.File is closed")
@@ -327,7 +327,7 @@ class HDF5Collector(DatasetLayout, OwnedFile, DataCollector):
             raise SaverStateError(
                 f"the h5py.File {self._filename!r} given to HDF5Collector was closed while the sampler was still "
                 "saving to it; keep it open until postprocess has returned")
-        self._check_on_disk()
+        self._check_size()
 
     def save(self, chain_id: int, values: list[np.ndarray]) -> None:
         with self._lock:

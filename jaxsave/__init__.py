@@ -40,7 +40,9 @@ from jaxsave.serialization import (
 )
 from jaxsave.errors import (
     CapacityError,
+    FileChangedError,
     FileFormatError,
+    FileInUseError,
     JaxsaveError,
     ReadTooLargeError,
     RebuildError,
@@ -97,4 +99,6 @@ __all__ = [
     "CapacityError",
     "ReadTooLargeError",
     "RebuildError",
+    "FileInUseError",
+    "FileChangedError",
 ]

@@ -17,6 +17,8 @@ __all__ = [
     "CapacityError",
     "ReadTooLargeError",
     "RebuildError",
+    "FileInUseError",
+    "FileChangedError",
 ]
 
 
@@ -62,4 +64,21 @@ class RebuildError(JaxsaveError, RuntimeError):
     Its own checks rejected the stored values, or its unflatten/constructor has a
     bug; the message names the class and the error, which is chained as
     ``__cause__``. Load with ``like=`` to take the classes from a target tree.
+    """
+
+
+class FileInUseError(JaxsaveError, RuntimeError):
+    """Another writer (in this or another process) holds the sample file a collector would write.
+
+    One sample file takes one writer at a time: ``HDF5Collector`` holds an OS
+    lock on ``<file>.lock`` from its creation until it is closed (a killed
+    process releases it). The message names the holder (pid, host, start time).
+    """
+
+
+class FileChangedError(JaxsaveError, OSError):
+    """The file a collector writes was deleted, replaced or truncated under it.
+
+    The samples the collector wrote are not (all) in the file on disk any more;
+    the message names the file and what happened to it.
     """

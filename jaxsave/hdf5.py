@@ -30,8 +30,9 @@ from typing import Any, Callable
 import h5py
 import numpy as np
 
-from jaxsave import _atomic, _checkpoint, _superblock, _swmr_file
+from jaxsave import _atomic, _checkpoint, _filelock, _superblock, _swmr_file
 from jaxsave._hdf5_datasets import DatasetLayout
+from jaxsave._hdf5_owner import OwnedFile
 from jaxsave._hdf5_names import StatsSpec, leaf_entries
 from jaxsave._treespec import encode_structure
 from jaxsave._version import __version__
@@ -56,7 +57,7 @@ def _encode_treespec(init_sample: Any) -> dict | None:
         return None
 
 
-class HDF5Collector(DatasetLayout, DataCollector):
+class HDF5Collector(DatasetLayout, OwnedFile, DataCollector):
     """Write samples to an HDF5 file, in blocks, from a writer thread.
 
     Args:
@@ -65,7 +66,9 @@ class HDF5Collector(DatasetLayout, DataCollector):
         (the older ``/chain~{id}/...`` layout).
       mode: how a path is opened: ``"w"`` (create or truncate, default), ``"x"``
         (fail if it exists) or ``"a"`` (continue an existing file, e.g. to resume
-        its chains from a checkpoint; no other process may be writing it).
+        its chains from a checkpoint). A path takes one writer at a time: the
+        collector locks ``<file>.lock`` until it is closed, and a second one
+        (in any process) raises :class:`jaxsave.FileInUseError`.
       compression: ``None`` (default), ``"gzip"`` or ``"lzf"``.
       flush_every: flush the file after every n-th written block (default 1);
         0 flushes only at the end.
@@ -148,6 +151,8 @@ class HDF5Collector(DatasetLayout, DataCollector):
         self._chain_datasets: dict[int, list[h5py.Dataset]] = {}  # chains layout
         self._blocks = 0
         self._warned_swmr_change = False
+        self._file_lock: _filelock.FileLock | None = None
+        self._on_disk: tuple[int, int, int, int] | None = None  # our file's (see OwnedFile)
         if isinstance(file, h5py.File):
             if not file.id.valid:
                 raise ValueError("the h5py.File is closed")
@@ -163,7 +168,11 @@ class HDF5Collector(DatasetLayout, DataCollector):
             self._path = os.fspath(file)
             self.swmr = True if swmr is None else bool(swmr)
             self._owned = True
-            self._file = self._create_file(mode)
+            try:
+                self._file = self._create_file(mode)
+            except BaseException:
+                self._release_lock()
+                raise
         self._adopt_existing_chains()
         self._checkpoints: dict[int, _checkpoint.ChainCheckpoint] = {}
         self._checkpoint_spec: Any = None
@@ -181,6 +190,7 @@ class HDF5Collector(DatasetLayout, DataCollector):
             raise FileNotFoundError(f"cannot create {self._path!r}: the directory {directory!r} does not exist")
         if os.path.isdir(self._path):
             raise IsADirectoryError(f"{self._path!r} is a directory; HDF5Collector needs a file path")
+        self._file_lock = _filelock.acquire(self._path)  # one writer per path, until close()
         self._remove_stale_temporaries()
         exists = os.path.exists(self._path)
         if mode == "x" and exists:
@@ -237,6 +247,7 @@ class HDF5Collector(DatasetLayout, DataCollector):
                 self._start_swmr()
             return
         if self._file is not None and self._file.id.valid:
+            self._check_on_disk()  # never copy (and so adopt) what someone else put at the path
             self._file.flush()  # complete on disk even if a reader in this process keeps it open
             self._file.close()  # ... which kills every handle into it: rebound below
         with _swmr_file.replaced(self._path, copy=True, swmr=True) as self._file:
@@ -280,6 +291,8 @@ class HDF5Collector(DatasetLayout, DataCollector):
             if not self._file.id.valid:
                 if not self._owned:
                     raise ValueError("the h5py.File given to HDF5Collector was closed")
+                if self._file_lock is None:
+                    self._file_lock = _filelock.acquire(self._path)
                 self._file = _swmr_file.reopen(self._path, swmr=self.swmr)
                 self._datasets, self._chain_datasets = [], {}
             if not self._owned and self._file.swmr_mode and not self._warned_swmr_change:
@@ -338,6 +351,7 @@ class HDF5Collector(DatasetLayout, DataCollector):
             raise SaverStateError(
                 f"the h5py.File {self._filename!r} given to HDF5Collector was closed while the sampler was still "
                 "saving to it; keep it open until postprocess has returned")
+        self._check_size()
 
     def save(self, chain_id: int, values: list[np.ndarray]) -> None:
         with self._lock:
@@ -372,11 +386,13 @@ class HDF5Collector(DatasetLayout, DataCollector):
 
     def _commit(self) -> None:
         """Flush the rows, then raise the counts and flush again: counts never run ahead of data."""
+        self._check_on_disk()
         self._file.flush()
         self._write_counts()
         self._file.flush()
         if self.fsync:
             os.fsync(self._file.id.get_vfd_handle())
+        self._check_on_disk(baseline=True)
         self._committed = time.monotonic()
 
     def finalize(self, chain_id: int) -> None:
@@ -463,13 +479,29 @@ class HDF5Collector(DatasetLayout, DataCollector):
             self._finalized.discard(chain_id)
 
     def close(self) -> None:
-        """Trim, flush and (if this collector opened it) close the file."""
+        """Trim, flush and (if this collector opened it) close the file, check it, unlock it.
+
+        Raises :class:`jaxsave.FileChangedError` if the file was deleted, replaced
+        or truncated while it was written.
+        """
         with self._lock:
-            if not self._file.id.valid:
-                return
             try:
-                self._trim()
-                self._write_checkpoints()
-            finally:  # a failed write (full disk...) still releases the file
-                if self._owned:
-                    self._file.close()
+                if self._file.id.valid:
+                    self._close_file()
+            finally:
+                self._on_disk = None
+                self._release_lock()
+
+    def _close_file(self) -> None:
+        try:
+            self._check_on_disk()
+            self._trim()
+            self._write_checkpoints()
+            inode = self._on_disk[:2] if self._on_disk else None
+            datasets = [ds.name for ds in self._datasets]
+            datasets += [ds.name for dsets in self._chain_datasets.values() for ds in dsets]
+        finally:  # a failed write (full disk...) still releases the file
+            if self._owned:
+                self._file.close()
+        if self._owned:
+            self._verify_closed(inode, datasets)

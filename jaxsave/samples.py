@@ -18,6 +18,7 @@ import contextlib
 import json
 import math
 import os
+import time
 import warnings
 from typing import Any, Iterator, NamedTuple, Sequence
 
@@ -25,7 +26,7 @@ import h5py
 import jax
 import numpy as np
 
-from jaxsave import _arviz, _dtypes, _superblock
+from jaxsave import _arviz, _dtypes, _filelock, _superblock
 from jaxsave._tree import dict_to_pytree, flat_name, pytree_dict_keys
 from jaxsave._formats.hdf5 import check_stored
 from jaxsave._hdf5_trust import check_file
@@ -67,26 +68,71 @@ class SampleFileInfo(NamedTuple):
         return len(self.sample_counts)
 
 
-@contextlib.contextmanager
-def _open(path: PathLike) -> Iterator[h5py.File]:
-    """Open a sample file for reading; every failure becomes a :class:`FileFormatError`.
+#: How long a reader retries an open that fails while the file changes under it (see :func:`_open`).
+OPEN_RETRY_S = 5.0
+_BUSY = ("already open for write", "unable to lock file")
+
+
+def _identity(path: str) -> tuple[int, ...] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _open_file(path: str) -> h5py.File:
+    """Open a sample file for reading once; every failure becomes a :class:`FileFormatError`.
 
     A file still marked open for writing (a running or killed SWMR writer) is
     opened in SWMR read mode, others normally. A file shorter than its
     superblock says is refused up front: SWMR readers would wait for the
     missing bytes forever.
     """
-    path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file: {path!r}")
     try:
         flags, eof = _superblock.open_flags(path), _superblock.stored_eof(path)
         if eof is not None and eof > os.path.getsize(path):
             raise FileFormatError(f"truncated: {os.path.getsize(path)} bytes, the superblock says {eof}")
-        f = h5py.File(path, "r", **({"libver": "latest", "swmr": True} if flags else {}))
+        return h5py.File(path, "r", **({"libver": "latest", "swmr": True} if flags else {}))
     except (OSError, ValueError, RuntimeError) as error:
         raise FileFormatError(f"{path!r} cannot be opened as an HDF5 file (truncated, corrupt or not HDF5): "
                               f"{error}") from error
+
+
+def _open_retrying(path: str) -> h5py.File:
+    """:func:`_open_file`, retried while a writer swaps or reopens the file (:data:`OPEN_RETRY_S`).
+
+    A writer replaces the file by a rename and reopens it for SWMR writing; a
+    reader that looks at the file's flags just before and opens it just after
+    (or meets HDF5's lock of the opening writer) fails for a moment. Such a
+    failure, or one during which the file changed, is retried; others are not.
+    """
+    delay, deadline = 0.001, time.monotonic() + OPEN_RETRY_S
+    while True:
+        before = _identity(path)
+        try:
+            return _open_file(path)
+        except FileFormatError as error:
+            transient = any(b in str(error) for b in _BUSY) or _identity(path) != before
+            if not transient:
+                raise
+            if time.monotonic() > deadline:
+                raise FileFormatError(f"{error} (still after retrying for {OPEN_RETRY_S:g} s: a "
+                                      "writer that is not SWMR holds it, or it keeps changing)") from error
+        time.sleep(delay)
+        delay = min(2 * delay, 0.05)
+
+
+@contextlib.contextmanager
+def _open(path: PathLike) -> Iterator[h5py.File]:
+    """Open a sample file for reading (:func:`_open_retrying`) and check its header.
+
+    Every failure becomes a :class:`FileFormatError`.
+    """
+    path = os.fspath(path)
+    f = _open_retrying(path)
     try:
         _check_header(f, path)
         yield f
@@ -504,8 +550,9 @@ def recover(path: PathLike) -> bool:
 
     A file written in SWMR mode stays marked "open for writing" when its writer
     is killed; jaxsave's readers open it anyway, but xarray and plain h5py refuse.
-    Call this only when no process writes the file. Returns whether the mark
-    was there. The samples counted in ``sample_counts`` are all readable after.
+    A file that a collector still writes is refused (:class:`jaxsave.FileInUseError`,
+    naming the writer). Returns whether the mark was there. The samples counted
+    in ``sample_counts`` are all readable after.
 
     >>> import tempfile, os, jax.numpy as jnp, jaxsave
     >>> path = os.path.join(tempfile.mkdtemp(), "s.h5")
@@ -517,6 +564,7 @@ def recover(path: PathLike) -> bool:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file: {path!r}")
+    _filelock.check_unlocked(path)
     changed = _superblock.clear_open_flags(path)
     with _open(path):
         pass

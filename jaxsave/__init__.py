@@ -5,12 +5,12 @@
 [('a', {'list_element_0': 2}), ('b', 1)]
 """
 
-from jaxsave._checkpoint import ChainCheckpoint, Checkpoint, resume
-from jaxsave._device import no_save
-from jaxsave._saver import SaveState, Saver, static_information
-from jaxsave._sharding import shard_state
-from jaxsave._stream import save
-from jaxsave._tree import (
+from jaxsave._stream.resume import ChainCheckpoint, Checkpoint, resume
+from jaxsave._stream.no_save import no_save
+from jaxsave._stream.state import SaveState, Saver, static_information
+from jaxsave._stream.sharding import shard_state
+from jaxsave._stream.streamer import save
+from jaxsave._core.tree import (
     dict_to_pytree,
     pytree_dict_keys,
     pytree_to_dict,

@@ -19,6 +19,7 @@ Command = Callable[[argparse.Namespace], int]
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    from jaxsave._store import schema
     from jaxsave.samples import file_info
 
     info = file_info(args.path)
@@ -37,7 +38,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print("variables: none (no chain was registered)", file=out)
         return 0
     rows = [("variable", "group", "shape per draw", "dtype")]
-    rows += [(v.name, v.group.replace("chain~{}", "chain~*"), str(v.shape), v.dtype) for v in info.variables]
+    rows += [(v.name, v.group.replace(schema.CHAIN_GROUP, schema.ANY_CHAIN_GROUP), str(v.shape), v.dtype) for v in info.variables]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     print("variables:", file=out)
     for r in rows:

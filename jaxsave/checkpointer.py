@@ -20,7 +20,7 @@ import string
 import warnings
 from typing import Any
 
-from jaxsave._atomic import fsync_directory, remove_stale_temporaries
+from jaxsave._core.atomic import fsync_directory, remove_stale_temporaries
 from jaxsave.errors import FileFormatError
 from jaxsave.serialization import load_pytree, read_metadata, save_pytree
 

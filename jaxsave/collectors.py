@@ -20,8 +20,8 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import numpy as np
 
-from jaxsave import _dtypes
-from jaxsave._tree import pytree_dict_keys
+from jaxsave._core import dtypes as _dtypes
+from jaxsave._core.tree import pytree_dict_keys
 from jaxsave.errors import SaverStateError
 
 __all__ = ["DataCollector", "MemoryCollector", "SampleLayout", "sample_layout"]
@@ -63,7 +63,7 @@ def sample_layout(init_sample: Any) -> SampleLayout:
     return SampleLayout(treedef, pytree_dict_keys(init_sample), specs)
 
 
-def _samples_collected(static_information: Any) -> int | None:
+def samples_collected(static_information: Any) -> int | None:
     """``static_information.samples_collected`` as an int >= 0, or ``None`` (count unknown)."""
     n = getattr(static_information, "samples_collected", None)
     if n is None:
@@ -150,6 +150,13 @@ class DataCollector(abc.ABC):
         self._owner = owner
 
 
+def drain_writer(collector: DataCollector) -> None:
+    """Wait until the saver that owns ``collector`` has stored what its sampler sent."""
+    writer = getattr(collector._owner, "writer", None)
+    if writer is not None:
+        writer.drain()
+
+
 class _MemoryChain:
     """One chain's rows, in arrays allocated for the expected count (or doubled when full).
 
@@ -224,7 +231,7 @@ class MemoryCollector(DataCollector):
         self._chains: list[_MemoryChain] = []
 
     def register_chain(self, init_sample=None, init_checkpoint=None, static_information=None, **unused) -> int:
-        capacity = _samples_collected(static_information)
+        capacity = samples_collected(static_information)
         self._chains.append(_MemoryChain(sample_layout(init_sample), capacity))
         return len(self._chains) - 1
 

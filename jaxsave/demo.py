@@ -39,7 +39,7 @@ from typing import Any, NamedTuple, TextIO
 
 import numpy as np
 
-from jaxsave import _arviz
+from jaxsave._store import arviz as _arviz
 
 __all__ = ["DemoResult", "load_data", "run", "summarize", "print_report", "split_rhat",
            "effective_sample_size", "add_arguments", "run_from_args", "main"]

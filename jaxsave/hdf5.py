@@ -17,7 +17,6 @@ See ``docs/hdf5.md`` for the full layout and the crash-safety guarantees.
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import math
@@ -30,13 +29,18 @@ from typing import Any, Callable
 import h5py
 import numpy as np
 
-from jaxsave import _atomic, _checkpoint, _filelock, _superblock, _swmr_file
-from jaxsave._hdf5_datasets import DatasetLayout
-from jaxsave._hdf5_owner import OwnedFile
-from jaxsave._hdf5_names import StatsSpec, leaf_entries
-from jaxsave._treespec import encode_structure
-from jaxsave._version import __version__
-from jaxsave.collectors import DataCollector, SampleLayout, _samples_collected, sample_layout
+from jaxsave._core import atomic as _atomic
+from jaxsave._stream import resume as _checkpoint
+from jaxsave._core import filelock as _filelock
+from jaxsave._store.hdf5 import superblock as _superblock
+from jaxsave._store import schema
+from jaxsave._store.hdf5 import sample_file
+from jaxsave._store.hdf5 import swmr_file as _swmr_file
+from jaxsave._store.hdf5.datasets import DatasetLayout
+from jaxsave._store.hdf5.owner import OwnedFile
+from jaxsave._store.hdf5.names import StatsSpec, leaf_entries
+from jaxsave._serialize.treespec import encode_structure
+from jaxsave.collectors import DataCollector, SampleLayout, samples_collected, sample_layout
 from jaxsave.errors import FileFormatError, JaxsaveError, SaverStateError, StructureMismatchError
 
 logger = logging.getLogger("jaxsave")
@@ -44,7 +48,8 @@ logger = logging.getLogger("jaxsave")
 __all__ = ["HDF5Collector", "FORMAT_VERSION"]
 
 #: Version of the file layout written by this module.
-FORMAT_VERSION = 1
+#: The sample-file format version (:data:`jaxsave._store.schema.SAMPLE_FILE_FORMAT`).
+FORMAT_VERSION = schema.SAMPLE_FILE_FORMAT
 _LAYOUTS = ("posterior", "chains")
 
 
@@ -303,7 +308,7 @@ class HDF5Collector(DatasetLayout, OwnedFile, DataCollector):
                     "created in place, which SWMR readers and crash safety do not cover; pass a "
                     "path (changed on a copy) or init every chain before running to keep them",
                     RuntimeWarning, stacklevel=4)
-            self._capacity.append(_samples_collected(static_information))
+            self._capacity.append(samples_collected(static_information))
             self._counts.append(0)
             return len(self._counts) - 1
 
@@ -328,20 +333,10 @@ class HDF5Collector(DatasetLayout, OwnedFile, DataCollector):
         return json.dumps({"leaves": leaves, "treedef": str(self._sample.treedef), "treespec": self._treespec})
 
     def _root_attrs_stale(self) -> bool:
-        attrs = self._file.attrs
-        want = {"jaxsave_version": __version__, "jaxsave_format": FORMAT_VERSION, "jaxsave_layout": self.layout}
-        return "created" not in attrs or "sample_counts" not in attrs or any(
-            k not in attrs or attrs[k] != v for k, v in want.items())
+        return sample_file.root_attributes_stale(self._file.attrs, self.layout)
 
     def _write_root_attrs(self) -> None:
-        attrs = self._file.attrs
-        attrs["jaxsave_version"] = __version__
-        attrs["jaxsave_format"] = FORMAT_VERSION
-        attrs["jaxsave_layout"] = self.layout
-        if "created" not in attrs:
-            attrs["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
-        if "sample_counts" not in attrs:
-            attrs["sample_counts"] = np.zeros(0, np.int64)
+        sample_file.write_root_attributes(self._file.attrs, self.layout)
 
     # -- writing (writer thread) ---------------------------------------------------------
 
@@ -382,7 +377,7 @@ class HDF5Collector(DatasetLayout, OwnedFile, DataCollector):
         else:
             self._file.attrs["sample_counts"] = counts
         for chain in self._chain_datasets:
-            self._file[f"chain~{chain}"].attrs.modify("sample_count", self._counts[chain])
+            self._file[schema.chain_group(chain)].attrs.modify(schema.CHAIN_COUNT, self._counts[chain])
 
     def _commit(self) -> None:
         """Flush the rows, then raise the counts and flush again: counts never run ahead of data."""
@@ -475,7 +470,7 @@ class HDF5Collector(DatasetLayout, OwnedFile, DataCollector):
                     f"fewer than the checkpoint's {sample_count}")
             self._set_layout(init_sample)
             self._counts[chain_id] = int(sample_count)  # later draws are written over
-            self._capacity[chain_id] = _samples_collected(static_information)
+            self._capacity[chain_id] = samples_collected(static_information)
             self._finalized.discard(chain_id)
 
     def close(self) -> None:

@@ -13,7 +13,6 @@ holds all of them can be moved or copied as a whole.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 from typing import NamedTuple, Sequence
@@ -21,11 +20,14 @@ from typing import NamedTuple, Sequence
 import h5py
 import numpy as np
 
-from jaxsave import _atomic
-from jaxsave._version import __version__
+from jaxsave._core import atomic as _atomic
 from jaxsave.errors import FileFormatError, StructureMismatchError
-from jaxsave.hdf5 import FORMAT_VERSION
-from jaxsave.samples import VariableInfo, _counts, _dataset, _open, _str, _variables
+from jaxsave._store import schema
+from jaxsave._store.hdf5.sample_file import (attach_scales, create_scales, leaf_dataset,
+                                             open_sample_file, read_counts, read_layout,
+                                             read_structure, read_variables,
+                                             write_root_attributes)
+from jaxsave._store.schema import VariableInfo
 
 __all__ = ["merge"]
 
@@ -45,31 +47,31 @@ class _Source(NamedTuple):
 def _read_source(path: str) -> _Source:
     if not os.path.exists(path):
         raise FileFormatError(f"cannot merge {path!r}: no such file")
-    with _open(path) as f:
-        if _str(f.attrs["jaxsave_layout"]) != "posterior":
+    with open_sample_file(path) as f:
+        if read_layout(f) != schema.POSTERIOR:
             raise FileFormatError(f"cannot merge {path!r}: only files with layout='posterior' can be merged")
-        if "jaxsave_structure" not in f.attrs:
+        if schema.STRUCTURE not in f.attrs:
             raise FileFormatError(f"cannot merge {path!r}: it holds no chains")
-        variables, counts = _variables(f), _counts(f)
+        variables, counts = read_variables(f), read_counts(f)
         shapes, dtypes, attrs = {}, {}, {}
         for var in variables:
-            ds = _dataset(f, "posterior", var)
+            ds = leaf_dataset(f, schema.POSTERIOR, var)
             if ds.is_virtual:
                 raise FileFormatError(f"cannot merge {path!r}: it is itself a merged file; merge its sources")
             if ds.shape[0] < len(counts) or ds.shape[1] < (counts.max() if counts.size else 0):
                 raise FileFormatError(
                     f"{path!r}: dataset {ds.name} of shape {ds.shape} is smaller than the sample counts "
                     f"{counts.tolist()} say")
-            key = f"{var.group}/{var.name}"
+            key = schema.posterior_dataset(var.group, var.name)
             shapes[key], dtypes[key] = ds.shape, ds.dtype
-            attrs[key] = {k: ds.attrs[k] for k in ("jaxsave_dtype", "jaxsave_key") if k in ds.attrs}
-        return _Source(path, counts, _str(f.attrs["jaxsave_structure"]), variables, shapes, dtypes, attrs)
+            attrs[key] = {k: ds.attrs[k] for k in schema.LEAF_ATTRIBUTES if k in ds.attrs}
+        return _Source(path, counts, read_structure(f), variables, shapes, dtypes, attrs)
 
 
 def _check_same(first: _Source, other: _Source) -> None:
     problems = []
-    mine = {f"{v.group}/{v.name}": v for v in first.variables}
-    theirs = {f"{v.group}/{v.name}": v for v in other.variables}
+    mine = {schema.posterior_dataset(v.group, v.name): v for v in first.variables}
+    theirs = {schema.posterior_dataset(v.group, v.name): v for v in other.variables}
     problems += [f"{other.path!r} lacks variable {k!r}" for k in mine if k not in theirs]
     problems += [f"{other.path!r} has variable {k!r}, which {first.path!r} lacks" for k in theirs if k not in mine]
     for k in mine.keys() & theirs.keys():
@@ -122,18 +124,13 @@ def merge(paths: Sequence[PathLike], out_path: PathLike) -> str:
     first = sources[0]
     with _atomic.atomic_path(out_path) as tmp:
         with h5py.File(tmp, "w", libver=("v110", "latest")) as f:
-            f.attrs["jaxsave_version"] = __version__
-            f.attrs["jaxsave_format"] = FORMAT_VERSION
-            f.attrs["jaxsave_layout"] = "posterior"
-            f.attrs["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
-            f.attrs["jaxsave_structure"] = first.structure
-            f.attrs["sample_counts"] = counts
-            f.attrs["jaxsave_merged_from"] = json.dumps(names)
-            f.attrs["jaxsave_chain_offsets"] = offsets[:-1].astype(np.int64)
+            write_root_attributes(f.attrs, schema.POSTERIOR)
+            f.attrs[schema.STRUCTURE] = first.structure
+            f.attrs[schema.COUNTS] = counts
+            f.attrs[schema.MERGED_FROM] = json.dumps(names)
+            f.attrs[schema.CHAIN_OFFSETS] = offsets[:-1].astype(np.int64)
             for group_name in dict.fromkeys(v.group for v in first.variables):
-                group = f.create_group(group_name)
-                for name, size in (("chain", len(counts)), ("draw", draws)):
-                    group.create_dataset(name, data=np.arange(size, dtype=np.int64)).make_scale(name)
+                create_scales(f.create_group(group_name), len(counts), draws)
             for var in first.variables:
                 _virtual_variable(f, var, sources, names, offsets, draws)
     return out_path
@@ -141,7 +138,7 @@ def merge(paths: Sequence[PathLike], out_path: PathLike) -> str:
 
 def _virtual_variable(f: h5py.File, var: VariableInfo, sources: list[_Source], names: list[str],
                       offsets: np.ndarray, draws: int) -> None:
-    key = f"{var.group}/{var.name}"
+    key = schema.posterior_dataset(var.group, var.name)
     tail, dtype = sources[0].shapes[key][2:], sources[0].dtypes[key]
     layout = h5py.VirtualLayout(shape=(int(offsets[-1]), draws) + tail, dtype=dtype)
     for source, name, start in zip(sources, names, offsets[:-1].tolist()):
@@ -151,15 +148,8 @@ def _virtual_variable(f: h5py.File, var: VariableInfo, sources: list[_Source], n
             continue
         vsource = h5py.VirtualSource(name, key, shape=source.shapes[key])
         layout[start:start + chains, :n] = vsource[:chains, :n]
-    fill = np.full((), np.nan, dtype) if dtype.kind in "fc" else None
     group = f[var.group]
-    ds = group.create_virtual_dataset(var.name, layout, fillvalue=fill)
+    ds = group.create_virtual_dataset(var.name, layout, fillvalue=schema.stored_fill_value(dtype))
     for k, v in sources[0].attrs[key].items():
         ds.attrs[k] = v
-    ds.dims[0].attach_scale(group["chain"])
-    ds.dims[1].attach_scale(group["draw"])
-    for k, size in enumerate(tail):
-        dim = f"{var.name}_dim_{k}"
-        if dim not in group:
-            group.create_dataset(dim, data=np.arange(size, dtype=np.int64)).make_scale(dim)
-        ds.dims[k + 2].attach_scale(group[dim])
+    attach_scales(group, ds, var.name)

@@ -26,29 +26,25 @@ import h5py
 import jax
 import numpy as np
 
-from jaxsave import _arviz, _dtypes, _filelock, _superblock
-from jaxsave._tree import dict_to_pytree, flat_name, pytree_dict_keys
-from jaxsave._formats.hdf5 import check_stored
-from jaxsave._hdf5_trust import check_file
-from jaxsave._treespec import decode_structure
+from jaxsave._store import arviz as _arviz
+from jaxsave._core import dtypes as _dtypes
+from jaxsave._core import filelock as _filelock
+from jaxsave._store import schema
+from jaxsave._store.hdf5 import superblock as _superblock
+from jaxsave._store.hdf5.sample_file import (OPEN_RETRY_S, attr_str, has_structure, leaf_dataset,
+                                             open_sample_file, read_counts, read_layout,
+                                             read_structure, read_variables)
+from jaxsave._store.schema import VariableInfo
+from jaxsave._core.tree import dict_to_pytree, flat_name, pytree_dict_keys
+from jaxsave._serialize.formats.hdf5 import check_stored
+from jaxsave._serialize.treespec import decode_structure
 from jaxsave.errors import (FileFormatError, JaxsaveError, ReadTooLargeError, StructureMismatchError,
                             UnregisteredNameError)
-from jaxsave.hdf5 import FORMAT_VERSION
 
 __all__ = ["load_samples", "open_live", "LiveSamples", "to_inference_data", "file_info", "SampleFileInfo",
            "VariableInfo", "recover"]
 
 PathLike = str | os.PathLike
-
-
-class VariableInfo(NamedTuple):
-    """One sample leaf as stored: key path, HDF5 group and name, logical dtype, per-draw shape."""
-
-    key: tuple[str, ...]
-    group: str
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
 
 
 class SampleFileInfo(NamedTuple):
@@ -68,133 +64,12 @@ class SampleFileInfo(NamedTuple):
         return len(self.sample_counts)
 
 
-#: How long a reader retries an open that fails while the file changes under it (see :func:`_open`).
-OPEN_RETRY_S = 5.0
-_BUSY = ("already open for write", "unable to lock file")
-
-
-def _identity(path: str) -> tuple[int, ...] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
-
-
-def _open_file(path: str) -> h5py.File:
-    """Open a sample file for reading once; every failure becomes a :class:`FileFormatError`.
-
-    A file still marked open for writing (a running or killed SWMR writer) is
-    opened in SWMR read mode, others normally. A file shorter than its
-    superblock says is refused up front: SWMR readers would wait for the
-    missing bytes forever.
-    """
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no such file: {path!r}")
-    try:
-        flags, eof = _superblock.open_flags(path), _superblock.stored_eof(path)
-        if eof is not None and eof > os.path.getsize(path):
-            raise FileFormatError(f"truncated: {os.path.getsize(path)} bytes, the superblock says {eof}")
-        return h5py.File(path, "r", **({"libver": "latest", "swmr": True} if flags else {}))
-    except (OSError, ValueError, RuntimeError) as error:
-        raise FileFormatError(f"{path!r} cannot be opened as an HDF5 file (truncated, corrupt or not HDF5): "
-                              f"{error}") from error
-
-
-def _open_retrying(path: str) -> h5py.File:
-    """:func:`_open_file`, retried while a writer swaps or reopens the file (:data:`OPEN_RETRY_S`).
-
-    A writer replaces the file by a rename and reopens it for SWMR writing; a
-    reader that looks at the file's flags just before and opens it just after
-    (or meets HDF5's lock of the opening writer) fails for a moment. Such a
-    failure, or one during which the file changed, is retried; others are not.
-    """
-    delay, deadline = 0.001, time.monotonic() + OPEN_RETRY_S
-    while True:
-        before = _identity(path)
-        try:
-            return _open_file(path)
-        except FileFormatError as error:
-            transient = any(b in str(error) for b in _BUSY) or _identity(path) != before
-            if not transient:
-                raise
-            if time.monotonic() > deadline:
-                raise FileFormatError(f"{error} (still after retrying for {OPEN_RETRY_S:g} s: a "
-                                      "writer that is not SWMR holds it, or it keeps changing)") from error
-        time.sleep(delay)
-        delay = min(2 * delay, 0.05)
-
-
-@contextlib.contextmanager
-def _open(path: PathLike) -> Iterator[h5py.File]:
-    """Open a sample file for reading (:func:`_open_retrying`) and check its header.
-
-    Every failure becomes a :class:`FileFormatError`.
-    """
-    path = os.fspath(path)
-    f = _open_retrying(path)
-    try:
-        _check_header(f, path)
-        yield f
-    except JaxsaveError:
-        raise
-    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as error:
-        raise FileFormatError(f"{path!r} is damaged or not a valid jaxsave file: {error}") from error
-    finally:
-        f.close()
-
-
-def _check_header(f: h5py.File, path: str) -> None:
-    fmt = f.attrs.get("jaxsave_format")
-    if fmt is None:
-        raise FileFormatError(f"{path!r} is an HDF5 file but not a jaxsave sample file (no 'jaxsave_format')")
-    if int(fmt) > FORMAT_VERSION:
-        raise FileFormatError(
-            f"{path!r} has jaxsave format {int(fmt)}; this jaxsave reads up to {FORMAT_VERSION}: upgrade jaxsave")
-    if _str(f.attrs.get("jaxsave_layout", "")) not in ("posterior", "chains"):
-        raise FileFormatError(f"{path!r} has an unknown layout {f.attrs.get('jaxsave_layout')!r}")
-    check_file(f, repr(path), merged=True)  # no data from outside the file (but a merged file's sources)
-
-
-def _str(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _variables(f: h5py.File) -> list[VariableInfo]:
-    raw = f.attrs.get("jaxsave_structure")
-    if raw is None:
-        raise FileFormatError("the file holds no samples yet (no chain was registered)")
-    try:
-        leaves = json.loads(_str(raw))["leaves"]
-        out = [VariableInfo(tuple(str(k) for k in v["key"]), str(v["group"]), str(v["name"]), str(v["dtype"]),
-                            tuple(int(n) for n in v["shape"])) for v in leaves]
-    except (ValueError, KeyError, TypeError) as error:
-        raise FileFormatError(f"the file's 'jaxsave_structure' attribute is malformed: {error}") from error
-    for v in out:
-        _dtypes.storage_dtype(v.dtype)  # whitelisted dtype names only
-    return out
-
-
-def _counts(f: h5py.File) -> np.ndarray:
-    counts = np.asarray(f.attrs.get("sample_counts", np.zeros(0)), dtype=np.int64).reshape(-1)
-    if (counts < 0).any():
-        raise FileFormatError(f"negative sample counts {counts.tolist()}")
-    return counts
-
-
-def _dataset(f: h5py.File, layout: str, var: VariableInfo, chain: int | None = None) -> h5py.Dataset:
-    path = f"{var.group}/{var.name}" if layout == "posterior" else f"chain~{chain}/{'/'.join(var.key) or 'sample'}"
-    ds = f.get(path)
-    if not isinstance(ds, h5py.Dataset):
-        raise FileFormatError(f"the file lacks the dataset {path!r}")
-    return ds
-
-
 def _info(f: h5py.File, path: str) -> SampleFileInfo:
     return SampleFileInfo(
-        path=path, format=int(f.attrs["jaxsave_format"]), version=_str(f.attrs.get("jaxsave_version", "?")),
-        layout=_str(f.attrs["jaxsave_layout"]), created=_str(f.attrs.get("created", "?")),
-        sample_counts=_counts(f), variables=_variables(f) if "jaxsave_structure" in f.attrs else [],
+        path=path, format=int(f.attrs[schema.FORMAT]),
+        version=attr_str(f.attrs.get(schema.VERSION, "?")), layout=read_layout(f),
+        created=attr_str(f.attrs.get(schema.CREATED, "?")), sample_counts=read_counts(f),
+        variables=read_variables(f) if has_structure(f) else [],
         open_for_writing=_superblock.open_flags(path) != 0)
 
 
@@ -209,12 +84,8 @@ def file_info(path: PathLike) -> SampleFileInfo:
     >>> info.chains, info.sample_counts.tolist(), [(v.name, v.shape, v.dtype) for v in info.variables]
     (1, [1], [('w', (2,), 'float32')])
     """
-    with _open(path) as f:
+    with open_sample_file(path) as f:
         return _info(f, os.fspath(path))
-
-
-def _fill(dtype: np.dtype) -> Any:
-    return np.nan if dtype.kind in "fc" else 0
 
 
 def _valid_span(rows: range, count: int) -> slice:
@@ -254,7 +125,7 @@ def _read_leaves(f: h5py.File, layout: str, variables: list[VariableInfo], chain
     if not chains or not len(rows):
         return [np.empty((len(chains), len(rows)) + shape, dtype) for shape, dtype in storage]
     valid = sum(len(rows[_valid_span(rows, int(counts[c]))]) for c in chains)  # draws read, all chains
-    posterior = [_checked(_dataset(f, layout, var), (len(counts), n), *st) if layout == "posterior" else None
+    posterior = [_checked(leaf_dataset(f, layout, var), (len(counts), n), *st) if layout == "posterior" else None
                  for var, st in zip(variables, storage)]
 
     def backed(slack: int) -> None:  # every dataset read must store the bytes read from it
@@ -264,7 +135,7 @@ def _read_leaves(f: h5py.File, layout: str, variables: list[VariableInfo], chain
                 check_stored(ds, valid * row, slack)
                 continue
             for c in chains:
-                check_stored(_checked(_dataset(f, layout, var, c), (int(counts[c]),), shape, dtype),
+                check_stored(_checked(leaf_dataset(f, layout, var, c), (int(counts[c]),), shape, dtype),
                              int(counts[c]) * row, slack)
 
     draw_bytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in storage)
@@ -300,11 +171,11 @@ def _read_leaf(f: h5py.File, layout: str, var: VariableInfo, ds: h5py.Dataset | 
                 out[:] = flip(ds[chains[0]:chains[-1] + 1, lo:hi:step])
             for i, c in enumerate(chains):
                 span = _valid_span(rows, int(counts[c]))
-                out[i, :span.start] = out[i, span.stop:] = _fill(dtype)
+                out[i, :span.start] = out[i, span.stop:] = schema.fill_value(dtype)
             return out
     for i, c in enumerate(chains):
         span = _valid_span(rows, int(counts[c]))
-        out[i, :span.start] = out[i, span.stop:] = _fill(dtype)
+        out[i, :span.start] = out[i, span.stop:] = schema.fill_value(dtype)
         sub = rows[span]
         if not len(sub):
             continue
@@ -314,7 +185,7 @@ def _read_leaf(f: h5py.File, layout: str, var: VariableInfo, ds: h5py.Dataset | 
         elif layout == "posterior":
             out[i, span] = flip(ds[c, lo:hi:step])
         else:
-            out[i, span] = flip(_checked(_dataset(f, layout, var, c), (int(counts[c]),), shape, dtype)[lo:hi:step])
+            out[i, span] = flip(_checked(leaf_dataset(f, layout, var, c), (int(counts[c]),), shape, dtype)[lo:hi:step])
     return out
 
 
@@ -365,8 +236,8 @@ def _check_like(variables: list[VariableInfo], like: Any) -> None:
 
 
 def _load(f: h5py.File, chain: int | None, like: Any, draws: slice) -> Any:
-    layout = _str(f.attrs["jaxsave_layout"])
-    variables, counts = _variables(f), _counts(f)
+    layout = read_layout(f)
+    variables, counts = read_variables(f), read_counts(f)
     if like is not None:
         _check_like(variables, like)
     if chain is not None and not 0 <= chain < len(counts):
@@ -382,7 +253,7 @@ def _load(f: h5py.File, chain: int | None, like: Any, draws: slice) -> Any:
 
 def _rebuild(f: h5py.File, keys: list[tuple[str, ...]], leaves: list[Any]) -> Any:
     """The stored tree structure around ``leaves``; nested dicts if its classes are unknown here."""
-    spec = json.loads(_str(f.attrs["jaxsave_structure"])).get("treespec")
+    spec = json.loads(read_structure(f)).get("treespec")
     if spec is not None:
         try:
             return decode_structure(spec, leaves, leaf_fn=lambda kind, leaf: leaf)
@@ -429,7 +300,7 @@ def load_samples(path: PathLike, chain: int | None = None, like: Any = None, *, 
         raise TypeError(f"draws must be a slice, got {type(draws).__name__}")
     if draws.step == 0:
         raise ValueError("draws: a slice step cannot be zero")
-    with _open(path) as f:
+    with open_sample_file(path) as f:
         return _load(f, chain, like, draws)
 
 
@@ -440,7 +311,7 @@ class LiveSamples:
         self.path = os.fspath(path)
         self.like = like
         self.sample_counts = np.zeros(0, np.int64)
-        with _open(self.path):
+        with open_sample_file(self.path):
             pass
 
     def refresh(self, chain: int | None = None, draws: slice | None = None) -> Any:
@@ -448,8 +319,8 @@ class LiveSamples:
 
         Also updates :attr:`sample_counts`.
         """
-        with _open(self.path) as f:
-            self.sample_counts = _counts(f)
+        with open_sample_file(self.path) as f:
+            self.sample_counts = read_counts(f)
             return _load(f, chain, self.like, slice(None) if draws is None else draws)
 
     def __enter__(self) -> "LiveSamples":
@@ -502,7 +373,7 @@ def _result_arrays(result: dict, sample_stats: Any) -> tuple[dict, dict]:
 
 def _for_arviz(arr: np.ndarray, n: int) -> np.ndarray:
     arr = arr[:, :n]
-    return arr.astype(np.float32) if arr.dtype.name in _dtypes._ML_DTYPES else arr
+    return arr.astype(np.float32) if arr.dtype.name in _dtypes.ML_DTYPES else arr
 
 
 def to_inference_data(path_or_result: PathLike | dict, *, sample_stats: Any = None) -> Any:
@@ -526,14 +397,14 @@ def to_inference_data(path_or_result: PathLike | dict, *, sample_stats: Any = No
     if isinstance(path_or_result, dict):
         posterior, stats, counts = _result_arrays(path_or_result, sample_stats)
     else:
-        with _open(path_or_result) as f:
-            layout = _str(f.attrs["jaxsave_layout"])
-            variables, counts = _variables(f), _counts(f)
+        with open_sample_file(path_or_result) as f:
+            layout = read_layout(f)
+            variables, counts = read_variables(f), read_counts(f)
             chains = list(range(len(counts)))
             posterior, stats = {}, {}
             arrays = _read_leaves(f, layout, variables, chains, counts, slice(None)) if chains else []
             for var, arr in zip(variables, arrays):
-                if var.dtype in _dtypes._ML_DTYPES:
+                if var.dtype in _dtypes.ML_DTYPES:
                     arr = arr.view(_dtypes.dtype_from_name(var.dtype))
                 (stats if var.group == "sample_stats" else posterior)[var.name] = arr
     n = int(counts.min()) if counts.size else 0
@@ -566,6 +437,6 @@ def recover(path: PathLike) -> bool:
         raise FileNotFoundError(f"no such file: {path!r}")
     _filelock.check_unlocked(path)
     changed = _superblock.clear_open_flags(path)
-    with _open(path):
+    with open_sample_file(path):
         pass
     return changed

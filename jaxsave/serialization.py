@@ -25,27 +25,35 @@ from typing import Any, BinaryIO, Union
 import jax
 import numpy as np
 
-from jaxsave import _formats, _treematch, _treespec
-from jaxsave._atomic import atomic_path
-from jaxsave._dtypes import (
+from jaxsave._serialize import formats as _formats
+from jaxsave._serialize import treematch as _treematch
+from jaxsave._serialize import treespec as _treespec
+from jaxsave._core.atomic import atomic_path
+from jaxsave._core.dtypes import (
     KEY_IMPLS,
     LeafSpec,
     dtype_from_name,
     from_storable,
+    is_key_dtype_name,
     key_data_shape,
+    key_dtype_name,
+    key_impl_of,
     leaf_spec,
     storage_dtype,
     to_storable,
 )
-from jaxsave._tree import flat_name
+from jaxsave._core.tree import flat_name
 from jaxsave._version import __version__
 from jaxsave.errors import FileFormatError, JaxsaveError, StructureMismatchError
 
 __all__ = ["save_pytree", "load_pytree", "read_metadata", "open_pytree", "PytreeFile",
            "register_format_upgrade", "FORMAT_VERSION"]
 
-#: Version of the file layout (header fields, structure encoding) this jaxsave writes.
-FORMAT_VERSION = 1
+#: Version of the pytree file layout (header fields, structure encoding) this jaxsave writes.
+#: (The sample files of :mod:`jaxsave.hdf5` have their own, ``SAMPLE_FILE_FORMAT``.)
+PYTREE_FILE_FORMAT = 1
+#: The public name of :data:`PYTREE_FILE_FORMAT`.
+FORMAT_VERSION = PYTREE_FILE_FORMAT
 
 File = Union[str, "os.PathLike[str]", BinaryIO]
 _UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
@@ -142,7 +150,7 @@ def save_pytree(
         arrays.append(arr)
     header = {
         "format": "jaxsave",
-        "format_version": FORMAT_VERSION,
+        "format_version": PYTREE_FILE_FORMAT,
         "jaxsave_version": __version__,
         "metadata": json.loads(json.dumps(metadata, default=_json_default)),
         "structure": spec,
@@ -209,7 +217,8 @@ def _key_dtype_names() -> dict[str, str]:
 
 def _target_spec(x: Any) -> LeafSpec:
     if isinstance(x, jax.ShapeDtypeStruct) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-        return LeafSpec(tuple(x.shape), f"key<{_key_dtype_names().get(str(x.dtype), str(x.dtype))}>")
+        return LeafSpec(tuple(x.shape),
+                        key_dtype_name(_key_dtype_names().get(str(x.dtype), str(x.dtype))))
     return leaf_spec(x)
 
 
@@ -277,7 +286,7 @@ class PytreeFile:
         specs = self._reader.foreign_specs()
         names = [n for n, _, _ in specs]
         spec, _ = _treespec.encode_structure({n: np.empty(0) for n in names})
-        return {"format_version": FORMAT_VERSION, "jaxsave_version": None, "metadata": None,
+        return {"format_version": PYTREE_FILE_FORMAT, "jaxsave_version": None, "metadata": None,
                 "structure": spec,
                 "leaves": [{"name": n, "dtype": d, "shape": list(s)} for n, s, d in specs]}
 
@@ -431,7 +440,7 @@ def _logical_view(dtype: str) -> Any:
     """
     if not isinstance(dtype, str):
         raise FileFormatError(f"a dtype name must be a string, got {type(dtype).__name__}")
-    if dtype.startswith("key<"):
+    if is_key_dtype_name(dtype):
         key_data_shape(LeafSpec((), dtype))  # validates the implementation's name
         return _KEY
     logical = dtype_from_name(dtype)
@@ -439,8 +448,8 @@ def _logical_view(dtype: str) -> Any:
 
 
 def _sds_dtype(name: str) -> Any:
-    if name.startswith("key<"):
-        return jax.random.key(0, impl=name[4:-1]).dtype
+    if is_key_dtype_name(name):
+        return jax.random.key(0, impl=key_impl_of(name)).dtype
     return dtype_from_name(name)
 
 
@@ -468,16 +477,16 @@ def _callable_name(fn: Any) -> str:
 
 
 def _upgrade(header: Any) -> dict[str, Any]:
-    """``header`` brought to :data:`FORMAT_VERSION` by the registered upgrades."""
+    """``header`` brought to :data:`PYTREE_FILE_FORMAT` by the registered upgrades."""
     if not isinstance(header, dict) or type(header.get("format_version")) is not int:
         raise FileFormatError("the file has no jaxsave header with a format version")
     version = header["format_version"]
-    if version > FORMAT_VERSION:
+    if version > PYTREE_FILE_FORMAT:
         raise FileFormatError(
             f"the file uses jaxsave format version {version} (written by jaxsave "
             f"{header.get('jaxsave_version')}); this jaxsave {__version__} reads versions up to "
-            f"{FORMAT_VERSION}: upgrade jaxsave")
-    while version < FORMAT_VERSION:
+            f"{PYTREE_FILE_FORMAT}: upgrade jaxsave")
+    while version < PYTREE_FILE_FORMAT:
         if version not in _UPGRADES:
             raise FileFormatError(f"no upgrade is registered from jaxsave format version {version}")
         upgrade = _UPGRADES[version]

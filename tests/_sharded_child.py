@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
 
 import jaxsave  # noqa: E402
-from jaxsave import _stream  # noqa: E402
+from jaxsave._stream import streamer as _stream  # noqa: E402
 
 out_dir = sys.argv[1]
 assert jax.device_count() == 8, jax.devices()
@@ -142,7 +142,7 @@ def large_blocks_case():
     """Default block size: 8 chains x 4096 rows x 10 floats = 1.3 MB per device and flush.
 
     Arguments of 100 KiB or more used to hang this run (every device waiting in a
-    callback for a host copy no thread would make); jaxsave._callback cuts them.
+    callback for a host copy no thread would make); jaxsave._stream.callback cuts them.
     """
     path = os.path.join(out_dir, "large_blocks.h5")
     init, save, post = jaxsave.save(jaxsave.HDF5Collector(path))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import jaxsave
-from jaxsave._atomic import is_temporary, remove_stale_temporaries, temporary_name
+from jaxsave._core.atomic import is_temporary, remove_stale_temporaries, temporary_name
 from jaxsave.errors import FileFormatError, StructureMismatchError
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import jaxsave
-from jaxsave._formats import native
+from jaxsave._serialize.formats import native
 from jaxsave.errors import FileFormatError, JaxsaveError, UnregisteredNameError
 
 

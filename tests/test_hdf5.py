@@ -223,7 +223,7 @@ class CountingDataset:
 @pytest.mark.parametrize(("start", "n"), [(0, 4), (2, 13), (5, 2), (4, 16), (12, 8)])
 def test_blocks_write_whole_chunks_directly_and_edges_through_hdf5(tmp_path, start, n, compression):
     """Chunks of 4 draws x 64 Ki floats (1 MiB) in a dataset of 18 draws: whole chunks go to the file."""
-    from jaxsave._hdf5_datasets import write_block, write_rows
+    from jaxsave._store.hdf5.datasets import write_block, write_rows
 
     width, chains, draws = 2**16, 3, 18
     rng = np.random.default_rng(start)
@@ -249,7 +249,7 @@ def test_blocks_write_whole_chunks_directly_and_edges_through_hdf5(tmp_path, sta
 
 
 def test_small_chunks_and_other_dtypes_go_through_hdf5(tmp_path):
-    from jaxsave._hdf5_datasets import write_rows
+    from jaxsave._store.hdf5.datasets import write_rows
 
     with h5py.File(tmp_path / "d.h5", "w") as f:
         small = CountingDataset(f.create_dataset("small", shape=(8, 10), chunks=(4, 10), dtype="f4"))

@@ -9,7 +9,7 @@ import pytest
 
 import jaxsave
 from _helpers import group_names
-from jaxsave import _arviz
+from jaxsave._store import arviz as _arviz
 
 az = pytest.importorskip("arviz")
 matplotlib = pytest.importorskip("matplotlib")

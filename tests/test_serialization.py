@@ -462,7 +462,7 @@ def test_loaded_jax_arrays_are_aligned_and_independent(tmp_path):
 
 
 def test_format_versions(tmp_path):
-    from jaxsave._formats import native
+    from jaxsave._serialize.formats import native
     from jaxsave.serialization import FORMAT_VERSION, _UPGRADES, register_format_upgrade
 
     path = tmp_path / "x.jaxsave"
@@ -497,7 +497,7 @@ def test_format_versions(tmp_path):
 
 
 def test_errors_of_a_format_upgrade_are_not_file_damage(tmp_path):
-    from jaxsave._formats import native
+    from jaxsave._serialize.formats import native
     from jaxsave.serialization import _UPGRADES, register_format_upgrade
 
     path = tmp_path / "x.jaxsave"
@@ -565,7 +565,7 @@ def test_files_are_readable_by_their_own_libraries(tmp_path):
 
 
 def test_treespec_is_reusable_for_stacked_samples():
-    from jaxsave._treespec import decode_structure, encode_structure
+    from jaxsave._serialize.treespec import decode_structure, encode_structure
 
     class Sample(NamedTuple):
         pos: Any

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import jaxsave
-from jaxsave._host import Block, Writer
+from jaxsave._stream.writer import Block, Writer
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent

@@ -354,7 +354,7 @@ def test_postprocess_results_survive_a_resume_of_the_same_memory_collector():
 
 
 def test_a_callback_argument_of_exactly_one_piece_keeps_its_shape(monkeypatch):
-    from jaxsave import _callback
+    from jaxsave._stream import callback as _callback
 
     monkeypatch.setattr(_callback, "_pieces_needed", lambda: True)  # as on a multi-device CPU backend
     got = []

@@ -212,7 +212,7 @@ def _st_overflow(tmp_path):
 
 @hostile("jaxsave header length overflow (2**64-1)")
 def _native_overflow(tmp_path):
-    from jaxsave._formats import native
+    from jaxsave._serialize.formats import native
 
     path = tmp_path / "o.jaxsave"
     for n in (2**64 - 1, 2**63 + 8):
@@ -310,7 +310,7 @@ def _traversal(tmp_path):
 
 @hostile("deeply nested structures (JSON, tree, python)")
 def _nesting(tmp_path):
-    from jaxsave._formats import native
+    from jaxsave._serialize.formats import native
     import zlib
 
     n = 0

@@ -429,7 +429,7 @@ def _named_spec(name, where):
 _NAMES_CHILD = textwrap.dedent("""
     import json, sys
     import jaxsave
-    from jaxsave._formats import format_module
+    from jaxsave._serialize.formats import format_module
     specs, d = json.loads(sys.argv[1]), sys.argv[2]
     header = lambda spec, meta=None: {"format": "jaxsave", "format_version": 1, "jaxsave_version": "0",
                                       "metadata": meta, "structure": spec, "leaves": []}

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import jaxsave
-from jaxsave._atomic import is_temporary
+from jaxsave._core.atomic import is_temporary
 
 from _reliability import python
 

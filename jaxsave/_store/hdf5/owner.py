@@ -1,7 +1,7 @@
 """The sample file a collector owns: its lock, and the checks that it is still the file written.
 
 A mixin of :class:`jaxsave.HDF5Collector`. The collector holds ``<file>.lock``
-(:mod:`jaxsave._filelock`) from its creation to its close. Each handle it opens is
+(:mod:`jaxsave._core.filelock`) from its creation to its close. Each handle it opens is
 remembered (device, inode, size); at every block it must not have shrunk or lost
 its name, at every flush and close the path must still name it; after close the file
 must read back. Otherwise a file deleted, replaced or truncated by someone else
@@ -15,7 +15,8 @@ import os
 import h5py
 import numpy as np
 
-from jaxsave import _filelock, _superblock
+from jaxsave._core import filelock as _filelock
+from jaxsave._store.hdf5 import superblock as _superblock
 from jaxsave.errors import FileChangedError
 
 _REPLACED = "was replaced by another file (moved or written there by another program)"

@@ -5,7 +5,7 @@ so the file browses well in HDFView or h5py; the jaxsave header is the JSON
 string attribute ``jaxsave`` of the root group. A file whose data is not all
 inside it (external storage, external or soft links, virtual datasets) or that
 uses a filter jaxsave does not write is refused before anything is read
-(:mod:`jaxsave._hdf5_trust`); beyond that, safety on untrusted files rests on
+(:mod:`jaxsave._store.hdf5.trust`); beyond that, safety on untrusted files rests on
 the HDF5 library's own parsing: prefer the default format for those.
 """
 
@@ -19,10 +19,10 @@ from typing import Any, BinaryIO
 import h5py
 import numpy as np
 
-from jaxsave._diskspace import check_room
-from jaxsave._dtypes import storage_dtype
-from jaxsave._formats import MAX_HEADER_BYTES
-from jaxsave._hdf5_trust import check_file, stored_bytes
+from jaxsave._core.diskspace import check_room
+from jaxsave._core.dtypes import storage_dtype
+from jaxsave._serialize.formats.base import MAX_HEADER_BYTES
+from jaxsave._store.hdf5.trust import check_file, stored_bytes
 from jaxsave.errors import FileFormatError
 
 GROUP = "arrays"
@@ -49,7 +49,7 @@ def check_stored(ds: h5py.Dataset, nbytes: int, slack: int = 2**26) -> None:
     read as the fill value), so a small hostile file could make a reader
     allocate terabytes. The bytes read must be backed by stored bytes (times
     the filters' expansion, the sources' for a merged file's virtual dataset:
-    see :func:`jaxsave._hdf5_trust.stored_bytes`), plus ``slack`` bytes.
+    see :func:`jaxsave._store.hdf5.trust.stored_bytes`), plus ``slack`` bytes.
     """
     stored = stored_bytes(ds)
     if nbytes > stored + slack:

@@ -30,7 +30,7 @@ import stat
 
 import h5py
 
-from jaxsave import _superblock
+from jaxsave._store.hdf5 import superblock as _superblock
 from jaxsave.errors import FileFormatError
 
 __all__ = ["check_file", "stored_bytes", "open_source"]

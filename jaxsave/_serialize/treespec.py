@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsave import registry
-from jaxsave._dtypes import dtype_from_name
+from jaxsave._core.dtypes import dtype_from_name
 from jaxsave.errors import FileFormatError, JaxsaveError, RebuildError, UnregisteredNameError
 
 #: How an array leaf appears in a description: the type it is restored as.
@@ -82,7 +82,7 @@ def _is_namedtuple(x: Any) -> bool:
 
 
 def _entry_name(entry: Any) -> str:
-    """A child's name, as in :mod:`jaxsave._tree` (``list_element_{i}`` for positions)."""
+    """A child's name, as in :mod:`jaxsave._core.tree` (``list_element_{i}`` for positions)."""
     if isinstance(entry, jax.tree_util.GetAttrKey):
         return entry.name
     if isinstance(entry, jax.tree_util.DictKey):
@@ -292,7 +292,7 @@ class _Objects(dict):
         raise FileFormatError(f"invalid tree structure: the name {name!r:.80} is not in its refs")
 
 
-class _Decoder:
+class Decoder:
     def __init__(self, objects: dict[str, Any], leaves: Iterator[Any],
                  leaf_fn: Callable[[str, Any], Any] | None):
         self.objects = _Objects(objects)
@@ -476,7 +476,7 @@ def decode_structure(
         raise UnregisteredNameError(registry.missing_names_message(missing))
     it = iter(leaves)
     try:
-        tree = _Decoder(objects, it, leaf_fn).node(spec.get("root"))
+        tree = Decoder(objects, it, leaf_fn).node(spec.get("root"))
     except RecursionError:
         raise FileFormatError("invalid tree structure: nested too deeply") from None
     except (TypeError, ValueError, KeyError) as e:

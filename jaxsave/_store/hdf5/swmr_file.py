@@ -17,7 +17,10 @@ from typing import Any, Iterator
 
 import h5py
 
-from jaxsave import _atomic, _superblock
+from jaxsave._core import atomic as _atomic
+
+#: Chunk cache per dataset: holds partial ~1 MiB chunks; bigger chunks (big samples) bypass it.
+from jaxsave._store.hdf5 import superblock as _superblock
 
 #: Chunk cache per dataset: holds partial ~1 MiB chunks; bigger chunks (big samples) bypass it.
 CACHE_BYTES = 2 * 2**20
@@ -75,7 +78,7 @@ def replaced(path: str, *, copy: bool, swmr: bool) -> Iterator[h5py.File]:
     """A writable file that replaces ``path`` when the block ends without an error.
 
     It starts as a copy of ``path`` (``copy=True``) or empty, is written under a
-    temporary name of :func:`jaxsave._atomic.atomic_path` (so a killed writer's
+    temporary name of :func:`jaxsave._core.atomic.atomic_path` (so a killed writer's
     leftover is cleaned like any other), closed, and renamed over ``path``; on an
     error ``path`` is left as it was. Close ``path`` before entering.
     """

@@ -15,15 +15,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxsave import _dtypes, _sharding
-from jaxsave._saver import SaveState, Saver, _SaverBase, check_state
-from jaxsave.collectors import _samples_collected
+from jaxsave._core import dtypes as _dtypes
+from jaxsave._stream import sharding as _sharding
+from jaxsave._stream.state import SaveState, Saver, SaverBase, check_state
+from jaxsave.collectors import samples_collected
 from jaxsave.errors import CapacityError
 
 __all__ = ["no_save"]
 
 
-class _DeviceSaver(_SaverBase):
+class _DeviceSaver(SaverBase):
     """The saver behind :func:`no_save`: every kept sample stays in device memory."""
 
     def __init__(self) -> None:
@@ -33,7 +34,7 @@ class _DeviceSaver(_SaverBase):
     def init(self, init_sample: Any, init_checkpoint: Any = None, static_information: Any = None,
              *, chains: int | None = None) -> SaveState:
         """A state holding room for ``samples_collected`` samples per chain."""
-        capacity = _samples_collected(static_information)
+        capacity = samples_collected(static_information)
         if capacity is None:
             raise ValueError(
                 "no_save() keeps every sample on the device and needs to know how many: pass "

@@ -21,7 +21,7 @@ import numpy as np
 from jax import lax
 from jax.custom_batching import custom_vmap
 
-from jaxsave._checkpoint import broadcast_unbatched
+from jaxsave._stream.resume import broadcast_unbatched
 
 __all__ = ["Packing", "advance", "pack", "unpack"]
 

@@ -3,13 +3,11 @@
 Every format stores the same *document*: a JSON header (format version, jaxsave
 version, tree structure, the name/dtype/shape of each array leaf, user metadata)
 and the array leaves as raw arrays of natively storable dtypes (see
-:mod:`jaxsave._dtypes`). A format module provides
-
-* ``write(target, header, arrays)``: ``target`` is a path (already a temporary
-  file: atomicity is the caller's job) or a binary file object;
-* ``Reader(target)``: ``.header`` (the parsed JSON header, or ``None`` for a
-  foreign file), ``.foreign_arrays()`` (for foreign files: ``{name: (shape,
-  dtype)}``), ``.read(indices)`` (storable arrays) and ``.close()``.
+:mod:`jaxsave._core.dtypes`). What a format module provides is the
+:class:`~jaxsave._serialize.formats.base.Format` protocol: ``write(target, header,
+arrays)`` and ``Reader(target)`` with ``.header`` (``None`` for a foreign file),
+``.check_arrays(specs)``, ``.read(indices, specs)``, ``.close()`` and, for formats
+other programs write, ``.foreign_specs()``.
 
 Readers bound every size they read from the file before allocating memory.
 """
@@ -17,32 +15,29 @@ Readers bound every size they read from the file before allocating memory.
 from __future__ import annotations
 
 import os
-from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
+from jaxsave._serialize.formats.base import Format
 from jaxsave.errors import FileFormatError
-
-#: Largest JSON header any reader accepts (the same bound as safetensors).
-MAX_HEADER_BYTES = 100 * 2**20
 
 FORMATS = ("jaxsave", "safetensors", "npz", "hdf5")
 _SUFFIXES = {".safetensors": "safetensors", ".npz": "npz", ".h5": "hdf5", ".hdf5": "hdf5"}
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
 
-def format_module(name: str) -> ModuleType:
+def format_module(name: str) -> Format:
     """The module implementing format ``name``."""
     if name == "jaxsave":
-        from jaxsave._formats import native as mod
+        from jaxsave._serialize.formats import native as mod
     elif name == "safetensors":
-        from jaxsave._formats import safetensors_format as mod
+        from jaxsave._serialize.formats import safetensors_format as mod
     elif name == "npz":
-        from jaxsave._formats import npz as mod
+        from jaxsave._serialize.formats import npz as mod
     elif name == "hdf5":
-        from jaxsave._formats import hdf5 as mod
+        from jaxsave._serialize.formats import hdf5 as mod
     else:
         raise ValueError(f"unknown format {name!r}; choose one of {', '.join(FORMATS)}")
-    return mod
+    return cast(Format, mod)
 
 
 def format_for_path(path: Any, format: str | None) -> str:
@@ -57,7 +52,7 @@ def format_for_path(path: Any, format: str | None) -> str:
 
 def sniff(head: bytes, path: Any, format: str | None) -> str:
     """The format to *read*, from the file's first bytes (``format`` must agree)."""
-    from jaxsave._formats.native import MAGIC
+    from jaxsave._serialize.formats.native import MAGIC
 
     if head.startswith(MAGIC):
         found = "jaxsave"

@@ -12,7 +12,7 @@ Layout (all integers little-endian)::
                     next multiple of 64 bytes (zero padding in between)
 
 Offsets are not stored: they follow from the leaves' shapes and dtypes, so a
-file cannot point anywhere. The file size must be exactly ``16 + H + data_size``
+file cannot point anywhere. The file size must be exactly ``24 + H + data_size``
 with ``data_size`` the end of the last array. (Only the header is checksummed:
 a CRC of the data would halve the loading speed.) Loading reads the arrays
 in as few ``readinto`` calls as possible into one page-aligned buffer, so they
@@ -32,8 +32,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from jaxsave._dtypes import storage_dtype
-from jaxsave._formats import MAX_HEADER_BYTES
+from jaxsave._core.dtypes import storage_dtype
+from jaxsave._serialize.formats.base import MAX_HEADER_BYTES
 from jaxsave.errors import FileFormatError
 
 MAGIC = b"\x93JAXSAVE"

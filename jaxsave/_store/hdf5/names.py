@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from jaxsave._tree import flat_name
+from jaxsave._core.tree import flat_name
+from jaxsave._store import schema
 from jaxsave.errors import StructureMismatchError
 
 #: ``sample_stats=``: top-level names, or a predicate on a leaf's key path.
 StatsSpec = Sequence[str] | Callable[[tuple[str, ...]], bool] | None
 #: Names that are dimensions in every group.
-RESERVED = ("chain", "draw")
+RESERVED = (schema.CHAIN_DIM, schema.DRAW_DIM)
 
 
 def _is_stat(stats: StatsSpec, key: tuple[str, ...]) -> bool:
@@ -35,7 +36,7 @@ def leaf_entries(keys: list[tuple[str, ...]], stats: StatsSpec, layout: str) -> 
     [('posterior', 'x'), ('sample_stats', 'lp')]
     """
     if layout == "chains":
-        return [("chain~{}", "/".join(k) if k else "sample") for k in keys]
+        return [(schema.CHAIN_GROUP, schema.leaf_path(k)) for k in keys]
     entries = [("sample_stats" if _is_stat(stats, k) else "posterior", flat_name(k)) for k in keys]
     if stats is not None and not callable(stats):
         unknown = set(stats) - {k[0] for k in keys if k}
@@ -49,7 +50,7 @@ def leaf_entries(keys: list[tuple[str, ...]], stats: StatsSpec, layout: str) -> 
         seen[group, name] = key
     for key, (group, name) in zip(keys, entries):
         clash = name in RESERVED or any(
-            name.startswith(f"{other}_dim_") for (g, other) in seen if g == group and other != name)
+            name.startswith(schema.dim_name(other, "")) for (g, other) in seen if g == group and other != name)
         if clash:
             raise StructureMismatchError(
                 f"leaf {'/'.join(key)!r} would be named {name!r}, which is a dimension name in {group}/")

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsave import _dtypes
-from jaxsave._tree import check_like
+from jaxsave._core import dtypes as _dtypes
+from jaxsave._core.tree import check_like
 from jaxsave.errors import JaxsaveError, SaverStateError, StructureMismatchError
 
 __all__ = ["Checkpoint", "ChainCheckpoint", "resume"]
@@ -119,7 +119,7 @@ def _shape_dtype(spec: _dtypes.LeafSpec) -> jax.ShapeDtypeStruct:
 
 def write_file(path: str, records: dict[int, ChainCheckpoint], spec: Any) -> None:
     """Atomically replace the checkpoint file ``path`` with ``records`` (every chain's latest)."""
-    from jaxsave import _treespec
+    from jaxsave._serialize import treespec as _treespec
     from jaxsave.serialization import save_pytree
 
     structure, spec_leaves = _treespec.encode_structure(spec)
@@ -134,7 +134,7 @@ def write_file(path: str, records: dict[int, ChainCheckpoint], spec: Any) -> Non
 
 def read_file(path: str) -> tuple[dict[int, ChainCheckpoint], Any]:
     """The records of a checkpoint file and the structure they fill (``None`` if it cannot be rebuilt)."""
-    from jaxsave import _treespec
+    from jaxsave._serialize import treespec as _treespec
     from jaxsave.errors import FileFormatError, UnregisteredNameError
     from jaxsave.serialization import load_pytree, read_metadata
 
@@ -207,12 +207,10 @@ def resume(source: Any, like: Any = None, *, chains: Any = None) -> Checkpoint:
     Continue with ``saver.init(init_sample, init_checkpoint, static_information,
     resume=checkpoint)`` on a saver over the same collector (or file).
     """
-    from jaxsave.collectors import DataCollector
+    from jaxsave.collectors import DataCollector, drain_writer
 
     if isinstance(source, DataCollector):
-        owner = getattr(source, "_owner", None)
-        if getattr(owner, "writer", None) is not None:
-            owner.writer.drain()  # what the sampler already sent is stored first
+        drain_writer(source)  # what the sampler already sent is stored first
         stored, spec = source.resume()
     else:
         path = os.fspath(source)

@@ -1,7 +1,7 @@
 """One writer per sample file: an OS lock on ``<file>.lock``, held while a collector writes.
 
 The samples file itself cannot carry the lock: its writes replace it by renames
-(see :mod:`jaxsave._swmr_file`), and a lock belongs to one inode. So the lock is
+(see :mod:`jaxsave._store.hdf5.swmr_file`), and a lock belongs to one inode. So the lock is
 ``flock`` on a sidecar file next to it, ``<file>.lock``, which also holds the
 holder's pid, host and start time for the error message of the next writer.
 

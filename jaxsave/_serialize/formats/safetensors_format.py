@@ -19,8 +19,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from jaxsave._dtypes import storage_dtype
-from jaxsave._formats import MAX_HEADER_BYTES
+from jaxsave._core.dtypes import storage_dtype
+from jaxsave._serialize.formats.base import MAX_HEADER_BYTES
 from jaxsave.errors import FileFormatError
 
 _ST_DTYPES = {

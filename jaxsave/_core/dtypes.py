@@ -24,7 +24,7 @@ import numpy as np
 from jaxsave.errors import FileFormatError
 
 #: ml_dtypes types that storage formats do not know, by name.
-_ML_DTYPES: dict[str, np.dtype] = {
+ML_DTYPES: dict[str, np.dtype] = {
     name: np.dtype(getattr(ml_dtypes, name))
     for name in (
         "bfloat16",
@@ -65,6 +65,21 @@ _UINT_OF_WIDTH = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16), 4: np.dtype(np.
 KEY_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 
 
+def key_dtype_name(impl: str) -> str:
+    """The recorded dtype name of a typed PRNG key of implementation ``impl``: ``key<impl>``."""
+    return f"key<{impl}>"
+
+
+def is_key_dtype_name(name: str) -> bool:
+    """Whether ``name`` is a :func:`key_dtype_name`."""
+    return name.startswith("key<") and name.endswith(">")
+
+
+def key_impl_of(name: str) -> str:
+    """The implementation in a :func:`key_dtype_name` (``"key<rbg>"`` -> ``"rbg"``)."""
+    return name[len("key<"):-1]
+
+
 class LeafSpec(NamedTuple):
     """What one array leaf is, in terms a file can record.
 
@@ -78,11 +93,11 @@ class LeafSpec(NamedTuple):
 
     @property
     def is_key(self) -> bool:
-        return self.dtype.startswith("key<")
+        return is_key_dtype_name(self.dtype)
 
     @property
     def key_impl(self) -> str:
-        return self.dtype[4:-1]
+        return key_impl_of(self.dtype)
 
 
 def is_key(x: Any) -> bool:
@@ -100,7 +115,7 @@ def _key_impl_name(x: Any) -> str:
 def leaf_spec(x: Any) -> LeafSpec:
     """The :class:`LeafSpec` of an array, typed key, or Python scalar."""
     if is_key(x):
-        return LeafSpec(tuple(x.shape), f"key<{_key_impl_name(x)}>")
+        return LeafSpec(tuple(x.shape), key_dtype_name(_key_impl_name(x)))
     if not hasattr(x, "dtype"):
         x = np.asarray(x)
     return LeafSpec(tuple(x.shape), np.dtype(x.dtype).name)
@@ -112,17 +127,17 @@ def dtype_from_name(name: str) -> np.dtype:
         raise FileFormatError(f"dtype name must be a string, got {type(name).__name__}")
     if name in _NATIVE_DTYPES:
         return _NATIVE_DTYPES[name]
-    if name in _ML_DTYPES:
-        return _ML_DTYPES[name]
+    if name in ML_DTYPES:
+        return ML_DTYPES[name]
     raise FileFormatError(f"unknown or unsupported dtype {name!r}")
 
 
 def storage_dtype(name: str) -> np.dtype:
     """The dtype an array of logical dtype ``name`` has on disk."""
-    if name.startswith("key<"):
+    if is_key_dtype_name(name):
         return np.dtype(np.uint32)
     dtype = dtype_from_name(name)
-    return _UINT_OF_WIDTH[dtype.itemsize] if name in _ML_DTYPES else dtype
+    return _UINT_OF_WIDTH[dtype.itemsize] if name in ML_DTYPES else dtype
 
 
 def key_data_shape(spec: LeafSpec) -> tuple[int, ...]:
@@ -143,21 +158,21 @@ def to_storable(x: Any) -> np.ndarray:
     if is_key(x):
         x = jax.random.key_data(x)
     arr = np.asarray(x)
-    if arr.dtype.name in _ML_DTYPES:
+    if arr.dtype.name in ML_DTYPES:
         return arr.view(_UINT_OF_WIDTH[arr.dtype.itemsize])
     return arr
 
 
 def from_storable(arr: np.ndarray, dtype: str) -> Any:
     """Undo :func:`to_storable`, given the logical dtype name recorded with it."""
-    if dtype.startswith("key<"):
-        impl = dtype[4:-1]
+    if is_key_dtype_name(dtype):
+        impl = key_impl_of(dtype)
         if impl not in KEY_IMPLS:
             raise FileFormatError(f"unknown PRNG key implementation {impl!r}")
         return jax.random.wrap_key_data(np.asarray(arr, dtype=np.uint32), impl=impl)
     target = dtype_from_name(dtype)
     arr = np.asarray(arr)
-    if dtype in _ML_DTYPES:
+    if dtype in ML_DTYPES:
         if arr.dtype != _UINT_OF_WIDTH[target.itemsize]:
             raise FileFormatError(
                 f"stored array for dtype {dtype} has dtype {arr.dtype}, "

@@ -204,7 +204,7 @@ def describe_mismatches(tree: Any, like: Any, what: str = "tree") -> list[str]:
     >>> describe_mismatches({"a": np.zeros(2)}, {"a": np.zeros(3), "b": 1.0})
     ["missing leaf 'b'", "leaf 'a': shape (2,) != expected (3,)"]
     """
-    from jaxsave._dtypes import leaf_spec
+    from jaxsave._core.dtypes import leaf_spec
 
     keys, leaves = pytree_dict_keys(tree), jax.tree.leaves(tree)
     like_keys, like_leaves = pytree_dict_keys(like), jax.tree.leaves(like)

@@ -1,6 +1,6 @@
 """Lining up a stored tree description with a target tree's (``load_pytree(..., like=)``).
 
-Both sides are descriptions from :func:`jaxsave._treespec.encode_structure`; nothing
+Both sides are descriptions from :func:`jaxsave._serialize.treespec.encode_structure`; nothing
 is resolved through the registry, so a target supplies the classes itself.
 """
 
@@ -10,7 +10,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from jaxsave._treespec import _Decoder, encode_structure  # noqa: F401  (doctest)
+from jaxsave._serialize.treespec import Decoder, encode_structure  # noqa: F401  (doctest)
 from jaxsave.errors import FileFormatError
 
 __all__ = ["match_structure", "decode_plain_value"]
@@ -199,4 +199,4 @@ def match_structure(
 
 def decode_plain_value(v: Any) -> Any:
     """Decode a JSON value that needs no registry (see :func:`match_structure`)."""
-    return _Decoder({}, iter(()), None).value(v)
+    return Decoder({}, iter(()), None).value(v)

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsave import _dtypes
-from jaxsave._tree import check_like
+from jaxsave._core import dtypes as _dtypes
+from jaxsave._core.tree import check_like
 from jaxsave.collectors import SampleLayout, sample_layout
 from jaxsave.errors import SaverStateError, StructureMismatchError
 
@@ -55,7 +55,7 @@ class Saver(NamedTuple):
     postprocess: Callable[..., dict]
 
 
-class _SaverBase:
+class SaverBase:
     """What the streaming saver and ``no_save`` share: layout, checks, chain bookkeeping."""
 
     def __init__(self) -> None:

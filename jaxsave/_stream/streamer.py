@@ -30,13 +30,15 @@ import numpy as np
 from jax import lax
 from jax.custom_batching import custom_vmap
 
-from jaxsave import _callback, _checkpoint, _sharding
-from jaxsave._checkpoint import Checkpoint, broadcast_unbatched
-from jaxsave._host import Block, Writer
-from jaxsave._packing import Packing, advance, pack, unpack
-from jaxsave._saver import SaveState, Saver, _SaverBase, check_state
-from jaxsave._tree import check_like
-from jaxsave.collectors import DataCollector, MemoryCollector, _samples_collected
+from jaxsave._stream import callback as _callback
+from jaxsave._stream import resume as _checkpoint
+from jaxsave._stream import sharding as _sharding
+from jaxsave._stream.resume import Checkpoint, broadcast_unbatched
+from jaxsave._stream.writer import Block, Writer
+from jaxsave._stream.packing import Packing, advance, pack, unpack
+from jaxsave._stream.state import SaveState, Saver, SaverBase, check_state
+from jaxsave._core.tree import check_like
+from jaxsave.collectors import DataCollector, MemoryCollector, samples_collected
 from jaxsave.errors import SaverStateError
 
 logger = logging.getLogger("jaxsave")
@@ -51,7 +53,7 @@ _MAX_BLOCK_ROWS = 4096
 EXIT_TIMEOUT_S = 60.0
 
 
-class _Streamer(_SaverBase):
+class _Streamer(SaverBase):
     """The saver behind :func:`save`: ring buffer on device, writer thread on host."""
 
     def __init__(self, collector: DataCollector, checkpoint_every: int, block_size: int | None,
@@ -115,7 +117,7 @@ class _Streamer(_SaverBase):
         if resume is not None:
             chains = None if np.ndim(resume.chain_ids) == 0 or len(resume.chain_ids) == 1 else len(resume.chain_ids)
         spec = self._sample_spec(init_sample, chains)
-        capacity = _samples_collected(static_information)
+        capacity = samples_collected(static_information)
         self._checkpoint_spec(init_checkpoint, scheduler_state, chains)
         if self.block_size is None:
             rows = int(np.clip(_BLOCK_BYTES // max(1, self.layout.row_bytes()), 1, _MAX_BLOCK_ROWS))

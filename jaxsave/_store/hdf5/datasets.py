@@ -18,7 +18,10 @@ from collections.abc import Callable
 import h5py
 import numpy as np
 
-from jaxsave import _diskspace, _dtypes
+from jaxsave._core import diskspace as _diskspace
+from jaxsave._core import dtypes as _dtypes
+from jaxsave._store import schema
+from jaxsave._store.hdf5.sample_file import attach_scales
 from jaxsave.collectors import SampleLayout
 
 __all__ = ["DatasetLayout", "write_block", "write_rows"]
@@ -132,10 +135,10 @@ class DatasetLayout:
             chunks=chunk_lead + shape if math.prod(shape) else None,
             compression=self.compression,
             shuffle=self.compression is not None,
-            fillvalue=np.full((), np.nan, dtype) if dtype.kind in "fc" else None,
+            fillvalue=schema.stored_fill_value(dtype),
         )
-        ds.attrs["jaxsave_dtype"] = spec.dtype
-        ds.attrs["jaxsave_key"] = json.dumps(list(self._sample.keys[j]))
+        ds.attrs[schema.LEAF_DTYPE] = spec.dtype
+        ds.attrs[schema.LEAF_KEY] = json.dumps(list(self._sample.keys[j]))
         return ds
 
     def _draw_extent(self, chains: list[int], needed: int) -> int:
@@ -166,20 +169,14 @@ class DatasetLayout:
         draws = self._draw_extent(list(range(n_chains)), needed_draws)
         for group_name in dict.fromkeys(g for g, _ in self._entries):
             group = self._file.require_group(group_name)
-            for name, size in (("chain", n_chains), ("draw", draws)):
+            for name, size in ((schema.CHAIN_DIM, n_chains), (schema.DRAW_DIM, draws)):
                 scale = group.create_dataset(name, data=np.arange(size, dtype=np.int64), maxshape=(None,),
                                              chunks=(max(1, min(size, 4096)),) if size else (1,))
                 scale.make_scale(name)
         for j, (group_name, var) in enumerate(self._entries):
             group = self._file[group_name]
             ds = self._create(group, var, j, (n_chains, draws))
-            ds.dims[0].attach_scale(group["chain"])
-            ds.dims[1].attach_scale(group["draw"])
-            for k, size in enumerate(ds.shape[2:]):
-                dim = f"{var}_dim_{k}"
-                scale = group.create_dataset(dim, data=np.arange(size, dtype=np.int64))
-                scale.make_scale(dim)
-                ds.dims[k + 2].attach_scale(scale)
+            attach_scales(group, ds, var)
             self._datasets.append(ds)
         self._write_counts()
 
@@ -187,7 +184,7 @@ class DatasetLayout:
         for ds in self._datasets:
             ds.resize((chains, draws) + ds.shape[2:])
         for group_name in dict.fromkeys(g for g, _ in self._entries):
-            for name, size in (("chain", chains), ("draw", draws)):
+            for name, size in ((schema.CHAIN_DIM, chains), (schema.DRAW_DIM, draws)):
                 scale = self._file[group_name][name]
                 old = scale.shape[0]
                 if old != size:
@@ -197,8 +194,7 @@ class DatasetLayout:
 
     def _chain_names(self, chain: int) -> list[str]:
         """The paths of chain ``chain``'s datasets (``chains`` layout)."""
-        return [f"chain~{chain}/" + ("/".join(key) if key else "sample")
-                for key in self._sample.keys]
+        return [schema.chain_dataset(chain, key) for key in self._sample.keys]
 
     def _rebind(self) -> None:
         """Point the dataset handles at ``self._file``, after it was replaced or reopened.
@@ -230,15 +226,15 @@ class DatasetLayout:
             if names and names[0] in self._file:  # reopened after close: bind what exists
                 self._chain_datasets[c] = [self._file[n] for n in names]
                 continue
-            group = self._file.require_group(f"chain~{c}")
+            group = self._file.require_group(schema.chain_group(c))
             draws = self._draw_extent([c], needed if c == chain else 0)
             dsets = []
             for j, key in enumerate(self._sample.keys):
                 parent = group
                 for part in key[:-1]:
                     parent = parent.require_group(part)
-                dsets.append(self._create(parent, key[-1] if key else "sample", j, (draws,)))
-            group.attrs["sample_count"] = 0
+                dsets.append(self._create(parent, key[-1] if key else schema.BARE_LEAF, j, (draws,)))
+            group.attrs[schema.CHAIN_COUNT] = 0
             self._chain_datasets[c] = dsets
         self._write_counts()
 
@@ -286,7 +282,7 @@ class DatasetLayout:
 
     def _check_space(self, chains: int, values: list[np.ndarray]) -> None:
         """Refuse a block the disk may not have room for, before HDF5 sees it, datasets not
-        even grown (see :mod:`jaxsave._diskspace`).
+        even grown (see :mod:`jaxsave._core.diskspace`).
 
         Room is needed for the block, a chunk per dataset and chain it may newly
         allocate and one still in the chunk cache.

@@ -3,7 +3,7 @@
 Entries are named by the leaves' readable key paths (``params.dense.kernel.npy``)
 and the jaxsave header is the zip member ``__jaxsave__.json``, which
 ``np.load(f)["__jaxsave__.json"]`` returns as bytes. ml_dtypes arrays and PRNG
-keys are stored as unsigned views / key data (see :mod:`jaxsave._dtypes`).
+keys are stored as unsigned views / key data (see :mod:`jaxsave._core.dtypes`).
 
 Reading checks each member's ``.npy`` header (no object dtypes, no pickles, a
 byte count that matches the member's size) before allocating anything. An
@@ -21,8 +21,8 @@ from typing import Any, BinaryIO
 import numpy as np
 from numpy.lib import format as npformat
 
-from jaxsave._dtypes import dtype_from_name, storage_dtype
-from jaxsave._formats import MAX_HEADER_BYTES
+from jaxsave._core.dtypes import dtype_from_name, storage_dtype
+from jaxsave._serialize.formats.base import MAX_HEADER_BYTES
 from jaxsave.errors import FileFormatError
 
 HEADER_MEMBER = "__jaxsave__.json"

@@ -1,0 +1,207 @@
+"""The HDF5 sample file, read side: open it safely, check its header, read its schema.
+
+Every name comes from :mod:`jaxsave._store.schema`; this module only knows how HDF5
+holds them. Readers (:mod:`jaxsave.samples`), :func:`jaxsave.merge` and the CLI open
+files through :func:`open_sample_file`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import h5py
+import numpy as np
+
+from jaxsave._core import dtypes as _dtypes
+from jaxsave._store import schema
+from jaxsave._store.hdf5 import superblock as _superblock
+from jaxsave._store.hdf5.trust import check_file
+from jaxsave._store.schema import VariableInfo
+from jaxsave.errors import FileFormatError, JaxsaveError
+
+PathLike = str | os.PathLike
+
+#: How long a reader retries an open that fails while the file changes under it
+#: (see :func:`open_sample_file`).
+OPEN_RETRY_S = 5.0
+_BUSY = ("already open for write", "unable to lock file")
+
+
+def _identity(path: str) -> tuple[int, ...] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _open_file(path: str) -> h5py.File:
+    """Open a sample file for reading once; every failure becomes a :class:`FileFormatError`.
+
+    A file still marked open for writing (a running or killed SWMR writer) is
+    opened in SWMR read mode, others normally. A file shorter than its
+    superblock says is refused up front: SWMR readers would wait for the
+    missing bytes forever.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such file: {path!r}")
+    try:
+        flags, eof = _superblock.open_flags(path), _superblock.stored_eof(path)
+        if eof is not None and eof > os.path.getsize(path):
+            raise FileFormatError(
+                f"truncated: {os.path.getsize(path)} bytes, the superblock says {eof}")
+        return h5py.File(path, "r", **({"libver": "latest", "swmr": True} if flags else {}))
+    except (OSError, ValueError, RuntimeError) as error:
+        raise FileFormatError(f"{path!r} cannot be opened as an HDF5 file (truncated, corrupt or "
+                              f"not HDF5): {error}") from error
+
+
+def open_retrying(path: str) -> h5py.File:
+    """:func:`_open_file`, retried while a writer swaps or reopens the file (:data:`OPEN_RETRY_S`).
+
+    A writer replaces the file by a rename and reopens it for SWMR writing; a
+    reader that looks at the file's flags just before and opens it just after
+    (or meets HDF5's lock of the opening writer) fails for a moment. Such a
+    failure, or one during which the file changed, is retried; others are not.
+    """
+    delay, deadline = 0.001, time.monotonic() + OPEN_RETRY_S
+    while True:
+        before = _identity(path)
+        try:
+            return _open_file(path)
+        except FileFormatError as error:
+            transient = any(b in str(error) for b in _BUSY) or _identity(path) != before
+            if not transient:
+                raise
+            if time.monotonic() > deadline:
+                raise FileFormatError(
+                    f"{error} (still after retrying for {OPEN_RETRY_S:g} s: a writer that is not "
+                    "SWMR holds it, or it keeps changing)") from error
+        time.sleep(delay)
+        delay = min(2 * delay, 0.05)
+
+
+@contextlib.contextmanager
+def open_sample_file(path: PathLike) -> Iterator[h5py.File]:
+    """Open a sample file for reading (:func:`open_retrying`) and check its header.
+
+    Every failure becomes a :class:`FileFormatError`.
+    """
+    path = os.fspath(path)
+    f = open_retrying(path)
+    try:
+        check_header(f, path)
+        yield f
+    except JaxsaveError:
+        raise
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as error:
+        raise FileFormatError(f"{path!r} is damaged or not a valid jaxsave file: {error}") from error
+    finally:
+        f.close()
+
+
+def check_header(f: h5py.File, path: str) -> None:
+    """Refuse a file that is not a sample file this jaxsave can read."""
+    fmt = f.attrs.get(schema.FORMAT)
+    if fmt is None:
+        raise FileFormatError(
+            f"{path!r} is an HDF5 file but not a jaxsave sample file (no {schema.FORMAT!r})")
+    if int(fmt) > schema.SAMPLE_FILE_FORMAT:
+        raise FileFormatError(
+            f"{path!r} has jaxsave format {int(fmt)}; this jaxsave reads up to "
+            f"{schema.SAMPLE_FILE_FORMAT}: upgrade jaxsave")
+    if attr_str(f.attrs.get(schema.LAYOUT, "")) not in schema.LAYOUTS:
+        raise FileFormatError(f"{path!r} has an unknown layout {f.attrs.get(schema.LAYOUT)!r}")
+    check_file(f, repr(path), merged=True)  # no data from outside the file (but a merged file's sources)
+
+
+def attr_str(value: Any) -> str:
+    """A string attribute as ``str`` (h5py gives ``bytes`` for some)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def read_layout(f: h5py.File) -> str:
+    """The file's layout (:data:`schema.LAYOUTS`; checked by :func:`check_header`)."""
+    return attr_str(f.attrs[schema.LAYOUT])
+
+
+def read_structure(f: h5py.File) -> str:
+    """The JSON text of the file's structure attribute."""
+    return attr_str(f.attrs[schema.STRUCTURE])
+
+
+def has_structure(f: h5py.File) -> bool:
+    """Whether a chain was registered (the file describes its leaves)."""
+    return schema.STRUCTURE in f.attrs
+
+
+def read_variables(f: h5py.File) -> list[VariableInfo]:
+    """The leaves the file's structure attribute describes (dtype names checked)."""
+    raw = f.attrs.get(schema.STRUCTURE)
+    if raw is None:
+        raise FileFormatError("the file holds no samples yet (no chain was registered)")
+    try:
+        leaves = json.loads(attr_str(raw))["leaves"]
+        out = [VariableInfo(tuple(str(k) for k in v["key"]), str(v["group"]), str(v["name"]),
+                            str(v["dtype"]), tuple(int(n) for n in v["shape"])) for v in leaves]
+    except (ValueError, KeyError, TypeError) as error:
+        raise FileFormatError(
+            f"the file's {schema.STRUCTURE!r} attribute is malformed: {error}") from error
+    for v in out:
+        _dtypes.storage_dtype(v.dtype)  # whitelisted dtype names only
+    return out
+
+
+def read_counts(f: h5py.File) -> np.ndarray:
+    """Each chain's sample count (int64, checked non-negative)."""
+    counts = np.asarray(f.attrs.get(schema.COUNTS, np.zeros(0)), dtype=np.int64).reshape(-1)
+    if (counts < 0).any():
+        raise FileFormatError(f"negative sample counts {counts.tolist()}")
+    return counts
+
+
+def leaf_dataset(f: h5py.File, layout: str, var: VariableInfo,
+                 chain: int | None = None) -> h5py.Dataset:
+    """The dataset of leaf ``var`` (of chain ``chain`` in layout ``"chains"``)."""
+    path = schema.dataset_path(layout, var, chain)
+    ds = f.get(path)
+    if not isinstance(ds, h5py.Dataset):
+        raise FileFormatError(f"the file lacks the dataset {path!r}")
+    return ds
+
+
+def write_root_attributes(attrs: h5py.AttributeManager, layout: str) -> None:
+    """Set :func:`schema.root_attributes`, and those of a new file where they are missing."""
+    for k, v in schema.root_attributes(layout).items():
+        attrs[k] = v
+    for k, v in schema.new_file_attributes().items():
+        if k not in attrs:
+            attrs[k] = v
+
+
+def root_attributes_stale(attrs: h5py.AttributeManager, layout: str) -> bool:
+    """Whether :func:`write_root_attributes` would change anything."""
+    return any(k not in attrs for k in schema.new_file_attributes()) or any(
+        k not in attrs or attrs[k] != v for k, v in schema.root_attributes(layout).items())
+
+
+def create_scales(group: h5py.Group, chains: int, draws: int, **options: Any) -> None:
+    """The ``chain`` and ``draw`` dimension scales of a group (layout ``"posterior"``)."""
+    for name, size in ((schema.CHAIN_DIM, chains), (schema.DRAW_DIM, draws)):
+        group.create_dataset(name, data=np.arange(size, dtype=np.int64), **options).make_scale(name)
+
+
+def attach_scales(group: h5py.Group, ds: h5py.Dataset, name: str) -> None:
+    """Attach ``chain``, ``draw`` and ``{name}_dim_{k}`` (created if missing) to ``ds``."""
+    ds.dims[0].attach_scale(group[schema.CHAIN_DIM])
+    ds.dims[1].attach_scale(group[schema.DRAW_DIM])
+    for k, size in enumerate(ds.shape[2:]):
+        dim = schema.dim_name(name, k)
+        if dim not in group:
+            group.create_dataset(dim, data=np.arange(size, dtype=np.int64)).make_scale(dim)
+        ds.dims[k + 2].attach_scale(group[dim])

@@ -1,0 +1,125 @@
+"""The sample file's schema: every name, attribute and rule a sample file is made of.
+
+This module is the one place that says what a jaxsave sample file contains; the
+collector (:mod:`jaxsave.hdf5`), the readers (:mod:`jaxsave.samples`),
+:func:`jaxsave.merge` and the CLI take paths, attribute names and the fill rule from
+here. It is backend-neutral (no h5py): :mod:`jaxsave._store.hdf5.sample_file`
+implements it on HDF5.
+
+A file has the root attributes ``jaxsave_format`` (:data:`SAMPLE_FILE_FORMAT`),
+``jaxsave_version``, ``jaxsave_layout`` (one of :data:`LAYOUTS`), ``created``,
+``sample_counts`` (one count a chain) and, once a chain is registered,
+``jaxsave_structure`` (JSON: the leaves' keys, groups, names, dtypes and shapes, the
+treedef and the treespec). Layout ``"posterior"`` stores leaf ``group/name`` as one
+``(chain, draw, ...)`` dataset with the dimension scales ``chain``, ``draw`` and
+``{name}_dim_{k}``; layout ``"chains"`` stores it under :func:`chain_group` as one
+``(draw, ...)`` dataset per chain. Draws not written read as :func:`fill_value`.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from jaxsave._version import __version__
+
+#: The version of the sample-file format this jaxsave writes and reads up to.
+SAMPLE_FILE_FORMAT = 1
+
+POSTERIOR, CHAINS = "posterior", "chains"
+LAYOUTS = (POSTERIOR, CHAINS)
+
+# Root attributes.
+FORMAT = "jaxsave_format"
+VERSION = "jaxsave_version"
+LAYOUT = "jaxsave_layout"
+CREATED = "created"
+STRUCTURE = "jaxsave_structure"
+COUNTS = "sample_counts"
+MERGED_FROM = "jaxsave_merged_from"
+CHAIN_OFFSETS = "jaxsave_chain_offsets"
+
+# Attributes of each leaf's dataset, and of a chain's group (layout "chains").
+LEAF_DTYPE = "jaxsave_dtype"
+LEAF_KEY = "jaxsave_key"
+LEAF_ATTRIBUTES = (LEAF_DTYPE, LEAF_KEY)
+CHAIN_COUNT = "sample_count"
+
+# Dimension scales of layout "posterior".
+CHAIN_DIM, DRAW_DIM = "chain", "draw"
+
+#: The group of a leaf in layout "chains", before the chain is put in (``.format(chain)``).
+CHAIN_GROUP = "chain~{}"
+#: How the CLI shows :data:`CHAIN_GROUP` (any chain).
+ANY_CHAIN_GROUP = CHAIN_GROUP.format("*")
+#: The name of the one leaf of a sample that is a bare array (no key path).
+BARE_LEAF = "sample"
+
+
+class VariableInfo(NamedTuple):
+    """One sample leaf as stored: key path, HDF5 group and name, logical dtype, per-draw shape."""
+
+    key: tuple[str, ...]
+    group: str
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def root_attributes(layout: str) -> dict[str, Any]:
+    """The root attributes every writer sets (and refreshes when they are stale)."""
+    return {VERSION: __version__, FORMAT: SAMPLE_FILE_FORMAT, LAYOUT: layout}
+
+
+def new_file_attributes() -> dict[str, Any]:
+    """The root attributes a new file starts with, besides :func:`root_attributes`."""
+    return {CREATED: datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            COUNTS: np.zeros(0, np.int64)}
+
+
+def chain_group(chain: int) -> str:
+    """The group holding chain ``chain``'s datasets (layout ``"chains"``)."""
+    return CHAIN_GROUP.format(chain)
+
+
+def leaf_path(key: Sequence[str]) -> str:
+    """A leaf's path below its chain's group (layout ``"chains"``)."""
+    return "/".join(key) if key else BARE_LEAF
+
+
+def chain_dataset(chain: int, key: Sequence[str]) -> str:
+    """The dataset of leaf ``key`` of chain ``chain`` (layout ``"chains"``)."""
+    return f"{chain_group(chain)}/{leaf_path(key)}"
+
+
+def posterior_dataset(group: str, name: str) -> str:
+    """The dataset of leaf ``group/name`` (layout ``"posterior"``)."""
+    return f"{group}/{name}"
+
+
+def dataset_path(layout: str, var: VariableInfo, chain: int | None = None) -> str:
+    """Where leaf ``var`` (of chain ``chain``, layout ``"chains"``) is stored."""
+    if layout == POSTERIOR:
+        return posterior_dataset(var.group, var.name)
+    if chain is None:
+        raise ValueError("layout 'chains' stores one dataset per chain: name the chain")
+    return chain_dataset(chain, var.key)
+
+
+def dim_name(name: str, k: int) -> str:
+    """The dimension scale of axis ``k`` of a draw of leaf ``name`` (layout ``"posterior"``)."""
+    return f"{name}_dim_{k}"
+
+
+def fill_value(dtype: np.dtype) -> Any:
+    """What a draw that was not written reads as: NaN for float and complex leaves, else 0."""
+    return np.nan if np.dtype(dtype).kind in "fc" else 0
+
+
+def stored_fill_value(dtype: np.dtype) -> np.ndarray | None:
+    """:func:`fill_value` as a backend's dataset fill value (``None``: the backend's 0)."""
+    dtype = np.dtype(dtype)
+    return np.full((), np.nan, dtype) if dtype.kind in "fc" else None

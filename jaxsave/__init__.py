@@ -5,39 +5,21 @@
 [('a', {'list_element_0': 2}), ('b', 1)]
 """
 
-from jaxsave._stream.resume import ChainCheckpoint, Checkpoint, resume
-from jaxsave._stream.no_save import no_save
-from jaxsave._stream.state import SaveState, Saver, static_information
-from jaxsave._stream.sharding import shard_state
-from jaxsave._stream.streamer import save
+from jaxsave import errors
 from jaxsave._core.tree import (
     dict_to_pytree,
     pytree_dict_keys,
     pytree_to_dict,
     register_dictionize_rule,
 )
+from jaxsave._stream.no_save import no_save
+from jaxsave._stream.resume import ChainCheckpoint, Checkpoint, resume
+from jaxsave._stream.sharding import shard_state
+from jaxsave._stream.state import Saver, SaveState, static_information
+from jaxsave._stream.streamer import save
 from jaxsave._version import __version__
-from jaxsave.collectors import DataCollector, MemoryCollector
-from jaxsave.hdf5 import HDF5Collector
-from jaxsave.merge import merge
-from jaxsave.samples import (
-    LiveSamples,
-    SampleFileInfo,
-    file_info,
-    load_samples,
-    open_live,
-    recover,
-    to_inference_data,
-)
 from jaxsave.checkpointer import Checkpointer
-from jaxsave.registry import register_saveable, saveable
-from jaxsave.serialization import (
-    PytreeFile,
-    load_pytree,
-    open_pytree,
-    read_metadata,
-    save_pytree,
-)
+from jaxsave.collectors import DataCollector, MemoryCollector
 from jaxsave.errors import (
     CapacityError,
     FileChangedError,
@@ -49,6 +31,25 @@ from jaxsave.errors import (
     SaverStateError,
     StructureMismatchError,
     UnregisteredNameError,
+)
+from jaxsave.hdf5 import HDF5Collector
+from jaxsave.merge import merge
+from jaxsave.registry import register_saveable, saveable
+from jaxsave.samples import (
+    LiveSamples,
+    SampleFileInfo,
+    file_info,
+    load_samples,
+    open_live,
+    recover,
+    to_inference_data,
+)
+from jaxsave.serialization import (
+    PytreeFile,
+    load_pytree,
+    open_pytree,
+    read_metadata,
+    save_pytree,
 )
 
 __all__ = [
@@ -91,14 +92,5 @@ __all__ = [
     "pytree_dict_keys",
     "dict_to_pytree",
     # errors
-    "JaxsaveError",
-    "FileFormatError",
-    "StructureMismatchError",
-    "UnregisteredNameError",
-    "SaverStateError",
-    "CapacityError",
-    "ReadTooLargeError",
-    "RebuildError",
-    "FileInUseError",
-    "FileChangedError",
+    *errors.__all__,
 ]

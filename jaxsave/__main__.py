@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from jaxsave.errors import JaxsaveError
 
@@ -25,8 +25,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     info = file_info(args.path)
     out = sys.stdout
     print(f"file:     {info.path}", file=out)
-    print(f"format:   jaxsave format {info.format} (written by jaxsave {info.version}), layout {info.layout!r}",
-          file=out)
+    print(f"format:   jaxsave format {info.format} (written by jaxsave {info.version}), "
+          f"layout {info.layout!r}", file=out)
     print(f"created:  {info.created}", file=out)
     if info.open_for_writing:
         print("state:    open for writing: a sampler is still writing it, or was killed "
@@ -38,7 +38,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print("variables: none (no chain was registered)", file=out)
         return 0
     rows = [("variable", "group", "shape per draw", "dtype")]
-    rows += [(v.name, v.group.replace(schema.CHAIN_GROUP, schema.ANY_CHAIN_GROUP), str(v.shape), v.dtype) for v in info.variables]
+    rows += [(v.name, v.group.replace(schema.CHAIN_GROUP, schema.ANY_CHAIN_GROUP), str(v.shape), v.dtype)
+             for v in info.variables]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     print("variables:", file=out)
     for r in rows:
@@ -47,7 +48,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("inspect", help="show chains, variables, shapes, dtypes and sample counts of a file")
+    p = subparsers.add_parser(
+        "inspect", help="show chains, variables, shapes, dtypes and sample counts of a file")
     p.add_argument("path", help="a sample file written by jaxsave.HDF5Collector")
     p.set_defaults(command=_cmd_inspect)
 
@@ -69,8 +71,9 @@ def _add_recover(subparsers: argparse._SubParsersAction) -> None:
 def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     from jaxsave import demo
 
-    p = subparsers.add_parser("demo", help="run SGLD on real data with 4 chains, stream to chains.h5, print a summary",
-                              description=demo.__doc__.split("\n\n")[0])
+    p = subparsers.add_parser(
+        "demo", help="run SGLD on real data with 4 chains, stream to chains.h5, print a summary",
+        description=(demo.__doc__ or "").split("\n\n")[0])
     demo.add_arguments(p)
     p.set_defaults(command=demo.run_from_args)
 

@@ -14,8 +14,9 @@ import abc
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import jax
 import numpy as np
@@ -82,6 +83,18 @@ def samples_collected(static_information: Any) -> int | None:
     return value
 
 
+class BlockSink(Protocol):
+    """What a saver's writer thread calls on its collector (:class:`DataCollector` has all)."""
+
+    def save(self, chain_id: int, values: list[np.ndarray]) -> None: ...
+
+    def save_block(self, chain_ids: list[int], values: list[np.ndarray]) -> None: ...
+
+    def finalize(self, chain_id: int) -> None: ...
+
+    def checkpoint(self, records: dict, spec: Any) -> None: ...
+
+
 class DataCollector(abc.ABC):
     """Base class of collectors (compatible with the older ``io`` module's).
 
@@ -113,14 +126,14 @@ class DataCollector(abc.ABC):
         for i, chain in enumerate(chain_ids):
             self.save(chain, [leaf[i] for leaf in values])
 
-    def finalize(self, chain_id: int) -> None:
+    def finalize(self, chain_id: int) -> None:  # noqa: B027  (optional: a default that does nothing)
         """Called on the writer thread after the last block of a chain."""
 
     def finished(self, chain_id: int) -> Any:
         """Called by ``postprocess`` on the main thread; returns the chain's samples or ``None``."""
         return None
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (optional: a default that does nothing)
         """Called once every registered chain is finished: release files and memory."""
 
     def reopen_chain(self, chain_id: int, sample_count: int, init_sample: Any = None,
@@ -148,6 +161,11 @@ class DataCollector(abc.ABC):
                 "create one collector per jaxsave.save(...)"
             )
         self._owner = owner
+
+
+if TYPE_CHECKING:
+    def _is_a_block_sink(collector: DataCollector) -> BlockSink:
+        return collector  # the type checker proves that every DataCollector is a BlockSink
 
 
 def drain_writer(collector: DataCollector) -> None:
@@ -181,6 +199,7 @@ class _MemoryChain:
         needed = self.count + n
         if self.rows is None or needed > self.allocated:
             self._grow(needed)
+        assert self.rows is not None  # allocated by _grow
         for rows, block in zip(self.rows, values):
             rows[self.count:needed] = block
         self.count = needed
@@ -230,7 +249,8 @@ class MemoryCollector(DataCollector):
         self._dir = None if save_dir is None else Path(save_dir)
         self._chains: list[_MemoryChain] = []
 
-    def register_chain(self, init_sample=None, init_checkpoint=None, static_information=None, **unused) -> int:
+    def register_chain(self, init_sample=None, init_checkpoint=None, static_information=None,
+                       **unused) -> int:
         capacity = samples_collected(static_information)
         self._chains.append(_MemoryChain(sample_layout(init_sample), capacity))
         return len(self._chains) - 1
@@ -245,12 +265,13 @@ class MemoryCollector(DataCollector):
             self._write_npz(chain_id, chain)
 
     def _write_npz(self, chain_id: int, chain: _MemoryChain) -> None:
+        assert self._dir is not None  # only called with a directory
         self._dir.mkdir(parents=True, exist_ok=True)
         names = ["/".join(key) for key in chain.layout.keys]
         arrays = {name: _dtypes.to_storable(a) for name, a in zip(names, chain.samples())}
         dtypes = {name: spec.dtype for name, spec in zip(names, chain.layout.specs)}
         arrays["__jaxsave__"] = np.array(json.dumps({"format": 1, "dtypes": dtypes}))
-        np.savez(self._dir / f"chain_{chain_id}.npz", **arrays)
+        np.savez(self._dir / f"chain_{chain_id}.npz", **arrays)  # type: ignore[arg-type]
 
     def reopen_chain(self, chain_id: int, sample_count: int, init_sample: Any = None,
                      init_checkpoint: Any = None, static_information: Any = None) -> None:

@@ -72,7 +72,8 @@ def load_data() -> tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_breast_cancer
     except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError("the demo needs scikit-learn for its data set: pip install 'jaxsave[demo]'") from error
+        raise ImportError(
+            "the demo needs scikit-learn for its data set: pip install 'jaxsave[demo]'") from error
     x, y = load_breast_cancer(return_X_y=True)
     x = (x - x.mean(0)) / x.std(0)
     _, s, vt = np.linalg.svd(x, full_matrices=False)
@@ -162,13 +163,14 @@ def summarize(samples: dict[str, np.ndarray], names: list[str] | None = None) ->
     try:
         import arviz as az
     except ImportError:
-        az = None
+        az = None  # type: ignore[assignment]
     if az is not None:
         idata = _arviz.from_groups({"posterior": {k: np.asarray(samples[k]) for k in names}})
         table = az.summary(idata, kind="all", round_to="none")
         return [
             {"name": str(name), "mean": float(row["mean"]), "sd": float(row["sd"]),
-             "ess_bulk": float(row["ess_bulk"]), "ess_tail": float(row["ess_tail"]), "r_hat": float(row["r_hat"])}
+             "ess_bulk": float(row["ess_bulk"]), "ess_tail": float(row["ess_tail"]),
+             "r_hat": float(row["r_hat"])}
             for name, row in table.iterrows()
         ]
     rows = []
@@ -176,7 +178,8 @@ def summarize(samples: dict[str, np.ndarray], names: list[str] | None = None) ->
         arr = np.asarray(samples[key], np.float64)
         flat = arr.reshape(arr.shape[0], arr.shape[1], -1)
         for j in range(flat.shape[2]):
-            label = key if arr.ndim == 2 else f"{key}[{', '.join(map(str, np.unravel_index(j, arr.shape[2:])))}]"
+            index = ", ".join(map(str, np.unravel_index(j, arr.shape[2:])))
+            label = key if arr.ndim == 2 else f"{key}[{index}]"
             draws = flat[:, :, j]
             rows.append({"name": label, "mean": float(draws.mean()), "sd": float(draws.std(ddof=1)),
                          "ess_bulk": effective_sample_size(draws), "ess_tail": float("nan"),
@@ -230,8 +233,8 @@ def run(
     output = None if collector != "hdf5" else os.fspath(output if output is not None else "chains.h5")
 
     say(f"jaxsave demo: Bayesian logistic regression, breast-cancer data ({n_data} x {dim}), SGLD")
-    say(f"  {chains} chain{'s' if chains > 1 else ''} x {steps} steps (burn-in {burn_in}, thin {thin}: {kept} draws per chain), "
-        f"minibatch {batch_size}, step size {step_size:g}")
+    say(f"  {chains} chain{'s' if chains > 1 else ''} x {steps} steps (burn-in {burn_in}, "
+        f"thin {thin}: {kept} draws per chain), minibatch {batch_size}, step size {step_size:g}")
     say(f"  collector: {collector}" + (f" -> {output}" if output else ""))
 
     if collector == "no_save":
@@ -284,7 +287,7 @@ def run(
 
     counts = np.asarray(result["sample_count"]).reshape(-1)
     if collector == "hdf5":
-        samples = jaxsave.load_samples(output)  # read back from the file, as an analysis would
+        samples = jaxsave.load_samples(output)  # type: ignore[arg-type]  # read back from the file, as an analysis would
     else:
         samples = result["samples"]
     samples = {k: np.asarray(v) for k, v in samples.items()}
@@ -313,7 +316,8 @@ def print_report(summary: list[dict[str, Any]], counts: np.ndarray, accuracy: fl
     print("-" * len(header), file=out)
     for row in summary:
         print(f"{row['name']:<10} {_fmt(row['mean'], 3):>8} {_fmt(row['sd'], 3):>7} "
-              f"{_fmt(row['ess_bulk'], 0):>9} {_fmt(row['ess_tail'], 0):>9} {_fmt(row['r_hat'], 3):>6}", file=out)
+              f"{_fmt(row['ess_bulk'], 0):>9} {_fmt(row['ess_tail'], 0):>9} "
+              f"{_fmt(row['r_hat'], 3):>6}", file=out)
     rhat = [r["r_hat"] for r in summary if math.isfinite(r["r_hat"])]
     ess = [r["ess_bulk"] for r in summary if math.isfinite(r["ess_bulk"])]
     total = int(counts.sum())
@@ -338,10 +342,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chains", type=int, default=4, help="chains, vmapped (default 4)")
     parser.add_argument("--steps", type=int, default=40_000, help="SGLD steps per chain (default 40000)")
     parser.add_argument("--burn-in", type=int, default=10_000, help="steps discarded first (default 10000)")
-    parser.add_argument("--thin", type=int, default=20, help="keep every n-th step after burn-in (default 20)")
+    parser.add_argument("--thin", type=int, default=20,
+                        help="keep every n-th step after burn-in (default 20)")
     parser.add_argument("--step-size", type=float, default=6e-3, help="SGLD step size (default 0.006)")
     parser.add_argument("--batch-size", type=int, default=64, help="minibatch size (default 64)")
-    parser.add_argument("--output", default="chains.h5", help="HDF5 file for --collector hdf5 (default chains.h5)")
+    parser.add_argument("--output", default="chains.h5",
+                        help="HDF5 file for --collector hdf5 (default chains.h5)")
     parser.add_argument("--collector", choices=COLLECTORS, default="hdf5",
                         help="where samples go: an HDF5 file, host memory, or the device (default hdf5)")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed (default 0)")
@@ -351,9 +357,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the demo with parsed command-line options; returns the exit code."""
     try:
-        run(chains=args.chains, steps=args.steps, burn_in=args.burn_in, thin=args.thin, step_size=args.step_size,
-            batch_size=args.batch_size, output=args.output, collector=args.collector, seed=args.seed,
-            progress=args.progress)
+        run(chains=args.chains, steps=args.steps, burn_in=args.burn_in, thin=args.thin,
+            step_size=args.step_size, batch_size=args.batch_size, output=args.output,
+            collector=args.collector, seed=args.seed, progress=args.progress)
     except (ValueError, ImportError) as error:
         print(f"jaxsave demo: error: {error}", file=sys.stderr)
         return 2

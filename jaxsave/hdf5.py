@@ -24,23 +24,24 @@ import os
 import threading
 import time
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import h5py
 import numpy as np
 
 from jaxsave._core import atomic as _atomic
-from jaxsave._stream import resume as _checkpoint
 from jaxsave._core import filelock as _filelock
-from jaxsave._store.hdf5 import superblock as _superblock
+from jaxsave._serialize.treespec import encode_structure
 from jaxsave._store import schema
 from jaxsave._store.hdf5 import sample_file
+from jaxsave._store.hdf5 import superblock as _superblock
 from jaxsave._store.hdf5 import swmr_file as _swmr_file
-from jaxsave._store.hdf5.datasets import DatasetLayout
-from jaxsave._store.hdf5.owner import OwnedFile
+from jaxsave._store.hdf5.datasets import HDF5Datasets
 from jaxsave._store.hdf5.names import StatsSpec, leaf_entries
-from jaxsave._serialize.treespec import encode_structure
-from jaxsave.collectors import DataCollector, SampleLayout, samples_collected, sample_layout
+from jaxsave._store.hdf5.owner import OwnedFile
+from jaxsave._stream import resume as _resume
+from jaxsave.collectors import DataCollector, SampleLayout, sample_layout, samples_collected
 from jaxsave.errors import FileFormatError, JaxsaveError, SaverStateError, StructureMismatchError
 
 logger = logging.getLogger("jaxsave")
@@ -50,7 +51,7 @@ __all__ = ["HDF5Collector", "FORMAT_VERSION"]
 #: Version of the file layout written by this module.
 #: The sample-file format version (:data:`jaxsave._store.schema.SAMPLE_FILE_FORMAT`).
 FORMAT_VERSION = schema.SAMPLE_FILE_FORMAT
-_LAYOUTS = ("posterior", "chains")
+_LAYOUTS = schema.LAYOUTS
 
 
 def _encode_treespec(init_sample: Any) -> dict | None:
@@ -62,7 +63,7 @@ def _encode_treespec(init_sample: Any) -> dict | None:
         return None
 
 
-class HDF5Collector(DatasetLayout, OwnedFile, DataCollector):
+class HDF5Collector(HDF5Datasets, OwnedFile, DataCollector):
     """Write samples to an HDF5 file, in blocks, from a writer thread.
 
     Args:
@@ -129,7 +130,7 @@ class HDF5Collector(DatasetLayout, OwnedFile, DataCollector):
             raise ValueError(f"compression must be None, 'gzip' or 'lzf', got {compression!r}")
         if mode not in ("w", "x", "a"):
             raise ValueError(f"mode must be 'w', 'x' or 'a', got {mode!r}")
-        if sample_stats is not None and layout != "posterior":
+        if sample_stats is not None and layout != schema.POSTERIOR:
             raise ValueError("sample_stats= needs layout='posterior'")
         if isinstance(sample_stats, str):
             raise TypeError("sample_stats must be a sequence of names or a predicate, not a string")
@@ -146,7 +147,7 @@ class HDF5Collector(DatasetLayout, OwnedFile, DataCollector):
         self.fsync = bool(fsync)
         self._stats = sample_stats
         self._lock = threading.RLock()
-        self._sample: SampleLayout | None = None
+        self._sample: SampleLayout | None = None  # type: ignore[assignment]
         self._treespec: dict | None = None
         self._entries: list[tuple[str, str]] = []  # (group, name) per leaf, posterior layout
         self._capacity: list[int | None] = []
@@ -179,7 +180,7 @@ class HDF5Collector(DatasetLayout, OwnedFile, DataCollector):
                 self._release_lock()
                 raise
         self._adopt_existing_chains()
-        self._checkpoints: dict[int, _checkpoint.ChainCheckpoint] = {}
+        self._checkpoints: dict[int, _resume.ChainCheckpoint] = {}
         self._checkpoint_spec: Any = None
         self._checkpoint_pending = False
         self._checkpoint_written = -float("inf")
@@ -192,7 +193,8 @@ class HDF5Collector(DatasetLayout, OwnedFile, DataCollector):
         """Open the path; a new file appears only complete (written aside, then renamed)."""
         directory = os.path.dirname(os.path.abspath(self._path))
         if not os.path.isdir(directory):
-            raise FileNotFoundError(f"cannot create {self._path!r}: the directory {directory!r} does not exist")
+            raise FileNotFoundError(
+                f"cannot create {self._path!r}: the directory {directory!r} does not exist")
         if os.path.isdir(self._path):
             raise IsADirectoryError(f"{self._path!r} is a directory; HDF5Collector needs a file path")
         self._file_lock = _filelock.acquire(self._path)  # one writer per path, until close()
@@ -225,14 +227,14 @@ class HDF5Collector(DatasetLayout, OwnedFile, DataCollector):
         except OSError:
             return  # unreadable while marked open by a killed writer: clear_open_flags checks it is HDF5
         if not ours:
-            raise FileFormatError(f"{self._path!r} is an HDF5 file not written by jaxsave; mode='a' only continues "
-                                  "jaxsave sample files (use mode='w' to replace it)")
+            raise FileFormatError(f"{self._path!r} is an HDF5 file not written by jaxsave; mode='a' "
+                                  "only continues jaxsave sample files (use mode='w' to replace it)")
 
     def _remove_stale_temporaries(self) -> None:
         """Delete what writers killed while changing this file (or its checkpoint) left next to it."""
         directory, name = os.path.split(os.path.abspath(self._path))
         if os.path.isdir(directory):
-            for target in (name, name + _checkpoint.CHECKPOINT_SUFFIX):
+            for target in (name, name + _resume.CHECKPOINT_SUFFIX):
                 _atomic.remove_stale_temporaries(directory, target=target)
 
     def _change(self, change: Callable[[], None], *, then_swmr: bool = False) -> None:
@@ -289,10 +291,12 @@ class HDF5Collector(DatasetLayout, OwnedFile, DataCollector):
 
     # -- registration ----------------------------------------------------------------
 
-    def register_chain(self, init_sample=None, init_checkpoint=None, static_information=None, **unused) -> int:
+    def register_chain(self, init_sample=None, init_checkpoint=None, static_information=None,
+                       **unused) -> int:
         with self._lock:
             if self._set_layout(init_sample):
-                self._change(lambda: self._file.attrs.__setitem__("jaxsave_structure", self._structure_json()))
+                self._change(lambda: self._file.attrs.__setitem__(schema.STRUCTURE,
+                                                                  self._structure_json()))
             if not self._file.id.valid:
                 if not self._owned:
                     raise ValueError("the h5py.File given to HDF5Collector was closed")
@@ -320,7 +324,8 @@ class HDF5Collector(DatasetLayout, OwnedFile, DataCollector):
             self._sample, self._treespec = layout, _encode_treespec(init_sample)
             return True
         if layout.keys != self._sample.keys or layout.specs != self._sample.specs:
-            raise StructureMismatchError("all chains in one HDF5Collector must have samples of the same structure")
+            raise StructureMismatchError(
+                "all chains in one HDF5Collector must have samples of the same structure")
         return False
 
     def _structure_json(self) -> str:
@@ -330,7 +335,8 @@ class HDF5Collector(DatasetLayout, OwnedFile, DataCollector):
             spec = self._sample.specs[j]
             leaves.append({"key": list(key), "group": group, "name": name, "dtype": spec.dtype,
                            "shape": list(spec.shape)})
-        return json.dumps({"leaves": leaves, "treedef": str(self._sample.treedef), "treespec": self._treespec})
+        return json.dumps({"leaves": leaves, "treedef": str(self._sample.treedef),
+                           "treespec": self._treespec})
 
     def _root_attrs_stale(self) -> bool:
         return sample_file.root_attributes_stale(self._file.attrs, self.layout)
@@ -344,8 +350,8 @@ class HDF5Collector(DatasetLayout, OwnedFile, DataCollector):
         """Refuse to write into a file that was closed under the collector (by the user)."""
         if not self._file.id.valid:
             raise SaverStateError(
-                f"the h5py.File {self._filename!r} given to HDF5Collector was closed while the sampler was still "
-                "saving to it; keep it open until postprocess has returned")
+                f"the h5py.File {self._filename!r} given to HDF5Collector was closed while the "
+                "sampler was still saving to it; keep it open until postprocess has returned")
         self._check_size()
 
     def save(self, chain_id: int, values: list[np.ndarray]) -> None:
@@ -394,7 +400,7 @@ class HDF5Collector(DatasetLayout, OwnedFile, DataCollector):
         with self._lock:
             self._require_open()
             self._finalized.add(chain_id)
-            if self.layout == "chains" and self._sample is not None:
+            if self.layout == schema.CHAINS and self._sample is not None:
                 self._chain_group(chain_id, self._counts[chain_id])
             if len(self._finalized) == len(self._counts):
                 self._trim()
@@ -404,7 +410,7 @@ class HDF5Collector(DatasetLayout, OwnedFile, DataCollector):
         """Cut preallocated draws down to what was kept, and record the final counts."""
         if self._sample is None or not self._counts:
             return
-        if self.layout == "posterior":
+        if self.layout == schema.POSTERIOR:
             self._posterior(0)
             self._resize(len(self._counts), max(self._counts))
         else:
@@ -427,25 +433,27 @@ class HDF5Collector(DatasetLayout, OwnedFile, DataCollector):
     @property
     def checkpoint_path(self) -> str:
         """Where checkpoints go: next to the samples file, ``<file>.ckpt``."""
-        return self._filename + _checkpoint.CHECKPOINT_SUFFIX
+        return self._filename + _resume.CHECKPOINT_SUFFIX
 
     def checkpoint(self, records: dict, spec: Any) -> None:
-        """Keep the newest checkpoints; write them if ``checkpoint_interval`` has passed since the last write."""
+        """Keep the newest checkpoints; write them if ``checkpoint_interval`` has passed since
+        the last write."""
         with self._lock:
             self._require_open()
             if not self._checkpoints and os.path.exists(self.checkpoint_path):
-                self._checkpoints = _checkpoint.read_file(self.checkpoint_path)[0]
+                self._checkpoints = _resume.read_file(self.checkpoint_path)[0]
             self._checkpoints.update(records)
             self._checkpoint_spec, self._checkpoint_pending = spec, True
             if time.monotonic() - self._checkpoint_written >= self.checkpoint_interval:
                 self._write_checkpoints()
 
     def _write_checkpoints(self) -> None:
-        """Commit the samples, then atomically replace ``<file>.ckpt`` with every chain's newest checkpoint."""
+        """Commit the samples, then atomically replace ``<file>.ckpt`` with every chain's newest
+        checkpoint."""
         if not self._checkpoint_pending:
             return
         self._commit()  # a checkpoint never counts samples that are not on disk
-        _checkpoint.write_file(self.checkpoint_path, self._checkpoints, self._checkpoint_spec)
+        _resume.write_file(self.checkpoint_path, self._checkpoints, self._checkpoint_spec)
         self._checkpoint_pending = False
         self._checkpoint_written = time.monotonic()
 
@@ -454,7 +462,7 @@ class HDF5Collector(DatasetLayout, OwnedFile, DataCollector):
             if self._checkpoint_pending and self._file.id.valid:
                 self._write_checkpoints()
         if os.path.exists(self.checkpoint_path):
-            return _checkpoint.read_file(self.checkpoint_path)
+            return _resume.read_file(self.checkpoint_path)
         return {}, None
 
     def reopen_chain(self, chain_id: int, sample_count: int, init_sample: Any = None,

@@ -9,25 +9,26 @@ chain index, the chains of the first file first.
 
 The sources are named by paths relative to the merged file, so a directory that
 holds all of them can be moved or copied as a whole.
+
+``jaxsave.merge`` (the package attribute) is the function :func:`merge`; this module is
+``sys.modules["jaxsave.merge"]``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import h5py
 import numpy as np
 
 from jaxsave._core import atomic as _atomic
-from jaxsave.errors import FileFormatError, StructureMismatchError
 from jaxsave._store import schema
-from jaxsave._store.hdf5.sample_file import (attach_scales, create_scales, leaf_dataset,
-                                             open_sample_file, read_counts, read_layout,
-                                             read_structure, read_variables,
-                                             write_root_attributes)
+from jaxsave._store.hdf5 import sample_file
 from jaxsave._store.schema import VariableInfo
+from jaxsave.errors import FileFormatError, StructureMismatchError
 
 __all__ = ["merge"]
 
@@ -47,15 +48,15 @@ class _Source(NamedTuple):
 def _read_source(path: str) -> _Source:
     if not os.path.exists(path):
         raise FileFormatError(f"cannot merge {path!r}: no such file")
-    with open_sample_file(path) as f:
-        if read_layout(f) != schema.POSTERIOR:
+    with sample_file.open_sample_file(path) as f:
+        if sample_file.read_layout(f) != schema.POSTERIOR:
             raise FileFormatError(f"cannot merge {path!r}: only files with layout='posterior' can be merged")
         if schema.STRUCTURE not in f.attrs:
             raise FileFormatError(f"cannot merge {path!r}: it holds no chains")
-        variables, counts = read_variables(f), read_counts(f)
+        variables, counts = sample_file.read_variables(f), sample_file.read_counts(f)
         shapes, dtypes, attrs = {}, {}, {}
         for var in variables:
-            ds = leaf_dataset(f, schema.POSTERIOR, var)
+            ds = sample_file.leaf_dataset(f, schema.POSTERIOR, var)
             if ds.is_virtual:
                 raise FileFormatError(f"cannot merge {path!r}: it is itself a merged file; merge its sources")
             if ds.shape[0] < len(counts) or ds.shape[1] < (counts.max() if counts.size else 0):
@@ -65,7 +66,7 @@ def _read_source(path: str) -> _Source:
             key = schema.posterior_dataset(var.group, var.name)
             shapes[key], dtypes[key] = ds.shape, ds.dtype
             attrs[key] = {k: ds.attrs[k] for k in schema.LEAF_ATTRIBUTES if k in ds.attrs}
-        return _Source(path, counts, read_structure(f), variables, shapes, dtypes, attrs)
+        return _Source(path, counts, sample_file.read_structure(f), variables, shapes, dtypes, attrs)
 
 
 def _check_same(first: _Source, other: _Source) -> None:
@@ -73,7 +74,8 @@ def _check_same(first: _Source, other: _Source) -> None:
     mine = {schema.posterior_dataset(v.group, v.name): v for v in first.variables}
     theirs = {schema.posterior_dataset(v.group, v.name): v for v in other.variables}
     problems += [f"{other.path!r} lacks variable {k!r}" for k in mine if k not in theirs]
-    problems += [f"{other.path!r} has variable {k!r}, which {first.path!r} lacks" for k in theirs if k not in mine]
+    problems += [f"{other.path!r} has variable {k!r}, which {first.path!r} lacks"
+                 for k in theirs if k not in mine]
     for k in mine.keys() & theirs.keys():
         a, b = mine[k], theirs[k]
         if (a.dtype, a.shape, a.key) != (b.dtype, b.shape, b.key) or first.dtypes[k] != other.dtypes[k]:
@@ -103,7 +105,8 @@ def merge(paths: Sequence[PathLike], out_path: PathLike) -> str:
     ...     init, save, post = jaxsave.save(jaxsave.HDF5Collector(os.path.join(d, f"run-{i}.h5")))
     ...     state, _ = save(init({"x": jnp.zeros(2)}), True, {"x": jnp.full(2, i, jnp.float32)})
     ...     _ = post(state, None)
-    >>> out = jaxsave.merge([os.path.join(d, "run-0.h5"), os.path.join(d, "run-1.h5")], os.path.join(d, "all.h5"))
+    >>> sources = [os.path.join(d, "run-0.h5"), os.path.join(d, "run-1.h5")]
+    >>> out = jaxsave.merge(sources, os.path.join(d, "all.h5"))
     >>> jaxsave.load_samples(out)["x"].tolist()
     [[[0.0, 0.0]], [[1.0, 1.0]]]
     """
@@ -113,26 +116,25 @@ def merge(paths: Sequence[PathLike], out_path: PathLike) -> str:
         raise ValueError("merge needs at least one source file")
     if any(os.path.abspath(p) == os.path.abspath(out_path) for p in paths):
         raise ValueError(f"the merged file {out_path!r} cannot also be a source")
-    sources = [_read_source(p) for p in paths]
+    sources = [_read_source(os.fspath(p)) for p in paths]
     for other in sources[1:]:
         _check_same(sources[0], other)
     counts = np.concatenate([s.counts for s in sources]).astype(np.int64)
     offsets = np.cumsum([0] + [len(s.counts) for s in sources])
-    draws = int(counts.max()) if counts.size else 0
+    draws = int(counts.max()) if counts.size else 0  # type: ignore[call-overload]
     here = os.path.dirname(os.path.abspath(out_path))
     names = [os.path.relpath(os.path.abspath(p), here) for p in paths]
     first = sources[0]
-    with _atomic.atomic_path(out_path) as tmp:
-        with h5py.File(tmp, "w", libver=("v110", "latest")) as f:
-            write_root_attributes(f.attrs, schema.POSTERIOR)
-            f.attrs[schema.STRUCTURE] = first.structure
-            f.attrs[schema.COUNTS] = counts
-            f.attrs[schema.MERGED_FROM] = json.dumps(names)
-            f.attrs[schema.CHAIN_OFFSETS] = offsets[:-1].astype(np.int64)
-            for group_name in dict.fromkeys(v.group for v in first.variables):
-                create_scales(f.create_group(group_name), len(counts), draws)
-            for var in first.variables:
-                _virtual_variable(f, var, sources, names, offsets, draws)
+    with _atomic.atomic_path(out_path) as tmp, h5py.File(tmp, "w", libver=("v110", "latest")) as f:
+        sample_file.write_root_attributes(f.attrs, schema.POSTERIOR)
+        f.attrs[schema.STRUCTURE] = first.structure
+        f.attrs[schema.COUNTS] = counts
+        f.attrs[schema.MERGED_FROM] = json.dumps(names)
+        f.attrs[schema.CHAIN_OFFSETS] = offsets[:-1].astype(np.int64)
+        for group_name in dict.fromkeys(v.group for v in first.variables):
+            sample_file.create_scales(f.create_group(group_name), len(counts), draws)
+        for var in first.variables:
+            _virtual_variable(f, var, sources, names, offsets, draws)
     return out_path
 
 
@@ -152,4 +154,4 @@ def _virtual_variable(f: h5py.File, var: VariableInfo, sources: list[_Source], n
     ds = group.create_virtual_dataset(var.name, layout, fillvalue=schema.stored_fill_value(dtype))
     for k, v in sources[0].attrs[key].items():
         ds.attrs[k] = v
-    attach_scales(group, ds, var.name)
+    sample_file.attach_scales(group, ds, var.name)

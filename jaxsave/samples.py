@@ -14,32 +14,42 @@ problem with the file itself raises :class:`jaxsave.FileFormatError`.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import time
 import warnings
-from typing import Any, Iterator, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import h5py
 import jax
 import numpy as np
 
-from jaxsave._store import arviz as _arviz
 from jaxsave._core import dtypes as _dtypes
 from jaxsave._core import filelock as _filelock
-from jaxsave._store import schema
-from jaxsave._store.hdf5 import superblock as _superblock
-from jaxsave._store.hdf5.sample_file import (OPEN_RETRY_S, attr_str, has_structure, leaf_dataset,
-                                             open_sample_file, read_counts, read_layout,
-                                             read_structure, read_variables)
-from jaxsave._store.schema import VariableInfo
 from jaxsave._core.tree import dict_to_pytree, flat_name, pytree_dict_keys
 from jaxsave._serialize.formats.hdf5 import check_stored
 from jaxsave._serialize.treespec import decode_structure
-from jaxsave.errors import (FileFormatError, JaxsaveError, ReadTooLargeError, StructureMismatchError,
-                            UnregisteredNameError)
+from jaxsave._store import arviz as _arviz
+from jaxsave._store import schema
+from jaxsave._store.hdf5 import superblock as _superblock
+from jaxsave._store.hdf5.sample_file import (
+    attr_str,
+    has_structure,
+    leaf_dataset,
+    open_sample_file,
+    read_counts,
+    read_layout,
+    read_structure,
+    read_variables,
+)
+from jaxsave._store.schema import VariableInfo
+from jaxsave.errors import (
+    FileFormatError,
+    ReadTooLargeError,
+    StructureMismatchError,
+    UnregisteredNameError,
+)
 
 __all__ = ["load_samples", "open_live", "LiveSamples", "to_inference_data", "file_info", "SampleFileInfo",
            "VariableInfo", "recover"]
@@ -110,8 +120,8 @@ def _storage(var: VariableInfo) -> tuple[tuple[int, ...], np.dtype]:
     return (_dtypes.key_data_shape(spec) if spec.is_key else var.shape), _dtypes.storage_dtype(var.dtype)
 
 
-def _read_leaves(f: h5py.File, layout: str, variables: list[VariableInfo], chains: list[int], counts: np.ndarray,
-                 draws: slice) -> list[np.ndarray]:
+def _read_leaves(f: h5py.File, layout: str, variables: list[VariableInfo], chains: list[int],
+                 counts: np.ndarray, draws: slice) -> list[np.ndarray]:
     """Stored rows ``(len(chains), draws, ...)`` of each leaf; rows past a chain's count are fill.
 
     Every leaf is checked against the file before anything is allocated: data
@@ -125,7 +135,8 @@ def _read_leaves(f: h5py.File, layout: str, variables: list[VariableInfo], chain
     if not chains or not len(rows):
         return [np.empty((len(chains), len(rows)) + shape, dtype) for shape, dtype in storage]
     valid = sum(len(rows[_valid_span(rows, int(counts[c]))]) for c in chains)  # draws read, all chains
-    posterior = [_checked(leaf_dataset(f, layout, var), (len(counts), n), *st) if layout == "posterior" else None
+    posterior = [_checked(leaf_dataset(f, layout, var), (len(counts), n), *st)
+                 if layout == schema.POSTERIOR else None
                  for var, st in zip(variables, storage)]
 
     def backed(slack: int) -> None:  # every dataset read must store the bytes read from it
@@ -150,9 +161,9 @@ def _read_leaves(f: h5py.File, layout: str, variables: list[VariableInfo], chain
         raise ReadTooLargeError(
             f"reading the {len(chains)} chains at once needs {padded:,} bytes ({size}): they hold "
             f"{min(lengths)} to {max(lengths)} draws, and each is padded to {len(rows)} rows, "
-            f"{padded / (valid * draw_bytes):.0f} times the {valid * draw_bytes:,} bytes of the draws themselves. "
-            "Read one chain at a time with load_samples(path, chain=i), and draws=slice(start, stop) for part "
-            "of a long chain")
+            f"{padded / (valid * draw_bytes):.0f} times the {valid * draw_bytes:,} bytes of the draws "
+            "themselves. Read one chain at a time with load_samples(path, chain=i), and "
+            "draws=slice(start, stop) for part of a long chain")
     return [_read_leaf(f, layout, var, ds, chains, counts, rows) for var, ds in zip(variables, posterior)]
 
 
@@ -162,17 +173,16 @@ def _read_leaf(f: h5py.File, layout: str, var: VariableInfo, ds: h5py.Dataset | 
     shape, dtype = _storage(var)
     out = np.empty((len(chains), len(rows)) + shape, dtype)
     flip = (lambda a: np.flip(a, axis=-1 - len(shape))) if rows.step < 0 else (lambda a: a)
-    if layout == "posterior":
-        if chains == list(range(chains[0], chains[-1] + 1)):
-            lo, hi, step = _forward(rows)
-            if rows.step > 0:  # straight into the result, no temporary
-                ds.read_direct(out, np.s_[chains[0]:chains[-1] + 1, lo:hi:step])
-            else:
-                out[:] = flip(ds[chains[0]:chains[-1] + 1, lo:hi:step])
-            for i, c in enumerate(chains):
-                span = _valid_span(rows, int(counts[c]))
-                out[i, :span.start] = out[i, span.stop:] = schema.fill_value(dtype)
-            return out
+    if layout == schema.POSTERIOR and chains == list(range(chains[0], chains[-1] + 1)):
+        lo, hi, step = _forward(rows)
+        if rows.step > 0:  # straight into the result, no temporary
+            ds.read_direct(out, np.s_[chains[0]:chains[-1] + 1, lo:hi:step])  # type: ignore[union-attr]
+        else:
+            out[:] = flip(ds[chains[0]:chains[-1] + 1, lo:hi:step])  # type: ignore[index]
+        for i, c in enumerate(chains):
+            span = _valid_span(rows, int(counts[c]))
+            out[i, :span.start] = out[i, span.stop:] = schema.fill_value(dtype)
+        return out
     for i, c in enumerate(chains):
         span = _valid_span(rows, int(counts[c]))
         out[i, :span.start] = out[i, span.stop:] = schema.fill_value(dtype)
@@ -180,16 +190,18 @@ def _read_leaf(f: h5py.File, layout: str, var: VariableInfo, ds: h5py.Dataset | 
         if not len(sub):
             continue
         lo, hi, step = _forward(sub)
-        if layout == "posterior" and rows.step > 0:
-            ds.read_direct(out, np.s_[c, lo:hi:step], np.s_[i, span])
-        elif layout == "posterior":
-            out[i, span] = flip(ds[c, lo:hi:step])
+        if layout == schema.POSTERIOR and rows.step > 0:
+            ds.read_direct(out, np.s_[c, lo:hi:step], np.s_[i, span])  # type: ignore[union-attr]
+        elif layout == schema.POSTERIOR:
+            out[i, span] = flip(ds[c, lo:hi:step])  # type: ignore[index]
         else:
-            out[i, span] = flip(_checked(leaf_dataset(f, layout, var, c), (int(counts[c]),), shape, dtype)[lo:hi:step])
+            stored = _checked(leaf_dataset(f, layout, var, c), (int(counts[c]),), shape, dtype)
+            out[i, span] = flip(stored[lo:hi:step])
     return out
 
 
-def _checked(ds: h5py.Dataset, lead: tuple[int, ...], shape: tuple[int, ...], dtype: np.dtype) -> h5py.Dataset:
+def _checked(ds: h5py.Dataset, lead: tuple[int, ...], shape: tuple[int, ...],
+             dtype: np.dtype) -> h5py.Dataset:
     if ds.ndim != len(lead) + len(shape) or ds.shape[len(lead):] != shape or ds.dtype != dtype or any(
             have < need for have, need in zip(ds.shape, lead)):
         raise FileFormatError(f"dataset {ds.name} has shape {ds.shape} and dtype {ds.dtype}; the file's "
@@ -262,8 +274,10 @@ def _rebuild(f: h5py.File, keys: list[tuple[str, ...]], leaves: list[Any]) -> An
     return _nest(keys, leaves)
 
 
-def load_samples(path: PathLike, chain: int | None = None, like: Any = None, *, draws: slice | None = None) -> Any:
-    """The samples in ``path`` as a pytree: ``(draw, ...)`` leaves for one chain, ``(chain, draw, ...)`` for all.
+def load_samples(path: PathLike, chain: int | None = None, like: Any = None, *,
+                 draws: slice | None = None) -> Any:
+    """The samples in ``path`` as a pytree: ``(draw, ...)`` leaves for one chain,
+    ``(chain, draw, ...)`` for all.
 
     Args:
       path: a file written by :class:`jaxsave.HDF5Collector` (either layout).
@@ -323,11 +337,14 @@ class LiveSamples:
             self.sample_counts = read_counts(f)
             return _load(f, chain, self.like, slice(None) if draws is None else draws)
 
-    def __enter__(self) -> "LiveSamples":
+    # No file stays open between refreshes (each one reopens it), so there is nothing to
+    # release: ``with open_live(...) as live:`` is accepted, and leaving it closes nothing.
+    def __enter__(self) -> LiveSamples:
+        """``self``: a ``with`` block holds no file open (each :meth:`refresh` opens its own)."""
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        return None
+        """Nothing to release: no file stays open between refreshes."""
 
     def __repr__(self) -> str:
         return f"LiveSamples({self.path!r}, sample_counts={self.sample_counts.tolist()})"
@@ -358,7 +375,7 @@ def open_live(path: PathLike, like: Any = None) -> LiveSamples:
     return LiveSamples(path, like)
 
 
-def _result_arrays(result: dict, sample_stats: Any) -> tuple[dict, dict]:
+def _result_arrays(result: dict, sample_stats: Any) -> tuple[dict, dict, np.ndarray]:
     samples, counts = result["samples"], np.asarray(result["sample_count"])
     keys, leaves = pytree_dict_keys(samples), jax.tree.leaves(samples)
     batch = counts.ndim
@@ -389,7 +406,8 @@ def to_inference_data(path_or_result: PathLike | dict, *, sample_stats: Any = No
     bfloat16/fp8 become float32 and PRNG keys their key data.
 
     >>> import jax.numpy as jnp, jaxsave
-    >>> result = {"sample_count": jnp.array([3, 3]), "samples": {"x": jnp.zeros((2, 3, 4)), "lp": jnp.zeros((2, 3))}}
+    >>> samples = {"x": jnp.zeros((2, 3, 4)), "lp": jnp.zeros((2, 3))}
+    >>> result = {"sample_count": jnp.array([3, 3]), "samples": samples}
     >>> idata = jaxsave.to_inference_data(result, sample_stats=("lp",))
     >>> dict(idata["posterior"]["x"].sizes), list(idata["sample_stats"].data_vars)
     ({'chain': 2, 'draw': 3, 'x_dim_0': 4}, ['lp'])
@@ -409,8 +427,8 @@ def to_inference_data(path_or_result: PathLike | dict, *, sample_stats: Any = No
                 (stats if var.group == "sample_stats" else posterior)[var.name] = arr
     n = int(counts.min()) if counts.size else 0
     if counts.size and n < int(counts.max()):
-        warnings.warn(f"chains have different sample counts {counts.tolist()}; using the first {n} draws of each",
-                      stacklevel=2)
+        warnings.warn(f"chains have different sample counts {counts.tolist()}; using the first {n} "
+                      "draws of each", stacklevel=2)
     posterior = {k: _for_arviz(v, n) for k, v in posterior.items()}
     stats = {k: _for_arviz(v, n) for k, v in stats.items()}
     return _arviz.from_groups({"posterior": posterior, "sample_stats": stats})

@@ -25,9 +25,6 @@ from typing import Any, BinaryIO, Union
 import jax
 import numpy as np
 
-from jaxsave._serialize import formats as _formats
-from jaxsave._serialize import treematch as _treematch
-from jaxsave._serialize import treespec as _treespec
 from jaxsave._core.atomic import atomic_path
 from jaxsave._core.dtypes import (
     KEY_IMPLS,
@@ -43,6 +40,9 @@ from jaxsave._core.dtypes import (
     to_storable,
 )
 from jaxsave._core.tree import flat_name
+from jaxsave._serialize import formats as _formats
+from jaxsave._serialize import treematch as _treematch
+from jaxsave._serialize import treespec as _treespec
 from jaxsave._version import __version__
 from jaxsave.errors import FileFormatError, JaxsaveError, StructureMismatchError
 
@@ -210,7 +210,7 @@ def open_pytree(file: File, *, format: str | None = None) -> PytreeFile:
     return PytreeFile(file, format=format)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _key_dtype_names() -> dict[str, str]:
     return {str(jax.random.key(0, impl=impl).dtype): impl for impl in KEY_IMPLS}
 
@@ -244,7 +244,8 @@ def _damage_is_a_format_error(file: Any) -> Iterator[None]:
     except OSError as error:
         if type(error) is not OSError or error.errno not in (None, 22):  # EINVAL: a seek to a bad offset
             raise
-        raise FileFormatError(f"{_describe(file)} is damaged or not a valid file of its format: {error}") from error
+        raise FileFormatError(
+            f"{_describe(file)} is damaged or not a valid file of its format: {error}") from error
 
 
 def _describe(file: Any) -> str:
@@ -283,7 +284,7 @@ class PytreeFile:
 
     def _foreign_header(self) -> dict[str, Any]:
         """A header for a plain .npz/.safetensors written by another tool: a flat dict."""
-        specs = self._reader.foreign_specs()
+        specs = self._reader.foreign_specs()  # type: ignore[attr-defined]
         names = [n for n, _, _ in specs]
         spec, _ = _treespec.encode_structure({n: np.empty(0) for n in names})
         return {"format_version": PYTREE_FILE_FORMAT, "jaxsave_version": None, "metadata": None,
@@ -367,7 +368,7 @@ class PytreeFile:
             return _treespec.decode_structure(self._structure, leaves)
         like_spec, like_arrays = _treespec.encode_structure(like, strict=False)
         plan, problems = _treematch.match_structure(
-            self._structure, like_spec, self._specs, [_target_spec(x) for x in like_arrays],
+            self._structure, like_spec, self._specs, [_target_spec(x) for x in like_arrays],  # type: ignore[arg-type]
             partial=partial)
         if problems:
             listed = "\n".join(f"  - {p}" for p in problems)
@@ -395,7 +396,7 @@ class PytreeFile:
                  targets: list[Any], as_numpy: bool) -> list[Any]:
         out: list[Any] = []
         batch: list[int] = []
-        for arr, i, kind, target in zip(arrays, idx, kinds, targets):
+        for arr, i, kind, _target in zip(arrays, idx, kinds, targets):
             dtype = self._specs[i].dtype
             view = _logical_view(dtype)
             if view is _KEY:
@@ -494,12 +495,13 @@ def _upgrade(header: Any) -> dict[str, Any]:
             header = upgrade(dict(header))
         except Exception as error:  # a bug of the upgrade, or its own verdict: never reported as damage
             if hasattr(error, "add_note"):  # Python 3.11+
-                error.add_note(f"raised by the format upgrade {_callable_name(upgrade)} (registered from jaxsave "
-                               f"format version {version})")
+                error.add_note(f"raised by the format upgrade {_callable_name(upgrade)} (registered "
+                               f"from jaxsave format version {version})")
             raise
         if not isinstance(header, dict):
-            raise TypeError(f"the format upgrade {_callable_name(upgrade)} (registered from jaxsave format version "
-                            f"{version}) returned {type(header).__name__}, not a header dict")
+            raise TypeError(f"the format upgrade {_callable_name(upgrade)} (registered from jaxsave "
+                            f"format version {version}) returned {type(header).__name__}, "
+                            "not a header dict")
         version += 1
         header["format_version"] = version
     return header

@@ -6,6 +6,8 @@ import os
 import threading
 import time
 
+import jax
+import jax.numpy as jnp
 import psutil
 
 
@@ -66,3 +68,22 @@ def files_under(fds: dict[int, str], directory) -> list[str]:
 def group_names(data) -> set[str]:
     """The group names of ArviZ data: an ``xarray.DataTree`` (ArviZ 1.x) or ``InferenceData`` (0.x)."""
     return set(data.children) if hasattr(data, "children") else set(data.groups())
+
+
+def random_walk(saver, state, key, steps, burn_in=0, thin=1, phase=0, dim=3):
+    """A small SGLD-like chain under jit + scan; keeps ``i >= burn_in and (i - phase) % thin == 0``.
+
+    Works for one chain or, under vmap, for many (``key``/``phase`` batched).
+    Returns the final saving state and every sample it produced, kept or not.
+    """
+
+    def step(carry, i):
+        state, x, key = carry
+        key, sub = jax.random.split(key)
+        x = 0.9 * x + 0.1 * jax.random.normal(sub, (dim,))
+        keep = (i >= burn_in) & ((i - phase) % thin == 0)
+        state, _ = saver.save(state, keep, {"x": x, "stats": (i, jnp.sum(x**2))})
+        return (state, x, key), (x, keep)
+
+    (state, _, _), (xs, keeps) = jax.lax.scan(step, (state, jnp.zeros(dim), key), jnp.arange(steps))
+    return state, xs, keeps

@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import xarray as xr
+from _helpers import group_names
 
 import jaxsave
-from _helpers import group_names
 
 
 def sampler_run(collector, chains=3, steps=40, thin=1, samples_collected=None, block_size=8, dim=4):

@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import group_names
 
 import jaxsave
-from _helpers import group_names
 from jaxsave._store import arviz as _arviz
 
 az = pytest.importorskip("arviz")

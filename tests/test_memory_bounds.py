@@ -4,10 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import PeakRSS
 
 import jaxsave
-
-from _helpers import PeakRSS
 
 
 @pytest.mark.slow

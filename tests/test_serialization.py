@@ -463,7 +463,7 @@ def test_loaded_jax_arrays_are_aligned_and_independent(tmp_path):
 
 def test_format_versions(tmp_path):
     from jaxsave._serialize.formats import native
-    from jaxsave.serialization import FORMAT_VERSION, _UPGRADES, register_format_upgrade
+    from jaxsave.serialization import _UPGRADES, FORMAT_VERSION, register_format_upgrade
 
     path = tmp_path / "x.jaxsave"
     jaxsave.save_pytree(path, {"a": np.arange(3)}, metadata={"v": 1})

@@ -5,9 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import random_walk
 
 import jaxsave
-from conftest import random_walk
 
 COLLECTORS = ["memory", "hdf5", "hdf5-chains", "device"]
 

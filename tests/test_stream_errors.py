@@ -215,3 +215,17 @@ def test_stacking_chains_at_different_steps_is_refused():
         jax.block_until_ready(jax.vmap(lambda s: scan_save(saver, s, 4, make=lambda i: jnp.zeros(2)))(stacked))
     streamer = saver.init.__self__
     streamer.writer.close()
+
+
+def test_no_save_refuses_a_solver_state_it_cannot_checkpoint():
+    init, save, _ = jaxsave.no_save()
+    state = init({"x": jnp.zeros(2)}, None, jaxsave.static_information(samples_collected=2))
+    with pytest.raises(jaxsave.SaverStateError, match="solver_state"):
+        jax.jit(lambda s: save(s, True, {"x": jnp.ones(2)}, None, {"w": jnp.zeros(())}))(state)
+
+
+def test_no_save_refuses_to_resume():
+    init, _, _ = jaxsave.no_save()
+    with pytest.raises(jaxsave.SaverStateError, match="cannot resume"):
+        init({"x": jnp.zeros(2)}, None, jaxsave.static_information(samples_collected=2),
+             resume=object())

@@ -9,7 +9,7 @@ are easy to recognise (:func:`is_temporary`) and clean up
 
 >>> import os, tempfile
 >>> d = tempfile.mkdtemp()
->>> with atomic_write(os.path.join(d, "a.txt")) as f:
+>>> with atomic_path(os.path.join(d, "a.txt")) as tmp, open(tmp, "wb") as f:
 ...     _ = f.write(b"hello")
 >>> open(os.path.join(d, "a.txt"), "rb").read(), os.listdir(d)
 (b'hello', ['a.txt'])
@@ -22,10 +22,8 @@ import os
 import re
 import secrets
 from collections.abc import Iterator
-from typing import BinaryIO
 
 __all__ = [
-    "atomic_write",
     "atomic_path",
     "fsync_directory",
     "is_temporary",
@@ -44,7 +42,7 @@ def temporary_name(path: str | os.PathLike[str]) -> str:
 
 
 def is_temporary(name: str) -> bool:
-    """Whether a file name is one of :func:`atomic_write`'s temporary files."""
+    """Whether a file name is one of :func:`atomic_path`'s temporary files."""
     return _TEMP_RE.match(os.path.basename(name)) is not None
 
 
@@ -89,25 +87,6 @@ def atomic_path(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator
         fsync_directory(os.path.dirname(os.path.abspath(path)))
 
 
-@contextlib.contextmanager
-def atomic_write(
-    path: str | os.PathLike[str], *, fsync: bool = True, buffering: int = 1 << 20
-) -> Iterator[BinaryIO]:
-    """Open a temporary binary file that replaces ``path`` atomically on success.
-
-    The file is flushed and fsynced before the rename; ``fsync=False`` skips both
-    fsyncs (atomic against crashes of the process, not of the machine).
-    """
-    with atomic_path(path, fsync=False) as tmp:
-        with open(tmp, "xb", buffering=buffering) as f:
-            yield f  # type: ignore[misc]
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
-    if fsync:
-        fsync_directory(os.path.dirname(os.path.abspath(path)))
-
-
 def remove_stale_temporaries(directory: str | os.PathLike[str], target: str | None = None) -> list[str]:
     """Delete temporary files left in ``directory`` by processes that no longer run.
 
@@ -117,7 +96,8 @@ def remove_stale_temporaries(directory: str | os.PathLike[str], target: str | No
     removed = []
     for name in os.listdir(directory):
         m = _TEMP_RE.match(name)
-        if m is None or (target is not None and m.group("target") != target) or pid_alive(int(m.group("pid"))):
+        if (m is None or (target is not None and m.group("target") != target)
+                or pid_alive(int(m.group("pid")))):
             continue
         path = os.path.join(directory, name)
         with contextlib.suppress(OSError):

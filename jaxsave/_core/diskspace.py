@@ -16,7 +16,7 @@ import shutil
 try:
     import resource as _resource
 except ImportError:  # not POSIX: no file-size limit
-    _resource = None
+    _resource = None  # type: ignore[assignment]
 
 __all__ = ["MARGIN", "check_room"]
 

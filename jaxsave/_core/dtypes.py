@@ -137,7 +137,7 @@ def storage_dtype(name: str) -> np.dtype:
     if is_key_dtype_name(name):
         return np.dtype(np.uint32)
     dtype = dtype_from_name(name)
-    return _UINT_OF_WIDTH[dtype.itemsize] if name in ML_DTYPES else dtype
+    return _UINT_OF_WIDTH[dtype.itemsize] if name in ML_DTYPES else dtype  # type: ignore[return-value]
 
 
 def key_data_shape(spec: LeafSpec) -> tuple[int, ...]:
@@ -159,7 +159,7 @@ def to_storable(x: Any) -> np.ndarray:
         x = jax.random.key_data(x)
     arr = np.asarray(x)
     if arr.dtype.name in ML_DTYPES:
-        return arr.view(_UINT_OF_WIDTH[arr.dtype.itemsize])
+        return arr.view(_UINT_OF_WIDTH[arr.dtype.itemsize])  # type: ignore[call-overload]
     return arr
 
 
@@ -169,7 +169,7 @@ def from_storable(arr: np.ndarray, dtype: str) -> Any:
         impl = key_impl_of(dtype)
         if impl not in KEY_IMPLS:
             raise FileFormatError(f"unknown PRNG key implementation {impl!r}")
-        return jax.random.wrap_key_data(np.asarray(arr, dtype=np.uint32), impl=impl)
+        return jax.random.wrap_key_data(np.asarray(arr, dtype=np.uint32), impl=impl)  # type: ignore[arg-type]
     target = dtype_from_name(dtype)
     arr = np.asarray(arr)
     if dtype in ML_DTYPES:

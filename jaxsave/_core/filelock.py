@@ -129,7 +129,7 @@ def _lock_file(path: str, lock_file: str) -> int | None:
 
 
 def _write_holder(fd: int) -> None:
-    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started})
     with contextlib.suppress(OSError):  # the lock holds without the description (full disk)
         os.ftruncate(fd, 0)

@@ -31,7 +31,8 @@ def register_dictionize_rule(node_type: type) -> Callable[[Rule], Rule]:
 
     The decorated function takes a node and returns ``{name: child}`` (or an
     iterable of ``(name, child)`` pairs, as the older ``io`` module expected);
-    children are dictionized in turn. The rule also applies to subclasses. Registering a second rule for the same type is an error.
+    children are dictionized in turn. The rule also applies to subclasses. Registering
+    a second rule for the same type is an error.
 
     >>> import jaxsave
     >>> class Pair:
@@ -87,8 +88,8 @@ def _named_children(node: Any) -> list[tuple[str, Any]] | None:
         return [(str(k), node[k]) for k in sorted(node, key=str)]
     if isinstance(node, (list, tuple)):
         return [(f"list_element_{i}", c) for i, c in enumerate(node)]
-    pairs, treedef = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)
-    if treedef.num_nodes == 1 and treedef.num_leaves == 1:
+    pairs, treedef = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)  # type: ignore[assignment]
+    if treedef.num_nodes == 1 and treedef.num_leaves == 1:  # type: ignore[attr-defined]
         return None
     return [(_entry_name(path[0]), child) for path, child in pairs]
 
@@ -219,7 +220,7 @@ def describe_mismatches(tree: Any, like: Any, what: str = "tree") -> list[str]:
                 problems.append(f"leaf {k!r}: shape {a.shape} != expected {b.shape}")
             if a.dtype != b.dtype:
                 problems.append(f"leaf {k!r}: dtype {a.dtype} != expected {b.dtype}")
-    if not problems and jax.tree.structure(tree) != jax.tree.structure(like):
+    if not problems and jax.tree.structure(tree) != jax.tree.structure(like):  # type: ignore[operator]
         problems.append(
             f"{what} structure {jax.tree.structure(tree)} != expected {jax.tree.structure(like)}"
         )

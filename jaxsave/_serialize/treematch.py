@@ -150,7 +150,7 @@ class _Matcher:
             return
         position = {label: j for j, label in enumerate(fl)}
         for label, b in zip(ll, lc):
-            j = position.get(label)
+            j = position.get(label)  # type: ignore[assignment]
             if j is not None and j < len(fc):
                 self.walk(fc[j], b, path + label, firsts[j])
             else:

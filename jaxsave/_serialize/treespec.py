@@ -113,7 +113,7 @@ class _Encoder:
             if is_array_leaf(x):
                 self.leaves.append(x)
                 self.names.append(path)
-                return array_kind(x)  # type: ignore[return-value]
+                return array_kind(x)
             return {"t": "value", "v": self.value(x, path)}
         pairs, aux = flat
         cls = type(x)
@@ -197,7 +197,7 @@ class _Encoder:
         self.problems.append(f"{'.'.join(path) or '<root>'}: {what}")
         return None if self.strict else {"$": "unregistered", "v": what}
 
-    def _type_value(self, v: type, path: str) -> Any:
+    def _type_value(self, v: type, path: Any) -> Any:
         if issubclass(v, np.generic):
             return {"$": "nptype", "v": dtype_name(np.dtype(v))}
         dtype = getattr(v, "dtype", None)
@@ -277,7 +277,7 @@ def referenced_names(spec: Any) -> set[str]:
             if tag == "ref" or (tag is None and x.get("t") in ("namedtuple", "node")):
                 name = x.get("v") if tag == "ref" else x.get("type")
                 _check(isinstance(name, str), "a type or reference name is not a string")
-                names.add(name)
+                names.add(name)  # type: ignore[arg-type]
             elif tag in ("enum", "namedtuple", "mapping"):
                 _check(isinstance(x.get("type"), str), "a type name is not a string")
                 names.add(x["type"])
@@ -356,7 +356,7 @@ class Decoder:
     def keys(self, n: dict[str, Any], count: int) -> list[Any]:
         keys = n.get("keys")
         _check(isinstance(keys, list) and len(keys) == count, "keys do not match children")
-        out = [self.value(k) for k in keys]
+        out = [self.value(k) for k in keys]  # type: ignore[union-attr]
         for k in out:
             _check(k.__hash__ is not None, f"unhashable dict key {k!r}")
         return out

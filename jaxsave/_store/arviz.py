@@ -8,7 +8,8 @@ mapping and calls :func:`from_groups`.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -35,4 +36,4 @@ def from_groups(groups: Mapping[str, Mapping[str, np.ndarray]]) -> Any:
     present = {name: dict(group) for name, group in groups.items() if group}
     if major_version(az) >= 1:
         return az.from_dict(present)
-    return az.from_dict(**present)
+    return az.from_dict(**present)  # type: ignore[arg-type]

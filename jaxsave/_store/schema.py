@@ -31,6 +31,8 @@ SAMPLE_FILE_FORMAT = 1
 
 POSTERIOR, CHAINS = "posterior", "chains"
 LAYOUTS = (POSTERIOR, CHAINS)
+#: The groups of layout "posterior": the samples, and the leaves chosen with ``sample_stats=``.
+POSTERIOR_GROUP, STATS_GROUP = "posterior", "sample_stats"
 
 # Root attributes.
 FORMAT = "jaxsave_format"
@@ -76,7 +78,7 @@ def root_attributes(layout: str) -> dict[str, Any]:
 
 def new_file_attributes() -> dict[str, Any]:
     """The root attributes a new file starts with, besides :func:`root_attributes`."""
-    return {CREATED: datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    return {CREATED: datetime.datetime.now(datetime.UTC).isoformat(),
             COUNTS: np.zeros(0, np.int64)}
 
 
@@ -109,9 +111,14 @@ def dataset_path(layout: str, var: VariableInfo, chain: int | None = None) -> st
     return chain_dataset(chain, var.key)
 
 
+def dim_prefix(name: str) -> str:
+    """What the names of leaf ``name``'s per-draw dimension scales start with."""
+    return f"{name}_dim_"
+
+
 def dim_name(name: str, k: int) -> str:
     """The dimension scale of axis ``k`` of a draw of leaf ``name`` (layout ``"posterior"``)."""
-    return f"{name}_dim_{k}"
+    return f"{dim_prefix(name)}{k}"
 
 
 def fill_value(dtype: np.dtype) -> Any:

@@ -17,9 +17,9 @@ from jax import lax
 
 from jaxsave._core import dtypes as _dtypes
 from jaxsave._stream import sharding as _sharding
-from jaxsave._stream.state import SaveState, Saver, SaverBase, check_state
+from jaxsave._stream.state import Saver, SaverBase, SaveState, check_state
 from jaxsave.collectors import samples_collected
-from jaxsave.errors import CapacityError
+from jaxsave.errors import CapacityError, SaverStateError
 
 __all__ = ["no_save"]
 
@@ -32,8 +32,13 @@ class _DeviceSaver(SaverBase):
         self.capacity: int | None = None
 
     def init(self, init_sample: Any, init_checkpoint: Any = None, static_information: Any = None,
-             *, chains: int | None = None) -> SaveState:
+             *, chains: int | None = None, scheduler_state: Any = None,
+             resume: Any = None) -> SaveState:
         """A state holding room for ``samples_collected`` samples per chain."""
+        if resume is not None:
+            raise SaverStateError(
+                "no_save() keeps no checkpoints and cannot resume a run: pass resume= to the "
+                "init of jaxsave.save(collector, checkpoint_every=...)")
         capacity = samples_collected(static_information)
         if capacity is None:
             raise ValueError(
@@ -44,6 +49,8 @@ class _DeviceSaver(SaverBase):
         self.capacity = capacity if self.capacity is None else self.capacity
         if capacity != self.capacity:
             raise ValueError(f"all chains of one no_save() need the same samples_collected ({self.capacity})")
+        layout = self.sample_layout
+        assert layout is not None  # set by _sample_spec
         first = len(self.registered)
         ids = list(range(first, first + (chains or 1)))
         self.registered.extend(ids)
@@ -51,8 +58,8 @@ class _DeviceSaver(SaverBase):
             chain_id=jnp.int32(first),
             saved_samples=jnp.int32(0),
             data=tuple(
-                jnp.zeros((capacity + 1, *self.layout.storage_shape(j)), self.layout.row_dtype(j))
-                for j in range(len(self.layout.specs))
+                jnp.zeros((capacity + 1, *layout.storage_shape(j)), layout.row_dtype(j))
+                for j in range(len(layout.specs))
             ),
             keep_mask=None,
             step=jnp.int32(0),
@@ -65,6 +72,10 @@ class _DeviceSaver(SaverBase):
     def save(self, state: SaveState, keep: Any, sample: Any, scheduler_state: Any = None,
              solver_state: Any = None) -> tuple[SaveState, None]:
         """Write ``sample`` at the next free row if ``keep``; call inside jit/scan/vmap."""
+        if solver_state is not None:
+            raise SaverStateError(
+                "no_save() keeps no checkpoints, so it cannot take solver_state: checkpoint with "
+                "jaxsave.save(collector, checkpoint_every=...), or leave solver_state out")
         self._check_open()
         leaves = self._flat_sample(sample)
         check_state(state, "save()")
@@ -92,15 +103,17 @@ class _DeviceSaver(SaverBase):
                 f"chain {int(chains[i])} kept {int(counts[i])} samples, but "
                 f"static_information(samples_collected={self.capacity}) has room for only {self.capacity}"
             )
-        self.finished.update(chains.tolist())
+        self.finished_chains.update(chains.tolist())
         leaves = [np.asarray(x).reshape(-1, *np.shape(x)[len(batch):]) for x in state.data]
+        layout = self.sample_layout
+        assert layout is not None  # set by init
         samples = []
         for i, count in enumerate(counts.tolist()):
             rows = [
                 _dtypes.from_storable(x[i, :count], spec.dtype) if spec.is_key else x[i, :count]
-                for x, spec in zip(leaves, self.layout.specs)
+                for x, spec in zip(leaves, layout.specs)
             ]
-            samples.append(self.layout.unflatten(rows))
+            samples.append(layout.unflatten(rows))
         return self._stack_results(batch, counts, samples)
 
 

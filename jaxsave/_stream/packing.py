@@ -70,7 +70,8 @@ class Packing(NamedTuple):
 
     def write(self, buffers: tuple[jax.Array, ...], mask: jax.Array, leaves: Sequence[jax.Array],
               keep: jax.Array, row: jax.Array) -> tuple[tuple[jax.Array, ...], jax.Array]:
-        """``(buffers, mask)`` with the leaves and ``keep`` written as row ``row``, in place (also under vmap).
+        """``(buffers, mask)`` with the leaves and ``keep`` written as row ``row``, in place
+        (also under vmap).
 
         If :attr:`unbuffered`, the returned buffers are the one-row block to send,
         not the state's (empty) buffers.
@@ -94,7 +95,7 @@ class Packing(NamedTuple):
         ]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _row_writer(axis: int) -> Callable:
     """``write(buffers, rows, index)``: each row written at ``index`` along ``axis`` of its buffer.
 
@@ -137,23 +138,23 @@ def _advance_vmap(axis_size, in_batched, fill, keep):
 
 
 def pack(leaves: Sequence[jax.Array], batch_ndim: int) -> tuple[tuple[jax.Array, ...], tuple]:
-    """Device side: concatenate leaves by dtype along a flat last axis; returns (buffers, layout)."""
+    """Device side: concatenate leaves by dtype along a flat last axis; returns (buffers, placement)."""
     groups: dict[np.dtype, list[jax.Array]] = {}
-    layout = []
+    placement = []
     for x in leaves:
         batch, shape = x.shape[:batch_ndim], x.shape[batch_ndim:]
         group = groups.setdefault(np.dtype(x.dtype), [])
-        layout.append((list(groups).index(np.dtype(x.dtype)), len(group), shape))
+        placement.append((list(groups).index(np.dtype(x.dtype)), len(group), shape))
         group.append(jnp.reshape(x, (*batch, math.prod(shape))))
     buffers = tuple(jnp.concatenate(g, axis=-1) if len(g) > 1 else g[0] for g in groups.values())
-    return buffers, tuple(layout)
+    return buffers, tuple(placement)
 
 
-def unpack(buffers: Sequence[np.ndarray], layout: tuple) -> list[np.ndarray]:
+def unpack(buffers: Sequence[np.ndarray], placement: tuple) -> list[np.ndarray]:
     """Host side: the leaves :func:`pack` concatenated, as ``(chains, *shape)`` views."""
     offsets: dict[int, int] = {}
     leaves = []
-    for group, _, shape in layout:
+    for group, _, shape in placement:
         buf = np.asarray(buffers[group])
         flat = buf.reshape(math.prod(buf.shape[:-1]), buf.shape[-1])
         start, size = offsets.get(group, 0), math.prod(shape)

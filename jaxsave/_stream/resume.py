@@ -124,7 +124,8 @@ def write_file(path: str, records: dict[int, ChainCheckpoint], spec: Any) -> Non
 
     structure, spec_leaves = _treespec.encode_structure(spec)
     tree = {
-        str(chain): {"step": np.int64(r.step), "sample_count": np.int64(r.sample_count), "leaves": list(r.leaves)}
+        str(chain): {"step": np.int64(r.step), "sample_count": np.int64(r.sample_count),
+                     "leaves": list(r.leaves)}
         for chain, r in sorted(records.items())
     }
     leaves = [list(_dtypes.leaf_spec(x)) for x in spec_leaves]
@@ -146,7 +147,8 @@ def read_file(path: str) -> tuple[dict[int, ChainCheckpoint], Any]:
         raise FileFormatError(f"{path}: malformed checkpoint")
     try:
         records = {
-            int(chain): ChainCheckpoint(int(r["step"]), int(r["sample_count"]), [np.asarray(x) for x in r["leaves"]])
+            int(chain): ChainCheckpoint(int(r["step"]), int(r["sample_count"]),
+                                        [np.asarray(x) for x in r["leaves"]])
             for chain, r in tree.items()
         }
         leaf_specs = [_shape_dtype(_dtypes.LeafSpec(tuple(shape), dtype)) for shape, dtype in meta["leaves"]]

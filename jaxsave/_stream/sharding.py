@@ -30,7 +30,7 @@ def local_part(tree: Any) -> Any:
             return jax.device_get(x)
         if x.ndim == 0:  # one chain's field, replicated: every process holds all of it
             return np.asarray(x.addressable_data(0))
-        shards = {}
+        shards: dict[Any, Any] = {}
         for shard in x.addressable_shards:
             index = shard.index
             if any(s != slice(None) and (s.start or 0, s.stop) != (0, n)

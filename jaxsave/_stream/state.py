@@ -8,7 +8,7 @@ were finished by ``postprocess``, and stack per-chain results the same way.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -47,12 +47,33 @@ class SaveState(NamedTuple):
     block_start: Any = None
 
 
+class InitFn(Protocol):
+    """``init(init_sample, init_checkpoint=None, static_information=None, *, chains=None, ...)``."""
+
+    def __call__(self, init_sample: Any, init_checkpoint: Any = None,
+                 static_information: Any = None, *, chains: int | None = None,
+                 scheduler_state: Any = None, resume: Any = None) -> SaveState: ...
+
+
+class SaveFn(Protocol):
+    """``save(state, keep, sample, scheduler_state=None, solver_state=None) -> (state, None)``."""
+
+    def __call__(self, state: SaveState, keep: Any, sample: Any, scheduler_state: Any = None,
+                 solver_state: Any = None) -> tuple[SaveState, None]: ...
+
+
+class PostprocessFn(Protocol):
+    """``postprocess(state, saved=None) -> dict`` of the samples (or their file)."""
+
+    def __call__(self, state: SaveState, unused_saved: Any = None) -> dict: ...
+
+
 class Saver(NamedTuple):
     """``init``, ``save`` and ``postprocess`` of one saver; unpacks as a 3-tuple."""
 
-    init: Callable[..., SaveState]
-    save: Callable[..., tuple[SaveState, None]]
-    postprocess: Callable[..., dict]
+    init: InitFn
+    save: SaveFn
+    postprocess: PostprocessFn
 
 
 class SaverBase:
@@ -60,9 +81,9 @@ class SaverBase:
 
     def __init__(self) -> None:
         self.spec: Any = None  # per-chain jax.ShapeDtypeStruct tree of the sample
-        self.layout: SampleLayout | None = None
+        self.sample_layout: SampleLayout | None = None
         self.registered: list[int] = []
-        self.finished: set[int] = set()
+        self.finished_chains: set[int] = set()
 
     def _sample_spec(self, init_sample: Any, chains: int | None) -> Any:
         try:
@@ -71,8 +92,8 @@ class SaverBase:
             paths = jax.tree_util.tree_flatten_with_path(init_sample)[0]
             bad = [f"{jax.tree_util.keystr(p) or '<root>'} ({type(x).__name__})" for p, x in paths
                    if not _is_array_like(x)]
-            raise TypeError(f"init_sample must be a pytree of arrays or numbers; not arrays: {', '.join(bad) or error}"
-                            ) from error
+            raise TypeError("init_sample must be a pytree of arrays or numbers; not arrays: "
+                            f"{', '.join(bad) or error}") from error
         if chains is not None:
             if not isinstance(chains, int) or chains < 1:
                 raise ValueError(f"chains must be a positive int, got {chains!r}")
@@ -84,13 +105,13 @@ class SaverBase:
                     )
             spec = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), spec)
         if self.spec is None:
-            self.spec, self.layout = spec, sample_layout(spec)
+            self.spec, self.sample_layout = spec, sample_layout(spec)
         else:
             check_like(spec, self.spec, "init_sample of a new chain")
         return spec
 
     def _check_open(self) -> None:
-        if self.registered and len(self.finished) == len(self.registered):
+        if self.registered and len(self.finished_chains) == len(self.registered):
             raise SaverStateError(
                 "this saver's chains were all finished by postprocess; saving again needs a new "
                 "state from init (or a new saver)"
@@ -101,12 +122,14 @@ class SaverBase:
         if self.spec is None:
             raise SaverStateError("save() was called before init()")
         leaves, treedef = jax.tree.flatten(sample)
-        if treedef == self.layout.treedef:  # Python scalars take the registered dtype
+        assert self.sample_layout is not None  # set with self.spec
+        if treedef == self.sample_layout.treedef:  # Python scalars take the registered dtype
             specs = jax.tree.leaves(self.spec)
             leaves = [x if hasattr(x, "dtype") else jnp.asarray(x, s.dtype) for x, s in zip(leaves, specs)]
             sample = jax.tree.unflatten(treedef, leaves)
         check_like(sample, self.spec, "the sample passed to save()")
-        return [jax.random.key_data(x) if _dtypes.is_key(x) else jnp.asarray(x) for x in jax.tree.leaves(sample)]
+        return [jax.random.key_data(x) if _dtypes.is_key(x) else jnp.asarray(x)
+                for x in jax.tree.leaves(sample)]
 
     @staticmethod
     def _check_keep(keep: Any) -> jax.Array:
@@ -121,7 +144,7 @@ class SaverBase:
         return keep
 
     def _register_finished(self, chains: np.ndarray) -> None:
-        again = sorted(set(chains.tolist()) & self.finished)
+        again = sorted(set(chains.tolist()) & self.finished_chains)
         if again:
             raise SaverStateError(f"postprocess was already called for chain(s) {again}")
         unknown = sorted(set(chains.tolist()) - set(self.registered))
@@ -148,7 +171,7 @@ def _stack_padded(leaves: tuple[Any, ...], length: int, batch: tuple[int, ...]) 
     arrays = [np.asarray(jax.random.key_data(x)) if keys else np.asarray(x) for x in leaves]
     padded = [np.pad(a, [(0, length - a.shape[0])] + [(0, 0)] * (a.ndim - 1)) for a in arrays]
     out = np.stack(padded).reshape(batch + padded[0].shape)
-    return jax.random.wrap_key_data(out, impl=impl) if keys else out
+    return jax.random.wrap_key_data(out, impl=impl) if keys else out  # type: ignore[arg-type]
 
 
 def _is_array_like(x: Any) -> bool:
@@ -160,7 +183,8 @@ def _is_array_like(x: Any) -> bool:
 
 
 def check_state(state: Any, where: str) -> None:
-    """Refuse anything but a :class:`SaveState` as the saving state (a clear error instead of an AttributeError)."""
+    """Refuse anything but a :class:`SaveState` as the saving state (a clear error, not an
+    AttributeError)."""
     if not isinstance(state, SaveState):
         raise TypeError(f"{where}: state must be the SaveState returned by init (or by the previous save), "
                         f"got {type(state).__name__}")

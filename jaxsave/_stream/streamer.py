@@ -22,7 +22,8 @@ import logging
 import threading
 import time
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,14 +31,14 @@ import numpy as np
 from jax import lax
 from jax.custom_batching import custom_vmap
 
-from jaxsave._stream import callback as _callback
-from jaxsave._stream import resume as _checkpoint
-from jaxsave._stream import sharding as _sharding
-from jaxsave._stream.resume import Checkpoint, broadcast_unbatched
-from jaxsave._stream.writer import Block, Writer
-from jaxsave._stream.packing import Packing, advance, pack, unpack
-from jaxsave._stream.state import SaveState, Saver, SaverBase, check_state
 from jaxsave._core.tree import check_like
+from jaxsave._stream import callback as _callback
+from jaxsave._stream import resume as _resume
+from jaxsave._stream import sharding as _sharding
+from jaxsave._stream.packing import Packing, advance, pack, unpack
+from jaxsave._stream.resume import Checkpoint, broadcast_unbatched
+from jaxsave._stream.state import Saver, SaverBase, SaveState, check_state
+from jaxsave._stream.writer import Block, Writer
 from jaxsave.collectors import DataCollector, MemoryCollector, samples_collected
 from jaxsave.errors import SaverStateError
 
@@ -115,26 +116,28 @@ class _Streamer(SaverBase):
               scheduler_state: Any, resume: Checkpoint | None) -> SaveState:
         self._raise_late_error()
         if resume is not None:
-            chains = None if np.ndim(resume.chain_ids) == 0 or len(resume.chain_ids) == 1 else len(resume.chain_ids)
+            one = np.ndim(resume.chain_ids) == 0 or len(resume.chain_ids) == 1
+            chains = None if one else len(resume.chain_ids)
         spec = self._sample_spec(init_sample, chains)
         capacity = samples_collected(static_information)
         self._checkpoint_spec(init_checkpoint, scheduler_state, chains)
         if self.block_size is None:
-            rows = int(np.clip(_BLOCK_BYTES // max(1, self.layout.row_bytes()), 1, _MAX_BLOCK_ROWS))
+            rows = int(np.clip(_BLOCK_BYTES // max(1, self.sample_layout.row_bytes()), 1, _MAX_BLOCK_ROWS))
             # A checkpoint flushes at least every checkpoint_every steps, and a flush
             # sends the whole buffer: no use for more rows than that.
             self.block_size = min(rows, self.checkpoint_every or rows)
         if self.packing is None:
-            leaves = range(len(self.layout.specs))
-            self.packing = Packing.build(self.block_size, [self.layout.storage_shape(j) for j in leaves],
-                                         [self.layout.row_dtype(j) for j in leaves])
+            layout = self.sample_layout
+            leaves = range(len(layout.specs))
+            self.packing = Packing.build(self.block_size, [layout.storage_shape(j) for j in leaves],
+                                         [layout.row_dtype(j) for j in leaves])
         if self.writer is None or not self.writer.alive:
             self.writer = Writer(self.collector, max_queue_bytes=self.max_queue_bytes)
             self.writer.checkpoint_spec = self.checkpoint_spec
             _watch(self)
             if self.progress:
                 self._start_progress()
-        running = set(self.registered) - self.finished
+        running = set(self.registered) - self.finished_chains
         try:
             if resume is not None:
                 return self._resume(spec, init_checkpoint, static_information, capacity, resume)
@@ -148,8 +151,8 @@ class _Streamer(SaverBase):
             self.writer.add_group(ids)  # they advance together: checkpoints are stored step by step
         except BaseException as error:
             # The chains this call registered (or reopened) get no state: none of them will run.
-            self.finished.update(set(self.registered) - running)
-            if len(self.finished) == len(self.registered):
+            self.finished_chains.update(set(self.registered) - running)
+            if len(self.finished_chains) == len(self.registered):
                 self._close_after(error)  # no chain left running: no thread left behind
             raise
         return self._new_state(ids, chains)
@@ -158,8 +161,9 @@ class _Streamer(SaverBase):
         if not self.checkpoint_every:
             return
         if init_checkpoint is None:
-            raise ValueError("checkpoint_every needs init_checkpoint: a template of the solver_state to checkpoint")
-        tree = _checkpoint.checkpoint_tree(init_checkpoint, scheduler_state)
+            raise ValueError("checkpoint_every needs init_checkpoint: a template of the solver_state "
+                             "to checkpoint")
+        tree = _resume.checkpoint_tree(init_checkpoint, scheduler_state)
         if chains is not None:
             tree = jax.tree.map(lambda x: x[0], tree)
         spec = jax.eval_shape(lambda t: t, tree)
@@ -175,14 +179,14 @@ class _Streamer(SaverBase):
         if len(steps) != len(ids) or len(counts) != len(ids):
             raise SaverStateError(f"the checkpoint to resume has {len(ids)} chain ids but "
                                   f"{len(steps)} steps and {len(counts)} sample counts")
-        _checkpoint.at_one_step(dict(zip(ids, steps.tolist())), "the checkpoint to resume")
+        _resume.at_one_step(dict(zip(ids, steps.tolist())), "the checkpoint to resume")
         self.writer.drain()  # blocks of an abandoned run land before the chains restart
         self.writer.raise_error()
         for chain, step, count in zip(ids, steps.tolist(), counts.tolist()):
             self.collector.reopen_chain(chain, count, init_sample=spec, init_checkpoint=init_checkpoint,
                                         static_information=static_information)
             self.writer.add_chain(chain, capacity, start=step, written=count)
-            self.finished.discard(chain)
+            self.finished_chains.discard(chain)
             if chain not in self.registered:
                 self.registered.append(chain)
         self.writer.add_group(ids)
@@ -190,7 +194,7 @@ class _Streamer(SaverBase):
         step = jnp.asarray(steps, jnp.int32) if batched else jnp.int32(steps[0])
         saved = jnp.asarray(counts, jnp.int32) if batched else jnp.int32(counts[0])
         if self.checkpoint_spec is not None:
-            tree = _checkpoint.checkpoint_tree(ckpt.solver_state, ckpt.scheduler_state)
+            tree = _resume.checkpoint_tree(ckpt.solver_state, ckpt.scheduler_state)
             check_like(jax.eval_shape(lambda t: jax.tree.map(lambda x: x[0], t) if batched else t, tree),
                        self.checkpoint_spec, "the checkpoint to resume")
         state = self._new_state(ids, len(ids) if batched else None)
@@ -244,9 +248,9 @@ class _Streamer(SaverBase):
         ckpt = None
         if self.checkpoint_every:
             full = full | (step % self.checkpoint_every == 0)
-            tree = _checkpoint.checkpoint_tree(solver_state, scheduler_state)
+            tree = _resume.checkpoint_tree(solver_state, scheduler_state)
             check_like(tree, self.checkpoint_spec, "the solver_state/scheduler_state passed to save()")
-            ckpt = (tuple(_checkpoint.to_device_leaves(tree)), saved)
+            ckpt = (tuple(_resume.to_device_leaves(tree)), saved)
         self.flush(full, (full, state.chain_id, state.block_start, step, fill, mask, data, ckpt))
         if self.packing.unbuffered:  # the row just sent was the whole block
             data = state.data
@@ -270,8 +274,8 @@ class _Streamer(SaverBase):
                 return
             # The solver state travels only with blocks that end on a checkpoint step.
             def with_solver_state():
-                solver, layout = pack(ckpt[0], meta.ndim - 1)  # concatenated only on checkpoint flushes
-                _callback.send(functools.partial(receive, solver_layout=layout), (meta, data, solver))
+                solver, packed = pack(ckpt[0], meta.ndim - 1)  # concatenated only on checkpoint flushes
+                _callback.send(functools.partial(receive, solver_packing=packed), (meta, data, solver))
 
             lax.cond(jnp.any(active & (end % every == 0)), with_solver_state,
                      lambda: _callback.send(receive, (meta, data, None)))
@@ -291,7 +295,7 @@ class _Streamer(SaverBase):
 
     # -- host ------------------------------------------------------------------------
 
-    def _receive(self, payload: Any, solver_layout: tuple = ()) -> None:
+    def _receive(self, payload: Any, solver_packing: tuple = ()) -> None:
         """The flush callback: wrap the block and queue it; runs on an XLA thread."""
         if self.exited:  # a computation still running after _at_exit (from another thread)
             if self.writer is not None and not self.writer.dropped:
@@ -307,9 +311,10 @@ class _Streamer(SaverBase):
             mask = meta[:, 6:6 + rows].astype(bool)
             if (ends != ends[0]).any() or (meta[:, 5] != rows).any():
                 raise SaverStateError(
-                    f"the vmapped chains {chains.tolist()} are at different steps {ends.tolist()}: stack only "
-                    "states that were created together (init(..., chains=n)) and advanced together")
-            finished = sorted(set(chains[active].tolist()) & self.finished)
+                    f"the vmapped chains {chains.tolist()} are at different steps {ends.tolist()}: "
+                    "stack only states that were created together (init(..., chains=n)) and "
+                    "advanced together")
+            finished = sorted(set(chains[active].tolist()) & self.finished_chains)
             if finished or self.writer is None or not self.writer.alive:
                 raise SaverStateError(
                     f"chain(s) {finished or chains[active].tolist()} saved samples after postprocess "
@@ -318,8 +323,8 @@ class _Streamer(SaverBase):
             leaves = [x[:, :rows] for x in self.packing.unpack(data)]
             block = Block(chains, starts, ends, mask, leaves, keepalive=payload)
             if solver is not None:
-                flat = unpack(solver, solver_layout)
-                block.checkpoints = _checkpoint.records(
+                flat = unpack(solver, solver_packing)
+                block.checkpoints = _resume.records(
                     chains, ends, saved, flat, active & (ends % self.checkpoint_every == 0))
             if not active.all():
                 pick = np.flatnonzero(active)
@@ -385,11 +390,11 @@ class _Streamer(SaverBase):
             samples = [self.collector.finished(c) for c in chains.tolist()]
         except BaseException as error:
             with self._lock:
-                self.finished.update(chains.tolist())
+                self.finished_chains.update(chains.tolist())
                 self._close_after(error)
             raise
         with self._lock:
-            self.finished.update(chains.tolist())
+            self.finished_chains.update(chains.tolist())
             self._close_if_done()
         return self._stack_results(batch, counts, samples)
 
@@ -420,7 +425,7 @@ class _Streamer(SaverBase):
             logger.error("jaxsave: closing after %r failed too: %r", error, late)
 
     def _close_if_done(self, force: bool = False) -> None:
-        if force or len(self.finished) == len(self.registered):
+        if force or len(self.finished_chains) == len(self.registered):
             if self.writer is not None:
                 self.writer.close()
             if self.bar is not None:
@@ -434,7 +439,7 @@ class _Streamer(SaverBase):
         if writer is None or not writer.alive:
             return
         self.exited = True
-        unfinished = sorted(set(self.registered) - self.finished)
+        unfinished = sorted(set(self.registered) - self.finished_chains)
         try:
             stopped = writer.stop(deadline - time.monotonic())
         except KeyboardInterrupt:  # a second Ctrl-C: drop what is still queued
@@ -446,7 +451,7 @@ class _Streamer(SaverBase):
             logger.error("jaxsave: interpreter exit: the writer thread is still inside %s; "
                          "the collector is left open", type(self.collector).__name__)
             return
-        self.finished.update(unfinished)
+        self.finished_chains.update(unfinished)
         if unfinished:
             logger.warning("jaxsave: the interpreter exits before postprocess finished chain(s) "
                            "%s; their samples that reached the host are written", unfinished)

@@ -16,11 +16,13 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
+from jaxsave.collectors import BlockSink
 from jaxsave.errors import CapacityError, SaverStateError
 
 logger = logging.getLogger("jaxsave")
@@ -105,7 +107,8 @@ class Writer:
     one that is still held.
     """
 
-    def __init__(self, collector: Any, *, max_queue_bytes: int = 64 * 2**20, name: str = "jaxsave-writer"):
+    def __init__(self, collector: BlockSink, *, max_queue_bytes: int = 64 * 2**20,
+                 name: str = "jaxsave-writer"):
         self.collector = collector
         self.received: dict[int, int] = {}
         self.written: dict[int, int] = {}

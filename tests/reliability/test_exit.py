@@ -19,10 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _reliability import python
 
 import jaxsave
-
-from _reliability import python
 
 pytestmark = [pytest.mark.reliability, pytest.mark.timeout(300)]
 

@@ -26,10 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _reliability import child_env
 
 import jaxsave
-
-from _reliability import child_env
 
 pytestmark = [pytest.mark.reliability, pytest.mark.timeout(180)]
 

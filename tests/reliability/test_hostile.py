@@ -25,12 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from _reliability import FUZZ
+from hypothesis import given
+from hypothesis import strategies as st
 
 import jaxsave
 from jaxsave import __main__ as cli
-
-from _reliability import FUZZ
 
 pytestmark = [pytest.mark.reliability, pytest.mark.timeout(600)]
 
@@ -310,8 +310,9 @@ def _traversal(tmp_path):
 
 @hostile("deeply nested structures (JSON, tree, python)")
 def _nesting(tmp_path):
-    from jaxsave._serialize.formats import native
     import zlib
+
+    from jaxsave._serialize.formats import native
 
     n = 0
     for depth in (400, 100_000):

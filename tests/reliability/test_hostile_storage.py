@@ -33,11 +33,10 @@ import h5py
 import jax
 import numpy as np
 import pytest
+from _reliability import child_env
 
 import jaxsave
 from jaxsave import __main__ as cli
-
-from _reliability import child_env
 
 pytestmark = [pytest.mark.reliability, pytest.mark.timeout(300)]
 

@@ -15,10 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import files_under, open_fds
 
 import jaxsave
-
-from _helpers import files_under, open_fds
 
 pytestmark = [pytest.mark.reliability,
               pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd (Linux)")]

@@ -17,11 +17,10 @@ import time
 
 import numpy as np
 import pytest
+from _reliability import python
 
 import jaxsave
 from jaxsave._core.atomic import is_temporary
-
-from _reliability import python
 
 pytestmark = [pytest.mark.reliability, pytest.mark.timeout(600)]
 

@@ -13,10 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import PeakRSS
 
 import jaxsave
-
-from _helpers import PeakRSS
 
 pytestmark = [pytest.mark.reliability, pytest.mark.timeout(600)]
 

@@ -19,10 +19,9 @@ import time
 import h5py
 import numpy as np
 import pytest
+from _reliability import child_env, python
 
 import jaxsave
-
-from _reliability import child_env, python
 
 pytestmark = [pytest.mark.reliability, pytest.mark.timeout(600)]
 

@@ -27,17 +27,19 @@ _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
 def format_module(name: str) -> Format:
     """The module implementing format ``name``."""
-    if name == "jaxsave":
-        from jaxsave._serialize.formats import native as mod
-    elif name == "safetensors":
-        from jaxsave._serialize.formats import safetensors_format as mod
-    elif name == "npz":
-        from jaxsave._serialize.formats import npz as mod
-    elif name == "hdf5":
-        from jaxsave._serialize.formats import hdf5 as mod
-    else:
+    if name not in FORMATS:
         raise ValueError(f"unknown format {name!r}; choose one of {', '.join(FORMATS)}")
-    return cast(Format, mod)
+    if name == "jaxsave":
+        from jaxsave._serialize.formats import native
+        return cast(Format, native)
+    if name == "safetensors":
+        from jaxsave._serialize.formats import safetensors_format
+        return cast(Format, safetensors_format)
+    if name == "npz":
+        from jaxsave._serialize.formats import npz
+        return cast(Format, npz)
+    from jaxsave._serialize.formats import hdf5
+    return cast(Format, hdf5)
 
 
 def format_for_path(path: Any, format: str | None) -> str:

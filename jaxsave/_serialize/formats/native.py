@@ -68,7 +68,7 @@ def _write_to(f: BinaryIO, text: bytes, size: int, arrays: Sequence[np.ndarray],
         if offset > written:
             f.write(b"\0" * (offset - written))
         if nbytes:
-            f.write(a.reshape(-1).view(np.uint8))
+            f.write(a.reshape(-1).view(np.uint8))  # type: ignore[call-overload]
         written = offset + nbytes
 
 
@@ -93,7 +93,7 @@ class Reader:
 
     def __init__(self, target: str | BinaryIO):
         self._own = isinstance(target, (str, os.PathLike))
-        self._f: BinaryIO = open(target, "rb", buffering=0) if self._own else target  # type: ignore[assignment]
+        self._f: BinaryIO = open(target, "rb", buffering=0) if self._own else target  # type: ignore[assignment, arg-type]  # noqa: SIM115
         try:
             self._start = self._f.tell() if not self._own else 0
             self.header = self._read_header()
@@ -182,7 +182,7 @@ class Reader:
         return self._data[i][0] + self._data[i][1]
 
     def _readinto(self, offset: int, view: np.ndarray) -> None:
-        mv = memoryview(view)
+        mv = memoryview(view)  # type: ignore[arg-type]
         if self._own and len(mv) >= _PARALLEL_BYTES:
             # Two threads: copying out of the page cache (and faulting in fresh pages)
             # is CPU-bound, and preadv releases the GIL.
@@ -195,7 +195,7 @@ class Reader:
         self._f.seek(offset)
         got = 0
         while got < len(mv):
-            n = self._f.readinto(mv[got:])
+            n = self._f.readinto(mv[got:])  # type: ignore[attr-defined]
             if not n:
                 raise FileFormatError("the file ended before its data did (truncated?)")
             got += n

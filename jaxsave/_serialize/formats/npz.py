@@ -125,10 +125,10 @@ class Reader:
                             f"member {info.filename!r} is {dtype}{list(got_shape)}, "
                             f"the header says {want}{list(shape)}")
                     arr = np.empty(shape, dtype)
-                    view = memoryview(arr.reshape(-1).view(np.uint8))
+                    view = memoryview(arr.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
                     got = 0
                     while got < nbytes:
-                        n = fp.readinto(view[got:])
+                        n = fp.readinto(view[got:])  # type: ignore[attr-defined]
                         if not n:
                             raise FileFormatError(f"member {info.filename!r} is truncated")
                         got += n

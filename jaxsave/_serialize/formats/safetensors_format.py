@@ -124,8 +124,8 @@ class Reader:
             want_dtype, want_shape = store.name, list(shape)
             if store.kind == "c":
                 want_dtype, want_shape = f"float{store.itemsize * 4}", want_shape + [2]
-            if not isinstance(e, dict) or _ST_DTYPES.get(e.get("dtype")) != want_dtype \
-                    or e.get("shape") != want_shape:
+            if (not isinstance(e, dict) or _ST_DTYPES.get(str(e.get("dtype"))) != want_dtype
+                    or e.get("shape") != want_shape):
                 raise FileFormatError(f"tensor {name!r} is missing or differs from the header")
 
     def read(self, indices: Sequence[int], specs: Sequence[tuple[tuple[int, ...], str]],
@@ -140,5 +140,5 @@ class Reader:
         return out
 
     def close(self) -> None:
-        self._get = None  # type: ignore[assignment]
+        self._get = None
         self._file = None

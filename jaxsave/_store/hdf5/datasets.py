@@ -24,7 +24,7 @@ from jaxsave._store import schema
 from jaxsave._store.hdf5.sample_file import attach_scales
 from jaxsave.collectors import SampleLayout
 
-__all__ = ["DatasetLayout", "write_block", "write_rows"]
+__all__ = ["HDF5Datasets", "write_block", "write_rows"]
 
 #: Target size of one chunk: big enough that reading draws is fast.
 _CHUNK_BYTES = 1 * 2**20
@@ -35,7 +35,8 @@ _MAX_CHUNK_ROWS = 4096
 _DIRECT_CHUNK_BYTES = 256 * 2**10
 
 
-def _whole_chunks(ds: h5py.Dataset, axis: int, start: int, n: int, dtype: np.dtype) -> tuple[int, int, int] | None:
+def _whole_chunks(ds: h5py.Dataset, axis: int, start: int, n: int,
+                  dtype: np.dtype) -> tuple[int, int, int] | None:
     """``(lo, hi, rows)``: the chunks of draws ``lo..hi`` (``rows`` each) that a write of draws
     ``start..start+n`` along ``axis`` covers whole and may go to the file directly; ``None`` if none."""
     chunks = ds.chunks  # cheap checks first: this runs for every leaf of every block
@@ -47,8 +48,8 @@ def _whole_chunks(ds: h5py.Dataset, axis: int, start: int, n: int, dtype: np.dty
         return None
     shape = ds.shape
     hi = min(hi, shape[axis] // rows * rows)  # a chunk past the extent is not written whole
-    if (hi <= lo or dtype != ds.dtype or any(c != 1 for c in chunks[:axis]) or chunks[axis + 1:] != shape[axis + 1:]
-            or ds.id.get_create_plist().get_nfilters()):
+    if (hi <= lo or dtype != ds.dtype or any(c != 1 for c in chunks[:axis])
+            or chunks[axis + 1:] != shape[axis + 1:] or ds.id.get_create_plist().get_nfilters()):
         return None
     return lo, hi, rows
 
@@ -70,7 +71,10 @@ def write_rows(ds: h5py.Dataset, lead: tuple[int, ...], start: int, rows: np.nda
 
 
 def write_block(ds: h5py.Dataset, first: int, start: int, rows: np.ndarray) -> None:
-    """``ds[first:first + len(rows), start:start + rows.shape[1]] = rows``: chains ``first...``, draws ``start...``."""
+    """``ds[first:first + len(rows), start:start + rows.shape[1]] = rows``.
+
+    That is chains ``first...``, draws ``start...``.
+    """
     whole = _whole_chunks(ds, 1, start, rows.shape[1], rows.dtype)  # the same span for every chain
     if whole is None:
         _write_slab(ds, (first, start) + (0,) * (rows.ndim - 2), rows)
@@ -81,7 +85,8 @@ def write_block(ds: h5py.Dataset, first: int, start: int, rows: np.ndarray) -> N
 
 def _write_span(ds: h5py.Dataset, lead: tuple[int, ...], start: int, rows: np.ndarray,
                 whole: tuple[int, int, int] | None) -> None:
-    """Draws ``start...`` of ``rows``: the chunks ``whole`` (of :func:`_whole_chunks`) directly, the rest as slabs."""
+    """Draws ``start...`` of ``rows``: the chunks ``whole`` (of :func:`_whole_chunks`) directly,
+    the rest as slabs."""
     zeros = (0,) * (rows.ndim - 1)
     if whole is None:
         _write_slab(ds, (*lead, start, *zeros), rows)
@@ -93,7 +98,7 @@ def _write_span(ds: h5py.Dataset, lead: tuple[int, ...], start: int, rows: np.nd
     _write_slab(ds, (*lead, hi, *zeros), rows[hi - start:])
 
 
-class DatasetLayout:
+class HDF5Datasets:
     """Mixin of :class:`jaxsave.HDF5Collector`: creating and growing its datasets, writing rows.
 
     Uses the collector's file (and its name), layout, sample layout, per-chain
@@ -143,8 +148,9 @@ class DatasetLayout:
 
     def _draw_extent(self, chains: list[int], needed: int) -> int:
         caps = [self._capacity[c] for c in chains]
-        if all(c is not None for c in caps):
-            return max(needed, max(caps))
+        known = [c for c in caps if c is not None]
+        if len(known) == len(caps):
+            return max(needed, max(known))
         return needed
 
     def _posterior(self, needed_draws: int) -> list[h5py.Dataset]:
@@ -251,15 +257,16 @@ class DatasetLayout:
                             f"{sorted(leads)}" + (f" for {chains} chains" if chains is not None else ""))
         for j, v in enumerate(values):
             if np.shape(v)[lead:] != self._sample.storage_shape(j):
-                raise TypeError(f"HDF5Collector: rows of leaf {'/'.join(self._sample.keys[j]) or 'sample'} have "
-                                f"shape {np.shape(v)[lead:]}, the sample's is {self._sample.storage_shape(j)}")
+                raise TypeError(
+                    f"HDF5Collector: rows of leaf {schema.leaf_path(self._sample.keys[j])} have "
+                    f"shape {np.shape(v)[lead:]}, the sample's is {self._sample.storage_shape(j)}")
 
     def _write_block(self, chain_ids: list[int], values: list[np.ndarray]) -> None:
         """Rows ``values[j][i]`` of chains ``chain_ids[i]``: one write per leaf where the chains are
         consecutive and level in a ``posterior`` file, else chain by chain."""
         first, starts = chain_ids[0], {self._counts[c] for c in chain_ids}
         contiguous = chain_ids == list(range(first, first + len(chain_ids)))
-        if self.layout != "posterior" or not contiguous or len(starts) != 1:
+        if self.layout != schema.POSTERIOR or not contiguous or len(starts) != 1:
             for i, chain in enumerate(chain_ids):
                 self._write_rows(chain, [leaf[i] for leaf in values])
             return
@@ -274,8 +281,9 @@ class DatasetLayout:
     def _write_rows(self, chain: int, values: list[np.ndarray]) -> None:
         start, n = self._counts[chain], len(values[0]) if values else 0
         self._check_space(1, values)
-        dsets = self._posterior(start + n) if self.layout == "posterior" else self._chain_group(chain, start + n)
-        lead = (chain,) if self.layout == "posterior" else ()
+        dsets = (self._posterior(start + n) if self.layout == schema.POSTERIOR
+                 else self._chain_group(chain, start + n))
+        lead = (chain,) if self.layout == schema.POSTERIOR else ()
         for ds, rows in zip(dsets, values):
             write_rows(ds, lead, start, _dtypes.to_storable(rows))
         self._counts[chain] += n
@@ -290,6 +298,8 @@ class DatasetLayout:
         if self._file.driver not in ("sec2", "stdio"):
             return
         largest = max((c for c in self._capacity if c), default=0)  # once per block, not per leaf
-        chunk = sum(self._chunk_rows(j, largest) * self._sample.row_bytes(j) for j in range(len(self._sample.specs)))
+        chunk = sum(self._chunk_rows(j, largest) * self._sample.row_bytes(j)
+                    for j in range(len(self._sample.specs)))
         needed = sum(v.nbytes for v in values) + 2 * chains * chunk
-        _diskspace.check_room(self._filename, needed, f"the file keeps the {sum(self._counts)} samples written before")
+        _diskspace.check_room(self._filename, needed,
+                              f"the file keeps the {sum(self._counts)} samples written before")

@@ -9,7 +9,7 @@ dimension name (``chain``, ``draw``, ``<var>_dim_k``) are refused.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from jaxsave._core.tree import flat_name
 from jaxsave._store import schema
@@ -35,13 +35,15 @@ def leaf_entries(keys: list[tuple[str, ...]], stats: StatsSpec, layout: str) -> 
     >>> leaf_entries([("x",), ("lp",)], ("lp",), "posterior")
     [('posterior', 'x'), ('sample_stats', 'lp')]
     """
-    if layout == "chains":
+    if layout == schema.CHAINS:
         return [(schema.CHAIN_GROUP, schema.leaf_path(k)) for k in keys]
-    entries = [("sample_stats" if _is_stat(stats, k) else "posterior", flat_name(k)) for k in keys]
+    entries = [(schema.STATS_GROUP if _is_stat(stats, k) else schema.POSTERIOR_GROUP, flat_name(k))
+               for k in keys]
     if stats is not None and not callable(stats):
         unknown = set(stats) - {k[0] for k in keys if k}
         if unknown:
-            raise StructureMismatchError(f"sample_stats names {sorted(unknown)} are not top-level keys of the sample")
+            raise StructureMismatchError(
+                f"sample_stats names {sorted(unknown)} are not top-level keys of the sample")
     seen: dict[tuple[str, str], tuple[str, ...]] = {}
     for key, (group, name) in zip(keys, entries):
         if (group, name) in seen:
@@ -50,7 +52,8 @@ def leaf_entries(keys: list[tuple[str, ...]], stats: StatsSpec, layout: str) -> 
         seen[group, name] = key
     for key, (group, name) in zip(keys, entries):
         clash = name in RESERVED or any(
-            name.startswith(schema.dim_name(other, "")) for (g, other) in seen if g == group and other != name)
+            name.startswith(schema.dim_prefix(other))
+            for (g, other) in seen if g == group and other != name)
         if clash:
             raise StructureMismatchError(
                 f"leaf {'/'.join(key)!r} would be named {name!r}, which is a dimension name in {group}/")

@@ -13,7 +13,8 @@ import contextlib
 import os
 import shutil
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import h5py
 
@@ -56,9 +57,10 @@ def reopen(path: str, *, swmr: bool) -> h5py.File:
             if not busy:
                 raise
             if time.monotonic() > deadline:
-                raise OSError(error.errno, f"cannot reopen {path!r} for writing: a reader kept it open for "
-                                           f"{REOPEN_WAIT_S:g} s (readers of a file being written must use SWMR, "
-                                           f"e.g. jaxsave.open_live; {error})") from error
+                raise OSError(error.errno,
+                              f"cannot reopen {path!r} for writing: a reader kept it open for "
+                              f"{REOPEN_WAIT_S:g} s (readers of a file being written must use "
+                              f"SWMR, e.g. jaxsave.open_live; {error})") from error
             time.sleep(delay)
             delay = min(2 * delay, 0.05)
 

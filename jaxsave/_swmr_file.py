@@ -55,7 +55,7 @@ def reopen(path: str, *, swmr: bool) -> h5py.File:
             if time.monotonic() > deadline:
                 raise OSError(error.errno, f"cannot reopen {path!r} for writing: a reader kept it open for "
                                            f"{REOPEN_WAIT_S:g} s (readers of a file being written must use SWMR, "
-                                           f"e.g. jaxsave.follow; {error})") from error
+                                           f"e.g. jaxsave.open_live; {error})") from error
             time.sleep(delay)
             delay = min(2 * delay, 0.05)
 

@@ -4,7 +4,8 @@ Layout ``"posterior"``: one ``(chain, draw, ...)`` dataset per leaf under
 ``posterior/`` or ``sample_stats/``, with ``chain``/``draw``/``<var>_dim_k``
 dimension scales. Layout ``"chains"``: one ``(draw, ...)`` dataset per leaf and
 chain under ``/chain~{id}/``. Datasets are chunked (about 1 MiB, at most 4096
-draws) and resizable; with a known count they are allocated at their final size.
+draws) and resizable; with a known count they are allocated at their final size (at most
+16384 draws).
 Rows are written by :func:`write_rows` / :func:`write_block`, which hand the
 whole chunks of an unfiltered dataset straight to the file.
 """

@@ -79,8 +79,8 @@ def _samples_collected(static_information: Any) -> int | None:
     else:
         integral = getattr(dtype, "kind", None) in ("i", "u") and tuple(getattr(n, "shape", ())) == ()
     if not integral:
-        raise TypeError(f"samples_collected must be an integer count (or None), got {n!r} "
-                        f"of type {type(n).__name__}")
+        raise TypeError(f"samples_collected must be an integer, got {n!r} (of type {type(n).__name__}; "
+                        "the number of samples, or None if unknown)")
     try:
         value = int(n)
     except (TypeError, jax.errors.ConcretizationTypeError) as error:

@@ -29,10 +29,20 @@ pytestmark = [pytest.mark.reliability, pytest.mark.timeout(180)]
 
 # -- Checkpointer templates: what it writes, it must read back ------------------------------------
 
-BAD_TEMPLATES = ["ckpt_{step:x}.jaxsave", "ckpt_{step:o}.jaxsave", "ckpt_{step:b}.jaxsave",
-                 "ckpt_{step:,d}.jaxsave", "ckpt_{step:_d}.npz", "ckpt_{step:+d}.npz", "ckpt_{step:5d}.npz",
-                 "ckpt_{step:<08d}.npz", "ckpt_{step:X}.npz", "ckpt_{step:c}.npz", "ckpt_{step:e}.npz",
-                 "ckpt_{step:{w}}.npz"]
+BAD_TEMPLATES = [
+    "ckpt_{step:x}.jaxsave",
+    "ckpt_{step:o}.jaxsave",
+    "ckpt_{step:b}.jaxsave",
+    "ckpt_{step:,d}.jaxsave",
+    "ckpt_{step:_d}.npz",
+    "ckpt_{step:+d}.npz",
+    "ckpt_{step:5d}.npz",
+    "ckpt_{step:<08d}.npz",
+    "ckpt_{step:X}.npz",
+    "ckpt_{step:c}.npz",
+    "ckpt_{step:e}.npz",
+    "ckpt_{step:{w}}.npz",
+]
 
 
 @pytest.mark.parametrize("template", BAD_TEMPLATES)
@@ -42,8 +52,16 @@ def test_checkpointer_refuses_step_formats_it_cannot_parse_back(tmp_path, templa
     assert repr(template) in str(e.value)
 
 
-@pytest.mark.parametrize("template", ["ckpt_{step}.jaxsave", "ckpt_{step:08d}.npz", "{step}1.npz",
-                                      "ckpt_{step:0=5d}.npz", "{{braces}}_{step:03}.jaxsave"])
+@pytest.mark.parametrize(
+    "template",
+    [
+        "ckpt_{step}.jaxsave",
+        "ckpt_{step:08d}.npz",
+        "{step}1.npz",
+        "ckpt_{step:0=5d}.npz",
+        "{{braces}}_{step:03}.jaxsave",
+    ],
+)
 def test_checkpointer_decimal_templates_round_trip(tmp_path, template):
     ckpt = jaxsave.Checkpointer(tmp_path, keep=2, filename=template, fsync=False)
     for step in (9, 10, 11, 99, 100, 1001):
@@ -67,11 +85,17 @@ def test_checkpointer_ignores_names_its_template_does_not_write(tmp_path):
 
 # -- MemoryCollector(save_dir=...) on a full disk ------------------------------------------------------
 
+
 def _mount_tmpfs(directory, size) -> bool:
     if os.geteuid() != 0 or shutil.which("mount") is None:
         return False
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
-                          capture_output=True).returncode == 0
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
+            capture_output=True,
+        ).returncode
+        == 0
+    )
 
 
 def _memory_run(collector, draws, width, chains=None):
@@ -98,9 +122,13 @@ def test_memory_collector_full_disk_leaves_no_partial_file_and_keeps_the_samples
         with pytest.raises(OSError) as e:
             _memory_run(collector, draws=8, width=2**16)  # 2 MiB: does not fit
         assert e.value.errno == 28, e.value  # ENOSPC
-        assert str(mnt / "chain_0.npz") in str(e.value) and "MemoryCollector.samples(0)" in str(e.value)
+        assert str(mnt / "chain_0.npz") in str(e.value) and "MemoryCollector.samples(0)" in str(
+            e.value
+        )
         assert os.listdir(mnt) == ["chain_0.npz"]  # no partial file, no temporary
-        np.testing.assert_array_equal(np.load(mnt / "chain_0.npz")["x"], before)  # the old file, whole
+        np.testing.assert_array_equal(
+            np.load(mnt / "chain_0.npz")["x"], before
+        )  # the old file, whole
         x = collector.samples(0)["x"]
         assert x.shape == (8, 2**16)
         np.testing.assert_array_equal(x[:, 0], np.arange(8, dtype=np.float32))
@@ -131,8 +159,13 @@ AS_CHILD = textwrap.dedent("""
 def test_memory_collector_256_small_chains_fit_an_8_gb_address_space(tmp_path, count):
     script = tmp_path / "as_child.py"
     script.write_text(AS_CHILD)
-    proc = subprocess.run([sys.executable, str(script), count], capture_output=True, text=True, timeout=150,
-                          env=child_env())
+    proc = subprocess.run(
+        [sys.executable, str(script), count],
+        capture_output=True,
+        text=True,
+        timeout=150,
+        env=child_env(),
+    )
     assert proc.returncode == 0 and "OK 1048576" in proc.stdout, proc.stderr[-3000:]
 
 
@@ -160,10 +193,18 @@ def test_hdf5_refuses_sample_keys_it_cannot_store_at_init(tmp_path, layout, samp
         saver.init(sample, None)
 
 
-@pytest.mark.parametrize("sample, problem", [({"a/b": X, "a": {"b": X}}, "both become"),
-                                              ({"a\0b": X}, "NUL"), ({"": X}, "empty"),
-                                              ({"__jaxsave__": X}, "both become")])
-def test_memory_collector_save_dir_refuses_ambiguous_member_names_at_init(tmp_path, sample, problem):
+@pytest.mark.parametrize(
+    "sample, problem",
+    [
+        ({"a/b": X, "a": {"b": X}}, "both become"),
+        ({"a\0b": X}, "NUL"),
+        ({"": X}, "empty"),
+        ({"__jaxsave__": X}, "both become"),
+    ],
+)
+def test_memory_collector_save_dir_refuses_ambiguous_member_names_at_init(
+    tmp_path, sample, problem
+):
     saver = jaxsave.save(jaxsave.MemoryCollector(save_dir=tmp_path))
     with pytest.raises(jaxsave.StructureMismatchError, match=problem):
         saver.init(sample, None)
@@ -174,15 +215,21 @@ def test_hdf5_odd_but_valid_keys_round_trip(tmp_path, layout):
     sample = {"..": X, "é x": X, "mlp/~/linear_0": {"w": X}, "a": {"b.c": X}}
     saver = jaxsave.save(jaxsave.HDF5Collector(tmp_path / "s.h5", layout=layout))
     state = saver.init(sample, None)
-    state = jax.lax.scan(lambda s, i: saver.save(s, True, jax.tree.map(lambda x: x + i, sample)),
-                         state, jnp.arange(3))[0]
+    state = jax.lax.scan(
+        lambda s, i: saver.save(s, True, jax.tree.map(lambda x: x + i, sample)),
+        state,
+        jnp.arange(3),
+    )[0]
     assert int(saver.postprocess(state, None)["sample_count"]) == 3
     loaded = jaxsave.load_samples(tmp_path / "s.h5")
     got = jax.tree.leaves(loaded)
-    assert len(got) == 4 and all(np.asarray(g).reshape(-1, 2)[-1].tolist() == [2.0, 2.0] for g in got)
+    assert len(got) == 4 and all(
+        np.asarray(g).reshape(-1, 2)[-1].tolist() == [2.0, 2.0] for g in got
+    )
 
 
 # -- an empty sample ------------------------------------------------------------------------------
+
 
 def test_hdf5_refuses_an_empty_sample_at_init_and_memory_collector_counts_it(tmp_path):
     saver = jaxsave.save(jaxsave.HDF5Collector(tmp_path / "s.h5"))
@@ -197,13 +244,25 @@ def test_hdf5_refuses_an_empty_sample_at_init_and_memory_collector_counts_it(tmp
 
 # -- samples_collected: integers only; an over-estimate costs nothing -------------------------------------
 
-@pytest.mark.parametrize("bad, error", [(True, TypeError), (np.True_, TypeError), (2.0, TypeError),
-                                        ("5", TypeError), (np.array([5]), TypeError), (-1, ValueError)])
+
+@pytest.mark.parametrize(
+    "bad, error",
+    [
+        (True, TypeError),
+        (np.True_, TypeError),
+        (2.0, TypeError),
+        ("5", TypeError),
+        (np.array([5]), TypeError),
+        (-1, ValueError),
+    ],
+)
 @pytest.mark.parametrize("collector", ["memory", "hdf5", "no_save"])
 def test_samples_collected_must_be_a_non_negative_integer(tmp_path, bad, error, collector):
-    make = {"memory": lambda: jaxsave.save(jaxsave.MemoryCollector()),
-            "hdf5": lambda: jaxsave.save(jaxsave.HDF5Collector(tmp_path / "s.h5")),
-            "no_save": jaxsave.no_save}[collector]
+    make = {
+        "memory": lambda: jaxsave.save(jaxsave.MemoryCollector()),
+        "hdf5": lambda: jaxsave.save(jaxsave.HDF5Collector(tmp_path / "s.h5")),
+        "no_save": jaxsave.no_save,
+    }[collector]
     saver = make()
     with pytest.raises(error, match="samples_collected"):
         saver.init({"x": X}, None, jaxsave.static_information(samples_collected=bad))
@@ -214,14 +273,19 @@ def test_samples_collected_must_be_a_non_negative_integer(tmp_path, bad, error, 
 def test_over_estimated_samples_collected_makes_a_small_complete_file(tmp_path, count, layout):
     path = tmp_path / "s.h5"
     saver = jaxsave.save(jaxsave.HDF5Collector(path, layout=layout))
-    state = saver.init({"x": X}, None, jaxsave.static_information(samples_collected=count), chains=None)
+    state = saver.init(
+        {"x": X}, None, jaxsave.static_information(samples_collected=count), chains=None
+    )
     state = jax.lax.scan(lambda s, i: saver.save(s, True, {"x": X + i}), state, jnp.arange(4))[0]
     assert int(saver.postprocess(state, None)["sample_count"]) == 4
     assert os.path.getsize(path) < 2**20, os.path.getsize(path)
-    np.testing.assert_array_equal(np.asarray(jaxsave.load_samples(path)["x"]).reshape(4, 2)[:, 0], np.arange(4))
+    np.testing.assert_array_equal(
+        np.asarray(jaxsave.load_samples(path)["x"]).reshape(4, 2)[:, 0], np.arange(4)
+    )
 
 
 # -- many tiny leaves make a small file ------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("layout, bound_mib", [("chains", 2), ("posterior", 7)])
 def test_many_scalar_leaves_make_a_small_file(tmp_path, layout, bound_mib):
@@ -229,8 +293,11 @@ def test_many_scalar_leaves_make_a_small_file(tmp_path, layout, bound_mib):
     path = tmp_path / "s.h5"
     saver = jaxsave.save(jaxsave.HDF5Collector(path, layout=layout))
     state = saver.init(sample, None)
-    state = jax.lax.scan(lambda s, i: saver.save(s, True, jax.tree.map(lambda x: x + i, sample)),
-                         state, jnp.arange(10))[0]
+    state = jax.lax.scan(
+        lambda s, i: saver.save(s, True, jax.tree.map(lambda x: x + i, sample)),
+        state,
+        jnp.arange(10),
+    )[0]
     saver.postprocess(state, None)
     size = os.path.getsize(path)
     assert size < bound_mib * 2**20, f"{size / 2**20:.1f} MiB"
@@ -263,7 +330,9 @@ def test_old_temporary_names_of_killed_writers_are_cleaned(tmp_path):
     other = tmp_path / f"t.h5.jaxsave-{dead}.tmp"  # another file's
     for p in (stale, live, held, other):
         p.write_bytes(b"\x89HDF\r\n\x1a\n")
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(held)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(held)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         jaxsave.HDF5Collector(path).close()
@@ -278,6 +347,7 @@ def test_old_temporary_names_of_killed_writers_are_cleaned(tmp_path):
 
 # -- jax_sgmc compatibility: io.scheduler.static_information ----------------------------------------------
 
+
 def test_jaxsave_scheduler_static_information_as_in_jax_sgmc(tmp_path):
     import jaxsave as io
 
@@ -290,6 +360,7 @@ def test_jaxsave_scheduler_static_information_as_in_jax_sgmc(tmp_path):
 
 
 # -- messages name only what exists ----------------------------------------------------------------------------
+
 
 def test_messages_and_docs_name_only_jaxsave_functions_that_exist():
     import importlib

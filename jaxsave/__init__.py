@@ -30,6 +30,7 @@ from jaxsave.samples import (
     to_inference_data,
 )
 from jaxsave.checkpointer import Checkpointer
+from jaxsave import scheduler  # jax_sgmc.io's io.scheduler.static_information
 from jaxsave.registry import register_saveable, saveable
 from jaxsave.serialization import (
     PytreeFile,
@@ -57,6 +58,7 @@ __all__ = [
     "save",
     "no_save",
     "static_information",
+    "scheduler",
     "SaveState",
     "Saver",
     "DataCollector",

@@ -34,6 +34,8 @@ __all__ = [
 
 TEMP_SUFFIX = ".jaxsave-tmp"
 _TEMP_RE = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}" + re.escape(TEMP_SUFFIX) + "$")
+#: Aside copies of HDF5 files that older jaxsave versions wrote: ``<target>.jaxsave-<pid>.tmp``.
+_LEGACY_TEMP_RE = re.compile(r"^(?P<target>.+)\.jaxsave-(?P<pid>\d+)\.tmp$")
 
 
 def temporary_name(path: str | os.PathLike[str]) -> str:
@@ -111,19 +113,45 @@ def atomic_write(
 def remove_stale_temporaries(directory: str | os.PathLike[str], target: str | None = None) -> list[str]:
     """Delete temporary files left in ``directory`` by processes that no longer run.
 
-    Files of live processes (on this machine) are kept; with ``target`` (a file
-    name), only the temporaries of that file are considered. Returns the removed paths.
+    Both :func:`is_temporary` names and the ``<target>.jaxsave-<pid>.tmp`` aside
+    copies of older versions count. Files of live processes (on this machine), and
+    files another process holds locked (an HDF5 writer elsewhere), are kept; with
+    ``target`` (a file name), only the temporaries of that file are considered.
+    Returns the removed paths.
     """
     removed = []
     for name in os.listdir(directory):
-        m = _TEMP_RE.match(name)
+        m = _TEMP_RE.match(name) or _LEGACY_TEMP_RE.match(name)
         if m is None or (target is not None and m.group("target") != target) or pid_alive(int(m.group("pid"))):
             continue
         path = os.path.join(directory, name)
+        if not os.path.isfile(path) or _locked(path):
+            continue
         with contextlib.suppress(OSError):
             os.unlink(path)
             removed.append(path)
     return removed
+
+
+def _locked(path: str) -> bool:
+    """Whether another process holds a lock on ``path`` (HDF5 writers lock their file)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: the pid check alone decides
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return True  # cannot look: keep it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
 
 
 def pid_alive(pid: int) -> bool:

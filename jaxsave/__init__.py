@@ -5,7 +5,10 @@
 [('a', {'list_element_0': 2}), ('b', 1)]
 """
 
-from jaxsave import errors
+from jaxsave import (
+    errors,
+    scheduler,  # jax_sgmc.io's io.scheduler.static_information
+)
 from jaxsave._core.tree import (
     dict_to_pytree,
     pytree_dict_keys,
@@ -58,6 +61,7 @@ __all__ = [
     "save",
     "no_save",
     "static_information",
+    "scheduler",
     "SaveState",
     "Saver",
     "DataCollector",

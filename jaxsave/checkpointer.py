@@ -27,23 +27,46 @@ from jaxsave.serialization import load_pytree, read_metadata, save_pytree
 __all__ = ["Checkpointer"]
 
 
+#: Steps a template must write and parse back exactly (digit-count changes, large steps).
+_ROUND_TRIP_STEPS = (0, 1, 7, 8, 9, 10, 11, 15, 16, 99, 100, 255, 1000, 12345, 99999999, 10**12 + 3)
+
+
 def _step_pattern(filename: str) -> re.Pattern[str]:
-    """A regex matching the names ``filename.format(step=...)`` produces."""
+    """A regex matching the names ``filename.format(step=...)`` produces.
+
+    Refuses a template whose names :meth:`Checkpointer.steps` could not read back
+    as the steps that wrote them (``{step:x}``, ``{step:,d}``, ``{step:+d}``, padding
+    with spaces...): every step of :data:`_ROUND_TRIP_STEPS` must round-trip.
+    """
     if os.sep in filename or (os.altsep and os.altsep in filename):
         raise ValueError(f"filename {filename!r} must be a plain file name, without directories")
     parts, fields = [], 0
-    for literal, field, spec, conv in string.Formatter().parse(filename):
+    try:
+        parsed = list(string.Formatter().parse(filename))
+    except ValueError as error:
+        raise ValueError(f"filename {filename!r} is not a valid format template: {error}") from None
+    for literal, field, _spec, conv in parsed:
         parts.append(re.escape(literal))
         if field is None:
             continue
         if field != "step" or conv:
             raise ValueError(f"filename {filename!r} may only use the field {{step}}")
-        format(0, spec or "d")  # raises on a spec that is not an integer format
         parts.append(r"(\d+)")
         fields += 1
     if fields != 1:
         raise ValueError(f"filename {filename!r} must contain {{step}} exactly once")
-    return re.compile("^" + "".join(parts) + "$")
+    pattern = re.compile("^" + "".join(parts) + "$")
+    for step in _ROUND_TRIP_STEPS:
+        try:
+            name = filename.format(step=step)
+        except (ValueError, TypeError, LookupError, OverflowError) as error:
+            raise ValueError(f"filename {filename!r} does not format an integer step: {error}") from None
+        m = pattern.match(name)
+        if m is None or int(m.group(1)) != step:
+            raise ValueError(
+                f"filename {filename!r} writes step {step} as {name!r}, which does not read back as "
+                f"{step}; use a decimal step format such as {{step}} or {{step:08d}}")
+    return pattern
 
 
 class Checkpointer:
@@ -93,7 +116,10 @@ class Checkpointer:
         found = set()
         for name in os.listdir(self.directory):
             m = self._pattern.match(name)
-            if m is not None and os.path.isfile(os.path.join(self.directory, name)):
+            # only names this template writes: "ckpt_5" is not step 5 of "ckpt_{step:03d}"
+            if m is None or self.filename.format(step=int(m.group(1))) != name:
+                continue
+            if os.path.isfile(os.path.join(self.directory, name)):
                 found.add(int(m.group(1)))
         return sorted(found)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 import json
 import math
+import numbers
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,9 +22,10 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 import jax
 import numpy as np
 
+from jaxsave._core import atomic as _atomic
 from jaxsave._core import dtypes as _dtypes
 from jaxsave._core.tree import pytree_dict_keys
-from jaxsave.errors import SaverStateError
+from jaxsave.errors import SaverStateError, StructureMismatchError
 
 __all__ = ["DataCollector", "MemoryCollector", "SampleLayout", "sample_layout"]
 
@@ -65,12 +67,22 @@ def sample_layout(init_sample: Any) -> SampleLayout:
 
 
 def samples_collected(static_information: Any) -> int | None:
-    """``static_information.samples_collected`` as an int >= 0, or ``None`` (count unknown)."""
+    """``static_information.samples_collected`` as an int >= 0, or ``None`` (count unknown).
+
+    Integers only (Python ints, numpy/JAX integer scalars): a bool, float, string or
+    array is refused, not read as a count.
+    """
     n = getattr(static_information, "samples_collected", None)
     if n is None:
         return None
-    if isinstance(n, float) or getattr(n, "dtype", np.dtype(int)).kind not in "iu":
-        raise TypeError(f"samples_collected must be an integer, got {n!r}")
+    dtype = getattr(n, "dtype", None)
+    if dtype is None:
+        integral = isinstance(n, numbers.Integral) and not isinstance(n, bool)
+    else:
+        integral = getattr(dtype, "kind", None) in ("i", "u") and tuple(getattr(n, "shape", ())) == ()
+    if not integral:
+        raise TypeError(f"samples_collected must be an integer, got {n!r} (of type {type(n).__name__}; "
+                        "the number of samples, or None if unknown)")
     try:
         value = int(n)
     except (TypeError, jax.errors.ConcretizationTypeError) as error:
@@ -176,15 +188,19 @@ def drain_writer(collector: DataCollector) -> None:
 
 
 class _MemoryChain:
-    """One chain's rows, in arrays allocated for the expected count (or doubled when full).
+    """One chain's rows, in arrays that grow geometrically (doubling) as blocks come.
 
-    Every sample is copied once, into its final place: no per-block arrays to
-    concatenate at the end, so memory peaks at the samples' size, not twice it.
-    Allocations are ``np.empty``: rows not yet written take no memory.
+    Rows are copied again only at each doubling (amortised once). Allocations are
+    ``np.empty``: rows not yet written take no memory, only address space. A
+    known count small enough (at most :attr:`PREALLOC_BYTES` per chain) is
+    allocated at once; a larger one only caps the growth, so an over-estimate
+    reserves nothing.
     """
 
-    #: Without a known count, the first allocation holds this many bytes per chain.
-    FIRST_BYTES = 64 * 2**20
+    #: The first allocation of a chain holds at least this many bytes.
+    FIRST_BYTES = 1 * 2**20
+    #: A known count up to this many bytes per chain is allocated at once.
+    PREALLOC_BYTES = 64 * 2**20
 
     def __init__(self, layout: SampleLayout, capacity: int | None):
         self.layout = layout
@@ -204,18 +220,20 @@ class _MemoryChain:
             rows[self.count:needed] = block
         self.count = needed
 
-    def _grow(self, needed: int) -> None:
-        sizes = [max(needed, 2 * self.allocated, self.FIRST_BYTES // max(1, self.layout.row_bytes()))]
+    def _size(self, needed: int) -> int:
+        """Rows to allocate for ``needed``: double, at least ``FIRST_BYTES``, at most the count."""
+        row_bytes = max(1, self.layout.row_bytes())
+        size = max(needed, 2 * self.allocated, self.FIRST_BYTES // row_bytes)
         if self.capacity is not None and needed <= self.capacity:
-            sizes.insert(0, self.capacity)  # all of it at once: untouched pages cost nothing
-        for i, size in enumerate(sizes):
-            try:
-                grown = [np.empty((size, *self.layout.storage_shape(j)), self.layout.row_dtype(j))
-                         for j in range(len(self.layout.specs))]
-                break
-            except MemoryError:  # a count too large to reserve at once: grow as the rows come
-                if i == len(sizes) - 1:
-                    raise
+            if self.capacity * row_bytes <= self.PREALLOC_BYTES:
+                return self.capacity  # all of it at once: one allocation, no copy
+            size = min(size, self.capacity)
+        return size
+
+    def _grow(self, needed: int) -> None:
+        size = self._size(needed)
+        grown = [np.empty((size, *self.layout.storage_shape(j)), self.layout.row_dtype(j))
+                 for j in range(len(self.layout.specs))]
         if self.rows is not None:
             for new, old in zip(grown, self.rows):
                 new[: self.count] = old[: self.count]
@@ -233,7 +251,10 @@ class MemoryCollector(DataCollector):
 
     Args:
       save_dir: if given, each chain is also written to ``save_dir/chain_{id}.npz``
-        when it finishes (keys are the ``/``-joined dictionize key paths).
+        when it finishes (keys are the ``/``-joined dictionize key paths), atomically:
+        a failed write (full disk...) leaves no partial file and raises an
+        ``OSError`` naming the file from ``postprocess``; the samples are then
+        still in memory, returned by :meth:`samples`.
 
     >>> import jax, jax.numpy as jnp, jaxsave
     >>> init, save, postprocess = jaxsave.save(jaxsave.MemoryCollector())
@@ -252,7 +273,10 @@ class MemoryCollector(DataCollector):
     def register_chain(self, init_sample=None, init_checkpoint=None, static_information=None,
                        **unused) -> int:
         capacity = samples_collected(static_information)
-        self._chains.append(_MemoryChain(sample_layout(init_sample), capacity))
+        layout = sample_layout(init_sample)
+        if self._dir is not None:
+            _npz_names(layout.keys)  # refused now, not when the run is over
+        self._chains.append(_MemoryChain(layout, capacity))
         return len(self._chains) - 1
 
     def save(self, chain_id: int, values: list[np.ndarray]) -> None:
@@ -266,12 +290,24 @@ class MemoryCollector(DataCollector):
 
     def _write_npz(self, chain_id: int, chain: _MemoryChain) -> None:
         assert self._dir is not None  # only called with a directory
-        self._dir.mkdir(parents=True, exist_ok=True)
-        names = ["/".join(key) for key in chain.layout.keys]
+        path = self._dir / f"chain_{chain_id}.npz"
+        names = _npz_names(chain.layout.keys)
         arrays = {name: _dtypes.to_storable(a) for name, a in zip(names, chain.samples())}
         dtypes = {name: spec.dtype for name, spec in zip(names, chain.layout.specs)}
         arrays["__jaxsave__"] = np.array(json.dumps({"format": 1, "dtypes": dtypes}))
-        np.savez(self._dir / f"chain_{chain_id}.npz", **arrays)  # type: ignore[arg-type]
+        try:
+            self._dir.mkdir(parents=True, exist_ok=True)
+            _atomic.remove_stale_temporaries(self._dir, target=path.name)
+            with _atomic.atomic_write(path) as f:
+                np.savez(f, **arrays)  # type: ignore[arg-type]
+        except OSError as error:
+            raise OSError(
+                error.errno,
+                f"MemoryCollector could not write chain {chain_id} to {os.fspath(path)!r} "
+                f"({error.strerror or error}); nothing was left there, and the chain's "
+                f"{chain.count} samples are still in memory: MemoryCollector.samples({chain_id}) "
+                "returns them",
+            ) from error
 
     def reopen_chain(self, chain_id: int, sample_count: int, init_sample: Any = None,
                      init_checkpoint: Any = None, static_information: Any = None) -> None:
@@ -290,11 +326,38 @@ class MemoryCollector(DataCollector):
         chain.done = False
 
     def finished(self, chain_id: int) -> Any:
-        chain = self._chains[chain_id]
-        if not chain.done:
+        if not self._chains[chain_id].done:
             raise SaverStateError(f"chain {chain_id} has not been finalized")
+        return self.samples(chain_id)
+
+    def samples(self, chain_id: int) -> Any:
+        """The samples of chain ``chain_id`` received so far, as a pytree of ``(draw, ...)`` arrays.
+
+        After ``postprocess`` these are all of them, even when it raised because
+        ``save_dir`` could not be written.
+        """
+        if not 0 <= chain_id < len(self._chains):
+            raise SaverStateError(f"this MemoryCollector has no chain {chain_id}")
+        chain = self._chains[chain_id]
         leaves = [
             _dtypes.from_storable(a, spec.dtype) if spec.is_key else a
             for a, spec in zip(chain.samples(), chain.layout.specs)
         ]
         return chain.layout.unflatten(leaves)
+
+
+def _npz_names(keys: list[tuple[str, ...]]) -> list[str]:
+    """The ``.npz`` member name of each leaf (its ``/``-joined key path); refuses ambiguous ones."""
+    names = ["/".join(key) for key in keys]
+    seen: dict[str, tuple[str, ...]] = {"__jaxsave__": ("__jaxsave__",)}
+    for key, name in zip(keys, names):
+        if any(part == "" or "\0" in part for part in key):
+            raise StructureMismatchError(
+                f"MemoryCollector(save_dir=...): the sample key {key!r} has an empty part or a NUL "
+                "character, which a .npz member name cannot hold")
+        if name in seen:
+            raise StructureMismatchError(
+                f"MemoryCollector(save_dir=...): the sample keys {seen[name]!r} and {key!r} both "
+                f"become the .npz member {name!r}")
+        seen[name] = key
+    return names

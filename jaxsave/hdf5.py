@@ -319,6 +319,10 @@ class HDF5Collector(HDF5Datasets, OwnedFile, DataCollector):
     def _set_layout(self, init_sample: Any) -> bool:
         """Record the samples' layout (first chain: returns True) or check that it matches."""
         layout = sample_layout(init_sample)
+        if not layout.specs:
+            raise StructureMismatchError(
+                "HDF5Collector: the sample has no array leaves (an empty pytree), so there is nothing to "
+                "write; save at least one leaf, or use MemoryCollector")
         if self._sample is None:
             self._entries = leaf_entries(layout.keys, self._stats, self.layout)
             self._sample, self._treespec = layout, _encode_treespec(init_sample)

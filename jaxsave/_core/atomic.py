@@ -22,8 +22,10 @@ import os
 import re
 import secrets
 from collections.abc import Iterator
+from typing import BinaryIO
 
 __all__ = [
+    "atomic_write",
     "atomic_path",
     "fsync_directory",
     "is_temporary",
@@ -32,6 +34,8 @@ __all__ = [
 
 TEMP_SUFFIX = ".jaxsave-tmp"
 _TEMP_RE = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}" + re.escape(TEMP_SUFFIX) + "$")
+#: Aside copies of HDF5 files that older jaxsave versions wrote: ``<target>.jaxsave-<pid>.tmp``.
+_LEGACY_TEMP_RE = re.compile(r"^(?P<target>.+)\.jaxsave-(?P<pid>\d+)\.tmp$")
 
 
 def temporary_name(path: str | os.PathLike[str]) -> str:
@@ -42,7 +46,7 @@ def temporary_name(path: str | os.PathLike[str]) -> str:
 
 
 def is_temporary(name: str) -> bool:
-    """Whether a file name is one of :func:`atomic_path`'s temporary files."""
+    """Whether a file name is one of :func:`atomic_write`'s (or :func:`atomic_path`'s) temporary files."""
     return _TEMP_RE.match(os.path.basename(name)) is not None
 
 
@@ -87,23 +91,67 @@ def atomic_path(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator
         fsync_directory(os.path.dirname(os.path.abspath(path)))
 
 
+@contextlib.contextmanager
+def atomic_write(
+    path: str | os.PathLike[str], *, fsync: bool = True, buffering: int = 1 << 20
+) -> Iterator[BinaryIO]:
+    """Open a temporary binary file that replaces ``path`` atomically on success.
+
+    The file is flushed and fsynced before the rename; ``fsync=False`` skips both
+    fsyncs (atomic against crashes of the process, not of the machine).
+    """
+    with atomic_path(path, fsync=False) as tmp, open(tmp, "xb", buffering=buffering) as f:
+        yield f  # type: ignore[misc]
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+    if fsync:
+        fsync_directory(os.path.dirname(os.path.abspath(path)))
+
+
 def remove_stale_temporaries(directory: str | os.PathLike[str], target: str | None = None) -> list[str]:
     """Delete temporary files left in ``directory`` by processes that no longer run.
 
-    Files of live processes (on this machine) are kept; with ``target`` (a file
-    name), only the temporaries of that file are considered. Returns the removed paths.
+    Both :func:`is_temporary` names and the ``<target>.jaxsave-<pid>.tmp`` aside
+    copies of older versions count. Files of live processes (on this machine), and
+    files another process holds locked (an HDF5 writer elsewhere), are kept; with
+    ``target`` (a file name), only the temporaries of that file are considered.
+    Returns the removed paths.
     """
     removed = []
     for name in os.listdir(directory):
-        m = _TEMP_RE.match(name)
+        m = _TEMP_RE.match(name) or _LEGACY_TEMP_RE.match(name)
         if (m is None or (target is not None and m.group("target") != target)
                 or pid_alive(int(m.group("pid")))):
             continue
         path = os.path.join(directory, name)
+        if not os.path.isfile(path) or _locked(path):
+            continue
         with contextlib.suppress(OSError):
             os.unlink(path)
             removed.append(path)
     return removed
+
+
+def _locked(path: str) -> bool:
+    """Whether another process holds a lock on ``path`` (HDF5 writers lock their file)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: the pid check alone decides
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return True  # cannot look: keep it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
 
 
 def pid_alive(pid: int) -> bool:

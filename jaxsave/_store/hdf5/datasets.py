@@ -4,7 +4,8 @@ Layout ``"posterior"``: one ``(chain, draw, ...)`` dataset per leaf under
 ``posterior/`` or ``sample_stats/``, with ``chain``/``draw``/``<var>_dim_k``
 dimension scales. Layout ``"chains"``: one ``(draw, ...)`` dataset per leaf and
 chain under ``/chain~{id}/``. Datasets are chunked (about 1 MiB, at most 4096
-draws) and resizable; with a known count they are allocated at their final size.
+draws) and resizable; with a known count they are allocated at their final size (at most
+16384 draws).
 Rows are written by :func:`write_rows` / :func:`write_block`, which hand the
 whole chunks of an unfiltered dataset straight to the file.
 """
@@ -30,6 +31,13 @@ __all__ = ["HDF5Datasets", "write_block", "write_rows"]
 _CHUNK_BYTES = 1 * 2**20
 #: ... and at most this many draws, so that short runs of small samples stay small files.
 _MAX_CHUNK_ROWS = 4096
+#: A sample of many small leaves: the chunks of one span of draws, over all leaves, hold about
+#: ``_CHUNK_BYTES`` (each leaf's partial last chunk takes its whole size on disk), but each chunk
+#: at least this many draws.
+_MIN_CHUNK_ROWS = 64
+#: A known count preallocates at most this many draws (more are grown as they come): the draw
+#: scale is written in full, so an over-estimate would fill the file (or memory) with it.
+_MAX_PREALLOC_DRAWS = 16384
 #: Chunks at least this big are written whole with ``write_direct_chunk`` when a block covers them:
 #: past HDF5's selection and chunk cache, twice as fast (4 MiB: 1.8 ms instead of 3.6 ms on tmpfs).
 _DIRECT_CHUNK_BYTES = 256 * 2**10
@@ -121,8 +129,10 @@ class HDF5Datasets:
 
     def _chunk_rows(self, j: int, largest: int | None = None) -> int:
         """Draws per chunk of leaf ``j``: about 1 MiB, at most 4096, at most the ``largest``
-        known count of a chain (computed if not given)."""
-        rows = min(_MAX_CHUNK_ROWS, max(1, _CHUNK_BYTES // max(1, self._sample.row_bytes(j))))
+        known count of a chain (computed if not given); for many small leaves, about 1 MiB
+        over all leaves (at least 64 draws), so that a short run makes a small file."""
+        rows = min(_MAX_CHUNK_ROWS, max(1, _CHUNK_BYTES // max(1, self._sample.row_bytes(j))),
+                   max(_MIN_CHUNK_ROWS, _CHUNK_BYTES // max(1, self._sample.row_bytes())))
         if largest is None:
             largest = max((c for c in self._capacity if c), default=0)
         return min(rows, largest) if largest else rows
@@ -149,8 +159,8 @@ class HDF5Datasets:
     def _draw_extent(self, chains: list[int], needed: int) -> int:
         caps = [self._capacity[c] for c in chains]
         known = [c for c in caps if c is not None]
-        if len(known) == len(caps):
-            return max(needed, max(known))
+        if caps and len(known) == len(caps):
+            return max(needed, min(max(known), _MAX_PREALLOC_DRAWS))
         return needed
 
     def _posterior(self, needed_draws: int) -> list[h5py.Dataset]:

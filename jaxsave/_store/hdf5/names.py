@@ -4,7 +4,9 @@ In the ``posterior`` layout a leaf becomes ``posterior/<name>`` (or
 ``sample_stats/<name>`` if chosen with ``sample_stats=``), where ``<name>`` is its
 key path joined readably; in the ``chains`` layout it becomes
 ``chain~{id}/<key>/<subkey>``. Names that collide with each other or with a
-dimension name (``chain``, ``draw``, ``<var>_dim_k``) are refused.
+dimension name (``chain``, ``draw``, ``<var>_dim_k``), and key parts HDF5 cannot
+hold as a name (empty, ``.``, a NUL character, which HDF5 would cut the name at)
+are refused.
 """
 
 from __future__ import annotations
@@ -35,8 +37,12 @@ def leaf_entries(keys: list[tuple[str, ...]], stats: StatsSpec, layout: str) -> 
     >>> leaf_entries([("x",), ("lp",)], ("lp",), "posterior")
     [('posterior', 'x'), ('sample_stats', 'lp')]
     """
+    for key in keys:
+        _check_parts(key)
     if layout == schema.CHAINS:
-        return [(schema.CHAIN_GROUP, schema.leaf_path(k)) for k in keys]
+        entries = [(schema.CHAIN_GROUP, schema.leaf_path(k)) for k in keys]
+        _check_paths(keys, [name for _, name in entries])
+        return entries
     entries = [(schema.STATS_GROUP if _is_stat(stats, k) else schema.POSTERIOR_GROUP, flat_name(k))
                for k in keys]
     if stats is not None and not callable(stats):
@@ -58,3 +64,34 @@ def leaf_entries(keys: list[tuple[str, ...]], stats: StatsSpec, layout: str) -> 
             raise StructureMismatchError(
                 f"leaf {'/'.join(key)!r} would be named {name!r}, which is a dimension name in {group}/")
     return entries
+
+
+def _check_parts(key: tuple[str, ...]) -> None:
+    """Refuse a key whose parts HDF5 cannot hold as (part of) a name."""
+    for part in key:
+        if part == "" or part == "." or "\0" in part:
+            what = "an empty part" if part == "" else "the part '.'" if part == "." else "a NUL character"
+            raise StructureMismatchError(
+                f"the sample key {'/'.join(key)!r} ({key!r}) has {what}, which an HDF5 name cannot hold; "
+                "rename that leaf")
+
+
+def _check_paths(keys: list[tuple[str, ...]], paths: list[str]) -> None:
+    """``chains`` layout: no path may repeat another, be a group of another, or have an empty part."""
+    seen: dict[str, tuple[str, ...]] = {}
+    for key, path in zip(keys, paths):
+        parts = path.split("/")
+        if "" in parts or "." in parts:  # a "/" inside a key part ("a/", "/a", "a/./b")
+            raise StructureMismatchError(
+                f"the sample key {key!r} becomes the HDF5 path {path!r}, which has an empty or '.' part")
+        if path in seen:
+            raise StructureMismatchError(f"leaves {seen[path]!r} and {key!r} both become chain~<id>/{path}")
+        seen[path] = key
+    for key, path in zip(keys, paths):
+        parts = path.split("/")
+        for k in range(1, len(parts)):
+            group = "/".join(parts[:k])
+            if group in seen:
+                raise StructureMismatchError(
+                    f"leaf {seen[group]!r} (chain~<id>/{group}) would be the group of leaf {key!r} "
+                    f"(chain~<id>/{path})")

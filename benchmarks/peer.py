@@ -1,0 +1,180 @@
+"""jaxsave against the stacking peer: every sample to disk vs. samples stacked as ``scan`` outputs.
+
+The peer is the NumPyro/BlackJAX way: the step returns its sample as a ``lax.scan`` output, so
+the samples are stacked on the device (O(N) device memory, nothing on disk until the run ends).
+With ``thin > 1`` the peer runs a nested scan (``thin`` steps inside, one output outside), as a
+user who cares about memory would. All variants run the same SGLD step
+
+    x <- x - 1e-3 x + 1e-2 normal(k)
+
+on 10 floats per chain, with two step bodies: ``light`` (the keys precomputed, as scan inputs)
+and ``heavy`` (the key split in the carry). Variants, timed in interleaved rounds (every
+variant once per round, best of ``--repeats``), ratios to ``baseline`` (the loop without saving):
+
+- ``stack``: the peer;
+- ``hdf5``: ``HDF5Collector`` with ``init(..., chains=C)``;
+- ``hdf5 1by1``: the same, chains ``init``-ed one by one and stacked (jax-sgmc's solvers);
+- ``hdf5+ckpt``: ``checkpoint_every=500`` (its ratio to ``hdf5`` is the checkpoint cost);
+- ``memory``: ``MemoryCollector``.
+
+Times are end to end: the compiled run, then ``postprocess`` (which waits until every sample
+is written) or, for the peer, the stacked samples copied to host memory.
+
+    python benchmarks/peer.py                  # the table of issue 17
+    python benchmarks/peer.py --quick          # 10x fewer steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxsave
+
+RESULTS = Path(__file__).parent / "results"
+DIM = 10
+KINDS = ["baseline", "stack", "hdf5", "hdf5 1by1", "hdf5+ckpt", "memory"]
+
+
+def sgld(x, k):
+    return x - 1e-3 * x + 1e-2 * jax.random.normal(k, x.shape, x.dtype)
+
+
+def make_run(kind, saver, steps, thin, body):
+    """The compiled loop of one chain, ``(state, x, key, keys) -> (state, x, samples)``."""
+
+    def advance(x, key, k):
+        if body == "heavy":
+            key, k = jax.random.split(key)
+        return sgld(x, k), key
+
+    def chain(state, x, key, keys):
+        if kind == "stack" and thin > 1:  # the peer, thinned: thin steps inside, one output outside
+            def outer(carry, ks):
+                def inner(c, k):
+                    x, key = c
+                    return advance(x, key, k), None
+
+                (x, key), _ = jax.lax.scan(inner, carry, ks)
+                return (x, key), x
+
+            (x, key), xs = jax.lax.scan(outer, (x, key), keys.reshape(steps // thin, thin))
+            return state, x, xs
+
+        def step(carry, inp):
+            state, x, key = carry
+            i, k = inp
+            x, key = advance(x, key, k)
+            out = x if kind == "stack" else None
+            if kind == "hdf5+ckpt":
+                state, _ = saver.save(state, i % thin == 0, {"x": x}, solver_state={"x": x})
+            elif kind not in ("baseline", "stack"):
+                state, _ = saver.save(state, i % thin == 0, {"x": x})
+            return (state, x, key), out
+
+        (state, x, _), xs = jax.lax.scan(step, (state, x, key), (jnp.arange(steps), keys))
+        return state, x, xs
+
+    return chain
+
+
+def run_case(kind, chains, steps, thin, body, tmp):
+    """Microseconds per step of one variant; one chain runs unbatched, several under ``vmap``."""
+    batched = chains > 1
+    x0 = jnp.zeros((chains, DIM) if batched else (DIM,), jnp.float32)
+    key = jax.random.split(jax.random.key(0), chains) if batched else jax.random.key(0)
+    split = lambda k: jax.random.split(k, steps)  # noqa: E731  (precomputed keys, used by "light")
+    keys = jax.vmap(split)(key) if batched else split(key)
+    saver, path, state = None, None, jnp.zeros(())
+    kept = -(-steps // thin)
+    if kind not in ("baseline", "stack"):
+        path = Path(tmp) / f"peer-{time.monotonic_ns()}.h5"
+        ckpt = {"checkpoint_every": 500} if kind == "hdf5+ckpt" else {}
+        collector = jaxsave.MemoryCollector() if kind == "memory" else jaxsave.HDF5Collector(path)
+        saver = jaxsave.save(collector, **ckpt)
+        info = jaxsave.static_information(samples_collected=kept)
+        solver = {"x": x0} if ckpt else None
+        if kind == "hdf5 1by1" and batched:
+            one = [saver.init({"x": x0[c]}, None, info) for c in range(chains)]
+            state = jax.tree.map(lambda *leaves: jnp.stack(leaves), *one)
+        else:
+            state = saver.init({"x": x0}, solver, info, chains=chains if batched else None)
+    chain = make_run(kind, saver, steps, thin, body)
+    if batched:
+        chain = jax.vmap(chain, in_axes=(None if saver is None else 0, 0, 0, 0))
+    compiled = jax.jit(chain).lower(state, x0, key, keys).compile()
+    start = time.perf_counter()
+    state, _, xs = compiled(state, x0, key, keys)
+    jax.block_until_ready(state)
+    if saver is not None:
+        result = saver.postprocess(state, None)
+        assert int(np.sum(result["sample_count"])) == kept * chains
+    elif kind == "stack":
+        assert np.asarray(xs).shape[batched] == kept
+    elapsed = time.perf_counter() - start
+    if path is not None:
+        path.unlink(missing_ok=True)
+        Path(f"{path}.ckpt").unlink(missing_ok=True)
+    return elapsed / steps * 1e6
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="10x fewer steps")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=str(RESULTS / "peer.json"))
+    args = parser.parse_args(argv)
+    scale = 10 if args.quick else 1
+    tmp = tempfile.mkdtemp(dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    cases = [(chains, steps // scale, thin, body)
+             for chains, steps in ((1, 100_000), (64, 10_000))
+             for body in ("light", "heavy") for thin in (1, 10)]
+    rows = []
+    try:
+        for chains, steps, thin, body in cases:
+            best = {}
+            for _ in range(args.repeats):  # interleaved rounds
+                for kind in KINDS:
+                    best[kind] = min(best.get(kind, float("inf")),
+                                     run_case(kind, chains, steps, thin, body, tmp))
+            row = {"chains": chains, "steps": steps, "thin": thin, "body": body, "us_per_step": best,
+                   "ratio": {k: v / best["baseline"] for k, v in best.items()}}
+            row["hdf5/stack"] = best["hdf5"] / best["stack"]
+            row["1by1/hdf5"] = best["hdf5 1by1"] / best["hdf5"]
+            row["ckpt/hdf5"] = best["hdf5+ckpt"] / best["hdf5"]
+            print(f"  {chains} chains {body} thin {thin}: " +
+                  ", ".join(f"{k} {v:.2f}" for k, v in best.items()), file=sys.stderr)
+            rows.append(row)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    header = ["chains", "body", "thin", "(a) us/step"] + [f"{k}/(a)" for k in KINDS[1:]]
+    header += ["**hdf5/stack**", "1by1/hdf5", "ckpt/hdf5"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in rows:
+        cells = [str(r["chains"]), r["body"], str(r["thin"]), f"{r['us_per_step']['baseline']:.2f}"]
+        cells += [f"{r['ratio'][k]:.2f}" for k in KINDS[1:]]
+        cells += [f"**{r['hdf5/stack']:.2f}**", f"{r['1by1/hdf5']:.2f}", f"{r['ckpt/hdf5']:.2f}"]
+        print("| " + " | ".join(cells) + " |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    meta = {"jax": jax.__version__, "jaxsave": jaxsave.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "cpus": os.cpu_count(), "quick": args.quick,
+            "repeats": args.repeats}
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -500,7 +500,7 @@ def to_inference_data(path_or_result: PathLike | dict, *, sample_stats: Any = No
 
 
 def recover(path: PathLike) -> bool:
-    """Make the file of a killed writer openable by every HDF5 reader (like ``h5clear -s``).
+    """Make the file of a killed writer openable by every HDF5 reader (``h5clear -s --increment``).
 
     A file written in SWMR mode stays marked "open for writing" when its writer
     is killed; jaxsave's readers open it anyway, but xarray and plain h5py refuse.
@@ -517,7 +517,7 @@ def recover(path: PathLike) -> bool:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file: {path!r}")
-    changed = _superblock.clear_open_flags(path)
+    changed = _superblock.clear_open_flags(path, eoa_margin=_superblock.EOA_MARGIN)
     with _open(path):
         pass
     return changed

@@ -504,8 +504,11 @@ def recover(path: PathLike) -> bool:
 
     A file written in SWMR mode stays marked "open for writing" when its writer
     is killed; jaxsave's readers open it anyway, but xarray and plain h5py refuse.
-    Call this only when no process writes the file. Returns whether the mark
-    was there. The samples counted in ``sample_counts`` are all readable after.
+    Call this only when no process writes the file. A stored end-of-file address
+    that lags behind the file (a kill between data and superblock writes) is
+    moved past its end, as ``h5clear --increment`` does. Returns whether the mark
+    (or such an address) was there. The samples counted in ``sample_counts`` are
+    all readable after.
 
     >>> import tempfile, os, jax.numpy as jnp, jaxsave
     >>> path = os.path.join(tempfile.mkdtemp(), "s.h5")

@@ -550,17 +550,11 @@ def recover(path: PathLike) -> bool:
 
     A file written in SWMR mode stays marked "open for writing" when its writer
     is killed; jaxsave's readers open it anyway, but xarray and plain h5py refuse.
-<<<<<<< HEAD
     A file that a collector still writes is refused (:class:`jaxsave.FileInUseError`,
-    naming the writer). Returns whether the mark was there. The samples counted
-    in ``sample_counts`` are all readable after.
-=======
-    Call this only when no process writes the file. A stored end-of-file address
-    that lags behind the file (a kill between data and superblock writes) is
-    moved past its end, as ``h5clear --increment`` does. Returns whether the mark
-    (or such an address) was there. The samples counted in ``sample_counts`` are
-    all readable after.
->>>>>>> fix/eoa
+    naming the writer). A stored end-of-file address that lags behind the file (a
+    kill between data and superblock writes) is moved past its end, as
+    ``h5clear --increment`` does. Returns whether the mark (or such an address) was
+    there. The samples counted in ``sample_counts`` are all readable after.
 
     >>> import tempfile, os, jax.numpy as jnp, jaxsave
     >>> path = os.path.join(tempfile.mkdtemp(), "s.h5")
@@ -572,12 +566,8 @@ def recover(path: PathLike) -> bool:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file: {path!r}")
-<<<<<<< HEAD
     _filelock.check_unlocked(path)
-    changed = _superblock.clear_open_flags(path)
-=======
     changed = _superblock.clear_open_flags(path, eoa_margin=_superblock.EOA_MARGIN)
->>>>>>> fix/eoa
     with _open(path):
         pass
     return changed

@@ -204,7 +204,8 @@ class HDF5Collector(HDF5Datasets, OwnedFile, DataCollector):
             raise FileExistsError(f"{self._path!r} exists (mode='x')")
         if mode == "a" and exists:
             self._check_takeover()
-            _superblock.clear_open_flags(self._path)  # a killed writer's mark: we take the file over
+            # A killed writer's mark and lagging end address: we take the file over.
+            _superblock.clear_open_flags(self._path, eoa_margin=_superblock.EOA_MARGIN)
             self._file = _swmr_file.open_path(self._path, "r+", swmr=self.swmr)
             if not self.swmr:
                 self._write_root_attrs()

@@ -435,13 +435,15 @@ def to_inference_data(path_or_result: PathLike | dict, *, sample_stats: Any = No
 
 
 def recover(path: PathLike) -> bool:
-    """Make the file of a killed writer openable by every HDF5 reader (like ``h5clear -s``).
+    """Make the file of a killed writer openable by every HDF5 reader (``h5clear -s --increment``).
 
     A file written in SWMR mode stays marked "open for writing" when its writer
     is killed; jaxsave's readers open it anyway, but xarray and plain h5py refuse.
     A file that a collector still writes is refused (:class:`jaxsave.FileInUseError`,
-    naming the writer). Returns whether the mark was there. The samples counted
-    in ``sample_counts`` are all readable after.
+    naming the writer). A stored end-of-file address that lags behind the file (a
+    kill between data and superblock writes) is moved past its end, as
+    ``h5clear --increment`` does. Returns whether the mark (or such an address) was
+    there. The samples counted in ``sample_counts`` are all readable after.
 
     >>> import tempfile, os, jax.numpy as jnp, jaxsave
     >>> path = os.path.join(tempfile.mkdtemp(), "s.h5")
@@ -454,7 +456,7 @@ def recover(path: PathLike) -> bool:
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file: {path!r}")
     _filelock.check_unlocked(path)
-    changed = _superblock.clear_open_flags(path)
+    changed = _superblock.clear_open_flags(path, eoa_margin=_superblock.EOA_MARGIN)
     with open_sample_file(path):
         pass
     return changed

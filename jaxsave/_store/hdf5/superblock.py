@@ -5,8 +5,9 @@ SWMR) marks its superblock "open for (SWMR) writing" while a writer has it open.
 If the writer is killed, the mark stays, and ordinary readers (``xarray``,
 ``h5py.File(path)``) refuse the file; readers in SWMR mode (jaxsave's own) still
 read it. :func:`clear_open_flags` does what the HDF5 tool ``h5clear -s`` does:
-it zeroes the flags and rewrites the superblock checksum. It checks the old
-checksum first, so it never writes to a file it does not understand.
+it zeroes the flags and rewrites the superblock checksum (and, for a writer
+taking the file over, what ``h5clear --increment`` does: see there). It checks
+the old checksum first, so it never writes to a file it does not understand.
 """
 
 from __future__ import annotations
@@ -74,30 +75,66 @@ def open_flags(path: str | os.PathLike) -> int:
     return head[3]
 
 
-def clear_open_flags(path: str | os.PathLike) -> bool:
+#: How far past the end of a killed writer's file :func:`clear_open_flags` moves its end address
+#: (``h5clear --increment``'s default): room for what the writer had allocated but not written.
+EOA_MARGIN = 2**20
+
+
+def _checked_superblock(fh) -> tuple[int, bytes] | None:
+    """The superblock's offset and bytes (checksum verified); ``None`` for versions 0/1."""
+    offset = _find_superblock(fh)
+    fh.seek(offset)
+    head = fh.read(12)
+    if len(head) < 12 or head[8] < 2:  # versions 0/1 have no flags and no checksum
+        return None
+    size = 12 + 4 * head[9]
+    fh.seek(offset)
+    block = fh.read(size + 4)
+    if len(block) < size + 4 or head[9] not in (2, 4, 8):
+        raise FileFormatError("the HDF5 superblock is truncated or malformed")
+    (stored,) = struct.unpack("<I", block[size:])
+    if lookup3(block[:size]) != stored:
+        raise FileFormatError("the HDF5 superblock checksum does not match: the file is corrupt")
+    return offset, block[:size]
+
+
+def clear_open_flags(path: str | os.PathLike, *, eoa_margin: int | None = None) -> bool:
     """Zero the "open for writing" flags of a v2/v3 superblock; returns whether anything changed.
 
-    Only call this when no process has the file open for writing.
+    With ``eoa_margin`` (a takeover of a killed writer's file, like ``h5clear -s
+    --increment``), a file that was left open, or whose stored end-of-file
+    address (EOA) lags behind its real end (a writer killed in SWMR mode between
+    writing data and the superblock), also gets EOA = max(EOA, file size) +
+    ``eoa_margin``, and is extended with zeros to it (a sparse hole on most
+    file systems). Otherwise HDF5 takes the objects past the stored EOA for
+    outside the file ("addr overflow") and allocates new ones over them. Only
+    call this when no process has the file open for writing.
     """
     with open(path, "r+b") as fh:
-        offset = _find_superblock(fh)
-        fh.seek(offset)
-        head = fh.read(12)
-        if len(head) < 12 or head[8] < 2:  # versions 0/1 have no such flags
+        found = _checked_superblock(fh)
+        if found is None:
             return False
-        size = 12 + 4 * head[9]
-        fh.seek(offset)
-        block = fh.read(size + 4)
-        if len(block) < size + 4:
-            raise FileFormatError("the HDF5 superblock is truncated")
-        (stored,) = struct.unpack("<I", block[size:])
-        if lookup3(block[:size]) != stored:
-            raise FileFormatError("the HDF5 superblock checksum does not match: the file is corrupt")
-        if block[11] == 0:
+        offset, block = found
+        width = block[9]
+        base = int.from_bytes(block[12:12 + width], "little")
+        at = 12 + 2 * width
+        eoa = base + int.from_bytes(block[at:at + width], "little")
+        eof = os.fstat(fh.fileno()).st_size
+        new = bytearray(block)
+        new[11] = 0
+        # A stored EOA past the end is a truncated file: left for HDF5 to refuse, not padded.
+        grow = eoa_margin is not None and eoa <= eof and (block[11] != 0 or eoa < eof)
+        if grow:
+            eoa = eof + int(eoa_margin)  # type: ignore[arg-type]
+            if eoa - base >= 2 ** (8 * width):
+                raise FileFormatError("the HDF5 file is too large for its superblock's address size")
+            new[at:at + width] = (eoa - base).to_bytes(width, "little")
+        if bytes(new) == block:
             return False
-        new = block[:11] + b"\0" + block[12:size]
+        if grow:  # the file first, so that a stored EOA never points past its end
+            os.ftruncate(fh.fileno(), eoa)
         fh.seek(offset)
-        fh.write(new + struct.pack("<I", lookup3(new)))
+        fh.write(bytes(new) + struct.pack("<I", lookup3(bytes(new))))
         fh.flush()
         os.fsync(fh.fileno())
     return True

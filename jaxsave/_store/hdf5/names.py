@@ -21,6 +21,8 @@ from jaxsave.errors import StructureMismatchError
 StatsSpec = Sequence[str] | Callable[[tuple[str, ...]], bool] | None
 #: Names that are dimensions in every group.
 RESERVED = (schema.CHAIN_DIM, schema.DRAW_DIM)
+#: A chain's group in messages (layout "chains").
+_ANY_CHAIN = schema.CHAIN_GROUP.format("<id>")
 
 
 def _is_stat(stats: StatsSpec, key: tuple[str, ...]) -> bool:
@@ -85,7 +87,8 @@ def _check_paths(keys: list[tuple[str, ...]], paths: list[str]) -> None:
             raise StructureMismatchError(
                 f"the sample key {key!r} becomes the HDF5 path {path!r}, which has an empty or '.' part")
         if path in seen:
-            raise StructureMismatchError(f"leaves {seen[path]!r} and {key!r} both become chain~<id>/{path}")
+            raise StructureMismatchError(
+                f"leaves {seen[path]!r} and {key!r} both become {_ANY_CHAIN}/{path}")
         seen[path] = key
     for key, path in zip(keys, paths):
         parts = path.split("/")
@@ -93,5 +96,5 @@ def _check_paths(keys: list[tuple[str, ...]], paths: list[str]) -> None:
             group = "/".join(parts[:k])
             if group in seen:
                 raise StructureMismatchError(
-                    f"leaf {seen[group]!r} (chain~<id>/{group}) would be the group of leaf {key!r} "
-                    f"(chain~<id>/{path})")
+                    f"leaf {seen[group]!r} ({_ANY_CHAIN}/{group}) would be the group of leaf "
+                    f"{key!r} ({_ANY_CHAIN}/{path})")

@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 
 from jaxsave._core import filelock as _filelock
+from jaxsave._store import schema
 from jaxsave._store.hdf5 import superblock as _superblock
 from jaxsave.errors import FileChangedError
 
@@ -116,7 +117,7 @@ class OwnedFile:
         with h5py.File(
             self._path, "r", **({"libver": "latest", "swmr": True} if swmr else {})
         ) as f:
-            counts = np.asarray(f.attrs.get("sample_counts", ()), np.int64).reshape(-1).tolist()
+            counts = np.asarray(f.attrs.get(schema.COUNTS, ()), np.int64).reshape(-1).tolist()
             if counts != self._counts:
                 raise ValueError(f"its sample_counts are {counts}, not {self._counts}")
             for name in datasets:

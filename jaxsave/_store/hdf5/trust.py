@@ -30,6 +30,7 @@ import stat
 
 import h5py
 
+from jaxsave._store import schema
 from jaxsave._store.hdf5 import superblock as _superblock
 from jaxsave.errors import FileFormatError
 
@@ -46,7 +47,7 @@ FILTER_EXPANSION = {
 _MAX_EXPANSION = max(FILTER_EXPANSION.values())
 _LAYOUTS = (h5py.h5d.COMPACT, h5py.h5d.CONTIGUOUS, h5py.h5d.CHUNKED)
 _LINK_KINDS = {h5py.h5l.TYPE_SOFT: "a soft link", h5py.h5l.TYPE_EXTERNAL: "an external link"}
-MERGED_FROM = "jaxsave_merged_from"
+MERGED_FROM = schema.MERGED_FROM
 
 
 def expansion(dcpl: h5py.h5p.PropDCID, name: str = "") -> int:
@@ -99,7 +100,7 @@ def check_file(f: h5py.File, where: str, *, merged: bool = False) -> None:
         base = _directory(f)
         for source in sources:
             with open_source(os.path.join(base, source), where) as s:
-                if "jaxsave_format" not in s.attrs:
+                if schema.FORMAT not in s.attrs:
                     raise FileFormatError(
                         f"{where}: its source {source!r} is not a jaxsave sample file"
                     )

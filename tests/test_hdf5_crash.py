@@ -41,6 +41,19 @@ WRITER = textwrap.dedent("""
 """)
 
 
+def wait_for_counts(path, draws, deadline):
+    """Poll the live file until every chain counts ``draws`` (a loaded machine can lag seconds)."""
+    while time.monotonic() < deadline:
+        try:
+            counts = jaxsave.file_info(path).sample_counts
+            if counts.size and (counts >= draws).all():
+                return
+        except (OSError, jaxsave.JaxsaveError):
+            pass  # not created yet, or being swapped
+        time.sleep(0.05)
+    raise AssertionError(f"the writer did not store {draws} draws per chain in time")
+
+
 def kill_writer(tmp_path, delay, known=False):
     """Start the writer, SIGKILL it ``delay`` seconds after it is ready (None: as soon as it starts)."""
     script = tmp_path / "writer.py"
@@ -53,6 +66,8 @@ def kill_writer(tmp_path, delay, known=False):
         assert proc.stdout.readline().strip() == "start"
         if delay is not None:
             assert proc.stdout.readline().strip() == "ready"
+            if delay >= 0.3:  # the first run's blocks are on their way: wait until they are counted
+                wait_for_counts(path, 64, deadline=time.monotonic() + 120)
             time.sleep(delay)
     finally:
         proc.send_signal(signal.SIGKILL)

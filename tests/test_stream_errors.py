@@ -229,3 +229,15 @@ def test_no_save_refuses_to_resume():
     with pytest.raises(jaxsave.SaverStateError, match="cannot resume"):
         init({"x": jnp.zeros(2)}, None, jaxsave.static_information(samples_collected=2),
              resume=object())
+
+
+@pytest.mark.parametrize("make", [lambda: jaxsave.save(jaxsave.MemoryCollector()),
+                                  lambda: jaxsave.no_save()], ids=["memory", "no_save"])
+def test_a_state_of_several_chains_without_vmap_is_refused(make):
+    """A forgotten ``vmap`` names the fix, instead of an assertion deep inside a JAX update."""
+    saver = make()
+    info = jaxsave.static_information(samples_collected=2)
+    state = saver.init({"w": jnp.zeros((4, 3))}, None, info, chains=4)
+    with pytest.raises(TypeError, match=r"holds 4 chains .*jax\.vmap"):
+        jax.jit(lambda s: saver.save(s, True, {"w": jnp.zeros(3)})[0])(state)
+    saver.postprocess(jax.vmap(lambda s: saver.save(s, True, {"w": jnp.zeros(3)})[0])(state), None)

@@ -17,7 +17,7 @@ from jax import lax
 
 from jaxsave._core import dtypes as _dtypes
 from jaxsave._stream import sharding as _sharding
-from jaxsave._stream.state import Saver, SaverBase, SaveState, check_state
+from jaxsave._stream.state import Saver, SaverBase, SaveState, check_one_chain, check_state
 from jaxsave.collectors import samples_collected
 from jaxsave.errors import CapacityError, SaverStateError
 
@@ -79,6 +79,7 @@ class _DeviceSaver(SaverBase):
         self._check_open()
         leaves = self._flat_sample(sample)
         check_state(state, "save()")
+        check_one_chain(state, "save()")
         keep = self._check_keep(keep)
         # Row ``capacity`` is scratch: a sample not kept (or past the end) is written
         # there, so the update is a plain in-place write, never a copy of the buffer.

@@ -188,3 +188,14 @@ def check_state(state: Any, where: str) -> None:
     if not isinstance(state, SaveState):
         raise TypeError(f"{where}: state must be the SaveState returned by init (or by the previous save), "
                         f"got {type(state).__name__}")
+
+
+def check_one_chain(state: SaveState, where: str) -> None:
+    """Refuse a state of several chains where one chain's step is traced (``vmap`` forgotten)."""
+    shape: tuple[int, ...] = tuple(getattr(state.chain_id, "shape", ()))
+    if shape:
+        raise TypeError(
+            f"{where}: this state holds {shape[0]} chains stacked on a leading axis (from "
+            f"init(..., chains={shape[0]}) or stacked states); call save for one chain, under "
+            f"jax.vmap over that axis (e.g. jax.jit(jax.vmap(run_chain))(state, keys))")
+

@@ -37,7 +37,7 @@ from jaxsave._stream import resume as _resume
 from jaxsave._stream import sharding as _sharding
 from jaxsave._stream.packing import Packing, advance, pack, unpack
 from jaxsave._stream.resume import Checkpoint, broadcast_unbatched
-from jaxsave._stream.state import Saver, SaverBase, SaveState, check_state
+from jaxsave._stream.state import Saver, SaverBase, SaveState, check_one_chain, check_state
 from jaxsave._stream.writer import Block, Writer
 from jaxsave.collectors import DataCollector, MemoryCollector, samples_collected
 from jaxsave.errors import SaverStateError
@@ -235,6 +235,7 @@ class _Streamer(SaverBase):
         """
         self._check_open()
         check_state(state, "save()")
+        check_one_chain(state, "save()")
         leaves = self._flat_sample(sample)
         keep = self._check_keep(keep)
         _check_ring(state, "save()")
@@ -454,7 +455,8 @@ class _Streamer(SaverBase):
         self.finished_chains.update(unfinished)
         if unfinished:
             logger.warning("jaxsave: the interpreter exits before postprocess finished chain(s) "
-                           "%s; their samples that reached the host are written", unfinished)
+                           "%s; what reached the host of their samples (if any) is written and "
+                           "the file closed", unfinished)
         try:
             self._close_if_done(force=True)
         except Exception as error:  # noqa: BLE001 - exiting anyway

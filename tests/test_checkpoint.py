@@ -73,16 +73,22 @@ def test_resume_in_process_is_exact_for_one_chain(crash_at):
         np.testing.assert_array_equal(np.asarray(got["samples"][k]), np.asarray(want["samples"][k]))
 
 
-def test_resume_vmapped_chains_with_thinning_is_exact():
-    chains, steps, every = 3, 40, 10
-    want = uninterrupted(steps, chains=chains, block_size=5)
-
+def vmapped_chains(chains, every):
+    """A MemoryCollector, its checkpointing saver, the state of ``chains`` chains, their solver
+    state and their stacked sample."""
     collector = jaxsave.MemoryCollector()
     saver = jaxsave.save(collector, checkpoint_every=every, block_size=5)
     keys = jax.random.split(jax.random.key(0), chains)
     sample = jax.tree.map(lambda x: jnp.broadcast_to(x, (chains, *x.shape)), SAMPLE)
     template = jax.vmap(solver0)(keys)
-    state = saver.init(sample, template, chains=chains)
+    return collector, saver, saver.init(sample, template, chains=chains), template, sample
+
+
+def test_resume_vmapped_chains_with_thinning_is_exact():
+    chains, steps, every = 3, 40, 10
+    want = uninterrupted(steps, chains=chains, block_size=5)
+
+    collector, saver, state, template, sample = vmapped_chains(chains, every)
     body = lambda s, sv, start, stop: run(saver, s, sv, start, stop)
     state, _ = jax.jit(jax.vmap(lambda s, sv: body(s, sv, 0, 29)))(state, template)
     jax.block_until_ready(state)
@@ -162,12 +168,7 @@ def test_chains_of_one_init_are_stored_at_one_step_even_when_they_advance_apart(
     chains, steps, every = 2, 40, 10
     want = uninterrupted(steps, chains=chains, block_size=5)
 
-    collector = jaxsave.MemoryCollector()
-    saver = jaxsave.save(collector, checkpoint_every=every, block_size=5)
-    keys = jax.random.split(jax.random.key(0), chains)
-    sample = jax.tree.map(lambda x: jnp.broadcast_to(x, (chains, *x.shape)), SAMPLE)
-    template = jax.vmap(solver0)(keys)
-    state = saver.init(sample, template, chains=chains)
+    collector, saver, state, template, sample = vmapped_chains(chains, every)
     for chain, stop in ((0, 35), (1, 12)):  # each chain on its own, as the devices run
         part = jax.jit(lambda s, sv, stop=stop: run(saver, s, sv, 0, stop))
         jax.block_until_ready(part(_one(state, chain), _one(template, chain)))

@@ -208,16 +208,18 @@ def test_memory_collector_save_dir_refuses_ambiguous_member_names_at_init(
         saver.init(sample, None)
 
 
+def run_shifted(saver, sample, steps):
+    """``steps`` steps that save ``sample + i``; the final state."""
+    state = saver.init(sample, None)
+    step = lambda s, i: saver.save(s, True, jax.tree.map(lambda x: x + i, sample))
+    return jax.lax.scan(step, state, jnp.arange(steps))[0]
+
+
 @pytest.mark.parametrize("layout", ["posterior", "chains"])
 def test_hdf5_odd_but_valid_keys_round_trip(tmp_path, layout):
     sample = {"..": X, "é x": X, "mlp/~/linear_0": {"w": X}, "a": {"b.c": X}}
     saver = jaxsave.save(jaxsave.HDF5Collector(tmp_path / "s.h5", layout=layout))
-    state = saver.init(sample, None)
-    state = jax.lax.scan(
-        lambda s, i: saver.save(s, True, jax.tree.map(lambda x: x + i, sample)),
-        state,
-        jnp.arange(3),
-    )[0]
+    state = run_shifted(saver, sample, 3)
     assert int(saver.postprocess(state, None)["sample_count"]) == 3
     loaded = jaxsave.load_samples(tmp_path / "s.h5")
     got = jax.tree.leaves(loaded)
@@ -290,12 +292,7 @@ def test_many_scalar_leaves_make_a_small_file(tmp_path, layout, bound_mib):
     sample = {f"v{i}": jnp.float32(0) for i in range(1000)}
     path = tmp_path / "s.h5"
     saver = jaxsave.save(jaxsave.HDF5Collector(path, layout=layout))
-    state = saver.init(sample, None)
-    state = jax.lax.scan(
-        lambda s, i: saver.save(s, True, jax.tree.map(lambda x: x + i, sample)),
-        state,
-        jnp.arange(10),
-    )[0]
+    state = run_shifted(saver, sample, 10)
     saver.postprocess(state, None)
     size = os.path.getsize(path)
     assert size < bound_mib * 2**20, f"{size / 2**20:.1f} MiB"

@@ -17,9 +17,11 @@ def sample():
 
 @pytest.fixture(autouse=True)
 def no_leaked_writer_threads():
-    """Every test must leave no jaxsave writer thread behind."""
+    """Every test must leave no jaxsave writer thread behind (one that an earlier test leaked is
+    that test's error, reported once, not every later test's)."""
+    before = set(threading.enumerate())
     yield
-    alive = [t for t in threading.enumerate() if t.name.startswith("jaxsave-writer")]
+    alive = [t for t in threading.enumerate() if t.name.startswith("jaxsave-writer") and t not in before]
     for t in alive:
         t.join(timeout=5)
     alive = [t for t in alive if t.is_alive()]

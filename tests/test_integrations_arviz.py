@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,13 +93,12 @@ def test_live_file_is_readable_by_arviz_mid_run(tmp_path):
         state = step(state, jnp.int32(i))
     jax.effects_barrier()
     live = jaxsave.open_live(path)
-    for _ in range(100):  # the writer thread flushes the two full blocks
-        if live.refresh(chain=0)["x"].shape[0] == 20:
-            break
-        import time
-
-        time.sleep(0.05)
-    assert live.sample_counts.tolist() == [20]
-    postprocess(state, None)
+    try:
+        deadline = time.monotonic() + 60  # the writer thread flushes the two full blocks
+        while live.refresh(chain=0)["x"].shape[0] < 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert live.sample_counts.tolist() == [20]
+    finally:
+        postprocess(state, None)
     idata = jaxsave.to_inference_data(path)
     assert idata.posterior["x"].values.tolist() == [list(map(float, range(25)))]

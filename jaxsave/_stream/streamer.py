@@ -10,18 +10,16 @@ vmaps included) cost one callback per block, not C, and ``keep`` may differ per
 chain. ``postprocess`` sends the partial last block from the final state.
 
 A script that ends before ``postprocess`` (an exception, ``sys.exit``, Ctrl-C) is
-handled at interpreter exit (:func:`_at_exit`): the computations still running
+handled at interpreter exit (:mod:`jaxsave._stream.shutdown`): the computations still running
 finish, every block that reached the host is written, and the collector is closed.
 """
 
 from __future__ import annotations
 
-import atexit
 import functools
 import logging
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +33,7 @@ from jaxsave._core.tree import check_like
 from jaxsave._stream import callback as _callback
 from jaxsave._stream import resume as _resume
 from jaxsave._stream import sharding as _sharding
+from jaxsave._stream import shutdown
 from jaxsave._stream.packing import Packing, advance, pack, unpack
 from jaxsave._stream.resume import Checkpoint, broadcast_unbatched
 from jaxsave._stream.state import Saver, SaverBase, SaveState, check_one_chain, check_state
@@ -50,8 +49,7 @@ __all__ = ["save"]
 _BLOCK_BYTES = 4 * 2**20
 #: ... with at most this many rows.
 _MAX_BLOCK_ROWS = 4096
-#: At interpreter exit, how long the writers may take to write what is queued.
-EXIT_TIMEOUT_S = 60.0
+
 
 
 class _Streamer(SaverBase):
@@ -85,7 +83,7 @@ class _Streamer(SaverBase):
         self.packing: Packing | None = None
         self.writer: Writer | None = None
         self.late_error: BaseException | None = None
-        self.exited = False  # the interpreter is exiting: the writer was stopped by _at_exit
+        self.exited = False  # the interpreter is exiting: the writer was stopped by the exit hook
         self.flush = self._make_flush()
         self._lock = threading.RLock()  # chains may be registered (and finished) from several threads
 
@@ -134,7 +132,7 @@ class _Streamer(SaverBase):
         if self.writer is None or not self.writer.alive:
             self.writer = Writer(self.collector, max_queue_bytes=self.max_queue_bytes)
             self.writer.checkpoint_spec = self.checkpoint_spec
-            _watch(self)
+            shutdown.watch(self)
             if self.progress:
                 self._start_progress()
         running = set(self.registered) - self.finished_chains
@@ -298,7 +296,7 @@ class _Streamer(SaverBase):
 
     def _receive(self, payload: Any, solver_packing: tuple = ()) -> None:
         """The flush callback: wrap the block and queue it; runs on an XLA thread."""
-        if self.exited:  # a computation still running after _at_exit (from another thread)
+        if self.exited:  # a computation still running after the exit hook (from another thread)
             if self.writer is not None and not self.writer.dropped:
                 logger.warning("jaxsave: blocks computed during interpreter exit are dropped")
             if self.writer is not None:
@@ -434,7 +432,7 @@ class _Streamer(SaverBase):
                 self.bar = None
             self.collector.close()
 
-    def _stop_at_exit(self, deadline: float) -> None:
+    def stop_at_exit(self, deadline: float) -> None:
         """At exit: write what is queued (until ``deadline``), stop the writer, close the file."""
         writer = self.writer
         if writer is None or not writer.alive:
@@ -447,7 +445,8 @@ class _Streamer(SaverBase):
             stopped = writer.stop(0.0)
         if writer.dropped:
             logger.warning("jaxsave: interpreter exit: %d block(s) of samples were not written "
-                           "(dropped after %.0f s of writing)", writer.dropped, EXIT_TIMEOUT_S)
+                           "(dropped after %.0f s of writing)", writer.dropped,
+                           shutdown.EXIT_TIMEOUT_S)
         if not stopped:
             logger.error("jaxsave: interpreter exit: the writer thread is still inside %s; "
                          "the collector is left open", type(self.collector).__name__)
@@ -462,42 +461,6 @@ class _Streamer(SaverBase):
         except Exception as error:  # noqa: BLE001 - exiting anyway
             logger.error("jaxsave: interpreter exit: closing %s failed: %r",
                          type(self.collector).__name__, error)
-
-
-#: Every streamer that started a writer thread; :func:`_at_exit` stops the live ones.
-_STREAMERS: weakref.WeakSet = weakref.WeakSet()
-_HOOKED = threading.Lock()
-
-
-def _watch(streamer: _Streamer) -> None:
-    """Have :func:`_at_exit` stop ``streamer``'s writer if the interpreter exits first."""
-    with _HOOKED:
-        if not _STREAMERS:  # registered late, so it runs before JAX's own exit hooks
-            atexit.unregister(_at_exit)
-            atexit.register(_at_exit)
-        _STREAMERS.add(streamer)
-
-
-def _at_exit() -> None:
-    """Before daemon threads freeze: finish the running computations, stop every live writer.
-
-    A writer frozen inside the collector would hold h5py's lock (the interpreter hangs
-    at exit), and an XLA thread entering a callback during shutdown aborts the process.
-    A second Ctrl-C skips the wait for the computations.
-    """
-    live = [s for s in list(_STREAMERS) if s.writer is not None and s.writer.alive]
-    if not live:
-        return
-    try:
-        jax.effects_barrier()  # the blocks of computations still running reach the writers
-    except BaseException as error:  # noqa: BLE001 - exiting anyway; the writers must still stop
-        logger.error("jaxsave: interpreter exit: waiting for the computations failed: %r", error)
-    deadline = time.monotonic() + EXIT_TIMEOUT_S
-    for streamer in live:
-        try:
-            streamer._stop_at_exit(deadline)
-        except BaseException as error:  # noqa: BLE001 - the other savers must still stop
-            logger.error("jaxsave: interpreter exit: stopping a saver failed: %r", error)
 
 
 def _check_ring(state: SaveState, where: str) -> None:

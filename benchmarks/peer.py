@@ -12,16 +12,25 @@ and ``heavy`` (the key split in the carry). Variants, timed in interleaved round
 variant once per round, best of ``--repeats``), ratios to ``baseline`` (the loop without saving):
 
 - ``stack``: the peer;
-- ``hdf5``: ``HDF5Collector`` with ``init(..., chains=C)``;
+- ``hdf5``: ``HDF5Collector`` with ``init(..., chains=C)``, ``save()`` called in the user's scan;
+- ``hdf5 scan``: the same collector, the loop run by ``jaxsave.scan(..., thin=thin)`` (blocks of
+  stacked samples; thinned, a nested scan that stacks only the kept steps, as the peer's);
+- ``scan keep``: ``jaxsave.scan`` thinned by its ``keep`` flag instead (every step stacked, the
+  host drops the rows not kept): what ``thin=`` saves;
 - ``hdf5 1by1``: the same, chains ``init``-ed one by one and stacked (jax-sgmc's solvers);
 - ``hdf5+ckpt``: ``checkpoint_every=500`` (its ratio to ``hdf5`` is the checkpoint cost);
+- ``scan+ckpt``: ``hdf5 scan`` with ``checkpoint_every=500`` (its ratio to ``hdf5 scan``);
 - ``memory``: ``MemoryCollector``.
 
 Times are end to end: the compiled run, then ``postprocess`` (which waits until every sample
-is written) or, for the peer, the stacked samples copied to host memory.
+is written) or, for the peer, the stacked samples copied to host memory. Each run is timed on
+the wall clock and in CPU time (``getrusage(RUSAGE_SELF)``: every thread of the process, XLA's
+and the writer's included), which the load of other jobs on the machine disturbs less;
+``--cpu`` prints the table of CPU times (both are in the JSON).
 
     python benchmarks/peer.py                  # the table of issue 17
     python benchmarks/peer.py --quick          # 10x fewer steps
+    python benchmarks/peer.py --cpu            # the table in CPU time
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import sys
 import tempfile
@@ -44,7 +54,17 @@ import jaxsave
 
 RESULTS = Path(__file__).parent / "results"
 DIM = 10
-KINDS = ["baseline", "stack", "hdf5", "hdf5 1by1", "hdf5+ckpt", "memory"]
+KINDS = [
+    "baseline",
+    "stack",
+    "hdf5",
+    "hdf5 scan",
+    "scan keep",
+    "hdf5 1by1",
+    "hdf5+ckpt",
+    "scan+ckpt",
+    "memory",
+]
 
 
 def sgld(x, k):
@@ -61,6 +81,7 @@ def make_run(kind, saver, steps, thin, body):
 
     def chain(state, x, key, keys):
         if kind == "stack" and thin > 1:  # the peer, thinned: thin steps inside, one output outside
+
             def outer(carry, ks):
                 def inner(c, k):
                     x, key = c
@@ -71,6 +92,26 @@ def make_run(kind, saver, steps, thin, body):
 
             (x, key), xs = jax.lax.scan(outer, (x, key), keys.reshape(steps // thin, thin))
             return state, x, xs
+
+        if kind in ("hdf5 scan", "scan keep", "scan+ckpt"):  # jaxsave.scan owns the loop
+            by_keep = kind == "scan keep"
+
+            def body(carry, inp):
+                x, key = carry
+                i, k = inp
+                x, key = advance(x, key, k)
+                return (x, key), (i % thin == thin - 1 if by_keep else True, {"x": x})
+
+            state, (x, _) = jaxsave.scan(
+                saver,
+                body,
+                state,
+                (x, key),
+                (jnp.arange(steps), keys),
+                thin=1 if by_keep else thin,
+                checkpoint=(lambda c: {"x": c[0]}) if kind == "scan+ckpt" else None,
+            )
+            return state, x, None
 
         def step(carry, inp):
             state, x, key = carry
@@ -89,8 +130,14 @@ def make_run(kind, saver, steps, thin, body):
     return chain
 
 
+def _cpu_s():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_case(kind, chains, steps, thin, body, tmp):
-    """Microseconds per step of one variant; one chain runs unbatched, several under ``vmap``."""
+    """Microseconds per step of one variant, ``(wall, cpu)``; one chain runs unbatched, several
+    under ``vmap``."""
     batched = chains > 1
     x0 = jnp.zeros((chains, DIM) if batched else (DIM,), jnp.float32)
     key = jax.random.split(jax.random.key(0), chains) if batched else jax.random.key(0)
@@ -100,7 +147,7 @@ def run_case(kind, chains, steps, thin, body, tmp):
     kept = -(-steps // thin)
     if kind not in ("baseline", "stack"):
         path = Path(tmp) / f"peer-{time.monotonic_ns()}.h5"
-        ckpt = {"checkpoint_every": 500} if kind == "hdf5+ckpt" else {}
+        ckpt = {"checkpoint_every": 500} if kind.endswith("+ckpt") else {}
         collector = jaxsave.MemoryCollector() if kind == "memory" else jaxsave.HDF5Collector(path)
         saver = jaxsave.save(collector, **ckpt)
         info = jaxsave.static_information(samples_collected=kept)
@@ -114,7 +161,7 @@ def run_case(kind, chains, steps, thin, body, tmp):
     if batched:
         chain = jax.vmap(chain, in_axes=(None if saver is None else 0, 0, 0, 0))
     compiled = jax.jit(chain).lower(state, x0, key, keys).compile()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu_s()
     state, _, xs = compiled(state, x0, key, keys)
     jax.block_until_ready(state)
     if saver is not None:
@@ -122,56 +169,101 @@ def run_case(kind, chains, steps, thin, body, tmp):
         assert int(np.sum(result["sample_count"])) == kept * chains
     elif kind == "stack":
         assert np.asarray(xs).shape[batched] == kept
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, _cpu_s() - cpu
     if path is not None:
         path.unlink(missing_ok=True)
         Path(f"{path}.ckpt").unlink(missing_ok=True)
-    return elapsed / steps * 1e6
+    return elapsed / steps * 1e6, cpu / steps * 1e6
+
+
+#: jaxsave against the peer, and the ratios of the targets (name: (variant, divided by)).
+PEER = {"hdf5/stack": ("hdf5", "stack"), "scan/stack": ("hdf5 scan", "stack")}
+CHECKS = {
+    "1by1/hdf5": ("hdf5 1by1", "hdf5"),
+    "ckpt/hdf5": ("hdf5+ckpt", "hdf5"),
+    "ckpt/scan": ("scan+ckpt", "hdf5 scan"),
+    "keep/scan": ("scan keep", "hdf5 scan"),
+}
+
+
+def _ratios(best: dict) -> dict:
+    """Microseconds per step, their ratios to the baseline and the ratios of PEER and CHECKS."""
+    nan = float("nan")
+    out = {"us_per_step": best, "ratio": {k: v / best["baseline"] for k, v in best.items()}}
+    for name, (a, b) in {**PEER, **CHECKS}.items():
+        out[name] = best.get(a, nan) / best.get(b, nan)
+    return out
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="10x fewer steps")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated variants to time")
+    parser.add_argument("--chains", default="1,64", help="comma-separated chain counts (1, 64)")
+    parser.add_argument("--cpu", action="store_true", help="print the table of CPU times")
     parser.add_argument("--out", default=str(RESULTS / "peer.json"))
     args = parser.parse_args(argv)
+    kinds = [k for k in KINDS if k in args.kinds.split(",")]
+    if "baseline" not in kinds or "stack" not in kinds:
+        parser.error("--kinds needs baseline and stack (the ratios are to them)")
+    wanted_chains = {int(c) for c in args.chains.split(",")}
     scale = 10 if args.quick else 1
     tmp = tempfile.mkdtemp(dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-    cases = [(chains, steps // scale, thin, body)
-             for chains, steps in ((1, 100_000), (64, 10_000))
-             for body in ("light", "heavy") for thin in (1, 10)]
+    cases = [
+        (chains, steps // scale, thin, body)
+        for chains, steps in ((1, 100_000), (64, 10_000))
+        if chains in wanted_chains
+        for body in ("light", "heavy")
+        for thin in (1, 10)
+    ]
     rows = []
     try:
         for chains, steps, thin, body in cases:
-            best = {}
+            wall: dict = {}
+            cpu: dict = {}
             for _ in range(args.repeats):  # interleaved rounds
-                for kind in KINDS:
-                    best[kind] = min(best.get(kind, float("inf")),
-                                     run_case(kind, chains, steps, thin, body, tmp))
-            row = {"chains": chains, "steps": steps, "thin": thin, "body": body, "us_per_step": best,
-                   "ratio": {k: v / best["baseline"] for k, v in best.items()}}
-            row["hdf5/stack"] = best["hdf5"] / best["stack"]
-            row["1by1/hdf5"] = best["hdf5 1by1"] / best["hdf5"]
-            row["ckpt/hdf5"] = best["hdf5+ckpt"] / best["hdf5"]
-            print(f"  {chains} chains {body} thin {thin}: " +
-                  ", ".join(f"{k} {v:.2f}" for k, v in best.items()), file=sys.stderr)
+                for kind in kinds:
+                    w, c = run_case(kind, chains, steps, thin, body, tmp)
+                    wall[kind] = min(wall.get(kind, float("inf")), w)
+                    cpu[kind] = min(cpu.get(kind, float("inf")), c)
+            row = {"chains": chains, "steps": steps, "thin": thin, "body": body}
+            for clock, best in (("wall", wall), ("cpu", cpu)):
+                row[clock] = _ratios(best)
+            print(
+                f"  {chains} chains {body} thin {thin}: wall "
+                + ", ".join(f"{k} {v:.2f}" for k, v in wall.items())
+                + "; cpu "
+                + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()),
+                file=sys.stderr,
+            )
             rows.append(row)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    header = ["chains", "body", "thin", "(a) us/step"] + [f"{k}/(a)" for k in KINDS[1:]]
-    header += ["**hdf5/stack**", "1by1/hdf5", "ckpt/hdf5"]
+    clock = "cpu" if args.cpu else "wall"
+    header = ["chains", "body", "thin", f"loop us/step ({clock})"] + list(kinds[1:])
+    header += [f"**{k}**" for k in PEER] + list(CHECKS)
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
-        cells = [str(r["chains"]), r["body"], str(r["thin"]), f"{r['us_per_step']['baseline']:.2f}"]
-        cells += [f"{r['ratio'][k]:.2f}" for k in KINDS[1:]]
-        cells += [f"**{r['hdf5/stack']:.2f}**", f"{r['1by1/hdf5']:.2f}", f"{r['ckpt/hdf5']:.2f}"]
+        t = r[clock]
+        cells = [str(r["chains"]), r["body"], str(r["thin"]), f"{t['us_per_step']['baseline']:.2f}"]
+        cells += [f"{t['ratio'][k]:.2f}" for k in kinds[1:]]
+        cells += [f"**{t[k]:.2f}**" for k in PEER] + [f"{t[k]:.2f}" for k in CHECKS]
         print("| " + " | ".join(cells) + " |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    meta = {"jax": jax.__version__, "jaxsave": jaxsave.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "cpus": os.cpu_count(), "quick": args.quick,
-            "repeats": args.repeats}
+    meta = {
+        "jax": jax.__version__,
+        "jaxsave": jaxsave.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "quick": args.quick,
+        "repeats": args.repeats,
+    }
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"wrote {args.out}")
 

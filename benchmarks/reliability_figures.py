@@ -32,8 +32,21 @@ def run_suite() -> dict:
         figures = Path(d) / "figures.json"
         env = {**os.environ, "JAXSAVE_RELIABILITY_JSON": str(figures), "PYTHONPATH": str(ROOT)}
         start = time.monotonic()
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "reliability", "-p", "no:randomly", "-q",
-                               str(ROOT / "tests" / "reliability")], cwd=ROOT, env=env)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-m",
+                "reliability",
+                "-p",
+                "no:randomly",
+                "-q",
+                str(ROOT / "tests" / "reliability"),
+            ],
+            cwd=ROOT,
+            env=env,
+        )
         seconds = time.monotonic() - start
         if not figures.exists():
             sys.exit(f"the suite recorded no figures (pytest exit code {proc.returncode})")
@@ -60,6 +73,7 @@ def long_run(chains: int = 64, steps: int = 1_600_000, chunks: int = 40) -> dict
             state, x = carry
             x = 0.99 * x + 0.01 * jnp.sin(i + x)
             return (saver.save(state, True, {"x": x, "i": i})[0], x), None
+
         return jax.lax.scan(step, (state, x), start + jnp.arange(per))[0]
 
     run = jax.jit(jax.vmap(chain, in_axes=(0, 0, None)))
@@ -73,8 +87,12 @@ def long_run(chains: int = 64, steps: int = 1_600_000, chunks: int = 40) -> dict
     saver.postprocess(state, None)
     path.unlink()
     half = chunks // 2
-    return {"samples": chains * steps, "rss_over_start_mb_per_chunk": rss,
-            "growth_second_half_mb": round(max(rss[half:]) - max(rss[:half]), 1), "peak_mb": max(rss)}
+    return {
+        "samples": chains * steps,
+        "rss_over_start_mb_per_chunk": rss,
+        "growth_second_half_mb": round(max(rss[half:]) - max(rss[:half]), 1),
+        "peak_mb": max(rss),
+    }
 
 
 def table(figures: dict) -> str:
@@ -96,8 +114,11 @@ def main() -> None:
     figures = run_suite()
     if args.long:
         figures.setdefault("load", {})["long run: 64 chains x 1.6M steps (writer drained)"] = long_run()
-    figures["machine"] = {"platform": platform.platform(), "python": platform.python_version(),
-                          "cpus": os.cpu_count()}
+    figures["machine"] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+    }
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(figures, indent=2, sort_keys=True))
     print(table({k: v for k, v in figures.items() if k != "machine"}))

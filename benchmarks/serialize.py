@@ -14,6 +14,11 @@ unflatten with the known structure, one batched ``jax.device_put``), and the
 glue is timed. "load → numpy" is the same without the device transfer (host
 arrays; orbax only restores jax arrays). jaxsave saves with its default fsync.
 
+``--before DIR`` also times the jaxsave package found in DIR (say, an old commit's
+``git archive``), in the same rounds. The "floor" row writes and reads the same data bytes
+as one raw buffer. Times are best of ``--repeat`` rounds, wall and CPU (the process's, all
+threads).
+
 Run ``python benchmarks/serialize.py`` (1 GB, about two minutes on 2 cores and
 needing ~6 GB of RAM) or ``--small`` for a quick run. Prints a table and writes
 JSON to benchmarks/results/serialize.json.
@@ -23,10 +28,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import json
 import os
 import platform
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -40,8 +47,14 @@ import jaxsave
 
 # ----------------------------------------------------------------------------- trees
 
-_MIX = [(np.float32, 0.6), (ml_dtypes.bfloat16, 0.15), (np.float16, 0.1), (np.int32, 0.1),
-        (np.int8, 0.04), (np.bool_, 0.01)]
+_MIX = [
+    (np.float32, 0.6),
+    (ml_dtypes.bfloat16, 0.15),
+    (np.float16, 0.1),
+    (np.int32, 0.1),
+    (np.int8, 0.04),
+    (np.bool_, 0.01),
+]
 
 
 def large_tree(size_bytes: int, n_leaves: int, seed: int = 0) -> dict[str, Any]:
@@ -52,8 +65,12 @@ def large_tree(size_bytes: int, n_leaves: int, seed: int = 0) -> dict[str, Any]:
         dtype = _MIX[i % len(_MIX)][0] if i % 10 else np.float32
         dt = np.dtype(dtype)
         n = max(1, int(per_leaf * rng.uniform(0.5, 1.5) / dt.itemsize) // 256 * 256)
-        base = rng.integers(0, 100, size=min(n, 4096)).astype(np.float32)
-        data = np.resize(base, n).reshape(-1, 256) if n >= 256 else np.resize(base, n)
+        # Random values (not a tiled pattern): a compressing library (orbax writes zstd-compressed
+        # zarr chunks) must not get a 500x smaller file than the others.
+        data = rng.standard_normal(n, dtype=np.float32) * (1 if dt.kind == "f" else 60)
+        data = data.reshape(-1, 256) if n >= 256 else data
+        if dt.kind == "b":
+            data = data > 0
         tree.setdefault(f"layer_{i // 8:03d}", {})[f"p{i % 8}"] = jnp.asarray(data.astype(dtype))
     return tree
 
@@ -118,6 +135,79 @@ class Jaxsave(Lib):
         return jaxsave.load_pytree(path, as_numpy=not to_jax)
 
 
+class JaxsaveBefore(Jaxsave):
+    """jaxsave as another tree has it (``--before DIR``), imported as a second copy of the package."""
+
+    name = "jaxsave before"
+
+    def __init__(self, directory: str):
+        self.module = _import_copy(directory)
+
+    def save(self, path, tree):
+        self.module.save_pytree(path, tree)
+
+    def load(self, path, like, to_jax):
+        return self.module.load_pytree(path, as_numpy=not to_jax)
+
+
+def _import_copy(directory: str) -> Any:
+    """The package ``jaxsave`` found in ``directory``, imported beside the one in use.
+
+    The current ``jaxsave.*`` modules are set aside while the copy is imported and put back
+    after, so each copy's functions see their own modules.
+    """
+    ours = {k: m for k, m in sys.modules.items() if k == "jaxsave" or k.startswith("jaxsave.")}
+    for k in ours:
+        del sys.modules[k]
+    sys.path.insert(0, os.path.abspath(directory))
+    try:
+        copy = importlib.import_module("jaxsave")
+        importlib.import_module("jaxsave.serialization")
+        for name in ("native", "npz", "safetensors_format", "hdf5"):
+            importlib.import_module(f"jaxsave._serialize.formats.{name}")
+        assert os.path.dirname(os.path.dirname(copy.__file__)) == os.path.abspath(directory), copy.__file__
+    finally:
+        sys.path.remove(os.path.abspath(directory))
+        theirs = [k for k in sys.modules if k == "jaxsave" or k.startswith("jaxsave.")]
+        for k in theirs:
+            del sys.modules[k]
+        sys.modules.update(ours)
+    return copy
+
+
+class Floor(Lib):
+    """The same data bytes as one buffer, written with one ``write`` (+ fsync) and read with one ``readinto``.
+
+    No tree, no header: what the file system alone costs. "load → jax" adds one ``jax.device_put``
+    of the whole buffer.
+    """
+
+    name, suffix = "floor (raw I/O)", ".raw"
+    _buffers: dict[int, np.ndarray] = {}
+
+    def _buffer(self, tree: Any) -> np.ndarray:
+        key = id(tree)
+        if key not in self._buffers:
+            arrays = _flat(tree)[0].values()
+            self._buffers[key] = np.concatenate([a.reshape(-1).view(np.uint8) for a in arrays])
+        return self._buffers[key]
+
+    def save(self, path, tree):
+        buf = self._buffer(tree)
+        with open(path, "wb") as f:
+            f.write(buf)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def load(self, path, like, to_jax):
+        n = os.path.getsize(path)
+        raw = np.empty(n + 4096, np.uint8)  # page-aligned, so that jax adopts it without a copy
+        buf = raw[(-raw.ctypes.data) % 4096 :][:n]
+        with open(path, "rb", buffering=0) as f:
+            f.readinto(buf)
+        return jax.device_put(buf) if to_jax else buf
+
+
 class Savez(Lib):
     name, suffix = "np.savez", ".npz"
 
@@ -158,8 +248,11 @@ class FlaxMsgpack(Lib):
 
         with open(path, "rb") as f:
             out = flax.serialization.from_bytes(like, f.read())
-        return jax.tree.unflatten(jax.tree.structure(out), jax.device_put(jax.tree.leaves(out))) \
-            if to_jax else out
+        return (
+            jax.tree.unflatten(jax.tree.structure(out), jax.device_put(jax.tree.leaves(out)))
+            if to_jax
+            else out
+        )
 
 
 class Orbax(Lib):
@@ -177,8 +270,7 @@ class Orbax(Lib):
     def load(self, path, like, to_jax):
         if not to_jax:
             return None
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                                like)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
         return self.ckpt.restore(path, abstract)
 
 
@@ -198,6 +290,9 @@ def _flat_info(like: Any) -> Any:
 
 
 def _check(out: Any, tree: Any) -> None:
+    if isinstance(out, (np.ndarray, jax.Array)) and out.ndim == 1:  # the floor: the bytes only
+        assert out.nbytes == sum(x.nbytes for x in jax.tree.leaves(tree))
+        return
     assert jax.tree.structure(out) == jax.tree.structure(tree)
     for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(tree)):
         assert a.dtype == b.dtype and a.shape == b.shape
@@ -205,14 +300,16 @@ def _check(out: Any, tree: Any) -> None:
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def _time(fn: Callable[[], Any], repeat: int) -> list[float]:
+def _time(fn: Callable[[], Any], repeat: int) -> list[tuple[float, float]]:
+    """(wall, CPU) seconds of ``repeat`` calls; CPU is the process's, all threads."""
     times = []
     for _ in range(repeat):
         gc.collect()
+        c = time.process_time()
         t = time.perf_counter()
         out = fn()
         jax.block_until_ready(out)
-        times.append(time.perf_counter() - t)
+        times.append((time.perf_counter() - t, time.process_time() - c))
         del out
     return times
 
@@ -228,9 +325,11 @@ def bench(libs: list[Lib], tree: Any, nbytes: int, directory: str, repeat: int) 
             t = times[lib.name]
             t["save"] += _time(lambda: lib.save(path, tree), 1)
             if r == 0:
-                sizes[lib.name] = sum(os.path.getsize(os.path.join(dp, f))
-                                      for dp, _, fs in os.walk(path) for f in fs) \
-                    if os.path.isdir(path) else os.path.getsize(path)
+                sizes[lib.name] = (
+                    sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(path) for f in fs)
+                    if os.path.isdir(path)
+                    else os.path.getsize(path)
+                )
                 _check(lib.load(path, tree, True), tree)
             t["jax"] += _time(lambda: lib.load(path, tree, True), 1)
             t["numpy"] += _time(lambda: lib.load(path, tree, False), 1)
@@ -238,10 +337,25 @@ def bench(libs: list[Lib], tree: Any, nbytes: int, directory: str, repeat: int) 
     rows = []
     for lib in libs:
         t = times[lib.name]
-        row = {"library": lib.name, "file_bytes": sizes[lib.name],
-               "save_s": min(t["save"]), "load_jax_s": min(t["jax"]),
-               "load_numpy_s": None if lib.name == "orbax" else min(t["numpy"]),
-               "save_all_s": t["save"], "load_jax_all_s": t["jax"], "load_numpy_all_s": t["numpy"]}
+        wall = {op: [w for w, _ in ts] for op, ts in t.items()}
+        cpu = {op: [c for _, c in ts] for op, ts in t.items()}
+        no_numpy = lib.name == "orbax"
+        row = {
+            "library": lib.name,
+            "file_bytes": sizes[lib.name],
+            "save_s": min(wall["save"]),
+            "load_jax_s": min(wall["jax"]),
+            "load_numpy_s": None if no_numpy else min(wall["numpy"]),
+            "save_cpu_s": min(cpu["save"]),
+            "load_jax_cpu_s": min(cpu["jax"]),
+            "load_numpy_cpu_s": None if no_numpy else min(cpu["numpy"]),
+            "save_all_s": wall["save"],
+            "load_jax_all_s": wall["jax"],
+            "load_numpy_all_s": wall["numpy"],
+            "save_cpu_all_s": cpu["save"],
+            "load_jax_cpu_all_s": cpu["jax"],
+            "load_numpy_cpu_all_s": cpu["numpy"],
+        }
         row["save_GBps"] = nbytes / row["save_s"] / 1e9
         row["load_jax_GBps"] = nbytes / row["load_jax_s"] / 1e9
         rows.append(row)
@@ -260,24 +374,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--small", action="store_true", help="quick run: 0.1 GB and 2000 small leaves")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else "/tmp")
-    p.add_argument("--libs", default="jaxsave,np.savez,safetensors,flax msgpack,orbax")
-    p.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results",
-                                                    "serialize.json"))
+    p.add_argument("--libs", default="jaxsave,np.savez,safetensors,flax msgpack,orbax,floor (raw I/O)")
+    p.add_argument(
+        "--before", metavar="DIR", help="also time the jaxsave package in DIR (e.g. an old commit's tree)"
+    )
+    p.add_argument("--trees", default="large,small", help="which trees to run")
+    p.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "serialize.json"))
     args = p.parse_args(argv)
     if args.small:
         args.size_gb, args.small_leaves = min(args.size_gb, 0.1), min(args.small_leaves, 2000)
-    libs = {c.name: c for c in (Jaxsave, Savez, Safetensors, FlaxMsgpack, Orbax)}
+    libs = {c.name: c for c in (Jaxsave, Savez, Safetensors, FlaxMsgpack, Orbax, Floor)}
     chosen = [libs[n.strip()]() for n in args.libs.split(",")]
+    if args.before:
+        chosen.insert(0, JaxsaveBefore(args.before))
     directory = os.path.join(args.dir, f"jaxsave_bench_{os.getpid()}")
     os.makedirs(directory)
-    trees = {
-        "large": large_tree(int(args.size_gb * 1e9), args.leaves),
-        "small": small_tree(args.small_leaves),
+    makers = {
+        "large": lambda: large_tree(int(args.size_gb * 1e9), args.leaves),
+        "small": lambda: small_tree(args.small_leaves),
     }
+    trees = {name: makers[name.strip()]() for name in args.trees.split(",")}
     results: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "jax": jax.__version__, "numpy": np.__version__, "dir": args.dir},
-        "args": vars(args), "trees": {},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "jax": jax.__version__,
+            "numpy": np.__version__,
+            "dir": args.dir,
+            "python": platform.python_version(),
+        },
+        "args": vars(args),
+        "trees": {},
     }
     try:
         for tname, tree in trees.items():
@@ -285,14 +412,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             nbytes = sum(x.nbytes for x in leaves)
             rows = bench(chosen, tree, nbytes, directory, args.repeat)
             results["trees"][tname] = {"bytes": nbytes, "leaves": len(leaves), "rows": rows}
-            print(f"\n{tname} tree: {len(leaves)} leaves, {nbytes / 1e9:.3f} GB "
-                  f"(best of {args.repeat}, seconds; GB/s in brackets)")
-            print(f"| {'library':13s} | {'save':>16s} | {'load → jax':>16s} | {'load → numpy':>12s} |")
-            print(f"|{'-' * 15}|{'-' * 18}|{'-' * 18}|{'-' * 14}|")
+            print(
+                f"\n{tname} tree: {len(leaves)} leaves, {nbytes / 1e9:.3f} GB "
+                f"(best of {args.repeat}, seconds: wall / CPU)"
+            )
+            print(f"| {'library':15s} | {'save':>15s} | {'load → jax':>15s} | {'load → numpy':>15s} |")
+            print(f"|{'-' * 17}|{'-' * 17}|{'-' * 17}|{'-' * 17}|")
             for r in rows:
-                print(f"| {r['library']:13s} | {_fmt(r['save_s']):>7s} ({r['save_GBps']:5.2f}) "
-                      f"| {_fmt(r['load_jax_s']):>7s} ({r['load_jax_GBps']:5.2f}) "
-                      f"| {_fmt(r['load_numpy_s']):>12s} |")
+                cells = [
+                    f"{_fmt(r[op + '_s'])} / {_fmt(r[op + '_cpu_s'])}"
+                    for op in ("save", "load_jax", "load_numpy")
+                ]
+                print(f"| {r['library']:15s} | " + " | ".join(f"{c:>15s}" for c in cells) + " |")
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     os.makedirs(os.path.dirname(args.output), exist_ok=True)

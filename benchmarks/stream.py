@@ -6,7 +6,8 @@ place and never sends (the floor of any device-side buffering; see
 docs/performance.md), (ring+cb) the same, handing each full buffer to a Python
 ``io_callback`` that does nothing (the floor of any design built on
 ``io_callback``), (b) ``no_save``,
-(c) ``MemoryCollector``, (d) ``HDF5Collector``, (e) the naive way (one
+(c) ``MemoryCollector``, (d) ``HDF5Collector``, (zarr) ``ZarrCollector`` on a
+local directory store (when zarr is installed), (e) the naive way (one
 ``io_callback`` per sample), and optionally (f) HDF5 with ``checkpoint_every``
 and (``--floors``) jaxsave with a collector that drops the rows (``drop``) or
 ``os.write``-s their raw bytes to a file (``os.write``).
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import json
 import os
 import platform
@@ -68,8 +70,12 @@ def make_loop(saver, steps, dim, chains, thin, kind, leaves=1):
                 rows = state.shape[0]
                 state = jax.lax.dynamic_update_index_in_dim(state, x, i % rows, 0)
                 if kind == "ring+cb":  # ... and hands it to a Python function that does nothing when full
-                    jax.lax.cond(i % rows == rows - 1, lambda s: io_callback(discard, None, s, ordered=False),
-                                 lambda s: None, state)
+                    jax.lax.cond(
+                        i % rows == rows - 1,
+                        lambda s: io_callback(discard, None, s, ordered=False),
+                        lambda s: None,
+                        state,
+                    )
             elif kind == "hdf5+ckpt":
                 state, _ = saver.save(state, keep, as_sample(x, leaves), solver_state={"x": x, "key": key})
             elif kind != "baseline":
@@ -134,9 +140,25 @@ def make_saver(kind, tmp, checkpoint_every=0):
     if kind == "os.write":
         path = Path(tmp) / f"bench-{time.monotonic_ns()}.bin"
         return jaxsave.save(RawFileCollector(path)), path
+    if kind == "zarr":
+        path = Path(tmp) / f"bench-{time.monotonic_ns()}.zarr"
+        return jaxsave.save(jaxsave.ZarrCollector(path)), path
     path = Path(tmp) / f"bench-{time.monotonic_ns()}.h5"
     extra = {"checkpoint_every": checkpoint_every} if kind == "hdf5+ckpt" else {}
     return jaxsave.save(jaxsave.HDF5Collector(path), **extra), path
+
+
+def remove(path):
+    """Delete what a variant wrote: a file and its checkpoint, or a Zarr directory store."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+        Path(f"{path}.ckpt").unlink(missing_ok=True)
+
+
+def have_zarr():
+    return hasattr(jaxsave, "ZarrCollector") and importlib.util.find_spec("zarr") is not None
 
 
 def run_stream_case(kind, steps, dim, chains, thin, tmp, checkpoint_every=0, leaves=1):
@@ -146,7 +168,7 @@ def run_stream_case(kind, steps, dim, chains, thin, tmp, checkpoint_every=0, lea
     saver, state, path = None, jnp.zeros(()), None
     kept = -(-steps // thin)
     info = jaxsave.static_information(samples_collected=kept)
-    if kind in ("no_save", "memory", "hdf5", "hdf5+ckpt", "drop", "os.write"):
+    if kind in ("no_save", "memory", "hdf5", "zarr", "hdf5+ckpt", "drop", "os.write"):
         saver, path = make_saver(kind, tmp, checkpoint_every)
         sample = as_sample(x0, leaves)
         solver = {"x": x0, "key": keys} if kind == "hdf5+ckpt" else None
@@ -164,8 +186,7 @@ def run_stream_case(kind, steps, dim, chains, thin, tmp, checkpoint_every=0, lea
         assert int(np.sum(result["sample_count"])) == kept * chains
     elapsed = time.perf_counter() - start
     if path is not None:
-        path.unlink()
-        Path(f"{path}.ckpt").unlink(missing_ok=True)
+        remove(path)
     return elapsed / steps
 
 
@@ -195,9 +216,13 @@ def mlp_case(kind, steps, chains, thin, tmp):
             grads = jax.grad(potential)(params, idx)
             leaves, tree = jax.tree.flatten(params)
             noise = jax.random.split(k_noise, len(leaves))
-            params = jax.tree.unflatten(tree, [
-                p - eps * g + jnp.sqrt(2 * eps) * jax.random.normal(k, p.shape)
-                for p, g, k in zip(leaves, jax.tree.leaves(grads), noise)])
+            params = jax.tree.unflatten(
+                tree,
+                [
+                    p - eps * g + jnp.sqrt(2 * eps) * jax.random.normal(k, p.shape)
+                    for p, g, k in zip(leaves, jax.tree.leaves(grads), noise)
+                ],
+            )
             if kind != "baseline":
                 state, _ = saver.save(state, i % thin == 0, params)
             return (state, params, key), None
@@ -220,8 +245,7 @@ def mlp_case(kind, steps, chains, thin, tmp):
         saver.postprocess(out[0], None)
     elapsed = time.perf_counter() - start
     if path is not None:
-        path.unlink()
-        Path(f"{path}.ckpt").unlink(missing_ok=True)
+        remove(path)
     return elapsed / steps
 
 
@@ -241,16 +265,30 @@ def interleaved(row, repeats):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="10x fewer steps")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--checkpoint-every", type=int, default=0,
-                        help="also time HDF5 with checkpoint_every=N (issue 4)")
-    parser.add_argument("--floors", action="store_true",
-                        help="also time jaxsave with collectors that drop the rows (drop) or os.write "
-                             "their bytes to a file (os.write): the floors under a real collector")
-    parser.add_argument("--cases", default="",
-                        help="run only the cases whose name contains one of these comma-separated words")
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=0, help="also time HDF5 with checkpoint_every=N (issue 4)"
+    )
+    parser.add_argument(
+        "--floors",
+        action="store_true",
+        help="also time jaxsave with collectors that drop the rows (drop) or os.write "
+        "their bytes to a file (os.write): the floors under a real collector",
+    )
+    parser.add_argument(
+        "--cases",
+        default="",
+        help="run only the cases whose name contains one of these comma-separated words",
+    )
+    parser.add_argument(
+        "--kinds",
+        default="",
+        help="time only these comma-separated variants (baseline is always timed: the ratios need it)",
+    )
     parser.add_argument("--out", default=str(RESULTS / "stream.json"))
     args = parser.parse_args(argv)
     scale = 10 if args.quick else 1
@@ -261,17 +299,25 @@ def main(argv=None):
         ("1 chain x 10 floats", dict(steps=100_000 // scale, dim=10, chains=1, thin=1)),
         ("64 chains x 10 floats", dict(steps=10_000 // scale, dim=10, chains=64, thin=1)),
         ("1 chain x 1M floats (4 MB)", dict(steps=max(20, 200 // scale), dim=2**20, chains=1, thin=1)),
-        ("1 chain x 100 leaves x 100 floats", dict(steps=20_000 // scale, dim=10_000, chains=1, thin=1, leaves=100)),
+        (
+            "1 chain x 100 leaves x 100 floats",
+            dict(steps=20_000 // scale, dim=10_000, chains=1, thin=1, leaves=100),
+        ),
     ]
     mlp_name = "SGLD Haiku MLP, 4 chains"
     wanted = [w.strip().lower() for w in args.cases.split(",") if w.strip()]
     chosen = lambda name: not wanted or any(w in name.lower() for w in wanted)  # noqa: E731
     cases = [(name, case) for name, case in cases if chosen(name)]
     kinds = ["baseline", "ring", "ring+cb", "no_save", "memory", "hdf5", "naive"]
+    if have_zarr():
+        kinds.insert(6, "zarr")
     if args.floors:
         kinds[5:5] = ["drop", "os.write"]
     if args.checkpoint_every:
         kinds.insert(4, "hdf5+ckpt")
+    only = {k.strip() for k in args.kinds.split(",") if k.strip()}
+    if only:
+        kinds = [k for k in kinds if k in only or k == "baseline"]
     rows = []
     try:
         for name, case in cases:
@@ -283,14 +329,30 @@ def main(argv=None):
                 if kind == "naive" and case["dim"] < 1000:
                     steps = max(1000, steps // 20)  # the naive way is slow; time fewer steps
                 row["us_per_step"][kind] = functools.partial(
-                    run_stream_case, kind, steps, case["dim"], case["chains"], case["thin"], tmp,
-                    args.checkpoint_every, case.get("leaves", 1))
+                    run_stream_case,
+                    kind,
+                    steps,
+                    case["dim"],
+                    case["chains"],
+                    case["thin"],
+                    tmp,
+                    args.checkpoint_every,
+                    case.get("leaves", 1),
+                )
             rows.append(interleaved(row, args.repeats))
         mlp_steps = 10_000 // scale
         if chosen(mlp_name):
-            row = {"case": mlp_name, "steps": mlp_steps, "chains": 4, "thin": 10, "us_per_step": {
-                kind: functools.partial(mlp_case, kind, mlp_steps, 4, 10, tmp)
-                for kind in ["baseline", "no_save", "memory", "hdf5"]}}
+            row = {
+                "case": mlp_name,
+                "steps": mlp_steps,
+                "chains": 4,
+                "thin": 10,
+                "us_per_step": {
+                    kind: functools.partial(mlp_case, kind, mlp_steps, 4, 10, tmp)
+                    for kind in ["baseline", "no_save", "memory", "hdf5"] + (["zarr"] if have_zarr() else [])
+                    if not only or kind in only or kind == "baseline"
+                },
+            }
             rows.append(interleaved(row, args.repeats))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -300,19 +362,35 @@ def main(argv=None):
         row["ratio"] = {k: v / base for k, v in row["us_per_step"].items()}
         if "naive" in row["us_per_step"]:
             row["hdf5_speedup_over_naive"] = row["us_per_step"]["naive"] / row["us_per_step"]["hdf5"]
+        if "zarr" in row["us_per_step"]:  # issue 18's target: Zarr's overhead within 1.1x of HDF5's
+            overhead = {k: row["us_per_step"][k] - base for k in ("hdf5", "zarr")}
+            row["zarr_overhead_over_hdf5"] = (
+                overhead["zarr"] / overhead["hdf5"] if overhead["hdf5"] > 0 else None
+            )
 
     header = ["case", "(a) us/step"] + [f"{k}/(a)" for k in kinds[1:]] + ["naive/hdf5"]
+    if "zarr" in kinds:
+        header.append("zarr/hdf5 overhead")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for row in rows:
         cells = [row["case"], f"{row['us_per_step']['baseline']:.2f}"]
         cells += [f"{row['ratio'][k]:.2f}" if k in row["ratio"] else "-" for k in kinds[1:]]
         cells.append(f"{row['hdf5_speedup_over_naive']:.0f}x" if "hdf5_speedup_over_naive" in row else "-")
+        if "zarr" in kinds:
+            ratio = row.get("zarr_overhead_over_hdf5")
+            cells.append(f"{ratio:.2f}" if ratio is not None else "-")
         print("| " + " | ".join(cells) + " |")
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    meta = {"jax": jax.__version__, "jaxsave": jaxsave.__version__, "machine": platform.machine(),
-            "cpus": os.cpu_count(), "quick": args.quick, "repeats": args.repeats}
+    meta = {
+        "jax": jax.__version__,
+        "jaxsave": jaxsave.__version__,
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "quick": args.quick,
+        "repeats": args.repeats,
+    }
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"wrote {args.out}")
 

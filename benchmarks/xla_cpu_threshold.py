@@ -15,12 +15,10 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-
 from stream import RESULTS, interleaved, sgld_step
 
 STEPS = 100_000
@@ -53,8 +51,9 @@ def timer(rows: int | None):
 
 def main() -> None:
     variants = {"baseline": None, "rows=12 (480 B)": 12, "rows=13 (520 B)": 13, "rows=4096": 4096}
-    row = interleaved({"case": "1 chain x 10 floats", "us_per_step": {k: timer(r) for k, r in variants.items()}},
-                      repeats=5)
+    row = interleaved(
+        {"case": "1 chain x 10 floats", "us_per_step": {k: timer(r) for k, r in variants.items()}}, repeats=5
+    )
     base = row["us_per_step"]["baseline"]
     print("| buffer carried | us/step | ratio |\n|---|---|---|")
     for name, us in row["us_per_step"].items():

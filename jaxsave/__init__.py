@@ -17,6 +17,7 @@ from jaxsave._core.tree import (
 )
 from jaxsave._stream.no_save import no_save
 from jaxsave._stream.resume import ChainCheckpoint, Checkpoint, resume
+from jaxsave._stream.scan import scan
 from jaxsave._stream.sharding import shard_state
 from jaxsave._stream.state import Saver, SaveState, static_information
 from jaxsave._stream.streamer import save
@@ -54,11 +55,13 @@ from jaxsave.serialization import (
     read_metadata,
     save_pytree,
 )
+from jaxsave.zarrstore import ZarrCollector
 
 __all__ = [
     "__version__",
     # streaming from inside jit
     "save",
+    "scan",
     "no_save",
     "static_information",
     "scheduler",
@@ -72,6 +75,7 @@ __all__ = [
     "ChainCheckpoint",
     "resume",
     "HDF5Collector",
+    "ZarrCollector",
     # reading sample files
     "load_samples",
     "open_live",

@@ -65,7 +65,8 @@ def _step_pattern(filename: str) -> re.Pattern[str]:
         if m is None or int(m.group(1)) != step:
             raise ValueError(
                 f"filename {filename!r} writes step {step} as {name!r}, which does not read back as "
-                f"{step}; use a decimal step format such as {{step}} or {{step:08d}}")
+                f"{step}; use a decimal step format such as {{step}} or {{step:08d}}"
+            )
     return pattern
 
 
@@ -140,7 +141,7 @@ class Checkpointer:
 
     def _prune(self) -> None:
         steps = self.steps()
-        keep = set(steps if self.keep is None else steps[-self.keep:])
+        keep = set(steps if self.keep is None else steps[-self.keep :])
         if self.keep_every is not None:
             keep.update(s for s in steps if s % self.keep_every == 0)
         removed = False
@@ -152,9 +153,7 @@ class Checkpointer:
         if removed and self.fsync:
             fsync_directory(self.directory)
 
-    def restore(
-        self, step: int | None = None, like: Any = None, *, partial: bool = False
-    ) -> tuple[int, Any]:
+    def restore(self, step: int | None = None, like: Any = None, *, partial: bool = False) -> tuple[int, Any]:
         """Load checkpoint ``step`` (default: the latest) as ``(step, tree)``.
 
         ``like`` and ``partial`` are those of :func:`jaxsave.load_pytree`. If the
@@ -172,8 +171,11 @@ class Checkpointer:
             except FileFormatError as e:
                 if i == len(steps) - 1:
                     raise
-                warnings.warn(f"checkpoint {s} is unreadable ({e}); trying the previous one",
-                              RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"checkpoint {s} is unreadable ({e}); trying the previous one",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         raise AssertionError("unreachable")
 
     def metadata(self, step: int | None = None) -> Any:
@@ -197,5 +199,7 @@ class Checkpointer:
         return path
 
     def __repr__(self) -> str:
-        return (f"Checkpointer({self.directory!r}, keep={self.keep}, keep_every={self.keep_every}, "
-                f"filename={self.filename!r})")
+        return (
+            f"Checkpointer({self.directory!r}, keep={self.keep}, keep_every={self.keep_every}, "
+            f"filename={self.filename!r})"
+        )

@@ -4,7 +4,8 @@ A collector receives *blocks*: for each leaf of the sample (in ``jax.tree.leaves
 order) an array of rows ``(n, ...)``, all rows kept. One writer thread per saver
 calls it, so a collector sees one call at a time and in order.
 
-The two methods to implement are :meth:`DataCollector.register_chain` and
+The contract is the :class:`Collector` protocol. Subclass :class:`DataCollector`:
+the two methods to implement are :meth:`DataCollector.register_chain` and
 :meth:`DataCollector.save`; the others have sensible defaults.
 """
 
@@ -27,7 +28,7 @@ from jaxsave._core import dtypes as _dtypes
 from jaxsave._core.tree import pytree_dict_keys
 from jaxsave.errors import SaverStateError, StructureMismatchError
 
-__all__ = ["DataCollector", "MemoryCollector", "SampleLayout", "sample_layout"]
+__all__ = ["Collector", "DataCollector", "MemoryCollector", "SampleLayout", "sample_layout"]
 
 
 class SampleLayout(NamedTuple):
@@ -81,8 +82,10 @@ def samples_collected(static_information: Any) -> int | None:
     else:
         integral = getattr(dtype, "kind", None) in ("i", "u") and tuple(getattr(n, "shape", ())) == ()
     if not integral:
-        raise TypeError(f"samples_collected must be an integer, got {n!r} (of type {type(n).__name__}; "
-                        "the number of samples, or None if unknown)")
+        raise TypeError(
+            f"samples_collected must be an integer, got {n!r} (of type {type(n).__name__}; "
+            "the number of samples, or None if unknown)"
+        )
     try:
         value = int(n)
     except (TypeError, jax.errors.ConcretizationTypeError) as error:
@@ -95,8 +98,40 @@ def samples_collected(static_information: Any) -> int | None:
     return value
 
 
+def check_rows(
+    layout: SampleLayout, values: Sequence[Any], lead: int, chains: int | None = None, who: str = "collector"
+) -> None:
+    """Refuse rows unlike the registered sample: ``values[j]`` must be ``(*lead axes, *row shape)``
+    of leaf ``j``'s row dtype, all leaves with the same leading axes (``chains`` of them first).
+
+    >>> layout = sample_layout({"x": np.zeros(3, np.float32)})
+    >>> check_rows(layout, [np.zeros((2, 5, 3), np.float32)], 2, chains=2)
+    >>> check_rows(layout, [np.zeros((2, 5, 4), np.float32)], 2)
+    Traceback (most recent call last):
+    TypeError: collector: rows of leaf x have shape (4,), the sample's is (3,)
+    """
+    if len(values) != len(layout.specs):
+        raise TypeError(f"{who}: got rows of {len(values)} leaves, the sample has {len(layout.specs)}")
+    leads = {np.shape(v)[:lead] for v in values}
+    if len(leads) > 1 or (chains is not None and leads and next(iter(leads))[0] != chains):
+        raise TypeError(
+            f"{who}: the leaves' rows disagree on their leading (chain, draw) axes: {sorted(leads)}"
+            + (f" for {chains} chains" if chains is not None else "")
+        )
+    for j, v in enumerate(values):
+        name = "/".join(layout.keys[j]) or "sample"
+        if np.shape(v)[lead:] != layout.storage_shape(j):
+            raise TypeError(
+                f"{who}: rows of leaf {name} have shape {np.shape(v)[lead:]}, the sample's is "
+                f"{layout.storage_shape(j)}"
+            )
+        dtype = np.asarray(v).dtype if not hasattr(v, "dtype") else np.dtype(v.dtype)
+        if dtype != layout.row_dtype(j):
+            raise TypeError(f"{who}: rows of leaf {name} are {dtype}, the sample's are {layout.row_dtype(j)}")
+
+
 class BlockSink(Protocol):
-    """What a saver's writer thread calls on its collector (:class:`DataCollector` has all)."""
+    """What a saver's writer thread calls on its collector (part of :class:`Collector`)."""
 
     def save(self, chain_id: int, values: list[np.ndarray]) -> None: ...
 
@@ -107,14 +142,52 @@ class BlockSink(Protocol):
     def checkpoint(self, records: dict, spec: Any) -> None: ...
 
 
+class Collector(BlockSink, Protocol):
+    """The whole collector contract: everything a saver calls on its collector.
+
+    :class:`DataCollector` implements it (with defaults for all but
+    :meth:`~DataCollector.register_chain` and :meth:`~DataCollector.save`), and so do
+    :class:`MemoryCollector` and :class:`jaxsave.HDF5Collector`; mypy checks that
+    they do. The saver (:func:`jaxsave.save`) is typed against it, and takes a
+    :class:`DataCollector` (which also records the one saver a collector belongs to).
+    """
+
+    def register_chain(
+        self, init_sample: Any = None, init_checkpoint: Any = None, static_information: Any = None
+    ) -> int: ...
+
+    def reopen_chain(
+        self,
+        chain_id: int,
+        sample_count: int,
+        init_sample: Any = None,
+        init_checkpoint: Any = None,
+        static_information: Any = None,
+    ) -> None: ...
+
+    def finished(self, chain_id: int) -> Any: ...
+
+    def close(self) -> None: ...
+
+    def resume(self) -> tuple[dict, Any]: ...
+
+
+class CollectorOwner(Protocol):
+    """The saver a :class:`DataCollector` belongs to, as the collector sees it."""
+
+    def drain(self) -> None:
+        """Return once everything the sampler sent is stored in the collector."""
+
+
 class DataCollector(abc.ABC):
     """Base class of collectors (compatible with the older ``io`` module's).
 
     Subclasses implement :meth:`register_chain` and :meth:`save`. Unlike the older
     module, :meth:`save` receives a block of kept rows per leaf, not one sample.
+    Every ``DataCollector`` is a :class:`Collector`.
     """
 
-    _owner: Any = None
+    _owner: CollectorOwner | None = None
 
     @abc.abstractmethod
     def register_chain(
@@ -148,8 +221,14 @@ class DataCollector(abc.ABC):
     def close(self) -> None:  # noqa: B027  (optional: a default that does nothing)
         """Called once every registered chain is finished: release files and memory."""
 
-    def reopen_chain(self, chain_id: int, sample_count: int, init_sample: Any = None,
-                     init_checkpoint: Any = None, static_information: Any = None) -> None:
+    def reopen_chain(
+        self,
+        chain_id: int,
+        sample_count: int,
+        init_sample: Any = None,
+        init_checkpoint: Any = None,
+        static_information: Any = None,
+    ) -> None:
         """Continue chain ``chain_id`` after its first ``sample_count`` samples, dropping later ones."""
         raise SaverStateError(f"{type(self).__name__} cannot continue a chain from a checkpoint")
 
@@ -166,7 +245,7 @@ class DataCollector(abc.ABC):
         """The stored ``({chain_id: ChainCheckpoint}, spec)``, the latest per chain."""
         return dict(getattr(self, "_checkpoints", {})), getattr(self, "_checkpoint_spec", None)
 
-    def _attach(self, owner: Any) -> None:
+    def _attach(self, owner: CollectorOwner) -> None:
         if self._owner is not None and self._owner is not owner:
             raise SaverStateError(
                 f"this {type(self).__name__} already belongs to another saver; "
@@ -175,16 +254,10 @@ class DataCollector(abc.ABC):
         self._owner = owner
 
 
-if TYPE_CHECKING:
-    def _is_a_block_sink(collector: DataCollector) -> BlockSink:
-        return collector  # the type checker proves that every DataCollector is a BlockSink
-
-
 def drain_writer(collector: DataCollector) -> None:
     """Wait until the saver that owns ``collector`` has stored what its sampler sent."""
-    writer = getattr(collector._owner, "writer", None)
-    if writer is not None:
-        writer.drain()
+    if collector._owner is not None:
+        collector._owner.drain()
 
 
 class _MemoryChain:
@@ -202,8 +275,8 @@ class _MemoryChain:
     #: A known count up to this many bytes per chain is allocated at once.
     PREALLOC_BYTES = 64 * 2**20
 
-    def __init__(self, layout: SampleLayout, capacity: int | None):
-        self.layout = layout
+    def __init__(self, sample: SampleLayout, capacity: int | None):
+        self.sample = sample
         self.capacity = capacity
         self.rows: list[np.ndarray] | None = None
         self.allocated = 0
@@ -217,12 +290,12 @@ class _MemoryChain:
             self._grow(needed)
         assert self.rows is not None  # allocated by _grow
         for rows, block in zip(self.rows, values):
-            rows[self.count:needed] = block
+            rows[self.count : needed] = block
         self.count = needed
 
     def _size(self, needed: int) -> int:
         """Rows to allocate for ``needed``: double, at least ``FIRST_BYTES``, at most the count."""
-        row_bytes = max(1, self.layout.row_bytes())
+        row_bytes = max(1, self.sample.row_bytes())
         size = max(needed, 2 * self.allocated, self.FIRST_BYTES // row_bytes)
         if self.capacity is not None and needed <= self.capacity:
             if self.capacity * row_bytes <= self.PREALLOC_BYTES:
@@ -232,8 +305,10 @@ class _MemoryChain:
 
     def _grow(self, needed: int) -> None:
         size = self._size(needed)
-        grown = [np.empty((size, *self.layout.storage_shape(j)), self.layout.row_dtype(j))
-                 for j in range(len(self.layout.specs))]
+        grown = [
+            np.empty((size, *self.sample.storage_shape(j)), self.sample.row_dtype(j))
+            for j in range(len(self.sample.specs))
+        ]
         if self.rows is not None:
             for new, old in zip(grown, self.rows):
                 new[: self.count] = old[: self.count]
@@ -241,8 +316,10 @@ class _MemoryChain:
 
     def samples(self) -> list[np.ndarray]:
         if self.rows is None:
-            return [np.zeros((0, *self.layout.storage_shape(j)), self.layout.row_dtype(j))
-                    for j in range(len(self.layout.specs))]
+            return [
+                np.zeros((0, *self.sample.storage_shape(j)), self.sample.row_dtype(j))
+                for j in range(len(self.sample.specs))
+            ]
         return [rows[: self.count] for rows in self.rows]
 
 
@@ -270,13 +347,14 @@ class MemoryCollector(DataCollector):
         self._dir = None if save_dir is None else Path(save_dir)
         self._chains: list[_MemoryChain] = []
 
-    def register_chain(self, init_sample=None, init_checkpoint=None, static_information=None,
-                       **unused) -> int:
+    def register_chain(
+        self, init_sample=None, init_checkpoint=None, static_information=None, **unused
+    ) -> int:
         capacity = samples_collected(static_information)
-        layout = sample_layout(init_sample)
+        sample = sample_layout(init_sample)
         if self._dir is not None:
-            _npz_names(layout.keys)  # refused now, not when the run is over
-        self._chains.append(_MemoryChain(layout, capacity))
+            _npz_names(sample.keys)  # refused now, not when the run is over
+        self._chains.append(_MemoryChain(sample, capacity))
         return len(self._chains) - 1
 
     def save(self, chain_id: int, values: list[np.ndarray]) -> None:
@@ -291,9 +369,9 @@ class MemoryCollector(DataCollector):
     def _write_npz(self, chain_id: int, chain: _MemoryChain) -> None:
         assert self._dir is not None  # only called with a directory
         path = self._dir / f"chain_{chain_id}.npz"
-        names = _npz_names(chain.layout.keys)
+        names = _npz_names(chain.sample.keys)
         arrays = {name: _dtypes.to_storable(a) for name, a in zip(names, chain.samples())}
-        dtypes = {name: spec.dtype for name, spec in zip(names, chain.layout.specs)}
+        dtypes = {name: spec.dtype for name, spec in zip(names, chain.sample.specs)}
         arrays["__jaxsave__"] = np.array(json.dumps({"format": 1, "dtypes": dtypes}))
         try:
             self._dir.mkdir(parents=True, exist_ok=True)
@@ -309,14 +387,21 @@ class MemoryCollector(DataCollector):
                 "returns them",
             ) from error
 
-    def reopen_chain(self, chain_id: int, sample_count: int, init_sample: Any = None,
-                     init_checkpoint: Any = None, static_information: Any = None) -> None:
+    def reopen_chain(
+        self,
+        chain_id: int,
+        sample_count: int,
+        init_sample: Any = None,
+        init_checkpoint: Any = None,
+        static_information: Any = None,
+    ) -> None:
         if not 0 <= chain_id < len(self._chains):
             raise SaverStateError(f"this MemoryCollector has no chain {chain_id} to continue")
         chain = self._chains[chain_id]
         if chain.count < sample_count:
             raise SaverStateError(
-                f"chain {chain_id} holds {chain.count} samples, fewer than the checkpoint's {sample_count}")
+                f"chain {chain_id} holds {chain.count} samples, fewer than the checkpoint's {sample_count}"
+            )
         if chain.done and chain.rows is not None:  # postprocess handed out views: write into new arrays
             fresh = [np.empty_like(rows) for rows in chain.rows]  # untouched rows stay free
             for new, old in zip(fresh, chain.rows):
@@ -341,9 +426,9 @@ class MemoryCollector(DataCollector):
         chain = self._chains[chain_id]
         leaves = [
             _dtypes.from_storable(a, spec.dtype) if spec.is_key else a
-            for a, spec in zip(chain.samples(), chain.layout.specs)
+            for a, spec in zip(chain.samples(), chain.sample.specs)
         ]
-        return chain.layout.unflatten(leaves)
+        return chain.sample.unflatten(leaves)
 
 
 def _npz_names(keys: list[tuple[str, ...]]) -> list[str]:
@@ -354,10 +439,21 @@ def _npz_names(keys: list[tuple[str, ...]]) -> list[str]:
         if any(part == "" or "\0" in part for part in key):
             raise StructureMismatchError(
                 f"MemoryCollector(save_dir=...): the sample key {key!r} has an empty part or a NUL "
-                "character, which a .npz member name cannot hold")
+                "character, which a .npz member name cannot hold"
+            )
         if name in seen:
             raise StructureMismatchError(
                 f"MemoryCollector(save_dir=...): the sample keys {seen[name]!r} and {key!r} both "
-                f"become the .npz member {name!r}")
+                f"become the .npz member {name!r}"
+            )
         seen[name] = key
     return names
+
+
+if TYPE_CHECKING:  # the type checker proves that the collectors satisfy the contract
+
+    def _data_collector_is_a_collector(collector: DataCollector) -> Collector:
+        return collector
+
+    def _memory_collector_is_a_collector(collector: MemoryCollector) -> Collector:
+        return collector

@@ -41,8 +41,18 @@ import numpy as np
 
 from jaxsave._store import arviz as _arviz
 
-__all__ = ["DemoResult", "load_data", "run", "summarize", "print_report", "split_rhat",
-           "effective_sample_size", "add_arguments", "run_from_args", "main"]
+__all__ = [
+    "DemoResult",
+    "load_data",
+    "run",
+    "summarize",
+    "print_report",
+    "split_rhat",
+    "effective_sample_size",
+    "add_arguments",
+    "run_from_args",
+    "main",
+]
 
 COLLECTORS = ("hdf5", "memory", "no_save")
 
@@ -73,7 +83,8 @@ def load_data() -> tuple[np.ndarray, np.ndarray]:
         from sklearn.datasets import load_breast_cancer
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "the demo needs scikit-learn for its data set: pip install 'jaxsave[demo]'") from error
+            "the demo needs scikit-learn for its data set: pip install 'jaxsave[demo]'"
+        ) from error
     x, y = load_breast_cancer(return_X_y=True)
     x = (x - x.mean(0)) / x.std(0)
     _, s, vt = np.linalg.svd(x, full_matrices=False)
@@ -94,7 +105,7 @@ def split_rhat(draws: np.ndarray) -> float:
     True
     """
     n = draws.shape[1] // 2
-    halves = np.concatenate([draws[:, :n], draws[:, n:2 * n]], axis=0).astype(np.float64)
+    halves = np.concatenate([draws[:, :n], draws[:, n : 2 * n]], axis=0).astype(np.float64)
     within = halves.var(axis=1, ddof=1).mean()
     between = n * halves.mean(axis=1).var(ddof=1)
     var_plus = (n - 1) / n * within + between / n
@@ -118,7 +129,7 @@ def effective_sample_size(draws: np.ndarray) -> float:
     """
     x = np.asarray(draws, np.float64)
     half = x.shape[1] // 2
-    x = np.concatenate([x[:, :half], x[:, x.shape[1] - half:]], axis=0)
+    x = np.concatenate([x[:, :half], x[:, x.shape[1] - half :]], axis=0)
     m, n = x.shape
     if n < 2 or np.ptp(x) < np.finfo(float).resolution:
         return float(x.size) if n >= 2 else float("nan")
@@ -137,7 +148,7 @@ def effective_sample_size(draws: np.ndarray) -> float:
     while t < n - 3 and even + odd > 0:
         even, odd = rho[t + 1], rho[t + 2]
         if even + odd >= 0:
-            kept[t + 1:t + 3] = even, odd
+            kept[t + 1 : t + 3] = even, odd
         t += 2
     max_t = t - 2
     if even > 0:
@@ -148,7 +159,7 @@ def effective_sample_size(draws: np.ndarray) -> float:
         if kept[t + 1] + kept[t + 2] > kept[t - 1] + kept[t]:
             kept[t + 1] = kept[t + 2] = (kept[t - 1] + kept[t]) / 2
         t += 2
-    tau = -1.0 + 2.0 * kept[:max_t + 1].sum() + kept[max_t + 1:max_t + 2].sum()
+    tau = -1.0 + 2.0 * kept[: max_t + 1].sum() + kept[max_t + 1 : max_t + 2].sum()
     return float(m * n / max(tau, 1.0 / math.log10(m * n)))
 
 
@@ -168,9 +179,14 @@ def summarize(samples: dict[str, np.ndarray], names: list[str] | None = None) ->
         idata = _arviz.from_groups({"posterior": {k: np.asarray(samples[k]) for k in names}})
         table = az.summary(idata, kind="all", round_to="none")
         return [
-            {"name": str(name), "mean": float(row["mean"]), "sd": float(row["sd"]),
-             "ess_bulk": float(row["ess_bulk"]), "ess_tail": float(row["ess_tail"]),
-             "r_hat": float(row["r_hat"])}
+            {
+                "name": str(name),
+                "mean": float(row["mean"]),
+                "sd": float(row["sd"]),
+                "ess_bulk": float(row["ess_bulk"]),
+                "ess_tail": float(row["ess_tail"]),
+                "r_hat": float(row["r_hat"]),
+            }
             for name, row in table.iterrows()
         ]
     rows = []
@@ -181,9 +197,16 @@ def summarize(samples: dict[str, np.ndarray], names: list[str] | None = None) ->
             index = ", ".join(map(str, np.unravel_index(j, arr.shape[2:])))
             label = key if arr.ndim == 2 else f"{key}[{index}]"
             draws = flat[:, :, j]
-            rows.append({"name": label, "mean": float(draws.mean()), "sd": float(draws.std(ddof=1)),
-                         "ess_bulk": effective_sample_size(draws), "ess_tail": float("nan"),
-                         "r_hat": split_rhat(draws)})
+            rows.append(
+                {
+                    "name": label,
+                    "mean": float(draws.mean()),
+                    "sd": float(draws.std(ddof=1)),
+                    "ess_bulk": effective_sample_size(draws),
+                    "ess_tail": float("nan"),
+                    "r_hat": split_rhat(draws),
+                }
+            )
     return rows
 
 
@@ -192,9 +215,9 @@ def summarize(samples: dict[str, np.ndarray], names: list[str] | None = None) ->
 
 def run(
     chains: int = 4,
-    steps: int = 40_000,
+    steps: int = 60_000,
     burn_in: int = 10_000,
-    thin: int = 20,
+    thin: int = 25,
     step_size: float = 6e-3,
     batch_size: int = 64,
     output: str | os.PathLike | None = "chains.h5",
@@ -217,8 +240,13 @@ def run(
 
     if collector not in COLLECTORS:
         raise ValueError(f"collector must be one of {COLLECTORS}, got {collector!r}")
-    for name, value, low in (("chains", chains, 1), ("steps", steps, 1), ("burn_in", burn_in, 0),
-                             ("thin", thin, 1), ("batch_size", batch_size, 1)):
+    for name, value, low in (
+        ("chains", chains, 1),
+        ("steps", steps, 1),
+        ("burn_in", burn_in, 0),
+        ("thin", thin, 1),
+        ("batch_size", batch_size, 1),
+    ):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     if burn_in >= steps:
@@ -233,16 +261,22 @@ def run(
     output = None if collector != "hdf5" else os.fspath(output if output is not None else "chains.h5")
 
     say(f"jaxsave demo: Bayesian logistic regression, breast-cancer data ({n_data} x {dim}), SGLD")
-    say(f"  {chains} chain{'s' if chains > 1 else ''} x {steps} steps (burn-in {burn_in}, "
-        f"thin {thin}: {kept} draws per chain), minibatch {batch_size}, step size {step_size:g}")
+    say(
+        f"  {chains} chain{'s' if chains > 1 else ''} x {steps} steps (burn-in {burn_in}, "
+        f"thin {thin}: {kept} draws per chain), minibatch {batch_size}, step size {step_size:g}"
+    )
     say(f"  collector: {collector}" + (f" -> {output}" if output else ""))
 
     if collector == "no_save":
         saver = jaxsave.no_save()
     else:
-        sink = (jaxsave.HDF5Collector(output, sample_stats=("lp",)) if collector == "hdf5"
-                else jaxsave.MemoryCollector())
-        block = max(1, min(4096, steps // 50))  # about 50 flushes: a smooth bar, negligible cost
+        sink = (
+            jaxsave.HDF5Collector(output, sample_stats=("lp",))
+            if collector == "hdf5"
+            else jaxsave.MemoryCollector()
+        )
+        # About 50 flushes for a smooth bar at negligible cost (a block holds kept draws, not steps).
+        block = max(1, min(4096, kept // 50))
         saver = jaxsave.save(sink, block_size=block, progress=steps if progress else False)
 
     def log_posterior(params: dict, xb: jax.Array, yb: jax.Array) -> jax.Array:
@@ -260,8 +294,9 @@ def run(
         idx = jax.random.randint(k_batch, (batch_size,), 0, n_data)
         lp, grad = value_and_grad(params, x[idx], y[idx])
         noise = {"w": jax.random.normal(k_w, (dim,)), "b": jax.random.normal(k_b, ())}
-        params = jax.tree.map(lambda p, g, z: p + 0.5 * step_size * g + jnp.sqrt(step_size) * z,
-                              params, grad, noise)
+        params = jax.tree.map(
+            lambda p, g, z: p + 0.5 * step_size * g + jnp.sqrt(step_size) * z, params, grad, noise
+        )
         keep = (i >= burn_in) & ((i - burn_in) % thin == 0)
         state, _ = saver.save(state, keep, {**params, "lp": lp})
         return (state, params, key), None
@@ -307,31 +342,53 @@ def _fmt(value: float, digits: int) -> str:
     return "-" if not math.isfinite(value) else f"{value:.{digits}f}"
 
 
-def print_report(summary: list[dict[str, Any]], counts: np.ndarray, accuracy: float, seconds_compile: float,
-                 seconds_run: float, chain_steps: int, output: str | None, out: TextIO) -> None:
+def print_report(
+    summary: list[dict[str, Any]],
+    counts: np.ndarray,
+    accuracy: float,
+    seconds_compile: float,
+    seconds_run: float,
+    chain_steps: int,
+    output: str | None,
+    out: TextIO,
+) -> None:
     """Print the per-parameter table and the throughput lines."""
     print(file=out)
     header = f"{'parameter':<10} {'mean':>8} {'sd':>7} {'ess_bulk':>9} {'ess_tail':>9} {'r_hat':>6}"
     print(header, file=out)
     print("-" * len(header), file=out)
     for row in summary:
-        print(f"{row['name']:<10} {_fmt(row['mean'], 3):>8} {_fmt(row['sd'], 3):>7} "
-              f"{_fmt(row['ess_bulk'], 0):>9} {_fmt(row['ess_tail'], 0):>9} "
-              f"{_fmt(row['r_hat'], 3):>6}", file=out)
+        print(
+            f"{row['name']:<10} {_fmt(row['mean'], 3):>8} {_fmt(row['sd'], 3):>7} "
+            f"{_fmt(row['ess_bulk'], 0):>9} {_fmt(row['ess_tail'], 0):>9} "
+            f"{_fmt(row['r_hat'], 3):>6}",
+            file=out,
+        )
     rhat = [r["r_hat"] for r in summary if math.isfinite(r["r_hat"])]
     ess = [r["ess_bulk"] for r in summary if math.isfinite(r["ess_bulk"])]
     total = int(counts.sum())
     print(file=out)
     if rhat and ess:
-        print(f"worst r_hat {max(rhat):.3f}, smallest ess_bulk {min(ess):.0f} "
-              f"(r_hat < 1.01 and ess > 400 are the usual targets)", file=out)
+        met = max(rhat) < 1.01 and min(ess) > 400
+        verdict = "met" if met else "not met: run longer with --steps"
+        print(
+            f"worst r_hat {max(rhat):.3f}, smallest ess_bulk {min(ess):.0f} "
+            f"(the usual targets, r_hat < 1.01 and ess_bulk > 400: {verdict})",
+            file=out,
+        )
     print(f"posterior-predictive accuracy on the data: {accuracy:.1%}", file=out)
-    print(f"{total} samples kept ({counts.tolist()} per chain) in {seconds_run:.2f} s: "
-          f"{total / seconds_run:,.0f} samples/s, {chain_steps / seconds_run:,.0f} chain-steps/s "
-          f"(compile {seconds_compile:.1f} s)", file=out)
+    print(
+        f"{total} samples kept ({counts.tolist()} per chain) in {seconds_run:.2f} s: "
+        f"{total / seconds_run:,.0f} samples/s, {chain_steps / seconds_run:,.0f} chain-steps/s "
+        f"(compile {seconds_compile:.1f} s)",
+        file=out,
+    )
     if output:
-        print(f"samples are in {output}; next: `jaxsave inspect {output}`, or in Python "
-              f"`az.summary(jaxsave.to_inference_data({output!r}))`", file=out)
+        print(
+            f"samples are in {output}; next: `jaxsave inspect {output}`, or in Python "
+            f"`az.summary(jaxsave.to_inference_data({output!r}))`",
+            file=out,
+        )
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -340,16 +397,22 @@ def print_report(summary: list[dict[str, Any]], counts: np.ndarray, accuracy: fl
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the demo's options to ``parser`` (used by ``jaxsave demo``)."""
     parser.add_argument("--chains", type=int, default=4, help="chains, vmapped (default 4)")
-    parser.add_argument("--steps", type=int, default=40_000, help="SGLD steps per chain (default 40000)")
+    parser.add_argument("--steps", type=int, default=60_000, help="SGLD steps per chain (default 60000)")
     parser.add_argument("--burn-in", type=int, default=10_000, help="steps discarded first (default 10000)")
-    parser.add_argument("--thin", type=int, default=20,
-                        help="keep every n-th step after burn-in (default 20)")
+    parser.add_argument(
+        "--thin", type=int, default=25, help="keep every n-th step after burn-in (default 25)"
+    )
     parser.add_argument("--step-size", type=float, default=6e-3, help="SGLD step size (default 0.006)")
     parser.add_argument("--batch-size", type=int, default=64, help="minibatch size (default 64)")
-    parser.add_argument("--output", default="chains.h5",
-                        help="HDF5 file for --collector hdf5 (default chains.h5)")
-    parser.add_argument("--collector", choices=COLLECTORS, default="hdf5",
-                        help="where samples go: an HDF5 file, host memory, or the device (default hdf5)")
+    parser.add_argument(
+        "--output", default="chains.h5", help="HDF5 file for --collector hdf5 (default chains.h5)"
+    )
+    parser.add_argument(
+        "--collector",
+        choices=COLLECTORS,
+        default="hdf5",
+        help="where samples go: an HDF5 file, host memory, or the device (default hdf5)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed (default 0)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
 
@@ -357,9 +420,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the demo with parsed command-line options; returns the exit code."""
     try:
-        run(chains=args.chains, steps=args.steps, burn_in=args.burn_in, thin=args.thin,
-            step_size=args.step_size, batch_size=args.batch_size, output=args.output,
-            collector=args.collector, seed=args.seed, progress=args.progress)
+        run(
+            chains=args.chains,
+            steps=args.steps,
+            burn_in=args.burn_in,
+            thin=args.thin,
+            step_size=args.step_size,
+            batch_size=args.batch_size,
+            output=args.output,
+            collector=args.collector,
+            seed=args.seed,
+            progress=args.progress,
+        )
     except (ValueError, ImportError) as error:
         print(f"jaxsave demo: error: {error}", file=sys.stderr)
         return 2

@@ -62,7 +62,8 @@ def _read_source(path: str) -> _Source:
             if ds.shape[0] < len(counts) or ds.shape[1] < (counts.max() if counts.size else 0):
                 raise FileFormatError(
                     f"{path!r}: dataset {ds.name} of shape {ds.shape} is smaller than the sample counts "
-                    f"{counts.tolist()} say")
+                    f"{counts.tolist()} say"
+                )
             key = schema.posterior_dataset(var.group, var.name)
             shapes[key], dtypes[key] = ds.shape, ds.dtype
             attrs[key] = {k: ds.attrs[k] for k in schema.LEAF_ATTRIBUTES if k in ds.attrs}
@@ -74,13 +75,16 @@ def _check_same(first: _Source, other: _Source) -> None:
     mine = {schema.posterior_dataset(v.group, v.name): v for v in first.variables}
     theirs = {schema.posterior_dataset(v.group, v.name): v for v in other.variables}
     problems += [f"{other.path!r} lacks variable {k!r}" for k in mine if k not in theirs]
-    problems += [f"{other.path!r} has variable {k!r}, which {first.path!r} lacks"
-                 for k in theirs if k not in mine]
+    problems += [
+        f"{other.path!r} has variable {k!r}, which {first.path!r} lacks" for k in theirs if k not in mine
+    ]
     for k in mine.keys() & theirs.keys():
         a, b = mine[k], theirs[k]
         if (a.dtype, a.shape, a.key) != (b.dtype, b.shape, b.key) or first.dtypes[k] != other.dtypes[k]:
-            problems.append(f"variable {k!r}: {first.path!r} has shape {a.shape} dtype {a.dtype}, "
-                            f"{other.path!r} has shape {b.shape} dtype {b.dtype}")
+            problems.append(
+                f"variable {k!r}: {first.path!r} has shape {a.shape} dtype {a.dtype}, "
+                f"{other.path!r} has shape {b.shape} dtype {b.dtype}"
+            )
     if problems:
         raise StructureMismatchError("the files cannot be merged:\n  " + "\n  ".join(sorted(problems)))
 
@@ -138,8 +142,9 @@ def merge(paths: Sequence[PathLike], out_path: PathLike) -> str:
     return out_path
 
 
-def _virtual_variable(f: h5py.File, var: VariableInfo, sources: list[_Source], names: list[str],
-                      offsets: np.ndarray, draws: int) -> None:
+def _virtual_variable(
+    f: h5py.File, var: VariableInfo, sources: list[_Source], names: list[str], offsets: np.ndarray, draws: int
+) -> None:
     key = schema.posterior_dataset(var.group, var.name)
     tail, dtype = sources[0].shapes[key][2:], sources[0].dtypes[key]
     layout = h5py.VirtualLayout(shape=(int(offsets[-1]), draws) + tail, dtype=dtype)
@@ -149,7 +154,7 @@ def _virtual_variable(f: h5py.File, var: VariableInfo, sources: list[_Source], n
         if not chains or not n:
             continue
         vsource = h5py.VirtualSource(name, key, shape=source.shapes[key])
-        layout[start:start + chains, :n] = vsource[:chains, :n]
+        layout[start : start + chains, :n] = vsource[:chains, :n]
     group = f[var.group]
     ds = group.create_virtual_dataset(var.name, layout, fillvalue=schema.stored_fill_value(dtype))
     for k, v in sources[0].attrs[key].items():

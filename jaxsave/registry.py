@@ -71,9 +71,7 @@ def canonical_name(obj: Any) -> str:
     module = getattr(obj, "__module__", None)
     qualname = getattr(obj, "__qualname__", None)
     if not isinstance(module, str) or not isinstance(qualname, str):
-        raise TypeError(
-            f"{obj!r} has no __module__/__qualname__: register it with an explicit name"
-        )
+        raise TypeError(f"{obj!r} has no __module__/__qualname__: register it with an explicit name")
     return f"{module}.{qualname}"
 
 
@@ -277,9 +275,25 @@ def _defined_name(cls: type) -> str | None:
 
 
 _JNP_FUNCTIONS = (
-    "abs", "arctan", "arcsinh", "cos", "cosh", "exp", "expm1", "log", "log1p",
-    "maximum", "minimum", "negative", "reciprocal", "sign", "sin", "sinh", "sqrt",
-    "square", "tanh",
+    "abs",
+    "arctan",
+    "arcsinh",
+    "cos",
+    "cosh",
+    "exp",
+    "expm1",
+    "log",
+    "log1p",
+    "maximum",
+    "minimum",
+    "negative",
+    "reciprocal",
+    "sign",
+    "sin",
+    "sinh",
+    "sqrt",
+    "square",
+    "tanh",
 )
 
 
@@ -292,7 +306,8 @@ def _builtin_objects() -> dict[str, dict[str, Any]]:
 
         # Module dicts, not getattr: a module's __getattr__ may import (see _library_type).
         objs = {
-            f"jax.nn.{n}": v for n, v in sorted(vars(jax.nn).items())
+            f"jax.nn.{n}": v
+            for n, v in sorted(vars(jax.nn).items())
             if not n.startswith("_") and callable(v) and not isinstance(v, type)
         }
         objs.update({f"jax.numpy.{n}": vars(jnp)[n] for n in _JNP_FUNCTIONS if n in vars(jnp)})

@@ -1,4 +1,9 @@
-"""Reading sample files written by :class:`jaxsave.HDF5Collector`.
+"""Reading sample files written by :class:`jaxsave.HDF5Collector` and Zarr stores written by
+:class:`jaxsave.ZarrCollector`.
+
+Every reader takes an HDF5 file's path or a Zarr store (a directory, a URL such as
+``memory://run`` or ``s3://bucket/run.zarr``, a zarr store object); which one it is, is
+decided once, by :func:`jaxsave._store.source.open_source`.
 
 * :func:`load_samples` returns the samples as the original pytree, for one chain
   ``(draw, ...)`` or all ``(chain, draw, ...)``, reading only the draws asked for.
@@ -21,29 +26,20 @@ import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-import h5py
 import jax
 import numpy as np
 
 from jaxsave._core import dtypes as _dtypes
 from jaxsave._core import filelock as _filelock
 from jaxsave._core.tree import dict_to_pytree, flat_name, pytree_dict_keys
-from jaxsave._serialize.formats.hdf5 import check_stored
 from jaxsave._serialize.treespec import decode_structure
 from jaxsave._store import arviz as _arviz
 from jaxsave._store import schema
 from jaxsave._store.hdf5 import superblock as _superblock
-from jaxsave._store.hdf5.sample_file import (
-    attr_str,
-    has_structure,
-    leaf_dataset,
-    open_sample_file,
-    read_counts,
-    read_layout,
-    read_structure,
-    read_variables,
-)
+from jaxsave._store.hdf5.sample_file import open_sample_file
+from jaxsave._store.location import check_storage_options, is_zarr
 from jaxsave._store.schema import VariableInfo
+from jaxsave._store.source import LeafArray, SampleSource, open_source
 from jaxsave.errors import (
     FileFormatError,
     ReadTooLargeError,
@@ -51,8 +47,16 @@ from jaxsave.errors import (
     UnregisteredNameError,
 )
 
-__all__ = ["load_samples", "open_live", "LiveSamples", "to_inference_data", "file_info", "SampleFileInfo",
-           "VariableInfo", "recover"]
+__all__ = [
+    "load_samples",
+    "open_live",
+    "LiveSamples",
+    "to_inference_data",
+    "file_info",
+    "SampleFileInfo",
+    "VariableInfo",
+    "recover",
+]
 
 PathLike = str | os.PathLike
 
@@ -74,17 +78,25 @@ class SampleFileInfo(NamedTuple):
         return len(self.sample_counts)
 
 
-def _info(f: h5py.File, path: str) -> SampleFileInfo:
+def _info(f: SampleSource) -> SampleFileInfo:
+    info = f.info()
     return SampleFileInfo(
-        path=path, format=int(f.attrs[schema.FORMAT]),
-        version=attr_str(f.attrs.get(schema.VERSION, "?")), layout=read_layout(f),
-        created=attr_str(f.attrs.get(schema.CREATED, "?")), sample_counts=read_counts(f),
-        variables=read_variables(f) if has_structure(f) else [],
-        open_for_writing=_superblock.open_flags(path) != 0)
+        path=f.path,
+        format=info["format"],
+        version=info["version"],
+        layout=f.layout(),
+        created=info["created"],
+        sample_counts=f.counts(),
+        variables=f.variables() if f.has_structure() else [],
+        open_for_writing=info["open_for_writing"],
+    )
 
 
-def file_info(path: PathLike) -> SampleFileInfo:
+def file_info(path: PathLike, *, storage_options: dict | None = None) -> SampleFileInfo:
     """Format, layout, per-chain sample counts and variables of a sample file.
+
+    ``storage_options``: fsspec options for a Zarr store named by URL (as in
+    :func:`load_samples`).
 
     >>> import tempfile, os, jax.numpy as jnp, jaxsave
     >>> path = os.path.join(tempfile.mkdtemp(), "s.h5")
@@ -94,8 +106,8 @@ def file_info(path: PathLike) -> SampleFileInfo:
     >>> info.chains, info.sample_counts.tolist(), [(v.name, v.shape, v.dtype) for v in info.variables]
     (1, [1], [('w', (2,), 'float32')])
     """
-    with open_sample_file(path) as f:
-        return _info(f, os.fspath(path))
+    with open_source(path, storage_options) as f:
+        return _info(f)
 
 
 def _valid_span(rows: range, count: int) -> slice:
@@ -120,8 +132,14 @@ def _storage(var: VariableInfo) -> tuple[tuple[int, ...], np.dtype]:
     return (_dtypes.key_data_shape(spec) if spec.is_key else var.shape), _dtypes.storage_dtype(var.dtype)
 
 
-def _read_leaves(f: h5py.File, layout: str, variables: list[VariableInfo], chains: list[int],
-                 counts: np.ndarray, draws: slice) -> list[np.ndarray]:
+def _read_leaves(
+    f: SampleSource,
+    layout: str,
+    variables: list[VariableInfo],
+    chains: list[int],
+    counts: np.ndarray,
+    draws: slice,
+) -> list[np.ndarray]:
     """Stored rows ``(len(chains), draws, ...)`` of each leaf; rows past a chain's count are fill.
 
     Every leaf is checked against the file before anything is allocated: data
@@ -135,19 +153,24 @@ def _read_leaves(f: h5py.File, layout: str, variables: list[VariableInfo], chain
     if not chains or not len(rows):
         return [np.empty((len(chains), len(rows)) + shape, dtype) for shape, dtype in storage]
     valid = sum(len(rows[_valid_span(rows, int(counts[c]))]) for c in chains)  # draws read, all chains
-    posterior = [_checked(leaf_dataset(f, layout, var), (len(counts), n), *st)
-                 if layout == schema.POSTERIOR else None
-                 for var, st in zip(variables, storage)]
+    posterior = [
+        _checked(f.dataset(layout, var), (len(counts), n), *st) if layout == schema.POSTERIOR else None
+        for var, st in zip(variables, storage)
+    ]
 
     def backed(slack: int) -> None:  # every dataset read must store the bytes read from it
         for var, (shape, dtype), ds in zip(variables, storage, posterior):
             row = math.prod(shape) * dtype.itemsize
             if ds is not None:
-                check_stored(ds, valid * row, slack)
+                _check_stored(f, ds, valid * row, slack)
                 continue
             for c in chains:
-                check_stored(_checked(leaf_dataset(f, layout, var, c), (int(counts[c]),), shape, dtype),
-                             int(counts[c]) * row, slack)
+                _check_stored(
+                    f,
+                    _checked(f.dataset(layout, var, c), (int(counts[c]),), shape, dtype),
+                    int(counts[c]) * row,
+                    slack,
+                )
 
     draw_bytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in storage)
     padded = len(chains) * len(rows) * draw_bytes
@@ -163,12 +186,34 @@ def _read_leaves(f: h5py.File, layout: str, variables: list[VariableInfo], chain
             f"{min(lengths)} to {max(lengths)} draws, and each is padded to {len(rows)} rows, "
             f"{padded / (valid * draw_bytes):.0f} times the {valid * draw_bytes:,} bytes of the draws "
             "themselves. Read one chain at a time with load_samples(path, chain=i), and "
-            "draws=slice(start, stop) for part of a long chain")
+            "draws=slice(start, stop) for part of a long chain"
+        )
     return [_read_leaf(f, layout, var, ds, chains, counts, rows) for var, ds in zip(variables, posterior)]
 
 
-def _read_leaf(f: h5py.File, layout: str, var: VariableInfo, ds: h5py.Dataset | None, chains: list[int],
-               counts: np.ndarray, rows: range) -> np.ndarray:
+def _check_stored(f: SampleSource, ds: Any, nbytes: int, slack: int) -> None:
+    """Refuse to read ``nbytes`` from ``ds`` when the file or store does not hold data for them:
+    a dataset can declare any shape and store nothing (unwritten chunks read as the fill value),
+    so a small hostile file could make a reader allocate terabytes. ``slack`` bytes are allowed."""
+    if nbytes <= slack:
+        return
+    stored = f.stored_bytes(ds)
+    if nbytes > stored + slack:
+        raise FileFormatError(
+            f"dataset {ds.name!r} declares {nbytes} bytes to read but {f.path!r} stores only "
+            f"{stored} for it (a sparse or hostile file)"
+        )
+
+
+def _read_leaf(
+    f: SampleSource,
+    layout: str,
+    var: VariableInfo,
+    ds: LeafArray | None,
+    chains: list[int],
+    counts: np.ndarray,
+    rows: range,
+) -> np.ndarray:
     """One leaf's rows, read after :func:`_read_leaves` checked it (``ds``: its posterior dataset)."""
     shape, dtype = _storage(var)
     out = np.empty((len(chains), len(rows)) + shape, dtype)
@@ -176,16 +221,16 @@ def _read_leaf(f: h5py.File, layout: str, var: VariableInfo, ds: h5py.Dataset | 
     if layout == schema.POSTERIOR and chains == list(range(chains[0], chains[-1] + 1)):
         lo, hi, step = _forward(rows)
         if rows.step > 0:  # straight into the result, no temporary
-            ds.read_direct(out, np.s_[chains[0]:chains[-1] + 1, lo:hi:step])  # type: ignore[union-attr]
+            ds.read_direct(out, np.s_[chains[0] : chains[-1] + 1, lo:hi:step])  # type: ignore[union-attr]
         else:
-            out[:] = flip(ds[chains[0]:chains[-1] + 1, lo:hi:step])  # type: ignore[index]
+            out[:] = flip(ds[chains[0] : chains[-1] + 1, lo:hi:step])  # type: ignore[index]
         for i, c in enumerate(chains):
             span = _valid_span(rows, int(counts[c]))
-            out[i, :span.start] = out[i, span.stop:] = schema.fill_value(dtype)
+            out[i, : span.start] = out[i, span.stop :] = schema.fill_value(dtype)
         return out
     for i, c in enumerate(chains):
         span = _valid_span(rows, int(counts[c]))
-        out[i, :span.start] = out[i, span.stop:] = schema.fill_value(dtype)
+        out[i, : span.start] = out[i, span.stop :] = schema.fill_value(dtype)
         sub = rows[span]
         if not len(sub):
             continue
@@ -195,17 +240,22 @@ def _read_leaf(f: h5py.File, layout: str, var: VariableInfo, ds: h5py.Dataset | 
         elif layout == schema.POSTERIOR:
             out[i, span] = flip(ds[c, lo:hi:step])  # type: ignore[index]
         else:
-            stored = _checked(leaf_dataset(f, layout, var, c), (int(counts[c]),), shape, dtype)
+            stored = _checked(f.dataset(layout, var, c), (int(counts[c]),), shape, dtype)
             out[i, span] = flip(stored[lo:hi:step])
     return out
 
 
-def _checked(ds: h5py.Dataset, lead: tuple[int, ...], shape: tuple[int, ...],
-             dtype: np.dtype) -> h5py.Dataset:
-    if ds.ndim != len(lead) + len(shape) or ds.shape[len(lead):] != shape or ds.dtype != dtype or any(
-            have < need for have, need in zip(ds.shape, lead)):
-        raise FileFormatError(f"dataset {ds.name} has shape {ds.shape} and dtype {ds.dtype}; the file's "
-                              f"structure and sample counts need at least {lead + shape} of {dtype}")
+def _checked(ds: Any, lead: tuple[int, ...], shape: tuple[int, ...], dtype: np.dtype) -> Any:
+    if (
+        ds.ndim != len(lead) + len(shape)
+        or ds.shape[len(lead) :] != shape
+        or ds.dtype != dtype
+        or any(have < need for have, need in zip(ds.shape, lead))
+    ):
+        raise FileFormatError(
+            f"dataset {ds.name} has shape {ds.shape} and dtype {ds.dtype}; the file's "
+            f"structure and sample counts need at least {lead + shape} of {dtype}"
+        )
     return ds
 
 
@@ -241,31 +291,35 @@ def _check_like(variables: list[VariableInfo], like: Any) -> None:
     problems += [f"the file's leaf {'/'.join(k)!r} is not in `like`" for k in have if k not in want]
     for k in want.keys() & have.keys():
         if want[k] != have[k]:
-            problems.append(f"leaf {'/'.join(k)!r}: file has shape {have[k].shape} dtype {have[k].dtype}, "
-                            f"`like` has shape {want[k].shape} dtype {want[k].dtype}")
+            problems.append(
+                f"leaf {'/'.join(k)!r}: file has shape {have[k].shape} dtype {have[k].dtype}, "
+                f"`like` has shape {want[k].shape} dtype {want[k].dtype}"
+            )
     if problems:
         raise StructureMismatchError("the file does not match `like`:\n  " + "\n  ".join(problems))
 
 
-def _load(f: h5py.File, chain: int | None, like: Any, draws: slice) -> Any:
-    layout = read_layout(f)
-    variables, counts = read_variables(f), read_counts(f)
+def _load(f: SampleSource, chain: int | None, like: Any, draws: slice) -> Any:
+    layout = f.layout()
+    variables, counts = f.variables(), f.counts()
     if like is not None:
         _check_like(variables, like)
     if chain is not None and not 0 <= chain < len(counts):
         raise IndexError(f"chain {chain} is not in the file, which has {len(counts)} chains")
     chains = list(range(len(counts))) if chain is None else [int(chain)]
-    leaves = [_dtypes.from_storable(stored[0] if chain is not None else stored, var.dtype)
-              for var, stored in zip(variables, _read_leaves(f, layout, variables, chains, counts, draws))]
+    leaves = [
+        _dtypes.from_storable(stored[0] if chain is not None else stored, var.dtype)
+        for var, stored in zip(variables, _read_leaves(f, layout, variables, chains, counts, draws))
+    ]
     keys = [v.key for v in variables]
     if like is None:
         return _rebuild(f, keys, leaves)
     return dict_to_pytree(_nest(keys, leaves, lists=False), like)
 
 
-def _rebuild(f: h5py.File, keys: list[tuple[str, ...]], leaves: list[Any]) -> Any:
+def _rebuild(f: SampleSource, keys: list[tuple[str, ...]], leaves: list[Any]) -> Any:
     """The stored tree structure around ``leaves``; nested dicts if its classes are unknown here."""
-    spec = json.loads(read_structure(f)).get("treespec")
+    spec = json.loads(f.structure()).get("treespec")
     if spec is not None:
         try:
             return decode_structure(spec, leaves, leaf_fn=lambda kind, leaf: leaf)
@@ -274,13 +328,20 @@ def _rebuild(f: h5py.File, keys: list[tuple[str, ...]], leaves: list[Any]) -> An
     return _nest(keys, leaves)
 
 
-def load_samples(path: PathLike, chain: int | None = None, like: Any = None, *,
-                 draws: slice | None = None) -> Any:
+def load_samples(
+    path: PathLike,
+    chain: int | None = None,
+    like: Any = None,
+    *,
+    draws: slice | None = None,
+    storage_options: dict | None = None,
+) -> Any:
     """The samples in ``path`` as a pytree: ``(draw, ...)`` leaves for one chain,
     ``(chain, draw, ...)`` for all.
 
     Args:
-      path: a file written by :class:`jaxsave.HDF5Collector` (either layout).
+      path: a file written by :class:`jaxsave.HDF5Collector` (either layout), or a
+        store written by :class:`jaxsave.ZarrCollector`.
       chain: one chain's index, or ``None`` for all chains (shorter chains are
         padded with NaN, or 0 for non-float leaves, up to the longest). Padding
         beyond 64 times the draws read (and 64 MiB) raises
@@ -294,6 +355,9 @@ def load_samples(path: PathLike, chain: int | None = None, like: Any = None, *,
         unknown, you get nested dicts (lists for ``list_element_i`` keys) and a
         warning.
       draws: a slice of the draws to read; only those are read from disk.
+      storage_options: fsspec options (credentials, ``endpoint_url``...) for a Zarr
+        store named by URL (``s3://...``), handed to zarr's store; with an HDF5 file,
+        a ``TypeError``.
 
     Typed PRNG keys come back as key arrays, ml_dtypes as their own dtypes.
 
@@ -314,18 +378,18 @@ def load_samples(path: PathLike, chain: int | None = None, like: Any = None, *,
         raise TypeError(f"draws must be a slice, got {type(draws).__name__}")
     if draws.step == 0:
         raise ValueError("draws: a slice step cannot be zero")
-    with open_sample_file(path) as f:
+    with open_source(path, storage_options) as f:
         return _load(f, chain, like, draws)
 
 
 class LiveSamples:
     """A sample file that a running sampler is still writing; see :func:`open_live`."""
 
-    def __init__(self, path: PathLike, like: Any = None):
-        self.path = os.fspath(path)
-        self.like = like
+    def __init__(self, path: PathLike, like: Any = None, *, storage_options: dict | None = None):
+        self.path = path if is_zarr(path) and not isinstance(path, (str, os.PathLike)) else os.fspath(path)
+        self.like, self.storage_options = like, storage_options
         self.sample_counts = np.zeros(0, np.int64)
-        with open_sample_file(self.path):
+        with open_source(self.path, storage_options):
             pass
 
     def refresh(self, chain: int | None = None, draws: slice | None = None) -> Any:
@@ -333,8 +397,8 @@ class LiveSamples:
 
         Also updates :attr:`sample_counts`.
         """
-        with open_sample_file(self.path) as f:
-            self.sample_counts = read_counts(f)
+        with open_source(self.path, self.storage_options) as f:
+            self.sample_counts = f.counts()
             return _load(f, chain, self.like, slice(None) if draws is None else draws)
 
     # No file stays open between refreshes (each one reopens it), so there is nothing to
@@ -350,8 +414,9 @@ class LiveSamples:
         return f"LiveSamples({self.path!r}, sample_counts={self.sample_counts.tolist()})"
 
 
-def open_live(path: PathLike, like: Any = None) -> LiveSamples:
-    """Follow a sample file while it is written (``HDF5Collector(..., swmr=True)``, the default).
+def open_live(path: PathLike, like: Any = None, *, storage_options: dict | None = None) -> LiveSamples:
+    """Follow a sample file while it is written (``HDF5Collector(..., swmr=True)``, the default),
+    or a Zarr store (``storage_options``: fsspec's, for a store named by URL).
 
     Each :meth:`LiveSamples.refresh` reopens the file in SWMR read mode and returns
     the draws written so far; it never holds the file open in between.
@@ -364,7 +429,7 @@ def open_live(path: PathLike, like: Any = None) -> LiveSamples:
     ...     state, _ = save(state, True, {"w": jnp.float32(i)})
     >>> live = jaxsave.open_live(path)
     >>> import time; deadline = time.monotonic() + 60   # the writer thread stores the first block
-    >>> while live.refresh(chain=0)["w"].shape[0] < 2 and time.monotonic() < deadline:
+    >>> while live.refresh()["w"].size < 2 and time.monotonic() < deadline:  # chain 0 exists then
     ...     time.sleep(0.01)
     >>> live.refresh(chain=0)["w"].tolist(), live.sample_counts.tolist()
     ([0.0, 1.0], [2])
@@ -372,7 +437,7 @@ def open_live(path: PathLike, like: Any = None) -> LiveSamples:
     >>> live.refresh(chain=0)["w"].tolist()
     [0.0, 1.0, 2.0]
     """
-    return LiveSamples(path, like)
+    return LiveSamples(path, like, storage_options=storage_options)
 
 
 def _result_arrays(result: dict, sample_stats: Any) -> tuple[dict, dict, np.ndarray]:
@@ -393,7 +458,9 @@ def _for_arviz(arr: np.ndarray, n: int) -> np.ndarray:
     return arr.astype(np.float32) if arr.dtype.name in _dtypes.ML_DTYPES else arr
 
 
-def to_inference_data(path_or_result: PathLike | dict, *, sample_stats: Any = None) -> Any:
+def to_inference_data(
+    path_or_result: PathLike | dict, *, sample_stats: Any = None, storage_options: dict | None = None
+) -> Any:
     """The samples as ArviZ data: groups ``posterior`` (and ``sample_stats``).
 
     Returns an ``xarray.DataTree`` on ArviZ 1.x and an ``arviz.InferenceData`` on
@@ -403,7 +470,8 @@ def to_inference_data(path_or_result: PathLike | dict, *, sample_stats: Any = No
     Takes a sample file, or the dict that ``postprocess`` returns (then
     ``sample_stats`` names the top-level keys, or is a key-path predicate, that
     go to ``sample_stats``). Chains are cut to the draws that all of them have;
-    bfloat16/fp8 become float32 and PRNG keys their key data.
+    bfloat16/fp8 become float32 and PRNG keys their key data. ``storage_options``:
+    fsspec options for a Zarr store named by URL (as in :func:`load_samples`).
 
     >>> import jax.numpy as jnp, jaxsave
     >>> samples = {"x": jnp.zeros((2, 3, 4)), "lp": jnp.zeros((2, 3))}
@@ -413,11 +481,13 @@ def to_inference_data(path_or_result: PathLike | dict, *, sample_stats: Any = No
     ({'chain': 2, 'draw': 3, 'x_dim_0': 4}, ['lp'])
     """
     if isinstance(path_or_result, dict):
+        if storage_options is not None:
+            raise TypeError("storage_options= are for a store named by URL, not a postprocess result")
         posterior, stats, counts = _result_arrays(path_or_result, sample_stats)
     else:
-        with open_sample_file(path_or_result) as f:
-            layout = read_layout(f)
-            variables, counts = read_variables(f), read_counts(f)
+        with open_source(path_or_result, storage_options) as f:
+            layout = f.layout()
+            variables, counts = f.variables(), f.counts()
             chains = list(range(len(counts)))
             posterior, stats = {}, {}
             arrays = _read_leaves(f, layout, variables, chains, counts, slice(None)) if chains else []
@@ -427,15 +497,18 @@ def to_inference_data(path_or_result: PathLike | dict, *, sample_stats: Any = No
                 (stats if var.group == "sample_stats" else posterior)[var.name] = arr
     n = int(counts.min()) if counts.size else 0
     if counts.size and n < int(counts.max()):
-        warnings.warn(f"chains have different sample counts {counts.tolist()}; using the first {n} "
-                      "draws of each", stacklevel=2)
+        warnings.warn(
+            f"chains have different sample counts {counts.tolist()}; using the first {n} draws of each",
+            stacklevel=2,
+        )
     posterior = {k: _for_arviz(v, n) for k, v in posterior.items()}
     stats = {k: _for_arviz(v, n) for k, v in stats.items()}
     return _arviz.from_groups({"posterior": posterior, "sample_stats": stats})
 
 
-def recover(path: PathLike) -> bool:
-    """Make the file of a killed writer openable by every HDF5 reader (``h5clear -s --increment``).
+def recover(path: PathLike, *, storage_options: dict | None = None) -> bool:
+    """Make the file of a killed writer openable by every HDF5 reader (``h5clear -s --increment``),
+    or the Zarr store of one by xarray (its leaf arrays cut to one length, the longest count).
 
     A file written in SWMR mode stays marked "open for writing" when its writer
     is killed; jaxsave's readers open it anyway, but xarray and plain h5py refuse.
@@ -444,6 +517,8 @@ def recover(path: PathLike) -> bool:
     kill between data and superblock writes) is moved past its end, as
     ``h5clear --increment`` does. Returns whether the mark (or such an address) was
     there. The samples counted in ``sample_counts`` are all readable after.
+    ``storage_options``: fsspec options for a Zarr store named by URL (an HDF5 file
+    takes none: a ``TypeError``).
 
     >>> import tempfile, os, jax.numpy as jnp, jaxsave
     >>> path = os.path.join(tempfile.mkdtemp(), "s.h5")
@@ -452,6 +527,13 @@ def recover(path: PathLike) -> bool:
     >>> jaxsave.recover(path)  # closed cleanly: nothing to do
     False
     """
+    check_storage_options(path, storage_options)
+    if is_zarr(path):  # every key is written whole; a writer killed while it resized leaves arrays
+        from jaxsave._store.zarr.sample_store import align_shapes  # of different lengths
+
+        if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
+            _filelock.check_unlocked(path)
+        return align_shapes(path, storage_options)
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file: {path!r}")

@@ -20,7 +20,8 @@ import os
 import struct
 import zipfile
 from collections.abc import Callable, Iterator
-from typing import Any, BinaryIO, Union
+from itertools import chain
+from typing import Any, BinaryIO, NoReturn, Union
 
 import jax
 import numpy as np
@@ -39,19 +40,30 @@ from jaxsave._core.dtypes import (
     storage_dtype,
     to_storable,
 )
-from jaxsave._core.tree import flat_name
+from jaxsave._core.nogc import without_gc
+from jaxsave._core.transfer import device_put_many, host_array
 from jaxsave._serialize import formats as _formats
 from jaxsave._serialize import treematch as _treematch
 from jaxsave._serialize import treespec as _treespec
 from jaxsave._version import __version__
 from jaxsave.errors import FileFormatError, JaxsaveError, StructureMismatchError
 
-__all__ = ["save_pytree", "load_pytree", "read_metadata", "open_pytree", "PytreeFile",
-           "register_format_upgrade", "FORMAT_VERSION"]
+__all__ = [
+    "save_pytree",
+    "load_pytree",
+    "read_metadata",
+    "open_pytree",
+    "PytreeFile",
+    "register_format_upgrade",
+    "FORMAT_VERSION",
+]
 
 #: Version of the pytree file layout (header fields, structure encoding) this jaxsave writes.
 #: (The sample files of :mod:`jaxsave.hdf5` have their own, ``SAMPLE_FILE_FORMAT``.)
-PYTREE_FILE_FORMAT = 1
+#: Version 2 stores the leaf table as columns (``{"names": [...], "dtypes": [...],
+#: "shapes": [...]}``); version 1 had one ``{"name", "dtype", "shape"}`` object per leaf
+#: and is upgraded on load (a built-in upgrade from version 1).
+PYTREE_FILE_FORMAT = 2
 #: The public name of :data:`PYTREE_FILE_FORMAT`.
 FORMAT_VERSION = PYTREE_FILE_FORMAT
 
@@ -67,10 +79,13 @@ def register_format_upgrade(from_version: int) -> Callable[[Callable], Callable]
     Loading a file of an older format applies the registered upgrades in turn;
     a missing step is a :class:`~jaxsave.errors.FileFormatError`. What an
     upgrade raises propagates as it is (with a note naming the upgrade).
+    The upgrade from version 1 is built in (registering another replaces it).
     """
+
     def register(fn: Callable[[dict[str, Any]], dict[str, Any]]) -> Callable:
         _UPGRADES[from_version] = fn
         return fn
+
     return register
 
 
@@ -80,11 +95,13 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"metadata values must be JSON-able, got {type(o).__name__}")
 
 
-def _unique_names(paths: list[tuple[str, ...]]) -> list[str]:
+def _unique_names(names: list[str]) -> list[str]:
+    """``names`` with a ``~n`` suffix on the n-th repeat of a name."""
+    if len(set(names)) == len(names):
+        return names
     seen: dict[str, int] = {}
     out = []
-    for path in paths:
-        name = flat_name(path)
+    for name in names:
         if name in seen:
             seen[name] += 1
             name = f"{name}~{seen[name]}"
@@ -110,16 +127,51 @@ def _storable(name: str, leaf: Any) -> tuple[str, np.ndarray]:
         try:
             dtype_from_name(dtype_name)
         except FileFormatError:
-            raise TypeError(f"leaf {name!r} has dtype {leaf.dtype}, which jaxsave cannot "
-                            "store (object, string and structured arrays need pickle)") from None
+            raise TypeError(
+                f"leaf {name!r} has dtype {leaf.dtype}, which jaxsave cannot "
+                "store (object, string and structured arrays need pickle)"
+            ) from None
         view = to_storable(np.empty(0, leaf.dtype)).dtype
         info = _DTYPE_INFO[leaf.dtype] = (dtype_name, None if view == leaf.dtype else view)
-    arr = np.asarray(leaf)
+    if info[1] is not None and isinstance(leaf, jax.Array):
+        # An ml_dtypes jax.Array has no buffer protocol: np.asarray would try it
+        # (and its fallbacks) before __array__ (see host_array).
+        arr = host_array(leaf)
+    else:
+        arr = np.asarray(leaf)
     if not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr).reshape(arr.shape)
     return info[0], arr if info[1] is None else arr.view(info[1])
 
 
+def _leaf_table_and_arrays(
+    names: list[str], leaves: list[Any]
+) -> tuple[dict[str, list[Any]], list[np.ndarray]]:
+    """The header's leaf table (columns) and the storable arrays (:func:`_storable`, inlined)."""
+    dtypes, shapes, arrays = [], [], []
+    info_of = _DTYPE_INFO.get
+    array_types = (jax.Array, np.ndarray)
+    for name, leaf in zip(names, leaves):
+        info = info_of(leaf.dtype)
+        if info is None or not isinstance(leaf, array_types):  # the first of its dtype, keys, scalars...
+            dtype, arr = _storable(name, leaf)
+        else:
+            dtype, view = info
+            if view is None:
+                arr = np.asarray(leaf)
+            else:
+                arr = host_array(leaf) if isinstance(leaf, jax.Array) else np.asarray(leaf)
+            if not arr.flags.c_contiguous:
+                arr = np.ascontiguousarray(arr).reshape(arr.shape)
+            if view is not None:
+                arr = arr.view(view)
+        dtypes.append(dtype)
+        shapes.append(list(leaf.shape))
+        arrays.append(arr)
+    return {"names": names, "dtypes": dtypes, "shapes": shapes}, arrays
+
+
+@without_gc
 def save_pytree(
     file: File,
     tree: Any,
@@ -142,12 +194,8 @@ def save_pytree(
     fmt = _formats.format_for_path(file, format)
     if isinstance(file, (str, os.PathLike)) and os.path.isdir(file):
         raise IsADirectoryError(f"{os.fspath(file)!r} is a directory; save_pytree needs a file path")
-    spec, leaves, paths = _treespec.encode_structure_with_names(tree)
-    table, arrays = [], []
-    for name, leaf in zip(_unique_names(paths), leaves):
-        dtype, arr = _storable(name, leaf)
-        table.append({"name": name, "dtype": dtype, "shape": list(np.shape(leaf))})
-        arrays.append(arr)
+    spec, leaves, names = _treespec.encode_structure_with_names(tree)
+    table, arrays = _leaf_table_and_arrays(_unique_names(names), leaves)
     header = {
         "format": "jaxsave",
         "format_version": PYTREE_FILE_FORMAT,
@@ -164,6 +212,7 @@ def save_pytree(
         module.write(file, header, arrays)
 
 
+@without_gc
 def load_pytree(
     file: File,
     like: Any = None,
@@ -217,14 +266,25 @@ def _key_dtype_names() -> dict[str, str]:
 
 def _target_spec(x: Any) -> LeafSpec:
     if isinstance(x, jax.ShapeDtypeStruct) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-        return LeafSpec(tuple(x.shape),
-                        key_dtype_name(_key_dtype_names().get(str(x.dtype), str(x.dtype))))
+        return LeafSpec(tuple(x.shape), key_dtype_name(_key_dtype_names().get(str(x.dtype), str(x.dtype))))
     return leaf_spec(x)
 
 
 #: What the file readers (zipfile, numpy, h5py, safetensors) raise on damaged bytes.
-_DAMAGE = (zipfile.BadZipFile, NotImplementedError, EOFError, struct.error, UnicodeDecodeError, ValueError,
-           KeyError, IndexError, TypeError, RuntimeError, OverflowError, RecursionError)
+_DAMAGE = (
+    zipfile.BadZipFile,
+    NotImplementedError,
+    EOFError,
+    struct.error,
+    UnicodeDecodeError,
+    ValueError,
+    KeyError,
+    IndexError,
+    TypeError,
+    RuntimeError,
+    OverflowError,
+    RecursionError,
+)
 
 
 @contextlib.contextmanager
@@ -239,13 +299,15 @@ def _damage_is_a_format_error(file: Any) -> Iterator[None]:
     except JaxsaveError:
         raise
     except _DAMAGE as error:
-        raise FileFormatError(f"{_describe(file)} is damaged or not a valid file of its format: "
-                              f"{type(error).__name__}: {error}") from error
+        raise FileFormatError(
+            f"{_describe(file)} is damaged or not a valid file of its format: {type(error).__name__}: {error}"
+        ) from error
     except OSError as error:
         if type(error) is not OSError or error.errno not in (None, 22):  # EINVAL: a seek to a bad offset
             raise
         raise FileFormatError(
-            f"{_describe(file)} is damaged or not a valid file of its format: {error}") from error
+            f"{_describe(file)} is damaged or not a valid file of its format: {error}"
+        ) from error
 
 
 def _describe(file: Any) -> str:
@@ -255,6 +317,7 @@ def _describe(file: Any) -> str:
 class PytreeFile:
     """A saved tree, opened: metadata and leaf specs at once, arrays on demand."""
 
+    @without_gc
     def __init__(self, file: File, *, format: str | None = None):
         if isinstance(file, (str, os.PathLike)):
             with open(file, "rb") as f:
@@ -287,38 +350,37 @@ class PytreeFile:
         specs = self._reader.foreign_specs()  # type: ignore[attr-defined]
         names = [n for n, _, _ in specs]
         spec, _ = _treespec.encode_structure({n: np.empty(0) for n in names})
-        return {"format_version": PYTREE_FILE_FORMAT, "jaxsave_version": None, "metadata": None,
-                "structure": spec,
-                "leaves": [{"name": n, "dtype": d, "shape": list(s)} for n, s, d in specs]}
+        return {
+            "format_version": PYTREE_FILE_FORMAT,
+            "jaxsave_version": None,
+            "metadata": None,
+            "structure": spec,
+            "leaves": {
+                "names": [n for n, _, _ in specs],
+                "dtypes": [d for _, _, d in specs],
+                "shapes": [list(s) for _, s, _ in specs],
+            },
+        }
 
     def _init_header(self, header: dict[str, Any]) -> None:
         leaves = header.get("leaves")
-        if not isinstance(leaves, list):
+        if not isinstance(leaves, dict):
             raise FileFormatError("the header has no leaf table")
-        specs, names, storage = [], [], []
-        for i, leaf in enumerate(leaves):
-            if type(leaf) is not dict or type(leaf.get("name")) is not str:
-                raise FileFormatError(f"leaf {i} of the header is malformed")
-            shape, dtype = leaf.get("shape"), leaf.get("dtype")
-            if type(shape) is not list or len(shape) > _MAX_NDIM:
-                raise FileFormatError(f"leaf {leaf['name']!r} has an invalid shape {shape!r:.80}")
-            for d in shape:
-                if type(d) is not int or d < 0 or d >= _MAX_DIM:
-                    raise FileFormatError(
-                        f"leaf {leaf['name']!r} has an invalid shape {shape!r:.80}")
-            if type(dtype) is not str:
-                raise FileFormatError(f"leaf {leaf['name']!r} has no dtype name")
-            spec = LeafSpec(tuple(shape), dtype)
-            if _logical_view(dtype) is _KEY:
-                storage.append((key_data_shape(spec), dtype))
-            else:
-                storage.append((spec.shape, dtype))
-            specs.append(spec)
-            names.append(leaf["name"])
-        self._specs: list[LeafSpec] = specs
+        table = _leaf_table(leaves)
+        if table is None:
+            _explain_leaf_table(leaves)  # raises, naming the first bad leaf
+        names, shape_lists, dtypes = table
+        shapes: list[tuple[int, ...]] = list(map(tuple, shape_lists))
+        keys = [d for d in dict.fromkeys(dtypes) if _logical_view(d) is _KEY]  # validates every name
+        storage = list(zip(shapes, dtypes))
+        if keys:
+            storage = [(key_data_shape(LeafSpec(*sd)), sd[1]) if sd[1] in keys else sd for sd in storage]
+        self._shapes: list[tuple[int, ...]] = shapes
+        self._dtypes = dtypes
+        self._specs_cache: list[LeafSpec] | None = None
         self._names: list[str] = names
-        self._storage = storage
-        self._index = {n: i for i, n in enumerate(names)}
+        self._storage: list[tuple[tuple[int, ...], str]] = storage
+        self._index = dict(zip(names, range(len(names))))
         if len(self._index) != len(names):
             raise FileFormatError("two leaves of the header have the same name")
         self._structure = header.get("structure")
@@ -328,12 +390,19 @@ class PytreeFile:
         self.jaxsave_version: str | None = header.get("jaxsave_version")
 
     @property
+    def _specs(self) -> list[LeafSpec]:
+        if self._specs_cache is None:
+            self._specs_cache = list(map(LeafSpec, self._shapes, self._dtypes))
+        return self._specs_cache
+
+    @property
     def _kinds(self) -> list[str]:
         if self._kinds_cache is None:
             kinds = _array_kinds(self._structure)
-            if len(kinds) != len(self._specs):
+            if len(kinds) != len(self._dtypes):
                 raise FileFormatError(
-                    f"the structure has {len(kinds)} array leaves, the leaf table {len(self._specs)}")
+                    f"the structure has {len(kinds)} array leaves, the leaf table {len(self._dtypes)}"
+                )
             self._kinds_cache = kinds
         return self._kinds_cache
 
@@ -358,25 +427,34 @@ class PytreeFile:
         sds = [jax.ShapeDtypeStruct(s.shape, _sds_dtype(s.dtype)) for s in self._specs]
         return _treespec.decode_structure(self._structure, sds)
 
+    @without_gc
     def load(self, like: Any = None, *, partial: bool = False, as_numpy: bool = False) -> Any:
         """Load the whole tree (see :func:`load_pytree`)."""
         if like is None:
             if partial:
                 raise ValueError("partial=True needs like= to say which part to load")
-            idx = list(range(len(self._specs)))
+            idx = list(range(len(self._dtypes)))
             leaves = self._convert(self._read(idx), idx, self._kinds, [None] * len(idx), as_numpy)
             return _treespec.decode_structure(self._structure, leaves)
         like_spec, like_arrays = _treespec.encode_structure(like, strict=False)
         plan, problems = _treematch.match_structure(
-            self._structure, like_spec, self._specs, [_target_spec(x) for x in like_arrays],  # type: ignore[arg-type]
-            partial=partial)
+            self._structure,  # type: ignore[arg-type]
+            like_spec,
+            self._specs,
+            [_target_spec(x) for x in like_arrays],
+            partial=partial,
+        )
         if problems:
             listed = "\n".join(f"  - {p}" for p in problems)
             raise StructureMismatchError(
-                f"the file does not match the target tree ({len(problems)} difference(s)):\n{listed}")
+                f"the file does not match the target tree ({len(problems)} difference(s)):\n{listed}"
+            )
         like_leaves, treedef = jax.tree.flatten(like)
-        want = [(pos, entry[1], leaf) for pos, (entry, leaf) in enumerate(zip(plan, like_leaves))
-                if entry is not None and entry[0] == "array"]
+        want = [
+            (pos, entry[1], leaf)
+            for pos, (entry, leaf) in enumerate(zip(plan, like_leaves))
+            if entry is not None and entry[0] == "array"
+        ]
         idx = [fi for _, fi, _ in want]
         kinds = [_treespec.array_kind(leaf) for _, _, leaf in want]
         arrays = self._convert(self._read(idx), idx, kinds, [leaf for _, _, leaf in want], as_numpy)
@@ -392,30 +470,54 @@ class PytreeFile:
         with _damage_is_a_format_error(self._file):
             return self._reader.read(idx, self._storage, self._names) if idx else []
 
-    def _convert(self, arrays: list[np.ndarray], idx: list[int], kinds: list[str],
-                 targets: list[Any], as_numpy: bool) -> list[Any]:
-        out: list[Any] = []
-        batch: list[int] = []
-        for arr, i, kind, _target in zip(arrays, idx, kinds, targets):
-            dtype = self._specs[i].dtype
-            view = _logical_view(dtype)
-            if view is _KEY:
-                out.append(from_storable(arr, dtype))
-                continue
-            x = arr if view is None else arr.view(view)
-            if kind == "scalar":
-                x = x[()]
-            elif kind == "jax" and not as_numpy:
-                batch.append(len(out))
-            out.append(x)
-        if batch:
+    def _convert(
+        self, arrays: list[np.ndarray], idx: list[int], kinds: list[str], targets: list[Any], as_numpy: bool
+    ) -> list[Any]:
+        """The stored arrays as the leaves they were: logical dtype, numpy scalar or jax.Array."""
+        dtypes = [self._dtypes[i] for i in idx]
+        views = {d: _logical_view(d) for d in dict.fromkeys(dtypes)}
+        out: list[Any]
+        batch: list[int]
+        if _KEY not in views.values() and "scalar" not in kinds:  # the usual case, at C speed
+            if any(v is not None for v in views.values()):
+                out = list(map(_as_view, arrays, map(views.__getitem__, dtypes)))
+            else:
+                out = list(arrays)
+            if as_numpy:
+                batch = []
+            elif kinds.count("jax") == len(kinds):
+                batch = list(range(len(out)))
+            else:
+                batch = [b for b, kind in enumerate(kinds) if kind == "jax"]
+        else:
+            out, batch = [], []
+            for arr, dtype, kind in zip(arrays, dtypes, kinds):
+                view = views[dtype]
+                if view is not None:
+                    if view is _KEY:
+                        out.append(from_storable(arr, dtype))
+                        continue
+                    arr = arr.view(view)
+                if kind == "jax":
+                    if not as_numpy:
+                        batch.append(len(out))
+                elif kind == "scalar":
+                    arr = arr[()]
+                out.append(arr)
+        if batch and targets.count(None) == len(targets):  # no target shardings: all to the default
+            if len(batch) == len(out):
+                return device_put_many(out)
+            for b, y in zip(batch, device_put_many([out[b] for b in batch])):
+                out[b] = y
+        elif batch:
             default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             groups: dict[Any, list[int]] = {}
             for b in batch:
                 sharding = getattr(targets[b], "sharding", None)
                 groups.setdefault(None if sharding == default else sharding, []).append(b)
             for sharding, members in groups.items():
-                ys = jax.device_put([out[b] for b in members], sharding)
+                xs = [out[b] for b in members]
+                ys = device_put_many(xs) if sharding is None else jax.device_put(xs, sharding)
                 for b, y in zip(members, ys):
                     out[b] = y
         return out
@@ -448,10 +550,67 @@ def _logical_view(dtype: str) -> Any:
     return None if storage_dtype(dtype) == logical else logical
 
 
+def _all_of_type(values: list[Any], cls: type) -> bool:
+    return not values or set(map(type, values)) == {cls}
+
+
+def _leaf_table(leaves: dict[str, Any]) -> tuple[list[str], list[list[int]], list[str]] | None:
+    """The names, shapes and dtypes of the leaf table, or ``None`` if anything is malformed.
+
+    Checked at C speed (``set(map(type, ...))``, ``min``/``max``): three columns of one
+    length, str names and dtypes, and shapes that are lists of at most 64 int dims in
+    [0, 2**62).
+    """
+    names, shapes, dtypes = leaves.get("names"), leaves.get("shapes"), leaves.get("dtypes")
+    if not (type(names) is list and type(shapes) is list and type(dtypes) is list):
+        return None
+    if not len(names) == len(shapes) == len(dtypes):
+        return None
+    if not (_all_of_type(names, str) and _all_of_type(dtypes, str) and _all_of_type(shapes, list)):
+        return None
+    if shapes and max(map(len, shapes)) > _MAX_NDIM:
+        return None
+    dims = list(chain.from_iterable(shapes))
+    if not _all_of_type(dims, int) or (dims and (min(dims) < 0 or max(dims) >= _MAX_DIM)):
+        return None
+    return names, shapes, dtypes
+
+
+def _explain_leaf_table(leaves: dict[str, Any]) -> NoReturn:
+    """Raise a :class:`FileFormatError` naming the first malformed leaf of the table."""
+    columns = [leaves.get(c) for c in ("names", "dtypes", "shapes")]
+    if not all(type(c) is list for c in columns):
+        raise FileFormatError("the leaf table needs the lists 'names', 'dtypes' and 'shapes'")
+    names, dtypes, shapes = columns
+    if not len(names) == len(dtypes) == len(shapes):  # type: ignore[arg-type]
+        raise FileFormatError(
+            f"the leaf table's columns differ in length: {len(names)} names, "  # type: ignore[arg-type]
+            f"{len(dtypes)} dtypes, {len(shapes)} shapes"  # type: ignore[arg-type]
+        )
+    for i, (name, dtype, shape) in enumerate(zip(names, dtypes, shapes)):  # type: ignore[arg-type]
+        if type(name) is not str:
+            raise FileFormatError(f"leaf {i} of the header has no name")
+        if type(shape) is not list or len(shape) > _MAX_NDIM:
+            raise FileFormatError(f"leaf {name!r} has an invalid shape {shape!r:.80}")
+        for d in shape:
+            if type(d) is not int or d < 0 or d >= _MAX_DIM:
+                raise FileFormatError(f"leaf {name!r} has an invalid shape {shape!r:.80}")
+        if type(dtype) is not str:
+            raise FileFormatError(f"leaf {name!r} has no dtype name")
+    raise AssertionError("unreachable: the leaf table was found malformed")  # pragma: no cover
+
+
+def _as_view(arr: np.ndarray, view: Any) -> np.ndarray:
+    return arr if view is None else arr.view(view)
+
+
 def _sds_dtype(name: str) -> Any:
     if is_key_dtype_name(name):
         return jax.random.key(0, impl=key_impl_of(name)).dtype
     return dtype_from_name(name)
+
+
+_ARRAY_KIND_SET = frozenset(_treespec.ARRAY_KINDS)
 
 
 def _array_kinds(structure: Any) -> list[str]:
@@ -468,7 +627,11 @@ def _array_kinds(structure: Any) -> list[str]:
         elif not isinstance(n, dict):
             raise FileFormatError("invalid tree structure: a node is not a JSON object")
         elif isinstance(n.get("children"), list):
-            stack.extend(reversed(n["children"]))
+            kids = n["children"]
+            if kids and set(map(type, kids)) == {str} and _ARRAY_KIND_SET.issuperset(kids):
+                kinds += kids  # a node of array leaves only
+            else:
+                stack.extend(reversed(kids))
     return kinds
 
 
@@ -486,7 +649,8 @@ def _upgrade(header: Any) -> dict[str, Any]:
         raise FileFormatError(
             f"the file uses jaxsave format version {version} (written by jaxsave "
             f"{header.get('jaxsave_version')}); this jaxsave {__version__} reads versions up to "
-            f"{PYTREE_FILE_FORMAT}: upgrade jaxsave")
+            f"{PYTREE_FILE_FORMAT}: upgrade jaxsave"
+        )
     while version < PYTREE_FILE_FORMAT:
         if version not in _UPGRADES:
             raise FileFormatError(f"no upgrade is registered from jaxsave format version {version}")
@@ -495,14 +659,36 @@ def _upgrade(header: Any) -> dict[str, Any]:
             header = upgrade(dict(header))
         except Exception as error:  # a bug of the upgrade, or its own verdict: never reported as damage
             if hasattr(error, "add_note"):  # Python 3.11+
-                error.add_note(f"raised by the format upgrade {_callable_name(upgrade)} (registered "
-                               f"from jaxsave format version {version})")
+                error.add_note(
+                    f"raised by the format upgrade {_callable_name(upgrade)} (registered "
+                    f"from jaxsave format version {version})"
+                )
             raise
         if not isinstance(header, dict):
-            raise TypeError(f"the format upgrade {_callable_name(upgrade)} (registered from jaxsave "
-                            f"format version {version}) returned {type(header).__name__}, "
-                            "not a header dict")
+            raise TypeError(
+                f"the format upgrade {_callable_name(upgrade)} (registered from jaxsave "
+                f"format version {version}) returned {type(header).__name__}, "
+                "not a header dict"
+            )
         version += 1
         header["format_version"] = version
     return header
 
+
+@register_format_upgrade(1)
+def _columns_of_leaf_table(header: dict[str, Any]) -> dict[str, Any]:
+    """Format 1 -> 2: the leaf table, one object per leaf, as three columns.
+
+    A malformed old table is a :class:`~jaxsave.errors.FileFormatError`; a table that is
+    not a list is left for the checks of the current format to refuse.
+    """
+    leaves = header.get("leaves")
+    if isinstance(leaves, list):
+        if not _all_of_type(leaves, dict):
+            raise FileFormatError("a leaf of the (format 1) leaf table is not a JSON object")
+        header["leaves"] = {
+            "names": [leaf.get("name") for leaf in leaves],
+            "dtypes": [leaf.get("dtype") for leaf in leaves],
+            "shapes": [leaf.get("shape") for leaf in leaves],
+        }
+    return header

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 
@@ -87,3 +88,30 @@ def random_walk(saver, state, key, steps, burn_in=0, thin=1, phase=0, dim=3):
 
     (state, _, _), (xs, keeps) = jax.lax.scan(step, (state, jnp.zeros(dim), key), jnp.arange(steps))
     return state, xs, keeps
+
+
+def child_env(**extra: str) -> dict:
+    """This checkout's jaxsave on the CPU, for a child process; the child sets its own XLA_FLAGS."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+        JAX_PLATFORMS="cpu",
+        **extra,
+    )
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (for a jax.distributed coordinator)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scan_carries(eqn) -> int:
+    """How many of a ``scan`` equation's outputs are its carry (the rest are stacked outputs)."""
+    if "num_carry" in eqn.params:
+        return eqn.params["num_carry"]
+    return len(eqn.params["ft_out"].elts[0])  # jax >= 0.12: (carry, stacked outputs) as flat trees

@@ -20,8 +20,9 @@ import jax  # noqa: E402
 
 port, nproc, pid, out_dir = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 resuming = len(sys.argv) > 5 and sys.argv[5] == "resume"
-jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc, process_id=pid,
-                           initialization_timeout=60)
+jax.distributed.initialize(
+    coordinator_address=f"127.0.0.1:{port}", num_processes=nproc, process_id=pid, initialization_timeout=60
+)
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -52,8 +53,11 @@ def run(state, s, start):
     return jax.vmap(lambda st, ss: jax.lax.scan(step, (st, ss), start + jnp.arange(STEPS))[0])(state, s)
 
 
-saver = jaxsave.save(jaxsave.HDF5Collector(path, mode="a" if resuming else "w", sample_stats=("lp",),
-                                           checkpoint_interval=0), checkpoint_every=4, block_size=2)
+saver = jaxsave.save(
+    jaxsave.HDF5Collector(path, mode="a" if resuming else "w", sample_stats=("lp",), checkpoint_interval=0),
+    checkpoint_every=4,
+    block_size=2,
+)
 global_ids = jnp.arange(LOCAL, dtype=jnp.int32) + LOCAL * pid
 template = {"chain": global_ids, "i": jnp.zeros(LOCAL, jnp.int32)}
 sample = {"x": jnp.zeros((LOCAL, 3)), "lp": jnp.zeros(LOCAL)}
@@ -71,8 +75,11 @@ state = jaxsave.shard_state(state, mesh)
 s = jaxsave.shard_state(s, mesh)
 assert not state.chain_id.is_fully_addressable
 specs = P("chains")
-out_state, _ = jax.jit(jax.shard_map(lambda st, ss: run(st, ss, start), mesh=mesh, in_specs=(specs, specs),
-                                     out_specs=(specs, specs)))(state, s)
+out_state, _ = jax.jit(
+    jax.shard_map(
+        lambda st, ss: run(st, ss, start), mesh=mesh, in_specs=(specs, specs), out_specs=(specs, specs)
+    )
+)(state, s)
 result = saver.postprocess(out_state, None)
 assert result["sample_count"].tolist() == [start + STEPS] * LOCAL, result["sample_count"]
 stored = jaxsave.load_samples(path)

@@ -32,7 +32,7 @@ mesh = jax.make_mesh((8,), ("chains",))
 
 # Count the flush callbacks as they reach the host (the real _receive runs unchanged).
 CALLS: list = []
-_receive = _stream._Streamer._receive
+_receive = _stream.Streamer._receive
 
 
 def counting_receive(self, payload, **kwargs):
@@ -40,7 +40,7 @@ def counting_receive(self, payload, **kwargs):
     return _receive(self, payload, **kwargs)
 
 
-_stream._Streamer._receive = counting_receive
+_stream.Streamer._receive = counting_receive
 
 CHAINS, STEPS, BLOCK = 16, 24, 4  # every other step kept: 12 rows, 3 full blocks
 
@@ -78,8 +78,9 @@ def shard_map_case():
     state = init({"x": jnp.zeros((CHAINS, 3)), "lp": jnp.zeros(CHAINS)}, chains=CHAINS)
     x0 = jnp.arange(CHAINS * 3, dtype=jnp.float32).reshape(CHAINS, 3) * 100
     state, x = jaxsave.shard_state(state, mesh), jaxsave.shard_state(x0, mesh)
-    run = jax.jit(jax.shard_map(jax.vmap(chain_loop(save)), mesh=mesh, in_specs=P("chains"),
-                                out_specs=P("chains")))
+    run = jax.jit(
+        jax.shard_map(jax.vmap(chain_loop(save)), mesh=mesh, in_specs=P("chains"), out_specs=P("chains"))
+    )
     CALLS.clear()
     out, _ = run(state, x)
     assert out.chain_id.sharding.spec == P("chains")
@@ -135,8 +136,10 @@ def sharded_sample_case():
     post(out, None)
     stored = jaxsave.load_samples(path, chain=0)["w"]
     np.testing.assert_array_equal(stored, np.arange(n)[None, :] + np.arange(1, STEPS + 1)[:, None])
-    print(f"sharded sample: per-device arguments {stats.argument_size_in_bytes} B, one block "
-          f"{block_bytes} B, temp {stats.temp_size_in_bytes} B; gathers: {len(gathers)}")
+    print(
+        f"sharded sample: per-device arguments {stats.argument_size_in_bytes} B, one block "
+        f"{block_bytes} B, temp {stats.temp_size_in_bytes} B; gathers: {len(gathers)}"
+    )
 
 
 def large_blocks_case():

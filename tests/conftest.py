@@ -10,6 +10,24 @@ import pytest
 collect_ignore_glob = ["_*.py"]
 
 
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on a free loopback port, in its own process, for the whole session
+    (tests/_s3.py); skips where moto[server] or s3fs is not installed."""
+    pytest.importorskip("moto.server", reason="the S3 tests need moto[server]")
+    pytest.importorskip("s3fs", reason="the S3 tests need s3fs")
+    from _s3 import S3Server
+
+    with S3Server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A new, empty bucket on the loopback S3 server: ``.url``, ``.storage_options``, ``.fs()``."""
+    return s3_server.bucket()
+
+
 @pytest.fixture
 def sample():
     return {"x": jnp.zeros(3), "stats": (jnp.int32(0), jnp.float32(0))}
@@ -58,4 +76,3 @@ def pytest_terminal_summary(terminalreporter):
     out = os.environ.get("JAXSAVE_RELIABILITY_JSON")
     if out:
         pathlib.Path(out).write_text(json.dumps(FIGURES, indent=2, sort_keys=True))
-

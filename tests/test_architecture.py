@@ -88,10 +88,13 @@ def _reach_ins(module: str) -> list[str]:
             bad.append(f"{MODULES[module]}:{line}: imports {name} from {target}")
     aliases = _module_aliases(module)
     for node in ast.walk(ast.parse(MODULES[module].read_text())):
-        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-                and node.value.id in aliases and _is_private(node.attr)):
-            bad.append(f"{MODULES[module]}:{node.lineno}: uses "
-                       f"{aliases[node.value.id]}.{node.attr}")
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in aliases
+            and _is_private(node.attr)
+        ):
+            bad.append(f"{MODULES[module]}:{node.lineno}: uses {aliases[node.value.id]}.{node.attr}")
     return bad
 
 
@@ -144,7 +147,7 @@ def _graph(key) -> dict[str, set[str]]:
 
 def test_the_graph_is_read():
     assert len(MODULES) > 30
-    assert ("jaxsave.errors" in {t for _, t, _ in _imports("jaxsave.hdf5")})
+    assert "jaxsave.errors" in {t for _, t, _ in _imports("jaxsave.hdf5")}
 
 
 def test_no_private_name_crosses_a_module_boundary():
@@ -163,7 +166,8 @@ def test_the_core_layer_imports_nothing_above_it():
         if _unit(module) == "jaxsave._core":
             for line, target, _ in _imports(module):
                 assert _unit(target) in ("jaxsave._core", "jaxsave.errors"), (
-                    f"{MODULES[module]}:{line} imports {target}")
+                    f"{MODULES[module]}:{line} imports {target}"
+                )
 
 
 def test_the_checks_catch_what_they_are_for():

@@ -112,7 +112,9 @@ def test_checkpoints_send_the_block_so_far():
     state = saver.init(SAMPLE, solver0(jax.random.key(1)))
     calls = []
     collector_save = collector.save_block
-    collector.save_block = lambda ids, leaves: (calls.append(len(leaves[0][0])), collector_save(ids, leaves))[1]
+    collector.save_block = lambda ids, leaves: (calls.append(len(leaves[0][0])), collector_save(ids, leaves))[
+        1
+    ]
     state, _ = jax.jit(lambda s: run(saver, s, solver0(jax.random.key(1)), 0, 25))(state)
     saver.postprocess(state, None)
     # Blocks end at the checkpoint steps 10 and 20 and hold only the kept steps
@@ -128,7 +130,9 @@ def test_checkpoint_errors():
         saver.init(SAMPLE, None)
     state = saver.init(SAMPLE, solver0(jax.random.key(0)))
     with pytest.raises(jaxsave.StructureMismatchError, match="solver_state"):
-        saver.save(state, True, {"x": jnp.zeros(2), "m": jnp.zeros(2, jnp.bfloat16)}, solver_state=jnp.zeros(3))
+        saver.save(
+            state, True, {"x": jnp.zeros(2), "m": jnp.zeros(2, jnp.bfloat16)}, solver_state=jnp.zeros(3)
+        )
     with pytest.raises(jaxsave.JaxsaveError, match="no checkpoint"):
         jaxsave.resume(jaxsave.MemoryCollector())
     with pytest.raises(ValueError, match="checkpoint_every"):
@@ -207,8 +211,7 @@ def test_chains_run_separately_resume_separately():
     for state, _ in finals:
         got = saver.postprocess(state, None)
         assert int(got["sample_count"]) == int(want["sample_count"])
-        np.testing.assert_array_equal(np.asarray(got["samples"]["x"]),
-                                      np.asarray(want["samples"]["x"]))
+        np.testing.assert_array_equal(np.asarray(got["samples"]["x"]), np.asarray(want["samples"]["x"]))
 
 
 def test_resume_refuses_bad_chain_selections_and_mixed_steps():

@@ -126,8 +126,7 @@ def test_sigkill_during_save_leaves_the_old_file_intact(tmp_path):
     path = tmp_path / "model.jaxsave"
     old = {"w": np.arange(10.0)}
     jaxsave.save_pytree(path, old, metadata={"version": "old"})
-    child = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)],
-                             stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "start"
         deadline = time.monotonic() + 60

@@ -21,10 +21,24 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def sample_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("cli") / "chains.h5"
     init, save, post = jaxsave.save(jaxsave.HDF5Collector(path, sample_stats=("lp",)), block_size=4)
-    state = init({"w": jnp.zeros((2, 3, 5), jnp.bfloat16), "lp": jnp.zeros(2), "key": jax.random.split(
-        jax.random.key(0), 2)}, None, chains=2)
-    run = jax.vmap(lambda s, n: jax.lax.scan(lambda s, i: save(s, i < n, {
-        "w": jnp.zeros((3, 5), jnp.bfloat16), "lp": -1.0 * i, "key": jax.random.key(i)}), s, jnp.arange(10))[0])
+    state = init(
+        {
+            "w": jnp.zeros((2, 3, 5), jnp.bfloat16),
+            "lp": jnp.zeros(2),
+            "key": jax.random.split(jax.random.key(0), 2),
+        },
+        None,
+        chains=2,
+    )
+    run = jax.vmap(
+        lambda s, n: jax.lax.scan(
+            lambda s, i: save(
+                s, i < n, {"w": jnp.zeros((3, 5), jnp.bfloat16), "lp": -1.0 * i, "key": jax.random.key(i)}
+            ),
+            s,
+            jnp.arange(10),
+        )[0]
+    )
     post(jax.jit(run)(state, jnp.array([10, 6])), None)
     return path
 
@@ -57,8 +71,11 @@ def test_inspect_rejects_files_that_are_not_jaxsave(tmp_path, capsys):
         f["x"] = np.zeros(2)
     text = tmp_path / "text.h5"
     text.write_text("not hdf5")
-    for path, message in ((foreign, "not a jaxsave sample file"), (text, "cannot be opened as an HDF5 file"),
-                          (tmp_path / "missing.h5", "no such file")):
+    for path, message in (
+        (foreign, "not a jaxsave sample file"),
+        (text, "cannot be opened as an HDF5 file"),
+        (tmp_path / "missing.h5", "no such file"),
+    ):
         assert main(["inspect", str(path)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("jaxsave inspect: error:") and message in err
@@ -79,9 +96,17 @@ def test_parser_has_one_function_per_subcommand():
 
 def test_python_dash_m_jaxsave(sample_file, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    ok = subprocess.run([sys.executable, "-m", "jaxsave", "inspect", str(sample_file)], env=env,
-                        capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, "-m", "jaxsave", "inspect", str(sample_file)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0 and "samples:  [10, 6]" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "jaxsave", "inspect", str(tmp_path / "none.h5")], env=env,
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "jaxsave", "inspect", str(tmp_path / "none.h5")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "no such file" in bad.stderr and "Traceback" not in bad.stderr

@@ -17,8 +17,23 @@ from jaxsave.__main__ import main  # noqa: E402
 
 def test_cli_demo_writes_the_file_and_prints_the_summary(tmp_path, capsys):
     path = tmp_path / "out.h5"
-    code = main(["demo", "--chains", "2", "--steps", "3000", "--burn-in", "1000", "--thin", "5",
-                 "--output", str(path), "--seed", "1"])
+    code = main(
+        [
+            "demo",
+            "--chains",
+            "2",
+            "--steps",
+            "3000",
+            "--burn-in",
+            "1000",
+            "--thin",
+            "5",
+            "--output",
+            str(path),
+            "--seed",
+            "1",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr()
     assert "breast-cancer data (569 x 30)" in out.out
@@ -34,8 +49,11 @@ def test_cli_demo_writes_the_file_and_prints_the_summary(tmp_path, capsys):
 
     info = jaxsave.file_info(path)
     assert info.sample_counts.tolist() == [400, 400]
-    assert {(v.group, v.name) for v in info.variables} == {("posterior", "w"), ("posterior", "b"),
-                                                          ("sample_stats", "lp")}
+    assert {(v.group, v.name) for v in info.variables} == {
+        ("posterior", "w"),
+        ("posterior", "b"),
+        ("sample_stats", "lp"),
+    }
     idata = jaxsave.to_inference_data(path)
     assert dict(idata.posterior["w"].sizes) == {"chain": 2, "draw": 400, "w_dim_0": 30}
 
@@ -43,12 +61,12 @@ def test_cli_demo_writes_the_file_and_prints_the_summary(tmp_path, capsys):
 def test_default_run_mixes_and_predicts(tmp_path):
     """The defaults (what `jaxsave demo` runs) give converged chains and a sensible classifier."""
     result = demo.run(output=tmp_path / "chains.h5", progress=False, quiet=True)
-    assert result.sample_counts.tolist() == [1500] * 4
-    assert result.samples["w"].shape == (4, 1500, 30)
+    assert result.sample_counts.tolist() == [2000] * 4
+    assert result.samples["w"].shape == (4, 2000, 30)
     rhat = [row["r_hat"] for row in result.summary]
     ess = [row["ess_bulk"] for row in result.summary]
     assert len(result.summary) == 31
-    assert max(rhat) < 1.05 and min(ess) > 300, (max(rhat), min(ess))
+    assert max(rhat) < 1.01 and min(ess) > 400, (max(rhat), min(ess))  # what the demo prints as met
     assert result.accuracy > 0.95  # the data set is nearly separable
     # The chains differ (own keys and starts) but agree on the posterior.
     means = result.samples["w"].mean(axis=1)
@@ -69,8 +87,25 @@ def test_no_save_gives_the_samples_of_the_file(tmp_path):
 
 def test_memory_collector_via_the_cli(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert main(["demo", "--collector", "memory", "--chains", "1", "--steps", "300", "--burn-in", "100", "--thin", "1",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--collector",
+                "memory",
+                "--chains",
+                "1",
+                "--steps",
+                "300",
+                "--burn-in",
+                "100",
+                "--thin",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr()
     assert "collector: memory" in out.out and "200 samples kept ([200] per chain)" in out.out
     assert "sampling" not in out.err and not list(tmp_path.iterdir())  # no bar, no file
@@ -109,8 +144,10 @@ def test_summary_without_arviz_uses_numpy(monkeypatch):
 def test_console_script_and_python_m(tmp_path):
     """The README's command, as a fresh process would run it (entry point and `python -m`)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    for cmd in (["jaxsave", "demo", "--steps", "2000", "--burn-in", "500"],
-                [sys.executable, "-m", "jaxsave", "demo", "--steps", "2000", "--burn-in", "500"]):
+    for cmd in (
+        ["jaxsave", "demo", "--steps", "2000", "--burn-in", "500"],
+        [sys.executable, "-m", "jaxsave", "demo", "--steps", "2000", "--burn-in", "500"],
+    ):
         if cmd[0] == "jaxsave":
             exe = os.path.join(os.path.dirname(sys.executable), "jaxsave")
             if not os.path.exists(exe):

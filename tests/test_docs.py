@@ -20,9 +20,11 @@ import pytest
 
 ROOT = Path(__file__).parent.parent
 PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
-FENCE = re.compile(r"(?P<marker><!--\s*not-run:(?P<why>.*?)-->\s*\n)?"
-                   r"^(?P<indent>[ \t]*)```(?P<lang>[\w+-]*)[^\n]*\n(?P<body>.*?)^(?P=indent)```",
-                   re.S | re.M)
+FENCE = re.compile(
+    r"(?P<marker><!--\s*not-run:(?P<why>.*?)-->\s*\n)?"
+    r"^(?P<indent>[ \t]*)```(?P<lang>[\w+-]*)[^\n]*\n(?P<body>.*?)^(?P=indent)```",
+    re.S | re.M,
+)
 
 
 def blocks(page: Path) -> list[tuple[str, str, str | None, int]]:
@@ -36,12 +38,16 @@ def blocks(page: Path) -> list[tuple[str, str, str | None, int]]:
 
 
 def test_every_block_runs_or_says_why():
-    unmarked = [f"{page.relative_to(ROOT)}:{line} ({lang or 'no language'})"
-                for page in PAGES for lang, _, why, line in blocks(page)
-                if lang not in RUNS and why is None]
+    unmarked = [
+        f"{page.relative_to(ROOT)}:{line} ({lang or 'no language'})"
+        for page in PAGES
+        for lang, _, why, line in blocks(page)
+        if lang not in RUNS and why is None
+    ]
     assert not unmarked, f"blocks that neither run nor carry <!-- not-run: reason -->: {unmarked}"
-    empty = [f"{page.relative_to(ROOT)}:{line}" for page in PAGES for _, _, why, line in blocks(page)
-             if why == ""]
+    empty = [
+        f"{page.relative_to(ROOT)}:{line}" for page in PAGES for _, _, why, line in blocks(page) if why == ""
+    ]
     assert not empty, f"not-run markers without a reason: {empty}"
 
 
@@ -51,8 +57,11 @@ RUNS = ("python", "bash")
 
 
 def runnable(page: Path) -> list[tuple[str, str, int]]:
-    return [(lang, code, line) for lang, code, why, line in blocks(page)
-            if lang in RUNS and why is None and (page, line) not in EXEMPT]
+    return [
+        (lang, code, line)
+        for lang, code, why, line in blocks(page)
+        if lang in RUNS and why is None and (page, line) not in EXEMPT
+    ]
 
 
 RUNNABLE = [page for page in PAGES if runnable(page)]
@@ -63,12 +72,18 @@ def test_page_code_runs(page, tmp_path):
     """The page's blocks, in order: ``python`` ones in one namespace, ``bash`` ones in a shell."""
     driver = tmp_path / "page.py"
     driver.write_text(_DRIVER.format(blocks=repr(runnable(page)), page=str(page.relative_to(ROOT))))
-    env = {**os.environ, "MPLBACKEND": "Agg",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
-    run = subprocess.run([sys.executable, str(driver)], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=600, env=env)
-    assert run.returncode == 0, f"{page.relative_to(ROOT)} failed:\n{run.stdout[-3000:]}\n{run.stderr[-6000:]}"
+    env = {
+        **os.environ,
+        "MPLBACKEND": "Agg",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    }
+    run = subprocess.run(
+        [sys.executable, str(driver)], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env
+    )
+    assert run.returncode == 0, (
+        f"{page.relative_to(ROOT)} failed:\n{run.stdout[-3000:]}\n{run.stderr[-6000:]}"
+    )
 
 
 _DRIVER = """

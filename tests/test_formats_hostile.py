@@ -33,7 +33,7 @@ def _split(path):
     """(header, data bytes) of a .jaxsave file."""
     raw = open(path, "rb").read()
     (hlen,) = struct.unpack("<Q", raw[8:16])
-    return json.loads(raw[24:24 + hlen]), raw[24 + hlen:]
+    return json.loads(raw[24 : 24 + hlen]), raw[24 + hlen :]
 
 
 def _assemble(path, header, data, hlen=None):
@@ -88,8 +88,7 @@ def test_jaxsave_npz_with_a_member_swapped_for_an_object_array(tmp_path):
         header = z.read("__jaxsave__.json")
     with zipfile.ZipFile(path, "w") as z:
         with z.open("w.npy", "w") as fp:
-            np.lib.format.write_array(fp, np.array([Payload(marker)], dtype=object),
-                                      allow_pickle=True)
+            np.lib.format.write_array(fp, np.array([Payload(marker)], dtype=object), allow_pickle=True)
         z.writestr("__jaxsave__.json", header)
     with pytest.raises(FileFormatError, match="object array"):
         jaxsave.load_pytree(path)
@@ -101,7 +100,7 @@ def test_npz_member_claiming_an_impossible_size_is_refused(tmp_path):
     np.savez_compressed(path, a=np.zeros(1000))
     raw = bytearray(path.read_bytes())
     central = raw.index(b"PK\x01\x02")
-    raw[central + 24:central + 28] = struct.pack("<I", 2**32 - 2)  # uncompressed size
+    raw[central + 24 : central + 28] = struct.pack("<I", 2**32 - 2)  # uncompressed size
     path.write_bytes(bytes(raw))
     with pytest.raises(FileFormatError, match="impossible sizes"):
         jaxsave.load_pytree(path)
@@ -132,34 +131,61 @@ def test_garbage_headers(tmp_path, text):
         jaxsave.load_pytree(path)
 
 
-@pytest.mark.parametrize("edit, match", [
-    (lambda h: h.__setitem__("data_size", 10**15), "header says 1000000000000000"),
-    (lambda h: h.__setitem__("data_size", "76"), "header says '76'"),
-    (lambda h: h["leaves"][0].__setitem__("shape", [9]), "need 140 data bytes"),
-    (lambda h: h["leaves"][0].__setitem__("shape", [2**40, 2**40]), "need 967140655691703339"),
-    (lambda h: h["leaves"][1].__setitem__("shape", [4]), "need 80 data bytes"),
-    (lambda h: h["leaves"][0].__setitem__("shape", [-4]), "invalid shape"),
-    (lambda h: h["leaves"][0].__setitem__("shape", [1] * 100), "invalid shape"),
-    (lambda h: h["leaves"][0].__setitem__("shape", ["4"]), "invalid shape"),
-    (lambda h: h["leaves"][0].__setitem__("shape", [2**70]), "invalid shape"),
-    (lambda h: h["leaves"][0].__setitem__("dtype", "object"), "dtype"),
-    (lambda h: h["leaves"][0].__setitem__("dtype", "<U8"), "dtype"),
-    (lambda h: h["leaves"][0].__setitem__("dtype", "V32"), "dtype"),
-    (lambda h: h["leaves"][0].__setitem__("dtype", "key<evil>"), "PRNG key implementation"),
-    (lambda h: h["leaves"].pop(), "need 32 data bytes"),
-    (lambda h: h["leaves"][1].__setitem__("name", "a"), "same name"),
-    (lambda h: h.__setitem__("format_version", "1"), "format version"),
-    (lambda h: h.pop("structure"), "structure"),
-    (lambda h: h["structure"]["root"].__setitem__("t", "eval"), "structure"),
-    (lambda h: h["structure"]["root"]["children"].__setitem__(0, "pickle"), "leaf kind"),
-    (lambda h: h["structure"]["root"]["children"][1]["children"].append(
-        {"t": "value", "v": {"$": "float", "v": "__import__('os')"}}), "bad float"),
-    (lambda h: h["structure"]["root"]["children"][1]["children"].append(
-        {"t": "value", "v": {"$": "pickle", "v": "gASV"}}), "unknown value tag"),
-    (lambda h: h["structure"]["root"]["children"][1]["children"].append(
-        {"t": "value", "v": {"$": "ndarray", "dtype": "float64", "shape": [10**9, 10**9],
-                             "v": [1]}}), "bad inline array"),
-])
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda h: h.__setitem__("data_size", 10**15), "header says 1000000000000000"),
+        (lambda h: h.__setitem__("data_size", "76"), "header says '76'"),
+        (lambda h: h["leaves"]["shapes"].__setitem__(0, [9]), "need 140 data bytes"),
+        (lambda h: h["leaves"]["shapes"].__setitem__(0, [2**40, 2**40]), "need 967140655691703339"),
+        (lambda h: h["leaves"]["shapes"].__setitem__(1, [4]), "need 80 data bytes"),
+        (lambda h: h["leaves"]["shapes"].__setitem__(0, [-4]), "invalid shape"),
+        (lambda h: h["leaves"]["shapes"].__setitem__(0, [1] * 100), "invalid shape"),
+        (lambda h: h["leaves"]["shapes"].__setitem__(0, ["4"]), "invalid shape"),
+        (lambda h: h["leaves"]["shapes"].__setitem__(0, [2**70]), "invalid shape"),
+        (lambda h: h["leaves"]["dtypes"].__setitem__(0, "object"), "dtype"),
+        (lambda h: h["leaves"]["dtypes"].__setitem__(0, "<U8"), "dtype"),
+        (lambda h: h["leaves"]["dtypes"].__setitem__(0, "V32"), "dtype"),
+        (lambda h: h["leaves"]["dtypes"].__setitem__(0, "key<evil>"), "PRNG key implementation"),
+        (lambda h: [column.pop() for column in h["leaves"].values()], "need 32 data bytes"),
+        (lambda h: h["leaves"]["dtypes"].pop(), "columns differ in length: 2 names, 1 dtypes, 2 shapes"),
+        (lambda h: h["leaves"].pop("shapes"), "needs the lists 'names', 'dtypes' and 'shapes'"),
+        (lambda h: h["leaves"].__setitem__("names", "abc"), "needs the lists"),
+        (lambda h: h["leaves"]["names"].__setitem__(1, 7), "leaf 1 of the header has no name"),
+        (
+            lambda h: h.__setitem__("leaves", [{"name": "a", "dtype": "float32", "shape": [3]}]),
+            "no leaf table",
+        ),
+        (lambda h: h.update(format_version=1, leaves=[7, 8, 9]), "format 1. leaf table is not a JSON object"),
+        (
+            lambda h: h.update(format_version=1, leaves=[{"name": "a", "dtype": "float32", "shape": [-3]}]),
+            "invalid shape",
+        ),
+        (lambda h: h["leaves"]["names"].__setitem__(1, "a"), "same name"),
+        (lambda h: h.__setitem__("format_version", "1"), "format version"),
+        (lambda h: h.pop("structure"), "structure"),
+        (lambda h: h["structure"]["root"].__setitem__("t", "eval"), "structure"),
+        (lambda h: h["structure"]["root"]["children"].__setitem__(0, "pickle"), "leaf kind"),
+        (
+            lambda h: h["structure"]["root"]["children"][1]["children"].append(
+                {"t": "value", "v": {"$": "float", "v": "__import__('os')"}}
+            ),
+            "bad float",
+        ),
+        (
+            lambda h: h["structure"]["root"]["children"][1]["children"].append(
+                {"t": "value", "v": {"$": "pickle", "v": "gASV"}}
+            ),
+            "unknown value tag",
+        ),
+        (
+            lambda h: h["structure"]["root"]["children"][1]["children"].append(
+                {"t": "value", "v": {"$": "ndarray", "dtype": "float64", "shape": [10**9, 10**9], "v": [1]}}
+            ),
+            "bad inline array",
+        ),
+    ],
+)
 def test_corrupt_native_headers(tmp_path, good, edit, match):
     path = _edited(tmp_path, good, edit)
     tracemalloc.start()
@@ -195,14 +221,26 @@ def test_names_are_never_imported_or_looked_up_outside_the_registry(tmp_path, go
     def point_at(name, kind="node", declare=True):
         def edit(h):
             h["structure"]["refs"] = [name] if declare else []
-            h["structure"]["root"] = {"t": kind, "type": name, "aux": None, "fields": ["x"],
-                                      "keys": [".x"], "children": [{"t": "none"}]}
-            h["leaves"], h["data"], h["data_size"] = [], [], 0
+            h["structure"]["root"] = {
+                "t": kind,
+                "type": name,
+                "aux": None,
+                "fields": ["x"],
+                "keys": [".x"],
+                "children": [{"t": "none"}],
+            }
+            h["leaves"], h["data"], h["data_size"] = {"names": [], "dtypes": [], "shapes": []}, [], 0
+
         return _edited(tmp_path, good, edit, data_edit=lambda d: b"")
 
     before = set(sys.modules)
-    for name in ("os.system", "subprocess.Popen", "antigravity.fly", "jax._src.config.update",
-                 "jax.numpy.linalg.LinAlgError"):
+    for name in (
+        "os.system",
+        "subprocess.Popen",
+        "antigravity.fly",
+        "jax._src.config.update",
+        "jax.numpy.linalg.LinAlgError",
+    ):
         with pytest.raises(UnregisteredNameError) as e:
             jaxsave.load_pytree(point_at(name))
         assert name in str(e.value) and "register_saveable" in str(e.value)
@@ -229,10 +267,10 @@ def test_hostile_safetensors_headers(tmp_path):
     jaxsave.save_pytree(path, {"a": np.ones(4)})
     raw = bytearray(path.read_bytes())
     (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     header["a"]["shape"] = [8]  # disagrees with the jaxsave header
     text = json.dumps(header).encode().ljust(n)
-    path.write_bytes(raw[:8] + text + raw[8 + n:])
+    path.write_bytes(raw[:8] + text + raw[8 + n :])
     with pytest.raises(FileFormatError):
         jaxsave.load_pytree(path)
 

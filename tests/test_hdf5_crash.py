@@ -60,8 +60,12 @@ def kill_writer(tmp_path, delay, known=False):
     script.write_text(WRITER)
     path = tmp_path / "s.h5"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen([sys.executable, str(script), str(path), "known" if known else "unknown"],
-                            stdout=subprocess.PIPE, env=env, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(path), "known" if known else "unknown"],
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
     try:
         assert proc.stdout.readline().strip() == "start"
         if delay is not None:
@@ -85,7 +89,9 @@ def check(path):
     for c, n in enumerate(counts.tolist()):
         want = c * 1_000_000 + np.arange(n)
         np.testing.assert_array_equal(samples["i"][c, :n], want)
-        np.testing.assert_array_equal(samples["w"][c, :n], np.repeat(want[:, None], 2048, 1).astype(np.float32))
+        np.testing.assert_array_equal(
+            samples["w"][c, :n], np.repeat(want[:, None], 2048, 1).astype(np.float32)
+        )
     if counts.size:
         tail = jaxsave.load_samples(path, chain=0, draws=slice(-3, None))["i"]
         assert tail.tolist() == list(range(max(0, counts[0] - 3), counts[0]))
@@ -109,7 +115,9 @@ def test_sigkill_leaves_a_consistent_file(tmp_path, delay):
     if counts.size:
         with xr.open_dataset(path, group="posterior", engine="h5netcdf") as ds:
             n = int(counts.min())
-            np.testing.assert_array_equal(ds["i"].values[:, :n], np.arange(3)[:, None] * 1_000_000 + np.arange(n))
+            np.testing.assert_array_equal(
+                ds["i"].values[:, :n], np.arange(3)[:, None] * 1_000_000 + np.arange(n)
+            )
         assert (check(path) == counts).all()
 
 

@@ -94,10 +94,12 @@ def test_live_file_is_readable_by_arviz_mid_run(tmp_path):
     jax.effects_barrier()
     live = jaxsave.open_live(path)
     try:
-        deadline = time.monotonic() + 60  # the writer thread flushes the two full blocks
-        while live.refresh(chain=0)["x"].shape[0] < 20 and time.monotonic() < deadline:
+        deadline = time.monotonic() + 60  # the writer thread registers chain 0, then writes 2 blocks
+        while live.sample_counts.tolist() != [20] and time.monotonic() < deadline:
+            live.refresh()  # all chains: chain 0 may not be in the file yet
             time.sleep(0.05)
         assert live.sample_counts.tolist() == [20]
+        assert live.refresh(chain=0)["x"].tolist() == list(map(float, range(20)))
     finally:
         postprocess(state, None)
     idata = jaxsave.to_inference_data(path)

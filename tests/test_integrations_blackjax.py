@@ -86,8 +86,12 @@ def test_blackjax_nuts_positions_and_info_as_sample_stats(tmp_path):
     path = tmp_path / "nuts.h5"
     stats = ("acceptance_rate", "num_integration_steps", "is_divergent")
     init, save, postprocess = jaxsave.save(jaxsave.HDF5Collector(path, sample_stats=stats))
-    template = {"w": jnp.zeros((chains, dim)), "acceptance_rate": jnp.zeros(chains),
-                "num_integration_steps": jnp.zeros(chains, jnp.int32), "is_divergent": jnp.zeros(chains, bool)}
+    template = {
+        "w": jnp.zeros((chains, dim)),
+        "acceptance_rate": jnp.zeros(chains),
+        "num_integration_steps": jnp.zeros(chains, jnp.int32),
+        "is_divergent": jnp.zeros(chains, bool),
+    }
     state = init(template, None, chains=chains)
 
     def run_chain(state, key):

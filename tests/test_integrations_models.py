@@ -51,21 +51,28 @@ def sgld(saver: jaxsave.Saver, apply: Callable, state: Any, params: Any, key: ja
         key, sub = jax.random.split(key)
         grad = jax.grad(log_posterior)(p)
         leaves, treedef = jax.tree.flatten(p)
-        noise = jax.tree.unflatten(treedef, [jax.random.normal(k, w.shape) for k, w in
-                                             zip(jax.random.split(sub, len(leaves)), leaves)])
+        noise = jax.tree.unflatten(
+            treedef,
+            [jax.random.normal(k, w.shape) for k, w in zip(jax.random.split(sub, len(leaves)), leaves)],
+        )
         p = jax.tree.map(lambda w, g, z: w + 0.5e-4 * g + 1e-2 * z, p, grad, noise)
         state, _ = saver.save(state, i % THIN == THIN - 1, p)
         return (state, p, key), p
 
     (state, _, _), trace = jax.lax.scan(step, (state, params, key), jnp.arange(STEPS))
-    return state, jax.tree.map(lambda w: w[THIN - 1::THIN], trace)
+    return state, jax.tree.map(lambda w: w[THIN - 1 :: THIN], trace)
 
 
-@pytest.mark.parametrize("make_model", [
-    pytest.param(haiku_model, id="haiku"),
-    pytest.param(flax_model, id="flax", marks=pytest.mark.slow),  # the same path; keeps the default suite short
-    pytest.param(equinox_model, id="equinox", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "make_model",
+    [
+        pytest.param(haiku_model, id="haiku"),
+        pytest.param(
+            flax_model, id="flax", marks=pytest.mark.slow
+        ),  # the same path; keeps the default suite short
+        pytest.param(equinox_model, id="equinox", marks=pytest.mark.slow),
+    ],
+)
 def test_model_parameters_as_samples(tmp_path, make_model):
     keys = jax.random.split(jax.random.key(0), CHAINS)
     params, apply = make_model(keys[0])

@@ -35,8 +35,12 @@ def test_numpyro_nuts_in_scan_with_checkpoints(tmp_path):
     path = tmp_path / "numpyro.h5"
     collector = jaxsave.HDF5Collector(path, sample_stats=("diverging", "accept_prob"))
     saver = jaxsave.save(collector, checkpoint_every=100)
-    template = {"mu": jnp.zeros(chains), "sigma": jnp.zeros(chains),
-                "diverging": jnp.zeros(chains, bool), "accept_prob": jnp.zeros(chains)}
+    template = {
+        "mu": jnp.zeros(chains),
+        "sigma": jnp.zeros(chains),
+        "diverging": jnp.zeros(chains, bool),
+        "accept_prob": jnp.zeros(chains),
+    }
     state = saver.init(template, hmc_state, chains=chains)
 
     def run_chain(state, hmc_state):

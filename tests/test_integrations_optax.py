@@ -93,9 +93,14 @@ def test_optax_state_through_checkpointer(tmp_path):
     assert ckpt.steps() == [2, 3]
     step, restored = ckpt.restore(like=tree)
     assert step == 3 and jax.tree.structure(restored) == jax.tree.structure(tree)
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(jax.random.key_data(a) if jax.dtypes.issubdtype(
-        a.dtype, jax.dtypes.prng_key) else a, jax.random.key_data(b) if jax.dtypes.issubdtype(
-        b.dtype, jax.dtypes.prng_key) else b), restored, tree)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_array_equal(
+            jax.random.key_data(a) if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key) else a,
+            jax.random.key_data(b) if jax.dtypes.issubdtype(b.dtype, jax.dtypes.prng_key) else b,
+        ),
+        restored,
+        tree,
+    )
     # The restored state keeps optimizing where the saved one would.
     again, _ = OPTIMIZER.update(grads, restored["opt_state"], restored["params"])
     expect, _ = OPTIMIZER.update(grads, tree["opt_state"], tree["params"])

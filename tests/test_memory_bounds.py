@@ -21,6 +21,7 @@ def test_streaming_2gb_to_hdf5_keeps_host_memory_flat(tmp_path):
             state, x = carry
             x = x + 1.0
             return (saver.save(state, True, {"x": x})[0], x), None
+
         return jax.lax.scan(step, (state, x), jnp.arange(steps))[0]
 
     compiled = run.lower(state, jnp.zeros(floats)).compile()

@@ -16,6 +16,7 @@ CHILD = textwrap.dedent(
     """
     import sys, time, jax, jax.numpy as jnp, jaxsave
     path, mode, chains, total, every, thin = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])
+    paced = sys.argv[7:] == ["paced"]  # after each "step" line, wait for the parent's "go"
     CHUNK = 20
 
     def template(key):
@@ -51,6 +52,8 @@ CHILD = textwrap.dedent(
         state, solver = run(state, solver, s0)
         jax.block_until_ready(state)
         print("step", s0 + CHUNK, flush=True)
+        if paced:
+            sys.stdin.readline()
         time.sleep(0.02)  # a real step takes time; the writer (and its checkpoints) keep up
     saver.postprocess(state, None)
     print("done", flush=True)
@@ -58,19 +61,43 @@ CHILD = textwrap.dedent(
 )
 
 
-def run_child(script, path, mode, chains, total, every, thin, kill_after_step=None):
+def _has_checkpoint(path) -> bool:
+    return os.path.exists(f"{path}.ckpt")
+
+
+def run_child(
+    script, path, mode, chains, total, every, thin, kill_after_step=None, has_checkpoint=_has_checkpoint
+):
+    """Run the child; with ``kill_after_step``, SIGKILL it during the chunk after that step, once
+    ``has_checkpoint(path)``.
+
+    The killed child is paced: after each ``step`` line it waits for the parent's ``go``, so it
+    cannot finish before the kill, however far its writer lags (checkpoints land asynchronously,
+    and on busy cores the first one can come after the last step). The kill comes 0 to 20 ms
+    after a ``go``, while the child runs its next chunk and its writer may be writing.
+    """
     args = [sys.executable, str(script), str(path), mode, str(chains), str(total), str(every), str(thin)]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if kill_after_step is None:
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         out, err = proc.communicate(timeout=240)
         assert proc.returncode == 0, err[-3000:]
         return None
+    proc = subprocess.Popen(
+        [*args, "paced"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stdin is not None and proc.stdout is not None
     reached = 0
     for line in proc.stdout:
         if line.startswith("step"):
             reached = int(line.split()[1])
-            # Checkpoints land asynchronously: kill once the first one is on disk.
-            if reached >= kill_after_step and os.path.exists(f"{path}.ckpt"):
+            if reached >= kill_after_step:  # the child waits: its writer stores what it was sent
+                deadline = time.monotonic() + 120
+                while not has_checkpoint(path) and time.monotonic() < deadline and proc.poll() is None:
+                    time.sleep(0.01)
+                assert has_checkpoint(path), f"no checkpoint stored in 120 s after step {reached}"
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            if reached >= kill_after_step:
                 time.sleep(np.random.default_rng(reached).uniform(0, 0.02))
                 proc.send_signal(signal.SIGKILL)
                 break

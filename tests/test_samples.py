@@ -17,7 +17,9 @@ State = namedtuple("State", ["pos", "aux"])
 
 def write(path, make_sample, chains=2, steps=12, collector_kwargs=None, block_size=5):
     """Run a jit-compiled vmapped scan saving ``make_sample(c, i)`` at every step; returns every sample."""
-    init, save, post = jaxsave.save(jaxsave.HDF5Collector(path, **(collector_kwargs or {})), block_size=block_size)
+    init, save, post = jaxsave.save(
+        jaxsave.HDF5Collector(path, **(collector_kwargs or {})), block_size=block_size
+    )
     template = jax.eval_shape(jax.vmap(lambda c: make_sample(c, jnp.int32(0))), jnp.arange(chains))
     state = init(template, None, chains=chains)
 
@@ -71,8 +73,14 @@ def test_every_dtype_round_trips_exactly(tmp_path):
     like = jax.eval_shape(lambda: all_dtypes(jnp.int32(0), jnp.int32(0)))
     assert_exact(jaxsave.load_samples(path, like=like, draws=slice(3, 9, 2)), want, lambda a: a[:, 3:9:2])
     with h5py.File(path, "r") as f:  # ml_dtypes as same-width uint views, keys as key data
-        assert f["posterior/bf16"].dtype == np.uint16 and f["posterior/bf16"].attrs["jaxsave_dtype"] == "bfloat16"
-        assert f["posterior/key"].shape == (2, 12, 2) and f["posterior/key"].attrs["jaxsave_dtype"] == "key<threefry2x32>"
+        assert (
+            f["posterior/bf16"].dtype == np.uint16
+            and f["posterior/bf16"].attrs["jaxsave_dtype"] == "bfloat16"
+        )
+        assert (
+            f["posterior/key"].shape == (2, 12, 2)
+            and f["posterior/key"].attrs["jaxsave_dtype"] == "key<threefry2x32>"
+        )
     import xarray as xr
 
     with xr.open_dataset(path, group="posterior", engine="h5netcdf") as ds:  # every dtype opens in xarray
@@ -88,7 +96,9 @@ def test_tree_structure_and_like(tmp_path):
 
     want = write(path, sample)
     got = jaxsave.load_samples(path)
-    assert isinstance(got, State) and isinstance(got.pos, list) and got.aux["none"] is None  # stored structure
+    assert (
+        isinstance(got, State) and isinstance(got.pos, list) and got.aux["none"] is None
+    )  # stored structure
     assert_exact(got, want)
     like = jax.eval_shape(lambda: sample(jnp.int32(0), jnp.int32(0)))
     assert_exact(jaxsave.load_samples(path, like=like), want)
@@ -109,8 +119,19 @@ def test_unknown_classes_fall_back_to_nested_dicts(tmp_path):
     assert got["pos"][0].tolist() == [0, 1, 2, 3] and got["aux"].tolist() == [0, 2, 4, 6]
 
 
-@pytest.mark.parametrize("draws", [slice(None), slice(2, 9), slice(None, None, 3), slice(-4, None),
-                                   slice(None, None, -1), slice(10, 2, -3), slice(50, 60), slice(7, 7)])
+@pytest.mark.parametrize(
+    "draws",
+    [
+        slice(None),
+        slice(2, 9),
+        slice(None, None, 3),
+        slice(-4, None),
+        slice(None, None, -1),
+        slice(10, 2, -3),
+        slice(50, 60),
+        slice(7, 7),
+    ],
+)
 def test_draw_slices_match_numpy(tmp_path_factory, draws):
     path = tmp_path_factory.getbasetemp() / "slices.h5"
     if not path.exists():
@@ -124,8 +145,13 @@ def test_uneven_chains_are_padded_and_sliced(tmp_path):
     path = tmp_path / "s.h5"
     for layout in ("posterior", "chains"):
         init, save, post = jaxsave.save(jaxsave.HDF5Collector(path, layout=layout), block_size=4)
-        run = jax.jit(jax.vmap(lambda s, n: jax.lax.scan(
-            lambda s, i: save(s, i < n, {"v": i.astype(jnp.float32)}), s, jnp.arange(10))[0]))
+        run = jax.jit(
+            jax.vmap(
+                lambda s, n: jax.lax.scan(
+                    lambda s, i: save(s, i < n, {"v": i.astype(jnp.float32)}), s, jnp.arange(10)
+                )[0]
+            )
+        )
         post(run(init({"v": jnp.zeros(3)}, None, chains=3), jnp.array([7, 3, 0])), None)
         got = jaxsave.load_samples(path, draws=slice(1, None, 2))["v"]
         np.testing.assert_array_equal(got, [[1, 3, 5], [1, np.nan, np.nan], [np.nan] * 3])
@@ -141,11 +167,25 @@ def test_very_unequal_chains_read_one_at_a_time(tmp_path, layout):
     """An intact file whose chains differ ~1000-fold: all at once is a size error, each chain reads."""
     path, chains, long = tmp_path / "s.h5", 80, 1000
     init, save, post = jaxsave.save(jaxsave.HDF5Collector(path, layout=layout), block_size=100)
-    run = jax.jit(jax.vmap(lambda s, c, n: jax.lax.scan(
-        lambda s, i: save(s, i < n, {"v": jnp.full(256, c * 10_000 + i, jnp.float32)}), s, jnp.arange(long))[0]))
+    run = jax.jit(
+        jax.vmap(
+            lambda s, c, n: jax.lax.scan(
+                lambda s, i: save(s, i < n, {"v": jnp.full(256, c * 10_000 + i, jnp.float32)}),
+                s,
+                jnp.arange(long),
+            )[0]
+        )
+    )
     counts = np.ones(chains, np.int32)
     counts[3] = long  # chain 3 keeps 1000 draws, the 79 others one each
-    post(run(init({"v": jnp.zeros((chains, 256))}, None, chains=chains), jnp.arange(chains), jnp.asarray(counts)), None)
+    post(
+        run(
+            init({"v": jnp.zeros((chains, 256))}, None, chains=chains),
+            jnp.arange(chains),
+            jnp.asarray(counts),
+        ),
+        None,
+    )
     assert jaxsave.file_info(path).sample_counts.tolist() == counts.tolist()
 
     padded = chains * long * 256 * 4  # 82 MB for 1.1 MB of draws
@@ -170,13 +210,25 @@ def test_very_unequal_chains_read_one_at_a_time(tmp_path, layout):
 
 def test_lazy_draws_read_only_what_is_asked(tmp_path, monkeypatch):
     path = tmp_path / "s.h5"
-    write(path, lambda c, i: {"w": jnp.full((256,), c * 100 + i, jnp.float32)}, chains=2, steps=200, block_size=64)
+    write(
+        path,
+        lambda c, i: {"w": jnp.full((256,), c * 100 + i, jnp.float32)},
+        chains=2,
+        steps=200,
+        block_size=64,
+    )
     reads = []
     getitem, read_direct = h5py.Dataset.__getitem__, h5py.Dataset.read_direct
-    monkeypatch.setattr(h5py.Dataset, "__getitem__", lambda self, sel, **kw: reads.append(sel) or getitem(
-        self, sel, **kw))
-    monkeypatch.setattr(h5py.Dataset, "read_direct", lambda self, dest, source_sel=None, dest_sel=None: reads.append(
-        source_sel) or read_direct(self, dest, source_sel, dest_sel))
+    monkeypatch.setattr(
+        h5py.Dataset, "__getitem__", lambda self, sel, **kw: reads.append(sel) or getitem(self, sel, **kw)
+    )
+    monkeypatch.setattr(
+        h5py.Dataset,
+        "read_direct",
+        lambda self, dest, source_sel=None, dest_sel=None: (
+            reads.append(source_sel) or read_direct(self, dest, source_sel, dest_sel)
+        ),
+    )
     got = jaxsave.load_samples(path, chain=1, draws=slice(190, 195))["w"]
     assert got[:, 0].tolist() == [290, 291, 292, 293, 294]
     assert reads == [(slice(1, 2), slice(190, 195, 1))]
@@ -208,7 +260,10 @@ def test_file_info(tmp_path):
     write(path, lambda c, i: {"x": jnp.zeros((2, 3)), "k": jax.random.key(i)}, chains=2, steps=3)
     info = jaxsave.file_info(path)
     assert (info.format, info.layout, info.chains, info.version) == (1, "posterior", 2, jaxsave.__version__)
-    assert [(v.name, v.shape, v.dtype) for v in info.variables] == [("k", (), "key<threefry2x32>"), ("x", (2, 3), "float32")]
+    assert [(v.name, v.shape, v.dtype) for v in info.variables] == [
+        ("k", (), "key<threefry2x32>"),
+        ("x", (2, 3), "float32"),
+    ]
     assert not info.open_for_writing
 
 
@@ -232,6 +287,7 @@ def bad_copy(good_file, tmp_path, mutate):
 def truncate(fraction):
     def mutate(path):
         os.truncate(path, int(os.path.getsize(path) * fraction))
+
     return mutate
 
 
@@ -241,12 +297,15 @@ def scribble(offset):
         with open(path, "r+b") as fh:
             fh.seek(offset if offset >= 0 else size + offset)
             fh.write(np.random.default_rng(0).bytes(2048))
+
     return mutate
 
 
-@pytest.mark.parametrize("mutate", [truncate(0.5), truncate(0.02), truncate(0), scribble(0), scribble(64),
-                                    scribble(800)],
-                         ids=["half", "head", "empty", "superblock", "after-superblock", "metadata"])
+@pytest.mark.parametrize(
+    "mutate",
+    [truncate(0.5), truncate(0.02), truncate(0), scribble(0), scribble(64), scribble(800)],
+    ids=["half", "head", "empty", "superblock", "after-superblock", "metadata"],
+)
 def test_damaged_files_raise_file_format_error(good_file, tmp_path, mutate):
     path = bad_copy(good_file, tmp_path, mutate)
     for read in (jaxsave.load_samples, jaxsave.file_info, lambda p: jaxsave.open_live(p).refresh()):
@@ -273,7 +332,9 @@ def test_foreign_and_newer_files(tmp_path, good_file):
     newer = bad_copy(good_file, tmp_path, lambda p: h5py.File(p, "r+").attrs.modify("jaxsave_format", 99))
     with pytest.raises(jaxsave.FileFormatError, match="format 99"):
         jaxsave.load_samples(newer)
-    broken = bad_copy(good_file, tmp_path, lambda p: h5py.File(p, "r+").attrs.modify("jaxsave_structure", "{"))
+    broken = bad_copy(
+        good_file, tmp_path, lambda p: h5py.File(p, "r+").attrs.modify("jaxsave_structure", "{")
+    )
     with pytest.raises(jaxsave.FileFormatError, match="malformed"):
         jaxsave.load_samples(broken)
     with pytest.raises(FileNotFoundError):

@@ -49,8 +49,13 @@ def test_a_second_process_reads_while_the_sampler_writes(tmp_path):
     script = tmp_path / "reader.py"
     script.write_text(READER)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    reader = subprocess.Popen([sys.executable, str(script), str(path)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, env=env, text=True)
+    reader = subprocess.Popen(
+        [sys.executable, str(script), str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
     try:
         seen = []
         for k in range(1, 4):
@@ -81,7 +86,9 @@ def test_a_reader_in_this_process_polling_while_the_file_changes(tmp_path):
     path = tmp_path / "s.h5"
     for attempt in range(5):
         path.unlink(missing_ok=True)
-        saver = jaxsave.save(jaxsave.HDF5Collector(path, flush_interval=0.0), checkpoint_every=64, block_size=16)
+        saver = jaxsave.save(
+            jaxsave.HDF5Collector(path, flush_interval=0.0), checkpoint_every=64, block_size=16
+        )
         state = saver.init({"i": jnp.zeros((), jnp.int32), "w": jnp.zeros(1024)}, {"n": jnp.int32(0)})
 
         def step(s, i):

@@ -4,9 +4,7 @@ The device and process tests run real child processes (XLA_FLAGS must be set
 before jax is imported); every child has a timeout and is killed on failure.
 """
 
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import child_env, free_port
 
 import jaxsave
 from jaxsave._stream.writer import Block, Writer
@@ -26,23 +25,12 @@ ROOT = HERE.parent
 CHILD_TIMEOUT_S = 120
 
 
-def _env():
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_all(commands):
     """Start every command at once; wait for all (killing all on a timeout); return their outputs."""
-    procs = [subprocess.Popen(c, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for c in commands]
+    procs = [
+        subprocess.Popen(c, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for c in commands
+    ]
     outputs = []
     try:
         for p in procs:
@@ -68,10 +56,14 @@ def test_chains_sharded_over_eight_devices(tmp_path):
 
 
 def _multiprocess_run(tmp_path, mode=""):
-    port = _free_port()
+    port = free_port()
     script = str(HERE / "_multiprocess_child.py")
-    return _run_all([[sys.executable, script, str(port), "2", str(i), str(tmp_path)] + ([mode] if mode else [])
-                     for i in range(2)])
+    return _run_all(
+        [
+            [sys.executable, script, str(port), "2", str(i), str(tmp_path)] + ([mode] if mode else [])
+            for i in range(2)
+        ]
+    )
 
 
 def test_two_processes_write_resume_and_merge(tmp_path):
@@ -115,10 +107,18 @@ def test_writer_takes_blocks_from_many_threads():
 
     def device(ids):
         for b in range(blocks):
-            values = np.stack([np.full((rows, 2), 1000 * c + rows * b + np.arange(rows)[:, None], np.float32)
-                               for c in ids])
-            writer.submit(Block(np.array(ids), np.full(len(ids), rows * b), np.full(len(ids), rows * (b + 1)),
-                                np.ones((len(ids), rows), bool), [values]))
+            values = np.stack(
+                [np.full((rows, 2), 1000 * c + rows * b + np.arange(rows)[:, None], np.float32) for c in ids]
+            )
+            writer.submit(
+                Block(
+                    np.array(ids),
+                    np.full(len(ids), rows * b),
+                    np.full(len(ids), rows * (b + 1)),
+                    np.ones((len(ids), rows), bool),
+                    [values],
+                )
+            )
 
     threads = [threading.Thread(target=device, args=([2 * d, 2 * d + 1],)) for d in range(chains // 2)]
     for t in threads:
@@ -126,8 +126,16 @@ def test_writer_takes_blocks_from_many_threads():
     for t in threads:
         t.join(timeout=60)
     for c in range(chains):  # postprocess's empty tail block finalizes each chain
-        writer.submit(Block(np.array([c]), np.array([rows * blocks]), np.array([rows * blocks]), np.ones((1, 0), bool),
-                            [np.zeros((1, 0, 2), np.float32)], tail=True))
+        writer.submit(
+            Block(
+                np.array([c]),
+                np.array([rows * blocks]),
+                np.array([rows * blocks]),
+                np.ones((1, 0), bool),
+                [np.zeros((1, 0, 2), np.float32)],
+                tail=True,
+            )
+        )
         writer.wait_for(c, rows * blocks, finalized=True)
     writer.close()
     writer.raise_error()

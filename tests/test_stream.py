@@ -31,15 +31,19 @@ def stored(kind, tmp_path, result, chain):
             n = int(result["sample_count"])
             return {"x": samples["x"][:n], "i": samples["stats"][0][:n], "e": samples["stats"][1][:n]}
         n = int(np.asarray(result["sample_count"]).reshape(-1)[chain])
-        flat = jax.tree.map(lambda a: np.asarray(a).reshape(-1, *np.shape(a)[np.ndim(result["sample_count"]):]),
-                            samples)
+        flat = jax.tree.map(
+            lambda a: np.asarray(a).reshape(-1, *np.shape(a)[np.ndim(result["sample_count"]) :]), samples
+        )
         return {"x": flat["x"][chain, :n], "i": flat["stats"][0][chain, :n], "e": flat["stats"][1][chain, :n]}
     with h5py.File(tmp_path / "s.h5", "r") as f:
         n = int(f.attrs["sample_counts"][chain])
         if kind == "hdf5":
             g = f["posterior"]
-            return {"x": g["x"][chain, :n], "i": g["stats.list_element_0"][chain, :n],
-                    "e": g["stats.list_element_1"][chain, :n]}
+            return {
+                "x": g["x"][chain, :n],
+                "i": g["stats.list_element_0"][chain, :n],
+                "e": g["stats.list_element_1"][chain, :n],
+            }
         g = f[f"chain~{chain}"]
         return {"x": g["x"][:n], "i": g["stats/list_element_0"][:n], "e": g["stats/list_element_1"][:n]}
 
@@ -107,7 +111,9 @@ def test_nested_vmap_gives_every_chain_its_own_id(kind, tmp_path, sample):
     phases = (jnp.arange(outer * inner) % 2).reshape(outer, inner)
     batched = jax.tree.map(lambda x: jnp.broadcast_to(x, (outer * inner, *jnp.shape(x))), sample)
     saver = make_saver(kind, tmp_path, **({} if kind == "device" else {"block_size": 6}))
-    state = saver.init(batched, None, jaxsave.static_information(samples_collected=steps), chains=outer * inner)
+    state = saver.init(
+        batched, None, jaxsave.static_information(samples_collected=steps), chains=outer * inner
+    )
     state = jax.tree.map(lambda x: x.reshape(outer, inner, *x.shape[1:]), state)
     body = lambda s, k, p: random_walk(saver, s, k, steps, thin=2, phase=p)
     state, xs, keeps = jax.jit(jax.vmap(jax.vmap(body)))(state, keys, phases)
@@ -145,10 +151,13 @@ def test_other_control_flow(loop, tmp_path):
     if loop == "fori_loop":
         run = lambda s: jax.lax.fori_loop(0, 11, body, s)
     elif loop == "while_loop":
-        run = lambda s: jax.lax.while_loop(lambda c: c[0] < 11, lambda c: (c[0] + 1, body(c[0], c[1])), (0, s))[1]
+        run = lambda s: jax.lax.while_loop(
+            lambda c: c[0] < 11, lambda c: (c[0] + 1, body(c[0], c[1])), (0, s)
+        )[1]
     else:  # save only inside one branch of a cond
         run = lambda s: jax.lax.fori_loop(
-            0, 11, lambda i, s: jax.lax.cond(i < 7, lambda s: body(i, s), lambda s: s, s), s)
+            0, 11, lambda i, s: jax.lax.cond(i < 7, lambda s: body(i, s), lambda s: s, s), s
+        )
     state = jax.jit(run)(state)
     result = saver.postprocess(state, None)
     want = [0, 2, 4, 6] if loop == "cond" else [0, 2, 4, 6, 8, 10]
@@ -165,6 +174,7 @@ def test_while_loop_under_vmap_with_unbatched_predicate():
         def body(c):
             i, s = c
             return i + 1, saver.save(s, i % 2 == 1, offset + i.astype(jnp.float32))[0]
+
         return jax.lax.while_loop(lambda c: c[0] < 8, body, (0, state))[1]
 
     state = jax.jit(jax.vmap(run))(state, jnp.array([0.0, 100.0]))
@@ -183,11 +193,16 @@ def test_save_inside_cond_under_vmap_is_a_jax_limitation():
 
 
 def test_samples_collected_may_be_unknown_or_a_jax_scalar(tmp_path):
-    for info in (None, jaxsave.static_information(), jaxsave.static_information(samples_collected=jnp.int32(9))):
+    for info in (
+        None,
+        jaxsave.static_information(),
+        jaxsave.static_information(samples_collected=jnp.int32(9)),
+    ):
         saver = jaxsave.save(jaxsave.HDF5Collector(tmp_path / "s.h5"), block_size=4)
         state = saver.init({"a": jnp.zeros(2)}, None, info)
-        state, _ = jax.lax.scan(lambda s, i: saver.save(s, True, {"a": jnp.full(2, i, jnp.float32)}),
-                                state, jnp.arange(9))
+        state, _ = jax.lax.scan(
+            lambda s, i: saver.save(s, True, {"a": jnp.full(2, i, jnp.float32)}), state, jnp.arange(9)
+        )
         assert int(saver.postprocess(state, None)["sample_count"]) == 9
         with h5py.File(tmp_path / "s.h5") as f:
             assert f["posterior/a"].shape == (1, 9, 2)
@@ -232,7 +247,10 @@ def test_memory_collector_writes_npz_per_chain(tmp_path):
     saver = jaxsave.save(jaxsave.MemoryCollector(save_dir=tmp_path / "out"), block_size=2)
     state = saver.init({"a": {"b": jnp.zeros(2)}, "c": [jnp.int32(0)]}, None, chains=None)
     state, _ = jax.lax.scan(
-        lambda s, i: saver.save(s, True, {"a": {"b": jnp.full(2, i, jnp.float32)}, "c": [i]}), state, jnp.arange(5))
+        lambda s, i: saver.save(s, True, {"a": {"b": jnp.full(2, i, jnp.float32)}, "c": [i]}),
+        state,
+        jnp.arange(5),
+    )
     saver.postprocess(state, None)
     with np.load(tmp_path / "out" / "chain_0.npz", allow_pickle=False) as f:
         np.testing.assert_array_equal(f["a/b"][:, 0], np.arange(5))
@@ -247,8 +265,9 @@ def test_memory_collector_grows_in_place_and_copies_each_sample_once(monkeypatch
     collector = jaxsave.MemoryCollector()
     saver = jaxsave.save(collector, block_size=3)
     state = saver.init(jnp.zeros(2), None, jaxsave.static_information(samples_collected=capacity))
-    state, _ = jax.lax.scan(lambda s, i: saver.save(s, i % 3 != 1, jnp.full(2, i, jnp.float32)),
-                            state, jnp.arange(55))
+    state, _ = jax.lax.scan(
+        lambda s, i: saver.save(s, i % 3 != 1, jnp.full(2, i, jnp.float32)), state, jnp.arange(55)
+    )
     out = saver.postprocess(state, None)
     want = np.array([i for i in range(55) if i % 3 != 1], np.float32)
     np.testing.assert_array_equal(out["samples"][:, 0], want)
@@ -297,7 +316,11 @@ def test_legacy_api_shape(tmp_path):
         saved = postprocess_save(final_state, None)
         assert int(saved["sample_count"]) == 3 and saved["samples"] is None
         np.testing.assert_array_equal(file["/chain~0/iteration"][:], [0, 2, 4])
-    assert io.pytree_dict_keys({"a": [0.0, 1.0], "b": 2.0}) == [("a", "list_element_0"), ("a", "list_element_1"), ("b",)]
+    assert io.pytree_dict_keys({"a": [0.0, 1.0], "b": 2.0}) == [
+        ("a", "list_element_0"),
+        ("a", "list_element_1"),
+        ("b",),
+    ]
 
 
 def test_progress_bar_counts_steps_from_the_flushes(capsys):
@@ -305,8 +328,13 @@ def test_progress_bar_counts_steps_from_the_flushes(capsys):
     state = saver.init({"x": jnp.zeros((3, 2))}, None, chains=3)
     streamer = saver.init.__self__
     bar = streamer.bar
-    state = jax.jit(jax.vmap(lambda s: jax.lax.scan(
-        lambda s, i: saver.save(s, i % 2 == 0, {"x": jnp.full(2, i, jnp.float32)}), s, jnp.arange(55))[0]))(state)
+    state = jax.jit(
+        jax.vmap(
+            lambda s: jax.lax.scan(
+                lambda s, i: saver.save(s, i % 2 == 0, {"x": jnp.full(2, i, jnp.float32)}), s, jnp.arange(55)
+            )[0]
+        )
+    )(state)
     out = saver.postprocess(state, None)
     assert out["sample_count"].tolist() == [28, 28, 28]
     assert bar.n == 55 and bar.total == 60 and streamer.bar is None  # closed after postprocess
@@ -327,13 +355,21 @@ def test_progress_bar_closes_on_error():
     assert streamer.bar is None
 
 
-@pytest.mark.parametrize("sample", [{"empty": jnp.zeros((0, 3)), "b": jnp.zeros(2)},
-                                    {"alone": jnp.zeros((0,), jnp.int32), "b": jnp.zeros(2)}, {}],
-                         ids=["zero-size leaf", "zero-size dtype group", "empty sample"])
+@pytest.mark.parametrize(
+    "sample",
+    [
+        {"empty": jnp.zeros((0, 3)), "b": jnp.zeros(2)},
+        {"alone": jnp.zeros((0,), jnp.int32), "b": jnp.zeros(2)},
+        {},
+    ],
+    ids=["zero-size leaf", "zero-size dtype group", "empty sample"],
+)
 def test_zero_size_leaves_and_empty_samples(sample):
     init, save, postprocess = jaxsave.save(jaxsave.MemoryCollector(), block_size=3)
     state = init(sample)
-    state = jax.jit(lambda s: jax.lax.scan(lambda s, i: save(s, i % 2 == 0, sample), s, jnp.arange(7))[0])(state)
+    state = jax.jit(lambda s: jax.lax.scan(lambda s, i: save(s, i % 2 == 0, sample), s, jnp.arange(7))[0])(
+        state
+    )
     out = postprocess(state, None)
     assert int(out["sample_count"]) == 4
     assert jax.tree.map(np.shape, out["samples"]) == jax.tree.map(lambda x: (4, *x.shape), sample)
@@ -362,7 +398,7 @@ def test_a_callback_argument_of_exactly_one_piece_keeps_its_shape(monkeypatch):
     big = jnp.ones((3, _callback.PIECE_BYTES // 4 + 5), jnp.float32)  # three pieces
     jax.jit(lambda a, b: _callback.send(got.append, (a, b, None)))(x, big)
     jax.effects_barrier()
-    (a, b, none), = got
+    ((a, b, none),) = got
     assert none is None and a.shape == x.shape and b.shape == big.shape
     np.testing.assert_array_equal(a, x)
     np.testing.assert_array_equal(b, big)
@@ -376,8 +412,11 @@ def test_only_kept_steps_take_rows_of_the_block():
     collector.save_block = lambda ids, values: (rows.append(len(values[0][0])), original(ids, values))
     saver = jaxsave.save(collector, block_size=4)
     state = saver.init(jnp.float32(0), None)
-    run = jax.jit(lambda s: jax.lax.scan(lambda s, i: saver.save(s, i % 10 == 0, i.astype(jnp.float32)),
-                                         s, jnp.arange(100))[0])
+    run = jax.jit(
+        lambda s: jax.lax.scan(
+            lambda s, i: saver.save(s, i % 10 == 0, i.astype(jnp.float32)), s, jnp.arange(100)
+        )[0]
+    )
     out = saver.postprocess(run(state), None)
     assert rows == [4, 4, 2]  # 10 kept steps: two full blocks and the tail, not 100 rows
     np.testing.assert_array_equal(out["samples"], np.arange(0, 100, 10))
@@ -389,8 +428,9 @@ def test_vmapped_chains_share_a_row_when_any_of_them_keeps():
     state = saver.init(jnp.zeros(2), None, chains=2)
 
     def chain(state, thin):
-        return jax.lax.scan(lambda s, i: saver.save(s, i % thin == 0, i.astype(jnp.float32)), state,
-                            jnp.arange(100))[0]
+        return jax.lax.scan(
+            lambda s, i: saver.save(s, i % thin == 0, i.astype(jnp.float32)), state, jnp.arange(100)
+        )[0]
 
     state = jax.jit(jax.vmap(chain))(state, thin)
     # 12 distinct kept steps fill 3 blocks of 4 rows; the last one was sent after step 90.

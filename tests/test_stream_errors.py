@@ -177,7 +177,8 @@ def test_bad_arguments():
         jaxsave.save("chains.h5")
     with pytest.raises(ValueError, match="samples_collected must be >= 0"):
         jaxsave.save(jaxsave.MemoryCollector()).init(
-            jnp.zeros(2), None, jaxsave.static_information(samples_collected=-1))
+            jnp.zeros(2), None, jaxsave.static_information(samples_collected=-1)
+        )
     with pytest.raises(jaxsave.SaverStateError, match="before init"):
         jaxsave.save(jaxsave.MemoryCollector()).postprocess(None, None)
 
@@ -186,8 +187,10 @@ def test_uneven_chains_are_zero_padded():
     saver = jaxsave.save(jaxsave.MemoryCollector(), block_size=3)
     state = saver.init({"x": jnp.zeros((2, 2))}, None, chains=2)
     keep = lambda c, i: (i % (c + 1)) == 0
-    state = jax.vmap(lambda s, c: jax.lax.scan(
-        lambda s, i: saver.save(s, keep(c, i), {"x": jnp.full(2, i, jnp.float32)}), s, jnp.arange(6))[0]
+    state = jax.vmap(
+        lambda s, c: jax.lax.scan(
+            lambda s, i: saver.save(s, keep(c, i), {"x": jnp.full(2, i, jnp.float32)}), s, jnp.arange(6)
+        )[0]
     )(state, jnp.arange(2))
     out = saver.postprocess(state, None)
     assert out["sample_count"].tolist() == [6, 3]
@@ -212,7 +215,9 @@ def test_stacking_chains_at_different_steps_is_refused():
     a = scan_save(saver, a, 2, make=lambda i: jnp.zeros(2))  # a is two steps ahead of b
     stacked = jax.tree.map(lambda x, y: jnp.stack([x, y]), a, b)
     with pytest.raises(Exception, match="different steps"):
-        jax.block_until_ready(jax.vmap(lambda s: scan_save(saver, s, 4, make=lambda i: jnp.zeros(2)))(stacked))
+        jax.block_until_ready(
+            jax.vmap(lambda s: scan_save(saver, s, 4, make=lambda i: jnp.zeros(2)))(stacked)
+        )
     streamer = saver.init.__self__
     streamer.writer.close()
 
@@ -227,12 +232,14 @@ def test_no_save_refuses_a_solver_state_it_cannot_checkpoint():
 def test_no_save_refuses_to_resume():
     init, _, _ = jaxsave.no_save()
     with pytest.raises(jaxsave.SaverStateError, match="cannot resume"):
-        init({"x": jnp.zeros(2)}, None, jaxsave.static_information(samples_collected=2),
-             resume=object())
+        init({"x": jnp.zeros(2)}, None, jaxsave.static_information(samples_collected=2), resume=object())
 
 
-@pytest.mark.parametrize("make", [lambda: jaxsave.save(jaxsave.MemoryCollector()),
-                                  lambda: jaxsave.no_save()], ids=["memory", "no_save"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: jaxsave.save(jaxsave.MemoryCollector()), lambda: jaxsave.no_save()],
+    ids=["memory", "no_save"],
+)
 def test_a_state_of_several_chains_without_vmap_is_refused(make):
     """A forgotten ``vmap`` names the fix, instead of an assertion deep inside a JAX update."""
     saver = make()

@@ -121,8 +121,11 @@ def remove_stale_temporaries(directory: str | os.PathLike[str], target: str | No
     removed = []
     for name in os.listdir(directory):
         m = _TEMP_RE.match(name) or _LEGACY_TEMP_RE.match(name)
-        if (m is None or (target is not None and m.group("target") != target)
-                or pid_alive(int(m.group("pid")))):
+        if (
+            m is None
+            or (target is not None and m.group("target") != target)
+            or pid_alive(int(m.group("pid")))
+        ):
             continue
         path = os.path.join(directory, name)
         if not os.path.isfile(path) or _locked(path):

@@ -34,11 +34,17 @@ def check_room(path: str, needed: int, held: str = "") -> None:
     free = shutil.disk_usage(os.path.dirname(path)).free
     tail = f"; {held}" if held else ""
     if needed > free:
-        raise OSError(errno.ENOSPC, f"No space left on device for {path}: {free / 2**20:.1f} MiB free, "
-                                    f"the write needs up to {needed / 2**20:.1f} MiB{tail}")
+        raise OSError(
+            errno.ENOSPC,
+            f"No space left on device for {path}: {free / 2**20:.1f} MiB free, "
+            f"the write needs up to {needed / 2**20:.1f} MiB{tail}",
+        )
     if _resource is not None:
         limit = _resource.getrlimit(_resource.RLIMIT_FSIZE)[0]
         size = os.path.getsize(path) if os.path.exists(path) else 0
         if limit != _resource.RLIM_INFINITY and size + needed > limit:
-            raise OSError(errno.EFBIG, f"File too large: {path} would pass this process's file size limit "
-                                       f"(ulimit -f) of {limit} bytes{tail}")
+            raise OSError(
+                errno.EFBIG,
+                f"File too large: {path} would pass this process's file size limit "
+                f"(ulimit -f) of {limit} bytes{tail}",
+            )

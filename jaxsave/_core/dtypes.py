@@ -53,9 +53,20 @@ ML_DTYPES: dict[str, np.dtype] = {
 _NATIVE_DTYPES: dict[str, np.dtype] = {
     np.dtype(t).name: np.dtype(t)
     for t in (
-        np.bool_, np.int8, np.int16, np.int32, np.int64,
-        np.uint8, np.uint16, np.uint32, np.uint64,
-        np.float16, np.float32, np.float64, np.complex64, np.complex128,
+        np.bool_,
+        np.int8,
+        np.int16,
+        np.int32,
+        np.int64,
+        np.uint8,
+        np.uint16,
+        np.uint32,
+        np.uint64,
+        np.float16,
+        np.float32,
+        np.float64,
+        np.complex64,
+        np.complex128,
     )
 }
 
@@ -77,7 +88,7 @@ def is_key_dtype_name(name: str) -> bool:
 
 def key_impl_of(name: str) -> str:
     """The implementation in a :func:`key_dtype_name` (``"key<rbg>"`` -> ``"rbg"``)."""
-    return name[len("key<"):-1]
+    return name[len("key<") : -1]
 
 
 class LeafSpec(NamedTuple):
@@ -149,12 +160,18 @@ def key_data_shape(spec: LeafSpec) -> tuple[int, ...]:
     return spec.shape + width
 
 
+#: numpy's own dtypes (native byte order), stored as they are: :func:`to_storable` returns them at once.
+_PLAIN_DTYPES = frozenset(np.dtype(c) for c in "?bhilqBHILQefdFD")
+
+
 def to_storable(x: Any) -> np.ndarray:
     """``x`` as a numpy array of a dtype every format stores natively.
 
     Keys become their key data, ml_dtypes become an unsigned view of equal width.
     The logical dtype is not recorded here: keep the :func:`leaf_spec`.
     """
+    if type(x) is np.ndarray and x.dtype in _PLAIN_DTYPES:  # the writer's every leaf: skip the checks
+        return x
     if is_key(x):
         x = jax.random.key_data(x)
     arr = np.asarray(x)

@@ -83,9 +83,10 @@ def acquire(path: str | os.PathLike) -> FileLock:
     with _registry:
         if _held.get(lock_file, lambda: None)() is not None:
             raise FileInUseError(
-                f"{path!r} is being written by another HDF5Collector in this process "
+                f"{path!r} is being written by another collector in this process "
                 f"(pid {os.getpid()}): one sample file takes one writer; close the other collector "
-                "(postprocess or close()) first, or write to another path"
+                "first (its saver's postprocess(state), also after a run that failed, e.g. in an "
+                "earlier notebook cell; or collector.close()), or write to another path"
             )
         lock = FileLock(path, lock_file, _lock_file(path, lock_file))
         _held[lock_file] = weakref.ref(lock)
@@ -143,6 +144,20 @@ def _describe_holder(fd: int) -> str:
         return f"pid {int(record['pid'])} on host {record['host']}, since {record['started']}"
     except (OSError, ValueError, KeyError, TypeError):
         return "holder not recorded yet"
+
+
+def hold(key: str, message: str) -> FileLock:
+    """Hold ``key`` (a store that has no file to lock: memory, object storage) for one writer of
+    this process; :class:`FileInUseError` with ``message`` if another holds it."""
+    lock_file = f"in-process:{key}"
+    if _held.get(lock_file) is not None:
+        gc.collect()  # an abandoned writer (a cycle) frees it
+    with _registry:
+        if _held.get(lock_file, lambda: None)() is not None:
+            raise FileInUseError(message)
+        lock = FileLock(key, lock_file, None)
+        _held[lock_file] = weakref.ref(lock)
+        return lock
 
 
 def check_unlocked(path: str | os.PathLike) -> None:

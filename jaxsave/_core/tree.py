@@ -50,8 +50,7 @@ def register_dictionize_rule(node_type: type) -> Callable[[Rule], Rule]:
     def register(rule: Rule) -> Rule:
         if node_type in _dictionize_rules:
             raise ValueError(
-                f"a dictionize rule for {node_type.__module__}.{node_type.__qualname__} "
-                "is already registered"
+                f"a dictionize rule for {node_type.__module__}.{node_type.__qualname__} is already registered"
             )
         _dictionize_rules[node_type] = rule
         return rule
@@ -221,9 +220,7 @@ def describe_mismatches(tree: Any, like: Any, what: str = "tree") -> list[str]:
             if a.dtype != b.dtype:
                 problems.append(f"leaf {k!r}: dtype {a.dtype} != expected {b.dtype}")
     if not problems and jax.tree.structure(tree) != jax.tree.structure(like):  # type: ignore[operator]
-        problems.append(
-            f"{what} structure {jax.tree.structure(tree)} != expected {jax.tree.structure(like)}"
-        )
+        problems.append(f"{what} structure {jax.tree.structure(tree)} != expected {jax.tree.structure(like)}")
     return problems
 
 

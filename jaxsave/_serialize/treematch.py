@@ -16,7 +16,6 @@ from jaxsave.errors import FileFormatError
 __all__ = ["match_structure", "decode_plain_value"]
 
 
-
 def _label(key: Any) -> str:
     return f"[{key!r}]" if isinstance(key, str) else f"[{json.dumps(key, sort_keys=True)}]"
 
@@ -68,8 +67,7 @@ def _value_kind(v: Any) -> str | None:
 
 
 class _Matcher:
-    def __init__(self, file_root: Any, file_arrays: Sequence[Any], like_arrays: Sequence[Any],
-                 partial: bool):
+    def __init__(self, file_root: Any, file_arrays: Sequence[Any], like_arrays: Sequence[Any], partial: bool):
         self.file_arrays, self.like_arrays, self.partial = file_arrays, like_arrays, partial
         self.plan: list[tuple[str, Any] | None] = []
         self.problems: list[str] = []
@@ -134,12 +132,16 @@ class _Matcher:
         firsts = self.first_leaf[id(f)]
         same_keys = fl == ll and len(fc) == len(lc)
         if lt == "node" and same_keys and f.get("aux") != lk.get("aux"):
-            self.problem(path, f"static data differ: the file has {json.dumps(f.get('aux'))[:120]}, "
-                               f"the target has {json.dumps(lk.get('aux'))[:120]}")
+            self.problem(
+                path,
+                f"static data differ: the file has {json.dumps(f.get('aux'))[:120]}, "
+                f"the target has {json.dumps(lk.get('aux'))[:120]}",
+            )
         if lt == "defaultdict" and f.get("factory") != lk.get("factory"):
             self.problem(path, "the defaultdict factories differ")
         keyed = lt in ("dict", "ordereddict", "defaultdict") or (
-            lt == "node" and all(x.startswith("[") for x in fl + ll) and not same_keys)
+            lt == "node" and all(x.startswith("[") for x in fl + ll) and not same_keys
+        )
         if not keyed:
             if not same_keys:
                 self.problem(path, f"the file has children {fl[:8]}, the target has {ll[:8]}")
@@ -160,8 +162,7 @@ class _Matcher:
             wanted = set(ll)
             for label in fl:
                 if label not in wanted:
-                    self.problem(path + label, "in the file but not in the target "
-                                               "(partial=True skips it)")
+                    self.problem(path + label, "in the file but not in the target (partial=True skips it)")
 
 
 def match_structure(

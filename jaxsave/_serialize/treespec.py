@@ -32,6 +32,7 @@ import enum
 import math
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from itertools import islice
 from typing import Any
 
 import jax
@@ -40,6 +41,7 @@ import numpy as np
 
 from jaxsave import registry
 from jaxsave._core.dtypes import dtype_from_name
+from jaxsave._core.tree import flat_name
 from jaxsave.errors import FileFormatError, JaxsaveError, RebuildError, UnregisteredNameError
 
 #: How an array leaf appears in a description: the type it is restored as.
@@ -51,6 +53,8 @@ __all__ = [
     "is_array_leaf",
     "TREESPEC_VERSION",
 ]
+
+_ARRAY_KIND_SET = frozenset(ARRAY_KINDS)
 
 #: Version of the JSON layout written by :func:`encode_structure`.
 TREESPEC_VERSION = 1
@@ -94,10 +98,20 @@ def _entry_name(entry: Any) -> str:
     return str(entry)
 
 
+#: Types met as array leaves (the registry does not flatten them), and their kind: the fast path.
+_LEAF_KIND: dict[type, str] = {}
+
+
+def _flat_prefix(path: tuple[str, ...]) -> str:
+    """What :func:`~jaxsave._core.tree.flat_name` puts before a child's part (``"a.b."``)."""
+    return "".join(part.replace("/", "|") + "." for part in path)
+
+
 class _Encoder:
-    def __init__(self, strict: bool = True) -> None:
+    def __init__(self, strict: bool = True, names: bool = False) -> None:
         self.leaves: list[Any] = []
-        self.names: list[tuple[str, ...]] = []
+        #: The flat name (:func:`~jaxsave._core.tree.flat_name`) of each array leaf, if asked for.
+        self.names: list[str] | None = [] if names else None
         self.problems: list[str] = []
         self.refs: set[str] = set()
         self.strict = strict
@@ -112,8 +126,10 @@ class _Encoder:
         if flat is None:
             if is_array_leaf(x):
                 self.leaves.append(x)
-                self.names.append(path)
-                return array_kind(x)
+                if self.names is not None:
+                    self.names.append(flat_name(path))
+                kind = _LEAF_KIND[type(x)] = array_kind(x)
+                return kind
             return {"t": "value", "v": self.value(x, path)}
         pairs, aux = flat
         cls = type(x)
@@ -122,11 +138,20 @@ class _Encoder:
         children = [c for _, c in pairs]
         if cls is dict:
             keys = list(aux)
-            out = {"t": "dict", "keys": [self.value(k, path) for k in keys]}
+            str_keys = set(map(type, keys)) == {str}
+            out = {"t": "dict", "keys": keys if str_keys else [self.value(k, path) for k in keys]}
             order = list(x)
             if order != keys:
                 position = {k: i for i, k in enumerate(keys)}
                 out["order"] = [position[k] for k in order]
+            kinds = list(map(_LEAF_KIND.get, map(type, children)))
+            if str_keys and kinds and None not in kinds:  # a dict of array leaves: at once
+                self.leaves += children
+                if self.names is not None:
+                    prefix = _flat_prefix(path)
+                    self.names += [prefix + k.replace("/", "|") or "sample" for k in keys]
+                out["children"] = kinds
+                return out
             out["children"] = [self.node(c, path + (str(k),)) for k, c in zip(keys, children)]
             return out
         if cls is list or cls is tuple:
@@ -135,8 +160,7 @@ class _Encoder:
         if _is_namedtuple(x):
             fields = list(cls._fields)
             kids = [self.node(c, path + (f,)) for f, c in zip(fields, children)]
-            return {"t": "namedtuple", "type": self.type_ref(cls), "fields": fields,
-                    "children": kids}
+            return {"t": "namedtuple", "type": self.type_ref(cls), "fields": fields, "children": kids}
         if cls is OrderedDict or cls is defaultdict:
             keys = list(aux if cls is OrderedDict else aux[1])
             out = {"t": cls.__name__.lower(), "keys": [self.value(k, path) for k in keys]}
@@ -174,17 +198,21 @@ class _Encoder:
         if isinstance(v, type):
             return self._type_value(v, path)
         if _is_namedtuple(v):
-            return {"$": "namedtuple", "type": self.type_ref(t),
-                    "v": [self.value(c, path) for c in v]}
+            return {"$": "namedtuple", "type": self.type_ref(t), "v": [self.value(c, path) for c in v]}
         if t is tuple or t is list:
             items = [self.value(c, path + (f"list_element_{i}",)) for i, c in enumerate(v)]
             return items if t is list else {"$": "tuple", "v": items}
         if t is dict:
-            return {"$": "dict", "v": [[self.value(k, path), self.value(c, path + (str(k),))]
-                                       for k, c in v.items()]}
+            return {
+                "$": "dict",
+                "v": [[self.value(k, path), self.value(c, path + (str(k),))] for k, c in v.items()],
+            }
         if isinstance(v, Mapping) and registry.saveable_name(t) is not None:
-            return {"$": "mapping", "type": self.type_ref(t),
-                    "v": [[self.value(k, path), self.value(c, path + (str(k),))] for k, c in v.items()]}
+            return {
+                "$": "mapping",
+                "type": self.type_ref(t),
+                "v": [[self.value(k, path), self.value(c, path + (str(k),))] for k, c in v.items()],
+            }
         if t is set or t is frozenset:
             items = sorted((self.value(c, path) for c in v), key=repr)
             return {"$": t.__name__, "v": items}
@@ -251,10 +279,17 @@ def encode_structure(
     return spec, enc.leaves
 
 
-def encode_structure_with_names(tree: Any) -> tuple[dict[str, Any], list[Any], list[tuple[str, ...]]]:
-    """:func:`encode_structure` plus each array leaf's key path (dictionize naming)."""
-    enc = _Encoder(True)
+def encode_structure_with_names(tree: Any) -> tuple[dict[str, Any], list[Any], list[str]]:
+    """:func:`encode_structure` plus each array leaf's name: the
+    :func:`~jaxsave._core.tree.flat_name` of its key path (dictionize naming).
+
+    >>> import numpy as np
+    >>> encode_structure_with_names({"a/b": {"c": np.zeros(1)}, "d": [np.ones(1)]})[2]
+    ['a|b.c', 'd.list_element_0']
+    """
+    enc = _Encoder(True, names=True)
     spec, leaves = encode_structure(tree, _encoder=enc)
+    assert enc.names is not None
     return spec, leaves, enc.names
 
 
@@ -293,8 +328,9 @@ class _Objects(dict):
 
 
 class Decoder:
-    def __init__(self, objects: dict[str, Any], leaves: Iterator[Any],
-                 leaf_fn: Callable[[str, Any], Any] | None):
+    def __init__(
+        self, objects: dict[str, Any], leaves: Iterator[Any], leaf_fn: Callable[[str, Any], Any] | None
+    ):
         self.objects = _Objects(objects)
         self.leaves = leaves
         self.leaf_fn = leaf_fn
@@ -313,11 +349,16 @@ class Decoder:
             return None
         kids = n.get("children")
         _check(isinstance(kids, list), f"a {t!r} node has no children list")
-        children = [self.node(c) for c in kids]
+        if kids and set(map(type, kids)) == {str} and _ARRAY_KIND_SET.issuperset(kids):
+            children = self.array_leaves(kids)  # a node of array leaves only: at once
+        else:
+            children = [self.node(c) for c in kids]
         if t in ("dict", "ordereddict", "defaultdict"):
             keys = self.keys(n, len(children))
             if t == "dict":
-                order = n.get("order", range(len(keys)))
+                if "order" not in n:
+                    return dict(zip(keys, children))
+                order = n["order"]
                 _check(sorted(order) == list(range(len(keys))), "bad dict order")
                 return {keys[i]: children[i] for i in order}
             if t == "ordereddict":
@@ -332,18 +373,25 @@ class Decoder:
         cls = self.objects[n["type"]]
         if t == "namedtuple":
             fields = n.get("fields")
-            _check(isinstance(cls, type) and issubclass(cls, tuple) and hasattr(cls, "_fields"),
-                   f"{n['type']} is not a namedtuple type")
-            _check(list(cls._fields) == fields and len(children) == len(fields),
-                   f"namedtuple {n['type']} has fields {list(cls._fields)}, the file has {fields}")
+            _check(
+                isinstance(cls, type) and issubclass(cls, tuple) and hasattr(cls, "_fields"),
+                f"{n['type']} is not a namedtuple type",
+            )
+            _check(
+                list(cls._fields) == fields and len(children) == len(fields),
+                f"namedtuple {n['type']} has fields {list(cls._fields)}, the file has {fields}",
+            )
             return _rebuilt(n["type"], lambda: cls(*children))
         _check(t == "node", f"unknown node type {t!r}")
-        _check(isinstance(cls, type) and _REGISTRY.is_node(cls),
-               f"{n['type']} is not a registered pytree node type")
+        _check(
+            isinstance(cls, type) and _REGISTRY.is_node(cls),
+            f"{n['type']} is not a registered pytree node type",
+        )
         aux = self.value(n.get("aux"))
         try:
             treedef = jax.tree_util.PyTreeDef.from_node_data_and_children(
-                _REGISTRY, (cls, aux), [_LEAF_DEF] * len(children))
+                _REGISTRY, (cls, aux), [_LEAF_DEF] * len(children)
+            )
         except Exception as e:  # jax's own checks of the stored node data
             raise FileFormatError(f"cannot rebuild a {n['type']} node: {e}") from e
         if cls in _JAX_NODES:  # jax's own containers: what their unflatten rejects is the file's fault
@@ -353,9 +401,17 @@ class Decoder:
                 raise FileFormatError(f"cannot rebuild a {n['type']} node: {e}") from e
         return _rebuilt(n["type"], lambda: treedef.unflatten(children))
 
+    def array_leaves(self, kinds: list[str]) -> list[Any]:
+        """The next ``len(kinds)`` array leaves (``kinds`` are valid array kinds)."""
+        leaves = list(islice(self.leaves, len(kinds)))
+        _check(len(leaves) == len(kinds), "more array leaves in the structure than stored")
+        return list(map(self.leaf_fn, kinds, leaves)) if self.leaf_fn else leaves
+
     def keys(self, n: dict[str, Any], count: int) -> list[Any]:
         keys = n.get("keys")
         _check(isinstance(keys, list) and len(keys) == count, "keys do not match children")
+        if set(map(type, keys)) == {str}:  # type: ignore[arg-type]
+            return keys  # type: ignore[return-value]  # plain strings decode to themselves
         out = [self.value(k) for k in keys]  # type: ignore[union-attr]
         for k in out:
             _check(k.__hash__ is not None, f"unhashable dict key {k!r}")
@@ -377,8 +433,10 @@ class Decoder:
             _check(isinstance(raw, list), f"bad {tag}")
             return {"tuple": tuple, "set": set, "frozenset": frozenset}[tag](self.value(raw))
         if tag in ("dict", "mapping"):
-            _check(isinstance(raw, list) and all(isinstance(p, list) and len(p) == 2 for p in raw),
-                   f"bad {tag} value")
+            _check(
+                isinstance(raw, list) and all(isinstance(p, list) and len(p) == 2 for p in raw),
+                f"bad {tag} value",
+            )
             d = {self.value(k): self.value(c) for k, c in raw}
             if tag == "dict":
                 return d
@@ -393,13 +451,17 @@ class Decoder:
             return base64.b64decode(raw.encode("ascii"), validate=True)
         if tag == "enum":
             cls = self.objects[v["type"]]
-            _check(isinstance(cls, type) and issubclass(cls, enum.Enum) and raw in cls.__members__,
-                   f"{v['type']} has no member {raw!r:.40}")
+            _check(
+                isinstance(cls, type) and issubclass(cls, enum.Enum) and raw in cls.__members__,
+                f"{v['type']} has no member {raw!r:.40}",
+            )
             return cls[raw]
         if tag == "namedtuple":
             cls = self.objects[v["type"]]
-            _check(isinstance(cls, type) and issubclass(cls, tuple) and hasattr(cls, "_fields"),
-                   f"{v['type']} is not a namedtuple type")
+            _check(
+                isinstance(cls, type) and issubclass(cls, tuple) and hasattr(cls, "_fields"),
+                f"{v['type']} is not a namedtuple type",
+            )
             _check(isinstance(raw, list) and len(raw) == len(cls._fields), "bad namedtuple value")
             return cls(*self.value(raw))
         if tag == "dtype":
@@ -415,8 +477,10 @@ class Decoder:
             return dtype_from_name(v.get("dtype")).type(self.value(raw))
         if tag == "ndarray":
             shape = v.get("shape")
-            _check(isinstance(shape, list) and isinstance(raw, list)
-                   and math.prod(shape) == len(raw), "bad inline array")
+            _check(
+                isinstance(shape, list) and isinstance(raw, list) and math.prod(shape) == len(raw),
+                "bad inline array",
+            )
             return np.array(self.value(raw), dtype=dtype_from_name(v.get("dtype"))).reshape(shape)
         raise FileFormatError(f"invalid tree structure: unknown value tag {tag!r:.40}")
 
@@ -436,8 +500,9 @@ def _rebuilt(name: str, build: Callable[[], Any]) -> Any:
     try:
         return build()
     except Exception as e:
-        raise RebuildError(f"rebuilding a {name} from the stored tree: the class raised "
-                           f"{type(e).__name__}: {e}") from e
+        raise RebuildError(
+            f"rebuilding a {name} from the stored tree: the class raised {type(e).__name__}: {e}"
+        ) from e
 
 
 def decode_structure(

@@ -19,6 +19,7 @@ treedef and the treespec). Layout ``"posterior"`` stores leaf ``group/name`` as 
 from __future__ import annotations
 
 import datetime
+import json
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -43,6 +44,8 @@ STRUCTURE = "jaxsave_structure"
 COUNTS = "sample_counts"
 MERGED_FROM = "jaxsave_merged_from"
 CHAIN_OFFSETS = "jaxsave_chain_offsets"
+#: (Zarr) The id of the run that created a store that several processes write.
+RUN = "jaxsave_run"
 
 # Attributes of each leaf's dataset, and of a chain's group (layout "chains").
 LEAF_DTYPE = "jaxsave_dtype"
@@ -76,10 +79,54 @@ def root_attributes(layout: str) -> dict[str, Any]:
     return {VERSION: __version__, FORMAT: SAMPLE_FILE_FORMAT, LAYOUT: layout}
 
 
+def created_now() -> str:
+    """The ``created`` attribute of a file (or store) made now: an ISO 8601 UTC time."""
+    return datetime.datetime.now(datetime.UTC).isoformat()
+
+
 def new_file_attributes() -> dict[str, Any]:
     """The root attributes a new file starts with, besides :func:`root_attributes`."""
-    return {CREATED: datetime.datetime.now(datetime.UTC).isoformat(),
-            COUNTS: np.zeros(0, np.int64)}
+    return {CREATED: created_now(), COUNTS: np.zeros(0, np.int64)}
+
+
+def structure_json(
+    keys: Sequence[tuple[str, ...]],
+    entries: Sequence[tuple[str, str]],
+    specs: Sequence[Any],
+    treedef: Any,
+    treespec: dict | None,
+) -> str:
+    """The :data:`STRUCTURE` attribute: each leaf's key, group, name, dtype and shape, the treedef
+    (as text) and the pickle-free treespec (``None`` when the tree cannot be described).
+
+    ``entries`` are the leaves' ``(group, name)``; ``specs`` have ``.dtype`` and ``.shape``.
+
+    >>> import json
+    >>> spec = VariableInfo((), "", "", "float32", (2,))
+    >>> json.loads(structure_json([("x",)], [("posterior", "x")], [spec], "*", None))["leaves"]
+    [{'key': ['x'], 'group': 'posterior', 'name': 'x', 'dtype': 'float32', 'shape': [2]}]
+    """
+    leaves = [
+        {"key": list(key), "group": group, "name": name, "dtype": spec.dtype, "shape": list(spec.shape)}
+        for key, (group, name), spec in zip(keys, entries, specs)
+    ]
+    return json.dumps({"leaves": leaves, "treedef": str(treedef), "treespec": treespec})
+
+
+def parse_structure(raw: str | bytes) -> list[VariableInfo]:
+    """The leaves a :data:`STRUCTURE` attribute describes (``ValueError``/``KeyError``/``TypeError``
+    if it is malformed; dtype names are the reader's to check)."""
+    text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    return [
+        VariableInfo(
+            tuple(str(k) for k in v["key"]),
+            str(v["group"]),
+            str(v["name"]),
+            str(v["dtype"]),
+            tuple(int(n) for n in v["shape"]),
+        )
+        for v in json.loads(text)["leaves"]
+    ]
 
 
 def chain_group(chain: int) -> str:

@@ -31,14 +31,22 @@ class _DeviceSaver(SaverBase):
         super().__init__()
         self.capacity: int | None = None
 
-    def init(self, init_sample: Any, init_checkpoint: Any = None, static_information: Any = None,
-             *, chains: int | None = None, scheduler_state: Any = None,
-             resume: Any = None) -> SaveState:
+    def init(
+        self,
+        init_sample: Any,
+        init_checkpoint: Any = None,
+        static_information: Any = None,
+        *,
+        chains: int | None = None,
+        scheduler_state: Any = None,
+        resume: Any = None,
+    ) -> SaveState:
         """A state holding room for ``samples_collected`` samples per chain."""
         if resume is not None:
             raise SaverStateError(
                 "no_save() keeps no checkpoints and cannot resume a run: pass resume= to the "
-                "init of jaxsave.save(collector, checkpoint_every=...)")
+                "init of jaxsave.save(collector, checkpoint_every=...)"
+            )
         capacity = samples_collected(static_information)
         if capacity is None:
             raise ValueError(
@@ -49,8 +57,7 @@ class _DeviceSaver(SaverBase):
         self.capacity = capacity if self.capacity is None else self.capacity
         if capacity != self.capacity:
             raise ValueError(f"all chains of one no_save() need the same samples_collected ({self.capacity})")
-        layout = self.sample_layout
-        assert layout is not None  # set by _sample_spec
+        sample = self.sample_layout
         first = len(self.registered)
         ids = list(range(first, first + (chains or 1)))
         self.registered.extend(ids)
@@ -58,8 +65,8 @@ class _DeviceSaver(SaverBase):
             chain_id=jnp.int32(first),
             saved_samples=jnp.int32(0),
             data=tuple(
-                jnp.zeros((capacity + 1, *layout.storage_shape(j)), layout.row_dtype(j))
-                for j in range(len(layout.specs))
+                jnp.zeros((capacity + 1, *sample.storage_shape(j)), sample.row_dtype(j))
+                for j in range(len(sample.specs))
             ),
             keep_mask=None,
             step=jnp.int32(0),
@@ -69,13 +76,15 @@ class _DeviceSaver(SaverBase):
         state = jax.tree.map(lambda x: jnp.broadcast_to(x, (chains, *x.shape)), state)
         return state._replace(chain_id=jnp.asarray(ids, jnp.int32))
 
-    def save(self, state: SaveState, keep: Any, sample: Any, scheduler_state: Any = None,
-             solver_state: Any = None) -> tuple[SaveState, None]:
+    def save(
+        self, state: SaveState, keep: Any, sample: Any, scheduler_state: Any = None, solver_state: Any = None
+    ) -> tuple[SaveState, None]:
         """Write ``sample`` at the next free row if ``keep``; call inside jit/scan/vmap."""
         if solver_state is not None:
             raise SaverStateError(
                 "no_save() keeps no checkpoints, so it cannot take solver_state: checkpoint with "
-                "jaxsave.save(collector, checkpoint_every=...), or leave solver_state out")
+                "jaxsave.save(collector, checkpoint_every=...), or leave solver_state out"
+            )
         self._check_open()
         leaves = self._flat_sample(sample)
         check_state(state, "save()")
@@ -105,16 +114,15 @@ class _DeviceSaver(SaverBase):
                 f"static_information(samples_collected={self.capacity}) has room for only {self.capacity}"
             )
         self.finished_chains.update(chains.tolist())
-        leaves = [np.asarray(x).reshape(-1, *np.shape(x)[len(batch):]) for x in state.data]
-        layout = self.sample_layout
-        assert layout is not None  # set by init
+        leaves = [np.asarray(x).reshape(-1, *np.shape(x)[len(batch) :]) for x in state.data]
+        sample = self.sample_layout
         samples = []
         for i, count in enumerate(counts.tolist()):
             rows = [
                 _dtypes.from_storable(x[i, :count], spec.dtype) if spec.is_key else x[i, :count]
-                for x, spec in zip(leaves, layout.specs)
+                for x, spec in zip(leaves, sample.specs)
             ]
-            samples.append(layout.unflatten(rows))
+            samples.append(sample.unflatten(rows))
         return self._stack_results(batch, counts, samples)
 
 

@@ -68,18 +68,28 @@ class Packing(NamedTuple):
         rows = 0 if self.unbuffered else self.rows
         return tuple(jnp.zeros((rows, n), dtype) for n, dtype in zip(self.widths, self.dtypes))
 
-    def write(self, buffers: tuple[jax.Array, ...], mask: jax.Array, leaves: Sequence[jax.Array],
-              keep: jax.Array, row: jax.Array) -> tuple[tuple[jax.Array, ...], jax.Array]:
+    def row(self, leaves: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
+        """One sample's leaves as one flat row per buffer (the leaves of a dtype concatenated)."""
+        parts: list[list[jax.Array]] = [[] for _ in self.dtypes]
+        for slot, x in zip(self.slots, leaves):
+            parts[slot.group].append(jnp.reshape(x, (slot.size,)))
+        return tuple(p[0] if len(p) == 1 else jnp.concatenate(p) for p in parts)
+
+    def write(
+        self,
+        buffers: tuple[jax.Array, ...],
+        mask: jax.Array,
+        leaves: Sequence[jax.Array],
+        keep: jax.Array,
+        row: jax.Array,
+    ) -> tuple[tuple[jax.Array, ...], jax.Array]:
         """``(buffers, mask)`` with the leaves and ``keep`` written as row ``row``, in place
         (also under vmap).
 
         If :attr:`unbuffered`, the returned buffers are the one-row block to send,
         not the state's (empty) buffers.
         """
-        parts: list[list[jax.Array]] = [[] for _ in self.dtypes]
-        for slot, x in zip(self.slots, leaves):
-            parts[slot.group].append(jnp.reshape(x, (slot.size,)))
-        rows = tuple(p[0] if len(p) == 1 else jnp.concatenate(p) for p in parts)
+        rows = self.row(leaves)
         if self.unbuffered:
             return tuple(r[None] for r in rows), jnp.reshape(keep, (1,))
         *buffers, mask = _row_writer(0)((*buffers, mask), (*rows, keep), row)
@@ -90,7 +100,7 @@ class Packing(NamedTuple):
         flat = [np.asarray(b) for b in buffers]
         flat = [b.reshape(math.prod(b.shape[:-2]), *b.shape[-2:]) for b in flat]
         return [
-            flat[s.group][:, :, s.start:s.start + s.size].reshape(*flat[s.group].shape[:2], *shape)
+            flat[s.group][:, :, s.start : s.start + s.size].reshape(*flat[s.group].shape[:2], *shape)
             for s, shape in zip(self.slots, self.shapes)
         ]
 
@@ -158,6 +168,6 @@ def unpack(buffers: Sequence[np.ndarray], placement: tuple) -> list[np.ndarray]:
         buf = np.asarray(buffers[group])
         flat = buf.reshape(math.prod(buf.shape[:-1]), buf.shape[-1])
         start, size = offsets.get(group, 0), math.prod(shape)
-        leaves.append(flat[:, start:start + size].reshape(len(flat), *shape))
+        leaves.append(flat[:, start : start + size].reshape(len(flat), *shape))
         offsets[group] = start + size
     return leaves

@@ -12,8 +12,9 @@ continues the same chains.
 
 from __future__ import annotations
 
+import io
 import os
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,7 @@ import numpy as np
 
 from jaxsave._core import dtypes as _dtypes
 from jaxsave._core.tree import check_like
+from jaxsave._store.location import check_storage_options, is_zarr
 from jaxsave.errors import JaxsaveError, SaverStateError, StructureMismatchError
 
 __all__ = ["Checkpoint", "ChainCheckpoint", "resume"]
@@ -64,8 +66,9 @@ def broadcast_unbatched(tree: Any, batched: Any, size: int) -> Any:
     return jax.tree.map(lambda x, b: x if b else jnp.broadcast_to(x, (size, *jnp.shape(x))), tree, batched)
 
 
-def records(chains: np.ndarray, steps: np.ndarray, saved: np.ndarray, leaves: list[np.ndarray],
-            pick: np.ndarray) -> dict[int, ChainCheckpoint]:
+def records(
+    chains: np.ndarray, steps: np.ndarray, saved: np.ndarray, leaves: list[np.ndarray], pick: np.ndarray
+) -> dict[int, ChainCheckpoint]:
     """Host-side: the checkpoints of chains ``chains[pick]``, from flattened (chain-major) arrays."""
     return {
         int(chains[i]): ChainCheckpoint(int(steps[i]), int(saved[i]), [np.array(x[i]) for x in leaves])
@@ -85,7 +88,8 @@ def assemble(stored: dict[int, ChainCheckpoint], spec: Any, like: Any = None) ->
     if spec is None:
         raise JaxsaveError(
             "the checkpoint's sampler state uses classes that are not registered in this process: pass "
-            "like=(solver_state_template, scheduler_state_template) to resume")
+            "like=(solver_state_template, scheduler_state_template) to resume"
+        )
     ids = np.array(sorted(stored), dtype=np.int64)
     specs = [_dtypes.leaf_spec(s) for s in jax.tree.leaves(spec)]
     treedef = jax.tree.structure(spec)
@@ -94,7 +98,8 @@ def assemble(stored: dict[int, ChainCheckpoint], spec: Any, like: Any = None) ->
         rec = stored[chain]
         if len(rec.leaves) != len(specs):
             raise StructureMismatchError(
-                f"checkpoint of chain {chain} has {len(rec.leaves)} leaves, the template {len(specs)}")
+                f"checkpoint of chain {chain} has {len(rec.leaves)} leaves, the template {len(specs)}"
+            )
         per_chain.append(rec.leaves)
     stacked = []
     for j, s in enumerate(specs):
@@ -117,24 +122,33 @@ def _shape_dtype(spec: _dtypes.LeafSpec) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(spec.shape, _dtypes.dtype_from_name(spec.dtype))
 
 
-def write_file(path: str, records: dict[int, ChainCheckpoint], spec: Any) -> None:
-    """Atomically replace the checkpoint file ``path`` with ``records`` (every chain's latest)."""
+def write_file(path: str | BinaryIO, records: dict[int, ChainCheckpoint], spec: Any) -> None:
+    """Atomically replace the checkpoint file ``path`` with ``records`` (every chain's latest),
+    or write them to the binary file ``path``."""
     from jaxsave._serialize import treespec as _treespec
     from jaxsave.serialization import save_pytree
 
     structure, spec_leaves = _treespec.encode_structure(spec)
     tree = {
-        str(chain): {"step": np.int64(r.step), "sample_count": np.int64(r.sample_count),
-                     "leaves": list(r.leaves)}
+        str(chain): {
+            "step": np.int64(r.step),
+            "sample_count": np.int64(r.sample_count),
+            "leaves": list(r.leaves),
+        }
         for chain, r in sorted(records.items())
     }
     leaves = [list(_dtypes.leaf_spec(x)) for x in spec_leaves]
-    save_pytree(path, tree, metadata={"kind": "jaxsave-checkpoint", "structure": structure, "leaves": leaves},
-                format="jaxsave")
+    save_pytree(
+        path,
+        tree,
+        metadata={"kind": "jaxsave-checkpoint", "structure": structure, "leaves": leaves},
+        format="jaxsave",
+    )
 
 
-def read_file(path: str) -> tuple[dict[int, ChainCheckpoint], Any]:
-    """The records of a checkpoint file and the structure they fill (``None`` if it cannot be rebuilt)."""
+def read_file(path: str | BinaryIO) -> tuple[dict[int, ChainCheckpoint], Any]:
+    """The records of a checkpoint file (a path or a binary file) and the structure they fill
+    (``None`` if it cannot be rebuilt)."""
     from jaxsave._serialize import treespec as _treespec
     from jaxsave.errors import FileFormatError, UnregisteredNameError
     from jaxsave.serialization import load_pytree, read_metadata
@@ -142,13 +156,16 @@ def read_file(path: str) -> tuple[dict[int, ChainCheckpoint], Any]:
     meta = read_metadata(path)
     if not isinstance(meta, dict) or meta.get("kind") != "jaxsave-checkpoint":
         raise FileFormatError(f"{path} is not a jaxsave checkpoint file")
+    if not isinstance(path, str):
+        path.seek(0)
     tree = load_pytree(path, as_numpy=True)
     if not isinstance(tree, dict):
         raise FileFormatError(f"{path}: malformed checkpoint")
     try:
         records = {
-            int(chain): ChainCheckpoint(int(r["step"]), int(r["sample_count"]),
-                                        [np.asarray(x) for x in r["leaves"]])
+            int(chain): ChainCheckpoint(
+                int(r["step"]), int(r["sample_count"]), [np.asarray(x) for x in r["leaves"]]
+            )
             for chain, r in tree.items()
         }
         leaf_specs = [_shape_dtype(_dtypes.LeafSpec(tuple(shape), dtype)) for shape, dtype in meta["leaves"]]
@@ -158,6 +175,34 @@ def read_file(path: str) -> tuple[dict[int, ChainCheckpoint], Any]:
         spec = _treespec.decode_structure(meta["structure"], leaf_specs)
     except UnregisteredNameError:
         spec = None  # a class of the sampler state is not registered here: resume needs like=
+    return records, spec
+
+
+def read_store_key(location: Any, key: str) -> tuple[dict[int, ChainCheckpoint], Any]:
+    """The records in key ``key`` of a Zarr store (a :class:`jaxsave._store.zarr.store.Location`)
+    and their structure; ``({}, None)`` if there is no such key."""
+    from jaxsave._store.zarr import store as _zarr_store
+
+    data = _zarr_store.get_bytes(location, key)
+    if data is None:
+        return {}, None
+    return read_file(io.BytesIO(data))
+
+
+def read_store(source: Any, storage_options: dict | None = None) -> tuple[dict[int, ChainCheckpoint], Any]:
+    """Every writer's checkpoints in a Zarr store, merged (each writer's chains are its own)."""
+    from jaxsave._store.zarr import store as _zarr_store
+    from jaxsave._store.zarr.arrays import CHECKPOINT_PREFIX
+
+    _, location = _zarr_store.open_group(source, "r", storage_options)
+    records: dict[int, ChainCheckpoint] = {}
+    spec = None
+    for key in _zarr_store.list_keys(location, CHECKPOINT_PREFIX):
+        if not key[len(CHECKPOINT_PREFIX) :].isdigit():
+            continue  # not a checkpoint: the temporary of a put that a kill interrupted
+        found, found_spec = read_store_key(location, key)
+        records.update(found)
+        spec = found_spec if spec is None else spec
     return records, spec
 
 
@@ -171,7 +216,8 @@ def at_one_step(steps: dict[int, int], what: str) -> None:
         raise SaverStateError(
             f"{what} holds chains at different steps ({where}), which cannot continue as one "
             "stack of chains from one start; chains that were run separately resume separately: "
-            "resume(source, chains=[...]) for each set of chains at one step")
+            "resume(source, chains=[...]) for each set of chains at one step"
+        )
 
 
 def select_chains(stored: dict[int, ChainCheckpoint], chains: Any) -> dict[int, ChainCheckpoint]:
@@ -179,27 +225,29 @@ def select_chains(stored: dict[int, ChainCheckpoint], chains: Any) -> dict[int, 
     if chains is None:
         return stored
     ids = list(chains) if isinstance(chains, (list, tuple, range, np.ndarray)) else [chains]
-    if not ids or any(isinstance(c, (bool, np.bool_)) or not isinstance(c, (int, np.integer))
-                      for c in ids):
-        raise TypeError(
-            f"chains must be a chain id or a non-empty sequence of chain ids, got {chains!r}")
+    if not ids or any(isinstance(c, (bool, np.bool_)) or not isinstance(c, (int, np.integer)) for c in ids):
+        raise TypeError(f"chains must be a chain id or a non-empty sequence of chain ids, got {chains!r}")
     missing = sorted({int(c) for c in ids} - set(stored))
     if missing:
-        raise JaxsaveError(
-            f"no checkpoint of chain(s) {missing}; there are checkpoints of {sorted(stored)}")
+        raise JaxsaveError(f"no checkpoint of chain(s) {missing}; there are checkpoints of {sorted(stored)}")
     return {int(c): stored[int(c)] for c in sorted({int(c) for c in ids})}
 
 
-def resume(source: Any, like: Any = None, *, chains: Any = None) -> Checkpoint:
+def resume(
+    source: Any, like: Any = None, *, chains: Any = None, storage_options: dict | None = None
+) -> Checkpoint:
     """The last complete checkpoint stored by a collector (or at a path).
 
     Args:
-      source: a collector that a saver with ``checkpoint_every`` wrote to, or the
-        path of its samples file (``run.h5``; the checkpoint is ``run.h5.ckpt``).
+      source: a collector that a saver with ``checkpoint_every`` wrote to, the
+        path of its samples file (``run.h5``; the checkpoint is ``run.h5.ckpt``), or
+        a Zarr store (a directory, a URL, a store object: the checkpoints are in it).
       like: optional template of one chain, ``(solver_state, scheduler_state)``; a
         mismatch in structure, shape or dtype is an error naming the leaf. Needed
         when the state's classes are not registered in this process.
       chains: only these chain ids (default: every chain with a checkpoint).
+      storage_options: fsspec options for a Zarr store named by URL (credentials,
+        ``endpoint_url``...); a ``TypeError`` with a collector (it has its own) or an HDF5 path.
 
     The chains returned are all at one step (the chains of one ``init``, sharded
     or not, are always stored at one step); chains at different steps, which were
@@ -212,9 +260,15 @@ def resume(source: Any, like: Any = None, *, chains: Any = None) -> Checkpoint:
     from jaxsave.collectors import DataCollector, drain_writer
 
     if isinstance(source, DataCollector):
+        if storage_options is not None:
+            raise TypeError("storage_options= are for a store named by URL; a collector has its own")
         drain_writer(source)  # what the sampler already sent is stored first
         stored, spec = source.resume()
+    elif is_zarr(source):
+        check_storage_options(source, storage_options)
+        stored, spec = read_store(source, storage_options)
     else:
+        check_storage_options(source, storage_options)
         path = os.fspath(source)
         path = path if path.endswith(CHECKPOINT_SUFFIX) else path + CHECKPOINT_SUFFIX
         if not os.path.exists(path):

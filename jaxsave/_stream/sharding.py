@@ -33,11 +33,13 @@ def local_part(tree: Any) -> Any:
         shards: dict[Any, Any] = {}
         for shard in x.addressable_shards:
             index = shard.index
-            if any(s != slice(None) and (s.start or 0, s.stop) != (0, n)
-                   for s, n in zip(index[1:], x.shape[1:])):
+            if any(
+                s != slice(None) and (s.start or 0, s.stop) != (0, n) for s, n in zip(index[1:], x.shape[1:])
+            ):
                 raise ValueError(
                     f"a saving-state leaf of shape {x.shape} is split over processes along an axis "
-                    f"other than the chain axis ({x.sharding}); shard the state only over its chain axis")
+                    f"other than the chain axis ({x.sharding}); shard the state only over its chain axis"
+                )
             start = index[0].start or 0 if index else 0
             shards.setdefault(start, np.asarray(shard.data))
         return np.concatenate([shards[k] for k in sorted(shards)], axis=0)

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 import weakref
-from typing import Any
+from typing import Protocol
 
 import jax
 
@@ -22,17 +22,47 @@ logger = logging.getLogger("jaxsave")
 EXIT_TIMEOUT_S = 60.0
 
 
+class Stoppable(Protocol):
+    """A streamer, as the exit hook sees it."""
+
+    @property
+    def writing(self) -> bool:
+        """Whether its writer thread is running."""
+        ...
+
+    def stop_at_exit(self, deadline: float) -> None:
+        """Write what is queued (until ``deadline``, a ``time.monotonic()``), stop, close."""
+        ...
+
+
 #: Every streamer that started a writer thread; the exit hook stops the live ones.
-_STREAMERS: weakref.WeakSet = weakref.WeakSet()
+_STREAMERS: weakref.WeakSet[Stoppable] = weakref.WeakSet()
 _HOOKED = threading.Lock()
+_EARLY: list[bool] = []  # the hook is also registered with threading's exit hooks (once)
 
 
-def watch(streamer: Any) -> None:
+def _register_early() -> None:
+    """Also run the hook from ``threading``'s exit hooks, which run before ``atexit``'s and
+    before ``concurrent.futures`` shuts its executors down: collectors whose stores write
+    through a thread pool (zarr's) can still write then. The ``atexit`` hook stays, for
+    interpreters without that (private) registry; a second call finds no live writer."""
+    register = getattr(threading, "_register_atexit", None)
+    if _EARLY or register is None:
+        return
+    try:
+        register(_at_exit)
+        _EARLY.append(True)
+    except RuntimeError:  # the interpreter is shutting down already
+        pass
+
+
+def watch(streamer: Stoppable) -> None:
     """Have the exit hook stop ``streamer``'s writer if the interpreter exits first."""
     with _HOOKED:
         if not _STREAMERS:  # registered late, so it runs before JAX's own exit hooks
             atexit.unregister(_at_exit)
             atexit.register(_at_exit)
+        _register_early()
         _STREAMERS.add(streamer)
 
 
@@ -43,7 +73,7 @@ def _at_exit() -> None:
     at exit), and an XLA thread entering a callback during shutdown aborts the process.
     A second Ctrl-C skips the wait for the computations.
     """
-    live = [s for s in list(_STREAMERS) if s.writer is not None and s.writer.alive]
+    live = [s for s in list(_STREAMERS) if s.writing]
     if not live:
         return
     try:

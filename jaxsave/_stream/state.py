@@ -50,16 +50,24 @@ class SaveState(NamedTuple):
 class InitFn(Protocol):
     """``init(init_sample, init_checkpoint=None, static_information=None, *, chains=None, ...)``."""
 
-    def __call__(self, init_sample: Any, init_checkpoint: Any = None,
-                 static_information: Any = None, *, chains: int | None = None,
-                 scheduler_state: Any = None, resume: Any = None) -> SaveState: ...
+    def __call__(
+        self,
+        init_sample: Any,
+        init_checkpoint: Any = None,
+        static_information: Any = None,
+        *,
+        chains: int | None = None,
+        scheduler_state: Any = None,
+        resume: Any = None,
+    ) -> SaveState: ...
 
 
 class SaveFn(Protocol):
     """``save(state, keep, sample, scheduler_state=None, solver_state=None) -> (state, None)``."""
 
-    def __call__(self, state: SaveState, keep: Any, sample: Any, scheduler_state: Any = None,
-                 solver_state: Any = None) -> tuple[SaveState, None]: ...
+    def __call__(
+        self, state: SaveState, keep: Any, sample: Any, scheduler_state: Any = None, solver_state: Any = None
+    ) -> tuple[SaveState, None]: ...
 
 
 class PostprocessFn(Protocol):
@@ -81,19 +89,30 @@ class SaverBase:
 
     def __init__(self) -> None:
         self.spec: Any = None  # per-chain jax.ShapeDtypeStruct tree of the sample
-        self.sample_layout: SampleLayout | None = None
+        self._sample_layout: SampleLayout | None = None
         self.registered: list[int] = []
         self.finished_chains: set[int] = set()
+
+    @property
+    def sample_layout(self) -> SampleLayout:
+        """The layout of one chain's sample (known from the first init)."""
+        if self._sample_layout is None:
+            raise SaverStateError("save() was called before init()")
+        return self._sample_layout
 
     def _sample_spec(self, init_sample: Any, chains: int | None) -> Any:
         try:
             spec = jax.eval_shape(lambda tree: tree, init_sample)
         except TypeError as error:
             paths = jax.tree_util.tree_flatten_with_path(init_sample)[0]
-            bad = [f"{jax.tree_util.keystr(p) or '<root>'} ({type(x).__name__})" for p, x in paths
-                   if not _is_array_like(x)]
-            raise TypeError("init_sample must be a pytree of arrays or numbers; not arrays: "
-                            f"{', '.join(bad) or error}") from error
+            bad = [
+                f"{jax.tree_util.keystr(p) or '<root>'} ({type(x).__name__})"
+                for p, x in paths
+                if not _is_array_like(x)
+            ]
+            raise TypeError(
+                f"init_sample must be a pytree of arrays or numbers; not arrays: {', '.join(bad) or error}"
+            ) from error
         if chains is not None:
             if not isinstance(chains, int) or chains < 1:
                 raise ValueError(f"chains must be a positive int, got {chains!r}")
@@ -105,7 +124,7 @@ class SaverBase:
                     )
             spec = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), spec)
         if self.spec is None:
-            self.spec, self.sample_layout = spec, sample_layout(spec)
+            self.spec, self._sample_layout = spec, sample_layout(spec)
         else:
             check_like(spec, self.spec, "init_sample of a new chain")
         return spec
@@ -122,14 +141,14 @@ class SaverBase:
         if self.spec is None:
             raise SaverStateError("save() was called before init()")
         leaves, treedef = jax.tree.flatten(sample)
-        assert self.sample_layout is not None  # set with self.spec
         if treedef == self.sample_layout.treedef:  # Python scalars take the registered dtype
             specs = jax.tree.leaves(self.spec)
             leaves = [x if hasattr(x, "dtype") else jnp.asarray(x, s.dtype) for x, s in zip(leaves, specs)]
             sample = jax.tree.unflatten(treedef, leaves)
         check_like(sample, self.spec, "the sample passed to save()")
-        return [jax.random.key_data(x) if _dtypes.is_key(x) else jnp.asarray(x)
-                for x in jax.tree.leaves(sample)]
+        return [
+            jax.random.key_data(x) if _dtypes.is_key(x) else jnp.asarray(x) for x in jax.tree.leaves(sample)
+        ]
 
     @staticmethod
     def _check_keep(keep: Any) -> jax.Array:
@@ -159,7 +178,8 @@ class SaverBase:
         else:
             longest = int(counts.max()) if counts.size else 0
             stacked = jax.tree.map(
-                lambda *xs: _stack_padded(xs, longest, batch), *samples,
+                lambda *xs: _stack_padded(xs, longest, batch),
+                *samples,
             )
         return {"sample_count": counts.reshape(batch), "samples": stacked}
 
@@ -186,8 +206,10 @@ def check_state(state: Any, where: str) -> None:
     """Refuse anything but a :class:`SaveState` as the saving state (a clear error, not an
     AttributeError)."""
     if not isinstance(state, SaveState):
-        raise TypeError(f"{where}: state must be the SaveState returned by init (or by the previous save), "
-                        f"got {type(state).__name__}")
+        raise TypeError(
+            f"{where}: state must be the SaveState returned by init (or by the previous save), "
+            f"got {type(state).__name__}"
+        )
 
 
 def check_one_chain(state: SaveState, where: str) -> None:
@@ -197,5 +219,5 @@ def check_one_chain(state: SaveState, where: str) -> None:
         raise TypeError(
             f"{where}: this state holds {shape[0]} chains stacked on a leading axis (from "
             f"init(..., chains={shape[0]}) or stacked states); call save for one chain, under "
-            f"jax.vmap over that axis (e.g. jax.jit(jax.vmap(run_chain))(state, keys))")
-
+            f"jax.vmap over that axis (e.g. jax.jit(jax.vmap(run_chain))(state, keys))"
+        )

@@ -4,10 +4,11 @@
 sample and its keep bit into a ring buffer of ``block_size`` rows that lives in
 the saving state; only kept steps take a row, so thinning shrinks the traffic
 too. When the buffer is full (or a checkpoint is due), one ``io_callback`` sends
-the block of every chain to the host. The callback sits in a ``custom_vmap`` whose
-batching rule folds the chain axes into the payload, so C vmapped chains (nested
-vmaps included) cost one callback per block, not C, and ``keep`` may differ per
-chain. ``postprocess`` sends the partial last block from the final state.
+the block of every chain to the host (:mod:`jaxsave._stream.flush`: one callback per
+block for C vmapped chains, not C), and ``keep`` may differ per chain. On the host,
+:meth:`Streamer._receive` hands the block to the writer thread
+(:mod:`jaxsave._stream.writer`). ``postprocess`` sends the partial last block from the
+final state.
 
 A script that ends before ``postprocess`` (an exception, ``sys.exit``, Ctrl-C) is
 handled at interpreter exit (:mod:`jaxsave._stream.shutdown`): the computations still running
@@ -16,29 +17,26 @@ finish, every block that reached the host is written, and the collector is close
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
-from jax.custom_batching import custom_vmap
 
 from jaxsave._core.tree import check_like
-from jaxsave._stream import callback as _callback
+from jaxsave._stream import flush as _flush
 from jaxsave._stream import resume as _resume
 from jaxsave._stream import sharding as _sharding
 from jaxsave._stream import shutdown
-from jaxsave._stream.packing import Packing, advance, pack, unpack
-from jaxsave._stream.resume import Checkpoint, broadcast_unbatched
+from jaxsave._stream.packing import Packing, advance, unpack
+from jaxsave._stream.progress import start_bar
+from jaxsave._stream.resume import Checkpoint
 from jaxsave._stream.state import Saver, SaverBase, SaveState, check_one_chain, check_state
 from jaxsave._stream.writer import Block, Writer
-from jaxsave.collectors import DataCollector, MemoryCollector, samples_collected
+from jaxsave.collectors import Collector, DataCollector, MemoryCollector, samples_collected
 from jaxsave.errors import SaverStateError
 
 logger = logging.getLogger("jaxsave")
@@ -51,12 +49,17 @@ _BLOCK_BYTES = 4 * 2**20
 _MAX_BLOCK_ROWS = 4096
 
 
-
-class _Streamer(SaverBase):
+class Streamer(SaverBase):
     """The saver behind :func:`save`: ring buffer on device, writer thread on host."""
 
-    def __init__(self, collector: DataCollector, checkpoint_every: int, block_size: int | None,
-                 max_queue_bytes: int, progress: bool | int = False):
+    def __init__(
+        self,
+        collector: DataCollector,
+        checkpoint_every: int,
+        block_size: int | None,
+        max_queue_bytes: int,
+        progress: bool | int = False,
+    ):
         super().__init__()
         if isinstance(progress, bool) or progress is None:
             self.progress_total = None
@@ -76,16 +79,39 @@ class _Streamer(SaverBase):
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         if not isinstance(max_queue_bytes, int) or max_queue_bytes < 1:
             raise ValueError(f"max_queue_bytes must be a positive int, got {max_queue_bytes!r}")
-        collector._attach(self)
-        self.collector = collector
+        collector._attach(self)  # a DataCollector records the one saver it belongs to
+        self.collector: Collector = collector  # ... which calls only the Collector protocol
         self.block_size = block_size
         self.max_queue_bytes = max_queue_bytes
-        self.packing: Packing | None = None
-        self.writer: Writer | None = None
+        self._packing: Packing | None = None  # built at the first init, from the sample's layout
+        self.writer: Writer | None = None  # started by init (again after the previous one closed)
         self.late_error: BaseException | None = None
         self.exited = False  # the interpreter is exiting: the writer was stopped by the exit hook
-        self.flush = self._make_flush()
+        self.flush = _flush.make_flush(self._receive, self.checkpoint_every)
         self._lock = threading.RLock()  # chains may be registered (and finished) from several threads
+
+    @property
+    def packing(self) -> Packing:
+        """How the sample's leaves are packed into the ring buffer (known from the first init)."""
+        if self._packing is None:
+            raise SaverStateError("save() was called before init()")
+        return self._packing
+
+    def _live_writer(self) -> Writer:
+        """The writer thread that init started; an error before init."""
+        if self.writer is None:
+            raise SaverStateError("postprocess() was called before init()")
+        return self.writer
+
+    @property
+    def writing(self) -> bool:
+        """Whether a writer thread is running (the exit hook stops it)."""
+        return self.writer is not None and self.writer.alive
+
+    def drain(self) -> None:
+        """Return once the writer stored every block the sampler sent (at once before init)."""
+        if self.writer is not None:
+            self.writer.drain()
 
     # -- init ------------------------------------------------------------------------
 
@@ -107,11 +133,25 @@ class _Streamer(SaverBase):
         chains of a :class:`Checkpoint` from :func:`jaxsave.resume`.
         """
         with self._lock:
-            return self._init(init_sample, init_checkpoint, static_information, chains=chains,
-                              scheduler_state=scheduler_state, resume=resume)
+            return self._init(
+                init_sample,
+                init_checkpoint,
+                static_information,
+                chains=chains,
+                scheduler_state=scheduler_state,
+                resume=resume,
+            )
 
-    def _init(self, init_sample: Any, init_checkpoint: Any, static_information: Any, *, chains: int | None,
-              scheduler_state: Any, resume: Checkpoint | None) -> SaveState:
+    def _init(
+        self,
+        init_sample: Any,
+        init_checkpoint: Any,
+        static_information: Any,
+        *,
+        chains: int | None,
+        scheduler_state: Any,
+        resume: Checkpoint | None,
+    ) -> SaveState:
         self._raise_late_error()
         if resume is not None:
             one = np.ndim(resume.chain_ids) == 0 or len(resume.chain_ids) == 1
@@ -124,29 +164,38 @@ class _Streamer(SaverBase):
             # A checkpoint flushes at least every checkpoint_every steps, and a flush
             # sends the whole buffer: no use for more rows than that.
             self.block_size = min(rows, self.checkpoint_every or rows)
-        if self.packing is None:
-            layout = self.sample_layout
-            leaves = range(len(layout.specs))
-            self.packing = Packing.build(self.block_size, [layout.storage_shape(j) for j in leaves],
-                                         [layout.row_dtype(j) for j in leaves])
-        if self.writer is None or not self.writer.alive:
-            self.writer = Writer(self.collector, max_queue_bytes=self.max_queue_bytes)
-            self.writer.checkpoint_spec = self.checkpoint_spec
+        if self._packing is None:
+            sample = self.sample_layout
+            leaves = range(len(sample.specs))
+            self._packing = Packing.build(
+                self.block_size,
+                [sample.storage_shape(j) for j in leaves],
+                [sample.row_dtype(j) for j in leaves],
+            )
+        writer = self.writer
+        if writer is None or not writer.alive:
+            self.writer = writer = Writer(self.collector, max_queue_bytes=self.max_queue_bytes)
+            writer.checkpoint_spec = self.checkpoint_spec
             shutdown.watch(self)
             if self.progress:
-                self._start_progress()
+                self.bar = start_bar(writer, self.progress_total, lambda: len(self.registered))
         running = set(self.registered) - self.finished_chains
         try:
             if resume is not None:
                 return self._resume(spec, init_checkpoint, static_information, capacity, resume)
             ids = []
             for _ in range(chains or 1):
-                chain = int(self.collector.register_chain(
-                    init_sample=spec, init_checkpoint=init_checkpoint, static_information=static_information))
-                self.writer.add_chain(chain, capacity)
+                chain = int(
+                    self.collector.register_chain(
+                        init_sample=spec,
+                        init_checkpoint=init_checkpoint,
+                        static_information=static_information,
+                    )
+                )
+                writer.add_chain(chain, capacity)
                 self.registered.append(chain)
                 ids.append(chain)
-            self.writer.add_group(ids)  # they advance together: checkpoints are stored step by step
+            writer.add_group(ids)  # they advance together: checkpoints are stored step by step
         except BaseException as error:
             # The chains this call registered (or reopened) get no state: none of them will run.
             self.finished_chains.update(set(self.registered) - running)
@@ -159,8 +208,9 @@ class _Streamer(SaverBase):
         if not self.checkpoint_every:
             return
         if init_checkpoint is None:
-            raise ValueError("checkpoint_every needs init_checkpoint: a template of the solver_state "
-                             "to checkpoint")
+            raise ValueError(
+                "checkpoint_every needs init_checkpoint: a template of the solver_state to checkpoint"
+            )
         tree = _resume.checkpoint_tree(init_checkpoint, scheduler_state)
         if chains is not None:
             tree = jax.tree.map(lambda x: x[0], tree)
@@ -175,26 +225,37 @@ class _Streamer(SaverBase):
         steps = np.atleast_1d(np.asarray(ckpt.step))
         counts = np.atleast_1d(np.asarray(ckpt.sample_count))
         if len(steps) != len(ids) or len(counts) != len(ids):
-            raise SaverStateError(f"the checkpoint to resume has {len(ids)} chain ids but "
-                                  f"{len(steps)} steps and {len(counts)} sample counts")
+            raise SaverStateError(
+                f"the checkpoint to resume has {len(ids)} chain ids but "
+                f"{len(steps)} steps and {len(counts)} sample counts"
+            )
         _resume.at_one_step(dict(zip(ids, steps.tolist())), "the checkpoint to resume")
-        self.writer.drain()  # blocks of an abandoned run land before the chains restart
-        self.writer.raise_error()
+        writer = self._live_writer()
+        writer.drain()  # blocks of an abandoned run land before the chains restart
+        writer.raise_error()
         for chain, step, count in zip(ids, steps.tolist(), counts.tolist()):
-            self.collector.reopen_chain(chain, count, init_sample=spec, init_checkpoint=init_checkpoint,
-                                        static_information=static_information)
-            self.writer.add_chain(chain, capacity, start=step, written=count)
+            self.collector.reopen_chain(
+                chain,
+                count,
+                init_sample=spec,
+                init_checkpoint=init_checkpoint,
+                static_information=static_information,
+            )
+            writer.add_chain(chain, capacity, start=step, written=count)
             self.finished_chains.discard(chain)
             if chain not in self.registered:
                 self.registered.append(chain)
-        self.writer.add_group(ids)
+        writer.add_group(ids)
         batched = len(ids) > 1
         step = jnp.asarray(steps, jnp.int32) if batched else jnp.int32(steps[0])
         saved = jnp.asarray(counts, jnp.int32) if batched else jnp.int32(counts[0])
         if self.checkpoint_spec is not None:
             tree = _resume.checkpoint_tree(ckpt.solver_state, ckpt.scheduler_state)
-            check_like(jax.eval_shape(lambda t: jax.tree.map(lambda x: x[0], t) if batched else t, tree),
-                       self.checkpoint_spec, "the checkpoint to resume")
+            check_like(
+                jax.eval_shape(lambda t: jax.tree.map(lambda x: x[0], t) if batched else t, tree),
+                self.checkpoint_spec,
+                "the checkpoint to resume",
+            )
         state = self._new_state(ids, len(ids) if batched else None)
         return state._replace(step=step, saved_samples=saved, block_start=step)
 
@@ -257,64 +318,80 @@ class _Streamer(SaverBase):
         block_start = jnp.where(full, step, state.block_start)
         return SaveState(state.chain_id, saved, data, mask, step, fill, block_start), None
 
-    def _make_flush(self) -> Callable[[Any, Any], None]:
-        receive, every = self._receive, self.checkpoint_every
+    # -- whole blocks (traced; jaxsave.scan) --------------------------------------------
 
-        def send(payload):
-            # Every argument of io_callback costs ~0.1 ms: the small per-chain fields and
-            # the keep mask travel as one int32 array, (chains..., 4 + rows); the samples
-            # as one buffer per dtype; the solver state packed the same way.
-            active, chain, start, end, fill, mask, data, ckpt = payload
-            saved = ckpt[1] if ckpt is not None else jnp.zeros_like(end)
-            fields = [active.astype(jnp.int32), chain, end, saved, start, fill]
-            meta = jnp.concatenate([jnp.stack(fields, axis=-1), mask.astype(jnp.int32)], axis=-1)
-            if ckpt is None:
-                _callback.send(receive, (meta, data, None))
-                return
-            # The solver state travels only with blocks that end on a checkpoint step.
-            def with_solver_state():
-                solver, packed = pack(ckpt[0], meta.ndim - 1)  # concatenated only on checkpoint flushes
-                _callback.send(functools.partial(receive, solver_packing=packed), (meta, data, solver))
+    def sample_row(self, keep: Any, sample: Any) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        """``(keep, row)``: one step's keep bit and sample packed as one row per buffer.
 
-            lax.cond(jnp.any(active & (end % every == 0)), with_solver_state,
-                     lambda: _callback.send(receive, (meta, data, None)))
+        Stacked over a block of steps by ``lax.scan``, they are what :meth:`save_rows` sends.
+        """
+        return self._check_keep(keep), self.packing.row(self._flat_sample(sample))
 
-        @custom_vmap
-        def flush(pred, payload):
-            lax.cond(pred, send, lambda p: None, payload)
+    def save_rows(
+        self,
+        state: SaveState,
+        mask: jax.Array,
+        rows: tuple[jax.Array, ...],
+        solver_state: Any = None,
+        scheduler_state: Any = None,
+        *,
+        steps: int | None = None,
+    ) -> SaveState:
+        """Send a block of consecutive steps (``mask`` ``(n,)``, ``rows`` stacked by
+        :meth:`sample_row`) in one callback, as if ``save`` had been called ``n`` times.
 
-        @flush.def_vmap
-        def _flush_vmap(axis_size, in_batched, pred, payload):
-            pred_batched, payload_batched = in_batched
-            payload = broadcast_unbatched(payload, payload_batched, axis_size)
-            flush(jnp.any(pred) if pred_batched else pred, payload)
-            return None, None
-
-        return flush
+        With ``steps``, the block covers that many steps (thinned: only ``n`` of them
+        made a row). Rows still in the state's buffer (from earlier ``save`` calls) are
+        sent first. With ``checkpoint_every``, ``solver_state`` is checkpointed when the
+        block ends on a checkpoint step; the host refuses a block that passes one.
+        """
+        self._check_open()
+        check_state(state, "jaxsave.scan")
+        check_one_chain(state, "jaxsave.scan")
+        _check_ring(state, "jaxsave.scan")
+        held = state.fill > 0
+        self.flush(
+            held,
+            (held, state.chain_id, state.block_start, state.step, state.fill, state.keep_mask,
+             state.data, None),
+        )  # fmt: skip
+        n = mask.shape[-1]
+        step = state.step + (n if steps is None else steps)
+        saved = state.saved_samples + jnp.sum(mask, dtype=jnp.int32)
+        ckpt = None
+        if self.checkpoint_every:
+            tree = _resume.checkpoint_tree(solver_state, scheduler_state)
+            check_like(tree, self.checkpoint_spec, "the checkpoint of jaxsave.scan's carry")
+            ckpt = (tuple(_resume.to_device_leaves(tree)), saved)
+        start = jnp.where(held, state.step, state.block_start)
+        self.flush(True, (jnp.bool_(True), state.chain_id, start, step, jnp.int32(n), mask, rows, ckpt))
+        return state._replace(saved_samples=saved, step=step, fill=jnp.zeros_like(state.fill),
+                              block_start=step)  # fmt: skip
 
     # -- host ------------------------------------------------------------------------
 
     def _receive(self, payload: Any, solver_packing: tuple = ()) -> None:
         """The flush callback: wrap the block and queue it; runs on an XLA thread."""
+        writer = self.writer
         if self.exited:  # a computation still running after the exit hook (from another thread)
-            if self.writer is not None and not self.writer.dropped:
+            if writer is not None and not writer.dropped:
                 logger.warning("jaxsave: blocks computed during interpreter exit are dropped")
-            if self.writer is not None:
-                self.writer.dropped += 1
+            if writer is not None:
+                writer.dropped += 1
             return
         try:
             meta, data, solver = payload
-            meta = np.asarray(meta).reshape(-1, np.shape(meta)[-1])
-            active, chains, ends, saved = meta[:, 0].astype(bool), meta[:, 1], meta[:, 2], meta[:, 3]
-            starts, rows = meta[:, 4], int(meta[0, 5])
-            mask = meta[:, 6:6 + rows].astype(bool)
-            if (ends != ends[0]).any() or (meta[:, 5] != rows).any():
+            active, chains, ends, saved, starts, fills, mask = _flush.decode(meta)
+            rows = mask.shape[1]
+            self._check_no_checkpoint_skipped(chains[active], starts[active], ends[active])
+            if (ends != ends[0]).any() or (fills != rows).any():
                 raise SaverStateError(
                     f"the vmapped chains {chains.tolist()} are at different steps {ends.tolist()}: "
                     "stack only states that were created together (init(..., chains=n)) and "
-                    "advanced together")
+                    "advanced together"
+                )
             finished = sorted(set(chains[active].tolist()) & self.finished_chains)
-            if finished or self.writer is None or not self.writer.alive:
+            if finished or writer is None or not writer.alive:
                 raise SaverStateError(
                     f"chain(s) {finished or chains[active].tolist()} saved samples after postprocess "
                     "finished them; start again from init"
@@ -324,12 +401,19 @@ class _Streamer(SaverBase):
             if solver is not None:
                 flat = unpack(solver, solver_packing)
                 block.checkpoints = _resume.records(
-                    chains, ends, saved, flat, active & (ends % self.checkpoint_every == 0))
+                    chains, ends, saved, flat, active & (ends % self.checkpoint_every == 0)
+                )
             if not active.all():
                 pick = np.flatnonzero(active)
-                block = Block(chains[pick], starts[pick], ends[pick], mask[pick], [x[pick] for x in leaves],
-                              checkpoints=block.checkpoints)
-            self.writer.submit(block)
+                block = Block(
+                    chains[pick],
+                    starts[pick],
+                    ends[pick],
+                    mask[pick],
+                    [x[pick] for x in leaves],
+                    checkpoints=block.checkpoints,
+                )
+            writer.submit(block)
         except SaverStateError as error:
             self.late_error = self.late_error or error
             logger.error("jaxsave: %s", error)
@@ -340,8 +424,24 @@ class _Streamer(SaverBase):
             # blocks queued before this one are written, at postprocess or at interpreter exit.
             raise
         except BaseException as error:  # noqa: BLE001 - kept for postprocess, never raised on XLA threads
-            if self.writer is not None:
-                self.writer.fail(error)
+            if writer is not None:
+                writer.fail(error)
+
+    def _check_no_checkpoint_skipped(self, chains: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> None:
+        """Refuse blocks that pass a checkpoint step without ending on it (it would be lost)."""
+        every = self.checkpoint_every
+        if not every:
+            return
+        passed = (ends - 1) // every * every  # the last checkpoint step before each block's end
+        bad = np.flatnonzero(passed > starts)
+        if len(bad):
+            i = bad[0]
+            raise SaverStateError(
+                f"chain {int(chains[i])}: the block of steps {int(starts[i])}..{int(ends[i])} passes "
+                f"the checkpoint step {int(passed[i])} (checkpoint_every={every}) without taking "
+                "it; jaxsave.scan's blocks end on checkpoint steps when its state starts on a "
+                "multiple of its block length (a fresh or resumed state does)"
+            )
 
     def _raise_late_error(self) -> None:
         if self.late_error is not None:
@@ -356,8 +456,7 @@ class _Streamer(SaverBase):
         Returns ``{"sample_count": ..., "samples": ...}``; for vmapped chains both
         gain the chain axes, and samples are zero-padded to the longest chain.
         """
-        if self.writer is None:
-            raise SaverStateError("postprocess() was called before init()")
+        writer = self._live_writer()
         check_state(state, "postprocess()")
         _check_ring(state, "postprocess()")
         state = _sharding.local_part(state)  # this process's chains, on the host
@@ -373,18 +472,27 @@ class _Streamer(SaverBase):
         mask = np.asarray(state.keep_mask).reshape(len(chains), -1)
         leaves = self.packing.unpack(state.data)
         try:
+            self._check_no_checkpoint_skipped(chains, starts, steps)
             for tail in np.unique(fills):
                 pick = np.flatnonzero(fills == tail)
                 for i in pick:
-                    self.writer.wait_for(int(chains[i]), int(starts[i]))
-                self.writer.submit(Block(chains[pick], starts[pick], steps[pick], mask[pick, :tail],
-                                         [x[pick, :tail] for x in leaves], tail=True))
+                    writer.wait_for(int(chains[i]), int(starts[i]))
+                writer.submit(
+                    Block(
+                        chains[pick],
+                        starts[pick],
+                        steps[pick],
+                        mask[pick, :tail],
+                        [x[pick, :tail] for x in leaves],
+                        tail=True,
+                    )
+                )
             for chain, step, count in zip(chains.tolist(), steps.tolist(), counts.tolist()):
-                self.writer.wait_for(chain, step, finalized=True)
-                if self.writer.written[chain] != count:
+                writer.wait_for(chain, step, finalized=True)
+                if writer.written[chain] != count:
                     raise SaverStateError(
                         f"chain {chain}: the state counts {count} kept samples but the collector "
-                        f"received {self.writer.written[chain]}"
+                        f"received {writer.written[chain]}"
                     )
             samples = [self.collector.finished(c) for c in chains.tolist()]
         except BaseException as error:
@@ -396,25 +504,6 @@ class _Streamer(SaverBase):
             self.finished_chains.update(chains.tolist())
             self._close_if_done()
         return self._stack_results(batch, counts, samples)
-
-    def _start_progress(self) -> None:
-        try:
-            from tqdm.auto import tqdm
-        except ImportError as error:
-            raise ImportError("progress=True needs tqdm: pip install 'jaxsave[progress]'") from error
-        self.bar = tqdm(total=self.progress_total, unit="step", desc="sampling", dynamic_ncols=True)
-        bar, kept = self.bar, [0]
-
-        def on_block(block: Block) -> None:  # writer thread: one update per block, not per step
-            if bar.n == 0 and kept[0] == 0:
-                bar.reset(total=bar.total)  # the clock starts with sampling, not with compilation
-            kept[0] += int(block.mask.sum())
-            position = int(block.ends.max()) if len(block.ends) else bar.n
-            if position > bar.n:
-                bar.update(position - bar.n)
-            bar.set_postfix(kept=kept[0], chains=len(self.registered), refresh=False)
-
-        self.writer.on_block = on_block
 
     def _close_after(self, error: BaseException) -> None:
         """Close everything after ``error``; a failure to close is logged, ``error`` stays the one raised."""
@@ -444,29 +533,40 @@ class _Streamer(SaverBase):
         except KeyboardInterrupt:  # a second Ctrl-C: drop what is still queued
             stopped = writer.stop(0.0)
         if writer.dropped:
-            logger.warning("jaxsave: interpreter exit: %d block(s) of samples were not written "
-                           "(dropped after %.0f s of writing)", writer.dropped,
-                           shutdown.EXIT_TIMEOUT_S)
+            logger.warning(
+                "jaxsave: interpreter exit: %d block(s) of samples were not written "
+                "(dropped after %.0f s of writing)",
+                writer.dropped,
+                shutdown.EXIT_TIMEOUT_S,
+            )
         if not stopped:
-            logger.error("jaxsave: interpreter exit: the writer thread is still inside %s; "
-                         "the collector is left open", type(self.collector).__name__)
+            logger.error(
+                "jaxsave: interpreter exit: the writer thread is still inside %s; the collector is left open",
+                type(self.collector).__name__,
+            )
             return
         self.finished_chains.update(unfinished)
         if unfinished:
-            logger.warning("jaxsave: the interpreter exits before postprocess finished chain(s) "
-                           "%s; what reached the host of their samples (if any) is written and "
-                           "the file closed", unfinished)
+            logger.warning(
+                "jaxsave: the interpreter exits before postprocess finished chain(s) "
+                "%s; what reached the host of their samples (if any) is written and "
+                "the file closed",
+                unfinished,
+            )
         try:
             self._close_if_done(force=True)
         except Exception as error:  # noqa: BLE001 - exiting anyway
-            logger.error("jaxsave: interpreter exit: closing %s failed: %r",
-                         type(self.collector).__name__, error)
+            logger.error(
+                "jaxsave: interpreter exit: closing %s failed: %r", type(self.collector).__name__, error
+            )
 
 
 def _check_ring(state: SaveState, where: str) -> None:
     if state.fill is None or state.block_start is None:
-        raise TypeError(f"{where}: this state has no ring buffer (is it a no_save() state?); pass the state "
-                        "returned by this saver's init, or by the previous save")
+        raise TypeError(
+            f"{where}: this state has no ring buffer (is it a no_save() state?); pass the state "
+            "returned by this saver's init, or by the previous save"
+        )
 
 
 def save(
@@ -511,6 +611,11 @@ def save(
     >>> out["sample_count"].tolist(), out["samples"].tolist()
     ([2, 2], [[2.0, 3.0], [2.0, 3.0]])
     """
-    streamer = _Streamer(data_collector if data_collector is not None else MemoryCollector(),
-                         checkpoint_every, block_size, max_queue_bytes, progress)
+    streamer = Streamer(
+        data_collector if data_collector is not None else MemoryCollector(),
+        checkpoint_every,
+        block_size,
+        max_queue_bytes,
+        progress,
+    )
     return Saver(streamer.init, streamer.save, streamer.postprocess)

@@ -107,8 +107,9 @@ class Writer:
     one that is still held.
     """
 
-    def __init__(self, collector: BlockSink, *, max_queue_bytes: int = 64 * 2**20,
-                 name: str = "jaxsave-writer"):
+    def __init__(
+        self, collector: BlockSink, *, max_queue_bytes: int = 64 * 2**20, name: str = "jaxsave-writer"
+    ):
         self.collector = collector
         self.received: dict[int, int] = {}
         self.written: dict[int, int] = {}
@@ -303,9 +304,12 @@ class Writer:
                     self._drop(group, min(steps))
                     if group not in self._dropped:
                         self._dropped.add(group)
-                        logger.info("jaxsave: chains %s are many checkpoints apart; the stored "
-                                    "checkpoint advances once the slow ones reach a step still "
-                                    "held", list(group))
+                        logger.info(
+                            "jaxsave: chains %s are many checkpoints apart; the stored "
+                            "checkpoint advances once the slow ones reach a step still "
+                            "held",
+                            list(group),
+                        )
         return ready
 
     def _drop(self, group: tuple[int, ...], step: int) -> None:

@@ -82,8 +82,10 @@ def _lagging(tmp_path) -> str:
     with h5py.File(path, "r", libver="latest", swmr=True) as f:
         assert f.attrs["sample_counts"].tolist() == [KILLED_AT] * 2
         ds = f["posterior/x"]
-        last = max((ds.id.get_chunk_info(i) for i in range(ds.id.get_num_chunks())),
-                   key=lambda info: info.byte_offset)
+        last = max(
+            (ds.id.get_chunk_info(i) for i in range(ds.id.get_num_chunks())),
+            key=lambda info: info.byte_offset,
+        )
     assert last.chunk_offset[1] < KILLED_AT  # it holds counted draws
     _set_stored_eoa(path, last.byte_offset)
     assert _superblock.stored_eof(path) < os.path.getsize(path)
@@ -103,8 +105,11 @@ def test_resume_after_a_kill_that_left_the_eoa_behind(tmp_path):
     ckpt = jaxsave.resume(path)
     start = int(np.asarray(ckpt.step).reshape(-1)[0])
     assert 0 < start <= KILLED_AT
-    saver = jaxsave.save(jaxsave.HDF5Collector(path, mode="a", checkpoint_interval=0, flush_interval=0),
-                         checkpoint_every=EVERY, block_size=8)
+    saver = jaxsave.save(
+        jaxsave.HDF5Collector(path, mode="a", checkpoint_interval=0, flush_interval=0),
+        checkpoint_every=EVERY,
+        block_size=8,
+    )
     state = saver.init({"x": jnp.zeros((2, WIDTH))}, {"n": jnp.zeros(2)}, resume=ckpt)
 
     def step(st, i):

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _reliability import child_env
+from _reliability import child_env, mount_tmpfs
 
 import jaxsave
 
@@ -85,9 +85,15 @@ def _drop_root_permissions() -> None:
 def run_child(tmp_path, path, fault, limit=0, on_ready=None, **popen):
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    proc = subprocess.Popen([sys.executable, str(script), str(path), fault, str(limit)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=child_env(), **popen)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(path), fault, str(limit)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+        **popen,
+    )
     try:
         assert proc.stdout.readline().strip() == "ready", proc.stderr.read()[-3000:]
         if on_ready is not None:
@@ -120,22 +126,23 @@ def test_file_size_limit_surfaces_efbig_and_keeps_the_samples(tmp_path, figures)
     n = check_prefix(path)
     assert n > 64 and f"the {n} samples" in result["message"]
     assert not jaxsave.file_info(path).open_for_writing
-    figures("faults", "file-size limit (EFBIG) while streaming", surfaced=1, injected=1,
-            seconds=round(result["seconds"], 3), samples_kept=n)
-
-
-def _mount_tmpfs(directory, size) -> bool:
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        return False
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
-                          capture_output=True).returncode == 0
+    figures(
+        "faults",
+        "file-size limit (EFBIG) while streaming",
+        surfaced=1,
+        injected=1,
+        seconds=round(result["seconds"], 3),
+        samples_kept=n,
+    )
 
 
 def test_full_file_system_surfaces_enospc_and_keeps_the_samples(tmp_path, figures):
     mnt = tmp_path / "small"
     mnt.mkdir()
-    if not _mount_tmpfs(mnt, "12m"):
-        pytest.skip("cannot mount a small tmpfs here (needs root); the file-size-limit test covers the same path")
+    if not mount_tmpfs(mnt, "12m"):
+        pytest.skip(
+            "cannot mount a small tmpfs here (needs root); the file-size-limit test covers the same path"
+        )
     try:
         result = run_child(tmp_path, mnt / "s.h5", "none")
         assert result["raised"] == "OSError" and result["errno"] == errno.ENOSPC, result
@@ -152,8 +159,14 @@ def test_full_file_system_surfaces_enospc_and_keeps_the_samples(tmp_path, figure
         np.testing.assert_array_equal(jaxsave.load_pytree(old)["a"], np.zeros(4))
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
-    figures("faults", "full file system (ENOSPC, tmpfs)", surfaced=2, injected=2,
-            seconds=round(result["seconds"], 3), samples_kept=n)
+    figures(
+        "faults",
+        "full file system (ENOSPC, tmpfs)",
+        surfaced=2,
+        injected=2,
+        seconds=round(result["seconds"], 3),
+        samples_kept=n,
+    )
 
 
 def test_atomic_writes_under_a_file_size_limit_keep_the_old_file(tmp_path, figures):
@@ -177,15 +190,21 @@ def test_atomic_writes_under_a_file_size_limit_keep_the_old_file(tmp_path, figur
     for fmt in ("jaxsave", "npz", "safetensors", "h5"):
         jaxsave.save_pytree(f"{base}.{fmt}", {"a": np.zeros(3)})
     jaxsave.Checkpointer(f"{base}-ckpt").save(1, {"a": np.zeros(3)})
-    out = subprocess.run([sys.executable, "-c", script, str(base)], capture_output=True, text=True,
-                         env=child_env(), timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(base)],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["5"], out.stdout + out.stderr[-3000:]
     for fmt in ("jaxsave", "npz", "safetensors", "h5"):
         np.testing.assert_array_equal(jaxsave.load_pytree(f"{base}.{fmt}")["a"], np.zeros(3))
     assert jaxsave.Checkpointer(f"{base}-ckpt").steps() == [1]
-    assert sorted(os.listdir(tmp_path)) == sorted([f"t.{f}" for f in ("jaxsave", "npz", "safetensors", "h5")]
-                                                  + ["t-ckpt"])
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        [f"t.{f}" for f in ("jaxsave", "npz", "safetensors", "h5")] + ["t-ckpt"]
+    )
     figures("faults", "file-size limit during save_pytree/Checkpointer", surfaced=5, injected=5)
 
 
@@ -195,8 +214,13 @@ def test_directory_made_read_only_mid_run(figures):
     directory = tempfile.mkdtemp(prefix="jaxsave-ro-")
     path = os.path.join(directory, "s.h5")
     try:
-        result = run_child(pathlib_of(directory), path, "readonly",
-                           on_ready=lambda: os.chmod(directory, 0o555), preexec_fn=_drop_root_permissions)
+        result = run_child(
+            pathlib_of(directory),
+            path,
+            "readonly",
+            on_ready=lambda: os.chmod(directory, 0o555),
+            preexec_fn=_drop_root_permissions,
+        )
         assert result["raised"] == "PermissionError", result
         assert "s.h5.ckpt" in result["message"] and result["seconds"] < SURFACE_S
         os.chmod(directory, 0o755)
@@ -207,8 +231,14 @@ def test_directory_made_read_only_mid_run(figures):
     finally:
         os.chmod(directory, 0o755)
         shutil.rmtree(directory)
-    figures("faults", "directory made read-only mid-run", surfaced=1, injected=1,
-            seconds=round(result["seconds"], 3), samples_kept=n)
+    figures(
+        "faults",
+        "directory made read-only mid-run",
+        surfaced=1,
+        injected=1,
+        seconds=round(result["seconds"], 3),
+        samples_kept=n,
+    )
 
 
 def pathlib_of(directory):
@@ -220,6 +250,7 @@ def pathlib_of(directory):
 def _scan(saver, state, start, n=32):
     def step(s, i):
         return saver.save(s, True, {"i": i, "w": jnp.full(4, i, jnp.float32)})
+
     return jax.lax.scan(step, state, start + jnp.arange(n))[0]
 
 
@@ -239,8 +270,14 @@ def test_h5py_file_closed_by_the_user_mid_run(tmp_path, figures):
     assert seconds < SURFACE_S
     n = check_prefix(tmp_path / "user.h5")
     assert n == 32
-    figures("faults", "h5py.File closed by the user mid-run", surfaced=1, injected=1,
-            seconds=round(seconds, 3), samples_kept=n)
+    figures(
+        "faults",
+        "h5py.File closed by the user mid-run",
+        surfaced=1,
+        injected=1,
+        seconds=round(seconds, 3),
+        samples_kept=n,
+    )
 
 
 class Boom(RuntimeError):
@@ -278,7 +315,10 @@ def test_collector_raising_in_the_writer_under_vmap(tmp_path, where, figures):
 
     def chain(s, start):
         def step(s, i):
-            return saver.save(s, True, {"i": i, "w": jnp.full(4, i, jnp.float32)}, solver_state={"n": 1.0 * i})
+            return saver.save(
+                s, True, {"i": i, "w": jnp.full(4, i, jnp.float32)}, solver_state={"n": 1.0 * i}
+            )
+
         return jax.lax.scan(step, s, start + jnp.arange(400))[0]
 
     start = time.monotonic()
@@ -293,5 +333,11 @@ def test_collector_raising_in_the_writer_under_vmap(tmp_path, where, figures):
     for c, n in enumerate(counts.tolist()):
         np.testing.assert_array_equal(samples["i"][c, :n], np.arange(n))
     assert (counts == 32).all(), counts  # the blocks before the failing one (or the checkpoint after block 4)
-    figures("faults", f"collector raises in {where} (3 vmapped chains)", surfaced=1, injected=1,
-            seconds=round(seconds, 3), samples_kept=int(counts.sum()))
+    figures(
+        "faults",
+        f"collector raises in {where} (3 vmapped chains)",
+        surfaced=1,
+        injected=1,
+        seconds=round(seconds, 3),
+        samples_kept=int(counts.sum()),
+    )

@@ -35,8 +35,7 @@ def _sample(chain: int, i) -> dict:
 
 
 def _expected(chain: int, steps=KEPT) -> dict:
-    return {k: np.asarray(jnp.stack([v for v in [_sample(chain, i)[k] for i in steps]]))
-            for k in ("x", "lp")}
+    return {k: np.asarray(jnp.stack([v for v in [_sample(chain, i)[k] for i in steps]])) for k in ("x", "lp")}
 
 
 def _check_file(path, chains: int, steps=KEPT) -> None:
@@ -52,8 +51,10 @@ def _check_file(path, chains: int, steps=KEPT) -> None:
 
 def _walk(save, state, chain):
     """A chain under lax.scan: keeps steps ``>= BURN_IN`` every ``THIN``-th."""
+
     def step(s, i):
         return save(s, (i >= BURN_IN) & (i % THIN == 0), _sample(chain, i))
+
     return jax.lax.scan(step, state, jnp.arange(STEPS))[0]
 
 
@@ -80,12 +81,12 @@ def _mcmc_map(saving, init_states, *, init_all_first: bool) -> list[dict]:
 
         def update(carry, i):
             chain, saving_state = carry
-            saving_state, saved = save(saving_state, (i >= BURN_IN) & (i % THIN == 0),
-                                       _sample(chain.astype(jnp.int32), i))
+            saving_state, saved = save(
+                saving_state, (i >= BURN_IN) & (i % THIN == 0), _sample(chain.astype(jnp.int32), i)
+            )
             return (chain, saving_state), saved
 
-        (_, saving_state), saved = jax.lax.scan(update, (chain, saving_state),
-                                                jnp.arange(static[0]))
+        (_, saving_state), saved = jax.lax.scan(update, (chain, saving_state), jnp.arange(static[0]))
         return saving_state, saved
 
     if not init_all_first:  # mcmc's run_single
@@ -162,8 +163,7 @@ def test_chain_added_after_the_first_block(tmp_path, layout, swmr):
         got = jaxsave.load_samples(path, chain=c)
         np.testing.assert_array_equal(np.asarray(got["x"]), _expected(c)["x"])
     # the vmapped pair (chains 2 and 3) got the sample of "chain 2" both
-    np.testing.assert_array_equal(np.asarray(jaxsave.load_samples(path, chain=3)["x"]),
-                                  _expected(2)["x"])
+    np.testing.assert_array_equal(np.asarray(jaxsave.load_samples(path, chain=3)["x"]), _expected(2)["x"])
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

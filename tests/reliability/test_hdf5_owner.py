@@ -92,9 +92,7 @@ def _stream(saver, state, solver, start: int):
         state, _ = saver.save(state, True, {"x": jnp.full(3, i, jnp.float32)}, solver_state=solver)
         return (state, solver), None
 
-    return jax.jit(lambda st, sv: jax.lax.scan(step, (st, sv), start + jnp.arange(STEPS))[0])(
-        state, solver
-    )
+    return jax.jit(lambda st, sv: jax.lax.scan(step, (st, sv), start + jnp.arange(STEPS))[0])(state, solver)
 
 
 def _lines(proc) -> queue.Queue:
@@ -144,9 +142,7 @@ def test_two_collectors_in_one_process(tmp_path, monkeypatch):
     path = tmp_path / "s.h5"
     collector = jaxsave.HDF5Collector(path, flush_interval=0)
     saver = jaxsave.save(collector, checkpoint_every=10, block_size=10)
-    state, _ = _stream(
-        saver, saver.init({"x": jnp.zeros(3)}, {"n": jnp.int32(0)}), {"n": jnp.int32(0)}, 0
-    )
+    state, _ = _stream(saver, saver.init({"x": jnp.zeros(3)}, {"n": jnp.int32(0)}), {"n": jnp.int32(0)}, 0)
     os.symlink(path, tmp_path / "link.h5")
     monkeypatch.chdir(tmp_path)
     for other, mode in (
@@ -188,9 +184,7 @@ def test_a_second_process_is_refused_naming_the_holder(holder):
     proc.stdin.flush()
     _expect(lines, proc, "done")
     assert proc.wait(timeout=60) == 0
-    np.testing.assert_array_equal(
-        jaxsave.load_samples(path, chain=0)["x"][:, 0], np.arange(2 * STEPS)
-    )
+    np.testing.assert_array_equal(jaxsave.load_samples(path, chain=0)["x"][:, 0], np.arange(2 * STEPS))
     assert not os.path.exists(f"{path}{LOCK_SUFFIX}")
     jaxsave.HDF5Collector(path, mode="a").close()  # the holder is done: the path is free
 
@@ -207,9 +201,7 @@ def test_a_killed_holder_does_not_block_the_next_run(holder):
     state, solver = _stream(saver, state, ckpt.solver_state, STEPS)
     assert saver.postprocess(state, None)["sample_count"] == 2 * STEPS
     assert int(solver["n"]) == 2 * STEPS
-    np.testing.assert_array_equal(
-        jaxsave.load_samples(path, chain=0)["x"][:, 0], np.arange(2 * STEPS)
-    )
+    np.testing.assert_array_equal(jaxsave.load_samples(path, chain=0)["x"][:, 0], np.arange(2 * STEPS))
     assert not os.path.exists(f"{path}{LOCK_SUFFIX}")
 
 

@@ -34,8 +34,12 @@ from jaxsave import __main__ as cli
 
 pytestmark = [pytest.mark.reliability, pytest.mark.timeout(600)]
 
-TREE = {"a": np.arange(6.0).reshape(2, 3), "b": [np.ones(3, np.int32), (np.float32(2), None)], "s": "text",
-        "n": 3}
+TREE = {
+    "a": np.arange(6.0).reshape(2, 3),
+    "b": [np.ones(3, np.int32), (np.float32(2), None)],
+    "s": "text",
+    "n": 3,
+}
 FLAT = {"a": np.arange(6.0).reshape(2, 3), "b": np.ones(3, np.int32)}
 FORMATS = ("jaxsave", "npz", "safetensors", "h5")
 TRIED: dict[str, int] = {}
@@ -57,8 +61,9 @@ def originals(tmp_path_factory):
     sp = d / "samples.h5"
     saver = jaxsave.save(jaxsave.HDF5Collector(sp), checkpoint_every=8, block_size=4)
     state = saver.init({"x": jnp.zeros((2, 3)), "lp": jnp.zeros(2)}, {"z": jnp.zeros((2, 2))}, chains=2)
-    step = lambda s, i: saver.save(s, True, {"x": jnp.full(3, i, jnp.float32), "lp": -1.0 * i},
-                                   solver_state={"z": jnp.full(2, 1.0 * i)})
+    step = lambda s, i: saver.save(
+        s, True, {"x": jnp.full(3, i, jnp.float32), "lp": -1.0 * i}, solver_state={"z": jnp.full(2, 1.0 * i)}
+    )
     state = jax.vmap(lambda s: jax.lax.scan(step, s, jnp.arange(16))[0])(state)
     saver.postprocess(state, None)
     out["samples"], out["ckpt"] = sp.read_bytes(), (d / "samples.h5.ckpt").read_bytes()
@@ -77,8 +82,12 @@ def _load_all(kind: str, path, original) -> None:
         loads = [lambda: jaxsave.load_pytree(path, as_numpy=True), lambda: jaxsave.read_metadata(path)]
         want = _shape_of(TREE if kind != "safetensors" else FLAT)
     elif kind == "samples":
-        loads = [lambda: jaxsave.load_samples(path), lambda: jaxsave.load_samples(path, chain=1, draws=slice(2, 5)),
-                 lambda: jaxsave.file_info(path), lambda: _inspect(path)]
+        loads = [
+            lambda: jaxsave.load_samples(path),
+            lambda: jaxsave.load_samples(path, chain=1, draws=slice(2, 5)),
+            lambda: jaxsave.file_info(path),
+            lambda: _inspect(path),
+        ]
     else:
         loads = [lambda: jaxsave.resume(str(path)[: -len(".ckpt")])]
     for k, load in enumerate(loads):
@@ -103,7 +112,7 @@ def _mutated(raw: bytes, data) -> bytes:
             b[pos] ^= 1 << data.draw(st.integers(0, 7))
         return bytes(b)
     pos = data.draw(st.integers(0, len(b) - 1))
-    b[pos:pos + 16] = data.draw(st.binary(min_size=1, max_size=16))
+    b[pos : pos + 16] = data.draw(st.binary(min_size=1, max_size=16))
     return bytes(b)
 
 
@@ -158,14 +167,24 @@ def _samples_file(path, counts=(4,), draws=4, shape=(3,), structure_edit=None, c
         f.attrs["jaxsave_layout"] = "posterior"
         f.attrs["jaxsave_version"] = "0"
         f.attrs["sample_counts"] = np.asarray(counts, np.int64)
-        structure = {"leaves": [{"key": ["x"], "group": "posterior", "name": "x", "dtype": "float32",
-                                 "shape": list(shape)}], "treedef": "", "treespec": None}
+        structure = {
+            "leaves": [
+                {"key": ["x"], "group": "posterior", "name": "x", "dtype": "float32", "shape": list(shape)}
+            ],
+            "treedef": "",
+            "treespec": None,
+        }
         if structure_edit:
             structure_edit(structure)
         f.attrs["jaxsave_structure"] = json.dumps(structure)
         full = (len(counts), extent or draws) + tuple(shape)
-        f.create_dataset("posterior/x", shape=full, dtype=np.float32, chunks=(1, 1) + tuple(shape) if chunks else None,
-                         maxshape=(None, None) + tuple(shape) if chunks else None)
+        f.create_dataset(
+            "posterior/x",
+            shape=full,
+            dtype=np.float32,
+            chunks=(1, 1) + tuple(shape) if chunks else None,
+            maxshape=(None, None) + tuple(shape) if chunks else None,
+        )
     return path
 
 
@@ -176,6 +195,7 @@ def hostile(name):
     def register(fn):
         HOSTILE[name] = fn
         return fn
+
     return register
 
 
@@ -205,7 +225,9 @@ def _h5_object(tmp_path):
 def _st_overflow(tmp_path):
     path = tmp_path / "o.safetensors"
     for n in (2**64 - 1, 2**63, 2**40, 10**6):
-        path.write_bytes(struct.pack("<Q", n) + b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}' + b"\0" * 4)
+        path.write_bytes(
+            struct.pack("<Q", n) + b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}' + b"\0" * 4
+        )
         _expect_refusal(lambda: jaxsave.load_pytree(path))
     return 4
 
@@ -237,7 +259,7 @@ def _giant(tmp_path):
     jaxsave.save_pytree(p, {"a": np.zeros(4)})
     with h5py.File(p, "r+") as f:
         header = json.loads(f.attrs["jaxsave"])
-        header["leaves"][0]["shape"] = [2**20, 2**20]
+        header["leaves"]["shapes"][0] = [2**20, 2**20]
         f.attrs["jaxsave"] = json.dumps(header)
         del f["arrays/a"]
         f.create_dataset("arrays/a", shape=(2**20, 2**20), dtype=np.float64, chunks=(1, 1024))
@@ -252,7 +274,9 @@ def _giant_samples(tmp_path):
         _samples_file(tmp_path / "c2.h5", counts=(2**33,), extent=2**33),  # sparse: 100 GB declared
         _samples_file(tmp_path / "c3.h5", counts=(-5,)),
         _samples_file(tmp_path / "c4.h5", shape=(2**20, 2**20), counts=(1,), draws=1),
-        _samples_file(tmp_path / "c5.h5", structure_edit=lambda s: s["leaves"][0].__setitem__("dtype", "object")),
+        _samples_file(
+            tmp_path / "c5.h5", structure_edit=lambda s: s["leaves"][0].__setitem__("dtype", "object")
+        ),
         _samples_file(tmp_path / "c6.h5", structure_edit=lambda s: s["leaves"][0].__setitem__("shape", [-1])),
         _samples_file(tmp_path / "c7.h5", structure_edit=lambda s: s.__setitem__("leaves", "x" * 10)),
     ]
@@ -300,8 +324,10 @@ def _traversal(tmp_path):
     got = jaxsave.load_pytree(tmp_path / "z.npz", as_numpy=True)
     assert list(got) == ["../../../tmp/evil"] and not os.path.exists("/tmp/evil.npy")
     # sample files whose structure names groups outside posterior/
-    path = _samples_file(tmp_path / "s.h5", structure_edit=lambda s: s["leaves"][0].update(
-        group="/../../posterior", name="../x"))
+    path = _samples_file(
+        tmp_path / "s.h5",
+        structure_edit=lambda s: s["leaves"][0].update(group="/../../posterior", name="../x"),
+    )
     with contextlib.suppress(jaxsave.JaxsaveError):
         jaxsave.load_samples(path)
     assert sorted(os.listdir(tmp_path)) == sorted([f"t.{f}" for f in FORMATS] + ["z.npz", "s.h5"])
@@ -319,8 +345,20 @@ def _nesting(tmp_path):
         node = {"t": "none"}
         for _ in range(depth):
             node = {"t": "list", "children": [node]}
-        text = json.dumps({"format_version": 1, "structure": {"root": node, "refs": []}, "leaves": [], "data": [],
-                           "data_size": 0, "metadata": None}).encode() if depth < 50_000 else b"[" * depth
+        text = (
+            json.dumps(
+                {
+                    "format_version": 1,
+                    "structure": {"root": node, "refs": []},
+                    "leaves": [],
+                    "data": [],
+                    "data_size": 0,
+                    "metadata": None,
+                }
+            ).encode()
+            if depth < 50_000
+            else b"[" * depth
+        )
         path = tmp_path / "d.jaxsave"
         path.write_bytes(native.MAGIC + struct.pack("<QII", len(text), zlib.crc32(text), 0) + text)
         try:
@@ -345,13 +383,17 @@ def _checkpoints(tmp_path):
     _expect_refusal(lambda: jaxsave.resume(base))
     jaxsave.save_pytree(str(base) + ".ckpt", {"0": {"step": "x"}}, metadata={"kind": "jaxsave-checkpoint"})
     _expect_refusal(lambda: jaxsave.resume(base))
-    jaxsave.save_pytree(str(base) + ".ckpt", {"0": {"step": np.int64(1), "sample_count": np.int64(1),
-                                                     "leaves": [np.zeros(2)]}},
-                        metadata={"kind": "jaxsave-checkpoint", "structure": {"root": {"t": "eval"}},
-                                  "leaves": [[[2**40, 2**40], "float64"]]})
+    jaxsave.save_pytree(
+        str(base) + ".ckpt",
+        {"0": {"step": np.int64(1), "sample_count": np.int64(1), "leaves": [np.zeros(2)]}},
+        metadata={
+            "kind": "jaxsave-checkpoint",
+            "structure": {"root": {"t": "eval"}},
+            "leaves": [[[2**40, 2**40], "float64"]],
+        },
+    )
     _expect_refusal(lambda: jaxsave.resume(base))
     return 3
-
 
 
 @hostile("damaged zip internals (compression method, member names, offsets)")
@@ -363,14 +405,14 @@ def _zip_internals(tmp_path):
     local = raw.index(b"PK\x03\x04")
     central = raw.index(b"PK\x01\x02")
     b = bytearray(raw)
-    b[local + 8:local + 10] = struct.pack("<H", 99)  # a compression method zipfile does not know
-    b[central + 10:central + 12] = struct.pack("<H", 99)
+    b[local + 8 : local + 10] = struct.pack("<H", 99)  # a compression method zipfile does not know
+    b[central + 10 : central + 12] = struct.pack("<H", 99)
     cases.append(bytes(b))
     b = bytearray(raw)
     b[local + 30] ^= 0x20  # the local member name disagrees with the directory's
     cases.append(bytes(b))
     b = bytearray(raw)
-    b[central + 42:central + 46] = struct.pack("<I", 2**31)  # a member offset past the end
+    b[central + 42 : central + 46] = struct.pack("<I", 2**31)  # a member offset past the end
     cases.append(bytes(b))
     for data in cases:
         path.write_bytes(data)

@@ -107,9 +107,7 @@ ATTACKS = {
     "virtual dataset (a secret HDF5 file)": _virtual,
     "unknown filter (a plugin)": _filtered(32015),
     "scale-offset filter": _scaleoffset,
-    "deflate twice (a decompression bomb)": _filtered(
-        h5py.h5z.FILTER_DEFLATE, h5py.h5z.FILTER_DEFLATE
-    ),
+    "deflate twice (a decompression bomb)": _filtered(h5py.h5z.FILTER_DEFLATE, h5py.h5z.FILTER_DEFLATE),
 }
 
 
@@ -294,9 +292,9 @@ def test_external_storage_on_a_fifo_is_refused_without_blocking(tmp_path):
     samples = _samples(tmp_path / "fs.h5", on_fifo)
     for kind, path in (("pytree", pytree), ("samples", samples)):
         lines = _run_child(kind, path)
-        assert lines and all(
-            line.startswith("FileFormatError:") and "external" in line for line in lines
-        ), lines
+        assert lines and all(line.startswith("FileFormatError:") and "external" in line for line in lines), (
+            lines
+        )
 
 
 # -- merged files: virtual datasets only over the sources merge names ------------------------------
@@ -337,9 +335,7 @@ def test_a_merged_file_reads_only_the_sources_it_names(tmp_path, figures):
 
     first = ("../runs/run-0.h5", "posterior/x")
     cases = {
-        "an absolute source": edited(
-            "abs.h5", [first, (str(secret), "secret")], [first[0], str(secret)]
-        ),
+        "an absolute source": edited("abs.h5", [first, (str(secret), "secret")], [first[0], str(secret)]),
         "a source it does not name": edited("unnamed.h5", [first, ("../secret.h5", "secret")]),
         "another dataset of a source": edited("other.h5", [first, ("../runs/run-1.h5", "secret")]),
         "a source mapped twice": edited("twice.h5", [first, first]),
@@ -363,9 +359,7 @@ def test_a_merged_file_reads_only_the_sources_it_names(tmp_path, figures):
     for case, path in cases.items():
         for name, load in _sample_loaders(path, tmp_path).items():
             _refused(load, what=f"{name} on a merged file with {case}")
-    assert (
-        jaxsave.load_samples(merged)["x"][1].tolist() == [[1.0, 1.0]] * 4
-    )  # the real sources still load
+    assert jaxsave.load_samples(merged)["x"][1].tolist() == [[1.0, 1.0]] * 4  # the real sources still load
     n = len(cases) * len(_sample_loaders(merged, tmp_path))
     figures("hostile", "storage: merged files mapping other files", handled=n, tried=n)
 
@@ -383,8 +377,7 @@ def test_merged_files_over_64_mib_load(tmp_path):
     """The size guard backs a virtual dataset by its sources' storage (it counted 0 bytes for it)."""
     draws = 2**12
     sources = [
-        _samples(tmp_path / f"big-{i}.h5", counts=(draws,), draw_shape=(2**10,), value=i)
-        for i in range(3)
+        _samples(tmp_path / f"big-{i}.h5", counts=(draws,), draw_shape=(2**10,), value=i) for i in range(3)
     ]
     merged = jaxsave.merge(sources, tmp_path / "big.h5")  # 3 x 32 MiB
     x = jaxsave.load_samples(merged)["x"]
@@ -430,8 +423,9 @@ _NAMES_CHILD = textwrap.dedent("""
     import jaxsave
     from jaxsave._serialize.formats import format_module
     specs, d = json.loads(sys.argv[1]), sys.argv[2]
-    header = lambda spec, meta=None: {"format": "jaxsave", "format_version": 1, "jaxsave_version": "0",
-                                      "metadata": meta, "structure": spec, "leaves": []}
+    header = lambda spec, meta=None: {"format": "jaxsave", "format_version": 2, "jaxsave_version": "0",
+                                      "metadata": meta, "structure": spec,
+                                      "leaves": {"names": [], "dtypes": [], "shapes": []}}
     paths = []
     for fmt, suffix in (("jaxsave", "jaxsave"), ("npz", "npz"), ("safetensors", "safetensors"), ("hdf5", "h5")):
         good = f"{d}/good.{suffix}"
@@ -544,9 +538,7 @@ class Positive:
         self.x = x
 
 
-jax.tree_util.register_pytree_node(
-    Positive, lambda p: ((p.x,), None), lambda aux, kids: Positive(*kids)
-)
+jax.tree_util.register_pytree_node(Positive, lambda p: ((p.x,), None), lambda aux, kids: Positive(*kids))
 jaxsave.register_saveable(Positive, name="tests.hostile_storage.Positive")
 Pair = namedtuple("Pair", ["a", "b"])
 

@@ -19,8 +19,10 @@ from _helpers import files_under, open_fds
 
 import jaxsave
 
-pytestmark = [pytest.mark.reliability,
-              pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd (Linux)")]
+pytestmark = [
+    pytest.mark.reliability,
+    pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd (Linux)"),
+]
 
 
 def _stream(path, *, fail=False, checkpoint=False, chains=2, steps=40):
@@ -36,8 +38,13 @@ def _stream(path, *, fail=False, checkpoint=False, chains=2, steps=40):
 
     def chain(s):
         def step(s, i):
-            return saver.save(s, True, {"x": jnp.full(3, i, jnp.float32)},
-                              solver_state={"m": jnp.full(2, 1.0 * i)} if checkpoint else None)
+            return saver.save(
+                s,
+                True,
+                {"x": jnp.full(3, i, jnp.float32)},
+                solver_state={"m": jnp.full(2, 1.0 * i)} if checkpoint else None,
+            )
+
         return jax.lax.scan(step, s, jnp.arange(steps))[0]
 
     return saver.postprocess(jax.jit(jax.vmap(chain))(state), None)
@@ -81,8 +88,10 @@ def _user_file_closed(d):
 
 
 def _memory_and_device(d):
-    for saver, info in ((jaxsave.save(jaxsave.MemoryCollector(save_dir=str(d)), block_size=4), None),
-                        (jaxsave.no_save(), jaxsave.static_information(8))):
+    for saver, info in (
+        (jaxsave.save(jaxsave.MemoryCollector(save_dir=str(d)), block_size=4), None),
+        (jaxsave.no_save(), jaxsave.static_information(8)),
+    ):
         state = saver.init(jnp.zeros(2), None, info)
         state = jax.lax.scan(lambda s, i: saver.save(s, True, jnp.zeros(2)), state, jnp.arange(8))[0]
         saver.postprocess(state, None)
@@ -124,8 +133,19 @@ def _hostile(d):
         jaxsave.load_samples(d / "s.h5", chain=9)
 
 
-SCENARIOS = {f.__name__.strip("_"): f for f in (_hdf5_success, _hdf5_failure, _hdf5_resume, _user_file_closed,
-                                                 _memory_and_device, _pytrees, _checkpointer, _hostile)}
+SCENARIOS = {
+    f.__name__.strip("_"): f
+    for f in (
+        _hdf5_success,
+        _hdf5_failure,
+        _hdf5_resume,
+        _user_file_closed,
+        _memory_and_device,
+        _pytrees,
+        _checkpointer,
+        _hostile,
+    )
+}
 
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))

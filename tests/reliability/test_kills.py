@@ -143,13 +143,22 @@ def test_sigkill_while_streaming_at_20_random_moments(tmp_path, stream_script, r
                 np.testing.assert_array_equal(np.asarray(ckpt.solver_state["x"])[c], reference["x"][c, s - 1])
         # 5. Taking the file over (mode="a") clears the kill's leftovers.
         jaxsave.HDF5Collector(path, mode="a").close()
-        left = [n for n in os.listdir(tmp_path) if n.startswith(path.name) and n.endswith(".tmp")
-                or is_temporary(n)]
+        left = [
+            n
+            for n in os.listdir(tmp_path)
+            if n.startswith(path.name) and n.endswith(".tmp") or is_temporary(n)
+        ]
         assert left == [], left
         assert (jaxsave.file_info(path).sample_counts == counts).all()
         survived += 1
-    figures("kills", "streaming (3 vmapped chains, HDF5)", survived=survived, tried=KILLS,
-            flush_interval_s=FLUSH_INTERVAL, max_behind_s=round(max(lag, default=0.0), 3))
+    figures(
+        "kills",
+        "streaming (3 vmapped chains, HDF5)",
+        survived=survived,
+        tried=KILLS,
+        flush_interval_s=FLUSH_INTERVAL,
+        max_behind_s=round(max(lag, default=0.0), 3),
+    )
 
 
 SAVE = textwrap.dedent("""
@@ -232,9 +241,14 @@ def test_stale_leftovers_of_a_killed_writer_are_removed_on_open(tmp_path):
     dead.wait()
     path = tmp_path / "s.h5"
     jaxsave.HDF5Collector(path).close()
-    stale = [tmp_path / f".s.h5.{dead.pid}.89abcdef.jaxsave-tmp", tmp_path / f".s.h5.ckpt.{dead.pid}.0123abcd.jaxsave-tmp"]
-    live = [tmp_path / f".s.h5.{os.getppid()}.89abcdef.jaxsave-tmp",  # a live process's change in progress
-            tmp_path / f".other.h5.ckpt.{dead.pid}.0123abcd.jaxsave-tmp"]  # another file's
+    stale = [
+        tmp_path / f".s.h5.{dead.pid}.89abcdef.jaxsave-tmp",
+        tmp_path / f".s.h5.ckpt.{dead.pid}.0123abcd.jaxsave-tmp",
+    ]
+    live = [
+        tmp_path / f".s.h5.{os.getppid()}.89abcdef.jaxsave-tmp",  # a live process's change in progress
+        tmp_path / f".other.h5.ckpt.{dead.pid}.0123abcd.jaxsave-tmp",
+    ]  # another file's
     for p in stale + live:
         p.write_bytes(b"partial")
     jaxsave.HDF5Collector(path, mode="a").close()

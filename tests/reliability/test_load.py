@@ -33,8 +33,11 @@ def _device_bytes() -> int:
 def test_64_chains_100k_steps_stream_in_flat_memory(tmp_path, figures):
     path = tmp_path / "long.h5"
     saver = jaxsave.save(jaxsave.HDF5Collector(path))
-    state = saver.init({"x": jnp.zeros((CHAINS, 4)), "i": jnp.zeros(CHAINS, jnp.int32),
-                        "c": jnp.zeros(CHAINS, jnp.int32)}, None, chains=CHAINS)
+    state = saver.init(
+        {"x": jnp.zeros((CHAINS, 4)), "i": jnp.zeros(CHAINS, jnp.int32), "c": jnp.zeros(CHAINS, jnp.int32)},
+        None,
+        chains=CHAINS,
+    )
     per_chunk = STEPS // CHUNKS
 
     def chain(state, x, c, start):
@@ -43,6 +46,7 @@ def test_64_chains_100k_steps_stream_in_flat_memory(tmp_path, figures):
             x = 0.99 * x + 0.01 * jnp.sin(i + c)
             state, _ = saver.save(state, True, {"x": x, "i": i, "c": c})
             return (state, x), None
+
         return jax.lax.scan(step, (state, x), start + jnp.arange(per_chunk))[0]
 
     run = jax.jit(jax.vmap(chain, in_axes=(0, 0, 0, None)))
@@ -75,15 +79,25 @@ def test_64_chains_100k_steps_stream_in_flat_memory(tmp_path, figures):
     samples = jaxsave.load_samples(path)
     np.testing.assert_array_equal(samples["i"], np.broadcast_to(np.arange(STEPS), (CHAINS, STEPS)))
     np.testing.assert_array_equal(samples["c"], np.broadcast_to(np.arange(CHAINS)[:, None], (CHAINS, STEPS)))
-    figures("load", "64 vmapped chains x 100k steps to HDF5", samples=CHAINS * STEPS, seconds=round(seconds, 1),
-            rss_growth_after_warmup_mb=round(growth, 1), peak_rss_over_start_mb=round(peak, 1),
-            device_growth_mb=round(device_growth, 2), device_bytes_mb=round(device_after_chunk[-1] / 2**20, 1))
+    figures(
+        "load",
+        "64 vmapped chains x 100k steps to HDF5",
+        samples=CHAINS * STEPS,
+        seconds=round(seconds, 1),
+        rss_growth_after_warmup_mb=round(growth, 1),
+        peak_rss_over_start_mb=round(peak, 1),
+        device_growth_mb=round(device_growth, 2),
+        device_bytes_mb=round(device_after_chunk[-1] / 2**20, 1),
+    )
 
 
 def _chain_loop(saver, state, c, steps, chunk=500):
     """Run one (unbatched) chain; every sample is (chain, step)."""
-    run = jax.jit(lambda s, start: jax.lax.scan(
-        lambda s, i: saver.save(s, (i % 3) != 1, {"c": c, "i": i}), s, start + jnp.arange(chunk))[0])
+    run = jax.jit(
+        lambda s, start: jax.lax.scan(
+            lambda s, i: saver.save(s, (i % 3) != 1, {"c": c, "i": i}), s, start + jnp.arange(chunk)
+        )[0]
+    )
     for start in range(0, steps, chunk):
         state = run(state, start)
     return state
@@ -126,7 +140,12 @@ def test_several_savers_in_threads(tmp_path, figures):
     for k in range(4):
         np.testing.assert_array_equal(results[k]["i"], _expect(k, steps))
         assert (np.asarray(results[k]["c"]) == k).all()
-    figures("load", "4 savers in 4 threads (HDF5 and memory)", samples=4 * len(_expect(0, steps)), lost_or_reordered=0)
+    figures(
+        "load",
+        "4 savers in 4 threads (HDF5 and memory)",
+        samples=4 * len(_expect(0, steps)),
+        lost_or_reordered=0,
+    )
 
 
 @pytest.mark.parametrize("collector", ["hdf5", "memory"])
@@ -147,8 +166,14 @@ def test_one_collector_fed_from_several_threads(tmp_path, collector, figures):
     outs = [saver.postprocess(s, None) for s in states]
     assert sorted(chains) == list(range(threads))
     for c, out in zip(sorted(chains), outs):
-        samples = out["samples"] if collector == "memory" else jaxsave.load_samples(tmp_path / "shared.h5", chain=c)
+        samples = (
+            out["samples"] if collector == "memory" else jaxsave.load_samples(tmp_path / "shared.h5", chain=c)
+        )
         np.testing.assert_array_equal(samples["i"], _expect(c, steps))
         assert (np.asarray(samples["c"]) == c).all()
-    figures("load", f"one {collector} collector, {threads} threads' chains", samples=threads * len(_expect(0, steps)),
-            lost_or_reordered=0)
+    figures(
+        "load",
+        f"one {collector} collector, {threads} threads' chains",
+        samples=threads * len(_expect(0, steps)),
+        lost_or_reordered=0,
+    )

@@ -173,5 +173,6 @@ def test_sigkill_sharded_run_then_resume_is_exact(tmp_path, figures):
         assert got[k].shape == want[k].shape
         np.testing.assert_array_equal(got[k], want[k])  # bit-identical: none duplicated or missing
     assert not mixed, f"checkpoints with chains at different steps: {mixed}"
-    figures("kills", "sharded resume (2 devices x 2 chains, HDF5)", killed=kills, tried=KILLS,
-            devices_apart=apart)
+    figures(
+        "kills", "sharded resume (2 devices x 2 chains, HDF5)", killed=kills, tried=KILLS, devices_apart=apart
+    )

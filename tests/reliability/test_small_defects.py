@@ -9,7 +9,6 @@ temporaries, ``jaxsave.scheduler``.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -18,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _reliability import child_env
+from _reliability import child_env, mount_tmpfs
 
 import jaxsave
 
@@ -84,18 +83,6 @@ def test_checkpointer_ignores_names_its_template_does_not_write(tmp_path):
 # -- MemoryCollector(save_dir=...) on a full disk ------------------------------------------------------
 
 
-def _mount_tmpfs(directory, size) -> bool:
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        return False
-    return (
-        subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
-            capture_output=True,
-        ).returncode
-        == 0
-    )
-
-
 def _memory_run(collector, draws, width, chains=None):
     saver = jaxsave.save(collector, block_size=4)
     template = {"x": jnp.zeros(width) if chains is None else jnp.zeros((chains, width))}
@@ -111,7 +98,7 @@ def _memory_run(collector, draws, width, chains=None):
 def test_memory_collector_full_disk_leaves_no_partial_file_and_keeps_the_samples(tmp_path):
     mnt = tmp_path / "small"
     mnt.mkdir()
-    if not _mount_tmpfs(mnt, "1m"):
+    if not mount_tmpfs(mnt, "1m"):
         pytest.skip("cannot mount a 1 MiB tmpfs here (needs root and mount)")
     try:
         _memory_run(jaxsave.MemoryCollector(save_dir=mnt), draws=2, width=4)  # a small one fits
@@ -120,13 +107,9 @@ def test_memory_collector_full_disk_leaves_no_partial_file_and_keeps_the_samples
         with pytest.raises(OSError) as e:
             _memory_run(collector, draws=8, width=2**16)  # 2 MiB: does not fit
         assert e.value.errno == 28, e.value  # ENOSPC
-        assert str(mnt / "chain_0.npz") in str(e.value) and "MemoryCollector.samples(0)" in str(
-            e.value
-        )
+        assert str(mnt / "chain_0.npz") in str(e.value) and "MemoryCollector.samples(0)" in str(e.value)
         assert os.listdir(mnt) == ["chain_0.npz"]  # no partial file, no temporary
-        np.testing.assert_array_equal(
-            np.load(mnt / "chain_0.npz")["x"], before
-        )  # the old file, whole
+        np.testing.assert_array_equal(np.load(mnt / "chain_0.npz")["x"], before)  # the old file, whole
         x = collector.samples(0)["x"]
         assert x.shape == (8, 2**16)
         np.testing.assert_array_equal(x[:, 0], np.arange(8, dtype=np.float32))
@@ -200,9 +183,7 @@ def test_hdf5_refuses_sample_keys_it_cannot_store_at_init(tmp_path, layout, samp
         ({"__jaxsave__": X}, "both become"),
     ],
 )
-def test_memory_collector_save_dir_refuses_ambiguous_member_names_at_init(
-    tmp_path, sample, problem
-):
+def test_memory_collector_save_dir_refuses_ambiguous_member_names_at_init(tmp_path, sample, problem):
     saver = jaxsave.save(jaxsave.MemoryCollector(save_dir=tmp_path))
     with pytest.raises(jaxsave.StructureMismatchError, match=problem):
         saver.init(sample, None)
@@ -223,9 +204,7 @@ def test_hdf5_odd_but_valid_keys_round_trip(tmp_path, layout):
     assert int(saver.postprocess(state, None)["sample_count"]) == 3
     loaded = jaxsave.load_samples(tmp_path / "s.h5")
     got = jax.tree.leaves(loaded)
-    assert len(got) == 4 and all(
-        np.asarray(g).reshape(-1, 2)[-1].tolist() == [2.0, 2.0] for g in got
-    )
+    assert len(got) == 4 and all(np.asarray(g).reshape(-1, 2)[-1].tolist() == [2.0, 2.0] for g in got)
 
 
 # -- an empty sample ------------------------------------------------------------------------------
@@ -273,9 +252,7 @@ def test_samples_collected_must_be_a_non_negative_integer(tmp_path, bad, error, 
 def test_over_estimated_samples_collected_makes_a_small_complete_file(tmp_path, count, layout):
     path = tmp_path / "s.h5"
     saver = jaxsave.save(jaxsave.HDF5Collector(path, layout=layout))
-    state = saver.init(
-        {"x": X}, None, jaxsave.static_information(samples_collected=count), chains=None
-    )
+    state = saver.init({"x": X}, None, jaxsave.static_information(samples_collected=count), chains=None)
     state = jax.lax.scan(lambda s, i: saver.save(s, True, {"x": X + i}), state, jnp.arange(4))[0]
     assert int(saver.postprocess(state, None)["sample_count"]) == 4
     assert os.path.getsize(path) < 2**20, os.path.getsize(path)
@@ -325,9 +302,7 @@ def test_old_temporary_names_of_killed_writers_are_cleaned(tmp_path):
     other = tmp_path / f"t.h5.jaxsave-{dead}.tmp"  # another file's
     for p in (stale, live, held, other):
         p.write_bytes(b"\x89HDF\r\n\x1a\n")
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(held)], stdout=subprocess.PIPE, text=True
-    )
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(held)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         jaxsave.HDF5Collector(path).close()

@@ -31,14 +31,18 @@ def format_module(name: str) -> Format:
         raise ValueError(f"unknown format {name!r}; choose one of {', '.join(FORMATS)}")
     if name == "jaxsave":
         from jaxsave._serialize.formats import native
+
         return cast(Format, native)
     if name == "safetensors":
         from jaxsave._serialize.formats import safetensors_format
+
         return cast(Format, safetensors_format)
     if name == "npz":
         from jaxsave._serialize.formats import npz
+
         return cast(Format, npz)
     from jaxsave._serialize.formats import hdf5
+
     return cast(Format, hdf5)
 
 

@@ -22,8 +22,7 @@ class Reader(Protocol):
     def check_arrays(self, specs: Specs, names: Sequence[str] = ()) -> None:
         """Check that the file holds arrays of these shapes and dtypes (raises otherwise)."""
 
-    def read(self, indices: Sequence[int], specs: Specs,
-             names: Sequence[str] = ()) -> list[np.ndarray]:
+    def read(self, indices: Sequence[int], specs: Specs, names: Sequence[str] = ()) -> list[np.ndarray]:
         """The storable arrays ``indices``, shaped and typed as ``specs`` say."""
 
     def close(self) -> None:
@@ -40,8 +39,7 @@ class ForeignReader(Reader, Protocol):
 class Format(Protocol):
     """A format module: ``write`` and ``Reader``."""
 
-    def write(self, target: str | BinaryIO, header: dict[str, Any],
-              arrays: Sequence[np.ndarray]) -> None:
+    def write(self, target: str | BinaryIO, header: dict[str, Any], arrays: Sequence[np.ndarray]) -> None:
         """Write the document; ``target`` is a temporary path (atomicity is the caller's)
         or a binary file object."""
 

@@ -38,8 +38,8 @@ def write(target: str | BinaryIO, header: dict[str, Any], arrays: Sequence[np.nd
     with h5py.File(target, "w") as f:
         f.attrs["jaxsave"] = json.dumps(header, separators=(",", ":"))
         group = f.create_group(GROUP)
-        for i, (leaf, a) in enumerate(zip(header["leaves"], arrays)):
-            group.create_dataset(_dataset_name(leaf["name"], i), data=a)
+        for i, (name, a) in enumerate(zip(header["leaves"]["names"], arrays)):
+            group.create_dataset(_dataset_name(name, i), data=a)
 
 
 def check_stored(ds: h5py.Dataset, nbytes: int, slack: int = 2**26) -> None:
@@ -53,8 +53,10 @@ def check_stored(ds: h5py.Dataset, nbytes: int, slack: int = 2**26) -> None:
     """
     stored = stored_bytes(ds)
     if nbytes > stored + slack:
-        raise FileFormatError(f"dataset {ds.name!r} declares {nbytes} bytes to read but the file stores only "
-                              f"{stored} for it (a sparse or hostile file)")
+        raise FileFormatError(
+            f"dataset {ds.name!r} declares {nbytes} bytes to read but the file stores only "
+            f"{stored} for it (a sparse or hostile file)"
+        )
 
 
 class Reader:
@@ -89,18 +91,18 @@ class Reader:
             raise FileFormatError(f"the HDF5 file has no dataset for leaf {names[i]!r}")
         return ds
 
-    def check_arrays(self, specs: Sequence[tuple[tuple[int, ...], str]],
-                     names: Sequence[str]) -> None:
+    def check_arrays(self, specs: Sequence[tuple[tuple[int, ...], str]], names: Sequence[str]) -> None:
         for i, (shape, dtype) in enumerate(specs):
             ds = self._dataset(names, i)
             if tuple(ds.shape) != tuple(shape) or ds.dtype != storage_dtype(dtype):
                 raise FileFormatError(
-                    f"dataset {ds.name!r} is {ds.dtype}{list(ds.shape)}, "
-                    f"the header says {dtype}{list(shape)}")
+                    f"dataset {ds.name!r} is {ds.dtype}{list(ds.shape)}, the header says {dtype}{list(shape)}"
+                )
             check_stored(ds, int(np.prod(shape, dtype=object)) * ds.dtype.itemsize)
 
-    def read(self, indices: Sequence[int], specs: Sequence[tuple[tuple[int, ...], str]],
-             names: Sequence[str]) -> list[np.ndarray]:
+    def read(
+        self, indices: Sequence[int], specs: Sequence[tuple[tuple[int, ...], str]], names: Sequence[str]
+    ) -> list[np.ndarray]:
         out = []
         for i in indices:
             ds = self._dataset(names, i)

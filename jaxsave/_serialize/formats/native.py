@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import os
 import struct
 import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from itertools import repeat
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -40,6 +42,9 @@ MAGIC = b"\x93JAXSAVE"
 _PARALLEL_BYTES = 64 * 2**20  # reads this large use two threads
 ALIGN = 64
 _PREFIX = 24
+_ZEROS = [b"\0" * n for n in range(ALIGN)]  # the padding before an array
+_DIRECT_BYTES = 1 << 16  # arrays this large are written on their own, smaller ones gathered
+_CHUNK_BYTES = 1 << 22
 
 
 def _align(n: int, a: int = ALIGN) -> int:
@@ -48,44 +53,76 @@ def _align(n: int, a: int = ALIGN) -> int:
 
 def write(target: str | BinaryIO, header: dict[str, Any], arrays: Sequence[np.ndarray]) -> None:
     """Write ``header`` and the contiguous storable ``arrays`` to ``target``."""
-    data = _layout([a.nbytes for a in arrays])
-    total = data[-1][0] + data[-1][1] if data else 0
+    sizes = [a.nbytes for a in arrays]
+    offsets = _layout(sizes)
+    total = _total(offsets, sizes)
     text = json.dumps({**header, "data_size": total}, separators=(",", ":")).encode("utf-8")
     size = _align(_PREFIX + len(text)) - _PREFIX
     if isinstance(target, (str, os.PathLike)):
         with open(target, "wb", buffering=1 << 20) as f:
-            _write_to(f, text, size, arrays, data)
+            _write_to(f, text, size, arrays, offsets, sizes)
     else:
-        _write_to(target, text, size, arrays, data)
+        _write_to(target, text, size, arrays, offsets, sizes)
 
 
-def _write_to(f: BinaryIO, text: bytes, size: int, arrays: Sequence[np.ndarray],
-              data: list[list[int]]) -> None:
+def _write_to(
+    f: BinaryIO,
+    text: bytes,
+    size: int,
+    arrays: Sequence[np.ndarray],
+    offsets: Sequence[int],
+    sizes: Sequence[int],
+) -> None:
     text += b" " * (size - len(text))
     f.write(MAGIC + struct.pack("<QII", size, zlib.crc32(text), 0) + text)
+    # Small arrays are gathered (with their padding) into chunks written at once:
+    # one write per array costs more than the copy. Large ones are written as they are.
+    chunk: list[Any] = []
+    chunk_bytes = 0
     written = 0
-    for a, (offset, nbytes) in zip(arrays, data):
+    for a, offset, nbytes in zip(arrays, offsets, sizes):
         if offset > written:
-            f.write(b"\0" * (offset - written))
-        if nbytes:
+            chunk.append(_ZEROS[offset - written])
+        if nbytes >= _DIRECT_BYTES:
+            if chunk:
+                f.write(b"".join(chunk))
+                chunk, chunk_bytes = [], 0
             f.write(a.reshape(-1).view(np.uint8))  # type: ignore[call-overload]
+        elif nbytes:
+            chunk.append(a)  # C-contiguous: join takes its buffer as it is
+            chunk_bytes += nbytes
+            if chunk_bytes >= _CHUNK_BYTES:
+                f.write(b"".join(chunk))
+                chunk, chunk_bytes = [], 0
         written = offset + nbytes
+    if chunk:
+        f.write(b"".join(chunk))
 
 
-def _layout(sizes: Sequence[int]) -> list[list[int]]:
-    """``[offset, nbytes]`` of each array: back to back, each aligned to 64 bytes."""
-    out, pos = [], 0
-    for n in sizes:
-        pos = _align(pos)
-        out.append([pos, n])
-        pos += n
-    return out
+def _layout(sizes: Sequence[int]) -> list[int]:
+    """The offset of each array: back to back, each aligned to 64 bytes.
+
+    Sizes must be below 2**62 in total (the caller checks against the file size).
+    """
+    if not sizes:
+        return []
+    aligned = (np.asarray(sizes, np.int64) + (ALIGN - 1)) & -ALIGN
+    offsets = np.zeros(len(sizes), np.int64)
+    np.cumsum(aligned[:-1], out=offsets[1:])
+    return offsets.tolist()  # type: ignore[no-any-return]
+
+
+_first, _second = operator.itemgetter(0), operator.itemgetter(1)
+
+
+def _total(offsets: Sequence[int], sizes: Sequence[int]) -> int:
+    return offsets[-1] + sizes[-1] if sizes else 0
 
 
 def _aligned_buffer(nbytes: int) -> np.ndarray:
     raw = np.empty(nbytes + 4096, np.uint8)
     start = (-raw.ctypes.data) % 4096
-    return raw[start:start + nbytes]
+    return raw[start : start + nbytes]
 
 
 class Reader:
@@ -125,61 +162,76 @@ class Reader:
             raise FileFormatError("the header is not a JSON object")
         self._data_start = self._start + _PREFIX + hlen
         self._data_size = size - _PREFIX - hlen
-        self._data: list[list[int]] = []
+        self._offsets: list[int] = []
+        self._sizes: list[int] = []
         return header
 
-    def check_arrays(self, specs: Sequence[tuple[tuple[int, ...], str]],
-                     names: Sequence[str] = ()) -> None:
+    def check_arrays(self, specs: Sequence[tuple[tuple[int, ...], str]], names: Sequence[str] = ()) -> None:
         """Lay the arrays out from their (validated) shapes and dtypes; check the file size."""
-        itemsize: dict[str, int] = {}
-        sizes = []
-        for shape, dtype in specs:
-            size = itemsize.get(dtype)
-            if size is None:
-                size = itemsize[dtype] = storage_dtype(dtype).itemsize
-            sizes.append(math.prod(shape) * size)
-        data = _layout(sizes)
-        total = data[-1][0] + data[-1][1] if data else 0
+        dtypes = list(map(_second, specs))
+        itemsize = {dtype: storage_dtype(dtype).itemsize for dtype in dict.fromkeys(dtypes)}
+        sizes = list(map(operator.mul, map(math.prod, map(_first, specs)), map(itemsize.__getitem__, dtypes)))
         declared = self.header.get("data_size")
+        offsets: list[int] = []
+        if sum(sizes) > self._data_size:  # too large for the file (and maybe for int64)
+            total = 0
+            for n in sizes:
+                total = _align(total) + n
+        else:
+            offsets = _layout(sizes)
+            total = _total(offsets, sizes)
         if total != self._data_size or declared != total:
             raise FileFormatError(
                 f"the arrays' shapes and dtypes need {total} data bytes, the file has "
-                f"{self._data_size} and its header says {declared!r} (truncated or corrupt)")
-        self._data = data
+                f"{self._data_size} and its header says {declared!r} (truncated or corrupt)"
+            )
+        self._offsets, self._sizes = offsets, sizes
 
-    def read(self, indices: Sequence[int], specs: Sequence[tuple[tuple[int, ...], str]],
-             names: Sequence[str] = ()) -> list[np.ndarray]:
-        """The storable arrays ``indices`` (shapes/dtypes from ``specs``, checked)."""
-        data = self._data
+    def read(
+        self, indices: Sequence[int], specs: Sequence[tuple[tuple[int, ...], str]], names: Sequence[str] = ()
+    ) -> list[np.ndarray]:
+        """The storable arrays ``indices`` (shapes/dtypes from ``specs``, checked).
+
+        The arrays contiguous in the file are read at once, into one buffer: a
+        whole file is one read, and the arrays are views of that buffer.
+        """
+        offsets, sizes = self._offsets, self._sizes
         order = sorted(set(indices))  # offsets grow with the index
-        runs: list[list[int]] = []  # groups of arrays that are contiguous in the file
-        end = -1
-        for i in order:
-            offset, nbytes = data[i]
-            if offset != end:
-                runs.append([])
-            runs[-1].append(i)
-            end = -(-(offset + nbytes) // ALIGN) * ALIGN
-        spans = [(data[r[0]][0], self._end(r[-1])) for r in runs]
+        if order and order[-1] - order[0] + 1 == len(order):  # one run (a whole file)
+            runs = [order]
+        else:
+            runs = []  # groups of arrays that are contiguous in the file
+            end = -1
+            for i in order:
+                if offsets[i] != end:
+                    runs.append([])
+                runs[-1].append(i)
+                end = _align(offsets[i] + sizes[i])
+        spans = [(offsets[r[0]], offsets[r[-1]] + sizes[r[-1]]) for r in runs]
         buf = _aligned_buffer(sum(_align(b - a) for a, b in spans))
-        out: dict[int, np.ndarray] = {}
-        dtypes: dict[str, np.dtype] = {}
+        out: list[np.ndarray] = []
         pos = 0
         for run, (first, last) in zip(runs, spans):
-            self._readinto(self._data_start + first, buf[pos:pos + last - first])
-            base = pos - first
-            for i in run:
-                offset, nbytes = data[i]
-                shape, dtype = specs[i]
-                store = dtypes.get(dtype)
-                if store is None:
-                    store = dtypes[dtype] = storage_dtype(dtype)
-                out[i] = buf[base + offset:base + offset + nbytes].view(store).reshape(shape)
+            self._readinto(self._data_start + first, buf[pos : pos + last - first])
+            # The views, made at C speed (one np.ndarray(shape, dtype, buffer, offset) each).
+            if len(run) == run[-1] - run[0] + 1:
+                sub, at = specs[run[0] : run[-1] + 1], offsets[run[0] : run[-1] + 1]
+            else:
+                sub, at = [specs[i] for i in run], [offsets[i] for i in run]
+            dtypes = list(map(_second, sub))
+            stores = {dtype: storage_dtype(dtype) for dtype in dict.fromkeys(dtypes)}
+            out += map(
+                np.ndarray,
+                map(_first, sub),
+                map(stores.__getitem__, dtypes),
+                repeat(buf),
+                map(operator.add, at, repeat(pos - first)),
+            )
             pos += _align(last - first)
-        return [out[i] for i in indices]
-
-    def _end(self, i: int) -> int:
-        return self._data[i][0] + self._data[i][1]
+        if len(indices) == len(order) and (not order or indices[0] == order[0]) and list(indices) == order:
+            return out  # the usual case: asked for in file order
+        found = dict(zip(order, out))
+        return [found[i] for i in indices]
 
     def _readinto(self, offset: int, view: np.ndarray) -> None:
         mv = memoryview(view)  # type: ignore[arg-type]
@@ -188,8 +240,12 @@ class Reader:
             # is CPU-bound, and preadv releases the GIL.
             half = _align(len(mv) // 2, 4096)
             with ThreadPoolExecutor(2) as pool:
-                done = list(pool.map(lambda part: self._pread(offset + part[0], mv[part[0]:part[1]]),
-                                     [(0, half), (half, len(mv))]))
+                done = list(
+                    pool.map(
+                        lambda part: self._pread(offset + part[0], mv[part[0] : part[1]]),
+                        [(0, half), (half, len(mv))],
+                    )
+                )
             del done
             return
         self._f.seek(offset)

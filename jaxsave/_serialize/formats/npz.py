@@ -31,8 +31,8 @@ HEADER_MEMBER = "__jaxsave__.json"
 def write(target: str | BinaryIO, header: dict[str, Any], arrays: Sequence[np.ndarray]) -> None:
     text = json.dumps(header, separators=(",", ":"))
     with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for leaf, a in zip(header["leaves"], arrays):
-            with zf.open(leaf["name"] + ".npy", "w", force_zip64=True) as fp:
+        for name, a in zip(header["leaves"]["names"], arrays):
+            with zf.open(name + ".npy", "w", force_zip64=True) as fp:
                 npformat.write_array(fp, a, allow_pickle=False)
         zf.writestr(HEADER_MEMBER, text)
 
@@ -72,14 +72,16 @@ class Reader:
             except FileFormatError:
                 raise FileFormatError(
                     f"member {info.filename!r} has dtype {dtype}, which jaxsave does not load "
-                    "(object arrays would need pickle)") from None
+                    "(object arrays would need pickle)"
+                ) from None
             out.append((info.filename[:-4], shape, name))
         return out
 
     def _npy_header(self, fp: Any, info: zipfile.ZipInfo) -> tuple[tuple[int, ...], np.dtype, int]:
         stored = info.compress_type == zipfile.ZIP_STORED
         if info.header_offset + info.compress_size > self._size or (
-            info.file_size != info.compress_size if stored
+            info.file_size != info.compress_size
+            if stored
             else info.file_size > 1100 * info.compress_size + 4096  # beyond deflate's ratio
         ):
             raise FileFormatError(f"member {info.filename!r} has impossible sizes (zip bomb?)")
@@ -94,25 +96,25 @@ class Reader:
         except (ValueError, SyntaxError, OSError, zipfile.BadZipFile) as e:
             raise FileFormatError(f"member {info.filename!r}: bad .npy header: {e}") from None
         if dtype.hasobject:
-            raise FileFormatError(
-                f"member {info.filename!r} is an object array; jaxsave never unpickles")
+            raise FileFormatError(f"member {info.filename!r} is an object array; jaxsave never unpickles")
         if fortran and len(shape) > 1:
             raise FileFormatError(f"member {info.filename!r} is in Fortran order")
         nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
         if nbytes != info.file_size - fp.tell():
             raise FileFormatError(
                 f"member {info.filename!r}: its header promises {nbytes} bytes, "
-                f"it holds {info.file_size - fp.tell()}")
+                f"it holds {info.file_size - fp.tell()}"
+            )
         return tuple(shape), dtype, nbytes
 
-    def check_arrays(self, specs: Sequence[tuple[tuple[int, ...], str]],
-                     names: Sequence[str]) -> None:
+    def check_arrays(self, specs: Sequence[tuple[tuple[int, ...], str]], names: Sequence[str]) -> None:
         for name in names:
             if name + ".npy" not in self._zip.NameToInfo:
                 raise FileFormatError(f"the .npz has no member {name + '.npy'!r}")
 
-    def read(self, indices: Sequence[int], specs: Sequence[tuple[tuple[int, ...], str]],
-             names: Sequence[str]) -> list[np.ndarray]:
+    def read(
+        self, indices: Sequence[int], specs: Sequence[tuple[tuple[int, ...], str]], names: Sequence[str]
+    ) -> list[np.ndarray]:
         out = []
         for i in indices:
             info = self._zip.getinfo(names[i] + ".npy")
@@ -123,7 +125,8 @@ class Reader:
                     if got_shape != shape or dtype != want:
                         raise FileFormatError(
                             f"member {info.filename!r} is {dtype}{list(got_shape)}, "
-                            f"the header says {want}{list(shape)}")
+                            f"the header says {want}{list(shape)}"
+                        )
                     arr = np.empty(shape, dtype)
                     view = memoryview(arr.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
                     got = 0
@@ -139,4 +142,3 @@ class Reader:
 
     def close(self) -> None:
         self._zip.close()
-

@@ -24,9 +24,18 @@ from jaxsave._serialize.formats.base import MAX_HEADER_BYTES
 from jaxsave.errors import FileFormatError
 
 _ST_DTYPES = {
-    "BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16",
-    "U32": "uint32", "I32": "int32", "U64": "uint64", "I64": "int64",
-    "F16": "float16", "F32": "float32", "F64": "float64",
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "U16": "uint16",
+    "I16": "int16",
+    "U32": "uint32",
+    "I32": "int32",
+    "U64": "uint64",
+    "I64": "int64",
+    "F16": "float16",
+    "F32": "float32",
+    "F64": "float64",
 }
 
 
@@ -46,7 +55,7 @@ def _to_tensor(a: np.ndarray) -> np.ndarray:
 
 def write(target: str | BinaryIO, header: dict[str, Any], arrays: Sequence[np.ndarray]) -> None:
     st = _library()
-    tensors = {leaf["name"]: _to_tensor(a) for leaf, a in zip(header["leaves"], arrays)}
+    tensors = {name: _to_tensor(a) for name, a in zip(header["leaves"]["names"], arrays)}
     metadata = {"jaxsave": json.dumps(header, separators=(",", ":"))}
     if isinstance(target, (str, os.PathLike)):
         try:
@@ -116,20 +125,23 @@ class Reader:
             out.append((name, tuple(e.get("shape", ())), _ST_DTYPES[e["dtype"]]))
         return out
 
-    def check_arrays(self, specs: Sequence[tuple[tuple[int, ...], str]],
-                     names: Sequence[str]) -> None:
+    def check_arrays(self, specs: Sequence[tuple[tuple[int, ...], str]], names: Sequence[str]) -> None:
         for name, (shape, dtype) in zip(names, specs):
             e = self._entries.get(name)
             store = storage_dtype(dtype)
             want_dtype, want_shape = store.name, list(shape)
             if store.kind == "c":
                 want_dtype, want_shape = f"float{store.itemsize * 4}", want_shape + [2]
-            if (not isinstance(e, dict) or _ST_DTYPES.get(str(e.get("dtype"))) != want_dtype
-                    or e.get("shape") != want_shape):
+            if (
+                not isinstance(e, dict)
+                or _ST_DTYPES.get(str(e.get("dtype"))) != want_dtype
+                or e.get("shape") != want_shape
+            ):
                 raise FileFormatError(f"tensor {name!r} is missing or differs from the header")
 
-    def read(self, indices: Sequence[int], specs: Sequence[tuple[tuple[int, ...], str]],
-             names: Sequence[str]) -> list[np.ndarray]:
+    def read(
+        self, indices: Sequence[int], specs: Sequence[tuple[tuple[int, ...], str]], names: Sequence[str]
+    ) -> list[np.ndarray]:
         out = []
         for i in indices:
             shape, dtype = specs[i]

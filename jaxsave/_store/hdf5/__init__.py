@@ -1,1 +1,2 @@
-"""HDF5 mechanics of the sample file: datasets, names, SWMR file, superblock, trust, owner."""
+"""HDF5 mechanics of the sample file: the file read and written, datasets, chunks, names,
+the held file and its SWMR swaps, superblock, trust, owner."""

@@ -4,17 +4,23 @@ Layout ``"posterior"``: one ``(chain, draw, ...)`` dataset per leaf under
 ``posterior/`` or ``sample_stats/``, with ``chain``/``draw``/``<var>_dim_k``
 dimension scales. Layout ``"chains"``: one ``(draw, ...)`` dataset per leaf and
 chain under ``/chain~{id}/``. Datasets are chunked (about 1 MiB, at most 4096
-draws) and resizable; with a known count they are allocated at their final size (at most
-16384 draws).
-Rows are written by :func:`write_rows` / :func:`write_block`, which hand the
-whole chunks of an unfiltered dataset straight to the file.
+draws; as many draws as the first block where that is longer, so that a block is a whole
+chunk of each leaf) and resizable; with a known count they are allocated at their final
+size (at most 16384 draws).
+:class:`HDF5Datasets` does this for a collector, through the file it is given
+(:class:`ChangingFile`), one subclass per layout (:class:`PosteriorDatasets`,
+:class:`ChainDatasets`; :meth:`HDF5Datasets.for_layout` picks it); :class:`ChainRows`
+holds the rows each chain has and expects. Rows go in through
+:mod:`jaxsave._store.hdf5.chunks` (whole chunks straight to the file).
 """
 
 from __future__ import annotations
 
+import abc
 import json
 import math
 from collections.abc import Callable
+from typing import Protocol
 
 import h5py
 import numpy as np
@@ -22,10 +28,21 @@ import numpy as np
 from jaxsave._core import diskspace as _diskspace
 from jaxsave._core import dtypes as _dtypes
 from jaxsave._store import schema
-from jaxsave._store.hdf5.sample_file import attach_scales
+from jaxsave._store.hdf5.chunks import Target, write_block, write_rows
+from jaxsave._store.hdf5.sample_file import attach_scales, create_scales
 from jaxsave.collectors import SampleLayout
+from jaxsave.errors import SaverStateError
 
-__all__ = ["HDF5Datasets", "write_block", "write_rows"]
+__all__ = [
+    "ChainDatasets",
+    "ChainRows",
+    "ChangingFile",
+    "HDF5Datasets",
+    "PosteriorDatasets",
+    "Target",
+    "write_block",
+    "write_rows",
+]
 
 #: Target size of one chunk: big enough that reading draws is fast.
 _CHUNK_BYTES = 1 * 2**20
@@ -35,113 +52,187 @@ _MAX_CHUNK_ROWS = 4096
 #: ``_CHUNK_BYTES`` (each leaf's partial last chunk takes its whole size on disk), but each chunk
 #: at least this many draws.
 _MIN_CHUNK_ROWS = 64
+#: A first block longer than the chunks would be gives the chunks its length (so that each block is
+#: a whole chunk of each leaf, written straight to the file), but at most this many times theirs.
+_BLOCK_CHUNK_FACTOR = 4
 #: A known count preallocates at most this many draws (more are grown as they come): the draw
 #: scale is written in full, so an over-estimate would fill the file (or memory) with it.
 _MAX_PREALLOC_DRAWS = 16384
-#: Chunks at least this big are written whole with ``write_direct_chunk`` when a block covers them:
-#: past HDF5's selection and chunk cache, twice as fast (4 MiB: 1.8 ms instead of 3.6 ms on tmpfs).
-_DIRECT_CHUNK_BYTES = 256 * 2**10
 
 
-def _whole_chunks(ds: h5py.Dataset, axis: int, start: int, n: int,
-                  dtype: np.dtype) -> tuple[int, int, int] | None:
-    """``(lo, hi, rows)``: the chunks of draws ``lo..hi`` (``rows`` each) that a write of draws
-    ``start..start+n`` along ``axis`` covers whole and may go to the file directly; ``None`` if none."""
-    chunks = ds.chunks  # cheap checks first: this runs for every leaf of every block
-    if chunks is None or math.prod(chunks) * dtype.itemsize < _DIRECT_CHUNK_BYTES:
-        return None
-    rows = chunks[axis]
-    lo, hi = -(-start // rows) * rows, (start + n) // rows * rows
-    if hi <= lo:
-        return None
-    shape = ds.shape
-    hi = min(hi, shape[axis] // rows * rows)  # a chunk past the extent is not written whole
-    if (hi <= lo or dtype != ds.dtype or any(c != 1 for c in chunks[:axis])
-            or chunks[axis + 1:] != shape[axis + 1:] or ds.id.get_create_plist().get_nfilters()):
-        return None
-    return lo, hi, rows
+class ChangingFile(Protocol):
+    """The file :class:`HDF5Datasets` writes (:class:`jaxsave._store.hdf5.held_file.HeldFile`).
 
-
-def _write_slab(ds: h5py.Dataset, offset: tuple[int, ...], rows: np.ndarray) -> None:
-    """Write ``rows`` into ``ds`` at ``offset`` (one index per axis of ``ds``), through h5py's
-    low-level API: about 50 us a call where ``ds[...] = rows`` costs about 200 us."""
-    if rows.size == 0:
-        return
-    rows = np.ascontiguousarray(rows)
-    file_space = ds.id.get_space()
-    file_space.select_hyperslab(offset, (1,) * (len(offset) - rows.ndim) + rows.shape)
-    ds.id.write(h5py.h5s.create_simple(rows.shape), file_space, rows)
-
-
-def write_rows(ds: h5py.Dataset, lead: tuple[int, ...], start: int, rows: np.ndarray) -> None:
-    """``ds[(*lead, slice(start, start + len(rows)))] = rows``, whole chunks written directly."""
-    _write_span(ds, lead, start, rows, _whole_chunks(ds, len(lead), start, len(rows), rows.dtype))
-
-
-def write_block(ds: h5py.Dataset, first: int, start: int, rows: np.ndarray) -> None:
-    """``ds[first:first + len(rows), start:start + rows.shape[1]] = rows``.
-
-    That is chains ``first...``, draws ``start...``.
-    """
-    whole = _whole_chunks(ds, 1, start, rows.shape[1], rows.dtype)  # the same span for every chain
-    if whole is None:
-        _write_slab(ds, (first, start) + (0,) * (rows.ndim - 2), rows)
-        return
-    for i, chain_rows in enumerate(rows):
-        _write_span(ds, (first + i,), start, chain_rows, whole)
-
-
-def _write_span(ds: h5py.Dataset, lead: tuple[int, ...], start: int, rows: np.ndarray,
-                whole: tuple[int, int, int] | None) -> None:
-    """Draws ``start...`` of ``rows``: the chunks ``whole`` (of :func:`_whole_chunks`) directly,
-    the rest as slabs."""
-    zeros = (0,) * (rows.ndim - 1)
-    if whole is None:
-        _write_slab(ds, (*lead, start, *zeros), rows)
-        return
-    lo, hi, size = whole
-    _write_slab(ds, (*lead, start, *zeros), rows[:lo - start])
-    for k in range(lo, hi, size):
-        ds.id.write_direct_chunk((*lead, k, *zeros), np.ascontiguousarray(rows[k - start:k - start + size]))
-    _write_slab(ds, (*lead, hi, *zeros), rows[hi - start:])
-
-
-class HDF5Datasets:
-    """Mixin of :class:`jaxsave.HDF5Collector`: creating and growing its datasets, writing rows.
-
-    Uses the collector's file (and its name), layout, sample layout, per-chain
-    capacities and counts, its ``_change`` (structural changes outside SWMR mode)
-    and ``_write_counts``.
+    ``file`` is the open handle, a new one after each :meth:`change` that swapped
+    the file; ``change`` runs a function that creates objects where SWMR allows it.
     """
 
-    _file: h5py.File
-    _sample: SampleLayout
-    _entries: list[tuple[str, str]]
-    _capacity: list[int | None]
-    _counts: list[int]
-    _datasets: list[h5py.Dataset]
-    _chain_datasets: dict[int, list[h5py.Dataset]]
-    compression: str | None
-    _change: Callable[..., None]
-    _write_counts: Callable[[], None]
-    _filename: str
-    layout: str
+    filename: str
 
-    def _chunk_rows(self, j: int, largest: int | None = None) -> int:
+    @property
+    def file(self) -> h5py.File: ...
+
+    def change(self, change: Callable[[], None], *, then_swmr: bool = False) -> None: ...
+
+
+class ChainRows:
+    """Per chain: the rows written (``counts``) and expected (``capacity``, ``None`` if unknown).
+
+    A chain's id is its index. ``counts`` are raised as rows are written; the file's
+    ``sample_counts`` record them once flushed.
+
+    >>> rows = ChainRows()
+    >>> rows.adopt([4])  # a file that holds one chain of 4 draws
+    >>> rows.add(10), rows.counts, rows.capacity
+    (1, [4, 0], [None, 10])
+    """
+
+    def __init__(self) -> None:
+        self.counts: list[int] = []
+        self.capacity: list[int | None] = []
+
+    def adopt(self, counts: list[int]) -> None:
+        """The chains a file holds already (their capacity unknown), before any chain is added."""
+        self.counts, self.capacity = list(counts), [None] * len(counts)
+
+    def add(self, capacity: int | None) -> int:
+        """A new chain, with no rows yet; returns its id."""
+        self.counts.append(0)
+        self.capacity.append(capacity)
+        return len(self.counts) - 1
+
+    def restart(self, chain: int, count: int, capacity: int | None) -> None:
+        """Chain ``chain`` continues after its first ``count`` rows (later ones are written over)."""
+        self.counts[chain] = int(count)
+        self.capacity[chain] = capacity
+
+    def written(self) -> list[int]:
+        """A copy of ``counts``."""
+        return list(self.counts)
+
+    def largest_capacity(self) -> int:
+        """The largest known capacity of a chain (0 if none is known)."""
+        return max((c for c in self.capacity if c), default=0)
+
+
+class HDF5Datasets(abc.ABC):
+    """The datasets of a collector's file: created at the first block, grown, written, trimmed.
+
+    Args:
+      held: the file to write, and how to change it (:class:`ChangingFile`).
+      compression: ``None``, ``"gzip"`` or ``"lzf"``.
+      rows: the chains' counts and capacities; :meth:`append` and
+        :meth:`append_block` raise the counts.
+
+    What differs between the layouts is in the subclasses (:meth:`for_layout`). The
+    sample's layout is set by :meth:`set_sample` (at the first chain) before rows are
+    written. Handles are bound to :attr:`ChangingFile.file` and bound again (from
+    their paths) whenever that is another handle.
+    """
+
+    def __init__(self, held: ChangingFile, compression: str | None, rows: ChainRows):
+        self._held = held
+        self.compression = compression
+        self.rows = rows
+        self._sample: SampleLayout | None = None
+        self.entries: list[tuple[str, str]] = []  # (group, name) per leaf, layout "posterior"
+        self._bound: h5py.File | None = None  # the handle the datasets belong to
+        self._row_shapes: list[tuple[int, ...]] = []  # sample.storage_shape(j), for every block's check
+        self._row_bytes: list[int] = []  # sample.row_bytes(j): a leaf's chunk looks at every leaf's
+        self._sample_row_bytes = 0  # ... and at their sum
+        self._chunk_bytes = 0  # bytes of one chunk of every leaf, of the datasets created (0: none yet)
+
+    @staticmethod
+    def for_layout(layout: str, held: ChangingFile, compression: str | None, rows: ChainRows) -> HDF5Datasets:
+        """The datasets of a file of ``layout`` (``"posterior"`` or ``"chains"``)."""
+        kind = PosteriorDatasets if layout == schema.POSTERIOR else ChainDatasets
+        return kind(held, compression, rows)
+
+    # -- the sample -------------------------------------------------------------------------
+
+    @property
+    def has_sample(self) -> bool:
+        """Whether :meth:`set_sample` was called (a chain was registered)."""
+        return self._sample is not None
+
+    @property
+    def sample(self) -> SampleLayout:
+        """The layout of one chain's sample; an error before :meth:`set_sample`."""
+        if self._sample is None:
+            raise SaverStateError("HDF5Collector: no chain was registered, so the sample's layout is unknown")
+        return self._sample
+
+    def set_sample(self, sample: SampleLayout, entries: list[tuple[str, str]]) -> None:
+        """The sample's layout, and the ``(group, name)`` of each leaf (layout ``"posterior"``)."""
+        self._sample, self.entries = sample, entries
+        self._row_shapes = [sample.storage_shape(j) for j in range(len(sample.specs))]
+        self._row_bytes = [sample.row_bytes(j) for j in range(len(sample.specs))]
+        self._sample_row_bytes = sum(self._row_bytes)
+
+    # -- handles ------------------------------------------------------------------------------
+
+    def _current(self) -> h5py.File:
+        """The file's current handle, the datasets' handles bound to it.
+
+        Handles into a closed file are dead (h5py closes a file's objects with it), so
+        every swap of the file must rebind; the paths come from the layout, not from
+        the old handles (whose names are gone with their file).
+        """
+        file = self._held.file
+        if file is not self._bound:
+            self._bound = file
+            self._bind(file)
+        return file
+
+    def forget(self) -> None:
+        """Drop the handles (the file was closed): the next write binds what the file holds."""
+        self._bound = None
+        self._drop()
+
+    @abc.abstractmethod
+    def _bind(self, file: h5py.File) -> None:
+        """Point the handles held at ``file``."""
+
+    @abc.abstractmethod
+    def _drop(self) -> None:
+        """Hold no handles."""
+
+    @abc.abstractmethod
+    def names(self) -> list[str]:
+        """The paths of every dataset written (to read them back after close)."""
+
+    # -- creating -----------------------------------------------------------------------------
+
+    def _chunk_rows(self, j: int, block: int = 0, largest: int | None = None) -> int:
         """Draws per chunk of leaf ``j``: about 1 MiB, at most 4096, at most the ``largest``
         known count of a chain (computed if not given); for many small leaves, about 1 MiB
-        over all leaves (at least 64 draws), so that a short run makes a small file."""
-        rows = min(_MAX_CHUNK_ROWS, max(1, _CHUNK_BYTES // max(1, self._sample.row_bytes(j))),
-                   max(_MIN_CHUNK_ROWS, _CHUNK_BYTES // max(1, self._sample.row_bytes())))
+        over all leaves (at least 64 draws), so that a short run makes a small file.
+
+        A first ``block`` of more draws than that makes the chunks longer, up to the block (at
+        most 1 MiB and 4 times the chunk above): then the blocks that follow, of its length,
+        are each one whole chunk of each leaf, written straight to the file. A block too long
+        for one chunk is cut into equal chunks where its length allows.
+        """
+        leaf_cap = max(1, _CHUNK_BYTES // max(1, self._row_bytes[j]))
+        rows = min(
+            _MAX_CHUNK_ROWS, leaf_cap, max(_MIN_CHUNK_ROWS, _CHUNK_BYTES // max(1, self._sample_row_bytes))
+        )
+        if block > rows:
+            rows = _block_chunk(block, min(_MAX_CHUNK_ROWS, leaf_cap, _BLOCK_CHUNK_FACTOR * rows), rows)
         if largest is None:
-            largest = max((c for c in self._capacity if c), default=0)
+            largest = self.rows.largest_capacity()
         return min(rows, largest) if largest else rows
 
-    def _create(self, group: h5py.Group, name: str, j: int, lead: tuple[int, ...]) -> h5py.Dataset:
-        spec = self._sample.specs[j]
-        shape = self._sample.storage_shape(j)
+    def _create(
+        self, group: h5py.Group, name: str, j: int, lead: tuple[int, ...], block: int
+    ) -> h5py.Dataset:
+        """Leaf ``j``'s dataset ``name`` in ``group``, of shape ``lead + row shape``; ``block``
+        is the length of the first block (see :meth:`_chunk_rows`)."""
+        sample = self.sample
+        spec = sample.specs[j]
+        shape = sample.storage_shape(j)
         dtype = _dtypes.storage_dtype(spec.dtype)
-        chunk_lead = (1,) * (len(lead) - 1) + (self._chunk_rows(j),)
+        chunk_lead = (1,) * (len(lead) - 1) + (self._chunk_rows(j, block),)
         ds = group.create_dataset(
             name,
             shape=lead + shape,
@@ -153,163 +244,324 @@ class HDF5Datasets:
             fillvalue=schema.stored_fill_value(dtype),
         )
         ds.attrs[schema.LEAF_DTYPE] = spec.dtype
-        ds.attrs[schema.LEAF_KEY] = json.dumps(list(self._sample.keys[j]))
+        ds.attrs[schema.LEAF_KEY] = json.dumps(list(sample.keys[j]))
         return ds
 
     def _draw_extent(self, chains: list[int], needed: int) -> int:
-        caps = [self._capacity[c] for c in chains]
+        caps = [self.rows.capacity[c] for c in chains]
         known = [c for c in caps if c is not None]
         if caps and len(known) == len(caps):
             return max(needed, min(max(known), _MAX_PREALLOC_DRAWS))
         return needed
 
-    def _posterior(self, needed_draws: int) -> list[h5py.Dataset]:
-        n_chains = len(self._counts)
+    # -- counts -------------------------------------------------------------------------------
+
+    def write_counts(self) -> None:
+        """Record the counts in ``sample_counts`` (and each chain group's ``sample_count``)."""
+        file = self._current()
+        counts = np.asarray(self.rows.counts, dtype=np.int64)
+        if file.attrs[schema.COUNTS].shape == counts.shape:
+            file.attrs.modify(schema.COUNTS, counts)
+        elif file.swmr_mode:  # a new attribute shape: not in SWMR mode (may swap the file)
+            self._held.change(lambda: self._held.file.attrs.__setitem__(schema.COUNTS, counts))
+            file = self._current()
+        else:
+            file.attrs[schema.COUNTS] = counts
+        self._write_chain_counts(file)
+
+    @abc.abstractmethod
+    def _write_chain_counts(self, file: h5py.File) -> None:
+        """Write the counts the layout keeps besides ``sample_counts``."""
+
+    @abc.abstractmethod
+    def finish_chain(self, chain: int) -> None:
+        """The last rows of chain ``chain`` are written."""
+
+    @abc.abstractmethod
+    def trim(self) -> None:
+        """Cut preallocated draws down to what was written (the caller then commits the counts)."""
+
+    # -- writing rows (writer thread) -------------------------------------------------------
+
+    def check_rows(self, values: list[np.ndarray], lead: int, chains: int | None = None) -> None:
+        """Refuse rows unlike the registered sample: the low-level writes would take them."""
+        shapes = self._row_shapes
+        if len(values) != len(shapes):
+            raise TypeError(f"HDF5Collector: got rows of {len(values)} leaves, the sample has {len(shapes)}")
+        leads = {np.shape(v)[:lead] for v in values}
+        if len(leads) > 1 or (chains is not None and leads and next(iter(leads))[0] != chains):
+            raise TypeError(
+                f"HDF5Collector: the leaves' rows disagree on their leading (chain, draw) axes: "
+                f"{sorted(leads)}" + (f" for {chains} chains" if chains is not None else "")
+            )
+        for j, (v, shape) in enumerate(zip(values, shapes)):
+            if np.shape(v)[lead:] != shape:
+                raise TypeError(
+                    f"HDF5Collector: rows of leaf {schema.leaf_path(self.sample.keys[j])} have "
+                    f"shape {np.shape(v)[lead:]}, the sample's is {shape}"
+                )
+
+    def append_block(self, chain_ids: list[int], values: list[np.ndarray]) -> None:
+        """Rows ``values[j][i]`` of chains ``chain_ids[i]``, after each chain's count."""
+        for i, chain in enumerate(chain_ids):
+            self.append(chain, [leaf[i] for leaf in values])
+
+    def append(self, chain: int, values: list[np.ndarray]) -> None:
+        """Rows ``values[j]`` of chain ``chain``, after its count."""
+        start, n = self.rows.counts[chain], len(values[0]) if values else 0
+        self._check_space(1, values, n)
+        dsets, targets, lead = self._chain_rows(chain, start + n, n)
+        for ds, target, rows in zip(dsets, targets, values):
+            write_rows(ds, lead, start, _dtypes.to_storable(rows), target)
+        self.rows.counts[chain] += n
+
+    @abc.abstractmethod
+    def _chain_rows(
+        self, chain: int, needed: int, block: int
+    ) -> tuple[list[h5py.Dataset], list[Target], tuple[int, ...]]:
+        """The datasets of chain ``chain``, grown to ``needed`` draws (created for blocks of
+        ``block`` draws), their targets and the chain's index in them."""
+
+    def _targets(self, dsets: list[h5py.Dataset], axis: int) -> list[Target]:
+        """The :class:`Target` of each of one chain's datasets (read from the file once), and the
+        bytes of one chunk of every leaf recorded for :meth:`_check_space`."""
+        targets = [Target.of(ds, axis) for ds in dsets]
+        total = sum(t.rows * b for t, b in zip(targets, self._row_bytes))
+        self._chunk_bytes = max(self._chunk_bytes, total)
+        return targets
+
+    def _check_space(self, chains: int, values: list[np.ndarray], block: int) -> None:
+        """Refuse a block (of ``block`` draws) the disk may not have room for, before HDF5 sees
+        it, datasets not even grown (see :mod:`jaxsave._core.diskspace`).
+
+        Room is needed for the block, a chunk per dataset and chain it may newly
+        allocate and one still in the chunk cache.
+        """
+        if self._held.file.driver not in ("sec2", "stdio"):
+            return
+        needed = sum(v.nbytes for v in values) + 2 * chains * self._bytes_per_chunk_row(block)
+        _diskspace.check_room(
+            self._held.filename, needed, f"the file keeps the {sum(self.rows.counts)} samples written before"
+        )
+
+    def _bytes_per_chunk_row(self, block: int) -> int:
+        """Bytes of one chunk of every leaf (one chain): of the datasets created (recorded as
+        their targets are read), else of those a first block of ``block`` draws would create."""
+        if self._chunk_bytes:
+            return self._chunk_bytes
+        largest = self.rows.largest_capacity()
+        return sum(self._chunk_rows(j, block, largest) * b for j, b in enumerate(self._row_bytes))
+
+
+class PosteriorDatasets(HDF5Datasets):
+    """Layout ``"posterior"``: one ``(chain, draw, ...)`` dataset per leaf, with dimension scales."""
+
+    def __init__(self, held: ChangingFile, compression: str | None, rows: ChainRows):
+        super().__init__(held, compression, rows)
+        self._datasets: list[h5py.Dataset] = []  # one per leaf, once created
+        self._dataset_targets: list[Target] = []  # theirs, read once they exist
+
+    def _bind(self, file: h5py.File) -> None:
+        self._dataset_targets = []
+        if self._datasets:
+            self._datasets = [file[schema.posterior_dataset(g, v)] for g, v in self.entries]
+
+    def _drop(self) -> None:
+        self._datasets, self._dataset_targets = [], []
+
+    def names(self) -> list[str]:
+        return [ds.name for ds in self._handles()]
+
+    def _handles(self) -> list[h5py.Dataset]:
+        """The datasets, bound to the current handle."""
+        self._current()
+        return self._datasets
+
+    def _chain_rows(
+        self, chain: int, needed: int, block: int
+    ) -> tuple[list[h5py.Dataset], list[Target], tuple[int, ...]]:
+        dsets = self._grown(needed, block)
+        return dsets, self._current_targets(), (chain,)
+
+    def _current_targets(self) -> list[Target]:
+        """The datasets' targets (after :meth:`_grown`), read at the first write to each handle."""
+        if len(self._dataset_targets) != len(self._datasets):
+            self._dataset_targets = self._targets(self._datasets, 1)
+        return self._dataset_targets
+
+    def _write_chain_counts(self, file: h5py.File) -> None:
+        return None  # sample_counts only
+
+    def finish_chain(self, chain: int) -> None:
+        return None  # its rows are in the datasets of every chain
+
+    def append_block(self, chain_ids: list[int], values: list[np.ndarray]) -> None:
+        """One write per leaf where the chains are consecutive and level, else chain by chain."""
+        counts = self.rows.counts
+        first, starts = chain_ids[0], {counts[c] for c in chain_ids}
+        if chain_ids != list(range(first, first + len(chain_ids))) or len(starts) != 1:
+            super().append_block(chain_ids, values)
+            return
+        start, n = starts.pop(), values[0].shape[1] if values else 0
+        self._check_space(len(chain_ids), values, n)
+        dsets = self._grown(start + n, n)
+        for ds, target, rows in zip(dsets, self._current_targets(), values):
+            write_block(ds, first, start, _dtypes.to_storable(rows), target)
+        for chain in chain_ids:
+            counts[chain] += n
+
+    def _grown(self, needed_draws: int, block: int = 0) -> list[h5py.Dataset]:
+        """The datasets, created (for blocks of ``block`` draws) or grown to every registered
+        chain and ``needed_draws`` draws."""
+        n_chains = len(self.rows.counts)
+        file = self._current()
         if not self._datasets:
-            first_group, first_var = self._entries[0]
-            if f"{first_group}/{first_var}" in self._file:  # reopened after close: bind what exists
-                self._datasets = [self._file[f"{g}/{v}"] for g, v in self._entries]
+            first_group, first_var = self.entries[0]
+            if schema.posterior_dataset(first_group, first_var) in file:  # reopened after close
+                self._datasets = [file[schema.posterior_dataset(g, v)] for g, v in self.entries]
             else:
-                self._change(lambda: self._create_posterior(n_chains, needed_draws), then_swmr=True)
-        if self._datasets[0].shape[0] < n_chains:  # chains registered after the first block
-            def grow() -> None:  # on the file _change hands over (a copy): its handles, not ours
-                self._resize(n_chains, max(self._datasets[0].shape[1], needed_draws))
-                self._write_counts()
-            self._change(grow, then_swmr=True)
-        ds0 = self._datasets[0]
+                self._held.change(lambda: self._create_all(n_chains, needed_draws, block), then_swmr=True)
+        if self._handles()[0].shape[0] < n_chains:  # chains registered after the first block
+
+            def grow() -> None:  # on the file `change` hands over (a copy): its handles, not ours
+                self._resize(n_chains, max(self._handles()[0].shape[1], needed_draws))
+                self.write_counts()
+
+            self._held.change(grow, then_swmr=True)
+        ds0 = self._handles()[0]
         if ds0.shape[1] < needed_draws:  # grow by a quarter at least: O(log n) resizes
             self._resize(n_chains, max(needed_draws, ds0.shape[1] + ds0.shape[1] // 4))
         return self._datasets
 
-    def _create_posterior(self, n_chains: int, needed_draws: int) -> None:
+    def _create_all(self, n_chains: int, needed_draws: int, block: int) -> None:
+        file = self._current()
         draws = self._draw_extent(list(range(n_chains)), needed_draws)
-        for group_name in dict.fromkeys(g for g, _ in self._entries):
-            group = self._file.require_group(group_name)
-            for name, size in ((schema.CHAIN_DIM, n_chains), (schema.DRAW_DIM, draws)):
-                scale = group.create_dataset(name, data=np.arange(size, dtype=np.int64), maxshape=(None,),
-                                             chunks=(max(1, min(size, 4096)),) if size else (1,))
-                scale.make_scale(name)
-        for j, (group_name, var) in enumerate(self._entries):
-            group = self._file[group_name]
-            ds = self._create(group, var, j, (n_chains, draws))
+        for group_name in dict.fromkeys(g for g, _ in self.entries):
+            create_scales(file.require_group(group_name), n_chains, draws, resizable=True)
+        for j, (group_name, var) in enumerate(self.entries):
+            group = file[group_name]
+            ds = self._create(group, var, j, (n_chains, draws), block)
             attach_scales(group, ds, var)
             self._datasets.append(ds)
-        self._write_counts()
+        self.write_counts()
 
     def _resize(self, chains: int, draws: int) -> None:
+        file = self._current()
         for ds in self._datasets:
             ds.resize((chains, draws) + ds.shape[2:])
-        for group_name in dict.fromkeys(g for g, _ in self._entries):
+        for group_name in dict.fromkeys(g for g, _ in self.entries):
             for name, size in ((schema.CHAIN_DIM, chains), (schema.DRAW_DIM, draws)):
-                scale = self._file[group_name][name]
+                scale = file[group_name][name]
                 old = scale.shape[0]
                 if old != size:
                     scale.resize((size,))
                     if size > old:
                         scale[old:] = np.arange(old, size)
 
-    def _chain_names(self, chain: int) -> list[str]:
-        """The paths of chain ``chain``'s datasets (``chains`` layout)."""
-        return [schema.chain_dataset(chain, key) for key in self._sample.keys]
+    def trim(self) -> None:
+        self._grown(0)
+        self._resize(len(self.rows.counts), max(self.rows.counts))
 
-    def _rebind(self) -> None:
-        """Point the dataset handles at ``self._file``, after it was replaced or reopened.
 
-        Handles into a closed file are dead (h5py closes a file's objects with it), so
-        every swap of the file must rebind; the paths come from the layout, not from
-        the old handles (whose names are gone with their file).
-        """
-        if self._datasets:
-            self._datasets = [self._file[f"{g}/{v}"] for g, v in self._entries]
-        self._chain_datasets = {c: [self._file[n] for n in self._chain_names(c)]
-                                for c in self._chain_datasets}
+class ChainDatasets(HDF5Datasets):
+    """Layout ``"chains"``: one ``(draw, ...)`` dataset per leaf and chain under ``/chain~{id}/``."""
 
-    def _chain_group(self, chain: int, needed: int) -> list[h5py.Dataset]:
-        if chain not in self._chain_datasets:
-            self._change(lambda: self._create_chain_groups(chain, needed), then_swmr=True)
-        dsets = self._chain_datasets[chain]
+    def __init__(self, held: ChangingFile, compression: str | None, rows: ChainRows):
+        super().__init__(held, compression, rows)
+        self._chains: dict[int, list[h5py.Dataset]] = {}  # the datasets of each chain created
+        self._chain_targets: dict[int, list[Target]] = {}  # theirs, read at their first write
+
+    def _bind(self, file: h5py.File) -> None:
+        self._chains = {c: [file[n] for n in self._names(c)] for c in self._chains}
+        self._chain_targets = {}
+
+    def _drop(self) -> None:
+        self._chains, self._chain_targets = {}, {}
+
+    def names(self) -> list[str]:
+        self._current()
+        return [ds.name for dsets in self._chains.values() for ds in dsets]
+
+    def _names(self, chain: int) -> list[str]:
+        """The paths of chain ``chain``'s datasets."""
+        return [schema.chain_dataset(chain, key) for key in self.sample.keys]
+
+    def _chain_rows(
+        self, chain: int, needed: int, block: int
+    ) -> tuple[list[h5py.Dataset], list[Target], tuple[int, ...]]:
+        dsets = self._grown(chain, needed, block)
+        targets = self._chain_targets.get(chain)
+        if targets is None or len(targets) != len(dsets):
+            targets = self._chain_targets[chain] = self._targets(dsets, 0)
+        return dsets, targets, ()
+
+    def _grown(self, chain: int, needed: int, block: int = 0) -> list[h5py.Dataset]:
+        """Chain ``chain``'s datasets, created (with every registered chain's) or grown to ``needed``."""
+        self._current()
+        if chain not in self._chains:
+            self._held.change(lambda: self._create_all(chain, needed, block), then_swmr=True)
+            self._current()
+        dsets = self._chains[chain]
         if dsets and dsets[0].shape[0] < needed:
             for ds in dsets:
                 ds.resize((needed,) + ds.shape[1:])
         return dsets
 
-    def _create_chain_groups(self, chain: int, needed: int) -> None:
-        """Datasets of every registered chain at once: a SWMR file cannot get objects later."""
-        for c in range(len(self._counts)):
-            if c in self._chain_datasets:
+    def _create_all(self, chain: int, needed: int, block: int) -> None:
+        """Datasets of every registered chain at once (a SWMR file cannot get objects later),
+        chunked for blocks of ``block`` draws."""
+        file = self._current()
+        for c in range(len(self.rows.counts)):
+            if c in self._chains:
                 continue
-            names = self._chain_names(c)
-            if names and names[0] in self._file:  # reopened after close: bind what exists
-                self._chain_datasets[c] = [self._file[n] for n in names]
+            names = self._names(c)
+            if names and names[0] in file:  # reopened after close: bind what exists
+                self._chains[c] = [file[n] for n in names]
                 continue
-            group = self._file.require_group(schema.chain_group(c))
+            group = file.require_group(schema.chain_group(c))
             draws = self._draw_extent([c], needed if c == chain else 0)
             dsets = []
-            for j, key in enumerate(self._sample.keys):
+            for j, key in enumerate(self.sample.keys):
                 parent = group
                 for part in key[:-1]:
                     parent = parent.require_group(part)
-                dsets.append(self._create(parent, key[-1] if key else schema.BARE_LEAF, j, (draws,)))
+                name = key[-1] if key else schema.BARE_LEAF
+                dsets.append(self._create(parent, name, j, (draws,), block))
             group.attrs[schema.CHAIN_COUNT] = 0
-            self._chain_datasets[c] = dsets
-        self._write_counts()
+            self._chains[c] = dsets
+        self.write_counts()
 
-    # -- writing rows (writer thread) -------------------------------------------------------
+    def _write_chain_counts(self, file: h5py.File) -> None:
+        for chain in self._chains:
+            file[schema.chain_group(chain)].attrs.modify(schema.CHAIN_COUNT, self.rows.counts[chain])
 
-    def _check_rows(self, values: list[np.ndarray], lead: int, chains: int | None = None) -> None:
-        """Refuse rows unlike the registered sample: the low-level writes would take them."""
-        specs = self._sample.specs if self._sample is not None else []
-        if len(values) != len(specs):
-            raise TypeError(f"HDF5Collector: got rows of {len(values)} leaves, the sample has {len(specs)}")
-        leads = {np.shape(v)[:lead] for v in values}
-        if len(leads) > 1 or (chains is not None and leads and next(iter(leads))[0] != chains):
-            raise TypeError(f"HDF5Collector: the leaves' rows disagree on their leading (chain, draw) axes: "
-                            f"{sorted(leads)}" + (f" for {chains} chains" if chains is not None else ""))
-        for j, v in enumerate(values):
-            if np.shape(v)[lead:] != self._sample.storage_shape(j):
-                raise TypeError(
-                    f"HDF5Collector: rows of leaf {schema.leaf_path(self._sample.keys[j])} have "
-                    f"shape {np.shape(v)[lead:]}, the sample's is {self._sample.storage_shape(j)}")
+    def finish_chain(self, chain: int) -> None:
+        """The chain's group exists (created now if it got no rows)."""
+        if self.has_sample:
+            self._grown(chain, self.rows.counts[chain])
 
-    def _write_block(self, chain_ids: list[int], values: list[np.ndarray]) -> None:
-        """Rows ``values[j][i]`` of chains ``chain_ids[i]``: one write per leaf where the chains are
-        consecutive and level in a ``posterior`` file, else chain by chain."""
-        first, starts = chain_ids[0], {self._counts[c] for c in chain_ids}
-        contiguous = chain_ids == list(range(first, first + len(chain_ids)))
-        if self.layout != schema.POSTERIOR or not contiguous or len(starts) != 1:
-            for i, chain in enumerate(chain_ids):
-                self._write_rows(chain, [leaf[i] for leaf in values])
-            return
-        start, n = starts.pop(), values[0].shape[1] if values else 0
-        self._check_space(len(chain_ids), values)
-        dsets = self._posterior(start + n)
-        for ds, rows in zip(dsets, values):
-            write_block(ds, first, start, _dtypes.to_storable(rows))
-        for chain in chain_ids:
-            self._counts[chain] += n
+    def trim(self) -> None:
+        counts = self.rows.counts
+        for c in range(len(counts)):
+            self._grown(c, 0)
+        for chain, dsets in self._chains.items():
+            for ds in dsets:
+                ds.resize((counts[chain],) + ds.shape[1:])
 
-    def _write_rows(self, chain: int, values: list[np.ndarray]) -> None:
-        start, n = self._counts[chain], len(values[0]) if values else 0
-        self._check_space(1, values)
-        dsets = (self._posterior(start + n) if self.layout == schema.POSTERIOR
-                 else self._chain_group(chain, start + n))
-        lead = (chain,) if self.layout == schema.POSTERIOR else ()
-        for ds, rows in zip(dsets, values):
-            write_rows(ds, lead, start, _dtypes.to_storable(rows))
-        self._counts[chain] += n
 
-    def _check_space(self, chains: int, values: list[np.ndarray]) -> None:
-        """Refuse a block the disk may not have room for, before HDF5 sees it, datasets not
-        even grown (see :mod:`jaxsave._core.diskspace`).
+def _block_chunk(block: int, limit: int, rows: int) -> int:
+    """Draws per chunk for blocks of ``block`` draws: the block, if at most ``limit``; else
+    ``block`` cut into equal chunks of at most ``limit`` (and at least half of ``rows``, the
+    chunk without the block), so that each block is whole chunks, or into chunks of about
+    ``limit`` where no such cut exists.
 
-        Room is needed for the block, a chunk per dataset and chain it may newly
-        allocate and one still in the chunk cache.
-        """
-        if self._file.driver not in ("sec2", "stdio"):
-            return
-        largest = max((c for c in self._capacity if c), default=0)  # once per block, not per leaf
-        chunk = sum(self._chunk_rows(j, largest) * self._sample.row_bytes(j)
-                    for j in range(len(self._sample.specs)))
-        needed = sum(v.nbytes for v in values) + 2 * chains * chunk
-        _diskspace.check_room(self._filename, needed,
-                              f"the file keeps the {sum(self._counts)} samples written before")
+    >>> _block_chunk(104, 256, 64), _block_chunk(220, 64, 64), _block_chunk(4093, 1024, 256)
+    (104, 55, 1024)
+    """
+    if block <= limit:
+        return block
+    parts = -(-block // limit)
+    for k in range(parts, 2 * parts + 1):
+        if block % k == 0 and 2 * (block // k) >= rows:
+            return block // k
+    return limit

@@ -1,24 +1,28 @@
-"""The sample file a collector owns: its lock, and the checks that it is still the file written.
+"""The sample file a collector opened by path: its lock, and the checks that it is still the file written.
 
-A mixin of :class:`jaxsave.HDF5Collector`. The collector holds ``<file>.lock``
-(:mod:`jaxsave._core.filelock`) from its creation to its close. Each handle it opens is
-remembered (device, inode, size); at every block it must not have shrunk or lost
-its name, at every flush and close the path must still name it; after close the file
-must read back. Otherwise a file deleted, replaced or truncated by someone else
-would end a run that reports its samples saved.
+:class:`OwnedFile` holds ``<file>.lock`` (:mod:`jaxsave._core.filelock`) from the
+collector's creation to its close. Each handle the collector opens is tracked (device,
+inode, size); at every block the file must not have shrunk or lost its name, at every
+flush and close the path must still name it; after close the file must read back.
+Otherwise a file deleted, replaced or truncated by someone else would end a run that
+reports its samples saved.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 
 import h5py
 import numpy as np
 
+from jaxsave._core import atomic as _atomic
 from jaxsave._core import filelock as _filelock
 from jaxsave._store import schema
 from jaxsave._store.hdf5 import superblock as _superblock
-from jaxsave.errors import FileChangedError
+from jaxsave.errors import FileChangedError, FileFormatError
+
+__all__ = ["OwnedFile"]
 
 _REPLACED = "was replaced by another file (moved or written there by another program)"
 
@@ -29,38 +33,101 @@ def _open_here(error: BaseException) -> bool:
 
 
 class OwnedFile:
-    """The file of a collector that opened it by path (``_owned``), locked and checked."""
+    """The path a collector writes: locked, and checked to still name the file written.
 
-    _path: str | None
-    _owned: bool
-    _counts: list[int]
-    _file_lock: _filelock.FileLock | None
-    _on_disk: tuple[int, int, int, int] | None  # device, inode, size, descriptor
+    Args:
+      path: the sample file's path.
+      written: the counts the file must hold, per chain (for the checks after close and
+        for the error that names how many samples were lost).
 
-    @property
-    def _file(self) -> h5py.File:
-        return self._handle
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "run.h5")
+    >>> owner = OwnedFile(path, written=lambda: [0])
+    >>> owner.lock(); os.path.exists(path + ".lock")
+    True
+    >>> owner.release(); os.path.exists(path + ".lock")
+    False
+    """
 
-    @_file.setter
-    def _file(self, handle: h5py.File) -> None:
-        """Every (re)opened handle: remember its file (and size), the first thing to check."""
+    def __init__(self, path: str, written: Callable[[], Sequence[int]]):
+        self.path = path
+        self._written = written
+        self._file_lock: _filelock.FileLock | None = None
+        self._handle: h5py.File | None = None
+        self._on_disk: tuple[int, int, int, int] | None = None  # device, inode, size, descriptor
+
+    # -- the lock ---------------------------------------------------------------------------
+
+    def lock(self) -> None:
+        """Take ``<file>.lock``, if not held already (another writer: :class:`jaxsave.FileInUseError`)."""
+        if self._file_lock is None:
+            self._file_lock = _filelock.acquire(self.path)
+
+    def release(self) -> None:
+        """Stop tracking the file and release its lock."""
+        self._handle, self._on_disk = None, None
+        lock, self._file_lock = self._file_lock, None
+        if lock is not None:
+            lock.release()
+
+    # -- before opening -----------------------------------------------------------------------
+
+    def check_path(self) -> None:
+        """The path can name a new file: its directory exists, and it is not a directory."""
+        directory = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(
+                f"cannot create {self.path!r}: the directory {directory!r} does not exist"
+            )
+        if os.path.isdir(self.path):
+            raise IsADirectoryError(f"{self.path!r} is a directory; HDF5Collector needs a file path")
+
+    def remove_stale_temporaries(self, suffixes: Sequence[str] = ()) -> None:
+        """Delete what writers killed while changing this file (or ``<file><suffix>``) left next to it."""
+        directory, name = os.path.split(os.path.abspath(self.path))
+        if os.path.isdir(directory):
+            for target in (name, *(name + suffix for suffix in suffixes)):
+                _atomic.remove_stale_temporaries(directory, target=target)
+
+    def check_takeover(self) -> None:
+        """mode="a": the path must be a jaxsave sample file (not another program's HDF5 file)."""
+        try:
+            with h5py.File(self.path, "r", locking=False) as f:
+                ours = schema.FORMAT in f.attrs
+        except OSError:
+            return  # unreadable while marked open by a killed writer: clear_open_flags checks it is HDF5
+        if not ours:
+            raise FileFormatError(
+                f"{self.path!r} is an HDF5 file not written by jaxsave; mode='a' "
+                "only continues jaxsave sample files (use mode='w' to replace it)"
+            )
+
+    # -- while writing ------------------------------------------------------------------------
+
+    def track(self, handle: h5py.File) -> None:
+        """Remember the file of a (re)opened handle (and its size): the first thing to check."""
         self._handle, self._on_disk = handle, None
-        if getattr(self, "_owned", False) and handle.id.valid and handle.driver == "sec2":
+        if handle.id.valid and handle.driver == "sec2":
             fd = handle.id.get_vfd_handle()
             mine = os.fstat(fd)
             self._on_disk = (mine.st_dev, mine.st_ino, mine.st_size, fd)
 
-    def _check_size(self) -> None:
-        """Per block (one ``fstat``): our file is still linked and did not shrink; else as below."""
+    @property
+    def identity(self) -> tuple[int, int] | None:
+        """``(device, inode)`` of the tracked file (``None`` if not a plain file)."""
+        return self._on_disk[:2] if self._on_disk is not None else None
+
+    def check_size(self) -> None:
+        """Per block (one ``fstat``): the file is still linked and did not shrink; else as below."""
         known = self._on_disk
         if known is None:
             return
         mine = os.fstat(known[3])
         if mine.st_nlink == 0 or mine.st_size < known[2]:
-            self._check_on_disk()
+            self.check_on_disk()
         self._on_disk = (*known[:2], mine.st_size, known[3])
 
-    def _check_on_disk(self, *, baseline: bool = False) -> None:
+    def check_on_disk(self, *, baseline: bool = False) -> None:
         """Refuse to go on once the path no longer names the file written, as long as it was.
 
         Otherwise a file deleted, replaced or truncated by someone else mid-run
@@ -69,11 +136,11 @@ class OwnedFile:
         changes it only in a flush: ``baseline`` records the size after one).
         """
         known = self._on_disk
-        if known is None or not self._file.id.valid:  # not ours, or not a plain file
+        if known is None or self._handle is None or not self._handle.id.valid:  # not a plain file
             return
         mine = os.fstat(known[3])
         try:
-            now = os.stat(self._path)
+            now = os.stat(self.path)
         except FileNotFoundError:
             now = None
         if now is None or mine.st_nlink == 0:
@@ -86,17 +153,20 @@ class OwnedFile:
 
     def _lost(self, what: str) -> FileChangedError:
         return FileChangedError(
-            f"{self._path!r} {what} while HDF5Collector was writing it: what it wrote "
-            f"({sum(self._counts)} samples so far) is not (all) in the file on disk any more"
+            f"{self.path!r} {what} while HDF5Collector was writing it: what it wrote "
+            f"({sum(self._written())} samples so far) is not (all) in the file on disk any more"
         )
 
-    def _verify_closed(self, inode: tuple[int, int] | None, datasets: list[str]) -> None:
-        """After close: the path still names the file written, and it reads back with our counts."""
+    # -- after close --------------------------------------------------------------------------
+
+    def verify_closed(self, identity: tuple[int, int] | None, datasets: list[str]) -> None:
+        """After close: the path still names the file written (``identity``), and it reads back
+        with the expected counts (one element of each of ``datasets`` read)."""
         try:
-            now = os.stat(self._path)
+            now = os.stat(self.path)
         except FileNotFoundError:
             raise self._lost("was deleted") from None
-        if inode is not None and (now.st_dev, now.st_ino) != inode:
+        if identity is not None and (now.st_dev, now.st_ino) != identity:
             raise self._lost(_REPLACED)
         try:
             self._read_back(datasets, swmr=False)
@@ -111,21 +181,15 @@ class OwnedFile:
 
     def _read_back(self, datasets: list[str], *, swmr: bool) -> None:
         """Open the closed file, compare its counts, read one element (and index) per dataset."""
-        eof = _superblock.stored_eof(self._path)
-        if eof is not None and eof > os.path.getsize(self._path):  # SWMR readers would wait for it
-            raise ValueError(f"{os.path.getsize(self._path)} bytes, the superblock says {eof}")
-        with h5py.File(
-            self._path, "r", **({"libver": "latest", "swmr": True} if swmr else {})
-        ) as f:
+        eof = _superblock.stored_eof(self.path)
+        if eof is not None and eof > os.path.getsize(self.path):  # SWMR readers would wait for it
+            raise ValueError(f"{os.path.getsize(self.path)} bytes, the superblock says {eof}")
+        with h5py.File(self.path, "r", **({"libver": "latest", "swmr": True} if swmr else {})) as f:
             counts = np.asarray(f.attrs.get(schema.COUNTS, ()), np.int64).reshape(-1).tolist()
-            if counts != self._counts:
-                raise ValueError(f"its sample_counts are {counts}, not {self._counts}")
+            expected = list(self._written())
+            if counts != expected:
+                raise ValueError(f"its sample_counts are {counts}, not {expected}")
             for name in datasets:
                 ds = f[name]
                 if ds.size:
                     ds[tuple(n - 1 for n in ds.shape)]
-
-    def _release_lock(self) -> None:
-        lock, self._file_lock = self._file_lock, None
-        if lock is not None:
-            lock.release()

@@ -8,7 +8,6 @@ files through :func:`open_sample_file`.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -53,12 +52,12 @@ def _open_file(path: str) -> h5py.File:
     try:
         flags, eof = _superblock.open_flags(path), _superblock.stored_eof(path)
         if eof is not None and eof > os.path.getsize(path):
-            raise FileFormatError(
-                f"truncated: {os.path.getsize(path)} bytes, the superblock says {eof}")
+            raise FileFormatError(f"truncated: {os.path.getsize(path)} bytes, the superblock says {eof}")
         return h5py.File(path, "r", **({"libver": "latest", "swmr": True} if flags else {}))
     except (OSError, ValueError, RuntimeError) as error:
-        raise FileFormatError(f"{path!r} cannot be opened as an HDF5 file (truncated, corrupt or "
-                              f"not HDF5): {error}") from error
+        raise FileFormatError(
+            f"{path!r} cannot be opened as an HDF5 file (truncated, corrupt or not HDF5): {error}"
+        ) from error
 
 
 def open_retrying(path: str) -> h5py.File:
@@ -81,7 +80,8 @@ def open_retrying(path: str) -> h5py.File:
             if time.monotonic() > deadline:
                 raise FileFormatError(
                     f"{error} (still after retrying for {OPEN_RETRY_S:g} s: a writer that is not "
-                    "SWMR holds it, or it keeps changing)") from error
+                    "SWMR holds it, or it keeps changing)"
+                ) from error
         time.sleep(delay)
         delay = min(2 * delay, 0.05)
 
@@ -110,11 +110,13 @@ def check_header(f: h5py.File, path: str) -> None:
     fmt = f.attrs.get(schema.FORMAT)
     if fmt is None:
         raise FileFormatError(
-            f"{path!r} is an HDF5 file but not a jaxsave sample file (no {schema.FORMAT!r})")
+            f"{path!r} is an HDF5 file but not a jaxsave sample file (no {schema.FORMAT!r})"
+        )
     if int(fmt) > schema.SAMPLE_FILE_FORMAT:
         raise FileFormatError(
             f"{path!r} has jaxsave format {int(fmt)}; this jaxsave reads up to "
-            f"{schema.SAMPLE_FILE_FORMAT}: upgrade jaxsave")
+            f"{schema.SAMPLE_FILE_FORMAT}: upgrade jaxsave"
+        )
     if attr_str(f.attrs.get(schema.LAYOUT, "")) not in schema.LAYOUTS:
         raise FileFormatError(f"{path!r} has an unknown layout {f.attrs.get(schema.LAYOUT)!r}")
     check_file(f, repr(path), merged=True)  # no data from outside the file (but a merged file's sources)
@@ -146,12 +148,9 @@ def read_variables(f: h5py.File) -> list[VariableInfo]:
     if raw is None:
         raise FileFormatError("the file holds no samples yet (no chain was registered)")
     try:
-        leaves = json.loads(attr_str(raw))["leaves"]
-        out = [VariableInfo(tuple(str(k) for k in v["key"]), str(v["group"]), str(v["name"]),
-                            str(v["dtype"]), tuple(int(n) for n in v["shape"])) for v in leaves]
+        out = schema.parse_structure(attr_str(raw))
     except (ValueError, KeyError, TypeError) as error:
-        raise FileFormatError(
-            f"the file's {schema.STRUCTURE!r} attribute is malformed: {error}") from error
+        raise FileFormatError(f"the file's {schema.STRUCTURE!r} attribute is malformed: {error}") from error
     for v in out:
         _dtypes.storage_dtype(v.dtype)  # whitelisted dtype names only
     return out
@@ -165,8 +164,7 @@ def read_counts(f: h5py.File) -> np.ndarray:
     return counts
 
 
-def leaf_dataset(f: h5py.File, layout: str, var: VariableInfo,
-                 chain: int | None = None) -> h5py.Dataset:
+def leaf_dataset(f: h5py.File, layout: str, var: VariableInfo, chain: int | None = None) -> h5py.Dataset:
     """The dataset of leaf ``var`` (of chain ``chain`` in layout ``"chains"``)."""
     path = schema.dataset_path(layout, var, chain)
     ds = f.get(path)
@@ -187,12 +185,20 @@ def write_root_attributes(attrs: h5py.AttributeManager, layout: str) -> None:
 def root_attributes_stale(attrs: h5py.AttributeManager, layout: str) -> bool:
     """Whether :func:`write_root_attributes` would change anything."""
     return any(k not in attrs for k in schema.new_file_attributes()) or any(
-        k not in attrs or attrs[k] != v for k, v in schema.root_attributes(layout).items())
+        k not in attrs or attrs[k] != v for k, v in schema.root_attributes(layout).items()
+    )
 
 
-def create_scales(group: h5py.Group, chains: int, draws: int, **options: Any) -> None:
-    """The ``chain`` and ``draw`` dimension scales of a group (layout ``"posterior"``)."""
+def create_scales(group: h5py.Group, chains: int, draws: int, *, resizable: bool = False) -> None:
+    """The ``chain`` and ``draw`` dimension scales of a group (layout ``"posterior"``).
+
+    ``resizable`` scales are chunked (at most 4096 entries a chunk) and can grow with
+    the datasets.
+    """
     for name, size in ((schema.CHAIN_DIM, chains), (schema.DRAW_DIM, draws)):
+        options: dict[str, Any] = {}
+        if resizable:
+            options = {"maxshape": (None,), "chunks": (max(1, min(size, 4096)),)}
         group.create_dataset(name, data=np.arange(size, dtype=np.int64), **options).make_scale(name)
 
 

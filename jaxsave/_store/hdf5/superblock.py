@@ -25,35 +25,38 @@ def _rot(x: int, k: int) -> int:
     return ((x << k) | (x >> (32 - k))) & _MASK
 
 
+#: lookup3's ``mix``: ``(x, z, y, r)`` is ``x -= z; x ^= rot(z, r); z += y`` (0, 1, 2: a, b, c).
+_MIX = ((0, 2, 1, 4), (1, 0, 2, 6), (2, 1, 0, 8), (0, 2, 1, 16), (1, 0, 2, 19), (2, 1, 0, 4))
+#: lookup3's ``final``: ``(x, z, r)`` is ``x ^= z; x -= rot(z, r)``.
+_FINAL = ((2, 1, 14), (0, 2, 11), (1, 0, 25), (2, 1, 16), (0, 2, 4), (1, 0, 14), (2, 1, 24))
+
+
 def lookup3(data: bytes, initval: int = 0) -> int:
     """Bob Jenkins' lookup3 ``hashlittle``, the checksum of HDF5 metadata.
 
     >>> hex(lookup3(b""))
     '0xdeadbeef'
+    >>> hex(lookup3(b"Four score and seven years ago"))  # the value in lookup3.c's self-test
+    '0x17770551'
     """
     length = len(data)
-    a = b = c = (0xDEADBEEF + length + initval) & _MASK
+    start = (0xDEADBEEF + length + initval) & _MASK
     if length == 0:
-        return c
+        return start
     padded = data + b"\0" * (-length % 12)
     words = struct.unpack(f"<{len(padded) // 4}I", padded)
+    v = [start, start, start]
     for i in range(0, len(words) - 3, 3):
-        a, b, c = (a + words[i]) & _MASK, (b + words[i + 1]) & _MASK, (c + words[i + 2]) & _MASK
-        a = (a - c) & _MASK; a ^= _rot(c, 4); c = (c + b) & _MASK  # noqa: E702
-        b = (b - a) & _MASK; b ^= _rot(a, 6); a = (a + c) & _MASK  # noqa: E702
-        c = (c - b) & _MASK; c ^= _rot(b, 8); b = (b + a) & _MASK  # noqa: E702
-        a = (a - c) & _MASK; a ^= _rot(c, 16); c = (c + b) & _MASK  # noqa: E702
-        b = (b - a) & _MASK; b ^= _rot(a, 19); a = (a + c) & _MASK  # noqa: E702
-        c = (c - b) & _MASK; c ^= _rot(b, 4); b = (b + a) & _MASK  # noqa: E702
-    a, b, c = (a + words[-3]) & _MASK, (b + words[-2]) & _MASK, (c + words[-1]) & _MASK
-    c ^= b; c = (c - _rot(b, 14)) & _MASK  # noqa: E702
-    a ^= c; a = (a - _rot(c, 11)) & _MASK  # noqa: E702
-    b ^= a; b = (b - _rot(a, 25)) & _MASK  # noqa: E702
-    c ^= b; c = (c - _rot(b, 16)) & _MASK  # noqa: E702
-    a ^= c; a = (a - _rot(c, 4)) & _MASK  # noqa: E702
-    b ^= a; b = (b - _rot(a, 14)) & _MASK  # noqa: E702
-    c ^= b; c = (c - _rot(b, 24)) & _MASK  # noqa: E702
-    return c
+        v = [(v[k] + words[i + k]) & _MASK for k in range(3)]
+        for x, z, y, r in _MIX:
+            v[x] = (v[x] - v[z]) & _MASK
+            v[x] ^= _rot(v[z], r)
+            v[z] = (v[z] + v[y]) & _MASK
+    v = [(v[k] + words[len(words) - 3 + k]) & _MASK for k in range(3)]
+    for x, z, r in _FINAL:
+        v[x] ^= v[z]
+        v[x] = (v[x] - _rot(v[z], r)) & _MASK
+    return v[2]
 
 
 def _find_superblock(fh) -> int:
@@ -116,9 +119,9 @@ def clear_open_flags(path: str | os.PathLike, *, eoa_margin: int | None = None) 
             return False
         offset, block = found
         width = block[9]
-        base = int.from_bytes(block[12:12 + width], "little")
+        base = int.from_bytes(block[12 : 12 + width], "little")
         at = 12 + 2 * width
-        eoa = base + int.from_bytes(block[at:at + width], "little")
+        eoa = base + int.from_bytes(block[at : at + width], "little")
         eof = os.fstat(fh.fileno()).st_size
         new = bytearray(block)
         new[11] = 0
@@ -128,7 +131,7 @@ def clear_open_flags(path: str | os.PathLike, *, eoa_margin: int | None = None) 
             eoa = eof + int(eoa_margin)  # type: ignore[arg-type]
             if eoa - base >= 2 ** (8 * width):
                 raise FileFormatError("the HDF5 file is too large for its superblock's address size")
-            new[at:at + width] = (eoa - base).to_bytes(width, "little")
+            new[at : at + width] = (eoa - base).to_bytes(width, "little")
         if bytes(new) == block:
             return False
         if grow:  # the file first, so that a stored EOA never points past its end

@@ -19,8 +19,6 @@ from typing import Any
 import h5py
 
 from jaxsave._core import atomic as _atomic
-
-#: Chunk cache per dataset: holds partial ~1 MiB chunks; bigger chunks (big samples) bypass it.
 from jaxsave._store.hdf5 import superblock as _superblock
 
 #: Chunk cache per dataset: holds partial ~1 MiB chunks; bigger chunks (big samples) bypass it.
@@ -57,10 +55,12 @@ def reopen(path: str, *, swmr: bool) -> h5py.File:
             if not busy:
                 raise
             if time.monotonic() > deadline:
-                raise OSError(error.errno,
-                              f"cannot reopen {path!r} for writing: a reader kept it open for "
-                              f"{REOPEN_WAIT_S:g} s (readers of a file being written must use "
-                              f"SWMR, e.g. jaxsave.open_live; {error})") from error
+                raise OSError(
+                    error.errno,
+                    f"cannot reopen {path!r} for writing: a reader kept it open for "
+                    f"{REOPEN_WAIT_S:g} s (readers of a file being written must use "
+                    f"SWMR, e.g. jaxsave.open_live; {error})",
+                ) from error
             time.sleep(delay)
             delay = min(2 * delay, 0.05)
 

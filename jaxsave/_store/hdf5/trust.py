@@ -68,9 +68,7 @@ def expansion(dcpl: h5py.h5p.PropDCID, name: str = "") -> int:
             )
         ratio *= FILTER_EXPANSION[code]
     if ratio > _MAX_EXPANSION:
-        raise FileFormatError(
-            f"dataset {name!r} is compressed more than once (a decompression bomb)"
-        )
+        raise FileFormatError(f"dataset {name!r} is compressed more than once (a decompression bomb)")
     return ratio
 
 
@@ -82,9 +80,7 @@ def check_file(f: h5py.File, where: str, *, merged: bool = False) -> None:
     may hold none).
     """
     links: list[tuple[bytes, int]] = []
-    f.id.links.visit(
-        lambda name, info: links.append((name, info.type)), info=True
-    )  # never raise in there
+    f.id.links.visit(lambda name, info: links.append((name, info.type)), info=True)  # never raise in there
     sources = _merged_from(f, where) if merged and MERGED_FROM in f.attrs else None
     for raw, kind in links:
         name = raw.decode("utf-8", "replace")
@@ -101,9 +97,7 @@ def check_file(f: h5py.File, where: str, *, merged: bool = False) -> None:
         for source in sources:
             with open_source(os.path.join(base, source), where) as s:
                 if schema.FORMAT not in s.attrs:
-                    raise FileFormatError(
-                        f"{where}: its source {source!r} is not a jaxsave sample file"
-                    )
+                    raise FileFormatError(f"{where}: its source {source!r} is not a jaxsave sample file")
                 if MERGED_FROM in s.attrs:
                     raise FileFormatError(f"{where}: its source {source!r} is itself a merged file")
                 check_file(s, f"{where} (source {source!r})")
@@ -127,9 +121,7 @@ def _merged_from(f: h5py.File, where: str) -> list[str]:
     return names
 
 
-def _check_dataset(
-    dcpl: h5py.h5p.PropDCID, name: str, where: str, sources: list[str] | None
-) -> None:
+def _check_dataset(dcpl: h5py.h5p.PropDCID, name: str, where: str, sources: list[str] | None) -> None:
     if dcpl.get_external_count():
         raise FileFormatError(
             f"{where}: dataset {name!r} keeps its bytes in external files "
@@ -145,11 +137,7 @@ def _check_dataset(
         seen = set()
         for i in range(dcpl.get_virtual_count()):
             file_name, dset = dcpl.get_virtual_filename(i), dcpl.get_virtual_dsetname(i)
-            if (
-                file_name not in sources
-                or dset.lstrip("/") != name.lstrip("/")
-                or file_name in seen
-            ):
+            if file_name not in sources or dset.lstrip("/") != name.lstrip("/") or file_name in seen:
                 raise FileFormatError(
                     f"{where}: the virtual dataset {name!r} maps {dset!r} of {file_name!r}; a "
                     f"merged file maps its own variable once from each of {sources}"
@@ -170,9 +158,7 @@ def open_source(path: str, where: str) -> h5py.File:
     try:
         mode = os.stat(path).st_mode
     except OSError as error:
-        raise FileFormatError(
-            f"{where}: its source {path!r} cannot be found ({error.strerror})"
-        ) from None
+        raise FileFormatError(f"{where}: its source {path!r} cannot be found ({error.strerror})") from None
     if not stat.S_ISREG(mode):
         raise FileFormatError(f"{where}: its source {path!r} is not a regular file")
     try:

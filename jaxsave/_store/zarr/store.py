@@ -1,0 +1,522 @@
+"""Opening a Zarr store (a path, a URL, a store or group object) and its raw keys.
+
+``zarr`` is imported here, lazily: ``import jaxsave`` works without it, and the first
+use of a Zarr store without it raises an ``ImportError`` that says how to install it.
+zarr-python writes every key of a local store atomically (a temporary file, then a
+rename) from 3.1.3 on, which the crash safety of :class:`jaxsave.ZarrCollector`
+relies on (a chunk not yet full is written whole at each commit:
+a torn chunk file after SIGKILL would lose counted draws); older versions are refused.
+
+A local directory is opened through a confined store (:func:`confined_store`): it reads
+only regular files below its root, by paths without symbolic links, so a hostile store
+(a chunk or ``zarr.json`` that is a symlink out of it, a FIFO, ``/dev/zero``) raises a
+:class:`jaxsave.FileFormatError` instead of reading outside the store or hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import stat
+from typing import Any, NamedTuple
+
+from jaxsave._store.location import ZARR_JSON, describe, is_url, is_zarr_object
+from jaxsave.errors import FileFormatError
+
+#: How to get zarr.
+INSTALL_HINT = "pip install 'jaxsave[zarr]'"
+#: The first zarr-python whose LocalStore writes keys atomically (zarr-python PR 3412).
+MIN_ZARR = (3, 1, 3)
+#: The class names of zarr's local store and of :func:`confined_store`'s.
+LOCAL_STORES = ("LocalStore", "ConfinedLocalStore")
+
+
+def require_zarr() -> Any:
+    """The ``zarr`` module, or an ``ImportError`` naming the fix."""
+    try:
+        import zarr
+    except ImportError as error:
+        raise ImportError(
+            f"Zarr stores need the zarr package (zarr>={'.'.join(map(str, MIN_ZARR))}): {INSTALL_HINT}"
+        ) from error
+    numbers = [int(n) for n in re.findall(r"\d+", str(zarr.__version__))[:3]]
+    if tuple(numbers) < MIN_ZARR:
+        raise ImportError(
+            f"zarr {zarr.__version__} is installed; jaxsave needs zarr>={'.'.join(map(str, MIN_ZARR))}, "
+            f"whose local stores write each key atomically: {INSTALL_HINT}"
+        )
+    return zarr
+
+
+class Location(NamedTuple):
+    """An opened store: the store object, the key prefix of the root group, a local directory
+    (``None`` for object storage and memory) and how messages name it."""
+
+    store: Any
+    prefix: str
+    local: str | None
+    name: str
+
+    def key(self, key: str) -> str:
+        return self.prefix + key
+
+
+def local_directory(source: Any) -> str | None:
+    """The local directory of ``source`` (a path, a ``file://`` URL, a ``LocalStore``), else ``None``."""
+    if isinstance(source, (str, os.PathLike)) and not is_url(source):
+        return os.path.abspath(os.fspath(source))
+    if isinstance(source, str) and source.startswith("file://"):
+        return os.path.abspath(source[len("file://") :])
+    root = getattr(source, "root", None)
+    if is_zarr_object(source) and type(source).__name__ in LOCAL_STORES and root is not None:
+        return os.path.abspath(os.fspath(root))
+    return None
+
+
+def identity(source: Any) -> str:
+    """What names the store of ``source`` in this process (for one writer per store): a local
+    directory's real path, a URL, or the object (a memory store's dictionary) and the group path."""
+    local = local_directory(source)
+    if local is not None:
+        return os.path.realpath(local)
+    if isinstance(source, str):
+        return source.rstrip("/")
+    store, path = source, ""
+    if hasattr(source, "store") and hasattr(source, "path") and hasattr(source, "attrs"):  # a Group
+        store, path = source.store, source.path
+    root = local_directory(store)
+    if root is not None:
+        return os.path.realpath(os.path.join(root, path))
+    fs = getattr(store, "fs", None)
+    if fs is not None and hasattr(store, "path"):
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        where = f"{protocol}://{str(store.path).strip('/')}"
+    else:
+        where = f"object-{id(getattr(store, '_store_dict', store))}"
+    return f"{where}/{path}".rstrip("/")
+
+
+def store_argument(source: Any, mode: str = "r") -> Any:
+    """What to hand ``zarr.open_group`` for ``source``: a local directory (a path, a ``file://``
+    URL, a plain ``LocalStore``) as a :func:`confined_store`, others as given."""
+    local = local_directory(source)
+    if local is not None and (not is_zarr_object(source) or type(source).__name__ == "LocalStore"):
+        read_only = mode == "r" or bool(getattr(source, "read_only", False))
+        return confined_store(local, read_only=read_only)
+    return source
+
+
+_NOFOLLOW = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+
+
+def refused(where: str, key: str, what: str) -> FileFormatError:
+    """The error for a key of a store that is not a regular file inside it (``where``: the store
+    or array, ``what``: what the key is instead)."""
+    return FileFormatError(
+        f"{where} has {key!r} as {what}; jaxsave reads only regular files inside "
+        "a store (no symbolic links, FIFOs or devices): the store is damaged or hostile"
+    )
+
+
+def _refuse(root: str, key: str, what: str) -> FileFormatError:
+    return refused(f"the Zarr store {root!r}", key, what)
+
+
+def _parts(root: str, key: str) -> list[str]:
+    parts = key.split("/")
+    if any(p in ("", ".", "..") for p in parts) or "\\" in key:
+        raise _refuse(root, key, "a key with an empty, '.' or '..' part")
+    return parts
+
+
+_DIRECTORY = _NOFOLLOW | getattr(os, "O_DIRECTORY", 0)
+
+
+def _open_parent(root: str, key: str, parts: list[str]) -> int | None:
+    """A descriptor of the directory holding ``key`` (``None``: it does not exist), reached
+    from ``root`` without following a symbolic link."""
+    try:
+        fd = os.open(root, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_DIRECTORY", 0))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    for part in parts[:-1]:
+        try:
+            inner = os.open(part, _DIRECTORY, dir_fd=fd)
+        except OSError:
+            kind = _kind(fd, part)
+            os.close(fd)
+            if kind in ("missing", "file"):
+                return None
+            if kind == "directory":
+                raise
+            raise _refuse(root, key, f"a path through {kind} {part!r}") from None
+        os.close(fd)
+        fd = inner
+    return fd
+
+
+def _kind(dir_fd: int, name: str) -> str:
+    """What ``name`` in directory ``dir_fd`` is (not following a symbolic link)."""
+    try:
+        mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"
+    return _kind_of_mode(mode)
+
+
+def _kind_of_mode(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    return "a device or socket"
+
+
+def stat_confined(root: str, key: str) -> os.stat_result | None:
+    """``lstat`` of ``key`` in the local store at ``root`` (``None`` if there is none); refuses
+    a key that is or passes through a symbolic link, a FIFO or a device."""
+    parts = _parts(root, key)
+    parent = _open_parent(root, key, parts)
+    if parent is None:
+        return None
+    try:
+        found = os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    finally:
+        os.close(parent)
+    kind = _kind_of_mode(found.st_mode)
+    if kind not in ("file", "directory"):
+        raise _refuse(root, key, kind)
+    return found
+
+
+#: Where Linux names the file behind a descriptor (one ``readlink`` checks a whole path).
+_PROC_FD = "/proc/self/fd"
+
+
+def _open_direct(root: str, real_root: str, key: str) -> int | None:
+    """``key`` opened in one call (no link followed at its end, a FIFO not waited on) when the
+    file it opened is ``real_root/key`` itself (no link on the way); ``-1``: ask :func:`_open_parent`."""
+    try:
+        fd = os.open(os.path.join(root, key), _NOFOLLOW | os.O_NONBLOCK)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError:
+        return -1
+    try:
+        opened = os.readlink(f"{_PROC_FD}/{fd}")
+    except OSError:
+        opened = ""
+    if opened.removesuffix(" (deleted)") != os.path.join(real_root, key):  # (a live writer's rename)
+        os.close(fd)
+        return -1
+    return fd
+
+
+def read_confined(root: str, key: str, byte_range: Any = None, real_root: str | None = None) -> bytes | None:
+    """The bytes of ``key`` (a ``zarr`` byte range of them) in the local store at ``root``
+    (whose real path is ``real_root``); ``None`` if there is none. Refuses
+    (:class:`jaxsave.FileFormatError`) a key that is or passes through a symbolic link, or
+    that is not a regular file."""
+    parts = _parts(root, key)
+    fd = _open_direct(root, real_root, key) if real_root is not None else -1
+    if fd is None:
+        return None
+    if fd == -1:
+        fd = _open_walking(root, key, parts)
+        if fd is None:
+            return None
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(f.fileno()).st_mode
+        if stat.S_ISDIR(mode):
+            return None
+        if not stat.S_ISREG(mode):
+            raise _refuse(root, key, _kind_of_mode(mode))
+        return _read_range(f, byte_range)
+
+
+def _open_walking(root: str, key: str, parts: list[str]) -> int | None:
+    """``key`` opened one directory at a time, none of them through a link."""
+    parent = _open_parent(root, key, parts)
+    if parent is None:
+        return None
+    try:
+        return os.open(parts[-1], _NOFOLLOW | os.O_NONBLOCK, dir_fd=parent)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError:
+        kind = _kind(parent, parts[-1])
+        if kind not in ("file", "directory", "missing"):
+            raise _refuse(root, key, kind) from None
+        raise
+    finally:
+        os.close(parent)
+
+
+def _read_range(f: Any, byte_range: Any) -> bytes:
+    """``zarr``'s byte ranges (range, offset, suffix) of an open file, as its ``LocalStore`` reads them."""
+    if byte_range is None:
+        return bytes(f.read())
+    size = f.seek(0, os.SEEK_END)
+    if hasattr(byte_range, "end"):
+        f.seek(byte_range.start)
+        return bytes(f.read(max(0, byte_range.end - byte_range.start)))
+    if hasattr(byte_range, "offset"):
+        f.seek(byte_range.offset)
+    elif hasattr(byte_range, "suffix"):
+        f.seek(max(0, size - byte_range.suffix))
+    else:
+        raise TypeError(f"unexpected byte range {byte_range!r}")
+    return bytes(f.read())
+
+
+def check_confined_parents(root: str, key: str, real_root: str | None = None) -> None:
+    """Refuse to write ``key`` below a symbolic link (or anything but directories) of the store;
+    one ``open`` and ``readlink`` of its directory when that is ``real_root/...`` itself."""
+    parts = _parts(root, key)
+    if real_root is not None and len(parts) > 1:
+        try:
+            fd = os.open(os.path.join(root, *parts[:-1]), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            fd = -1
+        if fd != -1:
+            try:
+                if os.readlink(f"{_PROC_FD}/{fd}") == os.path.join(real_root, *parts[:-1]):
+                    return
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+    parent = _open_parent(root, key, parts)
+    if parent is not None:
+        os.close(parent)
+
+
+def list_confined(root: str, prefix: str) -> list[str]:
+    """The keys (regular files) below ``prefix`` of the local store at ``root``, as zarr's
+    ``LocalStore.list_prefix`` lists them; refuses a symbolic link, FIFO or device among them."""
+    base = prefix.strip("/")
+    if base:
+        found = stat_confined(root, base)
+        if found is None or not stat.S_ISDIR(found.st_mode):
+            return []
+    keys: list[str] = []
+    pending = [base]
+    while pending:
+        relative = pending.pop()
+        with os.scandir(os.path.join(root, relative) if relative else root) as entries:
+            for entry in entries:
+                key = f"{relative}/{entry.name}" if relative else entry.name
+                mode = entry.stat(follow_symlinks=False).st_mode
+                kind = _kind_of_mode(mode)
+                if kind == "directory":
+                    pending.append(key)
+                elif kind == "file":
+                    keys.append(key)
+                else:
+                    raise _refuse(root, key, kind)
+    return keys
+
+
+_CONFINED: Any = None
+
+
+def confined_store(root: str, read_only: bool = False) -> Any:
+    """A ``zarr.storage.LocalStore`` of ``root`` that reads, sizes and writes keys only as
+    regular files below ``root`` reached without symbolic links (:func:`read_confined`)."""
+    global _CONFINED
+    if _CONFINED is None:
+        _CONFINED = _confined_class(require_zarr())
+    return _CONFINED(root, read_only=read_only)
+
+
+def _confined_class(zarr: Any) -> Any:
+    from zarr.core.buffer import default_buffer_prototype
+
+    class ConfinedLocalStore(zarr.storage.LocalStore):  # type: ignore[misc, name-defined]
+        """A ``LocalStore`` that never follows a symbolic link nor reads a FIFO or a device."""
+
+        def _root(self) -> str:
+            return os.fspath(self.root)
+
+        def _real_root(self) -> str | None:
+            real = self.__dict__.get("_jaxsave_real_root")
+            if real is None and os.path.isdir(_PROC_FD):
+                real = self.__dict__["_jaxsave_real_root"] = os.path.realpath(self._root())
+            return real
+
+        async def _opened(self) -> None:
+            ensure = getattr(self, "_ensure_open", None)
+            if ensure is not None:
+                await ensure()
+            elif not self._is_open:
+                await self._open()
+
+        def _buffer(self, data: bytes | None, prototype: Any) -> Any:
+            if data is None:
+                return None
+            return (prototype or default_buffer_prototype()).buffer.from_bytes(data)
+
+        async def get(self, key: str, prototype: Any = None, byte_range: Any = None) -> Any:
+            await self._opened()
+            data = await asyncio.to_thread(read_confined, self._root(), key, byte_range, self._real_root())
+            return self._buffer(data, prototype)
+
+        def get_sync(self, key: str, *, prototype: Any = None, byte_range: Any = None) -> Any:
+            self._ensure_open_sync()
+            data = read_confined(self._root(), key, byte_range, self._real_root())
+            return self._buffer(data, prototype)
+
+        async def get_partial_values(self, prototype: Any, key_ranges: Any) -> list[Any]:
+            await self._opened()
+            root, real = self._root(), self._real_root()
+            reads = [asyncio.to_thread(read_confined, root, k, r, real) for k, r in key_ranges]
+            return [self._buffer(data, prototype) for data in await asyncio.gather(*reads)]
+
+        async def exists(self, key: str) -> bool:
+            found = stat_confined(self._root(), key)
+            return found is not None and stat.S_ISREG(found.st_mode)
+
+        async def list_prefix(self, prefix: str) -> Any:
+            for key in await asyncio.to_thread(list_confined, self._root(), prefix):
+                yield key
+
+        async def list(self) -> Any:
+            for key in await asyncio.to_thread(list_confined, self._root(), ""):
+                yield key
+
+        async def getsize(self, key: str) -> int:
+            found = stat_confined(self._root(), key)
+            if found is None:
+                raise FileNotFoundError(os.path.join(self._root(), key))
+            return int(found.st_size)
+
+        async def _set(self, key: str, value: Any, exclusive: bool = False) -> None:
+            check_confined_parents(self._root(), key, self._real_root())
+            await super()._set(key, value, exclusive=exclusive)
+
+        def set_sync(self, key: str, value: Any) -> None:
+            check_confined_parents(self._root(), key, self._real_root())
+            super().set_sync(key, value)
+
+    ConfinedLocalStore.__name__ = ConfinedLocalStore.__qualname__ = "ConfinedLocalStore"
+    return ConfinedLocalStore
+
+
+def open_group(source: Any, mode: str, storage_options: dict | None = None) -> tuple[Any, Location]:
+    """``zarr.open_group`` of ``source`` (a group object is used as it is), and its :class:`Location`.
+
+    ``mode`` is zarr's: ``"r"``, ``"r+"``, ``"a"`` or ``"w"`` (which deletes what is there).
+    """
+    zarr = require_zarr()
+    if isinstance(source, zarr.Group):
+        group = source
+    else:
+        options: dict[str, Any] = {}
+        if storage_options and is_url(source):
+            options["storage_options"] = storage_options
+        if mode != "w":  # the arrays' own metadata, never the root's copy (stale while shapes change)
+            options["use_consolidated"] = False
+        group = zarr.open_group(store=store_argument(source, mode), mode=mode, zarr_format=3, **options)
+    prefix = f"{group.path}/" if group.path else ""
+    local = local_directory(source)
+    if local is None and type(group.store).__name__ in LOCAL_STORES:
+        local = local_directory(group.store)
+    if local is not None and prefix:
+        local = os.path.join(local, group.path)
+    return group, Location(group.store, prefix, local, describe(source))
+
+
+#: The temporary files zarr-python's LocalStore writes a key to before renaming it into place.
+_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
+
+
+def remove_stale_temporaries(directory: str) -> int:
+    """Delete the temporaries that writers killed mid-write left in a local store; returns how many.
+
+    Only for a writer that holds the store alone (its lock): another live writer's
+    temporary would be deleted under it.
+    """
+    removed = 0
+    for root, _, files in os.walk(directory):
+        for name in files:
+            if _PARTIAL.search(name):
+                try:
+                    os.unlink(os.path.join(root, name))
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+    return removed
+
+
+def consolidate(location: Location) -> None:
+    """Copy every node's metadata into the root's ``zarr.json``, so that xarray opens the store
+    in one read and without a warning. Only once the shapes no longer change (a reader of the
+    copy would not see a resize); :func:`drop_consolidated` removes it before they change again."""
+    import warnings
+
+    zarr = require_zarr()
+    with warnings.catch_warnings():  # "not part of the Zarr format 3 specification" (yet): known
+        warnings.simplefilter("ignore", UserWarning)
+        zarr.consolidate_metadata(location.store, path=location.prefix.rstrip("/") or None, zarr_format=3)
+
+
+def drop_consolidated(location: Location) -> None:
+    """Remove the copy of :func:`consolidate` from the root's ``zarr.json`` (one atomic put)."""
+    import json
+
+    raw = get_bytes(location, ZARR_JSON)
+    if raw is None:
+        return
+    meta = json.loads(raw)
+    if isinstance(meta, dict) and meta.pop("consolidated_metadata", None) is not None:
+        set_bytes(location, ZARR_JSON, json.dumps(meta, indent=2).encode())
+
+
+def _sync(coroutine: Any) -> Any:
+    from zarr.core.sync import sync
+
+    return sync(coroutine)
+
+
+def get_bytes(location: Location, key: str) -> bytes | None:
+    """The bytes of raw key ``key`` (below the root group), ``None`` if there is none."""
+    from zarr.core.buffer import default_buffer_prototype
+
+    buffer = _sync(location.store.get(location.key(key), prototype=default_buffer_prototype()))
+    return None if buffer is None else buffer.to_bytes()
+
+
+def set_bytes(location: Location, key: str, data: bytes) -> None:
+    """Write raw key ``key``: one put (atomic on local stores from zarr 3.1.3, on object storage)."""
+    from zarr.core.buffer import default_buffer_prototype
+
+    _sync(location.store.set(location.key(key), default_buffer_prototype().buffer.from_bytes(data)))
+
+
+def has_key(location: Location, key: str) -> bool:
+    return bool(_sync(location.store.exists(location.key(key))))
+
+
+def list_keys(location: Location, prefix: str) -> list[str]:
+    """The raw keys below ``prefix`` (relative to the root group), sorted."""
+
+    async def collect() -> list[str]:
+        return [k async for k in location.store.list_prefix(location.key(prefix))]
+
+    return sorted(k[len(location.prefix) :] for k in _sync(collect()))
+
+
+def list_root(location: Location) -> list[str]:
+    """The names directly below the root group (keys and prefixes)."""
+
+    async def collect() -> list[str]:
+        return [k async for k in location.store.list_dir(location.prefix.rstrip("/"))]
+
+    return sorted(_sync(collect()))

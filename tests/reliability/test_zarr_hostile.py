@@ -1,0 +1,88 @@
+"""Hostile and damaged Zarr stores: every file of a written store truncated, overwritten with
+junk or with valid JSON of the wrong shape; the readers either read it or raise a
+``JaxsaveError`` (a ``FileFormatError`` for the store itself), never another exception."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxsave
+
+zarr = pytest.importorskip("zarr", reason="the Zarr tests need zarr (pip install 'jaxsave[zarr]')")
+
+pytestmark = pytest.mark.reliability
+
+JUNK = [
+    b"",
+    b"\x00" * 7,
+    b"{}",
+    b"[]",
+    b"null",
+    b'{"zarr_format": 3, "node_type": "array"}',
+    b'{"zarr_format": 2, "node_type": "group"}',
+    json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {"jaxsave_format": "1"}}).encode(),
+    os.urandom(64),
+]
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pristine") / "run.zarr"
+    saver = jaxsave.save(jaxsave.ZarrCollector(path, sample_stats=("lp",)), block_size=4)
+    state = saver.init(
+        {"x": jnp.zeros((2, 3)), "lp": jnp.zeros(2), "k": jax.random.split(jax.random.key(0), 2)},
+        None,
+        chains=2,
+    )
+    step = lambda s, i: (
+        saver.save(s, True, {"x": jnp.full(3, i, jnp.float32), "lp": -i * 1.0, "k": jax.random.key(i)})[0],
+        None,
+    )
+    saver.postprocess(jax.jit(jax.vmap(lambda s: jax.lax.scan(step, s, jnp.arange(9))[0]))(state), None)
+    return path
+
+
+def _files(path):
+    return sorted(os.path.relpath(os.path.join(r, n), path) for r, _, names in os.walk(path) for n in names)
+
+
+def _read_all(path):
+    info = jaxsave.file_info(path)
+    jaxsave.load_samples(path)
+    jaxsave.load_samples(path, chain=1, draws=slice(None, None, -2))
+    jaxsave.to_inference_data(path)
+    return info
+
+
+def test_every_file_damaged_every_way(tmp_path, pristine, figures):
+    cases = refused = 0
+    rng = np.random.default_rng(0)
+    for name in _files(pristine):
+        for junk in [*JUNK, None]:
+            path = tmp_path / "case.zarr"
+            shutil.rmtree(path, ignore_errors=True)
+            shutil.copytree(pristine, path)
+            target = path / name
+            data = target.read_bytes()
+            if junk is None:  # flip bytes in place
+                flipped = bytearray(data)
+                for i in rng.integers(0, max(1, len(data)), size=3):
+                    if flipped:
+                        flipped[i] ^= 0xFF
+                junk = bytes(flipped)
+            target.write_bytes(junk)
+            cases += 1
+            try:
+                _read_all(path)
+            except jaxsave.JaxsaveError:
+                refused += 1
+            except Exception as error:  # noqa: BLE001 - that is what the test is looking for
+                pytest.fail(f"{name} <- {junk[:40]!r}: {type(error).__name__}: {error}")
+    figures("hostile", "zarr store: every file damaged", handled=cases, refused=refused)

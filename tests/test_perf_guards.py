@@ -1,0 +1,300 @@
+"""Regression guards for the streaming cost (issue 17): what the compiled step contains, not timings.
+
+The cost of ``save()`` per step is the work XLA runs in the loop body, so these tests count
+the equations jaxsave adds to it, check that ``jaxsave.scan``'s steps are as light as a loop
+that stacks its samples, and that chains ``init``-ed one by one and stacked compile to the very
+program of ``init(..., chains=C)``. Timings are in ``benchmarks/peer.py``. For pytree files: the
+header's bytes per leaf and the read calls of a load (timings in ``benchmarks/serialize.py``).
+"""
+
+import io
+import json
+import struct
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from _helpers import scan_carries
+
+import jaxsave
+
+
+def _sgld(x, k):
+    return x - 1e-3 * x + 1e-2 * jax.random.normal(k, x.shape, x.dtype)
+
+
+def _equations(jaxpr) -> int:
+    """Equations of ``jaxpr``, those of nested jaxprs (jit, cond branches, scans) included."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += 1
+        for name in ("jaxpr", "branches", "call_jaxpr"):
+            value = eqn.params.get(name)
+            for sub in value if isinstance(value, (tuple, list)) else [value] if value is not None else []:
+                n += _equations(getattr(sub, "jaxpr", sub))
+    return n
+
+
+def _scan_bodies(jaxpr, length=None):
+    """The bodies of the scans in ``jaxpr`` (of ``length`` steps, if given), outermost first."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            body = eqn.params["jaxpr"].jaxpr
+            if length is None or eqn.params["length"] == length:
+                yield body
+            yield from _scan_bodies(body, length)
+
+
+def test_save_adds_a_bounded_number_of_operations_per_step():
+    """save() adds 12 equations to the step (the row write, keep mask, counters, flush predicate,
+    the flush's cond); more means every step of every user's loop got slower."""
+    keys = jax.random.split(jax.random.key(0), 100)
+    saver = jaxsave.save(jaxsave.MemoryCollector())
+    state = saver.init({"x": jnp.zeros(10)})
+
+    def with_save(state, x):
+        def step(carry, inp):
+            state, x = carry
+            i, k = inp
+            x = _sgld(x, k)
+            return saver.save(state, i % 2 == 0, {"x": x})[0], x
+
+        return jax.lax.scan(lambda c, inp: (step(c, inp), None), (state, x), (jnp.arange(100), keys))[0]
+
+    def plain(x):
+        return jax.lax.scan(lambda x, inp: (_sgld(x, inp[1]), inp[0] % 2 == 0), x, (jnp.arange(100), keys))
+
+    ours = next(_scan_bodies(jax.make_jaxpr(with_save)(state, jnp.zeros(10)).jaxpr))
+    peer = next(_scan_bodies(jax.make_jaxpr(plain)(jnp.zeros(10)).jaxpr))
+    saver.postprocess(state)
+    assert _equations(ours) - _equations(peer) <= 12
+
+
+def test_scan_steps_are_the_stacking_loops_steps():
+    """The body of jaxsave.scan's inner scan adds at most the packing of the sample into a row
+    to a plain lax.scan that stacks the samples: no ring buffer, counter, mask or flush per step."""
+    step = lambda x, k: (_sgld(x, k), (True, {"x": x}))  # noqa: E731
+    keys = jax.random.split(jax.random.key(0), 64)
+    saver = jaxsave.save(jaxsave.MemoryCollector(), block_size=16)
+    state = saver.init({"x": jnp.zeros(10)})
+    ours = jax.make_jaxpr(lambda s: jaxsave.scan(saver, step, s, jnp.zeros(10), keys))(state)
+    peer = jax.make_jaxpr(lambda: jax.lax.scan(lambda x, k: (step(x, k)[0], x), jnp.zeros(10), keys[:16]))()
+    inner = next(_scan_bodies(ours.jaxpr, 16))
+    saver.postprocess(state)
+    assert _equations(inner) <= _equations(next(_scan_bodies(peer.jaxpr, 16))) + 2
+
+
+def test_chains_initialised_one_by_one_compile_to_the_same_program(tmp_path):
+    """jax-sgmc's solvers init chains one by one and stack the states: that must cost exactly what
+    init(..., chains=C) costs, i.e. lower to the same program for the same input layout."""
+    chains, x0 = 4, jnp.zeros((4, 10))
+    lowered = []
+    for one_by_one in (False, True):
+        saver = jaxsave.save(jaxsave.HDF5Collector(tmp_path / f"{one_by_one}.h5"))
+        if one_by_one:
+            states = [saver.init({"x": x0[c]}) for c in range(chains)]
+            state = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+        else:
+            state = saver.init({"x": x0}, chains=chains)
+
+        def chain(state, x, saver=saver):
+            def step(carry, i):
+                state, x = carry
+                x = x + 1.0
+                return (saver.save(state, i % 2 == 0, {"x": x})[0], x), None
+
+            return jax.lax.scan(step, (state, x), jax.numpy.arange(50))[0]
+
+        run = jax.jit(jax.vmap(chain))
+        lowered.append(run.lower(state, x0).as_text())
+        saver.postprocess(run(state, x0)[0])
+    assert lowered[0] == lowered[1]
+
+
+# ----------------------------------------------------------------------------- pytree files
+
+
+def _ten_thousand_leaves() -> dict:
+    """benchmarks/serialize.py's small tree: 10k tiny leaves of four dtypes in 100 dicts."""
+    rng = np.random.default_rng(0)
+    tree: dict = {}
+    for i in range(10_000):
+        dtype = (np.float32, np.int32, ml_dtypes.bfloat16, np.float16)[i % 4]
+        leaf = rng.normal(size=((4,), (2, 3), (), (8,))[i % 4]).astype(dtype)
+        tree.setdefault(f"module_{i // 100:03d}", {})[f"param_{i % 100:03d}"] = leaf
+    return tree
+
+
+def _header(raw: bytes) -> tuple[int, dict]:
+    (hlen,) = struct.unpack("<Q", raw[8:16])
+    return hlen, json.loads(raw[24 : 24 + hlen])
+
+
+def test_a_pytree_files_header_costs_few_bytes_per_leaf():
+    """The header is parsed whole at every load: format 1's per-leaf objects took 62 bytes a leaf."""
+    buf = io.BytesIO()
+    jaxsave.save_pytree(buf, _ten_thousand_leaves())
+    hlen, header = _header(buf.getvalue())
+    table = len(json.dumps(header["leaves"], separators=(",", ":")))
+    assert table <= 40 * 10_000, table  # names (27 bytes with quotes here), dtypes, shapes: 37
+    assert hlen <= 60 * 10_000, hlen  # with the tree structure (21 bytes a leaf)
+
+
+class _CountingFile(io.BytesIO):
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.reads = 0
+
+    def read(self, *args):
+        self.reads += 1
+        return super().read(*args)
+
+    def readinto(self, buffer):
+        self.reads += 1
+        return super().readinto(buffer)
+
+
+def test_a_tree_of_large_and_small_arrays_is_read_in_one_call():
+    """The arrays a load needs, contiguous in the file, are read with one ``readinto`` into one buffer."""
+    rng = np.random.default_rng(1)
+    tree = {"big": [rng.normal(size=(512, 512 + 64 * i)).astype(np.float32) for i in range(4)]}
+    tree["small"] = [np.arange(i, dtype=np.int16) for i in range(50)]
+    buf = io.BytesIO()
+    jaxsave.save_pytree(buf, tree)
+    f = _CountingFile(buf.getvalue())
+    out = jaxsave.load_pytree(f, as_numpy=True)
+    assert f.reads <= 3 + 1, f.reads  # sniff, prefix, header; all the data
+    assert all(a.ctypes.data % 64 == 0 for a in out["big"] + out["small"])
+    for a, b in zip(out["big"] + out["small"], tree["big"] + tree["small"]):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("layout", ["posterior", "chains"])
+def test_hdf5_blocks_of_many_leaves_are_one_direct_chunk_write_per_leaf(tmp_path, monkeypatch, layout):
+    """Issue 17's many-leaf case: the chunks are as long as a block, so every block is one whole
+    chunk per leaf, written with ``write_direct_chunk`` (no hyperslab goes through HDF5's chunk
+    cache), and each dataset's chunk layout is read from h5py once, not at every block."""
+    import h5py
+    import numpy as np
+
+    from jaxsave._store.hdf5 import chunks
+
+    slabs, targets = [], []
+    real_slab, real_target = chunks._write_slab, chunks.Target.of.__func__
+
+    def counted_slab(ds, offset, rows):
+        if rows.size:
+            slabs.append(offset)
+        real_slab(ds, offset, rows)
+
+    def counted_target(cls, ds, axis):
+        targets.append(ds.name)
+        return real_target(cls, ds, axis)
+
+    monkeypatch.setattr(chunks, "_write_slab", counted_slab)
+    monkeypatch.setattr(chunks.Target, "of", classmethod(counted_target))
+    leaves, width, block, blocks = 20, 256, 96, 4  # 20 KiB a draw: the usual chunk would be 64 draws
+    path = tmp_path / "s.h5"
+    init, save, post = jaxsave.save(jaxsave.HDF5Collector(path, layout=layout), block_size=block)
+    sample = [jnp.zeros(width) for _ in range(leaves)]
+    state = init(sample, static_information=jaxsave.static_information(samples_collected=block * blocks))
+
+    @jax.jit
+    def run(state):
+        def step(state, i):
+            return save(state, True, [jnp.full(width, i * 100 + j, jnp.float32) for j in range(leaves)])[
+                0
+            ], None
+
+        return jax.lax.scan(step, state, jnp.arange(block * blocks))[0]
+
+    post(run(state), None)
+    assert slabs == []  # every row went in a whole chunk
+    assert len(targets) == leaves  # one look at each dataset, for all blocks
+    with h5py.File(path, "r") as f:
+        for j in range(leaves):
+            ds = f[f"posterior/list_element_{j}" if layout == "posterior" else f"chain~0/list_element_{j}"]
+            lead = (1,) if layout == "posterior" else ()
+            assert ds.chunks == (*lead, block, width) and ds.id.get_num_chunks() == blocks
+            np.testing.assert_array_equal(ds[(0,) * len(lead)][:, 0], np.arange(block * blocks) * 100 + j)
+
+
+def _callbacks(jaxpr):
+    """The io_callback equations in ``jaxpr`` and every jaxpr nested in its equations' params."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "io_callback":
+            yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else [value]:
+                sub = getattr(sub, "jaxpr", sub)
+                if isinstance(sub, jax.extend.core.Jaxpr):
+                    yield from _callbacks(sub)
+
+
+def test_a_small_block_leaves_as_one_callback_operand():
+    """Each io_callback argument costs about what the call does (0.05 ms of 0.1 ms on CPU): the
+    header, the samples of two dtypes and a checkpoint's solver state travel as one byte array,
+    with save() and with jaxsave.scan."""
+    keys = jax.random.split(jax.random.key(0), 100)
+    saver = jaxsave.save(jaxsave.MemoryCollector(), checkpoint_every=20)
+    sample = {"x": jnp.zeros(10), "i": jnp.int32(0)}
+    state = saver.init(sample, {"x": jnp.zeros(10)})
+
+    def step(x, inp):
+        i, k = inp
+        x = _sgld(x, k)
+        return x, (True, {"x": x, "i": i})
+
+    def with_save(state, x):
+        def body(carry, inp):
+            state, x = carry
+            x, (keep, s) = step(x, inp)
+            return (saver.save(state, keep, s, solver_state={"x": x})[0], x), None
+
+        return jax.lax.scan(body, (state, x), (jnp.arange(100), keys))[0]
+
+    def with_scan(state, x):
+        return jaxsave.scan(saver, step, state, x, (jnp.arange(100), keys), checkpoint=lambda x: {"x": x})
+
+    for run in (with_save, with_scan):
+        calls = list(_callbacks(jax.make_jaxpr(run)(state, jnp.zeros(10)).jaxpr))
+        assert calls and [len(c.invars) for c in calls] == [1] * len(calls), run.__name__
+    saver.postprocess(state)
+
+
+def test_thinned_scan_carries_only_the_users_carry_per_step():
+    """jaxsave.scan(thin=10): the scans that run steps carry the user's carry and nothing of the
+    saving state (no buffer, counter or mask per step), and only every 10th step is stacked."""
+    saver = jaxsave.save(jaxsave.MemoryCollector(), block_size=25)
+    state = saver.init({"x": jnp.zeros(10)})
+    keys = jax.random.split(jax.random.key(0), 1000)
+
+    def step(carry, k):
+        x, key = carry
+        key, k2 = jax.random.split(key)
+        x = _sgld(x, k) + _sgld(x, k2)
+        return (x, key), (True, {"x": x})
+
+    jaxpr = jax.make_jaxpr(
+        lambda s: jaxsave.scan(saver, step, s, (jnp.zeros(10), jax.random.key(1)), keys, thin=10)
+    )(state)
+    saver.postprocess(state)
+    user_carry = 2  # x and the key
+    inner = [
+        (eqn.params["length"], scan_carries(eqn), len(eqn.outvars) - scan_carries(eqn))
+        for eqn in _scan_eqns(jaxpr.jaxpr)
+    ]
+    blocks, rows, skipped = inner
+    assert rows == (25, user_carry, 2)  # 25 kept rows a block: their keep bits and packed samples
+    assert skipped == (9, user_carry, 0)  # the 9 steps between kept ones: no outputs
+    assert blocks[0] == 4
+
+
+def _scan_eqns(jaxpr):
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            yield eqn
+            yield from _scan_eqns(getattr(eqn.params["jaxpr"], "jaxpr", eqn.params["jaxpr"]))

@@ -164,3 +164,20 @@ def test_resume_reads_the_chunk_it_continues_once(tmp_path):
     saver.postprocess(vrun(saver, 16, steps)(state, ckpt.solver_state)[0], None)
     assert _chunk_calls(log, "get") == ["posterior/w/c/0/0/0"]
     assert jaxsave.load_samples(path)["w"].tobytes() == np.asarray(want["samples"]["w"]).tobytes()
+
+
+def test_concurrent_writes_into_new_directories_never_fail(tmp_path):
+    """zarr writes a block's chunks concurrently: while one write makes a chunk's directory,
+    another write into it must not take the directory it is about to open for a missing one
+    (stop 20's CI failed on ``FileNotFoundError: 'c'`` in such a race)."""
+    import zarr
+
+    from jaxsave._store.zarr.store import confined_store
+
+    for trial in range(30):
+        store = confined_store(str(tmp_path / f"s{trial}.zarr"))
+        array = zarr.create_array(
+            store, name="a", shape=(8, 8, 4), chunks=(1, 1, 4), dtype="f8", compressors=None
+        )
+        array[:] = np.arange(256.0).reshape(8, 8, 4)
+        assert np.array_equal(array[:], np.arange(256.0).reshape(8, 8, 4))

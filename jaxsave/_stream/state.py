@@ -207,7 +207,8 @@ def _stack_padded(leaves: tuple[Any, ...], length: int, batch: tuple[int, ...]) 
 def _stacked_chains(sample: Any, spec: Any) -> int | None:
     """``C`` if every leaf of ``spec`` is ``sample``'s leaf with a leading axis of ``C`` added."""
     leaves, specs = jax.tree.leaves(sample), jax.tree.leaves(spec)
-    if jax.tree.structure(sample) != jax.tree.structure(spec) or not specs:
+    structure: Any = jax.tree.structure(sample)
+    if structure != jax.tree.structure(spec) or not specs:
         return None
     leading = {s.shape[0] if s.shape else None for s in specs}
     if len(leading) != 1 or None in leading:

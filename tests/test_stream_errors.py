@@ -288,3 +288,19 @@ def test_a_stacked_init_sample_without_chains_names_chains(saver):
     with pytest.raises(jaxsave.StructureMismatchError, match=r"(?s)\(2,\) != expected \(4, 2\).*chains=4\)"):
         jax.jit(run)(jnp.arange(4))
     saver.postprocess(state, None)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (
+            "run.h5",
+            r"got the path 'run.h5': pass a collector for it, e\.g\. jaxsave\.HDF5Collector\('run.h5'\)",
+        ),
+        (jaxsave.MemoryCollector, r"got the class MemoryCollector: pass an instance"),
+        (3, "got int$"),
+    ],
+)
+def test_save_of_something_else_than_a_collector_names_the_fix(bad, message):
+    with pytest.raises(TypeError, match=f"data_collector must be a jaxsave.DataCollector, {message}"):
+        jaxsave.save(bad)

@@ -18,6 +18,7 @@ finish, every block that reached the host is written, and the collector is close
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -74,7 +75,7 @@ class Streamer(SaverBase):
         self.checkpoint_every = checkpoint_every
         self.checkpoint_spec: Any = None
         if not isinstance(collector, DataCollector):
-            raise TypeError(f"data_collector must be a jaxsave.DataCollector, got {type(collector).__name__}")
+            raise TypeError(f"data_collector must be a jaxsave.DataCollector, got {_what(collector)}")
         if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         if not isinstance(max_queue_bytes, int) or max_queue_bytes < 1:
@@ -564,6 +565,16 @@ class Streamer(SaverBase):
                 unfinished,
                 self.collector.exit_note(),
             )
+
+
+def _what(collector: Any) -> str:
+    """What was passed instead of a collector, and the fix where it is plain."""
+    if isinstance(collector, type) and issubclass(collector, DataCollector):
+        return f"the class {collector.__name__}: pass an instance, e.g. {collector.__name__}(...)"
+    if isinstance(collector, (str, os.PathLike)):
+        path = os.fspath(collector)
+        return f"the path {path!r}: pass a collector for it, e.g. jaxsave.HDF5Collector({path!r})"
+    return type(collector).__name__
 
 
 def _check_ring(state: SaveState, where: str) -> None:

@@ -88,6 +88,7 @@ class Streamer(SaverBase):
         self.writer: Writer | None = None  # started by init (again after the previous one closed)
         self.late_error: BaseException | None = None
         self.exited = False  # the interpreter is exiting: the writer was stopped by the exit hook
+        self.traced = False  # save() (or save_rows) was traced: a loop that saves was built
         self.flush = _flush.make_flush(self._receive, self.checkpoint_every)
         self._lock = threading.RLock()  # chains may be registered (and finished) from several threads
 
@@ -296,6 +297,7 @@ class Streamer(SaverBase):
         self._check_open()
         check_state(state, "save()")
         check_one_chain(state, "save()")
+        self.traced = True
         leaves = self._flat_sample(sample)
         keep = self._check_keep(keep)
         _check_ring(state, "save()")
@@ -350,6 +352,7 @@ class Streamer(SaverBase):
         check_state(state, "jaxsave.scan")
         check_one_chain(state, "jaxsave.scan")
         _check_ring(state, "jaxsave.scan")
+        self.traced = True
         held = state.fill > 0
         self.flush(
             held,
@@ -524,7 +527,7 @@ class Streamer(SaverBase):
 
     def stop_at_exit(self, deadline: float) -> None:
         """At exit: write what is queued (until ``deadline``), stop the writer, close the collector;
-        warn of the unfinished chains that saved a sample."""
+        warn of unfinished chains, unless this saver's ``save`` was never traced."""
         writer = self.writer
         if writer is None or not writer.alive:
             return
@@ -558,12 +561,20 @@ class Streamer(SaverBase):
                 error,
             )
             return
-        if any(writer.written.get(c, 0) for c in unfinished):  # silent if no sample was saved
+        if any(writer.written.get(c, 0) for c in unfinished):
             logger.warning(
                 "jaxsave: the interpreter exits before postprocess finished chain(s) %s; "
                 "their samples that reached the host %s",
                 unfinished,
                 self.collector.exit_note(),
+            )
+        elif unfinished and self.traced:  # silent for a saver whose save() was never traced
+            logger.warning(
+                "jaxsave: the interpreter exits before postprocess finished chain(s) %s; none of "
+                "their samples reached the host: those kept on the device (up to block_size=%d "
+                "per chain) are sent only by postprocess(state), and are lost",
+                unfinished,
+                self.block_size,
             )
 
 

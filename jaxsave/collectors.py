@@ -171,6 +171,8 @@ class Collector(BlockSink, Protocol):
 
     def resume(self) -> tuple[dict, Any]: ...
 
+    def exit_note(self) -> str: ...
+
 
 class CollectorOwner(Protocol):
     """The saver a :class:`DataCollector` belongs to, as the collector sees it."""
@@ -220,6 +222,11 @@ class DataCollector(abc.ABC):
 
     def close(self) -> None:  # noqa: B027  (optional: a default that does nothing)
         """Called once every registered chain is finished: release files and memory."""
+
+    def exit_note(self) -> str:
+        """What becomes of the samples it received when the interpreter exits before
+        ``postprocess`` (the end of the exit warning's sentence, whose subject is those samples)."""
+        return f"were handed to {type(self).__name__}, which is closed"
 
     def reopen_chain(
         self,
@@ -409,6 +416,12 @@ class MemoryCollector(DataCollector):
             chain.rows = fresh
         chain.count = sample_count
         chain.done = False
+
+    def exit_note(self) -> str:
+        return (
+            "were kept in host memory (MemoryCollector) and are lost as the process ends; "
+            "call postprocess(state) before the script ends to get them"
+        )
 
     def finished(self, chain_id: int) -> Any:
         if not self._chains[chain_id].done:

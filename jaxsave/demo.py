@@ -1,4 +1,4 @@
-"""``jaxsave demo``: SGLD for Bayesian logistic regression on real data, streamed to HDF5.
+"""``jaxsave demo``: SGLD for Bayesian logistic regression on real data, streamed to HDF5 or Zarr.
 
 The data set is scikit-learn's bundled Wisconsin breast-cancer data (569 tumours,
 30 features, benign or malignant), read from the installed package: nothing is
@@ -10,10 +10,10 @@ that plain SGLD mixes in every direction), and the model is
 Several chains run under ``jax.vmap`` inside one ``jax.jit``-compiled
 ``lax.scan``; each step takes a minibatch gradient and a Langevin step, and
 ``jaxsave.save`` keeps a sample after the burn-in on every ``thin``-th step.
-The samples stream to ``chains.h5`` (or host memory, or stay on the device),
-then the demo reads them back and prints posterior means, R-hat and effective
-sample sizes (with ArviZ when installed, else with :func:`split_rhat` and
-:func:`effective_sample_size`).
+The samples stream to ``chains.h5`` (to a Zarr store with ``--output chains.zarr``,
+or to host memory, or they stay on the device), then the demo reads them back and
+prints posterior means, R-hat and effective sample sizes (with ArviZ when installed,
+else with :func:`split_rhat` and :func:`effective_sample_size`).
 
 Run it with ``jaxsave demo`` or ``python -m jaxsave demo``; ``--help`` lists
 the options. From Python:
@@ -54,7 +54,9 @@ __all__ = [
     "main",
 ]
 
-COLLECTORS = ("hdf5", "memory", "no_save")
+COLLECTORS = ("hdf5", "zarr", "memory", "no_save")
+#: An output whose name ends so is a Zarr store (the collector ``"zarr"``), any other an HDF5 file.
+ZARR_SUFFIX = ".zarr"
 
 
 class DemoResult(NamedTuple):
@@ -220,8 +222,8 @@ def run(
     thin: int = 25,
     step_size: float = 6e-3,
     batch_size: int = 64,
-    output: str | os.PathLike | None = "chains.h5",
-    collector: str = "hdf5",
+    output: str | os.PathLike | None = None,
+    collector: str | None = None,
     seed: int = 0,
     progress: bool = True,
     quiet: bool = False,
@@ -229,17 +231,19 @@ def run(
 ) -> DemoResult:
     """Run the demo's SGLD chains and return the samples and their summary; see the module docstring.
 
-    ``collector`` is ``"hdf5"`` (stream to ``output``), ``"memory"`` (host memory)
-    or ``"no_save"`` (every sample stays on the device until the end; no progress bar,
-    since nothing leaves the device during the run).
+    ``collector`` is ``"hdf5"`` (stream to the file ``output``, default ``chains.h5``),
+    ``"zarr"`` (to the Zarr store ``output``, default ``chains.zarr``; needs
+    ``pip install 'jaxsave[zarr]'``), ``"memory"`` (host memory) or ``"no_save"`` (every
+    sample stays on the device until the end; no progress bar, since nothing leaves the
+    device during the run). By default it is ``"zarr"`` when ``output`` ends in ``.zarr``,
+    else ``"hdf5"``.
     """
     import jax
     import jax.numpy as jnp
 
     import jaxsave
 
-    if collector not in COLLECTORS:
-        raise ValueError(f"collector must be one of {COLLECTORS}, got {collector!r}")
+    collector, output = _where(collector, output)
     for name, value, low in (
         ("chains", chains, 1),
         ("steps", steps, 1),
@@ -258,7 +262,6 @@ def run(
     n_data, dim = x_np.shape
     x, y = jnp.asarray(x_np), jnp.asarray(y_np)
     kept = len(range(burn_in, steps, thin))
-    output = None if collector != "hdf5" else os.fspath(output if output is not None else "chains.h5")
 
     say(f"jaxsave demo: Bayesian logistic regression, breast-cancer data ({n_data} x {dim}), SGLD")
     say(
@@ -270,11 +273,13 @@ def run(
     if collector == "no_save":
         saver = jaxsave.no_save()
     else:
-        sink = (
-            jaxsave.HDF5Collector(output, sample_stats=("lp",))
-            if collector == "hdf5"
-            else jaxsave.MemoryCollector()
-        )
+        sink: jaxsave.DataCollector
+        if collector == "hdf5":
+            sink = jaxsave.HDF5Collector(output, sample_stats=("lp",))
+        elif collector == "zarr":
+            sink = jaxsave.ZarrCollector(output, sample_stats=("lp",))
+        else:
+            sink = jaxsave.MemoryCollector()
         # About 50 flushes for a smooth bar at negligible cost (a block holds kept draws, not steps).
         block = max(1, min(4096, kept // 50))
         saver = jaxsave.save(sink, block_size=block, progress=steps if progress else False)
@@ -321,7 +326,7 @@ def run(
     seconds_run = time.perf_counter() - start
 
     counts = np.asarray(result["sample_count"]).reshape(-1)
-    if collector == "hdf5":
+    if output is not None:
         samples = jaxsave.load_samples(output)  # type: ignore[arg-type]  # read back from the file, as an analysis would
     else:
         samples = result["samples"]
@@ -336,6 +341,25 @@ def run(
     if not quiet:
         print_report(summary, counts, accuracy, seconds_compile, seconds_run, chains * steps, output, out)
     return DemoResult(samples, counts, summary, accuracy, seconds_compile, seconds_run, output)
+
+
+def _where(collector: str | None, output: str | os.PathLike | None) -> tuple[str, str | None]:
+    """The collector and its output path (``None`` for memory and the device), checked."""
+    path = None if output is None else os.fspath(output)
+    zarr_name = path is not None and path.rstrip("/").endswith(ZARR_SUFFIX)
+    if collector is None:
+        collector = "zarr" if zarr_name else "hdf5"
+    if collector not in COLLECTORS:
+        raise ValueError(f"collector must be one of {COLLECTORS}, got {collector!r}")
+    if collector == "hdf5" and zarr_name:
+        raise ValueError(
+            f"the output {path!r} names a Zarr store ({ZARR_SUFFIX}), but the collector is hdf5: "
+            "drop --collector hdf5 (or use --collector zarr), or name an HDF5 file such as chains.h5"
+        )
+    if collector not in ("hdf5", "zarr"):
+        return collector, None
+    default = "chains.h5" if collector == "hdf5" else f"chains{ZARR_SUFFIX}"
+    return collector, path if path is not None else default
 
 
 def _fmt(value: float, digits: int) -> str:
@@ -405,13 +429,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step-size", type=float, default=6e-3, help="SGLD step size (default 0.006)")
     parser.add_argument("--batch-size", type=int, default=64, help="minibatch size (default 64)")
     parser.add_argument(
-        "--output", default="chains.h5", help="HDF5 file for --collector hdf5 (default chains.h5)"
+        "--output",
+        default=None,
+        help="the HDF5 file, or the Zarr store when it ends in .zarr (default chains.h5)",
     )
     parser.add_argument(
         "--collector",
         choices=COLLECTORS,
-        default="hdf5",
-        help="where samples go: an HDF5 file, host memory, or the device (default hdf5)",
+        default=None,
+        help="where samples go: an HDF5 file, a Zarr store, host memory, or the device "
+        "(default: zarr when --output ends in .zarr, else hdf5)",
     )
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed (default 0)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")

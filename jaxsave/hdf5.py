@@ -357,6 +357,9 @@ class HDF5Collector(DataCollector):
             self._rows.restart(chain_id, sample_count, samples_collected(static_information))
             self._finalized.discard(chain_id)
 
+    def exit_note(self) -> str:
+        return f"are written to {self._held.filename!r} and the file is closed"
+
     def close(self) -> None:
         """Trim, flush and (if this collector opened it) close the file, check it, unlock it.
 

@@ -737,6 +737,9 @@ class ZarrCollector(DataCollector):
             self._capacity[chain_id] = None
             self._finalized.add(chain_id)
 
+    def exit_note(self) -> str:
+        return f"are written to the Zarr store {self._name} and it is closed"
+
     def close(self) -> None:
         """Write the counts, trim the draw axis (the only writer), write the checkpoint, unlock."""
         with self._lock:

@@ -115,7 +115,41 @@ def test_bad_options_are_usage_errors(tmp_path, capsys):
     assert main(["demo", "--burn-in", "50", "--steps", "50", "--output", str(tmp_path / "x.h5")]) == 2
     assert "burn_in (50) must be smaller than steps (50)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["demo", "--collector", "zarr"])
+        main(["demo", "--collector", "parquet"])
+
+
+SHORT = ["--chains", "2", "--steps", "600", "--burn-in", "100", "--thin", "5", "--no-progress"]
+
+
+def test_an_output_ending_in_zarr_is_a_zarr_store(tmp_path, capsys):
+    pytest.importorskip("zarr")
+    import jaxsave
+
+    path = tmp_path / "out.zarr"
+    assert main(["demo", *SHORT, "--output", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"collector: zarr -> {path}" in out and f"jaxsave inspect {path}" in out
+    assert (path / "zarr.json").is_file() and not (tmp_path / "chains.h5").exists()
+    info = jaxsave.file_info(path)
+    assert info.sample_counts.tolist() == [100, 100]
+    assert {(v.group, v.name) for v in info.variables} == {
+        ("posterior", "w"),
+        ("posterior", "b"),
+        ("sample_stats", "lp"),
+    }
+
+
+def test_zarr_output_without_zarr_names_the_install(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "zarr", None)  # `import zarr` now raises ImportError
+    assert main(["demo", *SHORT, "--output", str(tmp_path / "out.zarr")]) == 2
+    assert "pip install 'jaxsave[zarr]'" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_hdf5_collector_with_a_zarr_output_is_refused(tmp_path, capsys):
+    assert main(["demo", *SHORT, "--collector", "hdf5", "--output", str(tmp_path / "out.zarr")]) == 2
+    assert "names a Zarr store (.zarr), but the collector is hdf5" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_numpy_diagnostics_agree_with_arviz():

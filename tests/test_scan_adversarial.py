@@ -52,6 +52,20 @@ def test_thin_must_be_a_positive_int(saver, state, thin):
         jaxsave.scan(saver, _step, state, 0, jnp.arange(4), thin=thin)
 
 
+@pytest.mark.parametrize("make", [jnp.int32, np.array], ids=["jnp.int32", "np.array"])
+def test_an_array_thin_or_length_must_be_a_static_int(saver, state, make):
+    with pytest.raises(ValueError, match="thin must be a static Python int"):
+        jaxsave.scan(saver, _step, state, 0, jnp.arange(20), thin=make(10))
+    with pytest.raises(ValueError, match="length must be a static Python int"):
+        jaxsave.scan(saver, _step, state, 0, length=make(20))
+
+
+def test_a_traced_thin_must_be_a_static_int(saver, state):
+    run = jax.jit(lambda s, thin: jaxsave.scan(saver, _step, s, 0, jnp.arange(20), thin=thin)[0])
+    with pytest.raises(ValueError, match="thin must be a static Python int.*pass e.g. thin=10"):
+        run(state, 10)
+
+
 def test_thin_must_divide_checkpoint_every():
     saver = jaxsave.save(jaxsave.MemoryCollector(), checkpoint_every=10)
     state = saver.init({"i": jnp.int32(0)}, {"c": jnp.int32(0)})

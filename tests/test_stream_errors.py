@@ -248,3 +248,59 @@ def test_a_state_of_several_chains_without_vmap_is_refused(make):
     with pytest.raises(TypeError, match=r"holds 4 chains .*jax\.vmap"):
         jax.jit(lambda s: saver.save(s, True, {"w": jnp.zeros(3)})[0])(state)
     saver.postprocess(jax.vmap(lambda s: saver.save(s, True, {"w": jnp.zeros(3)})[0])(state), None)
+
+
+def _closed_over(saver, state):
+    return jax.vmap(lambda key: scan_save(saver, state, 8, make=lambda i: {"x": jnp.full(2, i) + key[0]}))
+
+
+def _unmapped(saver, state):
+    def chain(state, key):
+        return scan_save(saver, state, 8, make=lambda i: {"x": jnp.full(2, i) + key[0]})
+
+    return lambda keys: jax.vmap(chain, in_axes=(None, 0))(state, keys)
+
+
+def _scanned(saver, state):
+    def step(c, i):
+        return c, (True, {"x": jnp.full(2, i) + c})
+
+    return jax.vmap(lambda key: jaxsave.scan(saver, step, state, key[0], jnp.arange(8))[0])
+
+
+@pytest.mark.parametrize("run", [_closed_over, _unmapped, _scanned], ids=["closure", "in_axes-None", "scan"])
+def test_a_one_chain_state_under_vmap_names_chains(saver, run):
+    """``init`` without ``chains=``, then vmapped chains: a trace-time error naming the fix,
+    not every chain's samples saved as one chain's (then a count mismatch at postprocess)."""
+    state = saver.init({"x": jnp.zeros(2)}, None)
+    keys = jnp.arange(8, dtype=jnp.float32).reshape(4, 2)
+    with pytest.raises(
+        jaxsave.SaverStateError, match=r"holds one chain.*init\(init_sample, \.\.\., chains=C\)"
+    ):
+        jax.jit(run(saver, state))(keys)
+    assert saver.postprocess(state, None)["sample_count"] == 0  # nothing was sent
+
+
+def test_a_stacked_init_sample_without_chains_names_chains(saver):
+    """``init({"x": zeros((4, 2))})`` for 4 vmapped chains, ``chains=4`` forgotten."""
+    state = saver.init({"x": jnp.zeros((4, 2))}, None)
+    run = jax.vmap(lambda i: saver.save(state, True, {"x": jnp.full(2, i, jnp.float32)})[0])
+    with pytest.raises(jaxsave.StructureMismatchError, match=r"(?s)\(2,\) != expected \(4, 2\).*chains=4\)"):
+        jax.jit(run)(jnp.arange(4))
+    saver.postprocess(state, None)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (
+            "run.h5",
+            r"got the path 'run.h5': pass a collector for it, e\.g\. jaxsave\.HDF5Collector\('run.h5'\)",
+        ),
+        (jaxsave.MemoryCollector, r"got the class MemoryCollector: pass an instance"),
+        (3, "got int$"),
+    ],
+)
+def test_save_of_something_else_than_a_collector_names_the_fix(bad, message):
+    with pytest.raises(TypeError, match=f"data_collector must be a jaxsave.DataCollector, {message}"):
+        jaxsave.save(bad)

@@ -26,6 +26,7 @@ from jax.custom_batching import custom_vmap
 from jaxsave._stream import callback as _callback
 from jaxsave._stream.packing import pack
 from jaxsave._stream.resume import broadcast_unbatched
+from jaxsave.errors import SaverStateError
 
 __all__ = ["FIELDS", "Header", "decode", "encode", "make_flush"]
 
@@ -108,8 +109,22 @@ def make_flush(receive: Callable[..., None], checkpoint_every: int) -> Callable[
     @flush.def_vmap
     def _flush_vmap(axis_size, in_batched, pred, payload):
         pred_batched, payload_batched = in_batched
+        _check_chain_batched(pred_batched, payload_batched)
         payload = broadcast_unbatched(payload, payload_batched, axis_size)
         flush(jnp.any(pred) if pred_batched else pred, payload)
         return None, None
 
     return flush
+
+
+def _check_chain_batched(pred_batched: bool, payload_batched: tuple) -> None:
+    """Refuse a vmapped flush whose chain id is not batched: a state of one chain (``init``
+    without ``chains=``) passed unmapped into ``vmap`` would send every chain's samples as its."""
+    chain_batched = payload_batched[1]
+    if not chain_batched and (pred_batched or any(jax.tree.leaves(payload_batched))):
+        raise SaverStateError(
+            "save() runs under jax.vmap, but its saving state holds one chain (it was made by init "
+            "without chains=, and vmap did not map it): every vmapped chain would save into that "
+            "one. Create the state with init(init_sample, ..., chains=C), every leaf of "
+            "init_sample with a leading axis of size C, and vmap over the state (in_axes=0)"
+        )

@@ -152,7 +152,17 @@ def _streamer_of(save: Any) -> Streamer:
     return streamer
 
 
+def _check_static(value: Any, name: str) -> None:
+    """Refuse an array (traced or not) where a Python int fixes the loop's shape."""
+    if isinstance(value, (jax.Array, np.ndarray)):
+        raise ValueError(
+            f"jaxsave.scan: {name} must be a static Python int (it fixes the loop's shape at "
+            f"trace time), got an array {value!r}; pass e.g. {name}=10, not jnp.int32(10)"
+        )
+
+
 def _positive_int(value: Any, name: str) -> int:
+    _check_static(value, name)
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"jaxsave.scan: {name} must be a positive int, got {value!r}")
     return int(value)
@@ -160,6 +170,7 @@ def _positive_int(value: Any, name: str) -> int:
 
 def _length(xs: Any, length: Any) -> int:
     if length is not None:
+        _check_static(length, "length")
         if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 0:
             raise ValueError(f"jaxsave.scan: length must be an int >= 0, got {length!r}")
         length = operator.index(length)

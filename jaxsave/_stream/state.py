@@ -145,7 +145,17 @@ class SaverBase:
             specs = jax.tree.leaves(self.spec)
             leaves = [x if hasattr(x, "dtype") else jnp.asarray(x, s.dtype) for x, s in zip(leaves, specs)]
             sample = jax.tree.unflatten(treedef, leaves)
-        check_like(sample, self.spec, "the sample passed to save()")
+        try:
+            check_like(sample, self.spec, "the sample passed to save()")
+        except StructureMismatchError as error:
+            chains = _stacked_chains(sample, self.spec)
+            if chains is None:
+                raise
+            raise StructureMismatchError(
+                f"{error}\n  every leaf of init_sample has a leading axis of {chains} that the "
+                f"samples lack: for {chains} vmapped chains, create the state with "
+                f"init(init_sample, ..., chains={chains})"
+            ) from None
         return [
             jax.random.key_data(x) if _dtypes.is_key(x) else jnp.asarray(x) for x in jax.tree.leaves(sample)
         ]
@@ -192,6 +202,20 @@ def _stack_padded(leaves: tuple[Any, ...], length: int, batch: tuple[int, ...]) 
     padded = [np.pad(a, [(0, length - a.shape[0])] + [(0, 0)] * (a.ndim - 1)) for a in arrays]
     out = np.stack(padded).reshape(batch + padded[0].shape)
     return jax.random.wrap_key_data(out, impl=impl) if keys else out  # type: ignore[arg-type]
+
+
+def _stacked_chains(sample: Any, spec: Any) -> int | None:
+    """``C`` if every leaf of ``spec`` is ``sample``'s leaf with a leading axis of ``C`` added."""
+    leaves, specs = jax.tree.leaves(sample), jax.tree.leaves(spec)
+    structure: Any = jax.tree.structure(sample)
+    if structure != jax.tree.structure(spec) or not specs:
+        return None
+    leading = {s.shape[0] if s.shape else None for s in specs}
+    if len(leading) != 1 or None in leading:
+        return None
+    if any(tuple(np.shape(x)) != s.shape[1:] for x, s in zip(leaves, specs)):
+        return None
+    return leading.pop()
 
 
 def _is_array_like(x: Any) -> bool:

@@ -18,6 +18,7 @@ finish, every block that reached the host is written, and the collector is close
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -75,7 +76,7 @@ class Streamer(SaverBase):
         self.checkpoint_every = checkpoint_every
         self.checkpoint_spec: Any = None
         if not isinstance(collector, DataCollector):
-            raise TypeError(f"data_collector must be a jaxsave.DataCollector, got {type(collector).__name__}")
+            raise TypeError(f"data_collector must be a jaxsave.DataCollector, got {_what(collector)}")
         if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         if not isinstance(max_queue_bytes, int) or max_queue_bytes < 1:
@@ -88,6 +89,7 @@ class Streamer(SaverBase):
         self.writer: Writer | None = None  # started by init (again after the previous one closed)
         self.late_error: BaseException | None = None
         self.exited = False  # the interpreter is exiting: the writer was stopped by the exit hook
+        self.traced = False  # save() (or save_rows) was traced: a loop that saves was built
         self.flush = _flush.make_flush(self._receive, self.checkpoint_every)
         self._lock = threading.RLock()  # chains may be registered (and finished) from several threads
 
@@ -296,6 +298,7 @@ class Streamer(SaverBase):
         self._check_open()
         check_state(state, "save()")
         check_one_chain(state, "save()")
+        self.traced = True
         leaves = self._flat_sample(sample)
         keep = self._check_keep(keep)
         _check_ring(state, "save()")
@@ -354,6 +357,7 @@ class Streamer(SaverBase):
         check_state(state, "jaxsave.scan")
         check_one_chain(state, "jaxsave.scan")
         _check_ring(state, "jaxsave.scan")
+        self.traced = True
         held = state.fill > 0
         self.flush(
             held,
@@ -527,7 +531,8 @@ class Streamer(SaverBase):
             self.collector.close()
 
     def stop_at_exit(self, deadline: float) -> None:
-        """At exit: write what is queued (until ``deadline``), stop the writer, close the file."""
+        """At exit: write what is queued (until ``deadline``), stop the writer, close the collector;
+        warn of unfinished chains, unless this saver's ``save`` was never traced."""
         writer = self.writer
         if writer is None or not writer.alive:
             return
@@ -551,19 +556,41 @@ class Streamer(SaverBase):
             )
             return
         self.finished_chains.update(unfinished)
-        if unfinished:
-            logger.warning(
-                "jaxsave: the interpreter exits before postprocess finished chain(s) "
-                "%s; what reached the host of their samples (if any) is written and "
-                "the file closed",
-                unfinished,
-            )
         try:
             self._close_if_done(force=True)
         except Exception as error:  # noqa: BLE001 - exiting anyway
             logger.error(
-                "jaxsave: interpreter exit: closing %s failed: %r", type(self.collector).__name__, error
+                "jaxsave: interpreter exit: closing %s (unfinished chains %s) failed: %r",
+                type(self.collector).__name__,
+                unfinished,
+                error,
             )
+            return
+        if any(writer.written.get(c, 0) for c in unfinished):
+            logger.warning(
+                "jaxsave: the interpreter exits before postprocess finished chain(s) %s; "
+                "their samples that reached the host %s",
+                unfinished,
+                self.collector.exit_note(),
+            )
+        elif unfinished and self.traced:  # silent for a saver whose save() was never traced
+            logger.warning(
+                "jaxsave: the interpreter exits before postprocess finished chain(s) %s; none of "
+                "their samples reached the host: those kept on the device (up to block_size=%d "
+                "per chain) are sent only by postprocess(state), and are lost",
+                unfinished,
+                self.block_size,
+            )
+
+
+def _what(collector: Any) -> str:
+    """What was passed instead of a collector, and the fix where it is plain."""
+    if isinstance(collector, type) and issubclass(collector, DataCollector):
+        return f"the class {collector.__name__}: pass an instance, e.g. {collector.__name__}(...)"
+    if isinstance(collector, (str, os.PathLike)):
+        path = os.fspath(collector)
+        return f"the path {path!r}: pass a collector for it, e.g. jaxsave.HDF5Collector({path!r})"
+    return type(collector).__name__
 
 
 def _check_ring(state: SaveState, where: str) -> None:

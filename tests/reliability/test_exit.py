@@ -178,6 +178,56 @@ def _interrupt(child, path, figures, run) -> None:
     figures("exit", f"SIGINT {run}", exit_status=rc, samples_per_chain=count, reported=reported)
 
 
+WARNING_CHILD = textwrap.dedent("""
+    import sys
+    import jax, jax.numpy as jnp, jaxsave
+
+    ran_h5, idle_h5, ran_zarr = sys.argv[1:]
+    collectors = [jaxsave.HDF5Collector(ran_h5), jaxsave.MemoryCollector()]
+    try:
+        import zarr  # noqa: F401
+        collectors.append(jaxsave.ZarrCollector(ran_zarr))
+    except ImportError:
+        pass
+    for collector in collectors:  # run 10 steps (8 samples reach the host); no postprocess
+        saver = jaxsave.save(collector, block_size=4)
+        state = saver.init(jnp.zeros((2, 3)), None, chains=2)
+        step = lambda s, i: saver.save(s, True, jnp.full(3, i, jnp.float32))
+        run = jax.jit(jax.vmap(lambda s: jax.lax.scan(step, s, jnp.arange(10))[0]))
+        jax.block_until_ready(run(state))
+    for collector in (jaxsave.HDF5Collector(idle_h5), jaxsave.MemoryCollector()):
+        jaxsave.save(collector).init(jnp.zeros(3), None)  # never run: nothing to say at exit
+    saver = jaxsave.save(jaxsave.MemoryCollector(), block_size=64)  # ran, but sent nothing
+    state = saver.init(jnp.zeros(3), None)
+    step = lambda s, i: saver.save(s, True, jnp.full(3, i, jnp.float32))
+    jax.block_until_ready(jax.jit(lambda s: jax.lax.scan(step, s, jnp.arange(10))[0])(state))
+    print("zarr" if len(collectors) == 3 else "no zarr", flush=True)
+""")
+
+
+def test_exit_warning_names_what_each_collector_kept_and_skips_idle_savers(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(WARNING_CHILD)
+    ran_h5, idle_h5, ran_zarr = tmp_path / "ran.h5", tmp_path / "idle.h5", tmp_path / "ran.zarr"
+    rc, out, err = _finish(python(script, ran_h5, idle_h5, ran_zarr), "warnings")
+    assert rc == 0, err[-3000:]
+    warnings = [line for line in err.splitlines() if "exits before postprocess" in line]
+    assert len(warnings) == (4 if out.strip() == "zarr" else 3), err[-3000:]  # none for idle savers
+    unsent = [w for w in warnings if "none of their samples reached the host" in w]
+    assert len(unsent) == 1 and "[0]; " in unsent[0] and "block_size=64" in unsent[0], warnings
+    hdf5 = (
+        f"[0, 1]; their samples that reached the host are written to {str(ran_h5)!r} and the file is closed"
+    )
+    assert any(hdf5 in w for w in warnings), warnings
+    memory = [w for w in warnings if "(MemoryCollector)" in w]
+    assert len(memory) == 1 and "lost as the process ends" in memory[0] and "file" not in memory[0]
+    if out.strip() == "zarr":
+        assert any(f"the Zarr store {str(ran_zarr)!r} and it is closed" in w for w in warnings), warnings
+        assert jaxsave.file_info(ran_zarr).sample_counts.tolist() == [8, 8]
+    assert str(idle_h5) not in err
+    assert jaxsave.file_info(ran_h5).sample_counts.tolist() == [8, 8]
+
+
 class _FailsOnChain(jaxsave.HDF5Collector):
     """Registration of the chain numbered ``fail_at`` fails (a full disk, a closed file...)."""
 

@@ -38,7 +38,7 @@ import jax  # noqa: E402
 
 port, nproc, pid, store, mode = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 jax.distributed.initialize(
-    coordinator_address=f"127.0.0.1:{port}", num_processes=nproc, process_id=pid, initialization_timeout=60
+    coordinator_address=f"127.0.0.1:{port}", num_processes=nproc, process_id=pid, initialization_timeout=300
 )
 
 import jax.numpy as jnp  # noqa: E402

@@ -15,9 +15,18 @@ Times are end to end (the compiled run plus ``postprocess``, which waits until
 every sample is written), the best of ``--repeats`` rounds that
 time every variant in turn. Ratios are to (a).
 
+Every variant's wall time and process CPU time (``getrusage(RUSAGE_SELF)``: user + system,
+all threads, the compiled loop's, the writer's and zarr's and h5py's) are recorded, each the
+best over the rounds. ``--cpu`` prints the table in CPU time: on a machine shared with other
+jobs wall time says little, the CPU a run spends says what saving costs. ``--trees A,B``
+runs this script once per tree (a directory holding a ``jaxsave`` package, on
+``PYTHONPATH``) in alternating processes, ``--rounds`` times, and compares them.
+
     python benchmarks/stream.py            # the full cases of issue 2
     python benchmarks/stream.py --quick    # 10x fewer steps, for a smoke run
     python benchmarks/stream.py --floors --cases "4 MB" --out benchmarks/results/stream_floors.json
+    python benchmarks/stream.py --cpu --cases "64 chains,4 MB,mlp" --kinds no_save,hdf5,zarr
+    python benchmarks/stream.py --cpu --trees /tmp/old,. --rounds 2 --cases "64 chains"
 """
 
 from __future__ import annotations
@@ -28,11 +37,14 @@ import importlib.util
 import json
 import os
 import platform
+import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +55,26 @@ import jaxsave
 
 RESULTS = Path(__file__).parent / "results"
 RING_ROWS = 4096
+
+
+class Step(NamedTuple):
+    """Seconds per step of one timed run: wall, and process CPU (all threads)."""
+
+    wall: float
+    cpu: float
+
+
+def process_cpu() -> float:
+    """User + system CPU seconds of this process so far, all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(fn, steps) -> Step:
+    """Run ``fn()``; its wall and CPU time per step."""
+    cpu, start = process_cpu(), time.perf_counter()
+    fn()
+    return Step((time.perf_counter() - start) / steps, (process_cpu() - cpu) / steps)
 
 
 def sgld_step(x, key, eps=1e-3):
@@ -178,16 +210,18 @@ def run_stream_case(kind, steps, dim, chains, thin, tmp, checkpoint_every=0, lea
         state = jnp.zeros(((chains,) if chains > 1 else ()) + (rows, *shape), jnp.float32)
     run = make_loop(saver, steps, dim, chains, thin, kind, leaves).lower(state, x0, keys).compile()
     NAIVE.clear()
-    start = time.perf_counter()
-    out = run(state, x0, keys)
-    jax.block_until_ready(out)
-    if saver is not None:
-        result = saver.postprocess(out[0], None)
-        assert int(np.sum(result["sample_count"])) == kept * chains
-    elapsed = time.perf_counter() - start
+
+    def region():
+        out = run(state, x0, keys)
+        jax.block_until_ready(out)
+        if saver is not None:
+            result = saver.postprocess(out[0], None)
+            assert int(np.sum(result["sample_count"])) == kept * chains
+
+    step = timed(region, steps)
     if path is not None:
         remove(path)
-    return elapsed / steps
+    return step
 
 
 def mlp_case(kind, steps, chains, thin, tmp):
@@ -238,15 +272,17 @@ def mlp_case(kind, steps, chains, thin, tmp):
         state = saver.init(params, None, jaxsave.static_information(samples_collected=kept), chains=chains)
     state_axis = None if kind == "baseline" else 0
     run = jax.jit(jax.vmap(chain, in_axes=(state_axis, 0, 0))).lower(state, params, keys).compile()
-    start = time.perf_counter()
-    out = run(state, params, keys)
-    jax.block_until_ready(out)
-    if saver is not None:
-        saver.postprocess(out[0], None)
-    elapsed = time.perf_counter() - start
+
+    def region():
+        out = run(state, params, keys)
+        jax.block_until_ready(out)
+        if saver is not None:
+            saver.postprocess(out[0], None)
+
+    step = timed(region, steps)
     if path is not None:
         remove(path)
-    return elapsed / steps
+    return step
 
 
 def interleaved(row, repeats):
@@ -255,13 +291,94 @@ def interleaved(row, repeats):
     Round-robin rather than one variant after another, so a burst of load on a
     shared machine hits every variant alike and the ratios stay fair.
     """
-    fns, best = row["us_per_step"], {}
+    fns, wall, cpu = row["us_per_step"], {}, {}
     for _ in range(repeats):
         for kind, fn in fns.items():
-            best[kind] = min(best.get(kind, float("inf")), fn() * 1e6)
-    for kind, us in best.items():
-        print(f"  {row['case']:30s} {kind:10s} {us:10.2f} us/step", file=sys.stderr)
-    return {**row, "us_per_step": best}
+            step = fn()
+            wall[kind] = min(wall.get(kind, float("inf")), step.wall * 1e6)
+            cpu[kind] = min(cpu.get(kind, float("inf")), step.cpu * 1e6)
+    for kind in wall:
+        print(
+            f"  {row['case']:30s} {kind:10s} {wall[kind]:10.2f} us/step wall {cpu[kind]:10.2f} CPU",
+            file=sys.stderr,
+        )
+    return {**row, "us_per_step": wall, "cpu_us_per_step": cpu}
+
+
+def summarize(row):
+    """Add the ratios to (a), wall and CPU, and Zarr's overhead over HDF5's (issue 18: at most 1.1)."""
+    for clock, key in (("", "us_per_step"), ("cpu_", "cpu_us_per_step")):
+        times = row[key]
+        base = times["baseline"]
+        row[f"{clock}ratio"] = {k: v / base for k, v in times.items()}
+        if "naive" in times and "hdf5" in times:
+            row[f"{clock}hdf5_speedup_over_naive"] = times["naive"] / times["hdf5"]
+        if "zarr" in times and "hdf5" in times:
+            overhead = {k: times[k] - base for k in ("hdf5", "zarr")}
+            row[f"{clock}zarr_overhead_over_hdf5"] = (
+                overhead["zarr"] / overhead["hdf5"] if overhead["hdf5"] > 0 else None
+            )
+    return row
+
+
+def print_table(rows, kinds, cpu, tree=None):
+    """The markdown table of ``rows`` in wall or (``cpu``) CPU time, a column for the tree if given."""
+    clock = "cpu_" if cpu else ""
+    unit = "CPU us/step" if cpu else "us/step"
+    header = ["case", f"(a) {unit}"] + [f"{k}/(a)" for k in kinds[1:]] + ["naive/hdf5"]
+    if "zarr" in kinds:
+        header.append("zarr/hdf5 overhead")
+    if tree is not None:
+        header.insert(0, "tree")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        ratios = row[f"{clock}ratio"]
+        cells = [row["case"], f"{row[f'{clock}us_per_step' if cpu else 'us_per_step']['baseline']:.2f}"]
+        cells += [f"{ratios[k]:.2f}" if k in ratios else "-" for k in kinds[1:]]
+        speedup = row.get(f"{clock}hdf5_speedup_over_naive")
+        cells.append(f"{speedup:.0f}x" if speedup is not None else "-")
+        if "zarr" in kinds:
+            ratio = row.get(f"{clock}zarr_overhead_over_hdf5")
+            cells.append(f"{ratio:.2f}" if ratio is not None else "-")
+        if tree is not None:
+            cells.insert(0, row["tree"])
+        print("| " + " | ".join(cells) + " |")
+
+
+def compare_trees(args, argv):
+    """``--trees``: this script once per tree and round, alternating; each figure the best of all runs."""
+    trees = [str(Path(t).resolve()) for t in args.trees.split(",")]
+    forwarded, skip = [], False
+    for arg in argv:  # the same options for every child, but --trees, --rounds and --out
+        if skip:
+            skip = False
+        elif arg in ("--trees", "--rounds", "--out"):
+            skip = True
+        elif not arg.startswith(("--trees=", "--rounds=", "--out=")):
+            forwarded.append(arg)
+    best: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            for i, tree in enumerate(trees):
+                out = Path(tmp) / f"{i}-{r}.json"
+                cmd = [sys.executable, __file__, *forwarded, "--out", str(out)]
+                subprocess.run(
+                    cmd, env={**os.environ, "PYTHONPATH": tree}, check=True, stdout=subprocess.DEVNULL
+                )
+                for row in json.loads(out.read_text())["rows"]:
+                    kept = best.setdefault((tree, row["case"]), {**row, "tree": tree})
+                    for key in ("us_per_step", "cpu_us_per_step"):
+                        for kind, us in row[key].items():
+                            kept[key][kind] = min(kept[key].get(kind, float("inf")), us)
+                print(f"round {r + 1}: {tree} done", file=sys.stderr)
+    rows = [summarize(row) for row in best.values()]
+    kinds = list(dict.fromkeys(k for row in rows for k in row["us_per_step"]))
+    print_table(rows, kinds, args.cpu, tree=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    meta = {"trees": trees, "rounds": args.rounds, "argv": forwarded, "cpus": os.cpu_count()}
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"wrote {args.out}")
 
 
 def main(argv=None):
@@ -289,8 +406,22 @@ def main(argv=None):
         default="",
         help="time only these comma-separated variants (baseline is always timed: the ratios need it)",
     )
+    parser.add_argument(
+        "--cpu", action="store_true", help="print the table in process CPU time (getrusage, all threads)"
+    )
+    parser.add_argument(
+        "--trees",
+        default="",
+        help="comma-separated directories holding a jaxsave package: run this script with each on "
+        "PYTHONPATH, in alternating processes, and compare them",
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="with --trees: processes per tree")
     parser.add_argument("--out", default=str(RESULTS / "stream.json"))
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    if args.trees:
+        compare_trees(args, argv)
+        return
     scale = 10 if args.quick else 1
     tmp = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
     tmp = tempfile.mkdtemp(dir=tmp)
@@ -357,30 +488,8 @@ def main(argv=None):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    for row in rows:
-        base = row["us_per_step"]["baseline"]
-        row["ratio"] = {k: v / base for k, v in row["us_per_step"].items()}
-        if "naive" in row["us_per_step"]:
-            row["hdf5_speedup_over_naive"] = row["us_per_step"]["naive"] / row["us_per_step"]["hdf5"]
-        if "zarr" in row["us_per_step"]:  # issue 18's target: Zarr's overhead within 1.1x of HDF5's
-            overhead = {k: row["us_per_step"][k] - base for k in ("hdf5", "zarr")}
-            row["zarr_overhead_over_hdf5"] = (
-                overhead["zarr"] / overhead["hdf5"] if overhead["hdf5"] > 0 else None
-            )
-
-    header = ["case", "(a) us/step"] + [f"{k}/(a)" for k in kinds[1:]] + ["naive/hdf5"]
-    if "zarr" in kinds:
-        header.append("zarr/hdf5 overhead")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for row in rows:
-        cells = [row["case"], f"{row['us_per_step']['baseline']:.2f}"]
-        cells += [f"{row['ratio'][k]:.2f}" if k in row["ratio"] else "-" for k in kinds[1:]]
-        cells.append(f"{row['hdf5_speedup_over_naive']:.0f}x" if "hdf5_speedup_over_naive" in row else "-")
-        if "zarr" in kinds:
-            ratio = row.get("zarr_overhead_over_hdf5")
-            cells.append(f"{ratio:.2f}" if ratio is not None else "-")
-        print("| " + " | ".join(cells) + " |")
+    rows = [summarize(row) for row in rows]
+    print_table(rows, kinds, args.cpu)
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -390,6 +499,7 @@ def main(argv=None):
         "cpus": os.cpu_count(),
         "quick": args.quick,
         "repeats": args.repeats,
+        "units": "us/step: us_per_step wall, cpu_us_per_step process CPU (getrusage, all threads)",
     }
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"wrote {args.out}")

@@ -214,6 +214,7 @@ class ZarrCollector(DataCollector):
         self._checkpoint_pending = False
         self._checkpoint_written = -float("inf")
         self._closed = False
+        self._trimmed = False  # trimmed (and consolidated) since the last draw, chain or reopen
         self._token = _run_token(run_id) if self.shared and mode == "w" else None
         self._file_lock: _filelock.FileLock | None = None
         self.local = _store.local_directory(store)
@@ -407,6 +408,7 @@ class ZarrCollector(DataCollector):
                 chain = max(self._counts, default=-1) + 1
             self._counts[chain] = self._committed_counts[chain] = 0
             self._capacity[chain] = capacity
+            self._trimmed = False
             return chain
 
     def _set_layout(self, init_sample: Any) -> bool:
@@ -542,6 +544,7 @@ class ZarrCollector(DataCollector):
             n = values[0].shape[1]
             if n == 0:
                 return
+            self._trimmed = False
             first = chain_ids[0]
             starts = {self._counts[c] for c in chain_ids}
             if chain_ids == list(range(first, first + len(chain_ids))) and len(starts) == 1:
@@ -614,7 +617,7 @@ class ZarrCollector(DataCollector):
                 self._arrays.partial.write()  # the chunks not yet full, whole (the fill past the counts)
             changed = {c: n for c, n in self._counts.items() if self._committed_counts.get(c) != n}
             if changed and self._sample is not None:
-                self._bound(0).write_counts(changed)
+                self._bound(0).write_counts(changed, self._counts)
                 self._committed_counts.update(changed)
         self._committed = time.monotonic()
 
@@ -655,6 +658,7 @@ class ZarrCollector(DataCollector):
         self._commit()
         if not self.shared:  # until a reopen (mode "a") drops it again
             _store.consolidate(self._location)
+        self._trimmed = True
 
     # -- checkpoints and resume ----------------------------------------------------------
 
@@ -722,6 +726,7 @@ class ZarrCollector(DataCollector):
             self._commit()  # ... once the store no longer counts them
             self._capacity[chain_id] = samples_collected(static_information)
             self._finalized.discard(chain_id)
+            self._trimmed = False
 
     def _adopt_shared_chain(self, chain_id: int) -> None:
         """A shared store in mode "a": take over chain ``chain_id`` (one of this process's, from
@@ -746,7 +751,11 @@ class ZarrCollector(DataCollector):
             if self._closed:
                 return
             try:
-                if self._sample is not None and (self.owner or any(self._counts.values())):
+                if (
+                    self._sample is not None
+                    and not self._trimmed  # the last finalize did, and nothing changed since
+                    and (self.owner or any(self._counts.values()))
+                ):
                     self._trim()
                 self._write_checkpoints()
             finally:

@@ -11,7 +11,8 @@ Chain ``c`` saves ``x = value(c, i) * ones(3)`` and ``lp = -value(c, i)`` at ste
 ``i``, so the parent can check every draw of the store.
 
 With env ``KEYLOG=<path>``, every key the process writes or deletes through zarr's
-``LocalStore`` is logged to ``<path>-<pid>`` (``set <key>``, ``delete <key>``).
+``LocalStore`` (or jaxsave's plain file writes of a local store) is logged to
+``<path>-<pid>`` (``set <key>``, ``delete <key>``).
 
 MODE:
   ``run``     ROUNDS=2 rounds of 8 steps (16 draws), a checkpoint every 4 steps;
@@ -37,7 +38,7 @@ import jax  # noqa: E402
 
 port, nproc, pid, store, mode = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 jax.distributed.initialize(
-    coordinator_address=f"127.0.0.1:{port}", num_processes=nproc, process_id=pid, initialization_timeout=60
+    coordinator_address=f"127.0.0.1:{port}", num_processes=nproc, process_id=pid, initialization_timeout=300
 )
 
 import jax.numpy as jnp  # noqa: E402
@@ -59,6 +60,17 @@ if os.environ.get("KEYLOG"):  # record every key this process writes or deletes:
 
     for name in ("set", "set_if_not_exists", "delete"):
         logged(name)
+    # jaxsave writes a local store's chunks and counts as plain files, not through zarr's set.
+    from jaxsave._store.zarr import store as _confined  # noqa: E402
+
+    _write = _confined.write_confined
+
+    def logged_write(root, key, *args, **kwargs):
+        log.write(f"set {key}\n")
+        log.flush()
+        return _write(root, key, *args, **kwargs)
+
+    _confined.write_confined = logged_write
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jaxsave  # noqa: E402

@@ -17,12 +17,16 @@ from _zarr_processes import LOCAL, PROCESSES, start_processes, wait_all
 import jaxsave
 
 zarr = pytest.importorskip("zarr")
-pytestmark = pytest.mark.slow  # 2 x 2 process starts: about 25 s on 2 shared cores
+# 2 x 2 process starts: about 25 s on 2 idle cores, several times that on 2 cores shared with
+# other jobs: more than the suite's 300 s timeout.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def run_processes(store, mode: str, **env: str) -> list[str]:
     procs = start_processes(store, mode, **env)
     outputs = wait_all(procs)
+    for pid, out in enumerate(outputs):  # shown with any later failure of the test (captured stdout)
+        print(f"--- process {pid} ({mode}), exit {procs[pid].returncode}:\n{out[-4000:]}")
     for pid, (p, out) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0 and f"process {pid}: ok" in out, f"process {pid} failed:\n{out[-4000:]}"
     return outputs

@@ -181,3 +181,19 @@ def test_concurrent_writes_into_new_directories_never_fail(tmp_path):
         )
         array[:] = np.arange(256.0).reshape(8, 8, 4)
         assert np.array_equal(array[:], np.arange(256.0).reshape(8, 8, 4))
+
+
+def test_postprocess_consolidates_the_metadata_once(tmp_path):
+    """The last finalized chain trims the store and copies the arrays' metadata into the root's
+    ``zarr.json``; ``close`` after it does neither again (nothing changed since): one put of
+    the root's ``zarr.json`` after the last chunk, holding the copy."""
+    import json
+
+    log: list = []
+    store = tmp_path / "run.zarr"
+    out = run(jaxsave.ZarrCollector(_logged_store(store, log)), 10, 100, 2, 32)
+    assert out["sample_count"].tolist() == [100, 100]
+    last_chunk = max(i for i, (op, key) in enumerate(log) if op == "set" and key.startswith("posterior/w/c/"))
+    assert [key for op, key in log[last_chunk:] if op == "set" and key == "zarr.json"] == ["zarr.json"]
+    assert "consolidated_metadata" in json.loads((store / "zarr.json").read_text())
+    assert jaxsave.load_samples(store)["w"].shape == (2, 100, 10)

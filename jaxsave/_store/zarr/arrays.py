@@ -18,9 +18,10 @@ outside, so :meth:`StoreArrays.resize` first checks that the store still has the
 this writer last gave it (:class:`jaxsave.FileChangedError` otherwise).
 
 Uncompressed arrays (codec chain exactly ``bytes``) are written a chunk at a time by
-:meth:`StoreArrays.write_chunks`: the chunk's bytes encoded by numpy and one ``store.set``
-per chunk, all of a block at once, the same code for local, ``memory://`` and object
-stores. :class:`PartialChunks` keeps the rows of a chunk not yet full on the host, from the
+:meth:`StoreArrays.write_chunks`: the chunk's bytes encoded by numpy and one put per chunk
+(:func:`jaxsave._store.zarr.store.put_keys`: a local store's as plain file writes in the
+writer's thread, any other's through zarr's ``store.set``, all of a block at once), and so
+are the counts' chunks. :class:`PartialChunks` keeps the rows of a chunk not yet full on the host, from the
 chunk's first draw, so that the chunk is written whole (padded with the fill value) at each
 commit and never read back, except once, when a writer continues a chunk it did not start
 (resume, ``mode="a"``).
@@ -38,7 +39,7 @@ import numpy as np
 
 from jaxsave._core import dtypes as _dtypes
 from jaxsave._store import schema
-from jaxsave._store.zarr.store import require_zarr
+from jaxsave._store.zarr.store import put_keys, require_zarr
 from jaxsave.collectors import SampleLayout
 from jaxsave.errors import FileChangedError, FileFormatError
 
@@ -303,14 +304,12 @@ class StoreArrays:
 
     def write_chunks(self, first: int, start: int, values: Sequence[np.ndarray]) -> int:
         """Write the chunks that rows ``values[j]`` ``(chains, n, ...)`` of chains ``first...`` at draws
-        ``start...`` cover, each whole: one ``store.set`` a chunk, all at once, no chunk read.
+        ``start...`` cover, each whole: one put a chunk (:func:`put_keys`), no chunk read.
 
         ``start`` is a chunk's first draw and the chains are :meth:`whole_chains`; a chunk the rows
         fill only in part is padded with the fill value (so: only where nothing else is stored,
         the draws past a chain's count or the chains past the axis' end). Returns the keys written.
         """
-        from zarr.core.buffer import default_buffer_prototype
-
         cc, cd = self.chunk_chains, self.chunk_draws
         chains, n = values[0].shape[:2]
         if start % cd or not self.whole_chains(first, chains):
@@ -318,14 +317,13 @@ class StoreArrays:
                 f"rows of chains {first}+{chains} at draw {start} do not start whole chunks of "
                 f"{cc} chains x {cd} draws"
             )
-        buffer = default_buffer_prototype().buffer
-        puts = []
+        puts: list[tuple[str, np.ndarray]] = []
         for array, rows in zip(self.leaves, values):
             rows = _dtypes.to_storable(rows)
             if not math.prod(rows.shape):
                 continue
             dtype, inner = chunk_dtype(array), tuple(array.chunks[2:])
-            store, path = array.store_path.store, array.store_path.path
+            path = array.store_path.path
             zeros = (0,) * len(inner)
             for c0 in range(0, chains, cc):
                 for d0 in range(0, n, cd):
@@ -336,12 +334,9 @@ class StoreArrays:
                         part = full
                     data = np.ascontiguousarray(part, dtype=dtype).reshape(-1).view(np.uint8)
                     key = array.metadata.encode_chunk_key(((first + c0) // cc, (start + d0) // cd, *zeros))
-                    puts.append(store.set(f"{path}/{key}" if path else key, buffer.from_array_like(data)))
-
-        async def every() -> None:
-            await asyncio.gather(*puts)
-
-        sync(every())
+                    puts.append((f"{path}/{key}" if path else key, data))
+        if puts:  # the leaves share the group's store
+            put_keys(self.leaves[0].store_path.store, puts)
         return len(puts)
 
     def read(self, first: int, chains: int, start: int, stop: int) -> list[np.ndarray]:
@@ -349,17 +344,35 @@ class StoreArrays:
         selection = (slice(first, first + chains), slice(start, stop))
         return [np.asarray(array[selection]) for array in self.leaves]
 
-    def write_counts(self, counts: dict[int, int]) -> None:
-        """Store ``{chain: count}``, one key per chain, contiguous runs in one call."""
-        chains = sorted(counts)
+    def write_counts(self, counts: dict[int, int], known: dict[int, int] | None = None) -> None:
+        """Store ``{chain: count}``. A chunk of the counts array whose chains all have a count in
+        ``known`` (this writer's counts, ``counts`` among them) is written whole, as its raw bytes
+        (one put, no zarr pipeline); other chains by zarr, contiguous runs in one call."""
+        known = counts if known is None else known
+        rest = counts
+        if raw_chunks(self.counts):
+            rest = {}
+            cc, total = int(self.counts.chunks[0]), int(self.counts.shape[0])
+            dtype, path = chunk_dtype(self.counts), self.counts.store_path.path
+            puts: list[tuple[str, np.ndarray]] = []
+            for k in sorted({c // cc for c in counts}):
+                chains = range(k * cc, min((k + 1) * cc, total))
+                if not all(c in known for c in chains):
+                    rest.update({c: counts[c] for c in chains if c in counts})
+                    continue
+                data = np.zeros(cc, dtype)  # past the axis' end: the fill value, 0
+                data[: len(chains)] = [known[c] for c in chains]
+                key = self.counts.metadata.encode_chunk_key((k,))
+                puts.append((f"{path}/{key}" if path else key, data.view(np.uint8)))
+            put_keys(self.counts.store_path.store, puts)
         runs: list[list[int]] = []
-        for c in chains:
+        for c in sorted(rest):
             if runs and runs[-1][-1] == c - 1:
                 runs[-1].append(c)
             else:
                 runs.append([c])
         for run in runs:
-            self.counts[run[0] : run[-1] + 1] = np.array([counts[c] for c in run], np.int64)
+            self.counts[run[0] : run[-1] + 1] = np.array([rest[c] for c in run], np.int64)
 
 
 class PartialChunks:

@@ -67,6 +67,32 @@ def sample_layout(init_sample: Any) -> SampleLayout:
     return SampleLayout(treedef, pytree_dict_keys(init_sample), specs)
 
 
+def nonempty_sample_layout(init_sample: Any, collector: str) -> SampleLayout:
+    """:func:`sample_layout`, refusing a sample without array leaves: ``collector`` (a file's or a
+    store's) would have nothing to write."""
+    sample = sample_layout(init_sample)
+    if not sample.specs:
+        raise StructureMismatchError(
+            f"{collector}: the sample has no array leaves (an empty pytree), so there is nothing to "
+            "write; save at least one leaf, or use MemoryCollector"
+        )
+    return sample
+
+
+def check_continuable(
+    where: str, chain_id: int, count: int | None, sample_count: int, hint: str = ""
+) -> None:
+    """Refuse to continue chain ``chain_id`` of ``where`` after ``sample_count`` samples (see
+    :meth:`Collector.reopen_chain`) if it has no such chain (``count`` is ``None``; ``hint`` says
+    what to do) or the chain holds fewer."""
+    if count is None:
+        raise SaverStateError(f"{where} has no chain {chain_id} to continue{hint}")
+    if count < sample_count:
+        raise SaverStateError(
+            f"chain {chain_id} holds {count} samples in {where}, fewer than the checkpoint's {sample_count}"
+        )
+
+
 def samples_collected(static_information: Any) -> int | None:
     """``static_information.samples_collected`` as an int >= 0, or ``None`` (count unknown).
 
@@ -402,13 +428,9 @@ class MemoryCollector(DataCollector):
         init_checkpoint: Any = None,
         static_information: Any = None,
     ) -> None:
-        if not 0 <= chain_id < len(self._chains):
-            raise SaverStateError(f"this MemoryCollector has no chain {chain_id} to continue")
+        count = self._chains[chain_id].count if 0 <= chain_id < len(self._chains) else None
+        check_continuable("this MemoryCollector", chain_id, count, sample_count)
         chain = self._chains[chain_id]
-        if chain.count < sample_count:
-            raise SaverStateError(
-                f"chain {chain_id} holds {chain.count} samples, fewer than the checkpoint's {sample_count}"
-            )
         if chain.done and chain.rows is not None:  # postprocess handed out views: write into new arrays
             fresh = [np.empty_like(rows) for rows in chain.rows]  # untouched rows stay free
             for new, old in zip(fresh, chain.rows):

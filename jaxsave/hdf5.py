@@ -36,7 +36,13 @@ from jaxsave._store.hdf5.held_file import HeldFile
 from jaxsave._store.hdf5.owner import OwnedFile
 from jaxsave._store.names import StatsSpec, leaf_entries
 from jaxsave._stream import resume as _resume
-from jaxsave.collectors import Collector, DataCollector, sample_layout, samples_collected
+from jaxsave.collectors import (
+    Collector,
+    DataCollector,
+    check_continuable,
+    nonempty_sample_layout,
+    samples_collected,
+)
 from jaxsave.errors import JaxsaveError, SaverStateError, StructureMismatchError
 
 logger = logging.getLogger("jaxsave")
@@ -213,12 +219,7 @@ class HDF5Collector(DataCollector):
 
     def _set_sample(self, init_sample: Any) -> bool:
         """Record the samples' layout (first chain: returns True) or check that it matches."""
-        sample = sample_layout(init_sample)
-        if not sample.specs:
-            raise StructureMismatchError(
-                "HDF5Collector: the sample has no array leaves (an empty pytree), so there is nothing to "
-                "write; save at least one leaf, or use MemoryCollector"
-            )
+        sample = nonempty_sample_layout(init_sample, "HDF5Collector")
         if not self._datasets.has_sample:
             self._datasets.set_sample(sample, leaf_entries(sample.keys, self._stats, self.layout))
             self._treespec = _encode_treespec(init_sample)
@@ -343,15 +344,8 @@ class HDF5Collector(DataCollector):
     ) -> None:
         """Continue chain ``chain_id`` of this file after its first ``sample_count`` samples."""
         with self._lock:
-            if not 0 <= chain_id < len(self._counts):
-                raise SaverStateError(
-                    f"{self._held.filename} has no chain {chain_id} to continue (open it with mode='a')"
-                )
-            if self._counts[chain_id] < sample_count:
-                raise SaverStateError(
-                    f"chain {chain_id} holds {self._counts[chain_id]} samples in {self._held.filename}, "
-                    f"fewer than the checkpoint's {sample_count}"
-                )
+            count = self._counts[chain_id] if 0 <= chain_id < len(self._counts) else None
+            check_continuable(self._held.filename, chain_id, count, sample_count, " (open it with mode='a')")
             self._set_sample(init_sample)
             # Later draws are written over.
             self._rows.restart(chain_id, sample_count, samples_collected(static_information))

@@ -20,7 +20,6 @@ problem with the file itself raises :class:`jaxsave.FileFormatError`.
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -34,18 +33,13 @@ from jaxsave._core import filelock as _filelock
 from jaxsave._core.tree import dict_to_pytree, flat_name, pytree_dict_keys
 from jaxsave._serialize.treespec import decode_structure
 from jaxsave._store import arviz as _arviz
-from jaxsave._store import schema
 from jaxsave._store.hdf5 import superblock as _superblock
 from jaxsave._store.hdf5.sample_file import open_sample_file
 from jaxsave._store.location import check_storage_options, is_zarr
+from jaxsave._store.rows import read_leaves
 from jaxsave._store.schema import VariableInfo
-from jaxsave._store.source import LeafArray, SampleSource, open_source
-from jaxsave.errors import (
-    FileFormatError,
-    ReadTooLargeError,
-    StructureMismatchError,
-    UnregisteredNameError,
-)
+from jaxsave._store.source import SampleSource, open_source
+from jaxsave.errors import StructureMismatchError, UnregisteredNameError
 
 __all__ = [
     "load_samples",
@@ -110,155 +104,6 @@ def file_info(path: PathLike, *, storage_options: dict | None = None) -> SampleF
         return _info(f)
 
 
-def _valid_span(rows: range, count: int) -> slice:
-    """The positions in ``rows`` of the draws below ``count`` (a prefix, or a suffix when reversed)."""
-    if rows.step > 0:
-        return slice(0, min(len(rows), max(0, -(-(count - rows.start) // rows.step))))
-    return slice(min(len(rows), max(0, -(-(rows.start - count + 1) // -rows.step))), len(rows))
-
-
-def _forward(rows: range) -> tuple[int, int, int]:
-    """Start, stop and positive step of an h5py slice reading ``rows`` (in forward order)."""
-    if not len(rows):
-        return 0, 0, 1
-    if rows.step > 0:
-        return rows.start, rows[-1] + 1, rows.step
-    return rows[-1], rows.start + 1, -rows.step
-
-
-def _storage(var: VariableInfo) -> tuple[tuple[int, ...], np.dtype]:
-    """Per-draw shape and dtype of a leaf as stored (key data for PRNG keys)."""
-    spec = _dtypes.LeafSpec(var.shape, var.dtype)
-    return (_dtypes.key_data_shape(spec) if spec.is_key else var.shape), _dtypes.storage_dtype(var.dtype)
-
-
-def _read_leaves(
-    f: SampleSource,
-    layout: str,
-    variables: list[VariableInfo],
-    chains: list[int],
-    counts: np.ndarray,
-    draws: slice,
-) -> list[np.ndarray]:
-    """Stored rows ``(len(chains), draws, ...)`` of each leaf; rows past a chain's count are fill.
-
-    Every leaf is checked against the file before anything is allocated: data
-    the file declares but does not store is a :class:`FileFormatError`; padding
-    short chains to the longest beyond 64 times the draws read (and 64 MiB) is
-    a :class:`ReadTooLargeError`.
-    """
-    n = int(max((counts[c] for c in chains), default=0))
-    rows = range(n)[draws]
-    storage = [_storage(var) for var in variables]
-    if not chains or not len(rows):
-        return [np.empty((len(chains), len(rows)) + shape, dtype) for shape, dtype in storage]
-    valid = sum(len(rows[_valid_span(rows, int(counts[c]))]) for c in chains)  # draws read, all chains
-    posterior = [
-        _checked(f.dataset(layout, var), (len(counts), n), *st) if layout == schema.POSTERIOR else None
-        for var, st in zip(variables, storage)
-    ]
-
-    def backed(slack: int) -> None:  # every dataset read must store the bytes read from it
-        for var, (shape, dtype), ds in zip(variables, storage, posterior):
-            row = math.prod(shape) * dtype.itemsize
-            if ds is not None:
-                _check_stored(f, ds, valid * row, slack)
-                continue
-            for c in chains:
-                _check_stored(
-                    f,
-                    _checked(f.dataset(layout, var, c), (int(counts[c]),), shape, dtype),
-                    int(counts[c]) * row,
-                    slack,
-                )
-
-    draw_bytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in storage)
-    padded = len(chains) * len(rows) * draw_bytes
-    # Small reads may exceed what is stored by 64 MiB; a read that allocates more
-    # must be backed byte for byte, or a tiny file could declare 64 MiB of draws
-    # that padding over many chains blows up to gigabytes.
-    backed(2**26 if padded <= 2**26 else 0)
-    if padded > max(64 * valid * draw_bytes, 2**26):
-        lengths = [int(counts[c]) for c in chains]
-        size = f"{padded / 2**30:.1f} GiB" if padded >= 2**30 else f"{padded / 2**20:.0f} MiB"
-        raise ReadTooLargeError(
-            f"reading the {len(chains)} chains at once needs {padded:,} bytes ({size}): they hold "
-            f"{min(lengths)} to {max(lengths)} draws, and each is padded to {len(rows)} rows, "
-            f"{padded / (valid * draw_bytes):.0f} times the {valid * draw_bytes:,} bytes of the draws "
-            "themselves. Read one chain at a time with load_samples(path, chain=i), and "
-            "draws=slice(start, stop) for part of a long chain"
-        )
-    return [_read_leaf(f, layout, var, ds, chains, counts, rows) for var, ds in zip(variables, posterior)]
-
-
-def _check_stored(f: SampleSource, ds: Any, nbytes: int, slack: int) -> None:
-    """Refuse to read ``nbytes`` from ``ds`` when the file or store does not hold data for them:
-    a dataset can declare any shape and store nothing (unwritten chunks read as the fill value),
-    so a small hostile file could make a reader allocate terabytes. ``slack`` bytes are allowed."""
-    if nbytes <= slack:
-        return
-    stored = f.stored_bytes(ds)
-    if nbytes > stored + slack:
-        raise FileFormatError(
-            f"dataset {ds.name!r} declares {nbytes} bytes to read but {f.path!r} stores only "
-            f"{stored} for it (a sparse or hostile file)"
-        )
-
-
-def _read_leaf(
-    f: SampleSource,
-    layout: str,
-    var: VariableInfo,
-    ds: LeafArray | None,
-    chains: list[int],
-    counts: np.ndarray,
-    rows: range,
-) -> np.ndarray:
-    """One leaf's rows, read after :func:`_read_leaves` checked it (``ds``: its posterior dataset)."""
-    shape, dtype = _storage(var)
-    out = np.empty((len(chains), len(rows)) + shape, dtype)
-    flip = (lambda a: np.flip(a, axis=-1 - len(shape))) if rows.step < 0 else (lambda a: a)
-    if layout == schema.POSTERIOR and chains == list(range(chains[0], chains[-1] + 1)):
-        lo, hi, step = _forward(rows)
-        if rows.step > 0:  # straight into the result, no temporary
-            ds.read_direct(out, np.s_[chains[0] : chains[-1] + 1, lo:hi:step])  # type: ignore[union-attr]
-        else:
-            out[:] = flip(ds[chains[0] : chains[-1] + 1, lo:hi:step])  # type: ignore[index]
-        for i, c in enumerate(chains):
-            span = _valid_span(rows, int(counts[c]))
-            out[i, : span.start] = out[i, span.stop :] = schema.fill_value(dtype)
-        return out
-    for i, c in enumerate(chains):
-        span = _valid_span(rows, int(counts[c]))
-        out[i, : span.start] = out[i, span.stop :] = schema.fill_value(dtype)
-        sub = rows[span]
-        if not len(sub):
-            continue
-        lo, hi, step = _forward(sub)
-        if layout == schema.POSTERIOR and rows.step > 0:
-            ds.read_direct(out, np.s_[c, lo:hi:step], np.s_[i, span])  # type: ignore[union-attr]
-        elif layout == schema.POSTERIOR:
-            out[i, span] = flip(ds[c, lo:hi:step])  # type: ignore[index]
-        else:
-            stored = _checked(f.dataset(layout, var, c), (int(counts[c]),), shape, dtype)
-            out[i, span] = flip(stored[lo:hi:step])
-    return out
-
-
-def _checked(ds: Any, lead: tuple[int, ...], shape: tuple[int, ...], dtype: np.dtype) -> Any:
-    if (
-        ds.ndim != len(lead) + len(shape)
-        or ds.shape[len(lead) :] != shape
-        or ds.dtype != dtype
-        or any(have < need for have, need in zip(ds.shape, lead))
-    ):
-        raise FileFormatError(
-            f"dataset {ds.name} has shape {ds.shape} and dtype {ds.dtype}; the file's "
-            f"structure and sample counts need at least {lead + shape} of {dtype}"
-        )
-    return ds
-
-
 def _nest(keys: Sequence[tuple[str, ...]], leaves: Sequence[Any], lists: bool = True) -> Any:
     """Nested dicts from key paths; with ``lists``, a dict keyed ``list_element_0..n-1`` becomes a list."""
     if len(keys) == 1 and keys[0] == ():
@@ -309,7 +154,7 @@ def _load(f: SampleSource, chain: int | None, like: Any, draws: slice) -> Any:
     chains = list(range(len(counts))) if chain is None else [int(chain)]
     leaves = [
         _dtypes.from_storable(stored[0] if chain is not None else stored, var.dtype)
-        for var, stored in zip(variables, _read_leaves(f, layout, variables, chains, counts, draws))
+        for var, stored in zip(variables, read_leaves(f, layout, variables, chains, counts, draws))
     ]
     keys = [v.key for v in variables]
     if like is None:
@@ -490,7 +335,7 @@ def to_inference_data(
             variables, counts = f.variables(), f.counts()
             chains = list(range(len(counts)))
             posterior, stats = {}, {}
-            arrays = _read_leaves(f, layout, variables, chains, counts, slice(None)) if chains else []
+            arrays = read_leaves(f, layout, variables, chains, counts, slice(None)) if chains else []
             for var, arr in zip(variables, arrays):
                 if var.dtype in _dtypes.ML_DTYPES:
                     arr = arr.view(_dtypes.dtype_from_name(var.dtype))

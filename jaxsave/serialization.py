@@ -20,8 +20,7 @@ import os
 import struct
 import zipfile
 from collections.abc import Callable, Iterator
-from itertools import chain
-from typing import Any, BinaryIO, NoReturn, Union
+from typing import Any, BinaryIO, Union
 
 import jax
 import numpy as np
@@ -33,18 +32,25 @@ from jaxsave._core.dtypes import (
     dtype_from_name,
     from_storable,
     is_key_dtype_name,
-    key_data_shape,
     key_dtype_name,
     key_impl_of,
     leaf_spec,
-    storage_dtype,
-    to_storable,
 )
 from jaxsave._core.nogc import without_gc
-from jaxsave._core.transfer import device_put_many, host_array
+from jaxsave._core.transfer import device_put_many
 from jaxsave._serialize import formats as _formats
 from jaxsave._serialize import treematch as _treematch
 from jaxsave._serialize import treespec as _treespec
+from jaxsave._serialize import versions as _versions
+from jaxsave._serialize.leaf_table import (
+    KEY,
+    as_view,
+    leaf_columns,
+    leaf_table_and_arrays,
+    logical_view,
+    read_leaf_table,
+    unique_names,
+)
 from jaxsave._version import __version__
 from jaxsave.errors import FileFormatError, JaxsaveError, StructureMismatchError
 
@@ -63,14 +69,11 @@ __all__ = [
 #: Version 2 stores the leaf table as columns (``{"names": [...], "dtypes": [...],
 #: "shapes": [...]}``); version 1 had one ``{"name", "dtype", "shape"}`` object per leaf
 #: and is upgraded on load (a built-in upgrade from version 1).
-PYTREE_FILE_FORMAT = 2
+PYTREE_FILE_FORMAT = _versions.PYTREE_FILE_FORMAT
 #: The public name of :data:`PYTREE_FILE_FORMAT`.
 FORMAT_VERSION = PYTREE_FILE_FORMAT
 
 File = Union[str, "os.PathLike[str]", BinaryIO]
-_UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
-_MAX_NDIM = 64
-_MAX_DIM = 2**62
 
 
 def register_format_upgrade(from_version: int) -> Callable[[Callable], Callable]:
@@ -83,7 +86,7 @@ def register_format_upgrade(from_version: int) -> Callable[[Callable], Callable]
     """
 
     def register(fn: Callable[[dict[str, Any]], dict[str, Any]]) -> Callable:
-        _UPGRADES[from_version] = fn
+        _versions.UPGRADES[from_version] = fn
         return fn
 
     return register
@@ -93,82 +96,6 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, (np.generic, np.ndarray, jax.Array)) and np.ndim(o) <= 8:
         return np.asarray(o).tolist()
     raise TypeError(f"metadata values must be JSON-able, got {type(o).__name__}")
-
-
-def _unique_names(names: list[str]) -> list[str]:
-    """``names`` with a ``~n`` suffix on the n-th repeat of a name."""
-    if len(set(names)) == len(names):
-        return names
-    seen: dict[str, int] = {}
-    out = []
-    for name in names:
-        if name in seen:
-            seen[name] += 1
-            name = f"{name}~{seen[name]}"
-        seen.setdefault(name, 0)
-        out.append(name)
-    return out
-
-
-#: dtype -> (logical dtype name, dtype of the stored view or None): the fast path.
-_DTYPE_INFO: dict[Any, tuple[str, Any]] = {}
-
-
-def _storable(name: str, leaf: Any) -> tuple[str, np.ndarray]:
-    """The logical dtype name and a C-contiguous storable array of one leaf."""
-    if isinstance(leaf, jax.ShapeDtypeStruct):
-        raise TypeError(f"leaf {name!r} is a ShapeDtypeStruct, which holds no data to save")
-    info = _DTYPE_INFO.get(leaf.dtype)
-    if info is None:
-        if not isinstance(leaf.dtype, np.dtype):  # an extended dtype: a typed PRNG key
-            arr = to_storable(leaf)
-            return leaf_spec(leaf).dtype, arr if arr.flags.c_contiguous else arr.copy()
-        dtype_name = leaf_spec(leaf).dtype
-        try:
-            dtype_from_name(dtype_name)
-        except FileFormatError:
-            raise TypeError(
-                f"leaf {name!r} has dtype {leaf.dtype}, which jaxsave cannot "
-                "store (object, string and structured arrays need pickle)"
-            ) from None
-        view = to_storable(np.empty(0, leaf.dtype)).dtype
-        info = _DTYPE_INFO[leaf.dtype] = (dtype_name, None if view == leaf.dtype else view)
-    if info[1] is not None and isinstance(leaf, jax.Array):
-        # An ml_dtypes jax.Array has no buffer protocol: np.asarray would try it
-        # (and its fallbacks) before __array__ (see host_array).
-        arr = host_array(leaf)
-    else:
-        arr = np.asarray(leaf)
-    if not arr.flags.c_contiguous:
-        arr = np.ascontiguousarray(arr).reshape(arr.shape)
-    return info[0], arr if info[1] is None else arr.view(info[1])
-
-
-def _leaf_table_and_arrays(
-    names: list[str], leaves: list[Any]
-) -> tuple[dict[str, list[Any]], list[np.ndarray]]:
-    """The header's leaf table (columns) and the storable arrays (:func:`_storable`, inlined)."""
-    dtypes, shapes, arrays = [], [], []
-    info_of = _DTYPE_INFO.get
-    array_types = (jax.Array, np.ndarray)
-    for name, leaf in zip(names, leaves):
-        info = info_of(leaf.dtype)
-        if info is None or not isinstance(leaf, array_types):  # the first of its dtype, keys, scalars...
-            dtype, arr = _storable(name, leaf)
-        else:
-            dtype, view = info
-            if view is None:
-                arr = np.asarray(leaf)
-            else:
-                arr = host_array(leaf) if isinstance(leaf, jax.Array) else np.asarray(leaf)
-            if not arr.flags.c_contiguous:
-                arr = np.ascontiguousarray(arr).reshape(arr.shape)
-            if view is not None:
-                arr = arr.view(view)
-        dtypes.append(dtype)
-        shapes.append(list(leaf.shape))
-        arrays.append(arr)
-    return {"names": names, "dtypes": dtypes, "shapes": shapes}, arrays
 
 
 @without_gc
@@ -195,7 +122,7 @@ def save_pytree(
     if isinstance(file, (str, os.PathLike)) and os.path.isdir(file):
         raise IsADirectoryError(f"{os.fspath(file)!r} is a directory; save_pytree needs a file path")
     spec, leaves, names = _treespec.encode_structure_with_names(tree)
-    table, arrays = _leaf_table_and_arrays(_unique_names(names), leaves)
+    table, arrays = leaf_table_and_arrays(unique_names(names), leaves)
     header = {
         "format": "jaxsave",
         "format_version": PYTREE_FILE_FORMAT,
@@ -337,7 +264,7 @@ class PytreeFile:
                 header = self._reader.header
                 if header is None:
                     header = self._foreign_header()
-            header = _upgrade(header)  # outside: what a registered upgrade raises is not damage
+            header = _versions.upgrade(header)  # outside: what a registered upgrade raises is not damage
             with _damage_is_a_format_error(file):
                 self._init_header(header)
                 self._reader.check_arrays(self._storage, self._names)
@@ -355,33 +282,18 @@ class PytreeFile:
             "jaxsave_version": None,
             "metadata": None,
             "structure": spec,
-            "leaves": {
-                "names": [n for n, _, _ in specs],
-                "dtypes": [d for _, _, d in specs],
-                "shapes": [list(s) for _, s, _ in specs],
-            },
+            "leaves": leaf_columns(names, [d for _, _, d in specs], [list(s) for _, s, _ in specs]),
         }
 
     def _init_header(self, header: dict[str, Any]) -> None:
-        leaves = header.get("leaves")
-        if not isinstance(leaves, dict):
-            raise FileFormatError("the header has no leaf table")
-        table = _leaf_table(leaves)
-        if table is None:
-            _explain_leaf_table(leaves)  # raises, naming the first bad leaf
-        names, shape_lists, dtypes = table
-        shapes: list[tuple[int, ...]] = list(map(tuple, shape_lists))
-        keys = [d for d in dict.fromkeys(dtypes) if _logical_view(d) is _KEY]  # validates every name
-        storage = list(zip(shapes, dtypes))
-        if keys:
-            storage = [(key_data_shape(LeafSpec(*sd)), sd[1]) if sd[1] in keys else sd for sd in storage]
-        self._shapes: list[tuple[int, ...]] = shapes
-        self._dtypes = dtypes
+        table = read_leaf_table(header.get("leaves"))
+        self._shapes: list[tuple[int, ...]] = table.shapes
+        self._dtypes = table.dtypes
         self._specs_cache: list[LeafSpec] | None = None
-        self._names: list[str] = names
-        self._storage: list[tuple[tuple[int, ...], str]] = storage
-        self._index = dict(zip(names, range(len(names))))
-        if len(self._index) != len(names):
+        self._names: list[str] = table.names
+        self._storage: list[tuple[tuple[int, ...], str]] = table.storage
+        self._index = dict(zip(table.names, range(len(table.names))))
+        if len(self._index) != len(table.names):
             raise FileFormatError("two leaves of the header have the same name")
         self._structure = header.get("structure")
         self._kinds_cache: list[str] | None = None
@@ -475,12 +387,12 @@ class PytreeFile:
     ) -> list[Any]:
         """The stored arrays as the leaves they were: logical dtype, numpy scalar or jax.Array."""
         dtypes = [self._dtypes[i] for i in idx]
-        views = {d: _logical_view(d) for d in dict.fromkeys(dtypes)}
+        views = {d: logical_view(d) for d in dict.fromkeys(dtypes)}
         out: list[Any]
         batch: list[int]
-        if _KEY not in views.values() and "scalar" not in kinds:  # the usual case, at C speed
+        if KEY not in views.values() and "scalar" not in kinds:  # the usual case, at C speed
             if any(v is not None for v in views.values()):
-                out = list(map(_as_view, arrays, map(views.__getitem__, dtypes)))
+                out = list(map(as_view, arrays, map(views.__getitem__, dtypes)))
             else:
                 out = list(arrays)
             if as_numpy:
@@ -494,7 +406,7 @@ class PytreeFile:
             for arr, dtype, kind in zip(arrays, dtypes, kinds):
                 view = views[dtype]
                 if view is not None:
-                    if view is _KEY:
+                    if view is KEY:
                         out.append(from_storable(arr, dtype))
                         continue
                     arr = arr.view(view)
@@ -532,78 +444,6 @@ class PytreeFile:
         self.close()
 
 
-_KEY = "key"
-
-
-@functools.lru_cache(maxsize=256)
-def _logical_view(dtype: str) -> Any:
-    """``None`` if stored as is, ``"key"`` for PRNG keys, else the dtype to view the storage as.
-
-    Raises :class:`~jaxsave.errors.FileFormatError` for names outside the whitelist.
-    """
-    if not isinstance(dtype, str):
-        raise FileFormatError(f"a dtype name must be a string, got {type(dtype).__name__}")
-    if is_key_dtype_name(dtype):
-        key_data_shape(LeafSpec((), dtype))  # validates the implementation's name
-        return _KEY
-    logical = dtype_from_name(dtype)
-    return None if storage_dtype(dtype) == logical else logical
-
-
-def _all_of_type(values: list[Any], cls: type) -> bool:
-    return not values or set(map(type, values)) == {cls}
-
-
-def _leaf_table(leaves: dict[str, Any]) -> tuple[list[str], list[list[int]], list[str]] | None:
-    """The names, shapes and dtypes of the leaf table, or ``None`` if anything is malformed.
-
-    Checked at C speed (``set(map(type, ...))``, ``min``/``max``): three columns of one
-    length, str names and dtypes, and shapes that are lists of at most 64 int dims in
-    [0, 2**62).
-    """
-    names, shapes, dtypes = leaves.get("names"), leaves.get("shapes"), leaves.get("dtypes")
-    if not (type(names) is list and type(shapes) is list and type(dtypes) is list):
-        return None
-    if not len(names) == len(shapes) == len(dtypes):
-        return None
-    if not (_all_of_type(names, str) and _all_of_type(dtypes, str) and _all_of_type(shapes, list)):
-        return None
-    if shapes and max(map(len, shapes)) > _MAX_NDIM:
-        return None
-    dims = list(chain.from_iterable(shapes))
-    if not _all_of_type(dims, int) or (dims and (min(dims) < 0 or max(dims) >= _MAX_DIM)):
-        return None
-    return names, shapes, dtypes
-
-
-def _explain_leaf_table(leaves: dict[str, Any]) -> NoReturn:
-    """Raise a :class:`FileFormatError` naming the first malformed leaf of the table."""
-    columns = [leaves.get(c) for c in ("names", "dtypes", "shapes")]
-    if not all(type(c) is list for c in columns):
-        raise FileFormatError("the leaf table needs the lists 'names', 'dtypes' and 'shapes'")
-    names, dtypes, shapes = columns
-    if not len(names) == len(dtypes) == len(shapes):  # type: ignore[arg-type]
-        raise FileFormatError(
-            f"the leaf table's columns differ in length: {len(names)} names, "  # type: ignore[arg-type]
-            f"{len(dtypes)} dtypes, {len(shapes)} shapes"  # type: ignore[arg-type]
-        )
-    for i, (name, dtype, shape) in enumerate(zip(names, dtypes, shapes)):  # type: ignore[arg-type]
-        if type(name) is not str:
-            raise FileFormatError(f"leaf {i} of the header has no name")
-        if type(shape) is not list or len(shape) > _MAX_NDIM:
-            raise FileFormatError(f"leaf {name!r} has an invalid shape {shape!r:.80}")
-        for d in shape:
-            if type(d) is not int or d < 0 or d >= _MAX_DIM:
-                raise FileFormatError(f"leaf {name!r} has an invalid shape {shape!r:.80}")
-        if type(dtype) is not str:
-            raise FileFormatError(f"leaf {name!r} has no dtype name")
-    raise AssertionError("unreachable: the leaf table was found malformed")  # pragma: no cover
-
-
-def _as_view(arr: np.ndarray, view: Any) -> np.ndarray:
-    return arr if view is None else arr.view(view)
-
-
 def _sds_dtype(name: str) -> Any:
     if is_key_dtype_name(name):
         return jax.random.key(0, impl=key_impl_of(name)).dtype
@@ -633,62 +473,3 @@ def _array_kinds(structure: Any) -> list[str]:
             else:
                 stack.extend(reversed(kids))
     return kinds
-
-
-def _callable_name(fn: Any) -> str:
-    module, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
-    return f"{module}.{name}" if isinstance(module, str) and isinstance(name, str) else repr(fn)
-
-
-def _upgrade(header: Any) -> dict[str, Any]:
-    """``header`` brought to :data:`PYTREE_FILE_FORMAT` by the registered upgrades."""
-    if not isinstance(header, dict) or type(header.get("format_version")) is not int:
-        raise FileFormatError("the file has no jaxsave header with a format version")
-    version = header["format_version"]
-    if version > PYTREE_FILE_FORMAT:
-        raise FileFormatError(
-            f"the file uses jaxsave format version {version} (written by jaxsave "
-            f"{header.get('jaxsave_version')}); this jaxsave {__version__} reads versions up to "
-            f"{PYTREE_FILE_FORMAT}: upgrade jaxsave"
-        )
-    while version < PYTREE_FILE_FORMAT:
-        if version not in _UPGRADES:
-            raise FileFormatError(f"no upgrade is registered from jaxsave format version {version}")
-        upgrade = _UPGRADES[version]
-        try:
-            header = upgrade(dict(header))
-        except Exception as error:  # a bug of the upgrade, or its own verdict: never reported as damage
-            if hasattr(error, "add_note"):  # Python 3.11+
-                error.add_note(
-                    f"raised by the format upgrade {_callable_name(upgrade)} (registered "
-                    f"from jaxsave format version {version})"
-                )
-            raise
-        if not isinstance(header, dict):
-            raise TypeError(
-                f"the format upgrade {_callable_name(upgrade)} (registered from jaxsave "
-                f"format version {version}) returned {type(header).__name__}, "
-                "not a header dict"
-            )
-        version += 1
-        header["format_version"] = version
-    return header
-
-
-@register_format_upgrade(1)
-def _columns_of_leaf_table(header: dict[str, Any]) -> dict[str, Any]:
-    """Format 1 -> 2: the leaf table, one object per leaf, as three columns.
-
-    A malformed old table is a :class:`~jaxsave.errors.FileFormatError`; a table that is
-    not a list is left for the checks of the current format to refuse.
-    """
-    leaves = header.get("leaves")
-    if isinstance(leaves, list):
-        if not _all_of_type(leaves, dict):
-            raise FileFormatError("a leaf of the (format 1) leaf table is not a JSON object")
-        header["leaves"] = {
-            "names": [leaf.get("name") for leaf in leaves],
-            "dtypes": [leaf.get("dtype") for leaf in leaves],
-            "shapes": [leaf.get("shape") for leaf in leaves],
-        }
-    return header

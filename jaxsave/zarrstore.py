@@ -37,7 +37,14 @@ from jaxsave._store.zarr import store as _store
 from jaxsave._store.zarr.arrays import CHECKPOINT_PREFIX, COMPRESSIONS, StoreArrays, chunk_shape
 from jaxsave._store.zarr.sample_store import check_header
 from jaxsave._stream import resume as _resume
-from jaxsave.collectors import DataCollector, SampleLayout, check_rows, sample_layout, samples_collected
+from jaxsave.collectors import (
+    DataCollector,
+    SampleLayout,
+    check_continuable,
+    check_rows,
+    nonempty_sample_layout,
+    samples_collected,
+)
 from jaxsave.errors import (
     CapacityError,
     FileFormatError,
@@ -413,12 +420,7 @@ class ZarrCollector(DataCollector):
 
     def _set_layout(self, init_sample: Any) -> bool:
         """Record the samples' layout (first chain: returns True) or check that it matches."""
-        layout = sample_layout(init_sample)
-        if not layout.specs:
-            raise StructureMismatchError(
-                "ZarrCollector: the sample has no array leaves (an empty pytree), so there is nothing to "
-                "write; save at least one leaf, or use MemoryCollector"
-            )
+        layout = nonempty_sample_layout(init_sample, "ZarrCollector")
         if self._sample is None:
             entries = leaf_entries(layout.keys, self._stats, schema.POSTERIOR)
             check_zarr_names(layout.keys, entries)
@@ -709,15 +711,8 @@ class ZarrCollector(DataCollector):
             self._require_open()
             if chain_id not in self._counts and self.shared and self.mode == "a":
                 self._adopt_shared_chain(chain_id)
-            if chain_id not in self._counts:
-                raise SaverStateError(
-                    f"{self._name} has no chain {chain_id} to continue (open it with mode='a')"
-                )
-            if self._counts[chain_id] < sample_count:
-                raise SaverStateError(
-                    f"chain {chain_id} holds {self._counts[chain_id]} samples in {self._name}, "
-                    f"fewer than the checkpoint's {sample_count}"
-                )
+            count = self._counts.get(chain_id)
+            check_continuable(self._name, chain_id, count, sample_count, " (open it with mode='a')")
             self._set_layout(init_sample)
             self._commit()  # rows of the run before are in the store before they are written over
             if self._arrays is not None:  # kept rows past the new count are not ours to write again

@@ -8,6 +8,7 @@ module (``jaxsave.hdf5``, ...); see docs/architecture.md for the layers.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -168,6 +169,15 @@ def test_the_core_layer_imports_nothing_above_it():
                 assert _unit(target) in ("jaxsave._core", "jaxsave.errors"), (
                     f"{MODULES[module]}:{line} imports {target}"
                 )
+
+
+def test_the_map_names_every_module():
+    """docs/architecture.md's tree names every module of the package (``formats/{base,...}.py`` too)."""
+    doc = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    tree = doc.split("```text", 1)[1].split("```", 1)[0]
+    named = set(re.findall(r"\w+", tree))
+    missing = [str(p.relative_to(PACKAGE)) for p in MODULES.values() if p.stem not in named]
+    assert not missing, f"modules the map in docs/architecture.md does not name: {missing}"
 
 
 def test_the_checks_catch_what_they_are_for():

@@ -487,7 +487,8 @@ def test_loaded_jax_arrays_are_aligned_and_independent(tmp_path):
 
 def test_format_versions(tmp_path):
     from jaxsave._serialize.formats import native
-    from jaxsave.serialization import _UPGRADES, FORMAT_VERSION, register_format_upgrade
+    from jaxsave._serialize.versions import UPGRADES
+    from jaxsave.serialization import FORMAT_VERSION, register_format_upgrade
 
     path = tmp_path / "x.jaxsave"
     jaxsave.save_pytree(path, {"a": np.arange(3)}, metadata={"v": 1})
@@ -518,7 +519,7 @@ def test_format_versions(tmp_path):
         assert jaxsave.read_metadata(path) == {"upgraded_from": {"old": True}}
         np.testing.assert_array_equal(jaxsave.load_pytree(path)["a"], np.arange(3))
     finally:
-        del _UPGRADES[0]
+        del UPGRADES[0]
 
 
 def test_format_1_files_load(tmp_path):
@@ -551,7 +552,8 @@ def test_format_1_files_load(tmp_path):
 
 def test_errors_of_a_format_upgrade_are_not_file_damage(tmp_path):
     from jaxsave._serialize.formats import native
-    from jaxsave.serialization import _UPGRADES, register_format_upgrade
+    from jaxsave._serialize.versions import UPGRADES
+    from jaxsave.serialization import register_format_upgrade
 
     path = tmp_path / "x.jaxsave"
     jaxsave.save_pytree(path, {"a": np.arange(3)})
@@ -585,7 +587,7 @@ def test_errors_of_a_format_upgrade_are_not_file_damage(tmp_path):
             with pytest.raises(FileFormatError, match="damaged|truncated|size"):
                 jaxsave.load_pytree(path)
     finally:
-        del _UPGRADES[0]
+        del UPGRADES[0]
 
 
 def test_plain_npz_and_safetensors_load_as_flat_dicts(tmp_path):

@@ -214,54 +214,12 @@ def test_live_reading_while_the_sampler_runs(tmp_path):
     assert live.refresh(chain=0)["w"].tolist() == [0.0, 1.0, 2.0]
 
 
-def test_checkpoint_and_exact_resume_in_the_store(tmp_path):
-    path = tmp_path / "run.zarr"
-    steps, every = 30, 8
-
-    def run(saver, state, solver, start, stop):
-        def step(carry, i):
-            state, (x, key) = carry
-            key, sub = jax.random.split(key)
-            x = 0.9 * x + 0.1 * jax.random.normal(sub, x.shape)
-            state, _ = saver.save(state, i % 3 == 0, {"x": x}, solver_state=(x, key))
-            return (state, (x, key)), None
-
-        return jax.lax.scan(step, (state, solver), jnp.arange(start, stop))[0]
-
-    keys = jax.random.split(jax.random.key(0), 2)
-    template = (jnp.zeros((2, 2)), keys)
-    sample = {"x": jnp.zeros((2, 2))}
-    vrun = lambda saver, a, b: jax.jit(jax.vmap(lambda s, sv: run(saver, s, sv, a, b)))
-
-    ref = jaxsave.save(jaxsave.MemoryCollector(), block_size=4)
-    state, _ = vrun(ref, 0, steps)(ref.init(sample, template, chains=2), template)
-    want = ref.postprocess(state, None)
-
-    saver = jaxsave.save(
-        jaxsave.ZarrCollector(path, checkpoint_interval=0), checkpoint_every=every, block_size=4
-    )
-    state, _ = vrun(saver, 0, 21)(saver.init(sample, template, chains=2), template)
-    saver.postprocess(state, None)  # an interrupted run: 21 steps, the last checkpoint at 16
-    ckpt = jaxsave.resume(path)
-    assert ckpt.step.tolist() == [16, 16] and ckpt.chain_ids.tolist() == [0, 1]
-
-    saver = jaxsave.save(jaxsave.ZarrCollector(path, mode="a"), checkpoint_every=every, block_size=4)
-    state = saver.init(sample, template, resume=ckpt)
-    state, _ = vrun(saver, 16, steps)(state, ckpt.solver_state)
-    got = saver.postprocess(state, None)
-    np.testing.assert_array_equal(got["sample_count"], want["sample_count"])
-    np.testing.assert_array_equal(jaxsave.load_samples(path)["x"], want["samples"]["x"])
-    assert int(jaxsave.resume(path).step[0]) == 24
-    open_everywhere(os.fspath(path))
-
-
-@pytest.mark.parametrize("longer", ["lp", "x"])
-def test_resume_after_a_kill_between_two_leaves_resizes(tmp_path, longer):
-    """A writer killed while it grew its leaf arrays (one ``zarr.json`` each) leaves one leaf
-    longer than the others; the resumed run writes the draws past the shorter ones' end too
-    (zarr clipped them silently: NaN draws that the counts said were stored)."""
-    path = tmp_path / "run.zarr"
-    steps, every = 40, 8
+def _interrupted_and_resumed(path, steps, stop, keep_every, between=lambda ckpt: None):
+    """Two vmapped AR(1) chains (``x`` and ``lp``, a sample kept every ``keep_every`` steps,
+    checkpoints every 8): run for ``steps`` steps in memory (the reference), then into the Zarr
+    store ``path``, interrupted after ``stop`` steps, then ``between(checkpoint)``, then resumed
+    from the checkpoint to ``steps``. Returns the reference's and the resumed run's postprocess,
+    and the checkpoint."""
 
     def run(saver, state, solver, start, stop):
         def step(carry, i):
@@ -269,12 +227,12 @@ def test_resume_after_a_kill_between_two_leaves_resizes(tmp_path, longer):
             key, sub = jax.random.split(key)
             x = 0.9 * x + 0.1 * jax.random.normal(sub, x.shape)
             sample = {"x": x, "lp": -jnp.sum(x**2)}
-            state, _ = saver.save(state, i % 2 == 0, sample, solver_state=(x, key))
+            state, _ = saver.save(state, i % keep_every == 0, sample, solver_state=(x, key))
             return (state, (x, key)), None
 
         return jax.lax.scan(step, (state, solver), jnp.arange(start, stop))[0]
 
-    keys = jax.random.split(jax.random.key(3), 2)
+    keys = jax.random.split(jax.random.key(0), 2)
     template = (jnp.zeros((2, 3)), keys)
     sample = {"x": jnp.zeros((2, 3)), "lp": jnp.zeros(2)}
     vrun = lambda saver, a, b: jax.jit(jax.vmap(lambda s, sv: run(saver, s, sv, a, b)))
@@ -283,25 +241,49 @@ def test_resume_after_a_kill_between_two_leaves_resizes(tmp_path, longer):
     state, _ = vrun(ref, 0, steps)(ref.init(sample, template, chains=2), template)
     want = ref.postprocess(state, None)
 
-    saver = jaxsave.save(
-        jaxsave.ZarrCollector(path, checkpoint_interval=0), checkpoint_every=every, block_size=4
-    )
-    state, _ = vrun(saver, 0, 16)(saver.init(sample, template, chains=2), template)
-    saver.postprocess(state, None)  # the draw axis ends at the checkpoint's count (8)
+    saver = jaxsave.save(jaxsave.ZarrCollector(path, checkpoint_interval=0), checkpoint_every=8, block_size=4)
+    state, _ = vrun(saver, 0, stop)(saver.init(sample, template, chains=2), template)
+    saver.postprocess(state, None)  # the interrupted run
     ckpt = jaxsave.resume(path)
-    assert ckpt.step.tolist() == [16, 16] and ckpt.sample_count.tolist() == [8, 8]
-    grown = zarr.open_array(store=os.fspath(path), path=f"posterior/{longer}", mode="r+")
-    grown.resize((2, 12, *grown.shape[2:]))  # the kill: this leaf grew, the other did not
+    between(ckpt)
 
-    saver = jaxsave.save(jaxsave.ZarrCollector(path, mode="a"), checkpoint_every=every, block_size=4)
+    saver = jaxsave.save(jaxsave.ZarrCollector(path, mode="a"), checkpoint_every=8, block_size=4)
     state = saver.init(sample, template, resume=ckpt)
-    state, _ = vrun(saver, 16, steps)(state, ckpt.solver_state)
-    got = saver.postprocess(state, None)
+    state, _ = vrun(saver, int(ckpt.step[0]), steps)(state, ckpt.solver_state)
+    return want, saver.postprocess(state, None), ckpt
+
+
+def _assert_resumed_exactly(path, want, got):
     np.testing.assert_array_equal(got["sample_count"], want["sample_count"])
     stored = jaxsave.load_samples(path)
     for leaf in ("x", "lp"):
         np.testing.assert_array_equal(stored[leaf], want["samples"][leaf])  # no NaN draw
     open_everywhere(os.fspath(path))
+
+
+def test_checkpoint_and_exact_resume_in_the_store(tmp_path):
+    path = tmp_path / "run.zarr"
+    want, got, ckpt = _interrupted_and_resumed(path, steps=30, stop=21, keep_every=3)
+    assert ckpt.step.tolist() == [16, 16] and ckpt.chain_ids.tolist() == [0, 1]  # the last at 16
+    _assert_resumed_exactly(path, want, got)
+    assert int(jaxsave.resume(path).step[0]) == 24
+
+
+@pytest.mark.parametrize("longer", ["lp", "x"])
+def test_resume_after_a_kill_between_two_leaves_resizes(tmp_path, longer):
+    """A writer killed while it grew its leaf arrays (one ``zarr.json`` each) leaves one leaf
+    longer than the others; the resumed run writes the draws past the shorter ones' end too
+    (zarr clipped them silently: NaN draws that the counts said were stored)."""
+    path = tmp_path / "run.zarr"
+
+    def kill_while_growing(ckpt):
+        assert ckpt.step.tolist() == [16, 16] and ckpt.sample_count.tolist() == [8, 8]
+        grown = zarr.open_array(store=os.fspath(path), path=f"posterior/{longer}", mode="r+")
+        grown.resize((2, 12, *grown.shape[2:]))  # the kill: this leaf grew, the other did not
+
+    # The draw axis of the interrupted run ends at the checkpoint's count (8).
+    want, got, _ = _interrupted_and_resumed(path, steps=40, stop=16, keep_every=2, between=kill_while_growing)
+    _assert_resumed_exactly(path, want, got)
 
 
 def test_resume_skips_the_temporary_of_a_killed_checkpoint_write(tmp_path):

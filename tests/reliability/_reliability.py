@@ -1,13 +1,16 @@
-"""Helpers of the reliability suite: child processes, the fuzzing profile."""
+"""Helpers of the reliability suite: child processes, the fuzzing profile, a small disk."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -39,9 +42,21 @@ def python(script: str | os.PathLike, *args, **kwargs) -> subprocess.Popen:
     )
 
 
-def mount_tmpfs(directory: str | os.PathLike, size: str) -> bool:
-    """Mount a tmpfs of ``size`` (``"1m"``) on ``directory``; ``False`` where that is not allowed."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        return False
-    cmd = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)]
-    return subprocess.run(cmd, capture_output=True).returncode == 0
+@contextlib.contextmanager
+def small_disk(tmp_path: pathlib.Path, size: str) -> Iterator[pathlib.Path]:
+    """A tmpfs of ``size`` (``"1m"``) mounted on ``tmp_path / "small"`` for the ``with`` block and
+    unmounted after it (what is open on it must be closed by then); the test is skipped where it
+    cannot be mounted (it needs root and ``mount``)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    cmd = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)]
+    if (
+        os.geteuid() != 0
+        or shutil.which("mount") is None
+        or subprocess.run(cmd, capture_output=True).returncode
+    ):
+        pytest.skip(f"cannot mount a tmpfs of {size} here (needs root and mount)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _reliability import child_env, mount_tmpfs
+from _reliability import child_env, small_disk
 
 import jaxsave
 
@@ -137,13 +137,7 @@ def test_file_size_limit_surfaces_efbig_and_keeps_the_samples(tmp_path, figures)
 
 
 def test_full_file_system_surfaces_enospc_and_keeps_the_samples(tmp_path, figures):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if not mount_tmpfs(mnt, "12m"):
-        pytest.skip(
-            "cannot mount a small tmpfs here (needs root); the file-size-limit test covers the same path"
-        )
-    try:
+    with small_disk(tmp_path, "12m") as mnt:  # where it is skipped, the file-size-limit test covers the path
         result = run_child(tmp_path, mnt / "s.h5", "none")
         assert result["raised"] == "OSError" and result["errno"] == errno.ENOSPC, result
         assert "No space left on device" in result["message"] and result["seconds"] < SURFACE_S
@@ -157,8 +151,6 @@ def test_full_file_system_surfaces_enospc_and_keeps_the_samples(tmp_path, figure
         assert e.value.errno == errno.ENOSPC
         assert sorted(os.listdir(mnt)) == ["s.h5", "s.h5.ckpt", "tree.jaxsave"]
         np.testing.assert_array_equal(jaxsave.load_pytree(old)["a"], np.zeros(4))
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
     figures(
         "faults",
         "full file system (ENOSPC, tmpfs)",

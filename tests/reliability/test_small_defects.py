@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _reliability import child_env, mount_tmpfs
+from _reliability import child_env, small_disk
 
 import jaxsave
 
@@ -96,11 +96,7 @@ def _memory_run(collector, draws, width, chains=None):
 
 
 def test_memory_collector_full_disk_leaves_no_partial_file_and_keeps_the_samples(tmp_path):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if not mount_tmpfs(mnt, "1m"):
-        pytest.skip("cannot mount a 1 MiB tmpfs here (needs root and mount)")
-    try:
+    with small_disk(tmp_path, "1m") as mnt:
         _memory_run(jaxsave.MemoryCollector(save_dir=mnt), draws=2, width=4)  # a small one fits
         before = np.load(mnt / "chain_0.npz")["x"].copy()
         collector = jaxsave.MemoryCollector(save_dir=mnt)
@@ -113,8 +109,6 @@ def test_memory_collector_full_disk_leaves_no_partial_file_and_keeps_the_samples
         x = collector.samples(0)["x"]
         assert x.shape == (8, 2**16)
         np.testing.assert_array_equal(x[:, 0], np.arange(8, dtype=np.float32))
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
 
 
 # -- MemoryCollector reservations: many chains of small samples under an address-space limit ---------

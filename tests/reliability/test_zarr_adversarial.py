@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _reliability import mount_tmpfs, python
+from _reliability import python, small_disk
 
 import jaxsave
 
@@ -35,14 +35,22 @@ def _noisy(i):
     return noise.at[0].set(i.astype(jnp.float32))
 
 
-def test_full_disk_never_counts_draws_it_did_not_store(tmp_path):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if not mount_tmpfs(mnt, "1m"):
-        pytest.skip("cannot mount a 1 MiB tmpfs here (needs root and mount)")
-    try:
+@contextlib.contextmanager
+def _store_on_a_small_disk(tmp_path, **kwargs):
+    """``(path, collector)``: a ZarrCollector (zstd) of a store on a 1 MiB tmpfs, closed before the
+    tmpfs is unmounted (its lock file is there)."""
+    with small_disk(tmp_path, "1m") as mnt:
         path = mnt / "run.zarr"
-        collector = jaxsave.ZarrCollector(path, compression="zstd", flush_interval=0)
+        collector = jaxsave.ZarrCollector(path, compression="zstd", **kwargs)
+        try:
+            yield path, collector
+        finally:
+            with contextlib.suppress(OSError):
+                collector.close()
+
+
+def test_full_disk_never_counts_draws_it_did_not_store(tmp_path):
+    with _store_on_a_small_disk(tmp_path, flush_interval=0) as (path, collector):
         saver = jaxsave.save(collector, block_size=8)
         state = saver.init({"x": jnp.zeros((2, WIDTH))}, None, chains=2)
         step = lambda s, i: (saver.save(s, True, {"x": _noisy(i)})[0], None)
@@ -61,28 +69,18 @@ def test_full_disk_never_counts_draws_it_did_not_store(tmp_path):
         live = jaxsave.open_live(path)
         assert live.refresh()["x"].shape[:2] == (2, counts.max())
         assert live.sample_counts.tolist() == counts.tolist()
-    finally:
-        with contextlib.suppress(OSError):
-            collector.close()  # its lock file is on the mount
-        subprocess.run(["umount", str(mnt)], check=True)
 
 
 def test_rows_of_a_failed_write_are_kept_and_counted_once_there_is_room(tmp_path):
     """A chunk write that found the disk full keeps its rows: the counts do not cover them, and
     once there is room again the next commit (here ``close``) stores them and then counts them."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if not mount_tmpfs(mnt, "1m"):
-        pytest.skip("cannot mount a 1 MiB tmpfs here (needs root and mount)")
-    try:
-        path = mnt / "run.zarr"
-        collector = jaxsave.ZarrCollector(path, flush_interval=1e9, compression="zstd")
+    with _store_on_a_small_disk(tmp_path, flush_interval=1e9) as (path, collector):
         chain = collector.register_chain({"x": jnp.zeros(64)})
         rows = np.arange(10 * 64, dtype=np.float32).reshape(1, 10, 64)
         collector.save_block([chain], [rows[:, :5]])  # the first block: committed at once
         assert jaxsave.file_info(path).sample_counts.tolist() == [5]
         collector.save_block([chain], [rows[:, 5:]])  # kept until the next commit
-        filler = mnt / "filler"
+        filler = path.parent / "filler"
         with contextlib.suppress(OSError), open(filler, "wb", buffering=0) as f:  # the rest of the disk
             while True:
                 f.write(b"\1" * 4096)
@@ -95,10 +93,6 @@ def test_rows_of_a_failed_write_are_kept_and_counted_once_there_is_room(tmp_path
         collector.close()
         assert jaxsave.file_info(path).sample_counts.tolist() == [10]
         np.testing.assert_array_equal(jaxsave.load_samples(path)["x"][0], rows[0])
-    finally:
-        with contextlib.suppress(OSError):
-            collector.close()  # its lock file is on the mount
-        subprocess.run(["umount", str(mnt)], check=True)
 
 
 # -- B: names Zarr cannot store -------------------------------------------------------------------------

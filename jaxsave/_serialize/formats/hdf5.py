@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxsave._core.diskspace import check_room
 from jaxsave._core.dtypes import storage_dtype
-from jaxsave._serialize.formats.base import MAX_HEADER_BYTES
+from jaxsave._serialize.formats.base import MAX_HEADER_BYTES, Specs
 from jaxsave._store.hdf5.trust import check_file, stored_bytes
 from jaxsave.errors import FileFormatError
 
@@ -91,7 +91,7 @@ class Reader:
             raise FileFormatError(f"the HDF5 file has no dataset for leaf {names[i]!r}")
         return ds
 
-    def check_arrays(self, specs: Sequence[tuple[tuple[int, ...], str]], names: Sequence[str]) -> None:
+    def check_arrays(self, specs: Specs, names: Sequence[str]) -> None:
         for i, (shape, dtype) in enumerate(specs):
             ds = self._dataset(names, i)
             if tuple(ds.shape) != tuple(shape) or ds.dtype != storage_dtype(dtype):
@@ -100,9 +100,7 @@ class Reader:
                 )
             check_stored(ds, int(np.prod(shape, dtype=object)) * ds.dtype.itemsize)
 
-    def read(
-        self, indices: Sequence[int], specs: Sequence[tuple[tuple[int, ...], str]], names: Sequence[str]
-    ) -> list[np.ndarray]:
+    def read(self, indices: Sequence[int], specs: Specs, names: Sequence[str]) -> list[np.ndarray]:
         out = []
         for i in indices:
             ds = self._dataset(names, i)

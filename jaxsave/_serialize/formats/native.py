@@ -35,7 +35,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from jaxsave._core.dtypes import storage_dtype
-from jaxsave._serialize.formats.base import MAX_HEADER_BYTES
+from jaxsave._serialize.formats.base import MAX_HEADER_BYTES, Specs
 from jaxsave.errors import FileFormatError
 
 MAGIC = b"\x93JAXSAVE"
@@ -166,7 +166,7 @@ class Reader:
         self._sizes: list[int] = []
         return header
 
-    def check_arrays(self, specs: Sequence[tuple[tuple[int, ...], str]], names: Sequence[str] = ()) -> None:
+    def check_arrays(self, specs: Specs, names: Sequence[str] = ()) -> None:
         """Lay the arrays out from their (validated) shapes and dtypes; check the file size."""
         dtypes = list(map(_second, specs))
         itemsize = {dtype: storage_dtype(dtype).itemsize for dtype in dict.fromkeys(dtypes)}
@@ -187,9 +187,7 @@ class Reader:
             )
         self._offsets, self._sizes = offsets, sizes
 
-    def read(
-        self, indices: Sequence[int], specs: Sequence[tuple[tuple[int, ...], str]], names: Sequence[str] = ()
-    ) -> list[np.ndarray]:
+    def read(self, indices: Sequence[int], specs: Specs, names: Sequence[str] = ()) -> list[np.ndarray]:
         """The storable arrays ``indices`` (shapes/dtypes from ``specs``, checked).
 
         The arrays contiguous in the file are read at once, into one buffer: a

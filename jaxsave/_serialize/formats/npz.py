@@ -22,7 +22,7 @@ import numpy as np
 from numpy.lib import format as npformat
 
 from jaxsave._core.dtypes import dtype_from_name, storage_dtype
-from jaxsave._serialize.formats.base import MAX_HEADER_BYTES
+from jaxsave._serialize.formats.base import MAX_HEADER_BYTES, Specs
 from jaxsave.errors import FileFormatError
 
 HEADER_MEMBER = "__jaxsave__.json"
@@ -107,14 +107,12 @@ class Reader:
             )
         return tuple(shape), dtype, nbytes
 
-    def check_arrays(self, specs: Sequence[tuple[tuple[int, ...], str]], names: Sequence[str]) -> None:
+    def check_arrays(self, specs: Specs, names: Sequence[str]) -> None:
         for name in names:
             if name + ".npy" not in self._zip.NameToInfo:
                 raise FileFormatError(f"the .npz has no member {name + '.npy'!r}")
 
-    def read(
-        self, indices: Sequence[int], specs: Sequence[tuple[tuple[int, ...], str]], names: Sequence[str]
-    ) -> list[np.ndarray]:
+    def read(self, indices: Sequence[int], specs: Specs, names: Sequence[str]) -> list[np.ndarray]:
         out = []
         for i in indices:
             info = self._zip.getinfo(names[i] + ".npy")

@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from jaxsave._core.dtypes import storage_dtype
-from jaxsave._serialize.formats.base import MAX_HEADER_BYTES
+from jaxsave._serialize.formats.base import MAX_HEADER_BYTES, Specs
 from jaxsave.errors import FileFormatError
 
 _ST_DTYPES = {
@@ -125,7 +125,7 @@ class Reader:
             out.append((name, tuple(e.get("shape", ())), _ST_DTYPES[e["dtype"]]))
         return out
 
-    def check_arrays(self, specs: Sequence[tuple[tuple[int, ...], str]], names: Sequence[str]) -> None:
+    def check_arrays(self, specs: Specs, names: Sequence[str]) -> None:
         for name, (shape, dtype) in zip(names, specs):
             e = self._entries.get(name)
             store = storage_dtype(dtype)
@@ -139,9 +139,7 @@ class Reader:
             ):
                 raise FileFormatError(f"tensor {name!r} is missing or differs from the header")
 
-    def read(
-        self, indices: Sequence[int], specs: Sequence[tuple[tuple[int, ...], str]], names: Sequence[str]
-    ) -> list[np.ndarray]:
+    def read(self, indices: Sequence[int], specs: Specs, names: Sequence[str]) -> list[np.ndarray]:
         out = []
         for i in indices:
             shape, dtype = specs[i]

@@ -3,10 +3,8 @@
 Layout ``"posterior"``: one ``(chain, draw, ...)`` dataset per leaf under
 ``posterior/`` or ``sample_stats/``, with ``chain``/``draw``/``<var>_dim_k``
 dimension scales. Layout ``"chains"``: one ``(draw, ...)`` dataset per leaf and
-chain under ``/chain~{id}/``. Datasets are chunked (about 1 MiB, at most 4096
-draws; as many draws as the first block where that is longer, so that a block is a whole
-chunk of each leaf) and resizable; with a known count they are allocated at their final
-size (at most 16384 draws).
+chain under ``/chain~{id}/``. Datasets are chunked and resizable, sized as
+:mod:`jaxsave._store.hdf5.sizing` says.
 :class:`HDF5Datasets` does this for a collector, through the file it is given
 (:class:`ChangingFile`), one subclass per layout (:class:`PosteriorDatasets`,
 :class:`ChainDatasets`; :meth:`HDF5Datasets.for_layout` picks it); :class:`ChainRows`
@@ -30,6 +28,7 @@ from jaxsave._core import dtypes as _dtypes
 from jaxsave._store import schema
 from jaxsave._store.hdf5.chunks import Target, write_block, write_rows
 from jaxsave._store.hdf5.sample_file import attach_scales, create_scales
+from jaxsave._store.hdf5.sizing import chunk_rows, draw_extent
 from jaxsave.collectors import SampleLayout
 from jaxsave.errors import SaverStateError
 
@@ -43,21 +42,6 @@ __all__ = [
     "write_block",
     "write_rows",
 ]
-
-#: Target size of one chunk: big enough that reading draws is fast.
-_CHUNK_BYTES = 1 * 2**20
-#: ... and at most this many draws, so that short runs of small samples stay small files.
-_MAX_CHUNK_ROWS = 4096
-#: A sample of many small leaves: the chunks of one span of draws, over all leaves, hold about
-#: ``_CHUNK_BYTES`` (each leaf's partial last chunk takes its whole size on disk), but each chunk
-#: at least this many draws.
-_MIN_CHUNK_ROWS = 64
-#: A first block longer than the chunks would be gives the chunks its length (so that each block is
-#: a whole chunk of each leaf, written straight to the file), but at most this many times theirs.
-_BLOCK_CHUNK_FACTOR = 4
-#: A known count preallocates at most this many draws (more are grown as they come): the draw
-#: scale is written in full, so an over-estimate would fill the file (or memory) with it.
-_MAX_PREALLOC_DRAWS = 16384
 
 
 class ChangingFile(Protocol):
@@ -203,36 +187,17 @@ class HDF5Datasets(abc.ABC):
 
     # -- creating -----------------------------------------------------------------------------
 
-    def _chunk_rows(self, j: int, block: int = 0, largest: int | None = None) -> int:
-        """Draws per chunk of leaf ``j``: about 1 MiB, at most 4096, at most the ``largest``
-        known count of a chain (computed if not given); for many small leaves, about 1 MiB
-        over all leaves (at least 64 draws), so that a short run makes a small file.
-
-        A first ``block`` of more draws than that makes the chunks longer, up to the block (at
-        most 1 MiB and 4 times the chunk above): then the blocks that follow, of its length,
-        are each one whole chunk of each leaf, written straight to the file. A block too long
-        for one chunk is cut into equal chunks where its length allows.
-        """
-        leaf_cap = max(1, _CHUNK_BYTES // max(1, self._row_bytes[j]))
-        rows = min(
-            _MAX_CHUNK_ROWS, leaf_cap, max(_MIN_CHUNK_ROWS, _CHUNK_BYTES // max(1, self._sample_row_bytes))
-        )
-        if block > rows:
-            rows = _block_chunk(block, min(_MAX_CHUNK_ROWS, leaf_cap, _BLOCK_CHUNK_FACTOR * rows), rows)
-        if largest is None:
-            largest = self.rows.largest_capacity()
-        return min(rows, largest) if largest else rows
-
     def _create(
         self, group: h5py.Group, name: str, j: int, lead: tuple[int, ...], block: int
     ) -> h5py.Dataset:
         """Leaf ``j``'s dataset ``name`` in ``group``, of shape ``lead + row shape``; ``block``
-        is the length of the first block (see :meth:`_chunk_rows`)."""
+        is the length of the first block (see :func:`~jaxsave._store.hdf5.sizing.chunk_rows`)."""
         sample = self.sample
         spec = sample.specs[j]
         shape = sample.storage_shape(j)
         dtype = _dtypes.storage_dtype(spec.dtype)
-        chunk_lead = (1,) * (len(lead) - 1) + (self._chunk_rows(j, block),)
+        rows = chunk_rows(self._row_bytes[j], self._sample_row_bytes, block, self.rows.largest_capacity())
+        chunk_lead = (1,) * (len(lead) - 1) + (rows,)
         ds = group.create_dataset(
             name,
             shape=lead + shape,
@@ -246,13 +211,6 @@ class HDF5Datasets(abc.ABC):
         ds.attrs[schema.LEAF_DTYPE] = spec.dtype
         ds.attrs[schema.LEAF_KEY] = json.dumps(list(sample.keys[j]))
         return ds
-
-    def _draw_extent(self, chains: list[int], needed: int) -> int:
-        caps = [self.rows.capacity[c] for c in chains]
-        known = [c for c in caps if c is not None]
-        if caps and len(known) == len(caps):
-            return max(needed, min(max(known), _MAX_PREALLOC_DRAWS))
-        return needed
 
     # -- counts -------------------------------------------------------------------------------
 
@@ -350,7 +308,8 @@ class HDF5Datasets(abc.ABC):
         if self._chunk_bytes:
             return self._chunk_bytes
         largest = self.rows.largest_capacity()
-        return sum(self._chunk_rows(j, block, largest) * b for j, b in enumerate(self._row_bytes))
+        total = self._sample_row_bytes
+        return sum(chunk_rows(b, total, block, largest) * b for b in self._row_bytes)
 
 
 class PosteriorDatasets(HDF5Datasets):
@@ -435,7 +394,7 @@ class PosteriorDatasets(HDF5Datasets):
 
     def _create_all(self, n_chains: int, needed_draws: int, block: int) -> None:
         file = self._current()
-        draws = self._draw_extent(list(range(n_chains)), needed_draws)
+        draws = draw_extent(self.rows.capacity[:n_chains], needed_draws)
         for group_name in dict.fromkeys(g for g, _ in self.entries):
             create_scales(file.require_group(group_name), n_chains, draws, resizable=True)
         for j, (group_name, var) in enumerate(self.entries):
@@ -519,7 +478,7 @@ class ChainDatasets(HDF5Datasets):
                 self._chains[c] = [file[n] for n in names]
                 continue
             group = file.require_group(schema.chain_group(c))
-            draws = self._draw_extent([c], needed if c == chain else 0)
+            draws = draw_extent([self.rows.capacity[c]], needed if c == chain else 0)
             dsets = []
             for j, key in enumerate(self.sample.keys):
                 parent = group
@@ -547,21 +506,3 @@ class ChainDatasets(HDF5Datasets):
         for chain, dsets in self._chains.items():
             for ds in dsets:
                 ds.resize((counts[chain],) + ds.shape[1:])
-
-
-def _block_chunk(block: int, limit: int, rows: int) -> int:
-    """Draws per chunk for blocks of ``block`` draws: the block, if at most ``limit``; else
-    ``block`` cut into equal chunks of at most ``limit`` (and at least half of ``rows``, the
-    chunk without the block), so that each block is whole chunks, or into chunks of about
-    ``limit`` where no such cut exists.
-
-    >>> _block_chunk(104, 256, 64), _block_chunk(220, 64, 64), _block_chunk(4093, 1024, 256)
-    (104, 55, 1024)
-    """
-    if block <= limit:
-        return block
-    parts = -(-block // limit)
-    for k in range(parts, 2 * parts + 1):
-        if block % k == 0 and 2 * (block // k) >= rows:
-            return block // k
-    return limit

@@ -33,6 +33,7 @@ from jaxsave._serialize.treespec import encode_structure
 from jaxsave._store import schema
 from jaxsave._store.location import ZARR_JSON, describe, is_zarr_object
 from jaxsave._store.names import StatsSpec, check_zarr_names, leaf_entries
+from jaxsave._store.zarr import confined as _confined
 from jaxsave._store.zarr import store as _store
 from jaxsave._store.zarr.arrays import CHECKPOINT_PREFIX, COMPRESSIONS, StoreArrays, chunk_shape
 from jaxsave._store.zarr.sample_store import check_header
@@ -302,7 +303,7 @@ class ZarrCollector(DataCollector):
                 return None
             if not os.path.isdir(self.local):
                 raise FileExistsError(f"{self._name} exists and is not a directory (a Zarr store is one)")
-            if _store.stat_confined(self.local, ZARR_JSON) is None:  # refuses a symlink, FIFO, device
+            if _confined.stat_confined(self.local, ZARR_JSON) is None:  # refuses a symlink, FIFO, device
                 if os.listdir(self.local):
                     raise FileExistsError(
                         f"{self._name} is a non-empty directory but not a Zarr store; ZarrCollector does not "

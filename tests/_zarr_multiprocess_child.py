@@ -61,16 +61,16 @@ if os.environ.get("KEYLOG"):  # record every key this process writes or deletes:
     for name in ("set", "set_if_not_exists", "delete"):
         logged(name)
     # jaxsave writes a local store's chunks and counts as plain files, not through zarr's set.
-    from jaxsave._store.zarr import store as _confined  # noqa: E402
+    from jaxsave._store.zarr import store as _zarr_store  # noqa: E402 (its confined store calls write_confined)
 
-    _write = _confined.write_confined
+    _write = _zarr_store.write_confined
 
     def logged_write(root, key, *args, **kwargs):
         log.write(f"set {key}\n")
         log.flush()
         return _write(root, key, *args, **kwargs)
 
-    _confined.write_confined = logged_write
+    _zarr_store.write_confined = logged_write
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jaxsave  # noqa: E402

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from jaxsave._store.location import ZARR_JSON
-from jaxsave._store.zarr.store import refused
+from jaxsave._store.zarr.confined import refused
 from jaxsave.errors import FileFormatError
 
 #: The Zarr data types read directly (plain numeric types; anything else goes through zarr).

@@ -21,7 +21,8 @@ from jaxsave._store.location import ZARR_JSON, describe
 from jaxsave._store.schema import VariableInfo
 from jaxsave._store.zarr.arrays import counts_path
 from jaxsave._store.zarr.chunk_files import ChunkFiles, chunk_files, local_chunk_files
-from jaxsave._store.zarr.store import Location, has_key, open_group, require_zarr, stat_confined
+from jaxsave._store.zarr.confined import stat_confined
+from jaxsave._store.zarr.store import Location, has_key, open_group, require_zarr
 from jaxsave.errors import FileFormatError, JaxsaveError
 
 #: Compressed chunks may hold this many times fewer bytes than they decode to

@@ -42,6 +42,16 @@ def python(script: str | os.PathLike, *args, **kwargs) -> subprocess.Popen:
     )
 
 
+def samples_of_a_whole_run(script: str | os.PathLike, path: str | os.PathLike) -> dict:
+    """The samples of ``script`` run to its end writing ``path`` (a kill test's reference)."""
+    import jaxsave
+
+    proc = python(script, path)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    return jaxsave.load_samples(path)
+
+
 @contextlib.contextmanager
 def small_disk(tmp_path: pathlib.Path, size: str) -> Iterator[pathlib.Path]:
     """A tmpfs of ``size`` (``"1m"``) mounted on ``tmp_path / "small"`` for the ``with`` block and

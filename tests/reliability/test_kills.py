@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 import pytest
-from _reliability import python
+from _reliability import python, samples_of_a_whole_run
 
 import jaxsave
 from jaxsave._core.atomic import is_temporary
@@ -103,11 +103,7 @@ def stream_script(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(stream_script):
     """The uninterrupted run's samples, (chain, draw, ...)."""
-    path = stream_script.parent / "reference.h5"
-    proc = python(stream_script, path)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
-    return jaxsave.load_samples(path)
+    return samples_of_a_whole_run(stream_script, stream_script.parent / "reference.h5")
 
 
 def test_sigkill_while_streaming_at_20_random_moments(tmp_path, stream_script, reference, figures):

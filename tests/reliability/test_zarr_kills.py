@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import test_kills
 import test_resume_kill
-from _reliability import python
+from _reliability import python, samples_of_a_whole_run
 from test_kills import _kill_at
 from test_resume_kill import run_child
 
@@ -47,11 +47,7 @@ def stream_script(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(stream_script):
-    path = stream_script.parent / "reference.zarr"
-    proc = python(stream_script, path)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
-    return jaxsave.load_samples(path)
+    return samples_of_a_whole_run(stream_script, stream_script.parent / "reference.zarr")
 
 
 def test_sigkill_while_streaming_to_zarr_at_20_random_moments(tmp_path, stream_script, reference, figures):

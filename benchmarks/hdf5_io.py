@@ -44,7 +44,12 @@ def make_pool(k: int = 8) -> jax.Array:
 
 def jaxsave_write(path: str, pool: jax.Array, n: int, compression: str | None, swmr: bool) -> float:
     os.sync()
-    init, save, post = jaxsave.save(jaxsave.HDF5Collector(path, compression=compression, swmr=swmr))
+    return _stream_to(jaxsave.HDF5Collector(path, compression=compression, swmr=swmr), pool, n)
+
+
+def _stream_to(collector: jaxsave.DataCollector, pool: jax.Array, n: int) -> float:
+    """Seconds to run and postprocess ``n`` jitted steps saving a sample of ``pool`` to ``collector``."""
+    init, save, post = jaxsave.save(collector)
     state = init({"w": jnp.zeros(SAMPLE_FLOATS)})
 
     def step(s, i):
@@ -62,16 +67,7 @@ def zarr_write(path: str, pool: jax.Array, n: int) -> float:
 
     shutil.rmtree(path, ignore_errors=True)
     os.sync()
-    init, save, post = jaxsave.save(jaxsave.ZarrCollector(path, compression=None))
-    state = init({"w": jnp.zeros(SAMPLE_FLOATS)})
-
-    def step(s, i):
-        return save(s, True, {"w": pool[i % pool.shape[0]] + i.astype(jnp.float32)})
-
-    run = jax.jit(lambda s: jax.lax.scan(step, s, jnp.arange(n))[0]).lower(state).compile()
-    start = time.perf_counter()
-    post(run(state), None)
-    return time.perf_counter() - start
+    return _stream_to(jaxsave.ZarrCollector(path, compression=None), pool, n)
 
 
 def zarr_bulk_write(path: str, data: np.ndarray, chunk_draws: int) -> float:

@@ -392,3 +392,20 @@ def test_the_confined_store_never_writes_through_a_symlink(tmp_path):
             asyncio.run(store.set(key, data))
     asyncio.run(store.set("inside/zarr.json", data))
     assert os.listdir(outside) == [] and (tmp_path / "s.zarr" / "inside" / "zarr.json").read_bytes() == b"{}"
+
+
+@pytest.mark.parametrize("target", ["empty", "store"])
+def test_a_new_store_at_a_symbolic_link_is_refused_and_the_target_kept(tmp_path, target):
+    """mode="w" at a path that is a link (to an empty directory or to a store) names the link,
+    instead of zarr's "[Errno None] None" from a delete it cannot do, and touches nothing."""
+    real = tmp_path / "real.zarr"
+    if target == "store":
+        saver = jaxsave.save(jaxsave.ZarrCollector(real))
+        saver.postprocess(saver.init({"x": jnp.zeros(2)}))
+    else:
+        real.mkdir()
+    before = sorted(os.listdir(real))
+    (tmp_path / "link.zarr").symlink_to(real)
+    with pytest.raises(FileExistsError, match="link.zarr' is a symbolic link"):
+        jaxsave.ZarrCollector(tmp_path / "link.zarr")
+    assert sorted(os.listdir(real)) == before and (tmp_path / "link.zarr").is_symlink()

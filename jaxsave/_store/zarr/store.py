@@ -242,6 +242,12 @@ def open_group(source: Any, mode: str, storage_options: dict | None = None) -> t
     if isinstance(source, zarr.Group):
         group = source
     else:
+        local = local_directory(source)
+        if mode == "w" and local is not None and os.path.islink(local):  # zarr cannot delete a link
+            raise FileExistsError(
+                f"{describe(source)} is a symbolic link (to {os.readlink(local)!r}); creating a store "
+                "there would first delete what the link is: give the directory it points to instead"
+            )
         options: dict[str, Any] = {}
         if storage_options and is_url(source):
             options["storage_options"] = storage_options

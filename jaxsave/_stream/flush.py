@@ -123,8 +123,9 @@ def _check_chain_batched(pred_batched: bool, payload_batched: tuple) -> None:
     chain_batched = payload_batched[1]
     if not chain_batched and (pred_batched or any(jax.tree.leaves(payload_batched))):
         raise SaverStateError(
-            "save() runs under jax.vmap, but its saving state holds one chain (it was made by init "
-            "without chains=, and vmap did not map it): every vmapped chain would save into that "
-            "one. Create the state with init(init_sample, ..., chains=C), every leaf of "
-            "init_sample with a leading axis of size C, and vmap over the state (in_axes=0)"
+            "save() runs under jax.vmap, but this vmap does not map its saving state, so to it the "
+            "state holds one chain (made by init without chains=, or closed over or passed with "
+            "in_axes=None instead of mapped): every vmapped chain would save into that one. Create "
+            "the state with init(init_sample, ..., chains=C), every leaf of init_sample with a "
+            "leading axis of size C, and vmap over the state (in_axes=0)"
         )

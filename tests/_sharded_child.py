@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxsave  # noqa: E402
 from jaxsave._stream import streamer as _stream  # noqa: E402
+from jaxsave._stream.flush import FIELDS  # noqa: E402
 
 out_dir = sys.argv[1]
 assert jax.device_count() == 8, jax.devices()
@@ -88,7 +89,9 @@ def shard_map_case():
     result = post(out, None)
     flushes = STEPS // 2 // BLOCK  # only kept steps take a row
     assert len(CALLS) == 8 * flushes, f"{len(CALLS)} callbacks; one per device and flush is {8 * flushes}"
-    assert {c[1] for c in CALLS} == {(CHAINS // 8, 6 + BLOCK)}, {c[1] for c in CALLS}  # each: its 2 chains
+    assert {c[1] for c in CALLS} == {(CHAINS // 8, len(FIELDS) + BLOCK)}, {
+        c[1] for c in CALLS
+    }  # each: its 2 chains
     threads = len({c[0] for c in CALLS})
     assert result["sample_count"].tolist() == [STEPS // 2] * CHAINS
     check_file(path, x0)

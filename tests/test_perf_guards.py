@@ -74,6 +74,51 @@ def test_save_adds_a_bounded_number_of_operations_per_step():
     assert _equations(ours) - _equations(peer) <= 12
 
 
+def _updated_int_carries(fn, *args) -> list[tuple[int, ...]]:
+    """The shapes of the int32 values that the body of ``fn``'s outer scan carries and changes
+    (a carry passed through unchanged costs nothing per step)."""
+    eqn = next(e for e in jax.make_jaxpr(fn)(*args).jaxpr.eqns if e.primitive.name == "scan")
+    body = eqn.params["jaxpr"].jaxpr
+    made_by = {id(v): e for e in body.eqns for v in e.outvars}
+
+    def source(v):  # through custom_vmap calls that return an input unchanged (XLA drops them)
+        e = made_by.get(id(v))
+        if e is not None and e.primitive.name == "custom_vmap_call":
+            inner = e.params["call"].jaxpr
+            k = inner.outvars[e.outvars.index(v)]
+            if k in inner.invars:
+                return source(e.invars[inner.invars.index(k)])
+        return v
+
+    inputs = {id(v) for v in body.invars}
+    carried = [source(v) for v in body.outvars[: scan_carries(eqn)]]
+    return sorted(v.aval.shape for v in carried if id(v) not in inputs and v.aval.dtype == jnp.int32)
+
+
+@pytest.mark.parametrize("chains", [None, 4])
+def test_save_carries_no_counter_the_host_can_count(chains):
+    """Issue 17: a carried counter that the step updates cost 1.3 us a step at one chain (2.5
+    against 1.2 us on a 0.75 us step): the host counts each block's first step and its kept
+    samples, so save() updates only the step and the ring buffer's fill. Under vmap it keeps the
+    block start too (it orders XLA:CPU's loop body; 25 against 29 us a step at 64 chains)."""
+    saver = jaxsave.save(jaxsave.MemoryCollector())
+    x0 = jnp.zeros((chains, 10) if chains else (10,))
+    state = saver.init({"x": x0}, chains=chains)
+
+    def chain(state, x):
+        def step(carry, i):
+            state, x = carry
+            x = x + 1.0
+            return (saver.save(state, i % 2 == 0, {"x": x})[0], x), None
+
+        return jax.lax.scan(step, (state, x), jnp.arange(100))[0]
+
+    run = jax.vmap(chain) if chains else chain
+    updated = _updated_int_carries(run, state, x0)
+    saver.postprocess(state)
+    assert updated == ([(4,)] * 3 if chains else [()] * 2), updated
+
+
 _HLO_LINE = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = .*? ([\w\-]+)\((.*)$")
 
 

@@ -137,10 +137,28 @@ def test_reusing_an_old_state_is_detected():
     saver = jaxsave.save(jaxsave.MemoryCollector(), block_size=4)
     state0 = saver.init({"x": jnp.zeros(2)}, None)
     run = jax.jit(lambda s: scan_save(saver, s, 10))
-    run(state0)
-    state = run(state0)  # the same steps again, from the same starting state
+    state = run(state0)
+    # The same steps again, from the same starting state: the host counted those steps already.
+    with pytest.raises(Exception, match="advanced twice"):
+        jax.block_until_ready(run(state0))
     with pytest.raises(jaxsave.SaverStateError, match="advanced twice"):
         saver.postprocess(state, None)
+    saver.init.__self__.writer.close()
+
+
+def test_running_an_older_state_past_the_newest_block_is_detected():
+    """A state a few steps older than the newest block sent: its next block would cover steps the
+    host has, and fewer steps than it has rows since the host's last block end."""
+    saver = jaxsave.save(jaxsave.MemoryCollector(), block_size=4)
+    state = saver.init({"x": jnp.zeros(2)}, None)
+    two = jax.jit(lambda s: scan_save(saver, s, 2))
+    older = two(state)  # 2 steps, still in the ring buffer
+    newer = two(two(older))  # the first block (steps 0..4) has left
+    with pytest.raises(Exception, match="advanced twice"):
+        jax.block_until_ready(jax.jit(lambda s: scan_save(saver, s, 3))(older))  # steps 2..5, 4 rows
+    with pytest.raises(jaxsave.SaverStateError, match="advanced twice"):
+        saver.postprocess(newer, None)
+    saver.init.__self__.writer.close()
 
 
 def test_one_collector_cannot_serve_two_savers():

@@ -36,64 +36,84 @@ class Header(NamedTuple):
 
     active: np.ndarray  #: the chain's buffer was flushed at this step (bool)
     chains: np.ndarray  #: chain ids
+    starts: np.ndarray  #: under vmap, the state's ``block_start`` (see :func:`carried_start`); else -1
     ends: np.ndarray  #: the step after the block's last
-    saved: np.ndarray  #: kept samples so far (meaningful on checkpoint steps)
-    starts: np.ndarray  #: the step the block began at
     fills: np.ndarray  #: rows of the ring buffer in use
     mask: np.ndarray  #: keep bits of the rows in use, ``(chains, fill)``
 
 
 #: The columns before the keep bits, in order (the names of :class:`Header`'s first fields).
-FIELDS = Header._fields[:6]
+FIELDS = Header._fields[:5]
 
 
 def encode(
-    active: jax.Array,
-    chain: jax.Array,
-    end: jax.Array,
-    saved: jax.Array,
-    start: jax.Array,
-    fill: jax.Array,
-    mask: jax.Array,
+    active: jax.Array, chain: jax.Array, start: jax.Array, end: jax.Array, fill: jax.Array, mask: jax.Array
 ) -> jax.Array:
-    """The header array: the fields (each shaped like ``chain``) as columns, then ``mask``."""
-    fields = [active.astype(jnp.int32), chain, end, saved, start, fill]
+    """The header array: the fields (each shaped like ``chain``) as columns, then ``mask``.
+
+    The kept samples so far are not sent, nor (but under vmap) the block's first
+    step: the host counts them from each chain's previous blocks
+    (:class:`jaxsave._stream.streamer.Streamer`), so the loop carries no counter for them.
+    """
+    fields = [active.astype(jnp.int32), chain, start, end, fill]
     return jnp.concatenate([jnp.stack(fields, axis=-1), mask.astype(jnp.int32)], axis=-1)
 
 
 def decode(header: np.ndarray) -> Header:
     """The :class:`Header` of an :func:`encode` d array (chain axes flattened).
 
-    >>> h = encode(*map(jnp.asarray, (True, 3, 8, 5, 4, 2)), jnp.array([1, 0, 1, 1]))
+    >>> h = encode(*map(jnp.asarray, (True, 3, -1, 8, 2)), jnp.array([1, 0, 1, 1]))
     >>> d = decode(np.asarray(h)); d.chains.tolist(), d.ends.tolist(), d.mask.tolist()
     ([3], [8], [[True, False]])
     """
     rows = np.asarray(header).reshape(-1, np.shape(header)[-1])
-    active, chains, ends, saved, starts, fills = (rows[:, k] for k in range(len(FIELDS)))
+    active, chains, starts, ends, fills = (rows[:, k] for k in range(len(FIELDS)))
     used = int(fills[0]) if len(fills) else 0
     mask = rows[:, len(FIELDS) : len(FIELDS) + used].astype(bool)
-    return Header(active.astype(bool), chains, ends, saved, starts, fills, mask)
+    return Header(active.astype(bool), chains, starts, ends, fills, mask)
+
+
+@custom_vmap
+def carried_start(start: jax.Array, full: jax.Array, step: jax.Array) -> jax.Array:
+    """The state's ``block_start`` after a step: under vmap, ``step`` where the block was
+    sent (``full``); for one chain, unchanged.
+
+    This is for XLA:CPU's scheduler, not for the host (which counts every block's
+    steps itself). The flush of a vmapped loop reads the block start, so the loop body
+    depends on it; without it XLA:CPU ran the body of 64 vmapped chains (key split
+    in the carry) on two threads: 29 us a step of wall time and 45 of CPU time,
+    against 25 / 25 with it. For one chain it is the other way: carrying an updated
+    counter cost 1.3 us a step (2.5 against 1.2), so a one-chain loop carries it
+    unchanged and its flush sends -1 (docs/performance.md).
+    """
+    return start
+
+
+@carried_start.def_vmap
+def _carried_start_vmap(axis_size, in_batched, start, full, step):
+    start, full, step = broadcast_unbatched((start, full, step), tuple(in_batched), axis_size)
+    return lax.select(full, step, start), True
 
 
 def make_flush(receive: Callable[..., None], checkpoint_every: int) -> Callable[[Any, Any], None]:
     """``flush(pred, payload)``: if ``pred``, ``receive((header, data, solver))`` on the host.
 
     ``payload`` is ``(active, chain, start, end, fill, mask, data, ckpt)``; ``ckpt`` is
-    ``None`` or ``(solver_leaves, saved)``. The solver state is sent (``receive`` then
+    ``None`` or the solver state's leaves. ``start`` is sent under vmap only (else -1,
+    and unused, so not computed: see :func:`carried_start`). The solver state is sent (``receive`` then
     gets ``solver_packing=``) only when an active chain's ``end`` is a multiple of
     ``checkpoint_every``; otherwise ``solver`` is ``None``.
     """
 
-    def send(payload):
+    def send(payload, vmapped):
         active, chain, start, end, fill, mask, data, ckpt = payload
-        saved = ckpt[1] if ckpt is not None else jnp.zeros_like(end)
-        header = encode(active, chain, end, saved, start, fill, mask)
+        header = encode(active, chain, start if vmapped else jnp.full_like(end, -1), end, fill, mask)
         if ckpt is None:
             _callback.send(receive, (header, data, None))
             return
 
         def with_solver_state():
-            solver, packed = pack(ckpt[0], header.ndim - 1)  # concatenated only on checkpoint flushes
+            solver, packed = pack(ckpt, header.ndim - 1)  # concatenated only on checkpoint flushes
             _callback.send(functools.partial(receive, solver_packing=packed), (header, data, solver))
 
         lax.cond(
@@ -102,19 +122,23 @@ def make_flush(receive: Callable[..., None], checkpoint_every: int) -> Callable[
             lambda: _callback.send(receive, (header, data, None)),
         )
 
-    @custom_vmap
-    def flush(pred, payload):
-        lax.cond(pred, send, lambda p: None, payload)
+    def make(vmapped: bool) -> Callable[[Any, Any], None]:
+        @custom_vmap
+        def flush(pred, payload):
+            lax.cond(pred, functools.partial(send, vmapped=vmapped), lambda p: None, payload)
 
-    @flush.def_vmap
-    def _flush_vmap(axis_size, in_batched, pred, payload):
-        pred_batched, payload_batched = in_batched
-        _check_chain_batched(pred_batched, payload_batched)
-        payload = broadcast_unbatched(payload, payload_batched, axis_size)
-        flush(jnp.any(pred) if pred_batched else pred, payload)
-        return None, None
+        @flush.def_vmap
+        def _flush_vmap(axis_size, in_batched, pred, payload):
+            pred_batched, payload_batched = in_batched
+            _check_chain_batched(pred_batched, payload_batched)
+            payload = broadcast_unbatched(payload, payload_batched, axis_size)
+            batched(jnp.any(pred) if pred_batched else pred, payload)
+            return None, None
 
-    return flush
+        return flush
+
+    batched = make(vmapped=True)
+    return make(vmapped=False)
 
 
 def _check_chain_batched(pred_batched: bool, payload_batched: tuple) -> None:

@@ -89,6 +89,7 @@ class _DeviceSaver(SaverBase):
         self._check_open()
         leaves = self._flat_sample(sample)
         check_state(state, "save()")
+        _check_device_state(state, "save()")
         check_one_chain(state, "save()")
         keep = self._check_keep(keep)
         # The sample goes to the next free row whether kept or not (a sample not kept is
@@ -105,6 +106,7 @@ class _DeviceSaver(SaverBase):
     def postprocess(self, state: SaveState, unused_saved: Any = None) -> dict:
         """The kept samples, as the original tree (vmapped chains: zero-padded, stacked)."""
         check_state(state, "postprocess()")
+        _check_device_state(state, "postprocess()")
         state = _sharding.local_part(state)  # this process's chains, on the host
         batch = np.shape(state.chain_id)
         chains = np.asarray(state.chain_id).reshape(-1)
@@ -128,6 +130,14 @@ class _DeviceSaver(SaverBase):
             ]
             samples.append(sample.unflatten(rows))
         return self._stack_results(batch, counts, samples)
+
+
+def _check_device_state(state: SaveState, where: str) -> None:
+    if state.fill is not None or state.saved_samples is None:
+        raise TypeError(
+            f"{where}: this state has a ring buffer (it is a jaxsave.save() state); pass the state "
+            "returned by this no_save()'s init, or by the previous save"
+        )
 
 
 def no_save() -> Saver:

@@ -35,11 +35,16 @@ class SaveState(NamedTuple):
     :func:`no_save`, every kept sample; ``keep_mask`` the keep bits of the ring
     buffer's rows; ``step`` the number of ``save`` calls so far. Streaming only:
     ``fill`` is the number of rows of the current block in use (a row is taken
-    only by a step that some chain keeps), ``block_start`` the step it began at.
+    only by a step that some chain keeps). ``saved_samples`` counts the kept
+    samples for :func:`no_save`; a streaming state leaves it ``None``: the host
+    counts the samples and steps of every block it receives, so the loop carries no
+    counter for them (``postprocess`` returns the count). ``block_start`` is the
+    step the current block began at, kept up to date under vmap only (it orders
+    XLA:CPU's vmapped loop body; docs/performance.md).
     """
 
     chain_id: jax.Array
-    saved_samples: jax.Array
+    saved_samples: Any
     data: Any
     keep_mask: Any
     step: jax.Array

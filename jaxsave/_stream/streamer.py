@@ -91,6 +91,9 @@ class Streamer(SaverBase):
         self.exited = False  # the interpreter is exiting: the writer was stopped by the exit hook
         self.traced = False  # save() (or save_rows) was traced: a loop that saves was built
         self.flush = _flush.make_flush(self._receive, self.checkpoint_every)
+        # chain -> (steps, kept samples) of the blocks that reached the host: the loop carries no
+        # counter for a block's first step or for the samples kept, the host counts them here.
+        self.counted: dict[int, tuple[int, int]] = {}
         self._lock = threading.RLock()  # chains may be registered (and finished) from several threads
 
     @property
@@ -196,6 +199,7 @@ class Streamer(SaverBase):
                     )
                 )
                 writer.add_chain(chain, capacity)
+                self.counted[chain] = (0, 0)
                 self.registered.append(chain)
                 ids.append(chain)
             writer.add_group(ids)  # they advance together: checkpoints are stored step by step
@@ -245,13 +249,13 @@ class Streamer(SaverBase):
                 static_information=static_information,
             )
             writer.add_chain(chain, capacity, start=step, written=count)
+            self.counted[chain] = (step, count)
             self.finished_chains.discard(chain)
             if chain not in self.registered:
                 self.registered.append(chain)
         writer.add_group(ids)
         batched = len(ids) > 1
         step = jnp.asarray(steps, jnp.int32) if batched else jnp.int32(steps[0])
-        saved = jnp.asarray(counts, jnp.int32) if batched else jnp.int32(counts[0])
         if self.checkpoint_spec is not None:
             tree = _resume.checkpoint_tree(ckpt.solver_state, ckpt.scheduler_state)
             check_like(
@@ -260,13 +264,13 @@ class Streamer(SaverBase):
                 "the checkpoint to resume",
             )
         state = self._new_state(ids, len(ids) if batched else None)
-        return state._replace(step=step, saved_samples=saved, block_start=step)
+        return state._replace(step=step, block_start=step)
 
     def _new_state(self, ids: list[int], chains: int | None) -> SaveState:
         """A fresh state for chains ``ids`` (stacked when ``chains``), from step 0."""
         state = SaveState(
             chain_id=jnp.int32(ids[0]),
-            saved_samples=jnp.int32(0),
+            saved_samples=None,  # counted on the host (self.counted)
             data=self.packing.zeros(),
             keep_mask=jnp.zeros((self.block_size,), jnp.bool_),
             step=jnp.int32(0),
@@ -304,9 +308,11 @@ class Streamer(SaverBase):
         _check_ring(state, "save()")
         # The row at `fill` is written every step but taken only when kept: a step
         # nobody keeps is overwritten by the next one.
+        # Per step: one row and one keep bit written in place, the step and the row counters, the
+        # flush predicate. The block's first step and the kept count are the host's to count
+        # (under vmap the state carries the block start as well: _flush.carried_start).
         data, mask = self.packing.write(state.data, state.keep_mask, leaves, keep, state.fill)
         step = state.step + 1
-        saved = state.saved_samples + keep.astype(jnp.int32)
         fill = advance(state.fill, keep)
         full = fill == state.keep_mask.shape[-1]
         ckpt = None
@@ -314,17 +320,14 @@ class Streamer(SaverBase):
             full = full | (step % self.checkpoint_every == 0)
             tree = _resume.checkpoint_tree(solver_state, scheduler_state)
             check_like(tree, self.checkpoint_spec, "the solver_state/scheduler_state passed to save()")
-            ckpt = (tuple(_resume.to_device_leaves(tree)), saved)
-        # The flush reads a fresh copy of the block's start, not the carried value that this step
-        # replaces: reading it (under the cond) while the step overwrites it made XLA:CPU copy it
-        # and run the loop body on two threads, 2.7 us more per step (docs/performance.md).
-        start = lax.select(full, state.block_start, step)
+            ckpt = tuple(_resume.to_device_leaves(tree))
+        start = lax.select(full, state.block_start, step)  # read by a vmapped flush only
         self.flush(full, (full, state.chain_id, start, step, fill, mask, data, ckpt))
         if self.packing.unbuffered:  # the row just sent was the whole block
             data = state.data
         fill = lax.select(full, jnp.zeros_like(fill), fill)
-        block_start = lax.select(full, step, state.block_start)
-        return SaveState(state.chain_id, saved, data, mask, step, fill, block_start), None
+        block_start = _flush.carried_start(state.block_start, full, step)
+        return SaveState(state.chain_id, None, data, mask, step, fill, block_start), None
 
     # -- whole blocks (traced; jaxsave.scan) --------------------------------------------
 
@@ -366,16 +369,14 @@ class Streamer(SaverBase):
         )  # fmt: skip
         n = mask.shape[-1]
         step = state.step + (n if steps is None else steps)
-        saved = state.saved_samples + jnp.sum(mask, dtype=jnp.int32)
         ckpt = None
         if self.checkpoint_every:
             tree = _resume.checkpoint_tree(solver_state, scheduler_state)
             check_like(tree, self.checkpoint_spec, "the checkpoint of jaxsave.scan's carry")
-            ckpt = (tuple(_resume.to_device_leaves(tree)), saved)
+            ckpt = tuple(_resume.to_device_leaves(tree))
         start = jnp.where(held, state.step, state.block_start)
         self.flush(True, (jnp.bool_(True), state.chain_id, start, step, jnp.int32(n), mask, rows, ckpt))
-        return state._replace(saved_samples=saved, step=step, fill=jnp.zeros_like(state.fill),
-                              block_start=step)  # fmt: skip
+        return state._replace(step=step, fill=jnp.zeros_like(state.fill), block_start=step)
 
     # -- host ------------------------------------------------------------------------
 
@@ -390,9 +391,8 @@ class Streamer(SaverBase):
             return
         try:
             meta, data, solver = payload
-            active, chains, ends, saved, starts, fills, mask = _flush.decode(meta)
+            active, chains, _, ends, fills, mask = _flush.decode(meta)
             rows = mask.shape[1]
-            self._check_no_checkpoint_skipped(chains[active], starts[active], ends[active])
             if (ends != ends[0]).any() or (fills != rows).any():
                 raise SaverStateError(
                     f"the vmapped chains {chains.tolist()} are at different steps {ends.tolist()}: "
@@ -405,6 +405,7 @@ class Streamer(SaverBase):
                     f"chain(s) {finished or chains[active].tolist()} saved samples after postprocess "
                     "finished them; start again from init"
                 )
+            starts, saved = self._count(chains, ends, mask, active, tail=False)
             leaves = [x[:, :rows] for x in self.packing.unpack(data)]
             block = Block(chains, starts, ends, mask, leaves, keepalive=payload)
             if solver is not None:
@@ -435,6 +436,34 @@ class Streamer(SaverBase):
         except BaseException as error:  # noqa: BLE001 - kept for postprocess, never raised on XLA threads
             if writer is not None:
                 writer.fail(error)
+
+    def _count(
+        self, chains: np.ndarray, ends: np.ndarray, mask: np.ndarray, active: np.ndarray, *, tail: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The first steps of the active chains' blocks and the samples they kept up to
+        ``ends``, from the blocks received before; counts these blocks in."""
+        with self._lock:
+            before = np.array([self.counted.get(c, (0, 0)) for c in chains.tolist()], np.int64).reshape(-1, 2)
+            starts, saved = before[:, 0], before[:, 1] + mask.sum(axis=1)
+            least = max(mask.shape[1], int(not tail))  # a step a row; a block sent by save(): one at least
+            self._check_advanced(chains[active], starts[active], ends[active], least)
+            self._check_no_checkpoint_skipped(chains[active], starts[active], ends[active])
+            for i in np.flatnonzero(active).tolist():
+                self.counted[int(chains[i])] = (int(ends[i]), int(saved[i]))
+        return starts, saved
+
+    @staticmethod
+    def _check_advanced(chains: np.ndarray, starts: np.ndarray, ends: np.ndarray, least: int) -> None:
+        """Refuse a block that covers fewer than ``least`` steps (one a row, and one at least
+        unless it is the tail): the blocks of a saving state that was run again."""
+        short = np.flatnonzero(ends - starts < least)
+        if len(short):
+            i = short[0]
+            raise SaverStateError(
+                f"chain {int(chains[i])}: a block ending at step {int(ends[i])} arrived after step "
+                f"{int(starts[i])}; a saving state was advanced twice (reuse the state returned by "
+                "the previous run, not an older one)"
+            )
 
     def _check_no_checkpoint_skipped(self, chains: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> None:
         """Refuse blocks that pass a checkpoint step without ending on it (it would be lost)."""
@@ -475,23 +504,24 @@ class Streamer(SaverBase):
         chains = np.asarray(state.chain_id).reshape(-1)
         self._register_finished(chains)
         steps = np.asarray(state.step).reshape(-1)
-        counts = np.asarray(state.saved_samples).reshape(-1)
-        starts = np.asarray(state.block_start).reshape(-1)
+        counts = np.zeros(len(chains), np.int64)
         fills = np.asarray(state.fill).reshape(-1)
         mask = np.asarray(state.keep_mask).reshape(len(chains), -1)
         leaves = self.packing.unpack(state.data)
         try:
-            self._check_no_checkpoint_skipped(chains, starts, steps)
             for tail in np.unique(fills):
                 pick = np.flatnonzero(fills == tail)
-                for i in pick:
-                    writer.wait_for(int(chains[i]), int(starts[i]))
+                every = np.ones(len(pick), bool)
+                tails = mask[pick, :tail]
+                starts, counts[pick] = self._count(chains[pick], steps[pick], tails, every, tail=True)
+                for chain, start in zip(chains[pick].tolist(), starts.tolist()):
+                    writer.wait_for(chain, start)
                 writer.submit(
                     Block(
                         chains[pick],
-                        starts[pick],
+                        starts,
                         steps[pick],
-                        mask[pick, :tail],
+                        tails,
                         [x[pick, :tail] for x in leaves],
                         tail=True,
                     )

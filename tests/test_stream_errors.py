@@ -240,6 +240,29 @@ def test_stacking_chains_at_different_steps_is_refused():
     streamer.writer.close()
 
 
+def test_no_save_refuses_a_one_chain_state_closed_over_by_vmap():
+    """Each vmapped lane writes its own copy of the closed-over buffer, but all under chain id 0:
+    postprocess names the mistake instead of returning 4 chains that the saver counts as one."""
+    init, save, postprocess = jaxsave.no_save()
+    state = init({"x": jnp.zeros(2)}, None, jaxsave.static_information(samples_collected=5))
+
+    def chain(x0):
+        return jax.lax.scan(lambda s, i: save(s, True, {"x": x0 + i}), state, jnp.arange(3.0))[0]
+
+    out = jax.vmap(chain)(jnp.zeros((4, 2)))
+    with pytest.raises(jaxsave.SaverStateError, match=r"chain id\(s\) \[0\] more than once"):
+        postprocess(out, None)
+
+
+def test_postprocess_refuses_a_state_stacked_with_itself():
+    saver = jaxsave.save(jaxsave.MemoryCollector(), block_size=4)
+    state = saver.init({"x": jnp.zeros(2)}, None)
+    twice = jax.tree.map(lambda x: jnp.stack([x, x]), state)
+    with pytest.raises(jaxsave.SaverStateError, match="more than once"):
+        saver.postprocess(twice, None)
+    assert saver.postprocess(state, None)["sample_count"] == 0  # the chain is still open
+
+
 def test_no_save_refuses_a_solver_state_it_cannot_checkpoint():
     init, save, _ = jaxsave.no_save()
     state = init({"x": jnp.zeros(2)}, None, jaxsave.static_information(samples_collected=2))

@@ -178,6 +178,14 @@ class SaverBase:
         return keep
 
     def _register_finished(self, chains: np.ndarray) -> None:
+        ids, counts = np.unique(chains, return_counts=True)
+        if (counts > 1).any():
+            raise SaverStateError(
+                f"the state holds chain id(s) {ids[counts > 1].tolist()} more than once (chain ids "
+                f"{chains.tolist()}): a one-chain state was closed over, or passed with in_axes=None, "
+                "in a jax.vmap, or one state was stacked with itself. Create vmapped chains with "
+                "init(init_sample, ..., chains=C) and vmap over the state (in_axes=0)"
+            )
         again = sorted(set(chains.tolist()) & self.finished_chains)
         if again:
             raise SaverStateError(f"postprocess was already called for chain(s) {again}")

@@ -399,3 +399,44 @@ def test_the_loop_body_is_not_split_over_threads(thunk_logs, case):
         )
         pytest.xfail(f"{ready} ready thunks: the copies of the carried block_start and saved_samples")
     assert ready <= _thunk_graph.SPLIT_THRESHOLD, f"{ready} thunks ready at once: XLA:CPU splits every step"
+
+
+def _blocks_to_hdf5(path, blocks: int) -> None:
+    saver = jaxsave.save(jaxsave.HDF5Collector(path), block_size=4)
+    state = saver.init({"x": jnp.zeros(3)})
+    run = jax.jit(
+        lambda s: jax.lax.scan(
+            lambda s, i: saver.save(s, True, {"x": jnp.full(3, i, jnp.float32)}), s, jnp.arange(4 * blocks)
+        )[0]
+    )
+    saver.postprocess(run(state))
+
+
+def test_a_block_reads_no_driver_and_checks_the_free_space_once(tmp_path, monkeypatch):
+    """Per block the HDF5 writer checks the free space (one statvfs: the full-disk safety) but
+    reads no ``File.driver`` (10 us each; read once per handle opened)."""
+    import os
+
+    import h5py
+
+    counts = {"driver": 0, "statvfs": 0}
+    driver = h5py.File.driver
+    statvfs = os.statvfs
+
+    def counting_driver(self):
+        counts["driver"] += 1
+        return driver.fget(self)
+
+    def counting_statvfs(path):
+        counts["statvfs"] += 1
+        return statvfs(path)
+
+    monkeypatch.setattr(h5py.File, "driver", property(counting_driver))
+    monkeypatch.setattr(os, "statvfs", counting_statvfs)
+    seen = []
+    for blocks in (4, 16):
+        counts.update(driver=0, statvfs=0)
+        _blocks_to_hdf5(tmp_path / f"{blocks}.h5", blocks)
+        seen.append(dict(counts))
+    assert seen[0]["driver"] == seen[1]["driver"], seen  # per handle, not per block
+    assert seen[1]["statvfs"] - seen[0]["statvfs"] == 12, seen  # one per block

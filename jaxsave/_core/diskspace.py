@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 
 try:
     import resource as _resource
 except ImportError:  # not POSIX: no file-size limit
     _resource = None  # type: ignore[assignment]
 
-__all__ = ["MARGIN", "check_room"]
+__all__ = ["MARGIN", "Room", "check_room"]
 
 #: Free space kept beyond what a write may need (HDF5 metadata, the last flush).
 MARGIN = 2 * 2**20
@@ -29,22 +28,51 @@ def check_room(path: str, needed: int, held: str = "") -> None:
 
     ``held`` is added to the message (what the file keeps, e.g. the samples written so far).
     """
-    needed += MARGIN
-    path = os.path.abspath(path)
-    free = shutil.disk_usage(os.path.dirname(path)).free
-    tail = f"; {held}" if held else ""
-    if needed > free:
-        raise OSError(
-            errno.ENOSPC,
-            f"No space left on device for {path}: {free / 2**20:.1f} MiB free, "
-            f"the write needs up to {needed / 2**20:.1f} MiB{tail}",
-        )
-    if _resource is not None:
+    Room(path).check(needed, held)
+
+
+class Room:
+    """:func:`check_room` for one path, checked again and again (per block written): its
+    absolute path and directory are resolved once; each check is one ``statvfs``, one
+    ``getrlimit`` and, under a file-size limit only, one ``stat``.
+
+    >>> import tempfile, os
+    >>> room = Room(os.path.join(tempfile.mkdtemp(), "run.h5"))
+    >>> room.check(1024)  # room for 1 KiB (and the margin)
+    >>> room.check(2**62)  # doctest: +IGNORE_EXCEPTION_DETAIL
+    Traceback (most recent call last):
+    OSError: [Errno 28] No space left on device for ...
+    """
+
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+        self.directory = os.path.dirname(self.path)
+
+    def check(self, needed: int, held: str = "") -> None:
+        """Raise ``OSError`` (``ENOSPC`` or ``EFBIG``) if the file cannot grow by ``needed``
+        bytes plus :data:`MARGIN`; ``held`` is added to the message."""
+        needed += MARGIN
+        fs = os.statvfs(self.directory)
+        free = fs.f_bavail * fs.f_frsize  # what shutil.disk_usage calls free
+        tail = f"; {held}" if held else ""
+        if needed > free:
+            raise OSError(
+                errno.ENOSPC,
+                f"No space left on device for {self.path}: {free / 2**20:.1f} MiB free, "
+                f"the write needs up to {needed / 2**20:.1f} MiB{tail}",
+            )
+        if _resource is None:
+            return
         limit = _resource.getrlimit(_resource.RLIMIT_FSIZE)[0]
-        size = os.path.getsize(path) if os.path.exists(path) else 0
-        if limit != _resource.RLIM_INFINITY and size + needed > limit:
+        if limit == _resource.RLIM_INFINITY:
+            return
+        try:
+            size = os.stat(self.path).st_size
+        except FileNotFoundError:
+            size = 0
+        if size + needed > limit:
             raise OSError(
                 errno.EFBIG,
-                f"File too large: {path} would pass this process's file size limit "
+                f"File too large: {self.path} would pass this process's file size limit "
                 f"(ulimit -f) of {limit} bytes{tail}",
             )

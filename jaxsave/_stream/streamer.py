@@ -325,7 +325,11 @@ class Streamer(SaverBase):
         self.flush(full, (full, state.chain_id, start, step, fill, mask, data, ckpt))
         if self.packing.unbuffered:  # the row just sent was the whole block
             data = state.data
-        fill = lax.select(full, jnp.zeros_like(fill), fill)
+        # Reset on a flush as `fill & -1` / `fill & 0`, not `select(full, 0, fill)`: with checkpoints,
+        # that select was the only reader of a constant 0 in the loop body besides the user's inner
+        # loops (a key split's), and XLA:CPU copied the 0 for each at the top of the body: 10 thunks
+        # ready at once there, so XLA:CPU split every step over two threads (tests/_thunk_graph.py).
+        fill = fill & (full.astype(fill.dtype) - 1)
         block_start = _flush.carried_start(state.block_start, full, step)
         return SaveState(state.chain_id, None, data, mask, step, fill, block_start), None
 

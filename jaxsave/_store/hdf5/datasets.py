@@ -52,6 +52,9 @@ class ChangingFile(Protocol):
     """
 
     filename: str
+    #: The HDF5 driver of :attr:`file` (``None`` if it was not open), read once per handle: ``File.driver``
+    #: costs 10 us, and the free space is checked per block only for the ``sec2``/``stdio`` drivers.
+    driver: str | None
 
     @property
     def file(self) -> h5py.File: ...
@@ -125,6 +128,7 @@ class HDF5Datasets(abc.ABC):
         self._row_bytes: list[int] = []  # sample.row_bytes(j): a leaf's chunk looks at every leaf's
         self._sample_row_bytes = 0  # ... and at their sum
         self._chunk_bytes = 0  # bytes of one chunk of every leaf, of the datasets created (0: none yet)
+        self._room: tuple[str, _diskspace.Room] | None = None  # the file's free-space check, made once
 
     @staticmethod
     def for_layout(layout: str, held: ChangingFile, compression: str | None, rows: ChainRows) -> HDF5Datasets:
@@ -295,12 +299,13 @@ class HDF5Datasets(abc.ABC):
         Room is needed for the block, a chunk per dataset and chain it may newly
         allocate and one still in the chunk cache.
         """
-        if self._held.file.driver not in ("sec2", "stdio"):
+        if self._held.driver not in ("sec2", "stdio"):
             return
         needed = sum(v.nbytes for v in values) + 2 * chains * self._bytes_per_chunk_row(block)
-        _diskspace.check_room(
-            self._held.filename, needed, f"the file keeps the {sum(self.rows.counts)} samples written before"
-        )
+        name = self._held.filename
+        if self._room is None or self._room[0] != name:
+            self._room = (name, _diskspace.Room(name))
+        self._room[1].check(needed, f"the file keeps the {sum(self.rows.counts)} samples written before")
 
     def _bytes_per_chunk_row(self, block: int) -> int:
         """Bytes of one chunk of every leaf (one chain): of the datasets created (recorded as

@@ -59,8 +59,11 @@ class HeldFile:
     @file.setter
     def file(self, handle: h5py.File) -> None:
         self._handle = handle
+        #: The handle's HDF5 driver, read once (``File.driver`` costs 10 us; it is needed per block).
+        self.driver: str | None = handle.driver if handle.id.valid else None
         if self.owner is not None:
-            self.owner.track(handle)  # every (re)opened handle: remember its file, the first thing to check
+            # every (re)opened handle: remember its file, the first thing to check
+            self.owner.track(handle, driver=self.driver)
 
     # -- opening ------------------------------------------------------------------------------
 

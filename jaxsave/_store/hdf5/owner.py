@@ -104,10 +104,15 @@ class OwnedFile:
 
     # -- while writing ------------------------------------------------------------------------
 
-    def track(self, handle: h5py.File) -> None:
-        """Remember the file of a (re)opened handle (and its size): the first thing to check."""
+    def track(self, handle: h5py.File, driver: str | None = None) -> None:
+        """Remember the file of a (re)opened handle (and its size): the first thing to check.
+
+        ``driver`` is the handle's HDF5 driver if the caller read it already (read here if not).
+        """
         self._handle, self._on_disk = handle, None
-        if handle.id.valid and handle.driver == "sec2":
+        if driver is None and handle.id.valid:
+            driver = handle.driver
+        if handle.id.valid and driver == "sec2":
             fd = handle.id.get_vfd_handle()
             mine = os.fstat(fd)
             self._on_disk = (mine.st_dev, mine.st_ino, mine.st_size, fd)

@@ -415,6 +415,12 @@ _STEPS = [f"{k}-{b}-{t}" for k in ("hdf5", "ckpt") for b in ("light", "heavy") f
 _OVER_WITH_OLD_COUNTERS = {"hdf5-light-1", "hdf5-heavy-1", "ckpt-light-1", "ckpt-heavy-1", "ckpt-heavy-10"}
 
 
+# Known, not fixed: on jax 0.12 the unthinned heavy step still has 10 thunks ready at once (the
+# loop counter's copy feeds four of save()'s scalar kernels while the key split's second stage is
+# ready): 3.2 us a step against 1.3 for the light step (docs/performance.md, session 11).
+_OVER_ON_JAX_012 = {"hdf5-heavy-1"}
+
+
 def _carries_old_counters() -> bool:
     saver = jaxsave.save(jaxsave.MemoryCollector())
     state = saver.init({"x": jnp.zeros(2)})
@@ -422,6 +428,10 @@ def _carries_old_counters() -> bool:
     return (
         getattr(state, "block_start", None) is not None and getattr(state, "saved_samples", None) is not None
     )
+
+
+def _jax_version() -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", jax.__version__)[:2])
 
 
 @pytest.fixture(scope="module")
@@ -445,6 +455,9 @@ def test_the_loop_body_is_not_split_over_threads(thunk_logs, case):
             f"{case} is no longer split: drop it from the known cases"
         )
         pytest.xfail(f"{ready} ready thunks: the copies of the carried block_start and saved_samples")
+    if case in _OVER_ON_JAX_012 and _jax_version() >= (0, 12):
+        assert ready > _thunk_graph.SPLIT_THRESHOLD, f"{case} is no longer split on jax 0.12: drop it"
+        pytest.xfail(f"{ready} ready thunks on jax {jax.__version__}: a known case (docs/performance.md)")
     assert ready <= _thunk_graph.SPLIT_THRESHOLD, f"{ready} thunks ready at once: XLA:CPU splits every step"
 
 

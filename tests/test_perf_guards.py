@@ -11,6 +11,7 @@ import io
 import json
 import re
 import struct
+import threading
 
 import jax
 import jax.extend
@@ -500,3 +501,26 @@ def test_a_block_reads_no_driver_and_checks_the_free_space_once(tmp_path, monkey
         seen.append(dict(counts))
     assert seen[0]["driver"] == seen[1]["driver"], seen  # per handle, not per block
     assert seen[1]["statvfs"] - seen[0]["statvfs"] == 12, seen  # one per block
+
+
+def test_the_callback_leaves_the_unpacking_of_samples_to_the_writer(monkeypatch):
+    """Issue 17: the flush callback runs on the XLA thread that the loop waits for; cutting a
+    block of 100 leaves into per-leaf views took 0.46 of its 0.65 ms. Only the writer unpacks."""
+    from jaxsave._stream.packing import Packing
+
+    threads = []
+    original = Packing.unpack
+
+    def unpack(self, buffers):
+        threads.append(threading.current_thread().name)
+        return original(self, buffers)
+
+    monkeypatch.setattr(Packing, "unpack", unpack)
+    saver = jaxsave.save(jaxsave.MemoryCollector(), block_size=4)
+    sample = {f"w{i}": jnp.zeros(3) for i in range(10)}
+    state = saver.init(sample)
+    run = jax.jit(lambda s: jax.lax.scan(lambda s, i: saver.save(s, True, sample), s, jnp.arange(20))[0])
+    out = saver.postprocess(run(state))
+    assert out["sample_count"] == 20
+    from_callbacks = [t for t in threads if t != threading.main_thread().name]
+    assert len(from_callbacks) == 5 and all(t.startswith("jaxsave-writer") for t in from_callbacks), threads

@@ -410,23 +410,30 @@ class Streamer(SaverBase):
                     "finished them; start again from init"
                 )
             starts, saved = self._count(chains, ends, mask, active, tail=False)
-            leaves = [x[:, :rows] for x in self.packing.unpack(data)]
-            block = Block(chains, starts, ends, mask, leaves, keepalive=payload)
+            checkpoints = None
             if solver is not None:
                 flat = unpack(solver, solver_packing)
-                block.checkpoints = _resume.records(
+                checkpoints = _resume.records(
                     chains, ends, saved, flat, active & (ends % self.checkpoint_every == 0)
                 )
-            if not active.all():
-                pick = np.flatnonzero(active)
-                block = Block(
-                    chains[pick],
-                    starts[pick],
-                    ends[pick],
-                    mask[pick],
-                    [x[pick] for x in leaves],
-                    checkpoints=block.checkpoints,
-                )
+            every = bool(active.all())
+            pick = slice(None) if every else np.flatnonzero(active)
+            packing = self.packing
+
+            def sample_leaves() -> list[np.ndarray]:  # on the writer's thread
+                return [x[:, :rows] if every else x[pick, :rows] for x in packing.unpack(data)]
+
+            block = Block(
+                chains[pick],
+                starts[pick],
+                ends[pick],
+                mask[pick],
+                None,
+                checkpoints=checkpoints,
+                keepalive=payload,
+                unpack=sample_leaves,
+                packed_bytes=sum(np.asarray(b).nbytes for b in data),
+            )
             writer.submit(block)
         except SaverStateError as error:
             self.late_error = self.late_error or error

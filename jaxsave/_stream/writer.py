@@ -40,20 +40,35 @@ class Block:
     ``leaves[j]`` has shape ``(chains, rows, ...)``; ``mask[i, r]`` is the keep bit
     of row ``r`` of chain ``chain_ids[i]``. The block covers the steps
     ``starts[i] .. ends[i]`` of the chain; its rows are the steps some chain kept.
+
+    A block from the device may come with ``leaves=None`` and ``unpack``, which
+    makes them from the packed buffers (``packed_bytes`` of them) on the writer's
+    thread (:meth:`sample_leaves`), not on the XLA thread that runs the callback:
+    for a sample of 100 leaves that took 0.46 of the callback's 0.65 ms a block.
     """
 
     chain_ids: np.ndarray
     starts: np.ndarray
     ends: np.ndarray
     mask: np.ndarray
-    leaves: list[np.ndarray]
+    leaves: list[np.ndarray] | None
     tail: bool = False
     checkpoints: dict | None = None  # {chain: ChainCheckpoint}, stored after the block's samples
     keepalive: Any = field(default=None, repr=False)  # owners of the leaves' memory
+    unpack: Callable[[], list[np.ndarray]] | None = field(default=None, repr=False)
+    packed_bytes: int = 0
 
     @property
     def nbytes(self) -> int:
-        return sum(leaf.nbytes for leaf in self.leaves)
+        return self.packed_bytes if self.leaves is None else sum(leaf.nbytes for leaf in self.leaves)
+
+    def sample_leaves(self) -> list[np.ndarray]:
+        """``leaves``, made by ``unpack`` at the first call if the block came packed."""
+        if self.leaves is None:
+            if self.unpack is None:
+                raise ValueError("a Block needs leaves or unpack")
+            self.leaves, self.unpack = self.unpack(), None
+        return self.leaves
 
 
 class _ByteBoundedQueue:
@@ -317,7 +332,7 @@ class Writer:
         self._pending_bytes[group] -= sum(_nbytes(r) for r in held.values())
 
     def _hand_over(self, block: Block) -> None:
-        mask, leaves = block.mask, block.leaves
+        mask, leaves = block.mask, block.sample_leaves()
         if (mask == mask[:1]).all():
             rows = mask[0]
             if not rows.all():

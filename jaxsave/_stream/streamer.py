@@ -33,6 +33,7 @@ from jaxsave._stream import flush as _flush
 from jaxsave._stream import resume as _resume
 from jaxsave._stream import sharding as _sharding
 from jaxsave._stream import shutdown
+from jaxsave._stream.counting import BlockCounter
 from jaxsave._stream.packing import Packing, advance, unpack
 from jaxsave._stream.progress import start_bar
 from jaxsave._stream.resume import Checkpoint
@@ -91,9 +92,7 @@ class Streamer(SaverBase):
         self.exited = False  # the interpreter is exiting: the writer was stopped by the exit hook
         self.traced = False  # save() (or save_rows) was traced: a loop that saves was built
         self.flush = _flush.make_flush(self._receive, self.checkpoint_every)
-        # chain -> (steps, kept samples) of the blocks that reached the host: the loop carries no
-        # counter for a block's first step or for the samples kept, the host counts them here.
-        self.counted: dict[int, tuple[int, int]] = {}
+        self.counter = BlockCounter(checkpoint_every)  # the host counts blocks' steps and samples
         self._lock = threading.RLock()  # chains may be registered (and finished) from several threads
 
     @property
@@ -199,7 +198,7 @@ class Streamer(SaverBase):
                     )
                 )
                 writer.add_chain(chain, capacity)
-                self.counted[chain] = (0, 0)
+                self.counter.start(chain)
                 self.registered.append(chain)
                 ids.append(chain)
             writer.add_group(ids)  # they advance together: checkpoints are stored step by step
@@ -249,7 +248,7 @@ class Streamer(SaverBase):
                 static_information=static_information,
             )
             writer.add_chain(chain, capacity, start=step, written=count)
-            self.counted[chain] = (step, count)
+            self.counter.start(chain, step, count)
             self.finished_chains.discard(chain)
             if chain not in self.registered:
                 self.registered.append(chain)
@@ -270,7 +269,7 @@ class Streamer(SaverBase):
         """A fresh state for chains ``ids`` (stacked when ``chains``), from step 0."""
         state = SaveState(
             chain_id=jnp.int32(ids[0]),
-            saved_samples=None,  # counted on the host (self.counted)
+            saved_samples=None,  # counted on the host (self.counter)
             data=self.packing.zeros(),
             keep_mask=jnp.zeros((self.block_size,), jnp.bool_),
             step=jnp.int32(0),
@@ -409,7 +408,7 @@ class Streamer(SaverBase):
                     f"chain(s) {finished or chains[active].tolist()} saved samples after postprocess "
                     "finished them; start again from init"
                 )
-            starts, saved = self._count(chains, ends, mask, active, tail=False)
+            starts, saved = self.counter.count(chains, ends, mask, active, tail=False)
             checkpoints = None
             if solver is not None:
                 flat = unpack(solver, solver_packing)
@@ -448,50 +447,6 @@ class Streamer(SaverBase):
             if writer is not None:
                 writer.fail(error)
 
-    def _count(
-        self, chains: np.ndarray, ends: np.ndarray, mask: np.ndarray, active: np.ndarray, *, tail: bool
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """The first steps of the active chains' blocks and the samples they kept up to
-        ``ends``, from the blocks received before; counts these blocks in."""
-        with self._lock:
-            before = np.array([self.counted.get(c, (0, 0)) for c in chains.tolist()], np.int64).reshape(-1, 2)
-            starts, saved = before[:, 0], before[:, 1] + mask.sum(axis=1)
-            least = max(mask.shape[1], int(not tail))  # a step a row; a block sent by save(): one at least
-            self._check_advanced(chains[active], starts[active], ends[active], least)
-            self._check_no_checkpoint_skipped(chains[active], starts[active], ends[active])
-            for i in np.flatnonzero(active).tolist():
-                self.counted[int(chains[i])] = (int(ends[i]), int(saved[i]))
-        return starts, saved
-
-    @staticmethod
-    def _check_advanced(chains: np.ndarray, starts: np.ndarray, ends: np.ndarray, least: int) -> None:
-        """Refuse a block that covers fewer than ``least`` steps (one a row, and one at least
-        unless it is the tail): the blocks of a saving state that was run again."""
-        short = np.flatnonzero(ends - starts < least)
-        if len(short):
-            i = short[0]
-            raise SaverStateError(
-                f"chain {int(chains[i])}: a block ending at step {int(ends[i])} arrived after step "
-                f"{int(starts[i])}; a saving state was advanced twice (reuse the state returned by "
-                "the previous run, not an older one)"
-            )
-
-    def _check_no_checkpoint_skipped(self, chains: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> None:
-        """Refuse blocks that pass a checkpoint step without ending on it (it would be lost)."""
-        every = self.checkpoint_every
-        if not every:
-            return
-        passed = (ends - 1) // every * every  # the last checkpoint step before each block's end
-        bad = np.flatnonzero(passed > starts)
-        if len(bad):
-            i = bad[0]
-            raise SaverStateError(
-                f"chain {int(chains[i])}: the block of steps {int(starts[i])}..{int(ends[i])} passes "
-                f"the checkpoint step {int(passed[i])} (checkpoint_every={every}) without taking "
-                "it; jaxsave.scan's blocks end on checkpoint steps when its state starts on a "
-                "multiple of its block length (a fresh or resumed state does)"
-            )
-
     def _raise_late_error(self) -> None:
         if self.late_error is not None:
             error, self.late_error = self.late_error, None
@@ -524,7 +479,7 @@ class Streamer(SaverBase):
                 pick = np.flatnonzero(fills == tail)
                 every = np.ones(len(pick), bool)
                 tails = mask[pick, :tail]
-                starts, counts[pick] = self._count(chains[pick], steps[pick], tails, every, tail=True)
+                starts, counts[pick] = self.counter.count(chains[pick], steps[pick], tails, every, tail=True)
                 for chain, start in zip(chains[pick].tolist(), starts.tolist()):
                     writer.wait_for(chain, start)
                 writer.submit(

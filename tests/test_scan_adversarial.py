@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import jaxsave
+from jaxsave._stream.packing import with_span
 
 
 def _step(c, i):
@@ -170,7 +171,8 @@ def test_steps_that_end_no_group_are_refused_at_postprocess_if_they_pass_a_check
 
     saver = jaxsave.save(jaxsave.MemoryCollector(), checkpoint_every=4)
     state = saver.init({"i": jnp.int32(0)}, {"c": jnp.int32(0)})
-    state = state._replace(step=state.step + 3)  # a state that took 3 steps and sent nothing
+    # a state that took 3 steps and sent nothing (fill: no row, a span of 3 steps)
+    state = state._replace(step=state.step + 3, fill=with_span(jnp.int32(0), 3))
     with pytest.raises(jaxsave.SaverStateError, match="passes the checkpoint step 4"):
         saver.postprocess(
             jax.jit(

@@ -8,6 +8,7 @@ import pytest
 from _helpers import random_walk
 
 import jaxsave
+from jaxsave._stream.packing import rows_of, span_of
 
 COLLECTORS = ["memory", "hdf5", "hdf5-chains", "device"]
 
@@ -434,7 +435,8 @@ def test_vmapped_chains_share_a_row_when_any_of_them_keeps():
 
     state = jax.jit(jax.vmap(chain))(state, thin)
     # 12 distinct kept steps fill 3 blocks of 4 rows; the last one was sent after step 90.
-    assert state.fill.tolist() == [0, 0] and state.block_start.tolist() == [91, 91]
+    assert rows_of(state.fill).tolist() == [0, 0] and span_of(state.fill).tolist() == [9, 9]
+    assert state.block_start.tolist() == [91, 91]
     assert saver.save.__self__.counter.counted == {0: (91, 10), 1: (91, 4)}
     out = saver.postprocess(state, None)
     assert out["sample_count"].tolist() == [10, 4]

@@ -345,3 +345,120 @@ def test_a_stacked_init_sample_without_chains_names_chains(saver):
 def test_save_of_something_else_than_a_collector_names_the_fix(bad, message):
     with pytest.raises(TypeError, match=f"data_collector must be a jaxsave.DataCollector, {message}"):
         jaxsave.save(bad)
+
+
+# Reused older states that the host's count of block starts does not catch (a block that covers at
+# least as many steps as it has rows since the chain's last block end passes _check_advanced). The
+# code before 28bed9c (the state carried block_start, the writer compared it) refused all three.
+
+
+def _thinned(saver, thin, batched=False):
+    def run(state, start, n):
+        step = lambda s, i: (saver.save(s, i % thin == 0, jnp.float32(i))[0], None)
+        return jax.lax.scan(step, state, start + jnp.arange(n))[0]
+
+    return jax.jit(jax.vmap(run, in_axes=(0, None, None)) if batched else run, static_argnums=2)
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["one chain", "vmapped"])
+def test_an_older_state_run_again_with_sparser_thinning_is_detected(batched):
+    saver = jaxsave.save(jaxsave.MemoryCollector(), block_size=4)
+    state = saver.init(jnp.zeros(2) if batched else jnp.float32(0), None, chains=2 if batched else None)
+    every, fifth = _thinned(saver, 1, batched), _thinned(saver, 5, batched)
+    older = every(state, 0, 6)  # block 0..4 sent, rows 4, 5 held
+    every(older, 6, 4)  # the newest: block 4..8 (rows 4..7) sent
+    try:
+        again = fifth(older, 100, 40)  # older's rows 4, 5 again, then 100, 105, ...: a block of 31 steps
+        jax.block_until_ready(again)
+        out = saver.postprocess(again, None)
+    except Exception as error:  # noqa: BLE001 - the refusal may come at the run or at postprocess
+        assert "advanced twice" in str(error)
+        return
+    finally:
+        saver.init.__self__.writer.close()
+    first = np.atleast_2d(np.asarray(out["samples"]))[0]
+    pytest.fail(f"no error; chain 0 got {first.tolist()} (rows 4 and 5 twice)")
+
+
+def test_the_state_from_before_a_resume_is_refused_after_it(tmp_path):
+    """init(resume=ckpt) resets the host's count to the checkpoint; the abandoned run's state,
+    continued by mistake, must not pass as the resumed chain (its samples from the checkpoint
+    step to where it stopped would be missing)."""
+    path = str(tmp_path / "run.h5")
+    collector = jaxsave.HDF5Collector(path, checkpoint_interval=0)
+    saver = jaxsave.save(collector, checkpoint_every=30, block_size=4)
+
+    def chunk(state, s, start, n):
+        def step(carry, i):
+            state, s = carry
+            s = s + 1
+            return (saver.save(state, i % 3 == 0, jnp.float32(i), solver_state=s)[0], s), None
+
+        return jax.lax.scan(step, (state, s), start + jnp.arange(n))[0]
+
+    run = jax.jit(chunk, static_argnums=3)
+    old, s = run(saver.init(jnp.float32(0), jnp.float32(0)), jnp.float32(0), 0, 75)
+    jax.effects_barrier()
+    ckpt = jaxsave.resume(collector)
+    assert int(ckpt.step) == 60
+    saver.init(jnp.float32(0), jnp.float32(0), resume=ckpt)  # the state to continue: not used
+    try:
+        old, s = run(old, s, 75, 62)  # the pre-resume state, at step 75
+        jax.block_until_ready(old)
+        saver.postprocess(old, None)
+    except Exception as error:  # noqa: BLE001 - the refusal may come at the run or at postprocess
+        assert "advanced twice" in str(error)
+        return
+    finally:
+        saver.init.__self__.writer.close()
+        collector.close()
+    got = np.asarray(jaxsave.load_samples(path)).reshape(-1).tolist()
+    pytest.fail(f"no error; the file holds {len(got)} samples, steps 60..69 missing: {got[18:22]}")
+
+
+def test_a_block_naming_one_chain_twice_reaches_no_collector():
+    """A one-chain state stacked with itself and run under vmap: postprocess refuses it, but the
+    blocks sent during the run were each handed to the collector twice (a file keeps them)."""
+    saver = jaxsave.save(jaxsave.MemoryCollector(), block_size=4)
+    state = saver.init(jnp.float32(0), None)
+    twice = jax.tree.map(lambda x: jnp.stack([x, x]), state)
+    run = jax.jit(
+        jax.vmap(lambda s: jax.lax.scan(lambda s, i: saver.save(s, True, i), s, jnp.arange(10.0))[0])
+    )
+    try:
+        jax.block_until_ready(run(twice))
+    except Exception:  # noqa: BLE001, S110 - refusing the block at the callback is one right answer
+        pass
+    jax.effects_barrier()
+    writer = saver.init.__self__.writer
+    writer.drain()
+    try:
+        assert writer.written[0] == 0, (
+            f"chain 0's rows were handed over twice: {writer.written[0]} for 8 steps"
+        )
+    finally:
+        writer.close()
+
+
+def test_a_state_of_another_saver_is_refused():
+    """A notebook cell re-run: a new saver (and its chain 0), but the old saver's state, 10 steps
+    in, run with the new saver's save: chain 0 of the new saver must not take its samples."""
+
+    def make():
+        saver = jaxsave.save(jaxsave.MemoryCollector(), block_size=4)
+        step = lambda s, i: (saver.save(s, True, jnp.float32(i))[0], None)
+        return saver, jax.jit(lambda s, t: jax.lax.scan(step, s, t + jnp.arange(10))[0])
+
+    old_saver, old_run = make()
+    old = old_run(old_saver.init(jnp.float32(0), None), 0)  # steps 0..9, rows 8 and 9 held
+    saver, run = make()
+    saver.init(jnp.float32(0), None)
+    try:
+        out = saver.postprocess(run(old, 10), None)
+    except Exception as error:  # noqa: BLE001 - the refusal may come at the run or at postprocess
+        assert "advanced twice" in str(error)
+        return
+    finally:
+        old_saver.init.__self__.writer.close()
+        saver.init.__self__.writer.close()
+    pytest.fail(f"no error; the new saver's chain 0 got {np.asarray(out['samples']).tolist()}")

@@ -10,7 +10,8 @@ count catches a saving state that was run twice.
 >>> counter = BlockCounter(checkpoint_every=0)
 >>> counter.start(7)
 >>> mask = np.array([[True, False, True]])
->>> starts, kept = counter.count(np.array([7]), np.array([3]), mask, np.array([True]), tail=False)
+>>> chains, ends, active, spans = np.array([7]), np.array([3]), np.array([True]), np.array([3])
+>>> starts, kept = counter.count(chains, ends, mask, active, spans, tail=False)
 >>> starts.tolist(), kept.tolist(), counter.counted
 ([0], [2], {7: (3, 2)})
 """
@@ -21,6 +22,7 @@ import threading
 
 import numpy as np
 
+from jaxsave._stream.packing import SPAN_MAX
 from jaxsave.errors import SaverStateError
 
 __all__ = ["BlockCounter"]
@@ -40,15 +42,24 @@ class BlockCounter:
             self.counted[chain] = (step, kept)
 
     def count(
-        self, chains: np.ndarray, ends: np.ndarray, mask: np.ndarray, active: np.ndarray, *, tail: bool
+        self,
+        chains: np.ndarray,
+        ends: np.ndarray,
+        mask: np.ndarray,
+        active: np.ndarray,
+        spans: np.ndarray,
+        *,
+        tail: bool,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The first steps of the active chains' blocks and the samples they kept up to
         ``ends`` (the keep bits ``mask``, a row per chain), from the blocks counted before;
-        counts these blocks in. Raises :class:`SaverStateError` for a block that covers fewer
-        steps than it has rows, or passes a checkpoint step without ending on it."""
+        counts these blocks in. ``spans``: the steps each block covers, as the state counted
+        them. Raises :class:`SaverStateError` for a block that does not begin where the
+        chain's last one ended, or passes a checkpoint step without ending on it."""
         with self._lock:
             before = np.array([self.counted.get(c, (0, 0)) for c in chains.tolist()], np.int64).reshape(-1, 2)
             starts, saved = before[:, 0], before[:, 1] + mask.sum(axis=1)
+            _check_continues(chains[active], starts[active], ends[active], np.asarray(spans)[active])
             least = max(mask.shape[1], int(not tail))  # a step a row; a block sent by save(): one at least
             _check_advanced(chains[active], starts[active], ends[active], least)
             self.check_no_checkpoint_skipped(chains[active], starts[active], ends[active])
@@ -71,6 +82,19 @@ class BlockCounter:
                 "it; jaxsave.scan's blocks end on checkpoint steps when its state starts on a "
                 "multiple of its block length (a fresh or resumed state does)"
             )
+
+
+def _check_continues(chains: np.ndarray, starts: np.ndarray, ends: np.ndarray, spans: np.ndarray) -> None:
+    """Refuse a block whose first step, by the state's count, is not where the host's count of
+    the chain ends: an older state run again, or a state of another saver or run."""
+    wrong = np.flatnonzero((spans < SPAN_MAX) & (ends - spans != starts))
+    if len(wrong):
+        i = wrong[0]
+        raise SaverStateError(
+            f"chain {int(chains[i])}: a block of steps {int(ends[i] - spans[i])}..{int(ends[i])} arrived "
+            f"after step {int(starts[i])}; a saving state was advanced twice, or came from another "
+            "saver or run (reuse the state returned by this saver's previous run, not an older one)"
+        )
 
 
 def _check_advanced(chains: np.ndarray, starts: np.ndarray, ends: np.ndarray, least: int) -> None:

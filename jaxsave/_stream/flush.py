@@ -24,7 +24,7 @@ from jax import lax
 from jax.custom_batching import custom_vmap
 
 from jaxsave._stream import callback as _callback
-from jaxsave._stream.packing import pack
+from jaxsave._stream.packing import pack, rows_of
 from jaxsave._stream.resume import broadcast_unbatched
 from jaxsave.errors import SaverStateError
 
@@ -38,7 +38,7 @@ class Header(NamedTuple):
     chains: np.ndarray  #: chain ids
     starts: np.ndarray  #: under vmap, the state's ``block_start`` (see :func:`carried_start`); else -1
     ends: np.ndarray  #: the step after the block's last
-    fills: np.ndarray  #: rows of the ring buffer in use
+    fills: np.ndarray  #: rows of the ring buffer in use and steps of the block (packing.rows_of, span_of)
     mask: np.ndarray  #: keep bits of the rows in use, ``(chains, fill)``
 
 
@@ -62,13 +62,13 @@ def encode(
 def decode(header: np.ndarray) -> Header:
     """The :class:`Header` of an :func:`encode` d array (chain axes flattened).
 
-    >>> h = encode(*map(jnp.asarray, (True, 3, -1, 8, 2)), jnp.array([1, 0, 1, 1]))
+    >>> h = encode(*map(jnp.asarray, (True, 3, -1, 8, 2 + (4 << 13))), jnp.array([1, 0, 1, 1]))
     >>> d = decode(np.asarray(h)); d.chains.tolist(), d.ends.tolist(), d.mask.tolist()
     ([3], [8], [[True, False]])
     """
     rows = np.asarray(header).reshape(-1, np.shape(header)[-1])
     active, chains, starts, ends, fills = (rows[:, k] for k in range(len(FIELDS)))
-    used = int(fills[0]) if len(fills) else 0
+    used = int(rows_of(fills[0])) if len(fills) else 0
     mask = rows[:, len(FIELDS) : len(FIELDS) + used].astype(bool)
     return Header(active.astype(bool), chains, starts, ends, fills, mask)
 

@@ -23,7 +23,29 @@ from jax.custom_batching import custom_vmap
 
 from jaxsave._stream.resume import broadcast_unbatched
 
-__all__ = ["Packing", "advance", "pack", "unpack"]
+__all__ = ["SPAN_SHIFT", "Packing", "advance", "pack", "rows_of", "span_of", "unpack", "with_span"]
+
+#: The state's ``fill`` holds two counters in one int32, so that the loop carries one value for
+#: both: the rows of the ring buffer in use (the low bits), and the steps since the block began
+#: (the high bits, saturating at ``SPAN_MAX``), from which the host tells each block's first step.
+SPAN_SHIFT = 13
+ROWS_MASK = (1 << SPAN_SHIFT) - 1  # rows: at most 4096 (a block's automatic size limit)
+SPAN_MAX = (1 << (31 - SPAN_SHIFT)) - 1
+
+
+def rows_of(fill):
+    """The ring buffer's rows in use, of a state's (or a header's) ``fill``."""
+    return fill & ROWS_MASK
+
+
+def span_of(fill):
+    """The steps since the block began, of ``fill`` (``SPAN_MAX``: at least that many)."""
+    return fill >> SPAN_SHIFT
+
+
+def with_span(rows, span):
+    """A ``fill`` of ``rows`` rows and ``span`` steps (saturated at ``SPAN_MAX``)."""
+    return rows + (jnp.minimum(span, SPAN_MAX) << SPAN_SHIFT).astype(jnp.int32)
 
 
 class Slot(NamedTuple):
@@ -140,13 +162,15 @@ def _put_row(buffer: jax.Array, row: jax.Array, index: jax.Array, axis: int) -> 
 
 @custom_vmap
 def advance(fill: jax.Array, keep: jax.Array) -> jax.Array:
-    """The ring buffer's next free row: ``fill + keep``, so only kept steps take a row.
+    """``fill`` after a step: a row more if ``keep`` (only kept steps take a row), a step more
+    in its span (see :data:`SPAN_SHIFT`).
 
     Vmapped chains share their rows (one in-place write for all of them), so under
     vmap a row is taken when *any* chain keeps; each chain's keep bits tell the
     host which rows are its own.
     """
-    return fill + keep.astype(fill.dtype)
+    step = jnp.where(span_of(fill) < SPAN_MAX, 1 << SPAN_SHIFT, 0).astype(fill.dtype)
+    return fill + keep.astype(fill.dtype) + step
 
 
 @advance.def_vmap

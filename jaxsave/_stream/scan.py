@@ -21,6 +21,7 @@ import jax
 import numpy as np
 from jax import lax
 
+from jaxsave._stream.packing import rows_of, span_of, with_span
 from jaxsave._stream.state import SaveFn, Saver, SaveState, check_one_chain, check_state
 from jaxsave._stream.streamer import Streamer
 
@@ -127,7 +128,8 @@ def scan(
         state, carry = send(state, carry, _part(grouped, slice(blocks * rows, None)), tail)
     if rest:  # steps that end no group keep nothing: the next block (or postprocess) covers them
         carry, _ = lax.scan(skipped_step, carry, _part(xs, slice(groups * thin, None)), length=rest)
-        state = state._replace(step=state.step + rest)
+        fill = with_span(rows_of(state.fill), span_of(state.fill) + rest)  # the block's span grows
+        state = state._replace(step=state.step + rest, fill=fill)
     return state, carry
 
 

@@ -34,8 +34,9 @@ class SaveState(NamedTuple):
     ``data`` holds the ring buffer (``block_size`` rows per leaf) or, for
     :func:`no_save`, every kept sample; ``keep_mask`` the keep bits of the ring
     buffer's rows; ``step`` the number of ``save`` calls so far. Streaming only:
-    ``fill`` is the number of rows of the current block in use (a row is taken
-    only by a step that some chain keeps). ``saved_samples`` counts the kept
+    ``fill`` packs the number of rows of the current block in use (a row is taken
+    only by a step that some chain keeps) and the steps since the block began, in
+    one int32 (``_stream/packing.py``: ``rows_of``, ``span_of``). ``saved_samples`` counts the kept
     samples for :func:`no_save`; a streaming state leaves it ``None``: the host
     counts the samples and steps of every block it receives, so the loop carries no
     counter for them (``postprocess`` returns the count). ``block_start`` is the

@@ -34,7 +34,7 @@ from jaxsave._stream import resume as _resume
 from jaxsave._stream import sharding as _sharding
 from jaxsave._stream import shutdown
 from jaxsave._stream.counting import BlockCounter
-from jaxsave._stream.packing import Packing, advance, unpack
+from jaxsave._stream.packing import Packing, advance, rows_of, span_of, unpack, with_span
 from jaxsave._stream.progress import start_bar
 from jaxsave._stream.resume import Checkpoint
 from jaxsave._stream.state import Saver, SaverBase, SaveState, check_one_chain, check_state
@@ -310,10 +310,10 @@ class Streamer(SaverBase):
         # Per step: one row and one keep bit written in place, the step and the row counters, the
         # flush predicate. The block's first step and the kept count are the host's to count
         # (under vmap the state carries the block start as well: _flush.carried_start).
-        data, mask = self.packing.write(state.data, state.keep_mask, leaves, keep, state.fill)
+        data, mask = self.packing.write(state.data, state.keep_mask, leaves, keep, rows_of(state.fill))
         step = state.step + 1
-        fill = advance(state.fill, keep)
-        full = fill == state.keep_mask.shape[-1]
+        fill = advance(state.fill, keep)  # a row if kept, and a step: the host tells the block's start
+        full = rows_of(fill) == state.keep_mask.shape[-1]
         ckpt = None
         if self.checkpoint_every:
             full = full | (step % self.checkpoint_every == 0)
@@ -364,7 +364,7 @@ class Streamer(SaverBase):
         check_one_chain(state, "jaxsave.scan")
         _check_ring(state, "jaxsave.scan")
         self.traced = True
-        held = state.fill > 0
+        held = rows_of(state.fill) > 0
         self.flush(
             held,
             (held, state.chain_id, state.block_start, state.step, state.fill, state.keep_mask,
@@ -378,7 +378,9 @@ class Streamer(SaverBase):
             check_like(tree, self.checkpoint_spec, "the checkpoint of jaxsave.scan's carry")
             ckpt = tuple(_resume.to_device_leaves(tree))
         start = jnp.where(held, state.step, state.block_start)
-        self.flush(True, (jnp.bool_(True), state.chain_id, start, step, jnp.int32(n), mask, rows, ckpt))
+        span = jnp.where(held, 0, span_of(state.fill)) + (n if steps is None else steps)
+        fill = with_span(jnp.int32(n), span)
+        self.flush(True, (jnp.bool_(True), state.chain_id, start, step, fill, mask, rows, ckpt))
         return state._replace(step=step, fill=jnp.zeros_like(state.fill), block_start=step)
 
     # -- host ------------------------------------------------------------------------
@@ -396,11 +398,18 @@ class Streamer(SaverBase):
             meta, data, solver = payload
             active, chains, _, ends, fills, mask = _flush.decode(meta)
             rows = mask.shape[1]
-            if (ends != ends[0]).any() or (fills != rows).any():
+            if (ends != ends[0]).any() or (rows_of(fills) != rows).any():
                 raise SaverStateError(
                     f"the vmapped chains {chains.tolist()} are at different steps {ends.tolist()}: "
                     "stack only states that were created together (init(..., chains=n)) and "
                     "advanced together"
+                )
+            ids, times = np.unique(chains, return_counts=True)
+            if (times > 1).any():
+                raise SaverStateError(
+                    f"a block names chain id(s) {ids[times > 1].tolist()} more than once (chain ids "
+                    f"{chains.tolist()}): a one-chain state was closed over, or passed with "
+                    "in_axes=None, in a jax.vmap, or one state was stacked with itself"
                 )
             finished = sorted(set(chains[active].tolist()) & self.finished_chains)
             if finished or writer is None or not writer.alive:
@@ -408,7 +417,7 @@ class Streamer(SaverBase):
                     f"chain(s) {finished or chains[active].tolist()} saved samples after postprocess "
                     "finished them; start again from init"
                 )
-            starts, saved = self.counter.count(chains, ends, mask, active, tail=False)
+            starts, saved = self.counter.count(chains, ends, mask, active, span_of(fills), tail=False)
             checkpoints = None
             if solver is not None:
                 flat = unpack(solver, solver_packing)
@@ -471,7 +480,8 @@ class Streamer(SaverBase):
         self._register_finished(chains)
         steps = np.asarray(state.step).reshape(-1)
         counts = np.zeros(len(chains), np.int64)
-        fills = np.asarray(state.fill).reshape(-1)
+        packed = np.asarray(state.fill).reshape(-1)
+        fills, spans = rows_of(packed), span_of(packed)
         mask = np.asarray(state.keep_mask).reshape(len(chains), -1)
         leaves = self.packing.unpack(state.data)
         try:
@@ -479,7 +489,9 @@ class Streamer(SaverBase):
                 pick = np.flatnonzero(fills == tail)
                 every = np.ones(len(pick), bool)
                 tails = mask[pick, :tail]
-                starts, counts[pick] = self.counter.count(chains[pick], steps[pick], tails, every, tail=True)
+                starts, counts[pick] = self.counter.count(
+                    chains[pick], steps[pick], tails, every, spans[pick], tail=True
+                )
                 for chain, start in zip(chains[pick].tolist(), starts.tolist()):
                     writer.wait_for(chain, start)
                 writer.submit(

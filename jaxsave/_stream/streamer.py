@@ -574,7 +574,16 @@ class Streamer(SaverBase):
                 error,
             )
             return
-        if any(writer.written.get(c, 0) for c in unfinished):
+        if writer.error is not None and unfinished:
+            logger.warning(
+                "jaxsave: the interpreter exits before postprocess finished chain(s) %s, after saving "
+                "failed (%r): the blocks that reached the host after that error were not written; "
+                "those before it %s",
+                unfinished,
+                writer.error,
+                self.collector.exit_note(),
+            )
+        elif any(writer.written.get(c, 0) for c in unfinished):
             logger.warning(
                 "jaxsave: the interpreter exits before postprocess finished chain(s) %s; "
                 "their samples that reached the host %s",

@@ -268,3 +268,32 @@ def test_register_chain_failing_beside_running_chains(tmp_path):
     assert saver.postprocess(state, None)["sample_count"].tolist() == [10, 10]
     assert not _writers()
     np.testing.assert_array_equal(jaxsave.load_samples(path, chain=1)[:, 0], np.arange(10))
+
+
+FAILED_WRITER_CHILD = textwrap.dedent("""
+    import sys
+    import jax, jax.numpy as jnp
+    import jaxsave
+
+    class Failing(jaxsave.MemoryCollector):
+        def save_block(self, chain_ids, values):
+            raise OSError("the disk went away")
+
+    saver = jaxsave.save(Failing(), block_size=4)
+    state = saver.init(jnp.zeros(3), None)
+    step = lambda s, i: saver.save(s, True, jnp.full(3, i, jnp.float32))
+    jax.block_until_ready(jax.jit(lambda s: jax.lax.scan(step, s, jnp.arange(40))[0])(state))
+    print("ran", flush=True)
+""")
+
+
+def test_exit_after_the_writer_failed_says_so(tmp_path):
+    """The exit warning must not say that no sample reached the host when blocks did and the
+    collector failed to store them (found by a helper's attack): it names the error."""
+    script = tmp_path / "child.py"
+    script.write_text(FAILED_WRITER_CHILD)
+    rc, out, err = _finish(python(script), "failed writer")
+    assert rc == 0 and out.strip() == "ran", err[-3000:]
+    warnings = [line for line in err.splitlines() if "exits before postprocess" in line]
+    assert len(warnings) == 1 and "after saving failed" in warnings[0], err[-3000:]
+    assert "the disk went away" in warnings[0] and "none of their samples" not in err, warnings

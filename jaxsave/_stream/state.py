@@ -179,14 +179,7 @@ class SaverBase:
         return keep
 
     def _register_finished(self, chains: np.ndarray) -> None:
-        ids, counts = np.unique(chains, return_counts=True)
-        if (counts > 1).any():
-            raise SaverStateError(
-                f"the state holds chain id(s) {ids[counts > 1].tolist()} more than once (chain ids "
-                f"{chains.tolist()}): a one-chain state was closed over, or passed with in_axes=None, "
-                "in a jax.vmap, or one state was stacked with itself. Create vmapped chains with "
-                "init(init_sample, ..., chains=C) and vmap over the state (in_axes=0)"
-            )
+        check_distinct_chains(chains, "the state")
         again = sorted(set(chains.tolist()) & self.finished_chains)
         if again:
             raise SaverStateError(f"postprocess was already called for chain(s) {again}")
@@ -238,6 +231,18 @@ def _is_array_like(x: Any) -> bool:
         return True
     except TypeError:
         return False
+
+
+def check_distinct_chains(chains: np.ndarray, what: str) -> None:
+    """Refuse ``chains`` (of a state, or a block) that name one chain id more than once."""
+    ids, counts = np.unique(chains, return_counts=True)
+    if (counts > 1).any():
+        raise SaverStateError(
+            f"{what} holds chain id(s) {ids[counts > 1].tolist()} more than once (chain ids "
+            f"{chains.tolist()}): a one-chain state was closed over, or passed with in_axes=None, "
+            "in a jax.vmap, or one state was stacked with itself. Create vmapped chains with "
+            "init(init_sample, ..., chains=C) and vmap over the state (in_axes=0)"
+        )
 
 
 def check_state(state: Any, where: str) -> None:

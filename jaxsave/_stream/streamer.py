@@ -37,7 +37,14 @@ from jaxsave._stream.counting import BlockCounter
 from jaxsave._stream.packing import Packing, advance, rows_of, span_of, unpack, with_span
 from jaxsave._stream.progress import start_bar
 from jaxsave._stream.resume import Checkpoint
-from jaxsave._stream.state import Saver, SaverBase, SaveState, check_one_chain, check_state
+from jaxsave._stream.state import (
+    Saver,
+    SaverBase,
+    SaveState,
+    check_distinct_chains,
+    check_one_chain,
+    check_state,
+)
 from jaxsave._stream.writer import Block, Writer
 from jaxsave.collectors import Collector, DataCollector, MemoryCollector, samples_collected
 from jaxsave.errors import SaverStateError
@@ -404,13 +411,7 @@ class Streamer(SaverBase):
                     "stack only states that were created together (init(..., chains=n)) and "
                     "advanced together"
                 )
-            ids, times = np.unique(chains, return_counts=True)
-            if (times > 1).any():
-                raise SaverStateError(
-                    f"a block names chain id(s) {ids[times > 1].tolist()} more than once (chain ids "
-                    f"{chains.tolist()}): a one-chain state was closed over, or passed with "
-                    "in_axes=None, in a jax.vmap, or one state was stacked with itself"
-                )
+            check_distinct_chains(chains, "a block")
             finished = sorted(set(chains[active].tolist()) & self.finished_chains)
             if finished or writer is None or not writer.alive:
                 raise SaverStateError(

@@ -62,12 +62,12 @@ class BlockCounter:
             _check_continues(chains[active], starts[active], ends[active], np.asarray(spans)[active])
             least = max(mask.shape[1], int(not tail))  # a step a row; a block sent by save(): one at least
             _check_advanced(chains[active], starts[active], ends[active], least)
-            self.check_no_checkpoint_skipped(chains[active], starts[active], ends[active])
+            self._check_no_checkpoint_skipped(chains[active], starts[active], ends[active])
             for i in np.flatnonzero(active).tolist():
                 self.counted[int(chains[i])] = (int(ends[i]), int(saved[i]))
         return starts, saved
 
-    def check_no_checkpoint_skipped(self, chains: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> None:
+    def _check_no_checkpoint_skipped(self, chains: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> None:
         """Refuse blocks that pass a checkpoint step without ending on it (it would be lost)."""
         every = self.checkpoint_every
         if not every:

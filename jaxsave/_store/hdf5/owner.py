@@ -104,14 +104,13 @@ class OwnedFile:
 
     # -- while writing ------------------------------------------------------------------------
 
-    def track(self, handle: h5py.File, driver: str | None = None) -> None:
+    def track(self, handle: h5py.File, driver: str | None) -> None:
         """Remember the file of a (re)opened handle (and its size): the first thing to check.
 
-        ``driver`` is the handle's HDF5 driver if the caller read it already (read here if not).
+        ``driver`` is the handle's HDF5 driver (``None`` if it is closed), as the caller read it
+        once for the handle (``HeldFile.driver``).
         """
         self._handle, self._on_disk = handle, None
-        if driver is None and handle.id.valid:
-            driver = handle.driver
         if handle.id.valid and driver == "sec2":
             fd = handle.id.get_vfd_handle()
             mine = os.fstat(fd)

@@ -24,6 +24,11 @@ variant once per round, best of ``--repeats``), ratios to ``baseline`` (the loop
   ratio ``ckpt/floor`` is what jaxsave's checkpoints cost beyond it); one chain only (JAX
   refuses an ``io_callback`` under ``vmap`` of a ``cond``);
 - ``scan+ckpt``: ``hdf5 scan`` with ``checkpoint_every=500`` (its ratio to ``hdf5 scan``);
+- ``stream floor``: the least any ``save()`` called in the user's step can cost: the user's scan
+  carrying a ring buffer of ``BLOCK`` rows (all chains' in one, outside ``vmap``), the sample
+  written at its fill row every step, the fill advanced by the keep flag, and each full buffer
+  handed under ``lax.cond`` to an ``io_callback`` that does nothing (``floor/stack`` is how far
+  the peer is out of reach of any streaming ``save()``; ``hdf5/floor`` what jaxsave costs beyond it);
 - ``memory``: ``MemoryCollector``.
 
 Times are end to end: the compiled run, then ``postprocess`` (which waits until every sample
@@ -70,7 +75,10 @@ KINDS = [
     "ckpt floor",
     "scan+ckpt",
     "memory",
+    "stream floor",
 ]
+#: The rows of ``save()``'s ring buffer for this sample (its automatic size: at most 4096 rows).
+BLOCK = 4096
 
 
 def sgld(x, k):
@@ -79,6 +87,38 @@ def sgld(x, k):
 
 def _ignore(_solver_state):
     """The host side of ``ckpt floor``'s callback: nothing."""
+
+
+def make_floor(steps, thin, body, chains):
+    """``stream floor``: ``(x, key, keys) -> x``, all chains in one loop (``vmap`` only around the
+    step: JAX refuses an ``io_callback`` under ``vmap`` of a ``cond``)."""
+
+    def advance(x, key, k):
+        if body == "heavy":
+            key, k = jax.random.split(key)
+        return sgld(x, k), key
+
+    if chains > 1:
+        advance = jax.vmap(advance)
+
+    def run(x, key, keys):
+        def step(carry, inp):
+            buf, fill, x, key = carry
+            i, k = inp
+            x, key = advance(x, key, k)
+            buf = jax.lax.dynamic_update_index_in_dim(buf, x, fill, 0)
+            fill = fill + (i % thin == 0).astype(jnp.int32)
+            full = fill == BLOCK
+            jax.lax.cond(full, lambda b: io_callback(_ignore, None, b, ordered=False), lambda b: None, buf)
+            return (buf, fill & (full.astype(jnp.int32) - 1), x, key), None
+
+        buf = jnp.zeros((BLOCK, *x.shape), x.dtype)
+        ks = keys.T if chains > 1 else keys  # steps first
+        (buf, fill, x, _), _ = jax.lax.scan(step, (buf, jnp.int32(0), x, key), (jnp.arange(steps), ks))
+        io_callback(_ignore, None, buf, ordered=False)  # the last, partial block (postprocess's)
+        return x
+
+    return run
 
 
 def make_run(kind, saver, steps, thin, body):
@@ -159,7 +199,7 @@ def run_case(kind, chains, steps, thin, body, tmp):
     keys = jax.vmap(split)(key) if batched else split(key)
     saver, path, state = None, None, jnp.zeros(())
     kept = -(-steps // thin)
-    if kind not in ("baseline", "stack"):
+    if kind not in ("baseline", "stack", "stream floor"):
         path = Path(tmp) / f"peer-{time.monotonic_ns()}.h5"
         ckpt = {"checkpoint_every": 500} if kind.endswith("+ckpt") else {}
         collector = jaxsave.MemoryCollector() if kind == "memory" else jaxsave.HDF5Collector(path)
@@ -171,9 +211,13 @@ def run_case(kind, chains, steps, thin, body, tmp):
             state = jax.tree.map(lambda *leaves: jnp.stack(leaves), *one)
         else:
             state = saver.init({"x": x0}, solver, info, chains=chains if batched else None)
-    chain = make_run(kind, saver, steps, thin, body)
-    if batched:
-        chain = jax.vmap(chain, in_axes=(None if saver is None else 0, 0, 0, 0))
+    if kind == "stream floor":
+        floor = make_floor(steps, thin, body, chains)
+        chain = lambda state, x, key, keys: (state, floor(x, key, keys), None)  # noqa: E731
+    else:
+        chain = make_run(kind, saver, steps, thin, body)
+        if batched:
+            chain = jax.vmap(chain, in_axes=(None if saver is None else 0, 0, 0, 0))
     compiled = jax.jit(chain).lower(state, x0, key, keys).compile()
     start, cpu = time.perf_counter(), _cpu_s()
     state, _, xs = compiled(state, x0, key, keys)
@@ -191,8 +235,13 @@ def run_case(kind, chains, steps, thin, body, tmp):
 
 
 #: jaxsave against the peer, and the ratios of the targets (name: (variant, divided by)).
-PEER = {"hdf5/stack": ("hdf5", "stack"), "scan/stack": ("hdf5 scan", "stack")}
+PEER = {
+    "hdf5/stack": ("hdf5", "stack"),
+    "scan/stack": ("hdf5 scan", "stack"),
+    "floor/stack": ("stream floor", "stack"),
+}
 CHECKS = {
+    "hdf5/floor": ("hdf5", "stream floor"),
     "1by1/hdf5": ("hdf5 1by1", "hdf5"),
     "ckpt/hdf5": ("hdf5+ckpt", "hdf5"),
     "floor/hdf5": ("ckpt floor", "hdf5"),

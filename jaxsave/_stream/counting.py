@@ -59,12 +59,14 @@ class BlockCounter:
         with self._lock:
             before = np.array([self.counted.get(c, (0, 0)) for c in chains.tolist()], np.int64).reshape(-1, 2)
             starts, saved = before[:, 0], before[:, 1] + mask.sum(axis=1)
-            _check_continues(chains[active], starts[active], ends[active], np.asarray(spans)[active])
+            on = slice(None) if active.all() else np.flatnonzero(active)  # no copies in the common case
+            chains_on, starts_on, ends_on = chains[on], starts[on], ends[on]
+            _check_continues(chains_on, starts_on, ends_on, np.asarray(spans)[on])
             least = max(mask.shape[1], int(not tail))  # a step a row; a block sent by save(): one at least
-            _check_advanced(chains[active], starts[active], ends[active], least)
-            self._check_no_checkpoint_skipped(chains[active], starts[active], ends[active])
-            for i in np.flatnonzero(active).tolist():
-                self.counted[int(chains[i])] = (int(ends[i]), int(saved[i]))
+            _check_advanced(chains_on, starts_on, ends_on, least)
+            self._check_no_checkpoint_skipped(chains_on, starts_on, ends_on)
+            for chain, end, kept in zip(chains_on.tolist(), ends_on.tolist(), saved[on].tolist()):
+                self.counted[chain] = (end, kept)
         return starts, saved
 
     def _check_no_checkpoint_skipped(self, chains: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> None:
@@ -73,9 +75,9 @@ class BlockCounter:
         if not every:
             return
         passed = (ends - 1) // every * every  # the last checkpoint step before each block's end
-        bad = np.flatnonzero(passed > starts)
-        if len(bad):
-            i = bad[0]
+        bad = passed > starts
+        if bad.any():
+            i = np.flatnonzero(bad)[0]
             raise SaverStateError(
                 f"chain {int(chains[i])}: the block of steps {int(starts[i])}..{int(ends[i])} passes "
                 f"the checkpoint step {int(passed[i])} (checkpoint_every={every}) without taking "
@@ -87,9 +89,9 @@ class BlockCounter:
 def _check_continues(chains: np.ndarray, starts: np.ndarray, ends: np.ndarray, spans: np.ndarray) -> None:
     """Refuse a block whose first step, by the state's count, is not where the host's count of
     the chain ends: an older state run again, or a state of another saver or run."""
-    wrong = np.flatnonzero((spans < SPAN_MAX) & (ends - spans != starts))
-    if len(wrong):
-        i = wrong[0]
+    wrong = (spans < SPAN_MAX) & (ends - spans != starts)
+    if wrong.any():
+        i = np.flatnonzero(wrong)[0]
         raise SaverStateError(
             f"chain {int(chains[i])}: a block of steps {int(ends[i] - spans[i])}..{int(ends[i])} arrived "
             f"after step {int(starts[i])}; a saving state was advanced twice, or came from another "
@@ -100,9 +102,9 @@ def _check_continues(chains: np.ndarray, starts: np.ndarray, ends: np.ndarray, s
 def _check_advanced(chains: np.ndarray, starts: np.ndarray, ends: np.ndarray, least: int) -> None:
     """Refuse a block that covers fewer than ``least`` steps (one a row, and one at least
     unless it is the tail): the blocks of a saving state that was run again."""
-    short = np.flatnonzero(ends - starts < least)
-    if len(short):
-        i = short[0]
+    short = ends - starts < least
+    if short.any():
+        i = np.flatnonzero(short)[0]
         raise SaverStateError(
             f"chain {int(chains[i])}: a block ending at step {int(ends[i])} arrived after step "
             f"{int(starts[i])}; a saving state was advanced twice (reuse the state returned by "

@@ -235,10 +235,13 @@ def _is_array_like(x: Any) -> bool:
 
 def check_distinct_chains(chains: np.ndarray, what: str) -> None:
     """Refuse ``chains`` (of a state, or a block) that name one chain id more than once."""
-    ids, counts = np.unique(chains, return_counts=True)
-    if (counts > 1).any():
+    if np.size(chains) < 2:
+        return
+    ordered = np.sort(chains, axis=None)
+    twice = ordered[1:] == ordered[:-1]
+    if twice.any():
         raise SaverStateError(
-            f"{what} holds chain id(s) {ids[counts > 1].tolist()} more than once (chain ids "
+            f"{what} holds chain id(s) {np.unique(ordered[1:][twice]).tolist()} more than once (chain ids "
             f"{chains.tolist()}): a one-chain state was closed over, or passed with in_axes=None, "
             "in a jax.vmap, or one state was stacked with itself. Create vmapped chains with "
             "init(init_sample, ..., chains=C) and vmap over the state (in_axes=0)"

@@ -29,6 +29,15 @@ def s3_bucket(s3_server):
 
 
 @pytest.fixture
+def one_call_per_block(monkeypatch):
+    """The writer hands each block to the collector as it came (no runs of small blocks joined
+    into one call): for tests that watch, through the collector, the blocks the device sends."""
+    from jaxsave._stream import writer
+
+    monkeypatch.setattr(writer, "COALESCE_BYTES", 0)
+
+
+@pytest.fixture
 def sample():
     return {"x": jnp.zeros(3), "stats": (jnp.int32(0), jnp.float32(0))}
 

@@ -105,7 +105,7 @@ def test_resume_vmapped_chains_with_thinning_is_exact():
     np.testing.assert_array_equal(got["samples"]["m"].view(np.uint16), want["samples"]["m"].view(np.uint16))
 
 
-def test_checkpoints_send_the_block_so_far():
+def test_checkpoints_send_the_block_so_far(one_call_per_block):
     """A checkpoint step flushes the rows gathered so far, whatever the block size."""
     collector = jaxsave.MemoryCollector()
     saver = jaxsave.save(collector, checkpoint_every=10, block_size=64)

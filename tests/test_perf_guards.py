@@ -473,7 +473,7 @@ def _blocks_to_hdf5(path, blocks: int) -> None:
     saver.postprocess(run(state))
 
 
-def test_a_block_reads_no_driver_and_checks_the_free_space_once(tmp_path, monkeypatch):
+def test_a_block_reads_no_driver_and_checks_the_free_space_once(tmp_path, monkeypatch, one_call_per_block):
     """Per block the HDF5 writer checks the free space (one statvfs: the full-disk safety) but
     reads no ``File.driver`` (10 us each; read once per handle opened)."""
     import os

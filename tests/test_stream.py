@@ -125,7 +125,7 @@ def test_nested_vmap_gives_every_chain_its_own_id(kind, tmp_path, sample):
         assert_same(stored(kind, tmp_path, result, c), expected(xs[c], keeps[c], steps))
 
 
-def test_one_callback_per_block_for_all_vmapped_chains(sample):
+def test_one_callback_per_block_for_all_vmapped_chains(sample, one_call_per_block):
     chains, steps, block = 8, 40, 10
     collector = jaxsave.MemoryCollector()
     calls = []
@@ -405,7 +405,7 @@ def test_a_callback_argument_of_exactly_one_piece_keeps_its_shape(monkeypatch):
     np.testing.assert_array_equal(b, big)
 
 
-def test_only_kept_steps_take_rows_of_the_block():
+def test_only_kept_steps_take_rows_of_the_block(one_call_per_block):
     """Thinning shrinks what leaves the device: a block fills with kept steps only."""
     collector = jaxsave.MemoryCollector()
     rows = []
@@ -442,3 +442,55 @@ def test_vmapped_chains_share_a_row_when_any_of_them_keeps():
     assert out["sample_count"].tolist() == [10, 4]
     np.testing.assert_array_equal(out["samples"][0], np.arange(0, 100, 10))
     np.testing.assert_array_equal(out["samples"][1, :4], np.arange(0, 100, 25))
+
+
+class _CountingHDF5(jaxsave.HDF5Collector):
+    """An HDF5 collector that counts its sample writes (collector calls, not blocks)."""
+
+    calls = 0
+
+    def save_block(self, chain_ids, values):
+        self.calls += 1
+        super().save_block(chain_ids, values)
+
+
+def test_small_blocks_that_continue_each_other_are_written_in_fewer_calls(tmp_path):
+    """A checkpoint every 10 steps sends 100 blocks of 5 rows; the writer joins the ones it has at
+    hand into one collector call, and stores each run's checkpoint after its samples."""
+    path = tmp_path / "s.h5"
+    collector = _CountingHDF5(path)
+    saver = jaxsave.save(collector, checkpoint_every=10)
+    state = saver.init({"x": jnp.zeros(2)}, {"n": jnp.int32(0)})
+
+    def step(state, i):
+        x = jnp.stack([i, -i]).astype(jnp.float32)
+        return saver.save(state, i % 2 == 0, {"x": x}, solver_state={"n": i + 1})[0], None
+
+    state = jax.jit(lambda s: jax.lax.scan(step, s, jnp.arange(1000))[0])(state)
+    out = saver.postprocess(state, None)
+    assert int(out["sample_count"]) == 500
+    assert collector.calls < 100, "every block of 5 rows went to the collector on its own"
+    with h5py.File(path, "r") as f:
+        x = f["posterior/x"][0, :500]
+    np.testing.assert_array_equal(x[:, 0], np.arange(0, 1000, 2))
+    np.testing.assert_array_equal(x[:, 1], -np.arange(0, 1000, 2))
+    ckpt = jaxsave.resume(jaxsave.HDF5Collector(path, mode="a"))
+    assert int(ckpt.step) == 1000 and int(ckpt.solver_state["n"]) == 1000
+
+
+def test_a_run_of_blocks_ends_where_another_chain_begins(tmp_path):
+    """Chains init-ed one by one, each run in turn: each chain's blocks are joined only with its own."""
+    saver = jaxsave.save(jaxsave.HDF5Collector(tmp_path / "s.h5"), block_size=3)
+    states = [saver.init({"x": jnp.zeros(())}, None) for _ in range(3)]
+
+    def run(state, c):
+        return jax.lax.scan(lambda s, i: saver.save(s, True, {"x": 100.0 * c + i})[0:1] + (None,), state,
+                            jnp.arange(20.0))[0]  # fmt: skip
+
+    run = jax.jit(run)
+    states = [run(s, c) for c, s in enumerate(states)]
+    outs = [saver.postprocess(s, None) for s in states]
+    assert [int(o["sample_count"]) for o in outs] == [20, 20, 20]
+    with h5py.File(tmp_path / "s.h5", "r") as f:
+        x = f["posterior/x"][:, :20]
+    np.testing.assert_array_equal(x, 100.0 * np.arange(3)[:, None] + np.arange(20.0))

@@ -5,6 +5,13 @@ bounded queue; one writer thread per saver takes blocks off in order, drops the
 rows whose ``keep`` bit is off, and hands the rest to the collector. Errors are
 kept, never raised on XLA threads, and re-raised by ``postprocess``.
 
+Small blocks that continue each other (a checkpoint every few hundred steps sends
+one each time) are written as one *run*: after a block under ``COALESCE_BYTES``,
+the writer takes the blocks that continue it as they come, for up to
+``COALESCE_S`` after the last, and hands the run to the collector in one call
+(its checkpoints after its samples). A collector call costs about 0.13 ms for a
+block of 50 rows of 10 floats in HDF5, whatever its size.
+
 The thread is a daemon (interpreter exit must not wait for chains that nobody will
 finish), so :meth:`Writer.stop` ends it before exit: a thread frozen by interpreter
 shutdown while inside the collector would hold h5py's global lock forever.
@@ -31,6 +38,10 @@ logger = logging.getLogger("jaxsave")
 WAIT_TIMEOUT_S = 120.0
 #: After ``Writer.stop``'s wait, how long the block being written may still take.
 STOP_GRACE_S = 5.0
+#: A run of blocks joined into one collector call holds at most this many bytes ...
+COALESCE_BYTES = 2**20
+#: ... and waits at most this long for the next block.
+COALESCE_S = 0.01
 
 
 @dataclass
@@ -92,10 +103,25 @@ class _ByteBoundedQueue:
         with self._cond:
             while not self._items:
                 self._cond.wait()
-            item, nbytes = self._items.popleft()
-            self._bytes -= nbytes
-            self._cond.notify_all()
-            return item
+            return self._pop()
+
+    def get_if(self, accept: Callable[[Any], bool], timeout: float) -> Any:
+        """The next item if ``accept(item)``, waiting up to ``timeout`` seconds for one; else
+        ``None``, and an item not accepted stays first."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not self._items:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
+            return self._pop() if accept(self._items[0][0]) else None
+
+    def _pop(self) -> Any:
+        item, nbytes = self._items.popleft()
+        self._bytes -= nbytes
+        self._cond.notify_all()
+        return item
 
 
 _STOP = object()
@@ -255,14 +281,41 @@ class Writer:
             if self.error is not None:
                 continue  # drain, so that producers never block on a dead writer
             try:
-                self._write(block)
+                self._write(self._run_from(block))
             except BaseException as error:  # noqa: BLE001 - kept and re-raised by postprocess
                 self.fail(error)
             with self._cond:
                 self._cond.notify_all()
 
-    def _write(self, block: Block) -> None:
-        for chain, start, end in zip(block.chain_ids.tolist(), block.starts.tolist(), block.ends.tolist()):
+    def _run_from(self, block: Block) -> list[Block]:
+        """``block`` and the blocks that continue it, taken off the queue as they come (up to
+        ``COALESCE_S`` after the last, ``COALESCE_BYTES`` in all); a block that does not continue
+        the run (another chain's, an older state's) or anything else queued ends it."""
+        run, size = [block], block.nbytes
+        chains = block.chain_ids.tolist()
+
+        def continues(item: Any) -> bool:
+            last = run[-1]
+            return (
+                isinstance(item, Block)
+                and size + item.nbytes <= COALESCE_BYTES
+                and item.chain_ids.tolist() == chains
+                and np.array_equal(item.starts, last.ends)
+            )
+
+        while not run[-1].tail and size < COALESCE_BYTES and not self._stopping:
+            item = self._queue.get_if(continues, COALESCE_S)
+            if item is None:
+                break
+            run.append(item)
+            size += item.nbytes
+        return run
+
+    def _write(self, run: list[Block]) -> None:
+        """Hand the blocks of ``run`` (each continuing the one before) to the collector in one call."""
+        first, last = run[0], run[-1]
+        chains = first.chain_ids.tolist()
+        for chain, start, end in zip(chains, first.starts.tolist(), last.ends.tolist()):
             if chain in self.finalized:
                 raise SaverStateError(f"chain {chain} saved samples after postprocess finished it")
             if self.received.get(chain) != start:
@@ -271,8 +324,9 @@ class Writer:
                     f"{self.received.get(chain)}; a saving state was advanced twice (reuse the "
                     "state returned by the previous run, not an older one)"
                 )
-        kept = block.mask.sum(axis=1)
-        for i, chain in enumerate(block.chain_ids.tolist()):
+        mask = first.mask if len(run) == 1 else np.concatenate([b.mask for b in run], axis=1)
+        kept = mask.sum(axis=1)
+        for i, chain in enumerate(chains):
             cap = self.capacity.get(chain)
             if cap is not None and self.written[chain] + int(kept[i]) > cap:
                 raise CapacityError(
@@ -280,19 +334,22 @@ class Writer:
                     f"static_information(samples_collected={cap}) allows only {cap}"
                 )
         if kept.any():
-            self._hand_over(block)
+            self._hand_over(chains, mask, run)
         with self._cond:
-            for i, chain in enumerate(block.chain_ids.tolist()):
-                self.received[chain] = int(block.ends[i])
+            for i, chain in enumerate(chains):
+                self.received[chain] = int(last.ends[i])
                 self.written[chain] += int(kept[i])
-        if block.checkpoints:
-            ready = self._reached_by_group(block.checkpoints)
-            if ready:
-                self.collector.checkpoint(ready, self.checkpoint_spec)
+        ready: dict = {}
+        for block in run:  # in order: a group's newest complete step wins
+            if block.checkpoints:
+                ready.update(self._reached_by_group(block.checkpoints))
+        if ready:
+            self.collector.checkpoint(ready, self.checkpoint_spec)
         if self.on_block is not None:
-            self.on_block(block)
-        if block.tail:
-            for chain in block.chain_ids.tolist():
+            for block in run:
+                self.on_block(block)
+        if last.tail:
+            for chain in chains:
                 self.collector.finalize(chain)
                 self.finalized.add(chain)
 
@@ -331,14 +388,24 @@ class Writer:
         held = self._pending[group].pop(step)
         self._pending_bytes[group] -= sum(_nbytes(r) for r in held.values())
 
-    def _hand_over(self, block: Block) -> None:
-        mask, leaves = block.mask, block.sample_leaves()
+    def _hand_over(self, chains: list[int], mask: np.ndarray, run: list[Block]) -> None:
+        """The kept rows of ``run`` (keep bits ``mask``, the blocks' joined): one ``save_block``
+        where every chain kept the same steps, else a ``save`` per chain."""
         if (mask == mask[:1]).all():
-            rows = mask[0]
-            if not rows.all():
-                leaves = [leaf[:, rows] for leaf in leaves]
-            self.collector.save_block(block.chain_ids.tolist(), leaves)
+            parts = [_rows(block.sample_leaves(), block.mask[0]) for block in run]
+            self.collector.save_block(chains, _joined(parts))
             return
-        for i, chain in enumerate(block.chain_ids.tolist()):
+        leaves = _joined([block.sample_leaves() for block in run])
+        for i, chain in enumerate(chains):
             if mask[i].any():
                 self.collector.save(chain, [leaf[i, mask[i]] for leaf in leaves])
+
+
+def _rows(leaves: list[np.ndarray], keep: np.ndarray) -> list[np.ndarray]:
+    """The rows ``keep`` of every chain's ``leaves`` (``(chains, rows, ...)``); no copy if all."""
+    return leaves if keep.all() else [leaf[:, keep] for leaf in leaves]
+
+
+def _joined(parts: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """Each leaf's blocks ``parts`` joined along the rows (no copy for one block)."""
+    return parts[0] if len(parts) == 1 else [np.concatenate(leaf, axis=1) for leaf in zip(*parts)]

@@ -298,7 +298,7 @@ class FailingHDF5(jaxsave.HDF5Collector):
 
 
 @pytest.mark.parametrize("where", ["block", "checkpoint"])
-def test_collector_raising_in_the_writer_under_vmap(tmp_path, where, figures):
+def test_collector_raising_in_the_writer_under_vmap(tmp_path, where, figures, one_call_per_block):
     path = tmp_path / "s.h5"
     kwargs = {"fail_block": 5} if where == "block" else {"fail_checkpoint": 2}
     # a tiny queue: the sampler would block on a dead writer if producers did not give up

@@ -22,7 +22,6 @@ import math
 import os
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,12 +30,11 @@ import numpy as np
 from jaxsave._core import filelock as _filelock
 from jaxsave._serialize.treespec import encode_structure
 from jaxsave._store import schema
-from jaxsave._store.location import ZARR_JSON, describe, is_zarr_object
+from jaxsave._store.location import describe
 from jaxsave._store.names import StatsSpec, check_zarr_names, leaf_entries
-from jaxsave._store.zarr import confined as _confined
 from jaxsave._store.zarr import store as _store
 from jaxsave._store.zarr.arrays import CHECKPOINT_PREFIX, COMPRESSIONS, StoreArrays, chunk_shape
-from jaxsave._store.zarr.sample_store import check_header
+from jaxsave._store.zarr.held_store import StoreWriter, run_token, stored_count
 from jaxsave._stream import resume as _resume
 from jaxsave.collectors import (
     DataCollector,
@@ -48,8 +46,6 @@ from jaxsave.collectors import (
 )
 from jaxsave.errors import (
     CapacityError,
-    FileFormatError,
-    FileInUseError,
     JaxsaveError,
     SaverStateError,
     StructureMismatchError,
@@ -67,16 +63,6 @@ GROWTH = 1.5
 BUFFER_BYTES = 64 * 2**20
 #: The errnos of a full disk (or quota, or file-size limit).
 _FULL_DISK = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-
-
-def _run_token(run_id: str | None) -> str:
-    """The id of this run, the same in every process (process 0's, broadcast)."""
-    if run_id is not None:
-        return str(run_id)
-    from jax.experimental import multihost_utils
-
-    mine = np.frombuffer(uuid.uuid4().bytes[:8], np.uint32)
-    return "".join(f"{int(x):08x}" for x in np.asarray(multihost_utils.broadcast_one_to_all(mine)))
 
 
 class ZarrCollector(DataCollector):
@@ -202,7 +188,6 @@ class ZarrCollector(DataCollector):
         self.first_chain = int(first_chain or 0)
         self.owner = self.first_chain == 0
         self._stats = sample_stats
-        self._source, self._storage_options = store, storage_options
         self._name = describe(store)
         self._lock = threading.RLock()
         self._sample: SampleLayout | None = None
@@ -223,7 +208,7 @@ class ZarrCollector(DataCollector):
         self._checkpoint_written = -float("inf")
         self._closed = False
         self._trimmed = False  # trimmed (and consolidated) since the last draw, chain or reopen
-        self._token = _run_token(run_id) if self.shared and mode == "w" else None
+        token = run_token(run_id) if self.shared and mode == "w" else None  # every process, at once
         self._file_lock: _filelock.FileLock | None = None
         self.local = _store.local_directory(store)
         if self.local is not None:
@@ -232,152 +217,30 @@ class ZarrCollector(DataCollector):
                 raise FileNotFoundError(
                     f"cannot create {self._name}: the directory {parent!r} does not exist"
                 )
-        self._file_lock = self._lock_store()
+        self._writer = writer = StoreWriter(
+            store,
+            storage_options,
+            self._name,
+            self.local,
+            mode,
+            shared=self.shared,
+            owner=self.owner,
+            first_chain=self.first_chain,
+            chains=self.chains,
+            token=token,
+            create_timeout=self.create_timeout,
+        )
+        self._file_lock = writer.lock()
         try:
-            self._group, self._location = self._open()
+            self._group, self._location, stored = writer.open()
         except BaseException:
             self._release_lock()
             raise
+        if stored is not None and not self.shared:  # mode "a": which chains are a shared store's
+            for chain, count in enumerate(stored.tolist()):  # process's is known when it reopens them
+                self._adopt(chain, count)
 
     # -- the store ----------------------------------------------------------------------
-
-    def _lock_store(self) -> _filelock.FileLock:
-        """One writer per store: the only writer, or a shared store's owner (chain 0), holds the
-        store (a local directory: ``flock`` on ``<dir>.lock``, against other processes too; any
-        other store: in this process); every other writer of a shared store holds its own chains
-        (``<dir>.chains-<first_chain>.lock``)."""
-        mine = "" if self.owner or not self.shared else f".chains-{self.first_chain}"
-        if self.local is not None:
-            try:
-                return _filelock.acquire(self.local + mine)
-            except FileInUseError as error:
-                if not self.shared:
-                    raise
-                raise FileInUseError(
-                    f"{self._name}: the writer of its chains from {self.first_chain} on (first_chain="
-                    f"{self.first_chain}{', the owner that creates the store' if self.owner else ''}) is "
-                    f"another collector already; a shared store takes one writer per first_chain (did two "
-                    f"processes get the same process_index or first_chain?) ({error})"
-                ) from None
-        what = "writes this store" if not mine else f"writes its chains from {self.first_chain} on"
-        return _filelock.hold(
-            _store.identity(self._source) + mine,
-            f"{self._name}: another ZarrCollector of this process (pid {os.getpid()}) {what}: one store "
-            "takes one writer (a shared store one per process, each with its own first_chain), or their "
-            "draws and counts would interleave; close the other collector first (its saver's "
-            "postprocess(state), or collector.close()), or write another store",
-        )
-
-    def _open(self) -> tuple[Any, _store.Location]:
-        """Open (the owner: create, replace or continue) the root group."""
-        if not self.owner:  # never looks at what the owner may be deleting or creating right now
-            if self.mode == "x":
-                raise ValueError(
-                    "mode='x' is for the writer that creates the store (chain 0); the others use 'w'"
-                )
-            return self._wait_for_root()
-        existing = self._existing()
-        if existing is not None and self.mode == "x":
-            raise FileExistsError(f"{self._name} exists (mode='x' creates a new store only)")
-        if existing is not None and self.mode == "a":
-            group, location = existing
-            self._adopt_existing_chains(group)
-            if not self.shared:  # the only writer: its shapes will change
-                if location.local is not None:
-                    _store.remove_stale_temporaries(location.local)
-                _store.drop_consolidated(location)
-                group = _store.open_group(self._source, "r+", self._storage_options)[0]
-                group.attrs.update(schema.root_attributes(schema.POSTERIOR))
-            return group, location
-        group, location = _store.open_group(self._source, "w", self._storage_options)
-        attrs = {**schema.root_attributes(schema.POSTERIOR), schema.CREATED: schema.created_now()}
-        if self._token is not None:
-            attrs[schema.RUN] = self._token
-        group.attrs.update(attrs)
-        return group, location
-
-    def _existing(self) -> tuple[Any, _store.Location] | None:
-        """The root group if the store holds a jaxsave store; refuses to take over anything else."""
-        if self.local is not None and not is_zarr_object(self._source):
-            if not os.path.exists(self.local):
-                return None
-            if not os.path.isdir(self.local):
-                raise FileExistsError(f"{self._name} exists and is not a directory (a Zarr store is one)")
-            if _confined.stat_confined(self.local, ZARR_JSON) is None:  # refuses a symlink, FIFO, device
-                if os.listdir(self.local):
-                    raise FileExistsError(
-                        f"{self._name} is a non-empty directory but not a Zarr store; ZarrCollector does not "
-                        "delete it: pick another path, or empty it yourself"
-                    )
-                return None
-        try:
-            group, location = _store.open_group(self._source, "r+", self._storage_options)
-        except FileNotFoundError:
-            return None
-        except (JaxsaveError, ImportError):
-            raise
-        except Exception as error:  # zarr's many errors for a broken zarr.json
-            raise FileFormatError(
-                f"{self._name} cannot be opened as a Zarr store ({type(error).__name__}: {error}); "
-                "ZarrCollector does not replace it: delete it yourself"
-            ) from error
-        attrs = dict(group.attrs.asdict())
-        if schema.FORMAT not in attrs:
-            if self.mode == "w" and not _store.list_root(location):
-                return None  # an empty store (a fresh bucket prefix, memory)
-            raise FileFormatError(
-                f"{self._name} is a Zarr store not written by jaxsave; ZarrCollector does not replace or "
-                "continue it: pick another store, or delete it yourself"
-            )
-        check_header(attrs, self._name)
-        return group, location
-
-    def _wait_for_root(self) -> tuple[Any, _store.Location]:
-        """Not the owner: wait until the owner created the root (of this run, for mode "w")."""
-        deadline = time.monotonic() + self.create_timeout
-        seen = "no store"
-        while True:
-            try:
-                group, location = _store.open_group(self._source, "r+", self._storage_options)
-                attrs = dict(group.attrs.asdict())
-                ours = schema.FORMAT in attrs
-                seen = f"a store of run {attrs.get(schema.RUN)!r}" if ours else "no jaxsave store"
-                if ours and (self._token is None or attrs.get(schema.RUN) == self._token):
-                    check_header(attrs, self._name)
-                    if self.mode == "a":
-                        self._adopt_existing_chains(group)
-                    return group, location
-            except (JaxsaveError, ImportError):
-                raise
-            except Exception as error:  # noqa: BLE001 - the owner may be replacing the store right now
-                seen = f"{type(error).__name__}: {error}"
-            if time.monotonic() > deadline:
-                raise SaverStateError(
-                    f"ZarrCollector: waited {self.create_timeout:g} s for the writer of chain 0 (process 0) "
-                    f"to create {self._name} (run {self._token!r}), in vain (found {seen}); start every "
-                    "process with the same store, mode and run_id, or raise create_timeout="
-                )
-            time.sleep(0.05)
-
-    def _adopt_existing_chains(self, group: Any) -> None:
-        """mode "a": the chains stored keep their ids and counts (finalized until reopened)."""
-        try:
-            counts = np.asarray(group[schema.COUNTS][:], np.int64).reshape(-1)
-        except KeyError:
-            return
-        except Exception as error:  # zarr's many errors for damaged metadata or chunks
-            raise FileFormatError(
-                f"{self._name}: its {schema.COUNTS!r} cannot be read ({type(error).__name__}: {error}); "
-                "ZarrCollector does not continue a damaged store"
-            ) from error
-        if (counts < 0).any():
-            raise FileFormatError(f"{self._name} has negative sample counts {counts.tolist()}")
-        if self.shared:  # which chains are this process's is known only when it reopens them
-            return
-        for c in range(len(counts)):
-            self._counts[c] = self._committed_counts[c] = int(counts[c])
-            self._capacity[c] = None
-            self._finalized.add(c)
 
     @property
     def group(self) -> Any:
@@ -443,23 +306,8 @@ class ZarrCollector(DataCollector):
 
     def _check_stored_structure(self) -> None:
         """A store that already describes its leaves (mode "a", a shared store) must describe ours."""
-        if self._sample is None:
-            return
-        fresh = _store.open_group(self._source, "r", self._storage_options)[0]  # another writer's, maybe
-        stored = fresh.attrs.get(schema.STRUCTURE)
-        if stored is None:
-            return
-        try:
-            have = schema.parse_structure(stored)
-        except (ValueError, KeyError, TypeError) as error:
-            raise FileFormatError(f"{self._name}: malformed {schema.STRUCTURE!r} ({error})") from error
-        want = schema.parse_structure(self._structure_json())
-        if have != want:
-            raise StructureMismatchError(
-                f"{self._name} holds samples of another structure "
-                f"({[(v.name, v.dtype, v.shape) for v in have]}); this sampler's are "
-                f"{[(v.name, v.dtype, v.shape) for v in want]}: write another store"
-            )
+        if self._sample is not None:
+            self._writer.check_structure(self._structure_json)
 
     def _structure_json(self) -> str:
         assert self._sample is not None
@@ -496,7 +344,7 @@ class ZarrCollector(DataCollector):
                 if self.shared:  # shapes that never change: xarray may read them from the root
                     _store.consolidate(self._location)
             else:
-                self._wait_for_arrays(arrays)
+                self._writer.wait_for_arrays(arrays, self._structure_json)
         chains, draws = arrays.shape
         if chains < self._n_chains() or draws < needed or (not arrays.aligned and not self.shared):
             if self.shared:
@@ -508,21 +356,6 @@ class ZarrCollector(DataCollector):
             grown = draws if draws >= needed else max(needed, math.ceil(draws * GROWTH))
             arrays.resize(max(chains, self._n_chains()), grown)
         return arrays
-
-    def _wait_for_arrays(self, arrays: StoreArrays) -> None:
-        deadline = time.monotonic() + self.create_timeout
-        while not arrays.bind():
-            if time.monotonic() > deadline:
-                raise SaverStateError(
-                    f"ZarrCollector: waited {self.create_timeout:g} s for the writer of chain 0 to create "
-                    f"the arrays of {self._name}, in vain (did it start, with the same sample structure?)"
-                )
-            time.sleep(0.05)
-        self._check_stored_structure()
-        if arrays.shape[0] != self.chains:
-            raise FileFormatError(
-                f"{self._name} has {arrays.shape[0]} chains; this writer was told chains={self.chains}"
-            )
 
     # -- writing (writer thread) ---------------------------------------------------------
 
@@ -727,16 +560,16 @@ class ZarrCollector(DataCollector):
     def _adopt_shared_chain(self, chain_id: int) -> None:
         """A shared store in mode "a": take over chain ``chain_id`` (one of this process's, from
         ``first_chain`` on) with its stored count; the other processes' chains stay theirs."""
-        if not self.first_chain <= chain_id < (self.chains or 0):
-            return
-        try:
-            counts = self._group[schema.COUNTS]
-        except KeyError:
-            return
-        if chain_id < counts.shape[0]:
-            self._counts[chain_id] = self._committed_counts[chain_id] = int(counts[chain_id])
-            self._capacity[chain_id] = None
-            self._finalized.add(chain_id)
+        if self.first_chain <= chain_id < (self.chains or 0):
+            count = stored_count(self._group, chain_id)
+            if count is not None:
+                self._adopt(chain_id, count)
+
+    def _adopt(self, chain_id: int, count: int) -> None:
+        """A stored chain keeps its id and count (finalized until reopened)."""
+        self._counts[chain_id] = self._committed_counts[chain_id] = count
+        self._capacity[chain_id] = None
+        self._finalized.add(chain_id)
 
     def exit_note(self) -> str:
         return f"are written to the Zarr store {self._name} and it is closed"

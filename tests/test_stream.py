@@ -1,5 +1,7 @@
 """The streaming core: save() inside jit/scan/vmap, with every collector."""
 
+import time
+
 import h5py
 import jax
 import jax.numpy as jnp
@@ -476,6 +478,30 @@ def test_small_blocks_that_continue_each_other_are_written_in_fewer_calls(tmp_pa
     np.testing.assert_array_equal(x[:, 1], -np.arange(0, 1000, 2))
     ckpt = jaxsave.resume(jaxsave.HDF5Collector(path, mode="a"))
     assert int(ckpt.step) == 1000 and int(ckpt.solver_state["n"]) == 1000
+
+
+def test_a_steady_stream_of_small_blocks_is_written_as_it_runs(tmp_path):
+    """Blocks that keep coming (a checkpoint every 10 steps, chunk after chunk for a second) are
+    joined for at most COALESCE_RUN_S (0.1 s): the collector is called, and checkpoints land, while the
+    run goes on, not only at postprocess (a process killed mid-run must find them on disk)."""
+    collector = _CountingHDF5(tmp_path / "s.h5")
+    saver = jaxsave.save(collector, checkpoint_every=10)
+    state = saver.init({"x": jnp.zeros(2)}, {"n": jnp.int32(0)})
+
+    def step(state, i):
+        return saver.save(state, True, {"x": jnp.stack([i, -i]).astype(jnp.float32)},
+                          solver_state={"n": i + 1})[0], None  # fmt: skip
+
+    chunk = jax.jit(lambda s, i0: jax.lax.scan(step, s, i0 + jnp.arange(100))[0])
+    state = jax.block_until_ready(chunk(state, 0))
+    start, i0 = time.monotonic(), 100
+    while time.monotonic() - start < 1.0:
+        state = jax.block_until_ready(chunk(state, i0))
+        i0 += 100
+    calls_while_running = collector.calls
+    assert calls_while_running >= 3, f"{calls_while_running} collector call(s) during a 1 s stream"
+    out = saver.postprocess(state, None)
+    assert int(out["sample_count"]) == i0
 
 
 def test_a_run_of_blocks_ends_where_another_chain_begins(tmp_path):

@@ -96,7 +96,7 @@ def test_whole_chunk_blocks_put_each_chunk_once(tmp_path):
     assert jaxsave.load_samples(tmp_path / "run.zarr")["w"].shape == (64, steps, 10)
 
 
-def test_blocks_across_chunks_never_read_a_chunk(tmp_path):
+def test_blocks_across_chunks_never_read_a_chunk(tmp_path, one_call_per_block):
     """Blocks of 100 rows into chunks of 256 draws, a commit after every block: each commit puts
     the chunks the block touched (the one not yet full padded, from the rows kept on the host)
     and reads none; the stored samples are the exact ones."""

@@ -8,8 +8,8 @@ kept, never raised on XLA threads, and re-raised by ``postprocess``.
 Small blocks that continue each other (a checkpoint every few hundred steps sends
 one each time) are written as one *run*: after a block under ``COALESCE_BYTES``,
 the writer takes the blocks that continue it as they come, for up to
-``COALESCE_S`` after the last, and hands the run to the collector in one call
-(its checkpoints after its samples). A collector call costs about 0.13 ms for a
+``COALESCE_S`` after the last and ``COALESCE_RUN_S`` after the first, and hands
+the run to the collector in one call (its checkpoints after its samples). A collector call costs about 0.13 ms for a
 block of 50 rows of 10 floats in HDF5, whatever its size.
 
 The thread is a daemon (interpreter exit must not wait for chains that nobody will
@@ -40,8 +40,11 @@ WAIT_TIMEOUT_S = 120.0
 STOP_GRACE_S = 5.0
 #: A run of blocks joined into one collector call holds at most this many bytes ...
 COALESCE_BYTES = 2**20
-#: ... and waits at most this long for the next block.
+#: ... waits at most this long for the next block ...
 COALESCE_S = 0.01
+#: ... and is written at most this long after its first block came (so the blocks of a
+#: steady stream, and the checkpoints they carry, are never held back longer).
+COALESCE_RUN_S = 0.1
 
 
 @dataclass
@@ -289,9 +292,11 @@ class Writer:
 
     def _run_from(self, block: Block) -> list[Block]:
         """``block`` and the blocks that continue it, taken off the queue as they come (up to
-        ``COALESCE_S`` after the last, ``COALESCE_BYTES`` in all); a block that does not continue
-        the run (another chain's, an older state's) or anything else queued ends it."""
+        ``COALESCE_S`` after the last and ``COALESCE_RUN_S`` after the first, ``COALESCE_BYTES``
+        in all); a block that does not continue the run (another chain's, an older state's) or
+        anything else queued ends it."""
         run, size = [block], block.nbytes
+        deadline = time.monotonic() + COALESCE_RUN_S
         chains = block.chain_ids.tolist()
 
         def continues(item: Any) -> bool:
@@ -304,7 +309,8 @@ class Writer:
             )
 
         while not run[-1].tail and size < COALESCE_BYTES and not self._stopping:
-            item = self._queue.get_if(continues, COALESCE_S)
+            left = deadline - time.monotonic()
+            item = self._queue.get_if(continues, min(COALESCE_S, left)) if left > 0 else None
             if item is None:
                 break
             run.append(item)

@@ -9,8 +9,9 @@ Small blocks that continue each other (a checkpoint every few hundred steps send
 one each time) are written as one *run*: after a block under ``COALESCE_BYTES``,
 the writer takes the blocks that continue it as they come, for up to
 ``COALESCE_S`` after the last and ``COALESCE_RUN_S`` after the first, and hands
-the run to the collector in one call (its checkpoints after its samples). A collector call costs about 0.13 ms for a
-block of 50 rows of 10 floats in HDF5, whatever its size.
+the run to the collector in one call (its checkpoints after its samples). A
+collector call costs about 0.13 ms for a block of 50 rows of 10 floats in HDF5,
+whatever its size.
 
 The thread is a daemon (interpreter exit must not wait for chains that nobody will
 finish), so :meth:`Writer.stop` ends it before exit: a thread frozen by interpreter

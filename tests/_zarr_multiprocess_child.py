@@ -30,6 +30,7 @@ in mode ``long`` with ``os._exit(0)``: the kill test's killed peer never reaches
 
 import os
 import sys
+import time
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -130,6 +131,12 @@ for r in range(ROUNDS):
     state, s = run(state, s, start + r * STEPS)
     if r == 0:
         jax.block_until_ready(state)
+        # "streaming" once the store holds the arrays: the writer thread writes the first
+        # blocks asynchronously (joined for up to 0.1 s), and a kill before that leaves no store.
+        deadline = time.monotonic() + 60
+        while mode == "long" and not os.path.exists(os.path.join(store, "sample_counts", "zarr.json")):
+            assert time.monotonic() < deadline, "no sample_counts array 60 s after the first round"
+            time.sleep(0.01)
         print(f"process {pid}: streaming", flush=True)
 result = saver.postprocess(state, None)
 total = start + ROUNDS * STEPS

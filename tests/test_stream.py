@@ -500,6 +500,7 @@ def test_a_steady_stream_of_small_blocks_is_written_as_it_runs(tmp_path):
         i0 += 100
     calls_while_running = collector.calls
     assert calls_while_running >= 3, f"{calls_while_running} collector call(s) during a 1 s stream"
+    assert (tmp_path / "s.h5.ckpt").exists(), "no checkpoint on disk during a 1 s stream"
     out = saver.postprocess(state, None)
     assert int(out["sample_count"]) == i0
 

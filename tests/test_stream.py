@@ -505,6 +505,24 @@ def test_a_steady_stream_of_small_blocks_is_written_as_it_runs(tmp_path):
     assert int(out["sample_count"]) == i0
 
 
+def test_postprocess_does_not_wait_out_the_writers_join_window(monkeypatch):
+    """The writer waits up to COALESCE_S for a block that continues its run. postprocess sends the
+    tail, which continues it, without first waiting for the run to be written: with a join window
+    of 30 s, postprocess still returns at once (it waited the window out before the fix)."""
+    from jaxsave._stream import writer as _writer
+
+    monkeypatch.setattr(_writer, "COALESCE_S", 30.0)
+    monkeypatch.setattr(_writer, "COALESCE_RUN_S", 60.0)
+    saver = jaxsave.save(jaxsave.MemoryCollector(), block_size=4)
+    state = saver.init({"x": jnp.zeros(())}, None)
+    step = lambda s, i: (saver.save(s, True, {"x": i})[0], None)  # noqa: E731
+    state = jax.jit(lambda s: jax.lax.scan(step, s, jnp.arange(10.0))[0])(state)
+    start = time.monotonic()
+    out = saver.postprocess(state, None)
+    assert time.monotonic() - start < 10.0, "postprocess waited out the writer's join window"
+    assert out["samples"]["x"].tolist() == [float(i) for i in range(10)]
+
+
 def test_a_run_of_blocks_ends_where_another_chain_begins(tmp_path):
     """Chains init-ed one by one, each run in turn: each chain's blocks are joined only with its own."""
     saver = jaxsave.save(jaxsave.HDF5Collector(tmp_path / "s.h5"), block_size=3)

@@ -12,9 +12,13 @@ import logging
 import threading
 import time
 import weakref
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import jax
+
+if TYPE_CHECKING:
+    from jaxsave._stream.writer import Writer
+    from jaxsave.collectors import Collector
 
 logger = logging.getLogger("jaxsave")
 
@@ -86,3 +90,51 @@ def _at_exit() -> None:
             streamer.stop_at_exit(deadline)
         except BaseException as error:  # noqa: BLE001 - the other savers must still stop
             logger.error("jaxsave: interpreter exit: stopping a saver failed: %r", error)
+
+
+def report_stop(writer: Writer, collector: Collector, stopped: bool) -> None:
+    """Log, once a writer was stopped at exit, the blocks it dropped and whether it is stuck
+    inside the collector (``not stopped``: the collector is left open)."""
+    if writer.dropped:
+        logger.warning(
+            "jaxsave: interpreter exit: %d block(s) of samples were not written "
+            "(dropped after %.0f s of writing)",
+            writer.dropped,
+            EXIT_TIMEOUT_S,
+        )
+    if not stopped:
+        logger.error(
+            "jaxsave: interpreter exit: the writer thread is still inside %s; the collector is left open",
+            type(collector).__name__,
+        )
+
+
+def report_unfinished(
+    writer: Writer, collector: Collector, unfinished: list[int], traced: bool, block_size: int | None
+) -> None:
+    """Warn, once a saver stopped at exit, of its ``unfinished`` chains and what became of
+    their samples (silent for a saver whose ``save`` was never ``traced``)."""
+    if writer.error is not None and unfinished:
+        logger.warning(
+            "jaxsave: the interpreter exits before postprocess finished chain(s) %s, after saving "
+            "failed (%r): the blocks that reached the host after that error were not written; "
+            "those before it %s",
+            unfinished,
+            writer.error,
+            collector.exit_note(),
+        )
+    elif any(writer.written.get(c, 0) for c in unfinished):
+        logger.warning(
+            "jaxsave: the interpreter exits before postprocess finished chain(s) %s; "
+            "their samples that reached the host %s",
+            unfinished,
+            collector.exit_note(),
+        )
+    elif unfinished and traced:
+        logger.warning(
+            "jaxsave: the interpreter exits before postprocess finished chain(s) %s; none of "
+            "their samples reached the host: those kept on the device (up to block_size=%d "
+            "per chain) are sent only by postprocess(state), and are lost",
+            unfinished,
+            block_size,
+        )

@@ -267,3 +267,12 @@ def check_one_chain(state: SaveState, where: str) -> None:
             f"init(..., chains={shape[0]}) or stacked states); call save for one chain, under "
             f"jax.vmap over that axis (e.g. jax.jit(jax.vmap(run_chain))(state, keys))"
         )
+
+
+def check_ring(state: SaveState, where: str) -> None:
+    """Refuse a state without a ring buffer (a ``no_save()`` state) where ``save()``'s is needed."""
+    if state.fill is None or state.block_start is None:
+        raise TypeError(
+            f"{where}: this state has no ring buffer (is it a no_save() state?); pass the state "
+            "returned by this saver's init, or by the previous save"
+        )

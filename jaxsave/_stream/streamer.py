@@ -34,15 +34,16 @@ from jaxsave._stream import resume as _resume
 from jaxsave._stream import sharding as _sharding
 from jaxsave._stream import shutdown
 from jaxsave._stream.counting import BlockCounter
-from jaxsave._stream.packing import Packing, advance, rows_of, span_of, unpack, with_span
+from jaxsave._stream.packing import Packing, advance, rows_of, span_of, with_span
 from jaxsave._stream.progress import start_bar
+from jaxsave._stream.receive import block_of
 from jaxsave._stream.resume import Checkpoint
 from jaxsave._stream.state import (
     Saver,
     SaverBase,
     SaveState,
-    check_distinct_chains,
     check_one_chain,
+    check_ring,
     check_state,
 )
 from jaxsave._stream.writer import Block, Writer
@@ -311,7 +312,7 @@ class Streamer(SaverBase):
         self.traced = True
         leaves = self._flat_sample(sample)
         keep = self._check_keep(keep)
-        _check_ring(state, "save()")
+        check_ring(state, "save()")
         # The row at `fill` is written every step but taken only when kept: a step
         # nobody keeps is overwritten by the next one.
         # Per step: one row and one keep bit written in place, the step and the row counters, the
@@ -369,7 +370,7 @@ class Streamer(SaverBase):
         self._check_open()
         check_state(state, "jaxsave.scan")
         check_one_chain(state, "jaxsave.scan")
-        _check_ring(state, "jaxsave.scan")
+        check_ring(state, "jaxsave.scan")
         self.traced = True
         held = rows_of(state.fill) > 0
         self.flush(
@@ -402,47 +403,16 @@ class Streamer(SaverBase):
                 writer.dropped += 1
             return
         try:
-            meta, data, solver = payload
-            active, chains, _, ends, fills, mask = _flush.decode(meta)
-            rows = mask.shape[1]
-            if (ends != ends[0]).any() or (rows_of(fills) != rows).any():
-                raise SaverStateError(
-                    f"the vmapped chains {chains.tolist()} are at different steps {ends.tolist()}: "
-                    "stack only states that were created together (init(..., chains=n)) and "
-                    "advanced together"
-                )
-            check_distinct_chains(chains, "a block")
-            finished = sorted(set(chains[active].tolist()) & self.finished_chains)
-            if finished or writer is None or not writer.alive:
-                raise SaverStateError(
-                    f"chain(s) {finished or chains[active].tolist()} saved samples after postprocess "
-                    "finished them; start again from init"
-                )
-            starts, saved = self.counter.count(chains, ends, mask, active, span_of(fills), tail=False)
-            checkpoints = None
-            if solver is not None:
-                flat = unpack(solver, solver_packing)
-                checkpoints = _resume.records(
-                    chains, ends, saved, flat, active & (ends % self.checkpoint_every == 0)
-                )
-            every = bool(active.all())
-            pick = slice(None) if every else np.flatnonzero(active)
-            packing = self.packing
-
-            def sample_leaves() -> list[np.ndarray]:  # on the writer's thread
-                return [x[:, :rows] if every else x[pick, :rows] for x in packing.unpack(data)]
-
-            block = Block(
-                chains[pick],
-                starts[pick],
-                ends[pick],
-                mask[pick],
-                None,
-                checkpoints=checkpoints,
-                keepalive=payload,
-                unpack=sample_leaves,
-                packed_bytes=sum(np.asarray(b).nbytes for b in data),
+            block = block_of(
+                payload,
+                solver_packing,
+                packing=self.packing,
+                counter=self.counter,
+                checkpoint_every=self.checkpoint_every,
+                finished=self.finished_chains,
+                closed=writer is None or not writer.alive,
             )
+            assert writer is not None  # block_of refuses a closed saver
             writer.submit(block)
         except SaverStateError as error:
             self.late_error = self.late_error or error
@@ -472,7 +442,7 @@ class Streamer(SaverBase):
         """
         writer = self._live_writer()
         check_state(state, "postprocess()")
-        _check_ring(state, "postprocess()")
+        check_ring(state, "postprocess()")
         state = _sharding.local_part(state)  # this process's chains, on the host
         jax.effects_barrier()
         self._raise_late_error()
@@ -493,8 +463,9 @@ class Streamer(SaverBase):
                 starts, counts[pick] = self.counter.count(
                     chains[pick], steps[pick], tails, every, spans[pick], tail=True
                 )
-                for chain, start in zip(chains[pick].tolist(), starts.tolist()):
-                    writer.wait_for(chain, start)
+                # Queued after every block the sampler sent (effects_barrier), the tail ends the run
+                # of blocks the writer may be joining: waiting for those first would hold each
+                # postprocess for the writer's COALESCE_S wait for a block that never comes.
                 writer.submit(
                     Block(
                         chains[pick],
@@ -551,18 +522,8 @@ class Streamer(SaverBase):
             stopped = writer.stop(deadline - time.monotonic())
         except KeyboardInterrupt:  # a second Ctrl-C: drop what is still queued
             stopped = writer.stop(0.0)
-        if writer.dropped:
-            logger.warning(
-                "jaxsave: interpreter exit: %d block(s) of samples were not written "
-                "(dropped after %.0f s of writing)",
-                writer.dropped,
-                shutdown.EXIT_TIMEOUT_S,
-            )
+        shutdown.report_stop(writer, self.collector, stopped)
         if not stopped:
-            logger.error(
-                "jaxsave: interpreter exit: the writer thread is still inside %s; the collector is left open",
-                type(self.collector).__name__,
-            )
             return
         self.finished_chains.update(unfinished)
         try:
@@ -575,30 +536,7 @@ class Streamer(SaverBase):
                 error,
             )
             return
-        if writer.error is not None and unfinished:
-            logger.warning(
-                "jaxsave: the interpreter exits before postprocess finished chain(s) %s, after saving "
-                "failed (%r): the blocks that reached the host after that error were not written; "
-                "those before it %s",
-                unfinished,
-                writer.error,
-                self.collector.exit_note(),
-            )
-        elif any(writer.written.get(c, 0) for c in unfinished):
-            logger.warning(
-                "jaxsave: the interpreter exits before postprocess finished chain(s) %s; "
-                "their samples that reached the host %s",
-                unfinished,
-                self.collector.exit_note(),
-            )
-        elif unfinished and self.traced:  # silent for a saver whose save() was never traced
-            logger.warning(
-                "jaxsave: the interpreter exits before postprocess finished chain(s) %s; none of "
-                "their samples reached the host: those kept on the device (up to block_size=%d "
-                "per chain) are sent only by postprocess(state), and are lost",
-                unfinished,
-                self.block_size,
-            )
+        shutdown.report_unfinished(writer, self.collector, unfinished, self.traced, self.block_size)
 
 
 def _what(collector: Any) -> str:
@@ -609,14 +547,6 @@ def _what(collector: Any) -> str:
         path = os.fspath(collector)
         return f"the path {path!r}: pass a collector for it, e.g. jaxsave.HDF5Collector({path!r})"
     return type(collector).__name__
-
-
-def _check_ring(state: SaveState, where: str) -> None:
-    if state.fill is None or state.block_start is None:
-        raise TypeError(
-            f"{where}: this state has no ring buffer (is it a no_save() state?); pass the state "
-            "returned by this saver's init, or by the previous save"
-        )
 
 
 def save(

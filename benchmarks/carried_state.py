@@ -5,6 +5,8 @@ every sample kept, 4096-row blocks. Variants, timed in interleaved rounds (best 
 ``--repeats``), wall us/step and ratio to ``stack``:
 
 - ``baseline``: the loop without saving; ``stack``: the peer (samples as ``scan`` outputs);
+- ``ring``: a ring buffer and a row counter, nothing sent (the buffer is an output of the loop);
+- ``ring, cond``: the same, with a ``cond`` per full block that doubles the buffer (no callback);
 - ``floor``: a ring buffer and a row counter, a no-op ``io_callback`` under ``cond`` per full block;
 - ``two scalars``: what ``save()`` carries: the buffer, one keep bit a row, the step, and the
   packed row/span counter (``jaxsave/_stream/packing.py``), the same predicate and reset;
@@ -12,6 +14,7 @@ every sample kept, 4096-row blocks. Variants, timed in interleaved rounds (best 
 - ``no keep bits``: ``two scalars`` without the keep bits (one chain, every row kept).
 
     python benchmarks/carried_state.py --repeats 9
+    python benchmarks/carried_state.py --repeats 9 --out benchmarks/results/carried_state-jax0.12.json  # on jax 0.12
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ RESULTS = Path(__file__).parent / "results"
 ROWS = 4096
 SHIFT = 13  # rows in the low 13 bits, steps of the block above (as packing.SPAN_SHIFT)
 SPAN_MAX = 262_143
-KINDS = ("baseline", "stack", "floor", "two scalars", "one vector", "no keep bits")
+KINDS = ("baseline", "stack", "ring", "ring, cond", "floor", "two scalars", "one vector", "no keep bits")
 
 
 def _ignore(*args) -> None:
@@ -67,6 +70,14 @@ def body(kind: str):
             return (x,), None
         if kind == "stack":
             return (x,), x
+        if kind in ("ring", "ring, cond"):
+            _, buf, n = carry
+            buf = lax.dynamic_update_slice(buf, x[None], (n, 0))
+            n = n + 1
+            full = n == ROWS
+            if kind == "ring, cond":
+                buf = lax.cond(full, lambda: buf * 2, lambda: buf)
+            return (x, buf, jnp.where(full, 0, n)), None
         if kind == "floor":
             _, buf, n = carry
             buf = lax.dynamic_update_slice(buf, x[None], (n, 0))
@@ -105,6 +116,8 @@ def init(kind: str) -> tuple:
     return {
         "baseline": (x,),
         "stack": (x,),
+        "ring": (x, buf, zero),
+        "ring, cond": (x, buf, zero),
         "floor": (x, buf, zero),
         "two scalars": (x, buf, mask, zero, zero),
         "one vector": (x, buf, mask, jnp.zeros(2, jnp.int32)),

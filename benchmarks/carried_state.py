@@ -14,7 +14,9 @@ every sample kept, 4096-row blocks. Variants, timed in interleaved rounds (best 
 - ``no keep bits``: ``two scalars`` without the keep bits (one chain, every row kept).
 
     python benchmarks/carried_state.py --repeats 9
-    python benchmarks/carried_state.py --repeats 9 --out benchmarks/results/carried_state-jax0.12.json  # on jax 0.12
+    python benchmarks/carried_state.py --repeats 9 --out benchmarks/results/carried_state-jax0.12.json
+
+(the second on jax 0.12).
 """
 
 from __future__ import annotations

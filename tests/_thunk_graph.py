@@ -11,7 +11,7 @@ parses that log and :func:`most_ready` replays one thread's first-in-first-out w
 
 Run as a script (``python tests/_thunk_graph.py CASE ...``), it compiles the step of
 ``benchmarks/peer.py`` (10 floats, the key split in the carry, ``save()`` in the user's scan)
-for each case ``{hdf5|ckpt}-{light|heavy}-{thin}``, printing a line ``@@ CASE`` before each compilation's log.
+for each case ``{hdf5|ckpt}-{light|heavy}-{thin|all}`` (one chain) or ``...-{thin}-{chains}`` (vmapped), printing a line ``@@ CASE`` before each compilation's log.
 """
 
 from __future__ import annotations
@@ -98,11 +98,11 @@ def _compile(case: str) -> None:
 
     import jaxsave
 
-    kind, body, thin = case.split("-")
-    steps, every = 1000, int(thin)
+    kind, body, thin, *vmapped = case.split("-")
+    steps, every, chains = 1000, 1 if thin == "all" else int(thin), int(vmapped[0]) if vmapped else None
     saver = jaxsave.save(jaxsave.MemoryCollector(), **({"checkpoint_every": 500} if kind == "ckpt" else {}))
-    x0 = jnp.zeros(10)
-    state = saver.init({"x": x0}, {"x": x0} if kind == "ckpt" else None)
+    x0 = jnp.zeros(10 if chains is None else (chains, 10))
+    state = saver.init({"x": x0}, {"x": x0} if kind == "ckpt" else None, chains=chains)
 
     def run(state, x, key, keys):
         def step(carry, inp):
@@ -112,13 +112,18 @@ def _compile(case: str) -> None:
                 key, k = jax.random.split(key)
             x = x - 1e-3 * x + 1e-2 * jax.random.normal(k, x.shape, x.dtype)
             ckpt = {"solver_state": {"x": x}} if kind == "ckpt" else {}
-            return (saver.save(state, i % every == 0, {"x": x}, **ckpt)[0], x, key), None
+            keep = True if thin == "all" else i % every == 0  # "all": a constant True, as many users write
+            return (saver.save(state, keep, {"x": x}, **ckpt)[0], x, key), None
 
         state, x, _ = jax.lax.scan(step, (state, x, key), (jnp.arange(steps), keys))[0]
         return state, x  # as benchmarks/peer.py's loop: what the loop returns changes its copies
 
     key = jax.random.key(0)
     args = (state, x0, key, jax.random.split(key, steps))
+    if chains is not None:  # vmapped chains, as benchmarks/peer.py runs them
+        run = jax.vmap(run)
+        key = jax.random.split(key, chains)
+        args = (state, x0, key, jax.vmap(lambda k: jax.random.split(k, steps))(key))
     print(f"@@ {case}", file=sys.stderr, flush=True)
     compiled = jax.jit(run).lower(*args).compile()
     print("@@ end", file=sys.stderr, flush=True)

@@ -103,8 +103,14 @@ def test_vmapped_chains_with_per_chain_keep_equal_unbatched_runs(kind, tmp_path,
         )(solo_state, keys[c], phases[c])
         solo_result = solo.postprocess(solo_state, None)
         want = stored(kind, solo_path, solo_result, 0)
-        assert_same(stored(kind, tmp_path, result, c), want)
+        got = stored(kind, tmp_path, result, c)
+        # Bit for bit what each run computed; between the two runs the rows and steps must be the
+        # same, the values within rounding: XLA may round a vmapped step differently from the
+        # unbatched one (1 ulp on jax 0.12 on an AMD EPYC).
+        assert_same(got, expected(xs[c], keeps[c], steps))
         assert_same(want, expected(solo_xs, solo_keeps, steps))
+        np.testing.assert_array_equal(got["i"], want["i"])
+        np.testing.assert_allclose(got["x"], want["x"], rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("kind", ["memory", "hdf5", "device"])

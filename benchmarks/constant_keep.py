@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import tempfile
 import time
@@ -28,20 +27,11 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from peer import DIM, _cpu_s, sgld  # the same step and clock as benchmarks/peer.py
 
 import jaxsave
 
-DIM = 10
 KINDS = ["stack", "keep=True", "keep=i%1==0"]
-
-
-def sgld(x, k):
-    return x - 1e-3 * x + 1e-2 * jax.random.normal(k, x.shape, x.dtype)
-
-
-def _cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def run_case(kind: str, chains: int, steps: int, tmp: str) -> tuple[float, float]:

@@ -11,7 +11,8 @@ parses that log and :func:`most_ready` replays one thread's first-in-first-out w
 
 Run as a script (``python tests/_thunk_graph.py CASE ...``), it compiles the step of
 ``benchmarks/peer.py`` (10 floats, the key split in the carry, ``save()`` in the user's scan)
-for each case ``{hdf5|ckpt}-{light|heavy}-{thin|all}`` (one chain) or ``...-{thin}-{chains}`` (vmapped), printing a line ``@@ CASE`` before each compilation's log.
+for each case ``{hdf5|ckpt}-{light|heavy}-{thin|all}`` (one chain; ``all``: ``keep=True``) or
+``...-{chains}`` (vmapped), printing a line ``@@ CASE`` before each compilation's log.
 """
 
 from __future__ import annotations

@@ -419,8 +419,8 @@ _OVER_WITH_OLD_COUNTERS = {"hdf5-light-1", "hdf5-heavy-1", "ckpt-light-1", "ckpt
 # Known, not fixed: on jax 0.12 the unthinned heavy step still has 10 thunks ready at once (the
 # loop counter's copy feeds four of save()'s scalar kernels while the key split's second stage is
 # ready): 3.2 us a step against 1.3 for the light step (docs/performance.md, session 11); with a
-# constant keep, 9 (the slow vmapped test's case, below).
-_OVER_ON_JAX_012 = {"hdf5-heavy-1", "hdf5-heavy-all"}
+# constant keep it was 9 until save() tied a constant keep to the sample (streamer._tied_to).
+_OVER_ON_JAX_012 = {"hdf5-heavy-1"}
 
 
 def _carries_old_counters() -> bool:
@@ -476,22 +476,17 @@ def test_the_loop_body_is_not_split_over_threads(thunk_logs, case):
 
 
 # The same for vmapped chains (64, as benchmarks/peer.py) and for `keep=True` (a constant, as many
-# users write it), slow: 16 more compilations. Known, not fixed (docs/performance.md, session 16):
-# with a constant keep under vmap, XLA fuses the fill's advance into each of its five readers (the
-# keep bit's write, the header's fill and flags, the reset, the flush predicate), so all five are
-# ready as soon as the fill's copy is, beside the user's step (here the key indexing's six
-# kernels). `python benchmarks/constant_keep.py`, 64 chains: keep=True took 1.8-2.4x the CPU time
-# of `keep=i % 1 == 0` (72-117 against 42-49 us a step) and 0.98-1.46x its wall time.
+# users write it), slow: 16 more compilations. A constant keep let XLA fuse the fill's advance into
+# each of its five readers, all ready as soon as the fill's copy was, beside the user's step: 12
+# ready under vmap with the light step, 1.8-2.4x the CPU time of `keep=i % 1 == 0`
+# (`python benchmarks/constant_keep.py`). save() now ties a constant keep to the sample
+# (streamer._tied_to): 6. Known, not fixed (docs/performance.md, session 17): the heavy step under
+# vmap with a constant keep, where the key split's nine roots and the copies of the carried step,
+# fill and block start are ready at once; and ckpt-light-1-64 (9).
 _VMAPPED_STEPS = [f"{k}-{b}-all" for k in ("hdf5", "ckpt") for b in ("light", "heavy")] + [
     f"{k}-{b}-{t}-64" for k in ("hdf5", "ckpt") for b in ("light", "heavy") for t in ("all", "1", "10")
 ]
-_SPLIT_KNOWN = {
-    "hdf5-light-all-64",
-    "hdf5-heavy-all-64",
-    "ckpt-light-all-64",
-    "ckpt-heavy-all-64",
-    "ckpt-light-1-64",
-}
+_SPLIT_KNOWN = {"hdf5-heavy-all-64", "ckpt-heavy-all-64", "ckpt-light-1-64"}
 
 
 @pytest.fixture(scope="module")

@@ -384,6 +384,31 @@ def test_zero_size_leaves_and_empty_samples(sample):
     assert jax.tree.map(np.shape, out["samples"]) == jax.tree.map(lambda x: (4, *x.shape), sample)
 
 
+@pytest.mark.parametrize(
+    "first",
+    [np.float32(np.nan), np.float32(-np.inf), np.float32(-3e10), np.complex64(1j), np.bool_(False),
+     np.uint32(2**32 - 1), np.zeros((0,), np.float32)],
+    ids=["nan", "-inf", "below int32", "complex", "false", "uint32 max", "zero-size"],
+)  # fmt: skip
+@pytest.mark.parametrize("keep", [True, False, np.True_])
+def test_a_constant_keep_keeps_every_step_whatever_the_sample_holds(first, keep):
+    """save() ties a constant keep to the sample's first element (streamer._tied_to): whatever that
+    element is, keep=True keeps every step and keep=False none, under jit and under vmap."""
+    sample = {"a": jnp.asarray(first), "b": jnp.float32(1.0)}
+    for chains in (None, 3):
+        init, save, postprocess = jaxsave.save(jaxsave.MemoryCollector(), block_size=4)
+        stacked = (
+            jax.tree.map(lambda x: jnp.broadcast_to(x, (chains, *x.shape)), sample) if chains else sample
+        )
+        state = init(stacked, chains=chains)
+        run = jax.jit(lambda s: jax.lax.scan(lambda s, i: save(s, keep, sample), s, jnp.arange(6))[0])
+        out = postprocess(run(state) if chains is None else jax.vmap(run)(state), None)
+        np.testing.assert_array_equal(out["sample_count"], np.full(np.shape(out["sample_count"]), 6 * keep))
+        if keep:
+            kept = out["samples"]["a"]
+            np.testing.assert_array_equal(kept, np.broadcast_to(first, kept.shape))
+
+
 def test_postprocess_results_survive_a_resume_of_the_same_memory_collector():
     collector = jaxsave.MemoryCollector()
     init, save, postprocess = jaxsave.save(collector, checkpoint_every=4)

@@ -311,7 +311,10 @@ class Streamer(SaverBase):
         check_one_chain(state, "save()")
         self.traced = True
         leaves = self._flat_sample(sample)
+        constant = not isinstance(keep, jax.core.Tracer)  # `save(state, True, sample)`
         keep = self._check_keep(keep)
+        if constant:
+            keep = _tied_to(keep, leaves)
         check_ring(state, "save()")
         # The row at `fill` is written every step but taken only when kept: a step
         # nobody keeps is overwritten by the next one.
@@ -537,6 +540,25 @@ class Streamer(SaverBase):
             )
             return
         shutdown.report_unfinished(writer, self.collector, unfinished, self.traced, self.block_size)
+
+
+def _tied_to(keep: jax.Array, leaves: list[jax.Array]) -> jax.Array:
+    """A constant ``keep``, made to depend on the sample's first element (its value unchanged).
+
+    With a constant keep XLA folds the fill's advance into each of the five kernels that read the
+    fill, all ready at the top of the step beside the user's own: under vmap 12 thunks ready at once
+    with the light step of ``benchmarks/peer.py``, so XLA:CPU split every step over two threads
+    (twice the CPU time; ``benchmarks/constant_keep.py``). ``(int32(x) | 1) != 0`` is always true
+    but not folded, so those kernels wait for the step's sample (6 ready; tests/_thunk_graph.py).
+    A traced keep is left alone: it already waits for what it is computed from.
+    """
+    for x in leaves:
+        if x.size:
+            first = jnp.reshape(x, (-1,))[0]
+            if jnp.iscomplexobj(first):
+                first = jnp.real(first)
+            return keep & ((first.astype(jnp.int32) | 1) != 0)
+    return keep
 
 
 def _what(collector: Any) -> str:

@@ -327,7 +327,10 @@ class Streamer(SaverBase):
         full = rows_of(fill) == state.keep_mask.shape[-1]
         ckpt = None
         if self.checkpoint_every:
-            full = full | (step % self.checkpoint_every == 0)
+            # With a traced keep the remainder waits for the fill's advance: read at the top of the
+            # step beside the user's kernels, it made 9 ready at once under vmap (ckpt-light-1-64).
+            due = step if constant else step + _never(fill).astype(step.dtype)
+            full = full | (due % self.checkpoint_every == 0)
             tree = _resume.checkpoint_tree(solver_state, scheduler_state)
             check_like(tree, self.checkpoint_spec, "the solver_state/scheduler_state passed to save()")
             ckpt = tuple(_resume.to_device_leaves(tree))
@@ -542,22 +545,27 @@ class Streamer(SaverBase):
         shutdown.report_unfinished(writer, self.collector, unfinished, self.traced, self.block_size)
 
 
+def _never(x: jax.Array) -> jax.Array:
+    """``False``, computed from the integer ``x``: ``(x | 1) == 0`` never holds, and XLA does not
+    fold it. A value it joins waits for ``x`` in the loop body's thunk graph (tests/_thunk_graph.py)."""
+    return (x | 1) == 0
+
+
 def _tied_to(keep: jax.Array, leaves: list[jax.Array]) -> jax.Array:
-    """A constant ``keep``, made to depend on the sample's first element (its value unchanged).
+    """A constant ``keep``, made to wait for the sample's first element (its value unchanged).
 
     With a constant keep XLA folds the fill's advance into each of the five kernels that read the
     fill, all ready at the top of the step beside the user's own: under vmap 12 thunks ready at once
     with the light step of ``benchmarks/peer.py``, so XLA:CPU split every step over two threads
-    (twice the CPU time; ``benchmarks/constant_keep.py``). ``(int32(x) | 1) != 0`` is always true
-    but not folded, so those kernels wait for the step's sample (6 ready; tests/_thunk_graph.py).
-    A traced keep is left alone: it already waits for what it is computed from.
+    (twice the CPU time; ``benchmarks/constant_keep.py``). Tied to the sample, 6 are. A traced keep
+    is left alone: it already waits for what it is computed from.
     """
     for x in leaves:
         if x.size:
             first = jnp.reshape(x, (-1,))[0]
             if jnp.iscomplexobj(first):
                 first = jnp.real(first)
-            return keep & ((first.astype(jnp.int32) | 1) != 0)
+            return keep & ~_never(first.astype(jnp.int32))
     return keep
 
 

@@ -157,10 +157,11 @@ class HDF5Collector(DataCollector):
         self._rows.adopt(sample_file.read_counts(self._held.file).tolist())
         self._finalized: set[int] = set(range(len(self._rows.counts)))  # until a chain is reopened
         self._datasets = HDF5Datasets.for_layout(layout, self._held, compression, self._rows)
-        self._checkpoints: dict[int, _resume.ChainCheckpoint] = {}
-        self._checkpoint_spec: Any = None
-        self._checkpoint_pending = False
-        self._checkpoint_written = -float("inf")
+        self._newest = _resume.NewestCheckpoints(
+            self.checkpoint_interval,
+            self._read_checkpoints,
+            lambda records, spec: _resume.write_file(self.checkpoint_path, records, spec),
+        )
 
     def _open(self, file: str | os.PathLike | h5py.File, mode: str, swmr: bool | None) -> HeldFile:
         """A user's open file, or the path opened with ``mode`` and locked (released on failure)."""
@@ -309,30 +310,26 @@ class HDF5Collector(DataCollector):
         the last write."""
         with self._lock:
             self._require_open()
-            if not self._checkpoints and os.path.exists(self.checkpoint_path):
-                self._checkpoints = _resume.read_file(self.checkpoint_path)[0]
-            self._checkpoints.update(records)
-            self._checkpoint_spec, self._checkpoint_pending = spec, True
-            if time.monotonic() - self._checkpoint_written >= self.checkpoint_interval:
+            if self._newest.keep(records, spec):
                 self._write_checkpoints()
 
     def _write_checkpoints(self) -> None:
         """Commit the samples, then atomically replace ``<file>.ckpt`` with every chain's newest
         checkpoint."""
-        if not self._checkpoint_pending:
-            return
-        self._commit()  # a checkpoint never counts samples that are not on disk
-        _resume.write_file(self.checkpoint_path, self._checkpoints, self._checkpoint_spec)
-        self._checkpoint_pending = False
-        self._checkpoint_written = time.monotonic()
+        if self._newest.pending:
+            self._commit()  # a checkpoint never counts samples that are not on disk
+            self._newest.write()
 
-    def resume(self) -> tuple[dict, Any]:
-        with self._lock:
-            if self._checkpoint_pending and self.file.id.valid:
-                self._write_checkpoints()
+    def _read_checkpoints(self) -> tuple[dict, Any]:
         if os.path.exists(self.checkpoint_path):
             return _resume.read_file(self.checkpoint_path)
         return {}, None
+
+    def resume(self) -> tuple[dict, Any]:
+        with self._lock:
+            if self._newest.pending and self.file.id.valid:
+                self._write_checkpoints()
+        return self._read_checkpoints()
 
     def reopen_chain(
         self,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import logging
 import math
 import os
@@ -34,6 +33,7 @@ from jaxsave._store.location import describe
 from jaxsave._store.names import StatsSpec, check_zarr_names, leaf_entries
 from jaxsave._store.zarr import store as _store
 from jaxsave._store.zarr.arrays import CHECKPOINT_PREFIX, COMPRESSIONS, StoreArrays, chunk_shape
+from jaxsave._store.zarr.held_rows import HeldRows
 from jaxsave._store.zarr.held_store import StoreWriter, run_token, stored_count
 from jaxsave._stream import resume as _resume
 from jaxsave.collectors import (
@@ -199,13 +199,7 @@ class ZarrCollector(DataCollector):
         self._capacity: dict[int, int | None] = {}
         self._finalized: set[int] = set()
         self._committed = -float("inf")
-        # Rows not written yet: (first chain, chains, start, draws, [block rows per leaf]).
-        self._buffer: list[tuple[int, int, int, int, list[list[np.ndarray]]]] = []
-        self._buffered_bytes = 0
-        self._checkpoints: dict[int, _resume.ChainCheckpoint] = {}
-        self._checkpoint_spec: Any = None
-        self._checkpoint_pending = False
-        self._checkpoint_written = -float("inf")
+        self._held = HeldRows()  # rows not written yet
         self._closed = False
         self._trimmed = False  # trimmed (and consolidated) since the last draw, chain or reopen
         token = run_token(run_id) if self.shared and mode == "w" else None  # every process, at once
@@ -236,6 +230,11 @@ class ZarrCollector(DataCollector):
         except BaseException:
             self._release_lock()
             raise
+        self._newest = _resume.NewestCheckpoints(
+            self.checkpoint_interval,
+            lambda: _resume.read_store_key(self._location, self.checkpoint_key),
+            lambda records, spec: _resume.write_store_key(self._location, self.checkpoint_key, records, spec),
+        )
         if stored is not None and not self.shared:  # mode "a": which chains are a shared store's
             for chain, count in enumerate(stored.tolist()):  # process's is known when it reopens them
                 self._adopt(chain, count)
@@ -405,50 +404,26 @@ class ZarrCollector(DataCollector):
                     self._buffer_rows(chain, self._counts[chain], [leaf[i : i + 1] for leaf in values])
             for chain in chain_ids:
                 self._counts[chain] += n
-            if (
-                time.monotonic() - self._committed >= self.flush_interval
-                or self._buffered_bytes >= BUFFER_BYTES
-            ):
+            if time.monotonic() - self._committed >= self.flush_interval or self._held.nbytes >= BUFFER_BYTES:
                 self._commit()
 
     def _buffer_rows(self, first: int, start: int, values: list[np.ndarray]) -> None:
-        """Keep (a copy of) rows of chains ``first...`` at draws ``start...`` until the next commit,
-        joined to the rows before them when they continue them: one write a commit, not a block,
-        so that a partly filled chunk is read and rewritten once per flush interval."""
-        rows = [np.array(v) for v in values]  # the writer reuses the memory of the block
-        chains, n = rows[0].shape[:2]
+        """Keep rows of chains ``first...`` at draws ``start...`` until the next commit (one write
+        a commit, not a block: a partly filled chunk is read and rewritten once per interval)."""
         if self._arrays is not None:  # kept whole chunks of these chains go first (this is read-modify-write)
             partial = self._arrays.partial
-            partial.write(partial.covers(first, chains), drop=True)
-        last = self._buffer[-1] if self._buffer else None
-        if last is not None and last[0] == first and last[1] == chains and last[2] + last[3] == start:
-            last[4].append(rows)
-            self._buffer[-1] = (first, chains, last[2], last[3] + n, last[4])
-        else:
-            self._buffer.append((first, chains, start, n, [rows]))
-        self._buffered_bytes += sum(r.nbytes for r in rows)
-
-    def _write_buffer(self) -> None:
-        """Write the rows kept by :meth:`_buffer_rows`, each run of blocks in one write per leaf.
-        A run leaves the buffer only once it is written: a failed write (a full disk) keeps it,
-        and the counts that would count it are not written."""
-        while self._buffer:
-            first, chains, start, n, pieces = self._buffer[0]
-            values = [np.concatenate([p[j] for p in pieces], axis=1) for j in range(len(pieces[0]))]
-            self._buffer[0] = (first, chains, start, n, [values])  # joined once, also for a retry
-            self._bound(start + n).write(first, start, values)
-            self._buffer.pop(0)
-            self._buffered_bytes -= sum(v.nbytes for v in values)
+            partial.write(partial.covers(first, len(values[0])), drop=True)
+        self._held.add(first, start, values)
 
     def _stored_rows(self, first: int, chains: int, start: int, stop: int) -> list[np.ndarray]:
         """The stored rows of a chunk this writer continues but did not keep (resume, mode "a")."""
-        self._write_buffer()
+        self._held.write(self._bound)
         return self._bound(stop).read(first, chains, start, stop)
 
     def _commit(self) -> None:
         """Write the buffered draws, then the counts that changed (each chain its own key)."""
         with self._disk_errors():
-            self._write_buffer()
+            self._held.write(self._bound)
             if self._arrays is not None:
                 self._arrays.partial.write()  # the chunks not yet full, whole (the fill past the counts)
             changed = {c: n for c, n in self._counts.items() if self._committed_counts.get(c) != n}
@@ -507,30 +482,21 @@ class ZarrCollector(DataCollector):
         """Keep the newest checkpoints; write them if ``checkpoint_interval`` has passed."""
         with self._lock:
             self._require_open()
-            if not self._checkpoints:
-                self._checkpoints = _resume.read_store_key(self._location, self.checkpoint_key)[0]
-            self._checkpoints.update(records)
-            self._checkpoint_spec, self._checkpoint_pending = spec, True
-            if time.monotonic() - self._checkpoint_written >= self.checkpoint_interval:
+            if self._newest.keep(records, spec):
                 self._write_checkpoints()
 
     def _write_checkpoints(self) -> None:
         """Commit the counts, then replace this collector's checkpoint key (one put)."""
-        if not self._checkpoint_pending:
-            return
-        self._commit()  # a checkpoint never counts samples that are not in the store
-        buffer = io.BytesIO()
-        _resume.write_file(buffer, self._checkpoints, self._checkpoint_spec)
-        _store.set_bytes(self._location, self.checkpoint_key, buffer.getvalue())
-        self._checkpoint_pending = False
-        self._checkpoint_written = time.monotonic()
+        if self._newest.pending:
+            self._commit()  # a checkpoint never counts samples that are not in the store
+            self._newest.write()
 
     def resume(self) -> tuple[dict, Any]:
         """This collector's chains' newest checkpoints (those it wrote, or found in the store)."""
         with self._lock:
-            if self._checkpoint_pending and not self._closed:
+            if self._newest.pending and not self._closed:
                 self._write_checkpoints()
-            return _resume.read_store_key(self._location, self.checkpoint_key)
+            return self._newest.load()
 
     def reopen_chain(
         self,

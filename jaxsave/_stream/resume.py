@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import io
 import os
+import time
+from collections.abc import Callable
 from typing import Any, BinaryIO, NamedTuple
 
 import jax
@@ -187,6 +189,59 @@ def read_store_key(location: Any, key: str) -> tuple[dict[int, ChainCheckpoint],
     if data is None:
         return {}, None
     return read_file(io.BytesIO(data))
+
+
+class NewestCheckpoints:
+    """The newest checkpoint of each chain of a collector, stored at most once per ``interval`` s.
+
+    ``load()`` returns what the storage holds (``({}, None)`` if nothing) and ``store(records,
+    spec)`` replaces it whole. The collector commits the samples a checkpoint counts before it
+    calls :meth:`write`: a stored checkpoint never counts samples that are not stored.
+
+    >>> stored = []
+    >>> newest = NewestCheckpoints(60.0, lambda: ({}, None), lambda r, s: stored.append(sorted(r)))
+    >>> newest.keep({0: "a"}, None), newest.pending  # the first one is due at once
+    (True, True)
+    >>> newest.write()
+    >>> newest.keep({1: "b"}, None), stored  # the next is due 60 s later
+    (False, [[0]])
+    """
+
+    def __init__(
+        self,
+        interval: float,
+        load: Callable[[], tuple[dict[int, ChainCheckpoint], Any]],
+        store: Callable[[dict[int, ChainCheckpoint], Any], None],
+    ) -> None:
+        self.interval = interval
+        self.load, self.store = load, store
+        self.records: dict[int, ChainCheckpoint] = {}
+        self.spec: Any = None
+        self.pending = False  # kept records not stored yet
+        self.written = -float("inf")
+
+    def keep(self, records: dict[int, ChainCheckpoint], spec: Any) -> bool:
+        """Keep the chains' newest ``records``; whether ``interval`` has passed since the last write."""
+        if not self.records:  # storage this collector continues: its other chains' checkpoints stay
+            self.records = dict(self.load()[0])
+        self.records.update(records)
+        self.spec, self.pending = spec, True
+        return time.monotonic() - self.written >= self.interval
+
+    def write(self) -> None:
+        """Store the kept records (replacing what was stored)."""
+        self.store(self.records, self.spec)
+        self.pending = False
+        self.written = time.monotonic()
+
+
+def write_store_key(location: Any, key: str, records: dict[int, ChainCheckpoint], spec: Any) -> None:
+    """Replace key ``key`` of a Zarr store with ``records`` (one put)."""
+    from jaxsave._store.zarr import store as _zarr_store
+
+    buffer = io.BytesIO()
+    write_file(buffer, records, spec)
+    _zarr_store.set_bytes(location, key, buffer.getvalue())
 
 
 def read_store(source: Any, storage_options: dict | None = None) -> tuple[dict[int, ChainCheckpoint], Any]:

@@ -419,7 +419,7 @@ _OVER_WITH_OLD_COUNTERS = {"hdf5-light-1", "hdf5-heavy-1", "ckpt-light-1", "ckpt
 # Known, not fixed: on jax 0.12 the unthinned heavy step still has 10 thunks ready at once (the
 # loop counter's copy feeds four of save()'s scalar kernels while the key split's second stage is
 # ready): 3.2 us a step against 1.3 for the light step (docs/performance.md, session 11); with a
-# constant keep it was 9 until save() tied a constant keep to the sample (streamer._tied_to).
+# constant keep it was 9 until save() tied a constant keep to the sample (ordering.tied_to).
 _OVER_ON_JAX_012 = {"hdf5-heavy-1"}
 
 
@@ -480,7 +480,7 @@ def test_the_loop_body_is_not_split_over_threads(thunk_logs, case):
 # each of its five readers, all ready as soon as the fill's copy was, beside the user's step: 12
 # ready under vmap with the light step, 1.8-2.4x the CPU time of `keep=i % 1 == 0`
 # (`python benchmarks/constant_keep.py`). save() now ties a constant keep to the sample
-# (streamer._tied_to): 6. With checkpoints and a traced keep, the checkpoint's remainder was read
+# (ordering.tied_to): 6. With checkpoints and a traced keep, the checkpoint's remainder was read
 # at the top of the step too (ckpt-light-1-64: 9); it now waits for the fill's advance (8).
 # Known, not fixed (docs/performance.md, session 17): the heavy step under vmap with a constant
 # keep, where the key split's nine roots and the copies of the carried step, fill and block start

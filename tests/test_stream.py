@@ -392,7 +392,7 @@ def test_zero_size_leaves_and_empty_samples(sample):
 )  # fmt: skip
 @pytest.mark.parametrize("keep", [True, False, np.True_])
 def test_a_constant_keep_keeps_every_step_whatever_the_sample_holds(first, keep):
-    """save() ties a constant keep to the sample's first element (streamer._tied_to): whatever that
+    """save() ties a constant keep to the sample's first element (ordering.tied_to): whatever that
     element is, keep=True keeps every step and keep=False none, under jit and under vmap."""
     sample = {"a": jnp.asarray(first), "b": jnp.float32(1.0)}
     for chains in (None, 3):

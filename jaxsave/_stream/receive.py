@@ -3,7 +3,8 @@
 The flush callback (on an XLA thread) decodes the block's metadata, refuses chains
 that are not at one step or were finished already, counts the block's steps and kept
 samples (:class:`~jaxsave._stream.counting.BlockCounter`), and wraps the packed
-buffers without unpacking them: the writer thread unpacks them.
+buffers without unpacking them: the writer thread unpacks them. ``postprocess`` makes the
+partial last blocks of a final state into blocks the same way (:func:`tail_blocks`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from jaxsave._stream.state import check_distinct_chains
 from jaxsave._stream.writer import Block
 from jaxsave.errors import SaverStateError
 
-__all__ = ["block_of"]
+__all__ = ["block_of", "tail_blocks"]
 
 
 def block_of(
@@ -77,3 +78,26 @@ def block_of(
         unpack=sample_leaves,
         packed_bytes=sum(np.asarray(b).nbytes for b in data),
     )
+
+
+def tail_blocks(
+    chains: np.ndarray, steps: np.ndarray, state: Any, *, packing: Packing, counter: BlockCounter
+) -> tuple[list[Block], np.ndarray]:
+    """The partial last blocks of a final state (on the host) of ``chains`` at ``steps``, and each
+    chain's kept count: chains holding as many rows share one block."""
+    packed = np.asarray(state.fill).reshape(-1)
+    fills, spans = rows_of(packed), span_of(packed)
+    mask = np.asarray(state.keep_mask).reshape(len(chains), -1)
+    leaves = packing.unpack(state.data)
+    counts = np.zeros(len(chains), np.int64)
+    blocks = []
+    for tail in np.unique(fills):
+        pick = np.flatnonzero(fills == tail)
+        tails = mask[pick, :tail]
+        starts, counts[pick] = counter.count(
+            chains[pick], steps[pick], tails, np.ones(len(pick), bool), spans[pick], tail=True
+        )
+        blocks.append(
+            Block(chains[pick], starts, steps[pick], tails, [x[pick, :tail] for x in leaves], tail=True)
+        )
+    return blocks, counts

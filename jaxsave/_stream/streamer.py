@@ -34,9 +34,10 @@ from jaxsave._stream import resume as _resume
 from jaxsave._stream import sharding as _sharding
 from jaxsave._stream import shutdown
 from jaxsave._stream.counting import BlockCounter
+from jaxsave._stream.ordering import never, tied_to
 from jaxsave._stream.packing import Packing, advance, rows_of, span_of, with_span
 from jaxsave._stream.progress import start_bar
-from jaxsave._stream.receive import block_of
+from jaxsave._stream.receive import block_of, tail_blocks
 from jaxsave._stream.resume import Checkpoint
 from jaxsave._stream.state import (
     Saver,
@@ -46,7 +47,7 @@ from jaxsave._stream.state import (
     check_ring,
     check_state,
 )
-from jaxsave._stream.writer import Block, Writer
+from jaxsave._stream.writer import Writer
 from jaxsave.collectors import Collector, DataCollector, MemoryCollector, samples_collected
 from jaxsave.errors import SaverStateError
 
@@ -314,7 +315,7 @@ class Streamer(SaverBase):
         constant = not isinstance(keep, jax.core.Tracer)  # `save(state, True, sample)`
         keep = self._check_keep(keep)
         if constant:
-            keep = _tied_to(keep, leaves)
+            keep = tied_to(keep, leaves)
         check_ring(state, "save()")
         # The row at `fill` is written every step but taken only when kept: a step
         # nobody keeps is overwritten by the next one.
@@ -329,7 +330,7 @@ class Streamer(SaverBase):
         if self.checkpoint_every:
             # With a traced keep the remainder waits for the fill's advance: read at the top of the
             # step beside the user's kernels, it made 9 ready at once under vmap (ckpt-light-1-64).
-            due = step if constant else step + _never(fill).astype(step.dtype)
+            due = step if constant else step + never(fill).astype(step.dtype)
             full = full | (due % self.checkpoint_every == 0)
             tree = _resume.checkpoint_tree(solver_state, scheduler_state)
             check_like(tree, self.checkpoint_spec, "the solver_state/scheduler_state passed to save()")
@@ -456,32 +457,13 @@ class Streamer(SaverBase):
         chains = np.asarray(state.chain_id).reshape(-1)
         self._register_finished(chains)
         steps = np.asarray(state.step).reshape(-1)
-        counts = np.zeros(len(chains), np.int64)
-        packed = np.asarray(state.fill).reshape(-1)
-        fills, spans = rows_of(packed), span_of(packed)
-        mask = np.asarray(state.keep_mask).reshape(len(chains), -1)
-        leaves = self.packing.unpack(state.data)
         try:
-            for tail in np.unique(fills):
-                pick = np.flatnonzero(fills == tail)
-                every = np.ones(len(pick), bool)
-                tails = mask[pick, :tail]
-                starts, counts[pick] = self.counter.count(
-                    chains[pick], steps[pick], tails, every, spans[pick], tail=True
-                )
-                # Queued after every block the sampler sent (effects_barrier), the tail ends the run
-                # of blocks the writer may be joining: waiting for those first would hold each
-                # postprocess for the writer's COALESCE_S wait for a block that never comes.
-                writer.submit(
-                    Block(
-                        chains[pick],
-                        starts,
-                        steps[pick],
-                        tails,
-                        [x[pick, :tail] for x in leaves],
-                        tail=True,
-                    )
-                )
+            blocks, counts = tail_blocks(chains, steps, state, packing=self.packing, counter=self.counter)
+            # Queued after every block the sampler sent (effects_barrier), the tails end the run
+            # of blocks the writer may be joining: waiting for those first would hold each
+            # postprocess for the writer's COALESCE_S wait for a block that never comes.
+            for block in blocks:
+                writer.submit(block)
             for chain, step, count in zip(chains.tolist(), steps.tolist(), counts.tolist()):
                 writer.wait_for(chain, step, finalized=True)
                 if writer.written[chain] != count:
@@ -543,30 +525,6 @@ class Streamer(SaverBase):
             )
             return
         shutdown.report_unfinished(writer, self.collector, unfinished, self.traced, self.block_size)
-
-
-def _never(x: jax.Array) -> jax.Array:
-    """``False``, computed from the integer ``x``: ``(x | 1) == 0`` never holds, and XLA does not
-    fold it. A value it joins waits for ``x`` in the loop body's thunk graph (tests/_thunk_graph.py)."""
-    return (x | 1) == 0
-
-
-def _tied_to(keep: jax.Array, leaves: list[jax.Array]) -> jax.Array:
-    """A constant ``keep``, made to wait for the sample's first element (its value unchanged).
-
-    With a constant keep XLA folds the fill's advance into each of the five kernels that read the
-    fill, all ready at the top of the step beside the user's own: under vmap 12 thunks ready at once
-    with the light step of ``benchmarks/peer.py``, so XLA:CPU split every step over two threads
-    (twice the CPU time; ``benchmarks/constant_keep.py``). Tied to the sample, 6 are. A traced keep
-    is left alone: it already waits for what it is computed from.
-    """
-    for x in leaves:
-        if x.size:
-            first = jnp.reshape(x, (-1,))[0]
-            if jnp.iscomplexobj(first):
-                first = jnp.real(first)
-            return keep & ~_never(first.astype(jnp.int32))
-    return keep
 
 
 def _what(collector: Any) -> str:

@@ -59,6 +59,8 @@ CHILD = textwrap.dedent(f"""
         return run, state, jnp.arange({CHAINS})
 
     if kind == "sigint":
+        import signal  # Ctrl-C raises KeyboardInterrupt, as in a terminal, even where the test
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # runs in a background job (SIG_IGN)
         run, state, c = sampler(jaxsave.HDF5Collector(paths[0]), 256)
         for k in range(64):  # at most 1 GiB: a lost signal ends the run (status 0), not the disk
             state = jax.block_until_ready(run(state, c, k * 256))

@@ -21,4 +21,4 @@ def test_readme_example_runs(tmp_path, monkeypatch, capsys):
     exec(compile(code, str(README), "exec"), {})
     out = capsys.readouterr().out
     assert "[360 360 360 360]" in out
-    assert "r_hat" in out and (tmp_path / "chains.h5").exists()
+    assert "r_hat" in out and (tmp_path / "sgld.h5").exists()

@@ -161,6 +161,7 @@ class HDF5Collector(DataCollector):
             self.checkpoint_interval,
             self._read_checkpoints,
             lambda records, spec: _resume.write_file(self.checkpoint_path, records, spec),
+            commit=self._commit,
         )
 
     def _open(self, file: str | os.PathLike | h5py.File, mode: str, swmr: bool | None) -> HeldFile:
@@ -290,7 +291,7 @@ class HDF5Collector(DataCollector):
             self._datasets.finish_chain(chain_id)
             if len(self._finalized) == len(self._counts):
                 self._trim()
-                self._write_checkpoints()
+                self._newest.write()
 
     def _trim(self) -> None:
         """Cut preallocated draws down to what was kept, and record the final counts."""
@@ -311,14 +312,7 @@ class HDF5Collector(DataCollector):
         with self._lock:
             self._require_open()
             if self._newest.keep(records, spec):
-                self._write_checkpoints()
-
-    def _write_checkpoints(self) -> None:
-        """Commit the samples, then atomically replace ``<file>.ckpt`` with every chain's newest
-        checkpoint."""
-        if self._newest.pending:
-            self._commit()  # a checkpoint never counts samples that are not on disk
-            self._newest.write()
+                self._newest.write()
 
     def _read_checkpoints(self) -> tuple[dict, Any]:
         if os.path.exists(self.checkpoint_path):
@@ -328,7 +322,7 @@ class HDF5Collector(DataCollector):
     def resume(self) -> tuple[dict, Any]:
         with self._lock:
             if self._newest.pending and self.file.id.valid:
-                self._write_checkpoints()
+                self._newest.write()
         return self._read_checkpoints()
 
     def reopen_chain(
@@ -370,7 +364,7 @@ class HDF5Collector(DataCollector):
         try:
             self._held.check_on_disk()
             self._trim()
-            self._write_checkpoints()
+            self._newest.write()
             identity = owner.identity if owner is not None else None
             datasets = self._datasets.names()
         finally:  # a failed write (full disk...) still releases the file

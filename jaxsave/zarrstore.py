@@ -234,6 +234,7 @@ class ZarrCollector(DataCollector):
             self.checkpoint_interval,
             lambda: _resume.read_store_key(self._location, self.checkpoint_key),
             lambda records, spec: _resume.write_store_key(self._location, self.checkpoint_key, records, spec),
+            commit=self._commit,
         )
         if stored is not None and not self.shared:  # mode "a": which chains are a shared store's
             for chain, count in enumerate(stored.tolist()):  # process's is known when it reopens them
@@ -456,7 +457,7 @@ class ZarrCollector(DataCollector):
             self._commit()
             if self._finalized >= set(self._counts):
                 self._trim()
-                self._write_checkpoints()
+                self._newest.write()
 
     def _trim(self) -> None:
         """The only writer: cut the draw axis to the longest chain (and create empty arrays)."""
@@ -483,19 +484,13 @@ class ZarrCollector(DataCollector):
         with self._lock:
             self._require_open()
             if self._newest.keep(records, spec):
-                self._write_checkpoints()
-
-    def _write_checkpoints(self) -> None:
-        """Commit the counts, then replace this collector's checkpoint key (one put)."""
-        if self._newest.pending:
-            self._commit()  # a checkpoint never counts samples that are not in the store
-            self._newest.write()
+                self._newest.write()
 
     def resume(self) -> tuple[dict, Any]:
         """This collector's chains' newest checkpoints (those it wrote, or found in the store)."""
         with self._lock:
             if self._newest.pending and not self._closed:
-                self._write_checkpoints()
+                self._newest.write()
             return self._newest.load()
 
     def reopen_chain(
@@ -552,7 +547,7 @@ class ZarrCollector(DataCollector):
                     and (self.owner or any(self._counts.values()))
                 ):
                     self._trim()
-                self._write_checkpoints()
+                self._newest.write()
             finally:
                 self._closed = True
                 self._release_lock()

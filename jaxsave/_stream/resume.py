@@ -195,11 +195,12 @@ class NewestCheckpoints:
     """The newest checkpoint of each chain of a collector, stored at most once per ``interval`` s.
 
     ``load()`` returns what the storage holds (``({}, None)`` if nothing) and ``store(records,
-    spec)`` replaces it whole. The collector commits the samples a checkpoint counts before it
-    calls :meth:`write`: a stored checkpoint never counts samples that are not stored.
+    spec)`` replaces it whole. :meth:`write` calls the collector's ``commit()`` first, so a stored
+    checkpoint never counts samples that are not stored.
 
     >>> stored = []
-    >>> newest = NewestCheckpoints(60.0, lambda: ({}, None), lambda r, s: stored.append(sorted(r)))
+    >>> store = lambda r, s: stored.append(sorted(r))
+    >>> newest = NewestCheckpoints(60.0, lambda: ({}, None), store, commit=lambda: None)
     >>> newest.keep({0: "a"}, None), newest.pending  # the first one is due at once
     (True, True)
     >>> newest.write()
@@ -212,9 +213,11 @@ class NewestCheckpoints:
         interval: float,
         load: Callable[[], tuple[dict[int, ChainCheckpoint], Any]],
         store: Callable[[dict[int, ChainCheckpoint], Any], None],
+        *,
+        commit: Callable[[], None],
     ) -> None:
         self.interval = interval
-        self.load, self.store = load, store
+        self.load, self.store, self.commit = load, store, commit
         self.records: dict[int, ChainCheckpoint] = {}
         self.spec: Any = None
         self.pending = False  # kept records not stored yet
@@ -229,7 +232,11 @@ class NewestCheckpoints:
         return time.monotonic() - self.written >= self.interval
 
     def write(self) -> None:
-        """Store the kept records (replacing what was stored)."""
+        """If records are pending: commit the samples, then store the records (replacing what was
+        stored)."""
+        if not self.pending:
+            return
+        self.commit()  # a checkpoint never counts samples that are not stored
         self.store(self.records, self.spec)
         self.pending = False
         self.written = time.monotonic()

@@ -42,7 +42,8 @@ CHILD = textwrap.dedent(f"""
         return saver.save(st, True, {{"x": x}}, solver_state={{"n": i.astype(jnp.float32)}})[0], None
     run = jax.jit(jax.vmap(lambda st: jax.lax.scan(step, st, jnp.arange({KILLED_AT}))[0]))
     jax.block_until_ready(run(state))
-    time.sleep(1.0)  # the writer thread flushes the last block and checkpoint
+    jax.effects_barrier()
+    saver.init.__self__.writer.drain()  # every block and checkpoint is written and flushed
     print("ready", flush=True)
     time.sleep(120)
 """)

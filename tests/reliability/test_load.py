@@ -52,23 +52,22 @@ def test_64_chains_100k_steps_stream_in_flat_memory(tmp_path, figures):
     run = jax.jit(jax.vmap(chain, in_axes=(0, 0, 0, None)))
     x, ids = jnp.zeros((CHAINS, 4)), jnp.arange(CHAINS, dtype=jnp.int32)
     after_chunk, device_after_chunk = [], []
-    on_cpu = jax.devices()[0].platform == "cpu"
     start = time.monotonic()
     with PeakRSS(interval=0.02) as rss:
         for k in range(CHUNKS):
             state, x = run(state, x, ids, k * per_chunk)
             jax.block_until_ready(state)
-            queued = saver.init.__self__.writer._queue._bytes  # blocks waiting for the writer (bounded)
-            after_chunk.append(rss.proc.memory_info().rss - queued)
-            # On the CPU a callback's arrays are views of device buffers, so the queued blocks keep
-            # live arrays too (64 MiB of them with the queue full): counted out as for the host.
-            device_after_chunk.append(_device_bytes() - (queued if on_cpu else 0))
+            # Measured with the writer idle: a block queued or in the writer's hands is held memory
+            # (bounded by max_queue_bytes, checked by the peak), and on the CPU a callback's arrays
+            # are views of device buffers, so it would count as device memory too.
+            saver.init.__self__.writer.drain()
+            after_chunk.append(rss.proc.memory_info().rss)
+            device_after_chunk.append(_device_bytes())
         out = saver.postprocess(state, None)
     seconds = time.monotonic() - start
     assert out["sample_count"].tolist() == [STEPS] * CHAINS
     # Flat after warm-up (the first quarter: compilation, HDF5 caches): a leak grows with the steps, so even
-    # the least memory held in the last quarter would exceed the most held in the first. Host memory is
-    # counted without the blocks queued for the writer (bounded by max_queue_bytes, checked by the peak).
+    # the least memory held in the last quarter would exceed the most held in the first.
     warm = CHUNKS // 4
     growth = (min(after_chunk[-warm:]) - max(after_chunk[:warm])) / 2**20
     device_growth = (min(device_after_chunk[-warm:]) - max(device_after_chunk[:warm])) / 2**20

@@ -179,6 +179,42 @@ def test_the_flush_reads_no_copy_of_the_carried_state():
     assert _conditional_operands_copied_from_the_carry(text) == 0
 
 
+_HLO_TYPE = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\(.*?\)|\S+) ")
+
+
+@pytest.mark.parametrize("keep", ["constant", "traced"])
+def test_a_one_chain_flush_is_passed_no_predicate(keep):
+    """For one chain the flush's ``active`` is its cond's predicate, true in the branch taken.
+    Passed in, it made XLA compute the predicate twice, once as its own kernel, in every step:
+    the cond is given the rows and counters only."""
+    saver = jaxsave.save(jaxsave.MemoryCollector())
+    state = saver.init({"x": jnp.zeros(10)})
+
+    def run(state, x, keys):
+        def step(carry, inp):
+            state, x = carry
+            i, k = inp
+            x = _sgld(x, k)
+            return (saver.save(state, True if keep == "constant" else i % 2 == 0, {"x": x})[0], x), None
+
+        return jax.lax.scan(step, (state, x), (jnp.arange(100), keys))[0]
+
+    keys = jax.random.split(jax.random.key(0), 100)
+    text = jax.jit(run).lower(state, jnp.zeros(10), keys).compile().as_text()
+    saver.postprocess(state)
+    types = {m.group(1): m.group(2) for line in text.splitlines() if (m := _HLO_TYPE.match(line))}
+    comps = _hlo_computations(text)
+    passed = [
+        types[tup]
+        for name in set(re.findall(r"body=%?([\w.\-]+)", text))
+        for opcode, operands in comps[name].values()
+        if opcode == "conditional"
+        for tup in operands[1:]
+    ]
+    assert passed and all("f32[4096,10]" in t for t in passed if t != "()"), passed
+    assert not any("pred[]" in t for t in passed), passed
+
+
 def test_scan_steps_are_the_stacking_loops_steps():
     """The body of jaxsave.scan's inner scan adds at most the packing of the sample into a row
     to a plain lax.scan that stacks the samples: no ring buffer, counter, mask or flush per step."""

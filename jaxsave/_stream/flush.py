@@ -98,16 +98,19 @@ def _carried_start_vmap(axis_size, in_batched, start, full, step):
 def make_flush(receive: Callable[..., None], checkpoint_every: int) -> Callable[[Any, Any], None]:
     """``flush(pred, payload)``: if ``pred``, ``receive((header, data, solver))`` on the host.
 
-    ``payload`` is ``(active, chain, start, end, fill, mask, data, ckpt)``; ``ckpt`` is
-    ``None`` or the solver state's leaves. ``start`` is sent under vmap only (else -1,
-    and unused, so not computed: see :func:`carried_start`). The solver state is sent (``receive`` then
-    gets ``solver_packing=``) only when an active chain's ``end`` is a multiple of
-    ``checkpoint_every``; otherwise ``solver`` is ``None``.
+    ``payload`` is ``(active, chain, start, end, fill, mask, data, ckpt)``; ``active`` is
+    ``pred`` per chain, ``ckpt`` ``None`` or the solver state's leaves. ``active`` and ``start``
+    are sent under vmap only: for one chain, true and -1, constants in the branch taken (one
+    kernel less a step; ``start`` unused, so not computed: see :func:`carried_start`). The
+    solver state is sent (``receive`` then gets ``solver_packing=``) only when an active chain's
+    ``end`` is a multiple of ``checkpoint_every``; otherwise ``solver`` is ``None``.
     """
 
     def send(payload, vmapped):
         active, chain, start, end, fill, mask, data, ckpt = payload
-        header = encode(active, chain, start if vmapped else jnp.full_like(end, -1), end, fill, mask)
+        if not vmapped:  # in the branch taken, one chain's ``active`` is ``pred``: true
+            active, start = jnp.ones_like(active), jnp.full_like(end, -1)
+        header = encode(active, chain, start, end, fill, mask)
         if ckpt is None:
             _callback.send(receive, (header, data, None))
             return

@@ -422,7 +422,7 @@ class PytreeFile:
             for b, y in zip(batch, device_put_many([out[b] for b in batch])):
                 out[b] = y
         elif batch:
-            default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            default = jax.sharding.make_single_device_sharding(jax.devices()[0])
             groups: dict[Any, list[int]] = {}
             for b in batch:
                 sharding = getattr(targets[b], "sharding", None)

@@ -35,6 +35,13 @@ try:  # jaxlib's C++ transfer, the one jax.device_put calls (pxla.batched_device
 except ImportError:  # pragma: no cover - another jaxlib layout: the public path only
     _batched_device_put = None
 
+try:  # jax 0.12.1 deprecates the class jax.sharding.SingleDeviceSharding for this test
+    from jax.sharding import is_single_device_sharding
+except ImportError:  # jax < 0.12.1, where the class is not deprecated
+
+    def is_single_device_sharding(sharding: Any) -> bool:
+        return isinstance(sharding, jax.sharding.SingleDeviceSharding)
+
 __all__ = ["device_put_many", "host_array", "FAST_MIN_ARRAYS", "fast_path_available"]
 
 #: Below this many arrays, ``jax.device_put`` is used as it is (the fast path saves nothing).
@@ -88,7 +95,7 @@ def _fast(arrays: list[np.ndarray]) -> list[jax.Array] | None:
             if ref is None:  # jax decides: the device, its context, the transfer guard
                 ref = jax.device_put(x)
                 sharding = ref.sharding
-                if not isinstance(sharding, jax.sharding.SingleDeviceSharding) or ref.committed:
+                if not is_single_device_sharding(sharding) or ref.committed:
                     return None
                 devices = [next(iter(sharding.device_set))]
             aval = avals[(x.shape, x.dtype)] = jax.typeof(x)
@@ -118,7 +125,6 @@ def _same(y: Any, ref: jax.Array) -> bool:
 #: Cleared for good when the fast host copy once raised or disagreed with ``__array__``.
 _HOST_FAST_OK = [True]
 _HOST_CHECKED: list[bool] = [False]
-_SINGLE_DEVICE = jax.sharding.SingleDeviceSharding
 
 
 def host_array(x: jax.Array) -> np.ndarray:
@@ -134,7 +140,7 @@ def host_array(x: jax.Array) -> np.ndarray:
     >>> host_array(jnp.arange(3, dtype=jnp.bfloat16)).tolist()
     [0.0, 1.0, 2.0]
     """
-    if not _HOST_FAST_OK[0] or type(x.sharding) is not _SINGLE_DEVICE:
+    if not _HOST_FAST_OK[0] or not is_single_device_sharding(x.sharding):
         return x.__array__()
     try:
         arr = x._single_device_array_to_np_array_did_copy()[0]  # type: ignore[attr-defined]

@@ -67,7 +67,16 @@ def runnable(page: Path) -> list[tuple[str, str, int]]:
 RUNNABLE = [page for page in PAGES if runnable(page)]
 
 
-@pytest.mark.parametrize("page", RUNNABLE, ids=[str(p.relative_to(ROOT)) for p in RUNNABLE])
+#: Pages whose code takes 12-14 s and whose integration has its own tests in the default suite
+#: (tests/test_integrations_*.py): run in the slow suite, so the default one stays under 10 minutes.
+SLOW_PAGES = {ROOT / "docs/integrations/blackjax.md", ROOT / "docs/integrations/numpyro.md"}
+
+
+@pytest.mark.parametrize(
+    "page",
+    [pytest.param(p, marks=pytest.mark.slow) if p in SLOW_PAGES else p for p in RUNNABLE],
+    ids=[str(p.relative_to(ROOT)) for p in RUNNABLE],
+)
 def test_page_code_runs(page, tmp_path):
     """The page's blocks, in order: ``python`` ones in one namespace, ``bash`` ones in a shell."""
     driver = tmp_path / "page.py"

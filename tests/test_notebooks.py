@@ -52,7 +52,13 @@ def _text(output) -> str:
     return ""
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
+#: 14 s, and live reading has its own tests (tests/test_samples_live.py): in the slow suite, run by CI.
+SLOW = {"04_live_reading.ipynb"}
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in sorted(EXPECTED)]
+)
 def test_notebook_runs_and_plots(name, tmp_path, monkeypatch):
     if name.startswith("03") and not _hdf5_resume_supported():
         pytest.skip("HDF5Collector cannot continue a chain from a checkpoint yet (reopen_chain)")

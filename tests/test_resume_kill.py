@@ -112,7 +112,9 @@ def samples(path):
         return counts, {k: f["posterior"][k][:] for k in ("x", "lp")}
 
 
-@pytest.mark.parametrize("chains,thin", [(1, 3), (3, 2)])
+@pytest.mark.parametrize(
+    "chains,thin", [pytest.param(1, 3, marks=pytest.mark.slow), (3, 2)]  # one chain: 17 s, in the slow suite
+)
 def test_sigkill_then_resume_gives_the_uninterrupted_file(tmp_path, chains, thin):
     script = tmp_path / "child.py"
     script.write_text(CHILD)

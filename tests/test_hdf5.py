@@ -224,7 +224,7 @@ class CountingDataset:
 
 
 @pytest.mark.parametrize("compression", [None, "gzip"])
-@pytest.mark.parametrize(("start", "n"), [(0, 4), (2, 13), (5, 2), (4, 16), (12, 8)])
+@pytest.mark.parametrize(("start", "n"), [(0, 4), (0, 16), (4, 8), (2, 13), (5, 2), (4, 16), (12, 8)])
 def test_blocks_write_whole_chunks_directly_and_edges_through_hdf5(tmp_path, start, n, compression):
     """Chunks of 4 draws x 64 Ki floats (1 MiB) in a dataset of 18 draws: whole chunks go to the file."""
     from jaxsave._store.hdf5.datasets import write_block, write_rows

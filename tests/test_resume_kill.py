@@ -113,7 +113,8 @@ def samples(path):
 
 
 @pytest.mark.parametrize(
-    "chains,thin", [pytest.param(1, 3, marks=pytest.mark.slow), (3, 2)]  # one chain: 17 s, in the slow suite
+    "chains,thin",
+    [pytest.param(1, 3, marks=pytest.mark.slow), (3, 2)],  # one chain: 17 s, in the slow suite
 )
 def test_sigkill_then_resume_gives_the_uninterrupted_file(tmp_path, chains, thin):
     script = tmp_path / "child.py"

@@ -42,6 +42,7 @@ except ImportError:  # jax < 0.12.1, where the class is not deprecated
     def is_single_device_sharding(sharding: Any) -> bool:
         return isinstance(sharding, jax.sharding.SingleDeviceSharding)
 
+
 __all__ = ["device_put_many", "host_array", "FAST_MIN_ARRAYS", "fast_path_available"]
 
 #: Below this many arrays, ``jax.device_put`` is used as it is (the fast path saves nothing).

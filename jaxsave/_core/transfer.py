@@ -24,7 +24,7 @@ non-canonical dtype, a non-single-device default) falls back to
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -35,12 +35,16 @@ try:  # jaxlib's C++ transfer, the one jax.device_put calls (pxla.batched_device
 except ImportError:  # pragma: no cover - another jaxlib layout: the public path only
     _batched_device_put = None
 
-try:  # jax 0.12.1 deprecates the class jax.sharding.SingleDeviceSharding for this test
-    from jax.sharding import is_single_device_sharding
-except ImportError:  # jax < 0.12.1, where the class is not deprecated
 
-    def is_single_device_sharding(sharding: Any) -> bool:
-        return isinstance(sharding, jax.sharding.SingleDeviceSharding)
+def _is_single_device_class(sharding: Any) -> bool:  # jax < 0.12.1, where the class is not deprecated
+    return isinstance(sharding, jax.sharding.SingleDeviceSharding)
+
+
+#: Whether a sharding places an array on one device: jax 0.12.1 deprecates testing for the class
+#: ``jax.sharding.SingleDeviceSharding`` and gives this function instead.
+is_single_device_sharding: Callable[[Any], bool] = getattr(
+    jax.sharding, "is_single_device_sharding", _is_single_device_class
+)
 
 
 __all__ = ["device_put_many", "host_array", "FAST_MIN_ARRAYS", "fast_path_available"]

@@ -67,9 +67,9 @@ def runnable(page: Path) -> list[tuple[str, str, int]]:
 RUNNABLE = [page for page in PAGES if runnable(page)]
 
 
-#: Pages whose code takes 12-14 s and whose integration has its own tests in the default suite
+#: Pages whose code takes 10-14 s and whose integration has its own tests in the default suite
 #: (tests/test_integrations_*.py): run in the slow suite, so the default one stays under 10 minutes.
-SLOW_PAGES = {ROOT / "docs/integrations/blackjax.md", ROOT / "docs/integrations/numpyro.md"}
+SLOW_PAGES = {ROOT / f"docs/integrations/{name}.md" for name in ("blackjax", "numpyro", "models")}
 
 
 @pytest.mark.parametrize(

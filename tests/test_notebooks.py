@@ -52,8 +52,9 @@ def _text(output) -> str:
     return ""
 
 
-#: 14 s, and live reading has its own tests (tests/test_samples_live.py): in the slow suite, run by CI.
-SLOW = {"04_live_reading.ipynb"}
+#: 14-25 s each, and what they show has its own tests in the default suite (live reading:
+#: tests/test_samples_live.py; a kill and resume: tests/test_resume_kill.py): in the slow suite, run by CI.
+SLOW = {"03_checkpoint_kill_resume.ipynb", "04_live_reading.ipynb"}
 
 
 @pytest.mark.parametrize(

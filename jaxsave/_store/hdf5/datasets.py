@@ -324,14 +324,24 @@ class PosteriorDatasets(HDF5Datasets):
         super().__init__(held, compression, rows)
         self._datasets: list[h5py.Dataset] = []  # one per leaf, once created
         self._dataset_targets: list[Target] = []  # theirs, read once they exist
+        self._scales: list[tuple[h5py.Dataset, int]] = []  # each group's chain and draw scales, their axis
 
     def _bind(self, file: h5py.File) -> None:
         self._dataset_targets = []
         if self._datasets:
-            self._datasets = [file[schema.posterior_dataset(g, v)] for g, v in self.entries]
+            self._bind_existing(file)
+
+    def _bind_existing(self, file: h5py.File) -> None:
+        """Handles to the datasets and dimension scales the file holds."""
+        self._datasets = [file[schema.posterior_dataset(g, v)] for g, v in self.entries]
+        self._scales = [
+            (file[group][name], axis)
+            for group in dict.fromkeys(g for g, _ in self.entries)
+            for axis, name in enumerate((schema.CHAIN_DIM, schema.DRAW_DIM))
+        ]
 
     def _drop(self) -> None:
-        self._datasets, self._dataset_targets = [], []
+        self._datasets, self._dataset_targets, self._scales = [], [], []
 
     def names(self) -> list[str]:
         return [ds.name for ds in self._handles()]
@@ -382,7 +392,7 @@ class PosteriorDatasets(HDF5Datasets):
         if not self._datasets:
             first_group, first_var = self.entries[0]
             if schema.posterior_dataset(first_group, first_var) in file:  # reopened after close
-                self._datasets = [file[schema.posterior_dataset(g, v)] for g, v in self.entries]
+                self._bind_existing(file)
             else:
                 self._held.change(lambda: self._create_all(n_chains, needed_draws, block), then_swmr=True)
         if self._handles()[0].shape[0] < n_chains:  # chains registered after the first block
@@ -406,21 +416,19 @@ class PosteriorDatasets(HDF5Datasets):
             group = file[group_name]
             ds = self._create(group, var, j, (n_chains, draws), block)
             attach_scales(group, ds, var)
-            self._datasets.append(ds)
+        self._bind_existing(file)
         self.write_counts()
 
     def _resize(self, chains: int, draws: int) -> None:
-        file = self._current()
+        self._current()
         for ds in self._datasets:
             ds.resize((chains, draws) + ds.shape[2:])
-        for group_name in dict.fromkeys(g for g, _ in self.entries):
-            for name, size in ((schema.CHAIN_DIM, chains), (schema.DRAW_DIM, draws)):
-                scale = file[group_name][name]
-                old = scale.shape[0]
-                if old != size:
-                    scale.resize((size,))
-                    if size > old:
-                        scale[old:] = np.arange(old, size)
+        for scale, axis in self._scales:
+            old, size = scale.shape[0], (chains, draws)[axis]
+            if old != size:
+                scale.resize((size,))
+                if size > old:
+                    scale[old:] = np.arange(old, size)
 
     def trim(self) -> None:
         self._grown(0)

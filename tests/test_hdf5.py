@@ -255,8 +255,9 @@ def test_blocks_write_whole_chunks_directly_and_edges_through_hdf5(tmp_path, sta
         )
         stop = min(start + n, draws)
         block = block[:, : stop - start]
-        write_block(post, 0, start, block)
-        write_rows(per_chain, (), start, block[1])
+        write_block(post, 0, start, block)  # each chain's rows contiguous: written as they are
+        strided = np.repeat(block, 2, axis=2)[:, :, ::2]  # the same rows, not contiguous: copied first
+        write_rows(per_chain, (), start, strided[1])
         expected = np.full((chains, draws, width), np.nan, np.float32)
         expected[:, start:stop] = block
         np.testing.assert_array_equal(post.ds[...], expected)

@@ -107,12 +107,18 @@ def _write_span(
     lo, hi, size = whole
     if lo > start:
         _write_slab(ds, (*lead, start, *zeros), rows[: lo - start])
-    # Each chunk copied into one reused buffer: a block of 100 leaves makes 100 such writes, and
-    # the edges, empty where the block is whole chunks, are not even sliced (7 us of Python a leaf
-    # where it was 11).
-    write, scratch = ds.id.write_direct_chunk, np.empty((size, *rows.shape[1:]), rows.dtype)
+    # Each chunk written from its rows where they are contiguous (a chain's rows of a block from
+    # the device are: 10.4 ms CPU for 20 MB against 12.1 with a copy), else copied into one reused
+    # buffer; the edges, empty where the block is whole chunks, are not even sliced (7 us of
+    # Python a leaf where it was 11).
+    write, scratch = ds.id.write_direct_chunk, None
     for k in range(lo, hi, size):
-        np.copyto(scratch, rows[k - start : k - start + size])
-        write((*lead, k, *zeros), scratch)
+        chunk = rows[k - start : k - start + size]
+        if not chunk.flags.c_contiguous:
+            if scratch is None:
+                scratch = np.empty((size, *rows.shape[1:]), rows.dtype)
+            np.copyto(scratch, chunk)
+            chunk = scratch
+        write((*lead, k, *zeros), chunk)
     if hi < start + len(rows):
         _write_slab(ds, (*lead, hi, *zeros), rows[hi - start :])

@@ -110,6 +110,18 @@ def test_every_dtype_roundtrips_in_every_format(tmp_path, fmt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+def test_big_endian_arrays_load_as_their_values(tmp_path, fmt):
+    """A ``>f4`` array (from a FITS or foreign HDF5 file, np.frombuffer) is stored by its values:
+    the .jaxsave format read it back byte-swapped, .npz and .h5 refused to load it."""
+    tree = {"f": (np.arange(4) - 1.5).astype(">f4"), "i": (np.arange(3) * 2**40).astype(">i8")}
+    assert not tree["f"].dtype.isnative and not tree["i"].dtype.isnative
+    loaded = roundtrip(tmp_path, tree, fmt)
+    for name, value in tree.items():
+        np.testing.assert_array_equal(np.asarray(loaded[name]), value)
+        assert np.asarray(loaded[name]).dtype == value.dtype.newbyteorder("=")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_file_objects_roundtrip(fmt):
     tree = {"w": jnp.arange(6.0).reshape(2, 3), "k": jax.random.key(0), "n": 3}
     buf = io.BytesIO()

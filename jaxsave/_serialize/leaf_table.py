@@ -72,6 +72,8 @@ def _storable(name: str, leaf: Any) -> tuple[str, np.ndarray]:
     """The logical dtype name and a C-contiguous storable array of one leaf."""
     if isinstance(leaf, jax.ShapeDtypeStruct):
         raise TypeError(f"leaf {name!r} is a ShapeDtypeStruct, which holds no data to save")
+    if isinstance(leaf, np.ndarray) and not leaf.dtype.isnative:  # e.g. ">f4" from a foreign file
+        leaf = leaf.astype(leaf.dtype.newbyteorder("="))  # the bytes the dtype's name stands for here
     info = _DTYPE_INFO.get(leaf.dtype)
     if info is None:
         if not isinstance(leaf.dtype, np.dtype):  # an extended dtype: a typed PRNG key

@@ -6,8 +6,8 @@ links, soft links, virtual datasets, and filters (plugins, decompression). Every
 such file, built with real h5py, must be refused with a ``FileFormatError`` by
 ``load_pytree``/``open_pytree``/``read_metadata`` (``.h5`` format), ``resume``
 (a ``.ckpt`` that is such a file), ``load_samples``, ``file_info``,
-``open_live``, ``recover``, ``to_inference_data``, ``merge`` and ``jaxsave
-inspect``, before any data is read and with bounded memory. A merged file's
+``open_live``, ``recover``, ``to_inference_data``, ``merge``, ``jaxsave
+inspect`` and ``HDF5Collector(mode="a")``, before any data is read and with bounded memory. A merged file's
 virtual datasets are allowed only over the sources it names, each a regular
 jaxsave sample file checked the same way. Names found in files (every pytree
 format, sample files, checkpoints) must never import a module, which is checked
@@ -190,6 +190,8 @@ def _sample_loaders(path, tmp_path):
         "to_inference_data": lambda: jaxsave.to_inference_data(path),
         "merge": lambda: jaxsave.merge([path], tmp_path / "merged-out.h5"),
         "jaxsave inspect": lambda: _inspect(path),
+        # A writer continuing the file would follow external storage too (and write there).
+        "HDF5Collector(mode='a')": lambda: jaxsave.HDF5Collector(path, mode="a").close(),
     }
 
 

@@ -20,6 +20,7 @@ from jaxsave._core import atomic as _atomic
 from jaxsave._core import filelock as _filelock
 from jaxsave._store import schema
 from jaxsave._store.hdf5 import superblock as _superblock
+from jaxsave._store.hdf5.trust import check_file
 from jaxsave.errors import FileChangedError, FileFormatError
 
 __all__ = ["OwnedFile"]
@@ -90,10 +91,13 @@ class OwnedFile:
                 _atomic.remove_stale_temporaries(directory, target=target)
 
     def check_takeover(self) -> None:
-        """mode="a": the path must be a jaxsave sample file (not another program's HDF5 file)."""
+        """mode="a": the path must be a jaxsave sample file (not another program's HDF5 file)
+        whose data all lives in it (no external storage or links, which writes would follow)."""
         try:
             with h5py.File(self.path, "r", locking=False) as f:
                 ours = schema.FORMAT in f.attrs
+                if ours:
+                    check_file(f, f"{self.path!r} (mode='a')")
         except OSError:
             return  # unreadable while marked open by a killed writer: clear_open_flags checks it is HDF5
         if not ours:

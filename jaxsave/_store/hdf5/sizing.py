@@ -2,7 +2,7 @@
 
 Chunks hold about 1 MiB and at most 4096 draws; as many draws as the first block where that is
 longer, so that a block is a whole chunk of each leaf. A known count allocates the datasets at
-their final size, at most 131072 draws.
+their final size, at most 16384 draws.
 """
 
 from __future__ import annotations
@@ -21,10 +21,8 @@ _MIN_CHUNK_ROWS = 64
 #: a whole chunk of each leaf, written straight to the file), but at most this many times theirs.
 _BLOCK_CHUNK_FACTOR = 4
 #: A known count preallocates at most this many draws (more are grown as they come): the draw
-#: scale is written in full (8 bytes a draw, so 1 MiB here), so an over-estimate would fill the
-#: file (or memory) with it. Unwritten chunks of the samples take no room. Each growth costs a
-#: resize of every dataset and scale (0.2-0.6 ms), so runs of up to this many draws make none.
-_MAX_PREALLOC_DRAWS = 2**17
+#: scale is written in full, so an over-estimate would fill the file (or memory) with it.
+_MAX_PREALLOC_DRAWS = 16384
 
 
 def chunk_rows(row_bytes: int, sample_row_bytes: int, block: int, largest: int) -> int:
@@ -50,10 +48,10 @@ def chunk_rows(row_bytes: int, sample_row_bytes: int, block: int, largest: int) 
 
 def draw_extent(capacities: list[int | None], needed: int) -> int:
     """Draws to allocate for chains of these ``capacities`` (``None``: unknown) that need ``needed``:
-    the largest capacity (at most 131072) where every one is known.
+    the largest capacity (at most 16384) where every one is known.
 
     >>> draw_extent([100, 50], 10), draw_extent([100, None], 10), draw_extent([10**6], 10)
-    (100, 10, 131072)
+    (100, 10, 16384)
     """
     known = [c for c in capacities if c is not None]
     if capacities and len(known) == len(capacities):

@@ -220,10 +220,16 @@ class HDF5Collector(DataCollector):
             return self._rows.add(samples_collected(static_information))
 
     def _set_sample(self, init_sample: Any) -> bool:
-        """Record the samples' layout (first chain: returns True) or check that it matches."""
+        """Record the samples' layout (first chain: returns True; a file continued in mode "a" must
+        hold samples of the same structure) or check that it matches."""
         sample = nonempty_sample_layout(init_sample, "HDF5Collector")
         if not self._datasets.has_sample:
-            self._datasets.set_sample(sample, leaf_entries(sample.keys, self._stats, self.layout))
+            entries = leaf_entries(sample.keys, self._stats, self.layout)
+            stored = self.file.attrs.get(schema.STRUCTURE)
+            if stored is not None:
+                ours = schema.structure_json(sample.keys, entries, sample.specs, str(sample.treedef), None)
+                schema.check_same_structure(stored, ours, repr(self._held.filename))
+            self._datasets.set_sample(sample, entries)
             self._treespec = _encode_treespec(init_sample)
             return True
         known = self._datasets.sample

@@ -361,3 +361,23 @@ def test_rows_unlike_the_sample_are_refused(tmp_path):
     with h5py.File(tmp_path / "s.h5", "r") as f:
         assert f.attrs["sample_counts"].tolist() == [3]
         assert (f["posterior/a"][0] == 1).all() and f["posterior/b"][0].tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    "sample",
+    [{"x": jnp.zeros(2, jnp.int32)}, {"x": jnp.zeros(3)}, {"y": jnp.zeros(2)}],
+    ids=["dtype", "shape", "names"],
+)
+def test_mode_a_refuses_samples_of_another_structure_and_keeps_the_file(tmp_path, sample):
+    """A file continued with mode="a" takes only samples like those it holds: another dtype was
+    cast into its datasets and the structure attribute overwritten (the old draws then no longer
+    loaded), another shape or name failed inside h5py."""
+    path = tmp_path / "s.h5"
+    init, save, post = jaxsave.save(jaxsave.HDF5Collector(path))
+    state = init({"x": jnp.zeros(2)})
+    state, _ = save(state, True, {"x": jnp.full(2, 1.5)})
+    post(state, None)
+    init, save, post = jaxsave.save(jaxsave.HDF5Collector(path, mode="a"))
+    with pytest.raises(jaxsave.StructureMismatchError, match="holds samples of another structure"):
+        init(sample)
+    np.testing.assert_array_equal(jaxsave.load_samples(path)["x"], [[[1.5, 1.5]]])

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from jaxsave._version import __version__
+from jaxsave.errors import FileFormatError, StructureMismatchError
 
 #: The version of the sample-file format this jaxsave writes and reads up to.
 SAMPLE_FILE_FORMAT = 1
@@ -127,6 +128,30 @@ def parse_structure(raw: str | bytes) -> list[VariableInfo]:
         )
         for v in json.loads(text)["leaves"]
     ]
+
+
+def check_same_structure(stored: Any, structure: str, where: str) -> None:
+    """Refuse to add samples of ``structure`` (:func:`structure_json`) to ``where``, whose
+    :data:`STRUCTURE` attribute ``stored`` (``None``: none yet) describes other leaves.
+
+    >>> spec = VariableInfo((), "", "", "float32", (2,))
+    >>> one = structure_json([("x",)], [("posterior", "x")], [spec], "*", None)
+    >>> check_same_structure(None, one, "s.h5"), check_same_structure(one, one, "s.h5")
+    (None, None)
+    """
+    if stored is None:
+        return
+    try:
+        have = parse_structure(stored)
+    except (ValueError, KeyError, TypeError) as error:
+        raise FileFormatError(f"{where}: malformed {STRUCTURE!r} ({error})") from error
+    want = parse_structure(structure)
+    if have != want:
+        raise StructureMismatchError(
+            f"{where} holds samples of another structure "
+            f"({[(v.name, v.dtype, v.shape) for v in have]}); this sampler's are "
+            f"{[(v.name, v.dtype, v.shape) for v in want]}: write another file"
+        )
 
 
 def chain_group(chain: int) -> str:

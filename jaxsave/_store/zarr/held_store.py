@@ -32,7 +32,6 @@ from jaxsave.errors import (
     FileInUseError,
     JaxsaveError,
     SaverStateError,
-    StructureMismatchError,
 )
 
 __all__ = ["StoreWriter", "run_token", "stored_count"]
@@ -145,19 +144,8 @@ class StoreWriter:
         ``structure()`` (:func:`jaxsave._store.schema.structure_json`)."""
         fresh = _store.open_group(self.source, "r", self.storage_options)[0]  # another writer's, maybe
         stored = fresh.attrs.get(schema.STRUCTURE)
-        if stored is None:
-            return
-        try:
-            have = schema.parse_structure(stored)
-        except (ValueError, KeyError, TypeError) as error:
-            raise FileFormatError(f"{self.name}: malformed {schema.STRUCTURE!r} ({error})") from error
-        want = schema.parse_structure(structure())
-        if have != want:
-            raise StructureMismatchError(
-                f"{self.name} holds samples of another structure "
-                f"({[(v.name, v.dtype, v.shape) for v in have]}); this sampler's are "
-                f"{[(v.name, v.dtype, v.shape) for v in want]}: write another store"
-            )
+        if stored is not None:
+            schema.check_same_structure(stored, structure(), self.name)
 
     def wait_for_arrays(self, arrays: StoreArrays, structure: Callable[[], str]) -> None:
         """Not the owner: wait until the owner created (and ``arrays`` bound) the arrays, then check

@@ -150,7 +150,7 @@ def check_same_structure(stored: Any, structure: str, where: str) -> None:
         raise StructureMismatchError(
             f"{where} holds samples of another structure "
             f"({[(v.name, v.dtype, v.shape) for v in have]}); this sampler's are "
-            f"{[(v.name, v.dtype, v.shape) for v in want]}: write another file"
+            f"{[(v.name, v.dtype, v.shape) for v in want]}: write to another path"
         )
 
 

@@ -37,6 +37,7 @@ from jaxsave._core.dtypes import (
     leaf_spec,
 )
 from jaxsave._core.nogc import without_gc
+from jaxsave._core.regular_file import open_regular
 from jaxsave._core.transfer import device_put_many
 from jaxsave._serialize import formats as _formats
 from jaxsave._serialize import treematch as _treematch
@@ -247,7 +248,7 @@ class PytreeFile:
     @without_gc
     def __init__(self, file: File, *, format: str | None = None):
         if isinstance(file, (str, os.PathLike)):
-            with open(file, "rb") as f:
+            with open_regular(file) as f:  # a FIFO would block the open
                 head = f.read(16)
         else:
             if not (file.readable() and file.seekable()):

@@ -257,7 +257,9 @@ _CHILD = textwrap.dedent("""
     kind, path = sys.argv[1:]
     loads = {"pytree": [lambda: jaxsave.load_pytree(path), lambda: jaxsave.read_metadata(path)],
              "samples": [lambda: jaxsave.load_samples(path), lambda: jaxsave.file_info(path),
-                         lambda: jaxsave.to_inference_data(path)]}[kind]
+                         lambda: jaxsave.to_inference_data(path)],
+             "writers": [lambda: jaxsave.HDF5Collector(path, mode="a"), lambda: jaxsave.resume(path),
+                         lambda: jaxsave.merge([path], path + ".merged.h5")]}[kind]
     for load in loads:
         try:
             load()
@@ -364,6 +366,19 @@ def test_a_merged_file_reads_only_the_sources_it_names(tmp_path, figures):
     assert jaxsave.load_samples(merged)["x"][1].tolist() == [[1.0, 1.0]] * 4  # the real sources still load
     n = len(cases) * len(_sample_loaders(merged, tmp_path))
     figures("hostile", "storage: merged files mapping other files", handled=n, tried=n)
+
+
+def test_a_fifo_as_the_path_is_refused_without_blocking(tmp_path):
+    """A FIFO where the file should be: open() waited for a writer forever in every loader."""
+    os.mkfifo(tmp_path / "p.h5.ckpt")  # the checkpoint resume reads
+    for name, kinds in (("p.jaxsave", ("pytree",)), ("p.h5", ("samples", "writers"))):
+        os.mkfifo(tmp_path / name)
+        for kind in kinds:
+            lines = _run_child(kind, tmp_path / name, timeout=60)
+            assert lines and all(line.startswith("FileFormatError:") and "FIFO" in line for line in lines), (
+                kind,
+                lines,
+            )
 
 
 def test_a_merged_source_that_is_a_fifo_is_refused_without_blocking(tmp_path):

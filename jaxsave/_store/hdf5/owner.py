@@ -18,6 +18,7 @@ import numpy as np
 
 from jaxsave._core import atomic as _atomic
 from jaxsave._core import filelock as _filelock
+from jaxsave._core.regular_file import open_regular
 from jaxsave._store import schema
 from jaxsave._store.hdf5 import superblock as _superblock
 from jaxsave._store.hdf5.trust import check_file
@@ -94,6 +95,7 @@ class OwnedFile:
         """mode="a": the path must be a jaxsave sample file (not another program's HDF5 file)
         whose data all lives in it (no external storage or links, which writes would follow)."""
         try:
+            open_regular(self.path).close()  # a FIFO would block h5py's open
             with h5py.File(self.path, "r", locking=False) as f:
                 ours = schema.FORMAT in f.attrs
                 if ours:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import struct
 
+from jaxsave._core.regular_file import open_regular
 from jaxsave.errors import FileFormatError
 
 _SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -69,7 +70,7 @@ def _find_superblock(fh) -> int:
 
 def open_flags(path: str | os.PathLike) -> int:
     """The superblock's file-consistency flags (0: closed cleanly, or an old format)."""
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:  # a FIFO would block the open
         offset = _find_superblock(fh)
         fh.seek(offset + 8)
         head = fh.read(4)
@@ -145,7 +146,7 @@ def clear_open_flags(path: str | os.PathLike, *, eoa_margin: int | None = None) 
 
 def stored_eof(path: str | os.PathLike) -> int | None:
     """The end-of-file address a v2/v3 superblock records (``None`` for older superblocks)."""
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:  # a FIFO would block the open
         offset = _find_superblock(fh)
         fh.seek(offset + 8)
         head = fh.read(4)

@@ -126,6 +126,7 @@ def register_saveable(obj: T, name: str | None = None) -> T:
         name = canonical_name(obj)
     if not isinstance(name, str) or not name:
         raise ValueError(f"a saveable name must be a non-empty string, got {name!r}")
+    _load_builtins()  # a built-in's name is taken even before its group was first looked up
     _register(obj, name, auto=False)
     return obj
 

@@ -338,6 +338,22 @@ def test_fresh_process_loads_library_types_without_registration(tmp_path):
 # ----------------------------------------------------------------------------- registry
 
 
+def test_a_built_in_name_cannot_be_taken_in_a_fresh_process():
+    """Before the built-ins were first looked up, register_saveable(f, name="jax.nn.relu") was
+    accepted: files storing jax.nn.relu then loaded as f, and jax.nn.relu no longer saved."""
+    code = textwrap.dedent("""
+        import jax, jaxsave
+        try:
+            jaxsave.register_saveable(lambda x: x, name="jax.nn.relu")
+        except ValueError as error:
+            assert "already registered" in str(error), error
+        else:
+            raise SystemExit("a built-in's name was taken")
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr[-2000:]
+
+
 def test_unregistered_values_are_listed_at_save(tmp_path):
     def my_act(x):
         return x

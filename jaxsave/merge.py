@@ -89,6 +89,16 @@ def _check_same(first: _Source, other: _Source) -> None:
         raise StructureMismatchError("the files cannot be merged:\n  " + "\n  ".join(sorted(problems)))
 
 
+def _same_file(a: str, b: str) -> bool:
+    """Whether paths ``a`` and ``b`` name one file (through links, or as one path spelled twice)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)  # hard links
+    except OSError:  # one of them does not exist
+        return False
+
+
 def merge(paths: Sequence[PathLike], out_path: PathLike) -> str:
     """Write ``out_path``: one sample file whose chains are those of ``paths``, in order.
 
@@ -118,8 +128,12 @@ def merge(paths: Sequence[PathLike], out_path: PathLike) -> str:
     paths = [os.fspath(p) for p in paths]
     if not paths:
         raise ValueError("merge needs at least one source file")
-    if any(os.path.abspath(p) == os.path.abspath(out_path) for p in paths):
+    if any(_same_file(p, out_path) for p in paths):
         raise ValueError(f"the merged file {out_path!r} cannot also be a source")
+    for i, p in enumerate(paths):
+        twin = next((q for q in paths[:i] if _same_file(p, q)), None)
+        if twin is not None:
+            raise ValueError(f"merge got the same source twice: {twin!r} and {p!r}")
     sources = [_read_source(os.fspath(p)) for p in paths]
     for other in sources[1:]:
         _check_same(sources[0], other)

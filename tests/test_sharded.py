@@ -4,6 +4,7 @@ The device and process tests run real child processes (XLA_FLAGS must be set
 before jax is imported); every child has a timeout and is killed on failure.
 """
 
+import os
 import shutil
 import subprocess
 import sys
@@ -193,3 +194,20 @@ def test_merge_refuses_missing_foreign_and_merged_files(tmp_path):
         jaxsave.merge([merged], tmp_path / "m2.h5")
     with pytest.raises(ValueError, match="cannot also be a source"):
         jaxsave.merge([a], a)
+
+
+def test_merge_tells_one_file_by_any_path(tmp_path):
+    """The output reached through a linked directory replaced the source (its samples lost), and
+    one source named twice made a file the readers refuse: both are refused, the source intact."""
+    a = _file(tmp_path / "a.h5")
+    os.symlink(tmp_path, tmp_path.parent / f"{tmp_path.name}-link")
+    via_link = tmp_path.parent / f"{tmp_path.name}-link" / "a.h5"
+    with pytest.raises(ValueError, match="cannot also be a source"):
+        jaxsave.merge([a], via_link)
+    with pytest.raises(ValueError, match="the same source twice"):
+        jaxsave.merge([a, tmp_path / "." / "a.h5"], tmp_path / "m.h5")
+    os.link(a, tmp_path / "hard.h5")
+    with pytest.raises(ValueError, match="the same source twice"):
+        jaxsave.merge([a, tmp_path / "hard.h5"], tmp_path / "m.h5")
+    assert not (tmp_path / "m.h5").exists()
+    assert jaxsave.file_info(a) is not None

@@ -310,13 +310,13 @@ class Streamer(SaverBase):
         self._check_open()
         check_state(state, "save()")
         check_one_chain(state, "save()")
-        self.traced = True
         leaves = self._flat_sample(sample)
         constant = not isinstance(keep, jax.core.Tracer)  # `save(state, True, sample)`
         keep = self._check_keep(keep)
         if constant:
             keep = tied_to(keep, leaves)
         check_ring(state, "save()")
+        self.traced = True  # a save refused above built no loop: nothing to warn of at exit
         # The row at `fill` is written every step but taken only when kept: a step
         # nobody keeps is overwritten by the next one.
         # Per step: one row and one keep bit written in place, the step and the row counters, the

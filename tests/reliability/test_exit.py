@@ -205,6 +205,12 @@ WARNING_CHILD = textwrap.dedent("""
     state = saver.init(jnp.zeros(3), None)
     step = lambda s, i: saver.save(s, True, jnp.full(3, i, jnp.float32))
     jax.block_until_ready(jax.jit(lambda s: jax.lax.scan(step, s, jnp.arange(10))[0])(state))
+    saver = jaxsave.save(jaxsave.MemoryCollector())  # its save refused while tracing: nothing to say
+    state = saver.init(jnp.zeros(3), None)
+    try:
+        jax.jit(lambda s: saver.save(s, True, jnp.zeros(4)))(state)
+    except jaxsave.StructureMismatchError:
+        pass
     print("zarr" if len(collectors) == 3 else "no zarr", flush=True)
 """)
 

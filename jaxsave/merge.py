@@ -89,7 +89,7 @@ def _check_same(first: _Source, other: _Source) -> None:
         raise StructureMismatchError("the files cannot be merged:\n  " + "\n  ".join(sorted(problems)))
 
 
-def _same_file(a: str, b: str) -> bool:
+def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """Whether paths ``a`` and ``b`` name one file (through links, or as one path spelled twice)."""
     if os.path.realpath(a) == os.path.realpath(b):
         return True

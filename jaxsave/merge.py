@@ -25,10 +25,11 @@ import h5py
 import numpy as np
 
 from jaxsave._core import atomic as _atomic
+from jaxsave._core import filelock as _filelock
 from jaxsave._store import schema
 from jaxsave._store.hdf5 import sample_file
 from jaxsave._store.schema import VariableInfo
-from jaxsave.errors import FileFormatError, StructureMismatchError
+from jaxsave.errors import FileFormatError, FileInUseError, StructureMismatchError
 
 __all__ = ["merge"]
 
@@ -48,6 +49,13 @@ class _Source(NamedTuple):
 def _read_source(path: str) -> _Source:
     if not os.path.exists(path):
         raise FileFormatError(f"cannot merge {path!r}: no such file")
+    try:
+        _filelock.check_unlocked(path)
+    except FileInUseError as error:
+        raise FileInUseError(
+            f"cannot merge {path!r}: a collector is still writing it (close it first: "
+            f"postprocess, or collector.close()); {error}"
+        ) from None
     with sample_file.open_sample_file(path) as f:
         if sample_file.read_layout(f) != schema.POSTERIOR:
             raise FileFormatError(f"cannot merge {path!r}: only files with layout='posterior' can be merged")
@@ -134,7 +142,15 @@ def merge(paths: Sequence[PathLike], out_path: PathLike) -> str:
         twin = next((q for q in paths[:i] if _same_file(p, q)), None)
         if twin is not None:
             raise ValueError(f"merge got the same source twice: {twin!r} and {p!r}")
-    sources = [_read_source(os.fspath(p)) for p in paths]
+    lock = _filelock.acquire(out_path)  # a collector's file is not replaced under it
+    try:
+        return _write(paths, out_path)
+    finally:
+        lock.release()
+
+
+def _write(paths: list[str], out_path: str) -> str:
+    sources = [_read_source(p) for p in paths]
     for other in sources[1:]:
         _check_same(sources[0], other)
     counts = np.concatenate([s.counts for s in sources]).astype(np.int64)

@@ -211,3 +211,26 @@ def test_merge_tells_one_file_by_any_path(tmp_path):
         jaxsave.merge([a, tmp_path / "hard.h5"], tmp_path / "m.h5")
     assert not (tmp_path / "m.h5").exists()
     assert jaxsave.file_info(a) is not None
+
+
+def test_merge_refuses_a_file_a_collector_writes(tmp_path):
+    """merge replaced the file a running collector wrote (its samples lost, no error until the
+    collector's close), and merged a source still being written (its chains cut at a partial
+    count): both are a FileInUseError naming the file, and nothing changes."""
+    sources = [_file(tmp_path / "a.h5"), _file(tmp_path / "b.h5")]
+    live = jaxsave.HDF5Collector(tmp_path / "live.h5", sample_stats=("lp",))
+    try:
+        live.register_chain(init_sample={"x": np.zeros(3, np.float32), "lp": np.zeros((), np.float32)})
+        live.save_block([0], [np.ones((1, 3), np.float32), np.ones((1, 3, 3), np.float32)])
+        with pytest.raises(jaxsave.FileInUseError, match="live.h5"):
+            jaxsave.merge(sources, tmp_path / "live.h5")
+        with pytest.raises(jaxsave.FileInUseError, match=r"cannot merge .*live.h5.*still writing"):
+            jaxsave.merge([sources[0], tmp_path / "live.h5"], tmp_path / "m.h5")
+        live.finalize(0)
+    finally:
+        live.close()
+    assert not (tmp_path / "m.h5").exists()
+    assert list(jaxsave.file_info(tmp_path / "live.h5").sample_counts) == [3]
+    merged = jaxsave.merge([sources[0], tmp_path / "live.h5"], tmp_path / "m.h5")  # closed: merged
+    assert list(jaxsave.file_info(merged).sample_counts) == [3, 3, 3]
+    assert not os.path.exists(f"{merged}.lock")  # the output's lock is released

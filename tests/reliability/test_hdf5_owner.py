@@ -272,3 +272,82 @@ def test_a_reader_in_another_process_never_sees_the_writer_swap_the_file(tmp_pat
         proc.wait(timeout=60)
     assert seen["n_errors"] == 0, seen
     assert seen["reads"] >= 40, seen
+
+
+CONTINUE = """
+import sys, numpy as np, jaxsave
+try:
+    c = jaxsave.HDF5Collector(sys.argv[1], mode="a")
+    ids = [c.register_chain(init_sample={"x": np.zeros(3, np.float32)}) for _ in range(2)]
+    c.save_block(ids, [np.ones((2, 5, 3), np.float32)])
+    for i in ids:
+        c.finalize(i)
+    c.close()
+    print("continued")
+except jaxsave.FileFormatError as error:
+    print("refused", error)
+"""
+
+#: Signatures of the metadata blocks HDF5 checksums: object headers, chunk indices (extensible
+#: array, B-tree v2), the global heap of the attributes.
+_METADATA = re.compile(rb"OHDR|OCHK|EAHD|EAIB|BTHD|BTLF|GCOL")
+
+
+def _damaged(data: bytes) -> dict[str, bytes]:
+    """Copies of ``data`` with one bit flipped inside each metadata block, and three truncations."""
+    copies = {}
+    for m in _METADATA.finditer(data):
+        for at in (m.start() + 9, m.start() + 21):
+            damaged = bytearray(data)
+            damaged[at] ^= 0x10
+            copies[f"{m.group().decode()}@{m.start()}+{at - m.start()}"] = bytes(damaged)
+    for fraction in (4, 2):
+        copies[f"truncated to 1/{fraction}"] = data[: len(data) // fraction]
+    copies["truncated by 1000 bytes"] = data[:-1000]
+    return copies
+
+
+def test_mode_a_on_a_damaged_file_is_refused_before_it_writes(tmp_path):
+    """mode="a" on a file with a flipped metadata bit raised h5py's errors (KeyError, OSError,
+    RuntimeError) from inside its writes, crashed the process at exit or hung in HDF5; a
+    truncated file gave raw OSErrors. Now each is a FileFormatError naming the file, before any
+    write (the file unchanged), or, where the damage is in nothing the writer touches, the run
+    continues the file."""
+    path = tmp_path / "s.h5"
+    c = jaxsave.HDF5Collector(path)
+    ids = [c.register_chain(init_sample={"x": np.zeros(3, np.float32)}) for _ in range(2)]
+    c.save_block(ids, [np.arange(54, dtype=np.float32).reshape(2, 9, 3)])
+    for i in ids:
+        c.finalize(i)
+    c.close()
+    script = tmp_path / "continue.py"
+    script.write_text(CONTINUE)
+    copies = _damaged(path.read_bytes())
+    procs = {}
+    for k, (name, data) in enumerate(copies.items()):
+        target = tmp_path / f"damaged-{k}.h5"
+        target.write_bytes(data)
+        procs[name] = target
+    outcomes = {}
+    names = list(procs)
+    started = {name: python(script, procs[name]) for name in names[:4]}
+    for k, name in enumerate(names):
+        if k + 4 < len(names):  # four at a time
+            started[names[k + 4]] = python(script, procs[names[k + 4]])
+        target, proc = procs[name], started.pop(name)
+        try:
+            out, err = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            pytest.fail(f"{name}: mode='a' hung")
+        assert proc.returncode == 0, f"{name}: exit status {proc.returncode}\n{err[-2000:]}"
+        assert out.startswith(("continued", "refused")), f"{name}: {out}\n{err[-2000:]}"
+        outcomes[name] = out.split()[0]
+        if outcomes[name] == "refused":
+            assert str(target) in out, out
+            assert target.read_bytes() == copies[name], f"{name}: refused, but the file changed"
+    refused = [name for name, outcome in outcomes.items() if outcome == "refused"]
+    assert {n.split("@")[0] for n in refused} >= {"EAIB", "BTHD", "OHDR", "GCOL", "truncated to 1/2"}, (
+        outcomes
+    )

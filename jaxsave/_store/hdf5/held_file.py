@@ -19,7 +19,6 @@ from collections.abc import Callable, Sequence
 import h5py
 
 from jaxsave._store.hdf5 import sample_file
-from jaxsave._store.hdf5 import superblock as _superblock
 from jaxsave._store.hdf5 import swmr_file as _swmr_file
 from jaxsave._store.hdf5.owner import OwnedFile
 from jaxsave.errors import SaverStateError
@@ -98,9 +97,7 @@ class HeldFile:
         if mode == "x" and exists:
             raise FileExistsError(f"{path!r} exists (mode='x')")
         if mode == "a" and exists:
-            owner.check_takeover()
-            # A killed writer's mark and lagging end address: we take the file over.
-            _superblock.clear_open_flags(path, eoa_margin=_superblock.EOA_MARGIN)
+            owner.check_takeover()  # damaged, foreign or hostile: refused; a killed writer's: cleared
             held = cls(_swmr_file.open_path(path, "r+", swmr=swmr), swmr=swmr, owner=owner)
             if not swmr:
                 sample_file.write_root_attributes(held.file.attrs, layout)

@@ -34,6 +34,30 @@ def _open_here(error: BaseException) -> bool:
     return "already open" in str(error) or "not the same" in str(error)
 
 
+def _load_metadata(f: h5py.File) -> None:
+    """Load every attribute and chunk index of ``f`` (HDF5 verifies their checksums).
+
+    Continuing a file rewrites its datasets' headers and chunk indices. HDF5 reads
+    them lazily: a damaged one found in a write fails it and can leave the library
+    in a state that crashes the process at exit, so it must fail here, on reading.
+    The root's attributes are read (as every reader does); the others are opened,
+    not read: a damaged global heap can make HDF5 loop forever reading a string or
+    reference, and continuing the file never reads them.
+    """
+
+    for key in f.attrs:
+        f.attrs[key]
+    names: list[bytes] = []
+    # by their links, not H5Ovisit (which crashes HDF5 2.0 on some damaged chunk indices)
+    f.id.links.visit(names.append)
+    for name in names:
+        obj = f[name]
+        for key in obj.attrs:
+            obj.attrs.get_id(key).close()
+        if isinstance(obj, h5py.Dataset) and obj.chunks is not None:
+            obj.id.get_num_chunks()  # walks the whole chunk index
+
+
 class OwnedFile:
     """The path a collector writes: locked, and checked to still name the file written.
 
@@ -93,20 +117,36 @@ class OwnedFile:
 
     def check_takeover(self) -> None:
         """mode="a": the path must be a jaxsave sample file (not another program's HDF5 file)
-        whose data all lives in it (no external storage or links, which writes would follow)."""
+        whose data all lives in it (no external storage or links, which writes would follow)
+        and whose metadata all reads back (:func:`_load_metadata`).
+
+        A killed writer's marks are cleared first (``superblock.clear_open_flags``): the
+        file is taken over. Every refusal is a :class:`jaxsave.FileFormatError`, before
+        anything is written.
+        """
+        open_regular(self.path).close()  # a FIFO would block h5py's open
+        where = f"{self.path!r} (mode='a')"
         try:
-            open_regular(self.path).close()  # a FIFO would block h5py's open
+            # A killed writer's mark and lagging end address: we take the file over.
+            _superblock.clear_open_flags(self.path, eoa_margin=_superblock.EOA_MARGIN)
+        except FileFormatError as error:
+            raise FileFormatError(f"{where}: {error}") from error
+        try:
             with h5py.File(self.path, "r", locking=False) as f:
-                ours = schema.FORMAT in f.attrs
-                if ours:
-                    check_file(f, f"{self.path!r} (mode='a')")
-        except OSError:
-            return  # unreadable while marked open by a killed writer: clear_open_flags checks it is HDF5
-        if not ours:
+                if schema.FORMAT not in f.attrs:
+                    raise FileFormatError(
+                        f"{self.path!r} is an HDF5 file not written by jaxsave; mode='a' "
+                        "only continues jaxsave sample files (use mode='w' to replace it)"
+                    )
+                check_file(f, where)
+                _load_metadata(f)
+        except (OSError, RuntimeError, KeyError, ValueError) as error:
+            if isinstance(error, FileFormatError):
+                raise
             raise FileFormatError(
-                f"{self.path!r} is an HDF5 file not written by jaxsave; mode='a' "
-                "only continues jaxsave sample files (use mode='w' to replace it)"
-            )
+                f"{self.path!r} is damaged ({error}); mode='a' continues only a sample file "
+                "whose metadata all reads back, and wrote nothing to it"
+            ) from error
 
     # -- while writing ------------------------------------------------------------------------
 

@@ -86,3 +86,44 @@ def test_every_file_damaged_every_way(tmp_path, pristine, figures):
             except Exception as error:  # noqa: BLE001 - that is what the test is looking for
                 pytest.fail(f"{name} <- {junk[:40]!r}: {type(error).__name__}: {error}")
     figures("hostile", "zarr store: every file damaged", handled=cases, refused=refused)
+
+
+@pytest.mark.filterwarnings("ignore:Consolidated metadata")  # zarr's own, on consolidate_metadata
+def test_a_chunk_far_larger_than_its_array_is_refused(tmp_path):
+    """A 50 kB store declared its (2, 9, 3) array in one zstd chunk of 2**26 draws: every read
+    decoded the whole chunk (1.6 GB), the size guards bounding only what the read returns. An
+    array whose chunks decode to more than MAX_CHUNK_BYTES (unless one draw of it is that big)
+    is now a FileFormatError, for the readers and for mode="a"."""
+    path = tmp_path / "run.zarr"
+    saver = jaxsave.save(jaxsave.ZarrCollector(path, compression="zstd"), block_size=4)
+    state = saver.init({"x": jnp.zeros((2, 3))}, None, chains=2)
+    step = lambda s, i: (saver.save(s, True, {"x": jnp.full(3, i, jnp.float32)})[0], None)  # noqa: E731
+    saver.postprocess(jax.jit(jax.vmap(lambda s: jax.lax.scan(step, s, jnp.arange(9.0))[0]))(state), None)
+    x = jaxsave.load_samples(path)["x"]
+    group = zarr.open_group(path, mode="r+")
+    old = group["posterior/x"]
+    attrs, dims = dict(old.attrs), old.metadata.dimension_names
+    bomb = group.create_array(
+        "posterior/x",
+        shape=old.shape,
+        chunks=(2, 2**21, 3),  # 48 MiB a chunk, stored in a few kB
+        dtype=old.dtype,
+        compressors=zarr.codecs.ZstdCodec(),
+        dimension_names=dims,
+        attributes=attrs,
+        overwrite=True,
+    )
+    bomb[...] = x
+    zarr.consolidate_metadata(path)
+    stored = sum(f.stat().st_size for f in (path / "posterior" / "x").rglob("*") if f.is_file())
+    assert stored < 100_000
+    for read in (jaxsave.load_samples, jaxsave.to_inference_data):
+        with pytest.raises(jaxsave.FileFormatError, match=r"posterior/x.*chunks of shape \(2, 2097152, 3\)"):
+            read(path)
+    with pytest.raises(jaxsave.FileFormatError, match=r"posterior/x.*chunks of shape"):
+        collector = jaxsave.ZarrCollector(path, mode="a", compression="zstd")
+        try:
+            collector.register_chain(init_sample={"x": np.zeros(3, np.float32)})
+            collector.save_block([2], [np.ones((1, 4, 3), np.float32)])
+        finally:
+            collector.close()

@@ -55,6 +55,31 @@ CHECKPOINT_PREFIX = f"{schema.COUNTS}/jaxsave_checkpoints/"
 COMPRESSIONS = ("zstd", "gzip", "blosc")
 
 
+#: The most bytes one chunk of an array may decode to, unless one draw of all its chains is more
+#: (jaxsave writes chunks of about :data:`CHUNK_BYTES`, or of one draw of big leaves).
+MAX_CHUNK_BYTES = 16 * CHUNK_BYTES
+
+
+def check_chunks(array: Any, name: str) -> None:
+    """Refuse an array whose chunks decode to far more than it holds (:data:`MAX_CHUNK_BYTES`).
+
+    A reader decodes whole chunks: a small store can declare a small array in a chunk of
+    gigabytes, one zstd frame of a few kB, and every read of it allocates the whole chunk.
+    """
+    try:
+        chunks, shape = tuple(int(n) for n in array.chunks), tuple(int(n) for n in array.shape)
+    except (TypeError, ValueError, NotImplementedError) as error:
+        raise FileFormatError(f"array {name!r} has a chunk grid jaxsave does not read: {error}") from error
+    itemsize = np.dtype(array.dtype).itemsize
+    decoded = itemsize * math.prod(chunks)
+    one_draw = itemsize * math.prod(1 if axis == 1 else max(1, n) for axis, n in enumerate(shape))
+    if decoded > max(MAX_CHUNK_BYTES, one_draw):
+        raise FileFormatError(
+            f"array {name!r} of shape {shape} has chunks of shape {chunks}: each decodes to "
+            f"{decoded:,} bytes, more than {MAX_CHUNK_BYTES:,} (a damaged or hostile store)"
+        )
+
+
 def compressors(compression: Any) -> Any:
     """zarr's ``compressors=`` for a :data:`COMPRESSIONS` name, a codec object or ``None``."""
     if compression is None:
@@ -241,6 +266,7 @@ class StoreArrays:
             counts = self.group[counts_path()]
         except KeyError:
             return False
+        check_chunks(counts, counts_path())
         leaves = []
         for path, j in zip(self.paths(), range(len(self.entries))):
             node = self.group.get(path)
@@ -252,6 +278,7 @@ class StoreArrays:
                     f"the store's array {path!r} is {node.shape} of {node.dtype}; this sampler's "
                     f"leaf needs (chains, draws, *{want[0]}) of {want[1]}"
                 )
+            check_chunks(node, path)  # a chunk it continues is read back once
             leaves.append(node)
         self.leaves, self.counts, self._raw = leaves, counts, None
         return True

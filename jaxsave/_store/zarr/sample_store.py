@@ -19,7 +19,7 @@ from jaxsave._core import dtypes as _dtypes
 from jaxsave._store import schema
 from jaxsave._store.location import ZARR_JSON, describe
 from jaxsave._store.schema import VariableInfo
-from jaxsave._store.zarr.arrays import counts_path
+from jaxsave._store.zarr.arrays import check_chunks, counts_path
 from jaxsave._store.zarr.chunk_files import ChunkFiles, chunk_files, local_chunk_files
 from jaxsave._store.zarr.confined import stat_confined
 from jaxsave._store.zarr.store import Location, has_key, open_group, require_zarr
@@ -57,6 +57,7 @@ class ZarrLeaf:
     (plain file reads into the result), any other by zarr."""
 
     def __init__(self, array: Any, name: str):
+        check_chunks(array, name)
         self._array, self.name = array, name
         self._open: Callable[[], Any] = lambda: array
         self.shape: tuple[int, ...] = tuple(array.shape)

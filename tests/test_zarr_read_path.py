@@ -210,6 +210,21 @@ def test_compressed_and_memory_stores_go_through_zarr(tmp_path):
         assert same_bits(got[0][k], got[1][k]) and same_bits(got[0][k], got[2][k]), k
 
 
+@pytest.mark.parametrize("compression", ["zstd", "gzip", "blosc"])
+def test_a_compressed_store_of_constant_samples_loads(tmp_path, compression):
+    """72 MB of zero samples, zstd-compressed to 5 kB (17000:1; blosc 7900:1), were refused by every reader as
+    "a sparse or hostile file": the size guard took compressed chunks to expand at most 1024:1."""
+    path = tmp_path / "z.zarr"
+    collector = jaxsave.ZarrCollector(path, compression=compression)
+    collector.register_chain(init_sample={"x": np.zeros(1000, np.float32)})
+    for _ in range(9):
+        collector.save_block([0], [np.zeros((1, 2000, 1000), np.float32)])
+    collector.finalize(0)
+    collector.close()
+    x = jaxsave.load_samples(path)["x"]
+    assert x.shape == (1, 18000, 1000) and not x.any()
+
+
 def test_metadata_outside_the_whitelist_goes_through_zarr(tmp_path):
     """Big-endian chunks, a transpose, sharding, string data: zarr reads them, not the direct path."""
     cases = {

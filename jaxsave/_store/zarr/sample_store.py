@@ -25,9 +25,10 @@ from jaxsave._store.zarr.confined import stat_confined
 from jaxsave._store.zarr.store import Location, has_key, open_group, require_zarr
 from jaxsave.errors import FileFormatError, JaxsaveError
 
-#: Compressed chunks may hold this many times fewer bytes than they decode to
-#: (a bound for :meth:`ZarrSource.stored_bytes`).
-MAX_EXPANSION = 1024
+#: Compressed chunks may hold this many times fewer bytes than they decode to (a bound for
+#: :meth:`ZarrSource.stored_bytes`): zstd's most (an RLE block, 4 bytes for 128 KiB), above
+#: deflate's 1032:1 and blosc's.
+MAX_EXPANSION = 33_000
 
 
 def _ranges(selection: Any, shape: tuple[int, ...]) -> tuple[list[range], tuple[int, ...]] | None:

@@ -17,14 +17,23 @@ import contextlib
 import os
 import re
 import string
+import time
 import warnings
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from jaxsave._core.atomic import fsync_directory, remove_stale_temporaries
 from jaxsave.errors import FileFormatError
 from jaxsave.serialization import load_pytree, read_metadata, save_pytree
 
 __all__ = ["Checkpointer"]
+
+T = TypeVar("T")
+#: How many times :meth:`Checkpointer.restore` lists the directory when a writer keeps pruning
+#: the checkpoint it is about to read.
+_LISTINGS = 100
+#: ... and how many empty listings in a row mean that there is no checkpoint.
+_EMPTY_LISTINGS = 3
 
 
 #: Steps a template must write and parse back exactly (digit-count changes, large steps).
@@ -162,29 +171,47 @@ class Checkpointer:
         """
         if step is not None:
             return step, load_pytree(self._existing(step), like, partial=partial)
-        steps = self.steps()
-        if not steps:
-            raise FileNotFoundError(f"no checkpoints in {self.directory!r}")
-        for i, s in enumerate(reversed(steps)):
-            try:
-                return s, load_pytree(self.path(s), like, partial=partial)
-            except FileFormatError as e:
-                if i == len(steps) - 1:
-                    raise
-                warnings.warn(
-                    f"checkpoint {s} is unreadable ({e}); trying the previous one",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-        raise AssertionError("unreachable")
+        return self._newest(lambda path: load_pytree(path, like, partial=partial))
 
     def metadata(self, step: int | None = None) -> Any:
-        """The metadata saved with checkpoint ``step`` (default: the latest)."""
+        """The metadata saved with checkpoint ``step`` (default: the latest, as :meth:`restore`)."""
         if step is None:
-            step = self.latest_step()
-            if step is None:
-                raise FileNotFoundError(f"no checkpoints in {self.directory!r}")
+            return self._newest(read_metadata)[1]
         return read_metadata(self._existing(step))
+
+    def _newest(self, read: Callable[[str], T]) -> tuple[int, T]:
+        """``(step, read(path))`` of the newest checkpoint that reads.
+
+        An unreadable one is skipped with a warning (the oldest raises); one that a
+        writer pruned after the listing (``keep=``) makes the listing start again.
+        """
+        empty = 0
+        for _ in range(_LISTINGS):
+            steps = self.steps()
+            if not steps:
+                # a listing that races a writer's rename and prune can miss both files
+                empty += 1
+                if empty == _EMPTY_LISTINGS:
+                    raise FileNotFoundError(f"no checkpoints in {self.directory!r}")
+                time.sleep(0.001)
+                continue
+            for i, s in enumerate(reversed(steps)):
+                try:
+                    return s, read(self.path(s))
+                except FileNotFoundError:
+                    break  # pruned since the listing: a newer one is there
+                except FileFormatError as e:
+                    if i == len(steps) - 1:
+                        raise
+                    warnings.warn(
+                        f"checkpoint {s} is unreadable ({e}); trying the previous one",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+        raise FileNotFoundError(
+            f"the checkpoints in {self.directory!r} were deleted faster than they could be read "
+            f"({_LISTINGS} listings, each checkpoint gone when opened)"
+        )
 
     def delete(self, step: int) -> None:
         """Delete checkpoint ``step``."""

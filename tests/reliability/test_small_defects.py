@@ -344,3 +344,34 @@ def test_messages_and_docs_name_only_jaxsave_functions_that_exist():
             except ImportError:
                 missing.add((name, f.name))
     assert not missing, sorted(missing)
+
+
+def test_restore_of_the_latest_checkpoint_races_a_pruning_writer(tmp_path):
+    """Checkpointer.restore() in one process while another saves with keep=1: the latest step it
+    listed was pruned before it was read, or the listing (racing the writer's rename and prune)
+    saw no file at all, and restore raised FileNotFoundError (68 in 20 s); it lists again now."""
+    writer = textwrap.dedent(
+        f"""
+        import numpy as np, jaxsave
+        ck = jaxsave.Checkpointer({str(tmp_path)!r}, keep=1)
+        for step in range(1, 10**9):
+            ck.save(step, {{"w": np.full(64, step, np.float64)}})
+        """
+    )
+    jaxsave.Checkpointer(tmp_path, keep=1).save(0, {"w": np.zeros(64)})
+    proc = subprocess.Popen([sys.executable, "-c", writer], env=child_env())
+    errors, restores, newest = [], 0, 0
+    try:
+        while restores < 6000 and proc.poll() is None:
+            try:
+                step, tree = jaxsave.Checkpointer(tmp_path, keep=1).restore()
+            except Exception as error:  # noqa: BLE001 - that is what the test is looking for
+                errors.append(f"{type(error).__name__}: {error}")
+                continue
+            assert np.all(tree["w"] == step) and step >= newest
+            restores, newest = restores + 1, step
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    assert newest > 100, "the writer did not run"
+    assert not errors, errors[:3]

@@ -133,18 +133,18 @@ def merge(paths: Sequence[PathLike], out_path: PathLike) -> str:
     [[[0.0, 0.0]], [[1.0, 1.0]]]
     """
     out_path = os.fspath(out_path)
-    paths = [os.fspath(p) for p in paths]
-    if not paths:
+    files: list[str] = [os.fspath(p) for p in paths]
+    if not files:
         raise ValueError("merge needs at least one source file")
-    if any(_same_file(p, out_path) for p in paths):
+    if any(_same_file(p, out_path) for p in files):
         raise ValueError(f"the merged file {out_path!r} cannot also be a source")
-    for i, p in enumerate(paths):
-        twin = next((q for q in paths[:i] if _same_file(p, q)), None)
+    for i, p in enumerate(files):
+        twin = next((q for q in files[:i] if _same_file(p, q)), None)
         if twin is not None:
             raise ValueError(f"merge got the same source twice: {twin!r} and {p!r}")
     lock = _filelock.acquire(out_path)  # a collector's file is not replaced under it
     try:
-        return _write(paths, out_path)
+        return _write(files, out_path)
     finally:
         lock.release()
 

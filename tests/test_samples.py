@@ -339,3 +339,21 @@ def test_foreign_and_newer_files(tmp_path, good_file):
         jaxsave.load_samples(broken)
     with pytest.raises(FileNotFoundError):
         jaxsave.load_samples(tmp_path / "missing.h5")
+
+
+@pytest.mark.parametrize("counts", [[np.nan, 1.0], [2.5, 1.0], [-1, 1]], ids=["nan", "fraction", "negative"])
+def test_sample_counts_that_are_not_counts_are_refused(tmp_path, counts):
+    """A file whose sample counts were NaN was refused as "negative sample counts
+    [-9223372036854775808, 1]", and 2.5 was read as 2 draws; both now name what is wrong."""
+    path = tmp_path / "s.h5"
+    init, save, post = jaxsave.save(jaxsave.HDF5Collector(path))
+    state = init({"x": jnp.zeros((2, 2))}, chains=2)
+    state, _ = jax.vmap(lambda s: save(s, True, {"x": jnp.ones(2)}))(state)
+    post(state, None)
+    with h5py.File(path, "r+") as f:
+        f.attrs["sample_counts"] = np.asarray(counts)
+    problem = "negative sample counts" if counts[0] == -1 else r"sample counts \[.*\] are not integers"
+    with pytest.raises(jaxsave.FileFormatError, match=problem):
+        jaxsave.load_samples(path)
+    with pytest.raises(jaxsave.FileFormatError, match=problem):
+        jaxsave.HDF5Collector(path, mode="a")

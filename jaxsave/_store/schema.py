@@ -154,6 +154,28 @@ def check_same_structure(stored: Any, structure: str, where: str) -> None:
         )
 
 
+def checked_counts(raw: Any, where: str) -> np.ndarray:
+    """The sample counts ``raw`` (as stored) as a 1-d int64 array; a :class:`FileFormatError`
+    naming ``where`` unless they are non-negative integers.
+
+    >>> checked_counts([3, 0], "run.h5").tolist()
+    [3, 0]
+    >>> checked_counts([2.5], "run.h5")
+    Traceback (most recent call last):
+    jaxsave.errors.FileFormatError: run.h5: its sample counts [2.5] are not integers (float64)
+    """
+    counts = np.asarray(raw).reshape(-1)
+    if counts.dtype.kind not in "iu":
+        raise FileFormatError(
+            f"{where}: its sample counts {counts.tolist()} are not integers ({counts.dtype})"
+        )
+    if counts.dtype == np.uint64 and (counts > np.iinfo(np.int64).max).any():
+        raise FileFormatError(f"{where}: its sample counts {counts.tolist()} are past int64")
+    if (counts < 0).any():
+        raise FileFormatError(f"{where}: negative sample counts {counts.tolist()}")
+    return counts.astype(np.int64)
+
+
 def chain_group(chain: int) -> str:
     """The group holding chain ``chain``'s datasets (layout ``"chains"``)."""
     return CHAIN_GROUP.format(chain)

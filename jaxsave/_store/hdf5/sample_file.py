@@ -157,11 +157,8 @@ def read_variables(f: h5py.File) -> list[VariableInfo]:
 
 
 def read_counts(f: h5py.File) -> np.ndarray:
-    """Each chain's sample count (int64, checked non-negative)."""
-    counts = np.asarray(f.attrs.get(schema.COUNTS, np.zeros(0)), dtype=np.int64).reshape(-1)
-    if (counts < 0).any():
-        raise FileFormatError(f"negative sample counts {counts.tolist()}")
-    return counts
+    """Each chain's sample count (int64, checked: :func:`jaxsave._store.schema.checked_counts`)."""
+    return schema.checked_counts(f.attrs.get(schema.COUNTS, np.zeros(0, np.int64)), repr(f.filename))
 
 
 def leaf_dataset(f: h5py.File, layout: str, var: VariableInfo, chain: int | None = None) -> h5py.Dataset:

@@ -229,7 +229,7 @@ class StoreWriter:
     def _stored_counts(self, group: Any) -> np.ndarray | None:
         """mode "a": the stored chains' counts, checked (``None``: the store counts no chain)."""
         try:
-            counts = np.asarray(group[schema.COUNTS][:], np.int64).reshape(-1)
+            raw = group[schema.COUNTS][:]
         except KeyError:
             return None
         except Exception as error:  # zarr's many errors for damaged metadata or chunks
@@ -237,6 +237,4 @@ class StoreWriter:
                 f"{self.name}: its {schema.COUNTS!r} cannot be read ({type(error).__name__}: {error}); "
                 "ZarrCollector does not continue a damaged store"
             ) from error
-        if (counts < 0).any():
-            raise FileFormatError(f"{self.name} has negative sample counts {counts.tolist()}")
-        return counts
+        return schema.checked_counts(raw, self.name)

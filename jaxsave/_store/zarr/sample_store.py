@@ -209,14 +209,8 @@ class ZarrSource:
             raise FileFormatError(f"the store's {schema.COUNTS!r} is not a 1-d integer array")
         return self._checked_counts(ZarrLeaf(node, counts_path())[:])
 
-    @staticmethod
-    def _checked_counts(raw: np.ndarray) -> np.ndarray:
-        if raw.dtype == np.uint64 and (raw > np.iinfo(np.int64).max).any():
-            raise FileFormatError(f"sample counts past int64: {raw.tolist()}")
-        counts = np.asarray(raw, dtype=np.int64)
-        if (counts < 0).any():
-            raise FileFormatError(f"negative sample counts {counts.tolist()}")
-        return counts
+    def _checked_counts(self, raw: np.ndarray) -> np.ndarray:
+        return schema.checked_counts(raw, self.location.name)
 
     def dataset(self, layout: str, var: VariableInfo, chain: int | None = None) -> ZarrLeaf:
         path = schema.dataset_path(layout, var, chain)

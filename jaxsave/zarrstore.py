@@ -32,9 +32,15 @@ from jaxsave._store import schema
 from jaxsave._store.location import describe
 from jaxsave._store.names import StatsSpec, check_zarr_names, leaf_entries
 from jaxsave._store.zarr import store as _store
-from jaxsave._store.zarr.arrays import CHECKPOINT_PREFIX, COMPRESSIONS, StoreArrays, chunk_shape
+from jaxsave._store.zarr.arrays import CHECKPOINT_PREFIX, StoreArrays, chunk_shape
 from jaxsave._store.zarr.held_rows import HeldRows
-from jaxsave._store.zarr.held_store import StoreWriter, run_token, stored_count
+from jaxsave._store.zarr.held_store import (
+    StoreWriter,
+    check_arguments,
+    run_token,
+    stored_count,
+    this_first_chain,
+)
 from jaxsave._stream import resume as _resume
 from jaxsave.collectors import (
     DataCollector,
@@ -136,48 +142,22 @@ class ZarrCollector(DataCollector):
         create_timeout: float = CREATE_TIMEOUT_S,
         storage_options: dict | None = None,
     ):
-        if mode not in ("w", "x", "a"):
-            raise ValueError(f"mode must be 'w', 'x' or 'a', got {mode!r}")
-        if isinstance(compression, str) and compression not in COMPRESSIONS:
-            raise ValueError(
-                f"compression must be None, one of {COMPRESSIONS} or a zarr codec, got {compression!r}"
-            )
-        if isinstance(sample_stats, str):
-            raise TypeError("sample_stats must be a sequence of names or a predicate, not a string")
-        for name, value in (
-            ("flush_interval", flush_interval),
-            ("checkpoint_interval", checkpoint_interval),
-            ("create_timeout", create_timeout),
-        ):
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not value >= 0
-                or math.isinf(value)
-            ):
-                raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
-        for name, count in (("draws", draws), ("chains", chains), ("first_chain", first_chain)):
-            if count is not None and (
-                isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0
-            ):
-                raise ValueError(f"{name} must be an int >= 0 or None, got {count!r}")
+        check_arguments(
+            mode,
+            compression,
+            sample_stats,
+            seconds={
+                "flush_interval": flush_interval,
+                "checkpoint_interval": checkpoint_interval,
+                "create_timeout": create_timeout,
+            },
+            counts={"draws": draws, "chains": chains, "first_chain": first_chain},
+        )
         _store.require_zarr()
         import jax
 
         self.shared = jax.process_count() > 1 if shared is None else bool(shared)
-        if self.shared:
-            if chains is None:
-                raise ValueError(
-                    "ZarrCollector: several processes write one store (shared), so its chain axis is fixed: "
-                    "pass chains= (the number of chains of all processes together)"
-                )
-            if first_chain is None:
-                if chains % jax.process_count():
-                    raise ValueError(
-                        f"ZarrCollector: {chains} chains do not split evenly over {jax.process_count()} "
-                        "processes: pass first_chain= (this process's first global chain id)"
-                    )
-                first_chain = jax.process_index() * (chains // jax.process_count())
+        first_chain = this_first_chain(self.shared, chains, first_chain)
         self.mode = mode
         self.compression = compression
         self.flush_interval = float(flush_interval)

@@ -12,6 +12,7 @@ a stored structure against the collector's.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 import uuid
@@ -25,7 +26,7 @@ from jaxsave._store import schema
 from jaxsave._store.location import ZARR_JSON, is_zarr_object
 from jaxsave._store.zarr import confined as _confined
 from jaxsave._store.zarr import store as _store
-from jaxsave._store.zarr.arrays import StoreArrays
+from jaxsave._store.zarr.arrays import COMPRESSIONS, StoreArrays
 from jaxsave._store.zarr.sample_store import check_header
 from jaxsave.errors import (
     FileFormatError,
@@ -34,7 +35,61 @@ from jaxsave.errors import (
     SaverStateError,
 )
 
-__all__ = ["StoreWriter", "run_token", "stored_count"]
+__all__ = ["StoreWriter", "check_arguments", "run_token", "stored_count", "this_first_chain"]
+
+
+def check_arguments(
+    mode: str, compression: Any, sample_stats: Any, *, seconds: dict[str, Any], counts: dict[str, Any]
+) -> None:
+    """Refuse :class:`jaxsave.ZarrCollector` arguments of the wrong kind, naming the argument.
+
+    >>> check_arguments("w", None, None, seconds={"flush_interval": -1}, counts={})
+    Traceback (most recent call last):
+    ValueError: flush_interval must be a finite number of seconds >= 0, got -1
+    """
+    if mode not in ("w", "x", "a"):
+        raise ValueError(f"mode must be 'w', 'x' or 'a', got {mode!r}")
+    if isinstance(compression, str) and compression not in COMPRESSIONS:
+        raise ValueError(
+            f"compression must be None, one of {COMPRESSIONS} or a zarr codec, got {compression!r}"
+        )
+    if isinstance(sample_stats, str):
+        raise TypeError("sample_stats must be a sequence of names or a predicate, not a string")
+    for name, value in seconds.items():
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not value >= 0
+            or math.isinf(value)
+        ):
+            raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
+    for name, count in counts.items():
+        if count is not None and (
+            isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0
+        ):
+            raise ValueError(f"{name} must be an int >= 0 or None, got {count!r}")
+
+
+def this_first_chain(shared: bool, chains: int | None, first_chain: int | None) -> int | None:
+    """The first global chain this process writes: ``first_chain``, or, in a store ``shared``
+    by the ``jax.distributed`` processes, its even share of ``chains`` (which must be given)."""
+    if not shared:
+        return first_chain
+    import jax
+
+    if chains is None:
+        raise ValueError(
+            "ZarrCollector: several processes write one store (shared), so its chain axis is fixed: "
+            "pass chains= (the number of chains of all processes together)"
+        )
+    if first_chain is None:
+        if chains % jax.process_count():
+            raise ValueError(
+                f"ZarrCollector: {chains} chains do not split evenly over {jax.process_count()} "
+                "processes: pass first_chain= (this process's first global chain id)"
+            )
+        first_chain = jax.process_index() * (chains // jax.process_count())
+    return first_chain
 
 
 def run_token(run_id: str | None) -> str:

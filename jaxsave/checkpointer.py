@@ -201,6 +201,8 @@ class Checkpointer:
                 except FileNotFoundError:
                     break  # pruned since the listing: a newer one is there
                 except FileFormatError as e:
+                    if not os.path.exists(self.path(s)):
+                        break  # the same, seen by a format's reader (.h5, .npz, .safetensors)
                     if i == len(steps) - 1:
                         raise
                     warnings.warn(

@@ -22,6 +22,7 @@ import subprocess
 import textwrap
 import threading
 
+import h5py
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -351,3 +352,54 @@ def test_mode_a_on_a_damaged_file_is_refused_before_it_writes(tmp_path):
     assert {n.split("@")[0] for n in refused} >= {"EAIB", "BTHD", "OHDR", "GCOL", "truncated to 1/2"}, (
         outcomes
     )
+
+
+def _marked_open(data: bytes) -> bytes:
+    """``data`` (a v3 superblock at 0) marked open for writing, as a killed writer leaves it."""
+    from jaxsave._store.hdf5.superblock import lookup3
+
+    size = 12 + 4 * data[9]
+    block = bytearray(data[:size])
+    block[11] = 1
+    return bytes(block) + lookup3(bytes(block)).to_bytes(4, "little") + data[size + 4 :]
+
+
+def test_mode_a_leaves_a_file_it_refuses_as_it_was(tmp_path):
+    """mode="a" cleared a killed writer's marks and grew the file by 1 MiB before its checks, so
+    a damaged file, a foreign one or one whose counts exceed its datasets was changed, though
+    refused; a file open in this process was called damaged."""
+    path = tmp_path / "s.h5"
+    c = jaxsave.HDF5Collector(path)
+    ids = [c.register_chain(init_sample={"x": np.zeros(3, np.float32)}) for _ in range(2)]
+    c.save_block(ids, [np.arange(54, dtype=np.float32).reshape(2, 9, 3)])
+    for i in ids:
+        c.finalize(i)
+    c.close()
+    data = path.read_bytes()
+    index = data.index(b"EAHD")
+    damaged = bytearray(data)
+    damaged[index + 9] ^= 0x10
+    too_many = tmp_path / "counts.h5"
+    shutil.copy(path, too_many)
+    with h5py.File(too_many, "r+") as f:
+        f.attrs["sample_counts"] = np.array([10**6, 9])
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w", libver="latest") as f:
+        f["x"] = np.zeros(3)
+    cases = {
+        "damaged": (_marked_open(bytes(damaged)), "is damaged"),
+        "counts": (_marked_open(too_many.read_bytes()), r"sample counts \[1000000, 9\] are more than"),
+        "foreign": (_marked_open(foreign.read_bytes() + b"\0" * 100), "not written by jaxsave"),
+    }
+    for name, (content, problem) in cases.items():
+        target = tmp_path / f"{name}-open.h5"
+        target.write_bytes(content)
+        with pytest.raises(jaxsave.FileFormatError, match=problem):
+            jaxsave.HDF5Collector(target, mode="a")
+        assert target.read_bytes() == content, f"{name}: refused, but changed"
+    with h5py.File(path, "r"):
+        with pytest.raises(jaxsave.FileInUseError, match="is open in this process"):
+            jaxsave.HDF5Collector(path, mode="a")
+    assert path.read_bytes() == data
+    c = jaxsave.HDF5Collector(path, mode="a")  # closed: continued
+    c.close()

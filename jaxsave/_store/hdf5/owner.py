@@ -20,9 +20,10 @@ from jaxsave._core import atomic as _atomic
 from jaxsave._core import filelock as _filelock
 from jaxsave._core.regular_file import open_regular
 from jaxsave._store import schema
+from jaxsave._store.hdf5 import sample_file
 from jaxsave._store.hdf5 import superblock as _superblock
 from jaxsave._store.hdf5.trust import check_file
-from jaxsave.errors import FileChangedError, FileFormatError
+from jaxsave.errors import FileChangedError, FileFormatError, FileInUseError
 
 __all__ = ["OwnedFile"]
 
@@ -31,7 +32,33 @@ _REPLACED = "was replaced by another file (moved or written there by another pro
 
 def _open_here(error: BaseException) -> bool:
     """Whether HDF5 refused an open because this process has the file open in another mode."""
-    return "already open" in str(error) or "not the same" in str(error)
+    text = str(error)
+    return "already open" in text or "not the same" in text or "locking flag values don't match" in text
+
+
+#: The bytes that hold a superblock (at offset 0 to 64 KiB) and so all that
+#: ``superblock.clear_open_flags`` changes (besides the file's size).
+_SUPERBLOCK_SPAN = 65536 + 256
+
+
+def _check_counts(f: h5py.File, where: str) -> None:
+    """The datasets hold at least the draws (and chains) the file's counts say."""
+    counts = sample_file.read_counts(f)
+    if not counts.size or not sample_file.has_structure(f):
+        return
+    layout = sample_file.read_layout(f)
+    for var in sample_file.read_variables(f):
+        if layout == schema.POSTERIOR:
+            shapes = [sample_file.leaf_dataset(f, layout, var).shape]
+            short = shapes[0][0] < counts.size or shapes[0][1] < counts.max()
+        else:
+            shapes = [sample_file.leaf_dataset(f, layout, var, c).shape for c in range(counts.size)]
+            short = any(shape[0] < n for shape, n in zip(shapes, counts))
+        if short:
+            raise FileFormatError(
+                f"{where}: its sample counts {counts.tolist()} are more than leaf {var.name!r} "
+                f"holds (datasets of shape {shapes[:3]}); the file is damaged"
+            )
 
 
 def _load_metadata(f: h5py.File) -> None:
@@ -117,20 +144,33 @@ class OwnedFile:
 
     def check_takeover(self) -> None:
         """mode="a": the path must be a jaxsave sample file (not another program's HDF5 file)
-        whose data all lives in it (no external storage or links, which writes would follow)
-        and whose metadata all reads back (:func:`_load_metadata`).
+        whose data all lives in it (no external storage or links, which writes would follow),
+        whose metadata all reads back (:func:`_load_metadata`) and whose datasets hold the
+        draws its counts say.
 
-        A killed writer's marks are cleared first (``superblock.clear_open_flags``): the
-        file is taken over. Every refusal is a :class:`jaxsave.FileFormatError`, before
-        anything is written.
+        A killed writer's marks are cleared first (``superblock.clear_open_flags``), so that
+        HDF5 opens it; a file then refused gets its first bytes and its size back. Every
+        refusal is a :class:`jaxsave.FileFormatError` (a file this process holds open: a
+        :class:`jaxsave.FileInUseError`), and leaves the file as it was.
         """
-        open_regular(self.path).close()  # a FIFO would block h5py's open
         where = f"{self.path!r} (mode='a')"
+        with open_regular(self.path) as fh:  # a FIFO would block h5py's open
+            head, size = fh.read(_SUPERBLOCK_SPAN), os.fstat(fh.fileno()).st_size
         try:
             # A killed writer's mark and lagging end address: we take the file over.
-            _superblock.clear_open_flags(self.path, eoa_margin=_superblock.EOA_MARGIN)
+            cleared = _superblock.clear_open_flags(self.path, eoa_margin=_superblock.EOA_MARGIN)
         except FileFormatError as error:
             raise FileFormatError(f"{where}: {error}") from error
+        try:
+            self._check_file(where)
+        except BaseException:
+            if cleared:
+                with open(self.path, "r+b") as fh:
+                    fh.write(head)
+                    fh.truncate(size)
+            raise
+
+    def _check_file(self, where: str) -> None:
         try:
             with h5py.File(self.path, "r", locking=False) as f:
                 if schema.FORMAT not in f.attrs:
@@ -140,9 +180,15 @@ class OwnedFile:
                     )
                 check_file(f, where)
                 _load_metadata(f)
+                _check_counts(f, where)
         except (OSError, RuntimeError, KeyError, ValueError) as error:
             if isinstance(error, FileFormatError):
                 raise
+            if _open_here(error):
+                raise FileInUseError(
+                    f"{self.path!r} is open in this process (an h5py.File, or a reader not yet "
+                    "closed): close it before continuing the file with mode='a'"
+                ) from error
             raise FileFormatError(
                 f"{self.path!r} is damaged ({error}); mode='a' continues only a sample file "
                 "whose metadata all reads back, and wrote nothing to it"

@@ -127,3 +127,26 @@ def test_a_chunk_far_larger_than_its_array_is_refused(tmp_path):
             collector.save_block([2], [np.ones((1, 4, 3), np.float32)])
         finally:
             collector.close()
+
+
+@pytest.mark.filterwarnings("ignore:Consolidated metadata")  # zarr's own, on consolidate_metadata
+def test_a_padded_array_metadata_backs_no_draws(tmp_path):
+    """The size guard counted an array's zarr.json as stored data, times the compression bound:
+    a 44 kB store with no chunk and a 40 kB attribute made load_samples allocate 1 GiB."""
+    path = tmp_path / "pad.zarr"
+    c = jaxsave.ZarrCollector(path, compression="zstd")
+    ids = [c.register_chain(init_sample={"x": np.zeros(4, np.float32)}) for _ in range(2)]
+    c.save_block(ids, [np.ones((2, 1, 4), np.float32)])
+    for i in ids:
+        c.finalize(i)
+    c.close()
+    draws = 2**25
+    group = zarr.open_group(path, mode="r+")
+    x = group["posterior/x"]
+    x.resize((2, draws, 4))
+    x.attrs["pad"] = "a" * 40_000
+    shutil.rmtree(path / "posterior" / "x" / "c")
+    group["sample_counts"][:] = np.array([draws, draws])
+    zarr.consolidate_metadata(path)
+    with pytest.raises(jaxsave.FileFormatError, match="stores only 0 for it"):
+        jaxsave.load_samples(path)

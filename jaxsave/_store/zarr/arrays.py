@@ -51,6 +51,9 @@ MIN_SHARED_CHUNK_DRAWS = 256
 MAX_CHUNK_DRAWS = 4096
 #: Where the checkpoints are, below the root group (``+ str(first chain)``).
 CHECKPOINT_PREFIX = f"{schema.COUNTS}/jaxsave_checkpoints/"
+#: zarr skips chunks that equal the fill value (zeros, NaN); the readers' size guard would then
+#: take a long run of such draws for declared, unstored data. Every chunk written is stored.
+_WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
 #: Compression names ``ZarrCollector(compression=...)`` takes (or any zarr codec object).
 COMPRESSIONS = ("zstd", "gzip", "blosc")
 
@@ -220,7 +223,8 @@ class StoreArrays:
             dtype = _dtypes.storage_dtype(spec.dtype)
             fill = schema.stored_fill_value(dtype)
             leaves.append(
-                self.group[group_name].create_array(
+                self.group[group_name]
+                .create_array(
                     name,
                     shape=(chains, draws, *shape),
                     chunks=(*chunk, *(max(1, n) for n in shape)),
@@ -235,6 +239,7 @@ class StoreArrays:
                     },
                     overwrite=True,
                 )
+                .with_config(_WRITE_EVERY_CHUNK)
             )
         # The counts last: a store whose counts array exists has all its leaf arrays.
         self.counts = self.group.create_array(
@@ -279,7 +284,7 @@ class StoreArrays:
                     f"leaf needs (chains, draws, *{want[0]}) of {want[1]}"
                 )
             check_chunks(node, path)  # a chunk it continues is read back once
-            leaves.append(node)
+            leaves.append(node.with_config(_WRITE_EVERY_CHUNK))
         self.leaves, self.counts, self._raw = leaves, counts, None
         return True
 

@@ -19,7 +19,7 @@ from jaxsave._core import dtypes as _dtypes
 from jaxsave._store import schema
 from jaxsave._store.location import ZARR_JSON, describe
 from jaxsave._store.schema import VariableInfo
-from jaxsave._store.zarr.arrays import check_chunks, counts_path
+from jaxsave._store.zarr.arrays import check_chunks, counts_path, sync
 from jaxsave._store.zarr.chunk_files import ChunkFiles, chunk_files, local_chunk_files
 from jaxsave._store.zarr.confined import stat_confined
 from jaxsave._store.zarr.store import Location, has_key, open_group, require_zarr
@@ -127,11 +127,22 @@ class ZarrLeaf:
         """The bytes of the array's chunks in the store (one directory walk for a local one)."""
         if self.files is not None:
             return self.files.stored_bytes()
-        return int(self.array.nbytes_stored())
+        return max(0, int(self.array.nbytes_stored()) - _metadata_bytes(self.array))
 
     @property
     def compressed(self) -> bool:
         return self.files is None and bool(getattr(self.array, "compressors", ()))
+
+
+def _metadata_bytes(array: Any) -> int:
+    """The size of ``array``'s ``zarr.json``, which ``nbytes_stored`` counts with its chunks (a
+    store padding it with attributes would otherwise back declared draws it does not store)."""
+    location = array.store_path
+    key = f"{location.path}/{ZARR_JSON}" if location.path else ZARR_JSON
+    try:
+        return int(sync(location.store.getsize(key)))
+    except (OSError, KeyError, ValueError, NotImplementedError):
+        return 0
 
 
 def _attributes(group: Any) -> dict[str, Any]:

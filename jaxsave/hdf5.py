@@ -71,8 +71,9 @@ class HDF5Collector(DataCollector):
       layout: ``"posterior"`` (ArviZ/xarray layout, default) or ``"chains"``
         (the older ``/chain~{id}/...`` layout).
       mode: how a path is opened: ``"w"`` (create or truncate, default), ``"x"``
-        (fail if it exists) or ``"a"`` (continue an existing file, e.g. to resume
-        its chains from a checkpoint). A path takes one writer at a time: the
+        (fail if it exists) or ``"a"`` (continue an existing file: ``init(...,
+        resume=ckpt)`` continues its chains from a checkpoint; a plain ``init`` adds
+        new chains after the ones it holds). A path takes one writer at a time: the
         collector locks ``<file>.lock`` until it is closed, and a second one
         (in any process) raises :class:`jaxsave.FileInUseError`.
       compression: ``None`` (default), ``"gzip"`` or ``"lzf"``.

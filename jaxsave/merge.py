@@ -53,9 +53,9 @@ def _read_source(path: str) -> _Source:
         _filelock.check_unlocked(path)
     except FileInUseError as error:
         raise FileInUseError(
-            f"cannot merge {path!r}: a collector is still writing it (close it first: "
-            f"postprocess, or collector.close()); {error}"
-        ) from None
+            f"cannot merge {path!r}: a collector is still writing it; finish it first "
+            "(postprocess, or collector.close())"
+        ) from error
     with sample_file.open_sample_file(path) as f:
         if sample_file.read_layout(f) != schema.POSTERIOR:
             raise FileFormatError(f"cannot merge {path!r}: only files with layout='posterior' can be merged")
@@ -119,7 +119,9 @@ def merge(paths: Sequence[PathLike], out_path: PathLike) -> str:
     killed process) with the same variables, shapes and dtypes. The root
     attributes ``jaxsave_merged_from`` (source paths, relative to ``out_path``)
     and ``jaxsave_chain_offsets`` (the first global chain of each source) say
-    where each chain lives. Returns ``out_path``.
+    where each chain lives. An existing ``out_path`` is replaced only if it is a
+    merged file (``FileExistsError`` for any other file); one a collector writes,
+    or a source one writes, is a :class:`jaxsave.FileInUseError`. Returns ``out_path``.
 
     >>> import os, tempfile, jax.numpy as jnp, jaxsave
     >>> d = tempfile.mkdtemp()
@@ -142,11 +144,36 @@ def merge(paths: Sequence[PathLike], out_path: PathLike) -> str:
         twin = next((q for q in files[:i] if _same_file(p, q)), None)
         if twin is not None:
             raise ValueError(f"merge got the same source twice: {twin!r} and {p!r}")
-    lock = _filelock.acquire(out_path)  # a collector's file is not replaced under it
+    directory = os.path.dirname(os.path.abspath(out_path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"cannot write {out_path!r}: the directory {directory!r} does not exist")
     try:
+        lock = _filelock.acquire(out_path)  # a collector's file is not replaced under it
+    except FileInUseError as error:
+        raise FileInUseError(
+            f"cannot merge into {out_path!r}: a collector is writing it; merge into another path"
+        ) from error
+    try:
+        _check_replaceable(out_path)
         return _write(files, out_path)
     finally:
         lock.release()
+
+
+def _check_replaceable(out_path: str) -> None:
+    """An existing ``out_path`` is replaced only if it is a merged file (a merge made again)."""
+    if not os.path.lexists(out_path):
+        return
+    try:
+        with sample_file.open_sample_file(out_path) as f:
+            merged = schema.MERGED_FROM in f.attrs
+    except (FileFormatError, OSError):
+        merged = False
+    if not merged:
+        raise FileExistsError(
+            f"merge would replace {out_path!r}, which is not a merged file (its samples would be "
+            "lost): remove it first, or merge into another path"
+        )
 
 
 def _write(paths: list[str], out_path: str) -> str:

@@ -381,3 +381,15 @@ def test_mode_a_refuses_samples_of_another_structure_and_keeps_the_file(tmp_path
     with pytest.raises(jaxsave.StructureMismatchError, match="holds samples of another structure"):
         init(sample)
     np.testing.assert_array_equal(jaxsave.load_samples(path)["x"], [[[1.5, 1.5]]])
+
+
+def test_mode_a_with_swmr_on_a_file_written_without_it_says_what_to_pass(tmp_path):
+    """A file written with swmr=False, continued with the default (SWMR), raised HDF5's raw
+    OSError "superblock version for SWMR is less than 3"."""
+    path = tmp_path / "s.h5"
+    init, save, post = jaxsave.save(jaxsave.HDF5Collector(path, swmr=False))
+    state, _ = save(init({"x": jnp.zeros(2)}), True, {"x": jnp.ones(2)})
+    post(state, None)
+    with pytest.raises(jaxsave.FileFormatError, match="written with swmr=False.*pass swmr=False"):
+        jaxsave.HDF5Collector(path, mode="a")
+    jaxsave.HDF5Collector(path, mode="a", swmr=False).close()

@@ -357,3 +357,14 @@ def test_sample_counts_that_are_not_counts_are_refused(tmp_path, counts):
         jaxsave.load_samples(path)
     with pytest.raises(jaxsave.FileFormatError, match=problem):
         jaxsave.HDF5Collector(path, mode="a")
+
+
+def test_load_pytree_of_a_sample_file_points_to_load_samples(tmp_path):
+    """load_pytree on a sample file said "an HDF5 file without a jaxsave header (not written by
+    jaxsave)", naming neither the file nor the reader to use."""
+    path = tmp_path / "run.h5"
+    init, save, post = jaxsave.save(jaxsave.HDF5Collector(path))
+    state, _ = save(init({"x": jnp.zeros(2)}), True, {"x": jnp.ones(2)})
+    post(state, None)
+    with pytest.raises(jaxsave.FileFormatError, match=r"run\.h5.* is a jaxsave sample file .*load_samples"):
+        jaxsave.load_pytree(path)

@@ -234,3 +234,20 @@ def test_merge_refuses_a_file_a_collector_writes(tmp_path):
     merged = jaxsave.merge([sources[0], tmp_path / "live.h5"], tmp_path / "m.h5")  # closed: merged
     assert list(jaxsave.file_info(merged).sample_counts) == [3, 3, 3]
     assert not os.path.exists(f"{merged}.lock")  # the output's lock is released
+
+
+def test_merge_replaces_only_a_merged_file(tmp_path):
+    """merge onto a finished sample file replaced it with no word (its samples lost); a missing
+    output directory was reported as the lock file's."""
+    a, b = _file(tmp_path / "a.h5"), _file(tmp_path / "b.h5")
+    with pytest.raises(FileExistsError, match=r"would replace .*b\.h5.*not a merged file"):
+        jaxsave.merge([a], b)
+    assert list(jaxsave.file_info(b).sample_counts) == [3, 3]
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a merged file"):
+        jaxsave.merge([a], tmp_path / "notes.txt")
+    merged = jaxsave.merge([a], tmp_path / "m.h5")
+    jaxsave.merge([a, b], merged)  # a merge made again replaces the merged file
+    assert list(jaxsave.file_info(merged).sample_counts) == [3, 3, 3, 3]
+    with pytest.raises(FileNotFoundError, match=r"the directory .*nodir.* does not exist"):
+        jaxsave.merge([a], tmp_path / "nodir" / "m.h5")

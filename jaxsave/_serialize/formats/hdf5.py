@@ -22,6 +22,7 @@ import numpy as np
 from jaxsave._core.diskspace import check_room
 from jaxsave._core.dtypes import storage_dtype
 from jaxsave._serialize.formats.base import MAX_HEADER_BYTES, Specs
+from jaxsave._store import schema
 from jaxsave._store.hdf5.trust import check_file, stored_bytes
 from jaxsave.errors import FileFormatError
 
@@ -74,8 +75,17 @@ class Reader:
             raise
         raw = self._f.attrs.get("jaxsave")
         if raw is None:
+            samples = schema.FORMAT in self._f.attrs
             self._f.close()
-            raise FileFormatError("an HDF5 file without a jaxsave header (not written by jaxsave)")
+            name = target if isinstance(target, str) else getattr(target, "name", "the file")
+            if samples:
+                raise FileFormatError(
+                    f"{name!r} is a jaxsave sample file (the samples of a run), not a saved "
+                    "pytree: read it with jaxsave.load_samples"
+                )
+            raise FileFormatError(
+                f"{name!r} is an HDF5 file without a jaxsave header (not written by jaxsave)"
+            )
         if isinstance(raw, bytes):
             raw = raw.decode("utf-8", "replace")
         if not isinstance(raw, str) or len(raw) > MAX_HEADER_BYTES:

@@ -19,9 +19,10 @@ from collections.abc import Callable, Sequence
 import h5py
 
 from jaxsave._store.hdf5 import sample_file
+from jaxsave._store.hdf5 import superblock as _superblock
 from jaxsave._store.hdf5 import swmr_file as _swmr_file
 from jaxsave._store.hdf5.owner import OwnedFile
-from jaxsave.errors import SaverStateError
+from jaxsave.errors import FileFormatError, SaverStateError
 
 __all__ = ["HeldFile"]
 
@@ -98,6 +99,12 @@ class HeldFile:
             raise FileExistsError(f"{path!r} exists (mode='x')")
         if mode == "a" and exists:
             owner.check_takeover()  # damaged, foreign or hostile: refused; a killed writer's: cleared
+            if swmr and _superblock.version(path) < 3:
+                raise FileFormatError(
+                    f"{path!r} was written with swmr=False (HDF5 superblock version "
+                    f"{_superblock.version(path)}), which HDF5 cannot continue in SWMR mode: "
+                    "pass swmr=False to continue it"
+                )
             held = cls(_swmr_file.open_path(path, "r+", swmr=swmr), swmr=swmr, owner=owner)
             if not swmr:
                 sample_file.write_root_attributes(held.file.attrs, layout)

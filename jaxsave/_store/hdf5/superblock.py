@@ -68,15 +68,28 @@ def _find_superblock(fh) -> int:
     raise FileFormatError("no HDF5 superblock found: not an HDF5 file")
 
 
-def open_flags(path: str | os.PathLike) -> int:
-    """The superblock's file-consistency flags (0: closed cleanly, or an old format)."""
+def _head(path: str | os.PathLike) -> bytes:
+    """The superblock's version, three sizes or flags bytes (fewer if truncated)."""
     with open_regular(path) as fh:  # a FIFO would block the open
         offset = _find_superblock(fh)
         fh.seek(offset + 8)
-        head = fh.read(4)
+        return fh.read(4)
+
+
+def open_flags(path: str | os.PathLike) -> int:
+    """The superblock's file-consistency flags (0: closed cleanly, or an old format)."""
+    head = _head(path)
     if len(head) < 4 or head[0] < 2:
         return 0
     return head[3]
+
+
+def version(path: str | os.PathLike) -> int:
+    """The superblock's version (3 for files HDF5 can write in SWMR mode)."""
+    head = _head(path)
+    if not head:
+        raise FileFormatError("the HDF5 superblock is truncated")
+    return head[0]
 
 
 #: How far past the end of a killed writer's file :func:`clear_open_flags` moves its end address

@@ -393,3 +393,17 @@ def test_mode_a_with_swmr_on_a_file_written_without_it_says_what_to_pass(tmp_pat
     with pytest.raises(jaxsave.FileFormatError, match="written with swmr=False.*pass swmr=False"):
         jaxsave.HDF5Collector(path, mode="a")
     jaxsave.HDF5Collector(path, mode="a", swmr=False).close()
+
+
+def test_mode_a_with_another_layout_is_refused_and_keeps_the_file(tmp_path):
+    """HDF5Collector(path, mode="a") with the default layout on a file of layout "chains"
+    rewrote its layout attribute: the file then claimed the posterior layout over per-chain
+    datasets."""
+    path = tmp_path / "s.h5"
+    init, save, post = jaxsave.save(jaxsave.HDF5Collector(path, layout="chains"))
+    state, _ = save(init({"x": jnp.zeros(2)}), True, {"x": jnp.ones(2)})
+    post(state, None)
+    with pytest.raises(jaxsave.StructureMismatchError, match="layout 'chains'.*layout='chains'"):
+        jaxsave.HDF5Collector(path, mode="a")
+    assert jaxsave.file_info(path).layout == "chains"
+    np.testing.assert_array_equal(jaxsave.load_samples(path)["x"], [[[1.0, 1.0]]])

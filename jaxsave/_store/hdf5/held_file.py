@@ -98,7 +98,7 @@ class HeldFile:
         if mode == "x" and exists:
             raise FileExistsError(f"{path!r} exists (mode='x')")
         if mode == "a" and exists:
-            owner.check_takeover()  # damaged, foreign or hostile: refused; a killed writer's: cleared
+            owner.check_takeover(layout)  # damaged, foreign or hostile: refused; a killed writer's: cleared
             if swmr and _superblock.version(path) < 3:
                 raise FileFormatError(
                     f"{path!r} was written with swmr=False (HDF5 superblock version "

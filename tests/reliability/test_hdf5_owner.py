@@ -308,19 +308,24 @@ def _damaged(data: bytes) -> dict[str, bytes]:
     return copies
 
 
-def test_mode_a_on_a_damaged_file_is_refused_before_it_writes(tmp_path):
-    """mode="a" on a file with a flipped metadata bit raised h5py's errors (KeyError, OSError,
-    RuntimeError) from inside its writes, crashed the process at exit or hung in HDF5; a
-    truncated file gave raw OSErrors. Now each is a FileFormatError naming the file, before any
-    write (the file unchanged), or, where the damage is in nothing the writer touches, the run
-    continues the file."""
-    path = tmp_path / "s.h5"
+def _two_chains(path):
+    """A finished sample file of 2 chains of 9 draws of 3 floats, at ``path``."""
     c = jaxsave.HDF5Collector(path)
     ids = [c.register_chain(init_sample={"x": np.zeros(3, np.float32)}) for _ in range(2)]
     c.save_block(ids, [np.arange(54, dtype=np.float32).reshape(2, 9, 3)])
     for i in ids:
         c.finalize(i)
     c.close()
+    return path
+
+
+def test_mode_a_on_a_damaged_file_is_refused_before_it_writes(tmp_path):
+    """mode="a" on a file with a flipped metadata bit raised h5py's errors (KeyError, OSError,
+    RuntimeError) from inside its writes, crashed the process at exit or hung in HDF5; a
+    truncated file gave raw OSErrors. Now each is a FileFormatError naming the file, before any
+    write (the file unchanged), or, where the damage is in nothing the writer touches, the run
+    continues the file."""
+    path = _two_chains(tmp_path / "s.h5")
     script = tmp_path / "continue.py"
     script.write_text(CONTINUE)
     copies = _damaged(path.read_bytes())
@@ -368,13 +373,7 @@ def test_mode_a_leaves_a_file_it_refuses_as_it_was(tmp_path):
     """mode="a" cleared a killed writer's marks and grew the file by 1 MiB before its checks, so
     a damaged file, a foreign one or one whose counts exceed its datasets was changed, though
     refused; a file open in this process was called damaged."""
-    path = tmp_path / "s.h5"
-    c = jaxsave.HDF5Collector(path)
-    ids = [c.register_chain(init_sample={"x": np.zeros(3, np.float32)}) for _ in range(2)]
-    c.save_block(ids, [np.arange(54, dtype=np.float32).reshape(2, 9, 3)])
-    for i in ids:
-        c.finalize(i)
-    c.close()
+    path = _two_chains(tmp_path / "s.h5")
     data = path.read_bytes()
     index = data.index(b"EAHD")
     damaged = bytearray(data)

@@ -80,7 +80,8 @@ def _step_pattern(filename: str) -> re.Pattern[str]:
 
 
 class Checkpointer:
-    """Save numbered checkpoints of a pytree into ``directory`` and restore them.
+    """Save numbered checkpoints of a pytree into ``directory`` (created if missing, with
+    its parents) and restore them.
 
     * ``keep``: how many of the most recent checkpoints to keep (``None``: all);
     * ``keep_every``: also keep, forever, every checkpoint whose step is a

@@ -361,7 +361,8 @@ class MemoryCollector(DataCollector):
 
     Args:
       save_dir: if given, each chain is also written to ``save_dir/chain_{id}.npz``
-        when it finishes (keys are the ``/``-joined dictionize key paths), atomically:
+        (the directory created if missing, with its parents) when it finishes (keys
+        are the ``/``-joined dictionize key paths), atomically:
         a failed write (full disk...) leaves no partial file and raises an
         ``OSError`` naming the file from ``postprocess``; the samples are then
         still in memory, returned by :meth:`samples`.

@@ -99,11 +99,11 @@ class HeldFile:
             raise FileExistsError(f"{path!r} exists (mode='x')")
         if mode == "a" and exists:
             owner.check_takeover(layout)  # damaged, foreign or hostile: refused; a killed writer's: cleared
-            if swmr and _superblock.version(path) < 3:
+            version = _superblock.version(path) if swmr else 3
+            if version < 3:
                 raise FileFormatError(
-                    f"{path!r} was written with swmr=False (HDF5 superblock version "
-                    f"{_superblock.version(path)}), which HDF5 cannot continue in SWMR mode: "
-                    "pass swmr=False to continue it"
+                    f"{path!r} was written with swmr=False (HDF5 superblock version {version}), "
+                    "which HDF5 cannot continue in SWMR mode: pass swmr=False to continue it"
                 )
             held = cls(_swmr_file.open_path(path, "r+", swmr=swmr), swmr=swmr, owner=owner)
             if not swmr:

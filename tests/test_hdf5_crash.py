@@ -98,9 +98,11 @@ def check(path):
     return counts
 
 
-@pytest.mark.parametrize("delay", [None, 0.0, 0.3, 1.0])
-def test_sigkill_leaves_a_consistent_file(tmp_path, delay):
-    path = kill_writer(tmp_path, delay)
+@pytest.mark.parametrize(
+    ("delay", "known"), [(None, False), (0.0, False), (0.3, False), (1.0, False), (1.0, True)]
+)
+def test_sigkill_leaves_a_consistent_file(tmp_path, delay, known):
+    path = kill_writer(tmp_path, delay, known)
     if delay is None and not path.exists():
         return  # killed before the file was created: nothing to open
     counts = check(path)
@@ -118,6 +120,9 @@ def test_sigkill_leaves_a_consistent_file(tmp_path, delay):
             np.testing.assert_array_equal(
                 ds["i"].values[:, :n], np.arange(3)[:, None] * 1_000_000 + np.arange(n)
             )
+            # every draw numbered, the preallocated ones past the counts too (the writer numbers
+            # draws as it counts them; recover numbers the rest)
+            np.testing.assert_array_equal(ds["draw"].values, np.arange(ds.sizes["draw"]))
         assert (check(path) == counts).all()
 
 

@@ -594,8 +594,9 @@ def test_a_block_reads_no_driver_and_checks_the_free_space_once(tmp_path, monkey
 def test_a_block_opens_no_hdf5_object_and_grows_no_dataset_sized_for_it(tmp_path, monkeypatch, known):
     """Issue 17, one chain: the writer's CPU competes with the loop on a small machine. Per block
     it opens no object by its path (the dimension scales' handles are kept: 0.1-0.3 ms each), and a
-    known count of up to 16384 draws is allocated at once: no resize (0.2-0.6 ms each) but the
-    trim's, for 16384 draws as for 4096."""
+    known count of up to 131072 draws is allocated at once: no resize (0.2-0.6 ms each) but the
+    trim's, for 131072 draws as for 4096 (the draw scale is numbered as draws are counted, so
+    the preallocation costs the file no space; 16384 draws before)."""
     import h5py
 
     counts = {"opened": 0, "resized": 0}
@@ -612,10 +613,13 @@ def test_a_block_opens_no_hdf5_object_and_grows_no_dataset_sized_for_it(tmp_path
     monkeypatch.setattr(h5py.Group, "__getitem__", counting_getitem)
     monkeypatch.setattr(h5py.Dataset, "resize", counting_resize)
     seen = []
-    for blocks in (1, 4):  # blocks of 1 MiB, each a collector call of its own (not joined)
+    for blocks in (1, 32):  # blocks of 4096 draws, each a collector call of its own (not joined)
         counts.update(opened=0, resized=0)
-        _blocks_to_hdf5(tmp_path / f"{blocks}.h5", blocks, 4096, 64, 4096 * blocks if known else None)
+        _blocks_to_hdf5(tmp_path / f"{blocks}.h5", blocks, 4096, 3, 4096 * blocks if known else None)
         seen.append(dict(counts))
+    monkeypatch.undo()
+    with h5py.File(tmp_path / "32.h5", "r") as f:
+        np.testing.assert_array_equal(f["posterior/draw"][:], np.arange(32 * 4096))
     assert seen[0]["opened"] == seen[1]["opened"], seen
     if known:
         assert seen[0]["resized"] == seen[1]["resized"], seen

@@ -190,13 +190,36 @@ def create_scales(group: h5py.Group, chains: int, draws: int, *, resizable: bool
     """The ``chain`` and ``draw`` dimension scales of a group (layout ``"posterior"``).
 
     ``resizable`` scales are chunked (at most 4096 entries a chunk) and can grow with
-    the datasets.
+    the datasets; their draws are left unwritten (no space in the file) for the writer to
+    number as it counts them.
     """
     for name, size in ((schema.CHAIN_DIM, chains), (schema.DRAW_DIM, draws)):
-        options: dict[str, Any] = {}
-        if resizable:
-            options = {"maxshape": (None,), "chunks": (max(1, min(size, 4096)),)}
-        group.create_dataset(name, data=np.arange(size, dtype=np.int64), **options).make_scale(name)
+        if not resizable:
+            group.create_dataset(name, data=np.arange(size, dtype=np.int64)).make_scale(name)
+            continue
+        chunks = (max(1, min(size, 4096)),)
+        scale = group.create_dataset(name, shape=(size,), dtype=np.int64, maxshape=(None,), chunks=chunks)
+        if name == schema.CHAIN_DIM:
+            scale[:] = np.arange(size, dtype=np.int64)
+        scale.make_scale(name)
+
+
+def number_draw_scales(path: str) -> None:
+    """Number every draw of the ``draw`` scales of a checked sample file (layout ``"posterior"``).
+
+    A writer numbers them as it counts draws; a killed one leaves the preallocated draws past its
+    counts unnumbered, which :func:`jaxsave.recover` mends for xarray's sake.
+    """
+    try:
+        with h5py.File(path, "r+") as f:
+            if read_layout(f) != schema.POSTERIOR or not has_structure(f):
+                return
+            for group in dict.fromkeys(v.group for v in read_variables(f)):
+                scale = f.get(f"{group}/{schema.DRAW_DIM}")
+                if isinstance(scale, h5py.Dataset) and scale.ndim == 1 and scale.dtype == np.int64:
+                    scale[...] = np.arange(scale.shape[0], dtype=np.int64)
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as error:
+        raise FileFormatError(f"{path!r} is damaged: its draw coordinate cannot be written: {error}") from error
 
 
 def attach_scales(group: h5py.Group, ds: h5py.Dataset, name: str) -> None:

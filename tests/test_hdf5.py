@@ -395,6 +395,28 @@ def test_mode_a_with_swmr_on_a_file_written_without_it_says_what_to_pass(tmp_pat
     jaxsave.HDF5Collector(path, mode="a", swmr=False).close()
 
 
+@pytest.mark.parametrize("change", ["newer format", "no layout"])
+def test_mode_a_refuses_a_file_of_a_newer_format_or_no_layout(tmp_path, change):
+    """mode="a" checked the format attribute's presence but not its number: a file of a newer
+    jaxsave format was continued, rows of this format added under that one's header. Now the
+    readers' header check (newer format, unknown layout), with the file unchanged."""
+    import h5py
+
+    path = tmp_path / "s.h5"
+    init, save, post = jaxsave.save(jaxsave.HDF5Collector(path))
+    post(save(init({"x": jnp.zeros(2)}), True, {"x": jnp.ones(2)})[0], None)
+    with h5py.File(path, "r+") as f:
+        if change == "newer format":
+            f.attrs["jaxsave_format"] = 99
+        else:
+            del f.attrs["jaxsave_layout"]
+    before = path.read_bytes()
+    match = "format 99; this jaxsave reads up to 1: upgrade" if change == "newer format" else "unknown layout"
+    with pytest.raises(jaxsave.FileFormatError, match=f"mode='a'.*{match}"):
+        jaxsave.HDF5Collector(path, mode="a")
+    assert path.read_bytes() == before
+
+
 def test_mode_a_with_another_layout_is_refused_and_keeps_the_file(tmp_path):
     """HDF5Collector(path, mode="a") with the default layout on a file of layout "chains"
     rewrote its layout attribute: the file then claimed the posterior layout over per-chain

@@ -22,7 +22,6 @@ from jaxsave._core.regular_file import open_regular
 from jaxsave._store import schema
 from jaxsave._store.hdf5 import sample_file
 from jaxsave._store.hdf5 import superblock as _superblock
-from jaxsave._store.hdf5.trust import check_file
 from jaxsave.errors import FileChangedError, FileFormatError, FileInUseError, StructureMismatchError
 
 __all__ = ["OwnedFile"]
@@ -188,8 +187,8 @@ class OwnedFile:
                         f"{self.path!r} is an HDF5 file not written by jaxsave; mode='a' "
                         "only continues jaxsave sample files (use mode='w' to replace it)"
                     )
-                check_file(f, where)
-                stored = sample_file.attr_str(f.attrs.get(schema.LAYOUT, layout))
+                sample_file.check_header(f, self.path, merged=False, where=where)
+                stored = sample_file.read_layout(f)
                 if stored != layout:
                     raise StructureMismatchError(
                         f"{self.path!r} holds its samples in layout {stored!r}; continue it with "

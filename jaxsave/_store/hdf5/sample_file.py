@@ -105,21 +105,22 @@ def open_sample_file(path: PathLike) -> Iterator[h5py.File]:
         f.close()
 
 
-def check_header(f: h5py.File, path: str) -> None:
-    """Refuse a file that is not a sample file this jaxsave can read."""
+def check_header(f: h5py.File, path: str, *, merged: bool = True, where: str = "") -> None:
+    """Refuse a file that is not a sample file this jaxsave can read: one of a newer format, of
+    an unknown layout, or with data outside it (but a ``merged`` file's sources). ``where``
+    names the file in the messages (its path by default)."""
+    where = where or repr(path)
     fmt = f.attrs.get(schema.FORMAT)
     if fmt is None:
-        raise FileFormatError(
-            f"{path!r} is an HDF5 file but not a jaxsave sample file (no {schema.FORMAT!r})"
-        )
+        raise FileFormatError(f"{where} is an HDF5 file but not a jaxsave sample file (no {schema.FORMAT!r})")
     if int(fmt) > schema.SAMPLE_FILE_FORMAT:
         raise FileFormatError(
-            f"{path!r} has jaxsave format {int(fmt)}; this jaxsave reads up to "
+            f"{where} has jaxsave format {int(fmt)}; this jaxsave reads up to "
             f"{schema.SAMPLE_FILE_FORMAT}: upgrade jaxsave"
         )
     if attr_str(f.attrs.get(schema.LAYOUT, "")) not in schema.LAYOUTS:
-        raise FileFormatError(f"{path!r} has an unknown layout {f.attrs.get(schema.LAYOUT)!r}")
-    check_file(f, repr(path), merged=True)  # no data from outside the file (but a merged file's sources)
+        raise FileFormatError(f"{where} has an unknown layout {f.attrs.get(schema.LAYOUT)!r}")
+    check_file(f, where, merged=merged)  # no data from outside the file
 
 
 def attr_str(value: Any) -> str:

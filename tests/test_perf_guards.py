@@ -328,12 +328,13 @@ def test_hdf5_blocks_of_many_leaves_are_one_direct_chunk_write_per_leaf(tmp_path
     real_slab, real_target = chunks._write_slab, chunks.Target.of.__func__
 
     def counted_slab(ds, offset, rows):
-        if rows.size:
+        if rows.size and not ds.name.endswith("/draw"):  # the draw scale, numbered as draws come
             slabs.append(offset)
         real_slab(ds, offset, rows)
 
     def counted_target(cls, ds, axis):
-        targets.append(ds.name)
+        if not ds.name.endswith("/draw"):
+            targets.append(ds.name)
         return real_target(cls, ds, axis)
 
     monkeypatch.setattr(chunks, "_write_slab", counted_slab)

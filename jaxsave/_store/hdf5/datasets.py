@@ -236,6 +236,7 @@ class HDF5Datasets(abc.ABC):
     def _write_chain_counts(self, file: h5py.File) -> None:
         """Write the counts the layout keeps besides ``sample_counts``."""
 
+    @abc.abstractmethod
     def _number_draws(self) -> None:
         """Write the draw coordinate up to the counts, where the layout has one."""
 
@@ -338,10 +339,16 @@ class PosteriorDatasets(HDF5Datasets):
 
     def _bind_existing(self, file: h5py.File) -> None:
         """Handles to the datasets and dimension scales the file holds."""
-        self._datasets = [file[schema.posterior_dataset(g, v)] for g, v in self.entries]
+        groups = dict.fromkeys(g for g, _ in self.entries)
+        scales = {g: {name: file[g][name] for name in (schema.CHAIN_DIM, schema.DRAW_DIM)} for g in groups}
+        self._hold([file[schema.posterior_dataset(g, v)] for g, v in self.entries], scales)
+
+    def _hold(self, datasets: list[h5py.Dataset], scales: dict[str, dict[str, h5py.Dataset]]) -> None:
+        """Keep these handles: the leaves' datasets, and each group's scales by name."""
+        self._datasets = datasets
         self._scales = [
-            (file[group][name], axis)
-            for group in dict.fromkeys(g for g, _ in self.entries)
+            (by_name[name], axis)
+            for by_name in scales.values()
             for axis, name in enumerate((schema.CHAIN_DIM, schema.DRAW_DIM))
         ]
         self._numbered = 0  # not known for a file reopened or swapped: numbered again
@@ -380,7 +387,7 @@ class PosteriorDatasets(HDF5Datasets):
             numbers = np.arange(self._numbered, end, dtype=np.int64)
             for scale, axis in self._scales:
                 if axis == 1:
-                    scale[self._numbered : end] = numbers
+                    write_rows(scale, (), self._numbered, numbers)
             self._numbered = end
 
     def finish_chain(self, chain: int) -> None:
@@ -427,13 +434,16 @@ class PosteriorDatasets(HDF5Datasets):
     def _create_all(self, n_chains: int, needed_draws: int, block: int) -> None:
         file = self._current()
         draws = draw_extent(self.rows.capacity[:n_chains], needed_draws)
-        for group_name in dict.fromkeys(g for g, _ in self.entries):
-            create_scales(file.require_group(group_name), n_chains, draws, resizable=True)
+        groups = {name: file.require_group(name) for name in dict.fromkeys(g for g, _ in self.entries)}
+        scales = {
+            name: create_scales(group, n_chains, draws, resizable=True) for name, group in groups.items()
+        }
+        datasets = []
         for j, (group_name, var) in enumerate(self.entries):
-            group = file[group_name]
-            ds = self._create(group, var, j, (n_chains, draws), block)
-            attach_scales(group, ds, var)
-        self._bind_existing(file)
+            ds = self._create(groups[group_name], var, j, (n_chains, draws), block)
+            attach_scales(groups[group_name], ds, var, scales[group_name])
+            datasets.append(ds)
+        self._hold(datasets, scales)
         self.write_counts()
 
     def _resize(self, chains: int, draws: int) -> None:
@@ -520,6 +530,9 @@ class ChainDatasets(HDF5Datasets):
             group.attrs[schema.CHAIN_COUNT] = 0
             self._chains[c] = dsets
         self.write_counts()
+
+    def _number_draws(self) -> None:
+        return None  # no draw coordinate: a chain's datasets are (draw, ...) with no scales
 
     def _write_chain_counts(self, file: h5py.File) -> None:
         for chain in self._chains:

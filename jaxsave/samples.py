@@ -34,7 +34,7 @@ from jaxsave._core.tree import dict_to_pytree, flat_name, pytree_dict_keys
 from jaxsave._serialize.treespec import decode_structure
 from jaxsave._store import arviz as _arviz
 from jaxsave._store.hdf5 import superblock as _superblock
-from jaxsave._store.hdf5.sample_file import number_draw_scales, open_sample_file
+from jaxsave._store.hdf5.sample_file import open_sample_file
 from jaxsave._store.location import check_storage_options, is_zarr
 from jaxsave._store.rows import read_leaves
 from jaxsave._store.schema import VariableInfo
@@ -386,6 +386,4 @@ def recover(path: PathLike, *, storage_options: dict | None = None) -> bool:
     changed = _superblock.clear_open_flags(path, eoa_margin=_superblock.EOA_MARGIN)
     with open_sample_file(path):
         pass
-    if changed:  # a killed writer's file: its draws past the counts were not numbered yet
-        number_draw_scales(path)
     return changed

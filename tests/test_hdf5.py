@@ -395,7 +395,7 @@ def test_mode_a_with_swmr_on_a_file_written_without_it_says_what_to_pass(tmp_pat
     jaxsave.HDF5Collector(path, mode="a", swmr=False).close()
 
 
-@pytest.mark.parametrize("change", ["newer format", "no layout"])
+@pytest.mark.parametrize("change", ["newer format", "no layout", "array format", "complex format"])
 def test_mode_a_refuses_a_file_of_a_newer_format_or_no_layout(tmp_path, change):
     """mode="a" checked the format attribute's presence but not its number: a file of a newer
     jaxsave format was continued, rows of this format added under that one's header. Now the
@@ -406,12 +406,19 @@ def test_mode_a_refuses_a_file_of_a_newer_format_or_no_layout(tmp_path, change):
     init, save, post = jaxsave.save(jaxsave.HDF5Collector(path))
     post(save(init({"x": jnp.zeros(2)}), True, {"x": jnp.ones(2)})[0], None)
     with h5py.File(path, "r+") as f:
-        if change == "newer format":
-            f.attrs["jaxsave_format"] = 99
-        else:
+        if change == "no layout":
             del f.attrs["jaxsave_layout"]
+        else:
+            f.attrs["jaxsave_format"] = {
+                "newer format": 99,
+                "array format": np.array([1, 2]),
+                "complex format": 1 + 1j,
+            }[change]
     before = path.read_bytes()
-    match = "format 99; this jaxsave reads up to 1: upgrade" if change == "newer format" else "unknown layout"
+    match = {
+        "newer format": "format 99; this jaxsave reads up to 1: upgrade",
+        "no layout": "unknown layout",
+    }.get(change, "malformed 'jaxsave_format'")
     with pytest.raises(jaxsave.FileFormatError, match=f"mode='a'.*{match}"):
         jaxsave.HDF5Collector(path, mode="a")
     assert path.read_bytes() == before

@@ -120,8 +120,7 @@ def test_sigkill_leaves_a_consistent_file(tmp_path, delay, known):
             np.testing.assert_array_equal(
                 ds["i"].values[:, :n], np.arange(3)[:, None] * 1_000_000 + np.arange(n)
             )
-            # every draw numbered, the preallocated ones past the counts too (the writer numbers
-            # draws as it counts them; recover numbers the rest)
+            # every draw numbered, the preallocated ones past the counts too
             np.testing.assert_array_equal(ds["draw"].values, np.arange(ds.sizes["draw"]))
         assert (check(path) == counts).all()
 

@@ -328,13 +328,12 @@ def test_hdf5_blocks_of_many_leaves_are_one_direct_chunk_write_per_leaf(tmp_path
     real_slab, real_target = chunks._write_slab, chunks.Target.of.__func__
 
     def counted_slab(ds, offset, rows):
-        if rows.size and not ds.name.endswith("/draw"):  # the draw scale, numbered as draws come
+        if rows.size:
             slabs.append(offset)
         real_slab(ds, offset, rows)
 
     def counted_target(cls, ds, axis):
-        if not ds.name.endswith("/draw"):
-            targets.append(ds.name)
+        targets.append(ds.name)
         return real_target(cls, ds, axis)
 
     monkeypatch.setattr(chunks, "_write_slab", counted_slab)
@@ -595,9 +594,8 @@ def test_a_block_reads_no_driver_and_checks_the_free_space_once(tmp_path, monkey
 def test_a_block_opens_no_hdf5_object_and_grows_no_dataset_sized_for_it(tmp_path, monkeypatch, known):
     """Issue 17, one chain: the writer's CPU competes with the loop on a small machine. Per block
     it opens no object by its path (the dimension scales' handles are kept: 0.1-0.3 ms each), and a
-    known count of up to 131072 draws is allocated at once: no resize (0.2-0.6 ms each) but the
-    trim's, for 131072 draws as for 4096 (the draw scale is numbered as draws are counted, so
-    the preallocation costs the file no space; 16384 draws before)."""
+    known count of up to 16384 draws is allocated at once: no resize (0.2-0.6 ms each) but the
+    trim's, for 16384 draws as for 4096."""
     import h5py
 
     counts = {"opened": 0, "resized": 0}
@@ -614,13 +612,13 @@ def test_a_block_opens_no_hdf5_object_and_grows_no_dataset_sized_for_it(tmp_path
     monkeypatch.setattr(h5py.Group, "__getitem__", counting_getitem)
     monkeypatch.setattr(h5py.Dataset, "resize", counting_resize)
     seen = []
-    for blocks in (1, 32):  # blocks of 4096 draws, each a collector call of its own (not joined)
+    for blocks in (1, 4):  # blocks of 1 MiB, each a collector call of its own (not joined)
         counts.update(opened=0, resized=0)
-        _blocks_to_hdf5(tmp_path / f"{blocks}.h5", blocks, 4096, 3, 4096 * blocks if known else None)
+        _blocks_to_hdf5(tmp_path / f"{blocks}.h5", blocks, 4096, 64, 4096 * blocks if known else None)
         seen.append(dict(counts))
     monkeypatch.undo()
-    with h5py.File(tmp_path / "32.h5", "r") as f:
-        np.testing.assert_array_equal(f["posterior/draw"][:], np.arange(32 * 4096))
+    with h5py.File(tmp_path / "4.h5", "r") as f:
+        np.testing.assert_array_equal(f["posterior/draw"][:], np.arange(4 * 4096))
     assert seen[0]["opened"] == seen[1]["opened"], seen
     if known:
         assert seen[0]["resized"] == seen[1]["resized"], seen

@@ -221,7 +221,6 @@ class HDF5Datasets(abc.ABC):
     def write_counts(self) -> None:
         """Record the counts in ``sample_counts`` (and each chain group's ``sample_count``)."""
         file = self._current()
-        self._number_draws()  # before the counts: a reader never sees a count past a draw's number
         counts = np.asarray(self.rows.counts, dtype=np.int64)
         if file.attrs[schema.COUNTS].shape == counts.shape:
             file.attrs.modify(schema.COUNTS, counts)
@@ -235,10 +234,6 @@ class HDF5Datasets(abc.ABC):
     @abc.abstractmethod
     def _write_chain_counts(self, file: h5py.File) -> None:
         """Write the counts the layout keeps besides ``sample_counts``."""
-
-    @abc.abstractmethod
-    def _number_draws(self) -> None:
-        """Write the draw coordinate up to the counts, where the layout has one."""
 
     @abc.abstractmethod
     def finish_chain(self, chain: int) -> None:
@@ -330,7 +325,6 @@ class PosteriorDatasets(HDF5Datasets):
         self._datasets: list[h5py.Dataset] = []  # one per leaf, once created
         self._dataset_targets: list[Target] = []  # theirs, read once they exist
         self._scales: list[tuple[h5py.Dataset, int]] = []  # each group's chain and draw scales, their axis
-        self._numbered = 0  # draws of the draw scales that hold their numbers (the rest: unwritten)
 
     def _bind(self, file: h5py.File) -> None:
         self._dataset_targets = []
@@ -351,7 +345,6 @@ class PosteriorDatasets(HDF5Datasets):
             for by_name in scales.values()
             for axis, name in enumerate((schema.CHAIN_DIM, schema.DRAW_DIM))
         ]
-        self._numbered = 0  # not known for a file reopened or swapped: numbered again
 
     def _drop(self) -> None:
         self._datasets, self._dataset_targets, self._scales = [], [], []
@@ -378,17 +371,6 @@ class PosteriorDatasets(HDF5Datasets):
 
     def _write_chain_counts(self, file: h5py.File) -> None:
         return None  # sample_counts only
-
-    def _number_draws(self) -> None:
-        """Number the draw scales up to the counts; the preallocated draws after them stay
-        unwritten, taking no space in the file."""
-        end = max(self.rows.counts, default=0)
-        if end > self._numbered:
-            numbers = np.arange(self._numbered, end, dtype=np.int64)
-            for scale, axis in self._scales:
-                if axis == 1:
-                    write_rows(scale, (), self._numbered, numbers)
-            self._numbered = end
 
     def finish_chain(self, chain: int) -> None:
         return None  # its rows are in the datasets of every chain
@@ -454,9 +436,8 @@ class PosteriorDatasets(HDF5Datasets):
             old, size = scale.shape[0], (chains, draws)[axis]
             if old != size:
                 scale.resize((size,))
-                if size > old and axis == 0:  # draws are numbered as they are counted
+                if size > old:
                     scale[old:] = np.arange(old, size)
-        self._numbered = min(self._numbered, draws)
 
     def trim(self) -> None:
         self._grown(0)
@@ -530,9 +511,6 @@ class ChainDatasets(HDF5Datasets):
             group.attrs[schema.CHAIN_COUNT] = 0
             self._chains[c] = dsets
         self.write_counts()
-
-    def _number_draws(self) -> None:
-        return None  # no draw coordinate: a chain's datasets are (draw, ...) with no scales
 
     def _write_chain_counts(self, file: h5py.File) -> None:
         for chain in self._chains:

@@ -8,6 +8,7 @@ files through :func:`open_sample_file`.
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import time
 from collections.abc import Iterator
@@ -113,9 +114,13 @@ def check_header(f: h5py.File, path: str, *, merged: bool = True, where: str = "
     fmt = f.attrs.get(schema.FORMAT)
     if fmt is None:
         raise FileFormatError(f"{where} is an HDF5 file but not a jaxsave sample file (no {schema.FORMAT!r})")
-    if int(fmt) > schema.SAMPLE_FILE_FORMAT:
+    try:
+        version = operator.index(fmt)  # an integer scalar: not a float, complex, string or array
+    except TypeError:
+        raise FileFormatError(f"{where} has a malformed {schema.FORMAT!r} attribute: {fmt!r}") from None
+    if version > schema.SAMPLE_FILE_FORMAT:
         raise FileFormatError(
-            f"{where} has jaxsave format {int(fmt)}; this jaxsave reads up to "
+            f"{where} has jaxsave format {version}; this jaxsave reads up to "
             f"{schema.SAMPLE_FILE_FORMAT}: upgrade jaxsave"
         )
     if attr_str(f.attrs.get(schema.LAYOUT, "")) not in schema.LAYOUTS:
@@ -193,42 +198,16 @@ def create_scales(
     """The ``chain`` and ``draw`` dimension scales of a group (layout ``"posterior"``), by name.
 
     ``resizable`` scales are chunked (at most 4096 entries a chunk) and can grow with
-    the datasets; their draws are left unwritten (no space in the file) for the writer to
-    number as it counts them.
+    the datasets.
     """
     scales = {}
     for name, size in ((schema.CHAIN_DIM, chains), (schema.DRAW_DIM, draws)):
-        options: dict[str, Any] = {"data": np.arange(size, dtype=np.int64)}
+        options: dict[str, Any] = {}
         if resizable:
             options = {"maxshape": (None,), "chunks": (max(1, min(size, 4096)),)}
-            if name == schema.CHAIN_DIM:
-                options["data"] = np.arange(size, dtype=np.int64)
-            else:
-                options.update(shape=(size,), dtype=np.int64)
-        scale = group.create_dataset(name, **options)
-        scale.make_scale(name)
-        scales[name] = scale
+        scales[name] = group.create_dataset(name, data=np.arange(size, dtype=np.int64), **options)
+        scales[name].make_scale(name)
     return scales
-
-
-def number_draw_scales(path: str) -> None:
-    """Number every draw of the ``draw`` scales of a checked sample file (layout ``"posterior"``).
-
-    A writer numbers them as it counts draws; a killed one leaves the preallocated draws past its
-    counts unnumbered, which :func:`jaxsave.recover` mends for xarray's sake.
-    """
-    try:
-        with h5py.File(path, "r+") as f:
-            if read_layout(f) != schema.POSTERIOR or not has_structure(f):
-                return
-            for group in dict.fromkeys(v.group for v in read_variables(f)):
-                scale = f.get(f"{group}/{schema.DRAW_DIM}")
-                if isinstance(scale, h5py.Dataset) and scale.ndim == 1 and scale.dtype == np.int64:
-                    scale[...] = np.arange(scale.shape[0], dtype=np.int64)
-    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as error:
-        raise FileFormatError(
-            f"{path!r} is damaged: its draw coordinate cannot be written: {error}"
-        ) from error
 
 
 def attach_scales(

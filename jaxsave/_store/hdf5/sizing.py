@@ -2,7 +2,7 @@
 
 Chunks hold about 1 MiB and at most 4096 draws; as many draws as the first block where that is
 longer, so that a block is a whole chunk of each leaf. A known count allocates the datasets at
-their final size, at most 131072 draws.
+their final size, at most 16384 draws.
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ _MIN_CHUNK_ROWS = 64
 #: A first block longer than the chunks would be gives the chunks its length (so that each block is
 #: a whole chunk of each leaf, written straight to the file), but at most this many times theirs.
 _BLOCK_CHUNK_FACTOR = 4
-#: A known count preallocates at most this many draws (more are grown as they come). Unwritten
-#: draws take no space in the file (the draw scale is numbered as draws are counted), but a file
-#: left by a killed run keeps its extent, and xarray reads its whole draw coordinate: 1 MiB here.
-_MAX_PREALLOC_DRAWS = 131072
+#: A known count preallocates at most this many draws (more are grown as they come): the draw
+#: scale is written in full, so an over-estimate would fill the file (or memory) with it.
+_MAX_PREALLOC_DRAWS = 16384
 
 
 def chunk_rows(row_bytes: int, sample_row_bytes: int, block: int, largest: int) -> int:
@@ -49,10 +48,10 @@ def chunk_rows(row_bytes: int, sample_row_bytes: int, block: int, largest: int) 
 
 def draw_extent(capacities: list[int | None], needed: int) -> int:
     """Draws to allocate for chains of these ``capacities`` (``None``: unknown) that need ``needed``:
-    the largest capacity (at most 131072) where every one is known.
+    the largest capacity (at most 16384) where every one is known.
 
     >>> draw_extent([100, 50], 10), draw_extent([100, None], 10), draw_extent([10**6], 10)
-    (100, 10, 131072)
+    (100, 10, 16384)
     """
     known = [c for c in capacities if c is not None]
     if capacities and len(known) == len(capacities):

@@ -18,7 +18,6 @@ See ``docs/hdf5.md`` for the full layout and the crash-safety guarantees.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 import time
@@ -30,6 +29,7 @@ import numpy as np
 
 from jaxsave._serialize.treespec import encode_structure
 from jaxsave._store import schema
+from jaxsave._store.arguments import check_counts, check_mode, check_sample_stats, check_seconds
 from jaxsave._store.hdf5 import sample_file
 from jaxsave._store.hdf5.datasets import ChainRows, HDF5Datasets
 from jaxsave._store.hdf5.held_file import HeldFile
@@ -129,17 +129,12 @@ class HDF5Collector(DataCollector):
             raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
         if compression not in (None, "gzip", "lzf"):
             raise ValueError(f"compression must be None, 'gzip' or 'lzf', got {compression!r}")
-        if mode not in ("w", "x", "a"):
-            raise ValueError(f"mode must be 'w', 'x' or 'a', got {mode!r}")
+        check_mode(mode)
         if sample_stats is not None and layout != schema.POSTERIOR:
             raise ValueError("sample_stats= needs layout='posterior'")
-        if isinstance(sample_stats, str):
-            raise TypeError("sample_stats must be a sequence of names or a predicate, not a string")
-        if not isinstance(flush_every, int) or flush_every < 0:
-            raise ValueError(f"flush_every must be an int >= 0, got {flush_every!r}")
-        for name, value in (("flush_interval", flush_interval), ("checkpoint_interval", checkpoint_interval)):
-            if not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
-                raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
+        check_sample_stats(sample_stats)
+        check_counts(optional=False, flush_every=flush_every)
+        check_seconds(flush_interval=flush_interval, checkpoint_interval=checkpoint_interval)
         self.layout = layout
         self.compression = compression
         self.flush_every = int(flush_every)

@@ -241,6 +241,18 @@ CASES = [
         ValueError,
         "flush_interval must be a finite number of seconds >= 0, got nan",
     ),
+    (  # a bool was taken for 1 or 0 (the Zarr collector refused it)
+        "HDF5Collector: flush_interval a bool",
+        lambda: _hdf5(flush_interval=True),
+        ValueError,
+        "flush_interval must be a finite number of seconds >= 0, got True",
+    ),
+    (
+        "HDF5Collector: flush_every a bool",
+        lambda: _hdf5(flush_every=False),
+        ValueError,
+        "flush_every must be an int >= 0, got False",
+    ),
     (
         "HDF5Collector: checkpoint_interval negative",
         lambda: _hdf5(checkpoint_interval=-1),

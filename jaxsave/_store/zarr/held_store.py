@@ -12,7 +12,6 @@ a stored structure against the collector's.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 import uuid
@@ -23,6 +22,7 @@ import numpy as np
 
 from jaxsave._core import filelock as _filelock
 from jaxsave._store import schema
+from jaxsave._store.arguments import check_counts, check_mode, check_sample_stats, check_seconds
 from jaxsave._store.location import ZARR_JSON, is_zarr_object
 from jaxsave._store.zarr import confined as _confined
 from jaxsave._store.zarr import store as _store
@@ -47,27 +47,14 @@ def check_arguments(
     Traceback (most recent call last):
     ValueError: flush_interval must be a finite number of seconds >= 0, got -1
     """
-    if mode not in ("w", "x", "a"):
-        raise ValueError(f"mode must be 'w', 'x' or 'a', got {mode!r}")
+    check_mode(mode)
     if isinstance(compression, str) and compression not in COMPRESSIONS:
         raise ValueError(
             f"compression must be None, one of {COMPRESSIONS} or a zarr codec, got {compression!r}"
         )
-    if isinstance(sample_stats, str):
-        raise TypeError("sample_stats must be a sequence of names or a predicate, not a string")
-    for name, value in seconds.items():
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not value >= 0
-            or math.isinf(value)
-        ):
-            raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
-    for name, count in counts.items():
-        if count is not None and (
-            isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0
-        ):
-            raise ValueError(f"{name} must be an int >= 0 or None, got {count!r}")
+    check_sample_stats(sample_stats)
+    check_seconds(**seconds)
+    check_counts(**counts)
 
 
 def this_first_chain(shared: bool, chains: int | None, first_chain: int | None) -> int | None:

@@ -1,0 +1,49 @@
+"""The collectors' shared argument checks: each refusal a ``ValueError`` or ``TypeError`` naming
+the argument, before anything is opened.
+
+>>> check_seconds(flush_interval=0.2, checkpoint_interval=True)
+Traceback (most recent call last):
+ValueError: checkpoint_interval must be a finite number of seconds >= 0, got True
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+__all__ = ["check_counts", "check_mode", "check_sample_stats", "check_seconds"]
+
+
+def check_mode(mode: Any) -> None:
+    """``mode`` is ``"w"``, ``"x"`` or ``"a"``."""
+    if mode not in ("w", "x", "a"):
+        raise ValueError(f"mode must be 'w', 'x' or 'a', got {mode!r}")
+
+
+def check_sample_stats(sample_stats: Any) -> None:
+    """``sample_stats`` is names or a predicate; a string would be taken for its letters."""
+    if isinstance(sample_stats, str):
+        raise TypeError("sample_stats must be a sequence of names or a predicate, not a string")
+
+
+def check_seconds(**values: Any) -> None:
+    """Each value is a finite number of seconds >= 0 (not a bool)."""
+    for name, value in values.items():
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not value >= 0
+            or math.isinf(value)
+        ):
+            raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
+
+
+def check_counts(*, optional: bool = True, **values: Any) -> None:
+    """Each value is an int >= 0 (not a bool), or ``None`` where ``optional``."""
+    for name, count in values.items():
+        if count is None and optional:
+            continue
+        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
+            raise ValueError(f"{name} must be an int >= 0{' or None' if optional else ''}, got {count!r}")

@@ -67,7 +67,7 @@ def _read_source(path: str) -> _Source:
             ds = sample_file.leaf_dataset(f, schema.POSTERIOR, var)
             if ds.is_virtual:
                 raise FileFormatError(f"cannot merge {path!r}: it is itself a merged file; merge its sources")
-            if ds.shape[0] < len(counts) or ds.shape[1] < (counts.max() if counts.size else 0):
+            if not schema.holds(ds.shape, schema.counted_lead(counts)):
                 raise FileFormatError(
                     f"{path!r}: dataset {ds.name} of shape {ds.shape} is smaller than the sample counts "
                     f"{counts.tolist()} say"

@@ -163,7 +163,7 @@ def _checked(ds: Any, lead: tuple[int, ...], shape: tuple[int, ...], dtype: np.d
         ds.ndim != len(lead) + len(shape)
         or ds.shape[len(lead) :] != shape
         or ds.dtype != dtype
-        or any(have < need for have, need in zip(ds.shape, lead))
+        or not schema.holds(ds.shape, lead)
     ):
         raise FileFormatError(
             f"dataset {ds.name} has shape {ds.shape} and dtype {ds.dtype}; the file's "

@@ -176,6 +176,25 @@ def checked_counts(raw: Any, where: str) -> np.ndarray:
     return counts.astype(np.int64)
 
 
+def counted_lead(counts: np.ndarray) -> tuple[int, int]:
+    """The ``(chains, draws)`` a leaf's dataset needs (layout ``"posterior"``) to hold what
+    ``counts`` say.
+
+    >>> counted_lead(np.array([3, 5])), counted_lead(np.zeros(0, np.int64))
+    ((2, 5), (0, 0))
+    """
+    return (int(counts.size), int(counts.max()) if counts.size else 0)
+
+
+def holds(shape: tuple[int, ...], lead: tuple[int, ...]) -> bool:
+    """Whether a dataset of ``shape`` has the leading axes ``lead`` at least.
+
+    >>> holds((2, 9, 3), (2, 9)), holds((2, 8, 3), (2, 9)), holds((), (1,))
+    (True, False, False)
+    """
+    return len(shape) >= len(lead) and all(have >= need for have, need in zip(shape, lead))
+
+
 def chain_group(chain: int) -> str:
     """The group holding chain ``chain``'s datasets (layout ``"chains"``)."""
     return CHAIN_GROUP.format(chain)

@@ -57,10 +57,10 @@ def _check_counts(f: h5py.File, where: str) -> None:
     for var in sample_file.read_variables(f):
         if layout == schema.POSTERIOR:
             shapes = [shape(var)]
-            short = len(shapes[0]) < 2 or shapes[0][0] < counts.size or shapes[0][1] < counts.max()
+            short = not schema.holds(shapes[0], schema.counted_lead(counts))
         else:
             shapes = [shape(var, c) for c in range(counts.size)]
-            short = any(not s or s[0] < n for s, n in zip(shapes, counts))
+            short = any(not schema.holds(s, (int(n),)) for s, n in zip(shapes, counts))
         if short:
             raise FileFormatError(
                 f"{where}: its sample counts {counts.tolist()} are more than leaf {var.name!r} "

@@ -67,10 +67,12 @@ def _read_source(path: str) -> _Source:
             ds = sample_file.leaf_dataset(f, schema.POSTERIOR, var)
             if ds.is_virtual:
                 raise FileFormatError(f"cannot merge {path!r}: it is itself a merged file; merge its sources")
-            if not schema.holds(ds.shape, schema.counted_lead(counts)):
+            row, dtype = schema.stored_row(var)
+            if ds.dtype != dtype or not schema.fits(ds.shape, schema.counted_lead(counts), row):
                 raise FileFormatError(
-                    f"{path!r}: dataset {ds.name} of shape {ds.shape} is smaller than the sample counts "
-                    f"{counts.tolist()} say"
+                    f"{path!r}: dataset {ds.name} is {ds.shape} of {ds.dtype}; its structure and the "
+                    f"sample counts {counts.tolist()[:8]} need at least "
+                    f"{schema.counted_lead(counts) + row} of {dtype}"
                 )
             key = schema.posterior_dataset(var.group, var.name)
             shapes[key], dtypes[key] = ds.shape, ds.dtype

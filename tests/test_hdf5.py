@@ -395,7 +395,53 @@ def test_mode_a_with_swmr_on_a_file_written_without_it_says_what_to_pass(tmp_pat
     jaxsave.HDF5Collector(path, mode="a", swmr=False).close()
 
 
-@pytest.mark.parametrize("change", ["newer format", "no layout", "array format", "complex format"])
+def _replace_leaf(path, name, data, options):
+    import h5py
+
+    with h5py.File(path, "r+") as f:
+        del f[name]
+        f.create_dataset(name, data=data, **options)
+
+
+@pytest.mark.parametrize("damage", ["row shape", "dtype", "not chunked", "0-d, no counts"])
+def test_mode_a_and_merge_refuse_a_leaf_dataset_unlike_its_structure(tmp_path, damage):
+    """mode="a" compared only a leaf's leading axes with the counts (and nothing with no counts):
+    a (2, 6) dataset for a (3,) leaf was resized, then failed with h5py's raw ValueError; a
+    (2, 6, 4) or float64 one was written on. merge read such a source into an unreadable file.
+    Now both refuse it by name, the file unchanged."""
+    path = tmp_path / "s.h5"
+    init, save, post = jaxsave.save(jaxsave.HDF5Collector(path))
+    state = init({"a": jnp.zeros((2, 3))}, chains=2)
+    run = jax.vmap(
+        lambda s: jax.lax.scan(
+            lambda s, i: save(s, True, {"a": jnp.full(3, i, jnp.float32)}), s, jnp.arange(6)
+        )[0]
+    )
+    post(run(state), None)
+    bad = {
+        "row shape": (np.zeros((2, 6, 4), np.float32), {"chunks": True, "maxshape": (None, None, 4)}),
+        "dtype": (np.zeros((2, 6, 3), np.float64), {"chunks": True, "maxshape": (None, None, 3)}),
+        "not chunked": (np.zeros((2, 6, 3), np.float32), {}),
+        "0-d, no counts": (np.float32(0), {}),
+    }[damage]
+    _replace_leaf(path, "posterior/a", *bad)
+    if damage == "0-d, no counts":
+        import h5py
+
+        with h5py.File(path, "r+") as f:
+            f.attrs["sample_counts"] = np.zeros(0, np.int64)
+    before = path.read_bytes()
+    with pytest.raises(jaxsave.FileFormatError, match="mode='a'.*dataset 'posterior/a' of leaf 'a'.*damaged"):
+        jaxsave.HDF5Collector(path, mode="a")
+    assert path.read_bytes() == before
+    if damage != "not chunked":  # merge maps any storage layout
+        with pytest.raises(jaxsave.FileFormatError, match="dataset /posterior/a is .*need at least"):
+            jaxsave.merge([path], tmp_path / "all.h5")
+
+
+@pytest.mark.parametrize(
+    "change", ["newer format", "no layout", "array format", "complex format", "zero format"]
+)
 def test_mode_a_refuses_a_file_of_a_newer_format_or_no_layout(tmp_path, change):
     """mode="a" checked the format attribute's presence but not its number: a file of a newer
     jaxsave format was continued, rows of this format added under that one's header. Now the
@@ -413,6 +459,7 @@ def test_mode_a_refuses_a_file_of_a_newer_format_or_no_layout(tmp_path, change):
                 "newer format": 99,
                 "array format": np.array([1, 2]),
                 "complex format": 1 + 1j,
+                "zero format": 0,
             }[change]
     before = path.read_bytes()
     match = {
@@ -436,3 +483,21 @@ def test_mode_a_with_another_layout_is_refused_and_keeps_the_file(tmp_path):
         jaxsave.HDF5Collector(path, mode="a")
     assert jaxsave.file_info(path).layout == "chains"
     np.testing.assert_array_equal(jaxsave.load_samples(path)["x"], [[[1.0, 1.0]]])
+
+
+def test_a_merged_file_refuses_a_source_of_another_format(tmp_path):
+    """A merged file's sources were checked for the format attribute's presence only: a source
+    of format 99 (or a malformed one) was read through the merged file."""
+    import h5py
+
+    paths = []
+    for k in range(2):
+        paths.append(tmp_path / f"run-{k}.h5")
+        init, save, post = jaxsave.save(jaxsave.HDF5Collector(paths[-1]))
+        post(save(init({"x": jnp.zeros(2)}), True, {"x": jnp.full(2, k, jnp.float32)})[0], None)
+    merged = jaxsave.merge(paths, tmp_path / "all.h5")
+    assert jaxsave.load_samples(merged)["x"].shape == (2, 1, 2)
+    with h5py.File(paths[1], "r+") as f:
+        f.attrs["jaxsave_format"] = 99
+    with pytest.raises(jaxsave.FileFormatError, match="its source 'run-1.h5' has jaxsave format 99"):
+        jaxsave.load_samples(merged)

@@ -9,6 +9,7 @@ ValueError: checkpoint_interval must be a finite number of seconds >= 0, got Tru
 from __future__ import annotations
 
 import math
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import numpy as np
@@ -23,20 +24,27 @@ def check_mode(mode: Any) -> None:
 
 
 def check_sample_stats(sample_stats: Any) -> None:
-    """``sample_stats`` is names or a predicate; a string would be taken for its letters."""
+    """``sample_stats`` is ``None``, names or a predicate (a string would be taken for its
+    letters)."""
     if isinstance(sample_stats, str):
         raise TypeError("sample_stats must be a sequence of names or a predicate, not a string")
+    if sample_stats is None or callable(sample_stats):
+        return
+    if isinstance(sample_stats, (bytes, Mapping)) or not isinstance(sample_stats, Collection):
+        raise TypeError(f"sample_stats must be a sequence of names or a predicate, got {sample_stats!r}")
+    if not all(isinstance(name, str) for name in sample_stats):
+        raise TypeError(f"sample_stats must be a sequence of names (strings), got {sample_stats!r}")
 
 
 def check_seconds(**values: Any) -> None:
-    """Each value is a finite number of seconds >= 0 (not a bool)."""
+    """Each value is a finite number of seconds >= 0: a Python or numpy int or float, not a bool."""
     for name, value in values.items():
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not value >= 0
-            or math.isinf(value)
-        ):
+        number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+        try:
+            number = number and 0 <= float(value) < math.inf
+        except OverflowError:  # an int past a float's range
+            number = False
+        if not number:
             raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
 
 

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from jaxsave._core import dtypes as _dtypes
 from jaxsave._store import schema
 from jaxsave._store.schema import VariableInfo
 from jaxsave._store.source import LeafArray, SampleSource
@@ -39,12 +38,6 @@ def _forward(rows: range) -> tuple[int, int, int]:
     return rows[-1], rows.start + 1, -rows.step
 
 
-def _storage(var: VariableInfo) -> tuple[tuple[int, ...], np.dtype]:
-    """Per-draw shape and dtype of a leaf as stored (key data for PRNG keys)."""
-    spec = _dtypes.LeafSpec(var.shape, var.dtype)
-    return (_dtypes.key_data_shape(spec) if spec.is_key else var.shape), _dtypes.storage_dtype(var.dtype)
-
-
 def read_leaves(
     f: SampleSource,
     layout: str,
@@ -62,12 +55,14 @@ def read_leaves(
     """
     n = int(max((counts[c] for c in chains), default=0))
     rows = range(n)[draws]
-    storage = [_storage(var) for var in variables]
+    storage = [schema.stored_row(var) for var in variables]
     if not chains or not len(rows):
         return [np.empty((len(chains), len(rows)) + shape, dtype) for shape, dtype in storage]
     valid = sum(len(rows[_valid_span(rows, int(counts[c]))]) for c in chains)  # draws read, all chains
     posterior = [
-        _checked(f.dataset(layout, var), (len(counts), n), *st) if layout == schema.POSTERIOR else None
+        _checked(f.path, f.dataset(layout, var), (len(counts), n), *st)
+        if layout == schema.POSTERIOR
+        else None
         for var, st in zip(variables, storage)
     ]
 
@@ -80,7 +75,7 @@ def read_leaves(
             for c in chains:
                 _check_stored(
                     f,
-                    _checked(f.dataset(layout, var, c), (int(counts[c]),), shape, dtype),
+                    _checked(f.path, f.dataset(layout, var, c), (int(counts[c]),), shape, dtype),
                     int(counts[c]) * row,
                     slack,
                 )
@@ -128,7 +123,7 @@ def _read_leaf(
     rows: range,
 ) -> np.ndarray:
     """One leaf's rows, read after :func:`read_leaves` checked it (``ds``: its posterior dataset)."""
-    shape, dtype = _storage(var)
+    shape, dtype = schema.stored_row(var)
     out = np.empty((len(chains), len(rows)) + shape, dtype)
     flip = (lambda a: np.flip(a, axis=-1 - len(shape))) if rows.step < 0 else (lambda a: a)
     if layout == schema.POSTERIOR and chains == list(range(chains[0], chains[-1] + 1)):
@@ -153,20 +148,15 @@ def _read_leaf(
         elif layout == schema.POSTERIOR:
             out[i, span] = flip(ds[c, lo:hi:step])  # type: ignore[index]
         else:
-            stored = _checked(f.dataset(layout, var, c), (int(counts[c]),), shape, dtype)
+            stored = _checked(f.path, f.dataset(layout, var, c), (int(counts[c]),), shape, dtype)
             out[i, span] = flip(stored[lo:hi:step])
     return out
 
 
-def _checked(ds: Any, lead: tuple[int, ...], shape: tuple[int, ...], dtype: np.dtype) -> Any:
-    if (
-        ds.ndim != len(lead) + len(shape)
-        or ds.shape[len(lead) :] != shape
-        or ds.dtype != dtype
-        or not schema.holds(ds.shape, lead)
-    ):
+def _checked(path: str, ds: Any, lead: tuple[int, ...], shape: tuple[int, ...], dtype: np.dtype) -> Any:
+    if ds.dtype != dtype or not schema.fits(ds.shape, lead, shape):
         raise FileFormatError(
-            f"dataset {ds.name} has shape {ds.shape} and dtype {ds.dtype}; the file's "
+            f"{path!r}: dataset {ds.name} has shape {ds.shape} and dtype {ds.dtype}; the file's "
             f"structure and sample counts need at least {lead + shape} of {dtype}"
         )
     return ds

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import datetime
 import json
+import operator
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from jaxsave._core import dtypes as _dtypes
 from jaxsave._version import __version__
 from jaxsave.errors import FileFormatError, StructureMismatchError
 
@@ -154,6 +156,30 @@ def check_same_structure(stored: Any, structure: str, where: str) -> None:
         )
 
 
+def checked_format(raw: Any, where: str) -> int:
+    """The format number ``raw`` (the root's :data:`FORMAT` attribute); a :class:`FileFormatError`
+    naming ``where`` unless it is an integer this jaxsave reads (1 to :data:`SAMPLE_FILE_FORMAT`).
+
+    >>> checked_format(np.int64(1), "run.h5")
+    1
+    >>> checked_format(2.0, "run.h5")
+    Traceback (most recent call last):
+    jaxsave.errors.FileFormatError: run.h5 has a malformed 'jaxsave_format' attribute: 2.0
+    """
+    try:
+        version = operator.index(raw)  # an integer scalar: not a float, complex, string or array
+    except TypeError:
+        raise FileFormatError(f"{where} has a malformed {FORMAT!r} attribute: {raw!r}") from None
+    if version > SAMPLE_FILE_FORMAT:
+        raise FileFormatError(
+            f"{where} has jaxsave format {version}; this jaxsave reads up to "
+            f"{SAMPLE_FILE_FORMAT}: upgrade jaxsave"
+        )
+    if version < 1:
+        raise FileFormatError(f"{where} has a malformed {FORMAT!r} attribute: {raw!r}")
+    return version
+
+
 def checked_counts(raw: Any, where: str) -> np.ndarray:
     """The sample counts ``raw`` (as stored) as a 1-d int64 array; a :class:`FileFormatError`
     naming ``where`` unless they are non-negative integers.
@@ -184,6 +210,22 @@ def counted_lead(counts: np.ndarray) -> tuple[int, int]:
     ((2, 5), (0, 0))
     """
     return (int(counts.size), int(counts.max()) if counts.size else 0)
+
+
+def stored_row(var: VariableInfo) -> tuple[tuple[int, ...], np.dtype]:
+    """Per-draw shape and dtype of a leaf as stored (key data for PRNG keys)."""
+    spec = _dtypes.LeafSpec(var.shape, var.dtype)
+    return (_dtypes.key_data_shape(spec) if spec.is_key else var.shape), _dtypes.storage_dtype(var.dtype)
+
+
+def fits(shape: tuple[int, ...], lead: tuple[int, ...], row: tuple[int, ...]) -> bool:
+    """Whether a dataset of ``shape`` is the leading axes ``lead`` (at least) and then exactly
+    the per-draw ``row``.
+
+    >>> fits((2, 9, 3), (2, 9), (3,)), fits((2, 9), (2, 9), (3,)), fits((2, 9, 4), (2, 5), (3,))
+    (True, False, False)
+    """
+    return len(shape) == len(lead) + len(row) and tuple(shape[len(lead) :]) == row and holds(shape, lead)
 
 
 def holds(shape: tuple[int, ...], lead: tuple[int, ...]) -> bool:

@@ -247,6 +247,24 @@ CASES = [
         ValueError,
         "flush_interval must be a finite number of seconds >= 0, got True",
     ),
+    (  # math.isinf(10**400) raised a raw OverflowError
+        "HDF5Collector: flush_interval past a float",
+        lambda: _hdf5(flush_interval=10**400),
+        ValueError,
+        "flush_interval must be a finite number of seconds >= 0",
+    ),
+    (
+        "HDF5Collector: sample_stats a number",
+        lambda: _hdf5(sample_stats=5),
+        TypeError,
+        "sample_stats must be a sequence of names or a predicate, got 5",
+    ),
+    (
+        "HDF5Collector: sample_stats bytes",
+        lambda: _hdf5(sample_stats=b"lp"),
+        TypeError,
+        "sample_stats must be a sequence of names or a predicate",
+    ),
     (
         "HDF5Collector: flush_every a bool",
         lambda: _hdf5(flush_every=False),

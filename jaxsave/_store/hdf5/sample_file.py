@@ -8,7 +8,6 @@ files through :func:`open_sample_file`.
 from __future__ import annotations
 
 import contextlib
-import operator
 import os
 import time
 from collections.abc import Iterator
@@ -114,15 +113,7 @@ def check_header(f: h5py.File, path: str, *, merged: bool = True, where: str = "
     fmt = f.attrs.get(schema.FORMAT)
     if fmt is None:
         raise FileFormatError(f"{where} is an HDF5 file but not a jaxsave sample file (no {schema.FORMAT!r})")
-    try:
-        version = operator.index(fmt)  # an integer scalar: not a float, complex, string or array
-    except TypeError:
-        raise FileFormatError(f"{where} has a malformed {schema.FORMAT!r} attribute: {fmt!r}") from None
-    if version > schema.SAMPLE_FILE_FORMAT:
-        raise FileFormatError(
-            f"{where} has jaxsave format {version}; this jaxsave reads up to "
-            f"{schema.SAMPLE_FILE_FORMAT}: upgrade jaxsave"
-        )
+    schema.checked_format(fmt, where)
     if attr_str(f.attrs.get(schema.LAYOUT, "")) not in schema.LAYOUTS:
         raise FileFormatError(f"{where} has an unknown layout {f.attrs.get(schema.LAYOUT)!r}")
     check_file(f, where, merged=merged)  # no data from outside the file

@@ -98,6 +98,7 @@ def check_file(f: h5py.File, where: str, *, merged: bool = False) -> None:
             with open_source(os.path.join(base, source), where) as s:
                 if schema.FORMAT not in s.attrs:
                     raise FileFormatError(f"{where}: its source {source!r} is not a jaxsave sample file")
+                schema.checked_format(s.attrs[schema.FORMAT], f"{where}: its source {source!r}")
                 if MERGED_FROM in s.attrs:
                     raise FileFormatError(f"{where}: its source {source!r} is itself a merged file")
                 check_file(s, f"{where} (source {source!r})")

@@ -143,11 +143,13 @@ def read_variables(f: h5py.File) -> list[VariableInfo]:
     """The leaves the file's structure attribute describes (dtype names checked)."""
     raw = f.attrs.get(schema.STRUCTURE)
     if raw is None:
-        raise FileFormatError("the file holds no samples yet (no chain was registered)")
+        raise FileFormatError(f"{f.filename!r} holds no samples yet (no chain was registered)")
     try:
         out = schema.parse_structure(attr_str(raw))
     except (ValueError, KeyError, TypeError) as error:
-        raise FileFormatError(f"the file's {schema.STRUCTURE!r} attribute is malformed: {error}") from error
+        raise FileFormatError(
+            f"{f.filename!r}: its {schema.STRUCTURE!r} attribute is malformed: {error}"
+        ) from error
     for v in out:
         _dtypes.storage_dtype(v.dtype)  # whitelisted dtype names only
     return out
@@ -163,7 +165,7 @@ def leaf_dataset(f: h5py.File, layout: str, var: VariableInfo, chain: int | None
     path = schema.dataset_path(layout, var, chain)
     ds = f.get(path)
     if not isinstance(ds, h5py.Dataset):
-        raise FileFormatError(f"the file lacks the dataset {path!r}")
+        raise FileFormatError(f"{f.filename!r} lacks the dataset {path!r}")
     return ds
 
 

@@ -8,6 +8,9 @@ import sys
 import textwrap
 import time
 
+import h5py
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import xarray as xr
@@ -134,3 +137,51 @@ def test_sigkill_at_many_moments(tmp_path, known):
         sub.mkdir()
         counts = check(kill_writer(sub, float(delay), known))
         assert (counts % 16 == 0).all()
+
+
+REGISTERED = textwrap.dedent("""
+    import os, signal, sys
+    import jax.numpy as jnp, jaxsave
+
+    path, layout = sys.argv[1], sys.argv[2]
+    init, save, post = jaxsave.save(jaxsave.HDF5Collector(path, layout=layout), block_size=16)
+    state = init({"i": jnp.zeros((), jnp.int32), "w": jnp.zeros(4)}, None, jaxsave.static_information(64))
+    os.kill(os.getpid(), signal.SIGKILL)  # chain registered, no block written
+""")
+
+
+@pytest.mark.parametrize("layout", ["posterior", "chains"])
+def test_a_writer_killed_before_its_first_block_is_taken_over(tmp_path, layout):
+    # its structure is written and its datasets are not (they come with the first block):
+    # mode="a" must continue it, not call it damaged
+    script, path = tmp_path / "registered.py", tmp_path / "s.h5"
+    script.write_text(REGISTERED)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, str(script), str(path), layout], env=env, timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    info = jaxsave.file_info(path)
+    assert [v.name for v in info.variables] == ["i", "w"] and not info.sample_counts.any()
+    collector = jaxsave.HDF5Collector(path, mode="a", layout=layout)
+    init, save, post = jaxsave.save(collector, block_size=4)
+    state = init({"i": jnp.zeros((), jnp.int32), "w": jnp.zeros(4)}, None, jaxsave.static_information(8))
+
+    def step(s, i):
+        return save(s, True, {"i": i, "w": jnp.full(4, i, jnp.float32)})
+
+    post(jax.lax.scan(step, state, jnp.arange(8))[0])
+    collector.close()
+    assert jaxsave.load_samples(path)["i"].tolist() == [list(range(8))]
+
+
+def test_a_file_missing_some_of_its_leaves_datasets_is_refused(tmp_path):
+    # datasets are created together: one left without the others is damage, named
+    path = tmp_path / "s.h5"
+    collector = jaxsave.HDF5Collector(path, swmr=False)
+    init, save, post = jaxsave.save(collector, block_size=4)
+    state = init({"i": jnp.zeros((), jnp.int32), "w": jnp.zeros(4)}, None, jaxsave.static_information(4))
+    post(jax.lax.scan(lambda s, i: save(s, True, {"i": i, "w": jnp.zeros(4)}), state, jnp.arange(4))[0])
+    collector.close()
+    with h5py.File(path, "r+") as f:
+        del f["posterior/w"]
+    with pytest.raises(jaxsave.FileFormatError, match="lacks the dataset 'posterior/w'"):
+        jaxsave.HDF5Collector(path, mode="a", swmr=False)

@@ -560,3 +560,40 @@ def test_continuing_a_damaged_store_is_refused(tmp_path, damage):
     with pytest.raises(jaxsave.FileFormatError):
         collector = jaxsave.ZarrCollector(path, mode="a")
         run_vmapped(collector, chains=2, steps=2)
+
+
+def test_a_huge_draws_extent_is_trimmed_at_close_in_time(tmp_path):
+    # zarr's own resize visits every chunk of the old grid: draws=2**40 took hours to close
+    path = tmp_path / "s.zarr"
+    collector = jaxsave.ZarrCollector(path, draws=2**40)
+    init, save, post = jaxsave.save(collector, block_size=8)
+    state = init({"x": jnp.zeros(3)}, None, jaxsave.static_information())
+    state = jax.lax.scan(
+        lambda s, i: save(s, True, {"x": jnp.full(3, i, jnp.float32)}), state, jnp.arange(20)
+    )[0]
+    start = time.monotonic()
+    post(state)
+    collector.close()
+    assert time.monotonic() - start < 30
+    assert jaxsave.load_samples(path)["x"][0, :, 0].tolist() == list(range(20))
+    assert zarr.open_group(path, mode="r")["posterior/x"].shape == (1, 20, 3)
+
+
+def test_a_shrink_deletes_exactly_the_chunks_outside(tmp_path):
+    from jaxsave._store.zarr.arrays import resize
+
+    array = zarr.create_array(tmp_path / "a.zarr", shape=(2, 100), chunks=(1, 10), dtype="i4", fill_value=0)
+    array[:] = np.arange(200).reshape(2, 100) + 1
+    resize(array, (2, 35))
+    chunks = sorted(os.listdir(tmp_path / "a.zarr" / "c" / "0"))
+    assert chunks == ["0", "1", "2", "3"] and sorted(os.listdir(tmp_path / "a.zarr" / "c" / "1")) == chunks
+    resize(array, (1, 35))
+    assert not (tmp_path / "a.zarr" / "c" / "1").exists() or not os.listdir(tmp_path / "a.zarr" / "c" / "1")
+    resize(array, (1, 100))  # grown again: the deleted chunks read as the fill value
+    assert array[0, :35].tolist() == list(range(1, 36)) and not array[0, 40:].any()
+
+
+@pytest.mark.parametrize("draws", [10**27, 2**62 + 1, -1, True])
+def test_a_draws_argument_past_int64_room_is_refused(tmp_path, draws):
+    with pytest.raises(ValueError, match=r"draws must be an int from 0 to 2\*\*62 or None"):
+        jaxsave.ZarrCollector(tmp_path / "s.zarr", draws=draws)

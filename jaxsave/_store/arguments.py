@@ -48,10 +48,21 @@ def check_seconds(**values: Any) -> None:
             raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
 
 
+#: The largest count an argument may give: room left in int64 (the stores' shapes) to grow by it.
+MAX_COUNT = 2**62
+
+
 def check_counts(*, optional: bool = True, **values: Any) -> None:
-    """Each value is an int >= 0 (not a bool), or ``None`` where ``optional``."""
+    """Each value is an int from 0 to :data:`MAX_COUNT` (not a bool), or ``None`` where ``optional``.
+
+    >>> check_counts(draws=10**27)
+    Traceback (most recent call last):
+    ValueError: draws must be an int from 0 to 2**62 or None, got 1000000000000000000000000000
+    """
     for name, count in values.items():
         if count is None and optional:
             continue
-        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
-            raise ValueError(f"{name} must be an int >= 0{' or None' if optional else ''}, got {count!r}")
+        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or not 0 <= count <= MAX_COUNT:
+            raise ValueError(
+                f"{name} must be an int from 0 to 2**62{' or None' if optional else ''}, got {count!r}"
+            )

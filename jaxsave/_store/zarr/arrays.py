@@ -135,6 +135,39 @@ def sync(coroutine: Any) -> Any:
     return zarr_sync(coroutine)
 
 
+def resize(array: Any, shape: tuple[int, ...]) -> None:
+    """Give ``array`` ``shape``, deleting its stored chunks outside it.
+
+    zarr's own ``resize`` visits every chunk of the old grid (a store of ``draws=2**40``:
+    hours, and a hostile store's declared shape as long); this lists the chunks stored.
+    """
+    old = tuple(int(n) for n in array.shape)
+    sync(_async(array).resize(shape, delete_outside_chunks=False))
+    if all(new >= was for new, was in zip(shape, old)):
+        return
+    encoding = array.metadata.chunk_key_encoding
+    grid = [-(-n // c) for n, c in zip(shape, getattr(array, "shards", None) or array.chunks)]
+    store, path = array.store_path.store, array.store_path.path
+    prefix = f"{path}/" if path else ""
+
+    def outside(key: str) -> bool:
+        parts = key[len(prefix) :].split(encoding.separator)
+        if encoding.name == "default":
+            if parts[0] != "c":
+                return False
+            parts = parts[1:]
+        if len(parts) != len(grid) or not all(p.isdigit() for p in parts):
+            return False  # zarr.json, a checkpoint, another array's prefix
+        return any(int(p) >= n for p, n in zip(parts, grid))
+
+    async def delete() -> None:
+        doomed = [key async for key in store.list_prefix(prefix) if outside(key)]
+        for k in range(0, len(doomed), 256):  # bounded concurrency, for object storage
+            await asyncio.gather(*(store.delete(key) for key in doomed[k : k + 256]))
+
+    sync(delete())
+
+
 def counts_path() -> str:
     return schema.COUNTS
 
@@ -303,9 +336,9 @@ class StoreArrays:
             self.partial.write(drop=True)
         for array in self.leaves:
             if tuple(array.shape[:2]) != (chains, draws):
-                array.resize((chains, draws, *array.shape[2:]))
+                resize(array, (chains, draws, *array.shape[2:]))
         if self.counts.shape[0] != chains:
-            self.counts.resize((chains,))
+            resize(self.counts, (chains,))
 
     def write(self, first: int, start: int, values: Sequence[np.ndarray]) -> None:
         """Rows ``values[j]`` ``(chains, n, ...)`` of chains ``first...`` at draws ``start...``."""

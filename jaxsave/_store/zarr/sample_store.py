@@ -19,7 +19,7 @@ from jaxsave._core import dtypes as _dtypes
 from jaxsave._store import schema
 from jaxsave._store.location import ZARR_JSON, describe
 from jaxsave._store.schema import VariableInfo
-from jaxsave._store.zarr.arrays import check_chunks, counts_path, sync
+from jaxsave._store.zarr.arrays import check_chunks, counts_path, resize, sync
 from jaxsave._store.zarr.chunk_files import ChunkFiles, chunk_files, local_chunk_files
 from jaxsave._store.zarr.confined import stat_confined
 from jaxsave._store.zarr.store import Location, has_key, open_group, require_zarr
@@ -313,7 +313,7 @@ def align_shapes(source: Any, storage_options: dict | None = None) -> bool:
         for var in variables:
             array = group.get(schema.posterior_dataset(var.group, var.name))
             if isinstance(array, zarr.Array) and tuple(array.shape[:2]) != shape:
-                array.resize((*shape, *array.shape[2:]))
+                resize(array, (*shape, *array.shape[2:]))
                 changed = True
     except Exception as error:
         raise FileFormatError(f"{name}: cannot resize its arrays ({error})") from error

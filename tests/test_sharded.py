@@ -5,6 +5,7 @@ before jax is imported); every child has a timeout and is killed on failure.
 """
 
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -194,6 +195,18 @@ def test_merge_refuses_missing_foreign_and_merged_files(tmp_path):
         jaxsave.merge([merged], tmp_path / "m2.h5")
     with pytest.raises(ValueError, match="cannot also be a source"):
         jaxsave.merge([a], a)
+
+
+def test_mode_a_refuses_a_merged_file_and_names_it_as_one(tmp_path):
+    merged = pathlib.Path(
+        jaxsave.merge([_file(tmp_path / "a.h5"), _file(tmp_path / "b.h5")], tmp_path / "m.h5")
+    )
+    before = merged.read_bytes()
+    with pytest.raises(
+        jaxsave.FileFormatError, match="jaxsave.merge wrote this file.*continue a source file"
+    ):
+        jaxsave.HDF5Collector(merged, mode="a")
+    assert merged.read_bytes() == before and not os.path.exists(f"{merged}.lock")
 
 
 def test_merge_tells_one_file_by_any_path(tmp_path):

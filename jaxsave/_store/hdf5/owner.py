@@ -204,6 +204,12 @@ class OwnedFile:
                         f"{self.path!r} is an HDF5 file not written by jaxsave; mode='a' "
                         "only continues jaxsave sample files (use mode='w' to replace it)"
                     )
+                if schema.MERGED_FROM in f.attrs:
+                    raise FileFormatError(
+                        f"{where}: jaxsave.merge wrote this file (its datasets map the data of "
+                        "its source files, which it never changes); continue a source file, "
+                        "then merge again"
+                    )
                 sample_file.check_header(f, self.path, merged=False, where=where)
                 stored = sample_file.read_layout(f)
                 if stored != layout:

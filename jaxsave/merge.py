@@ -146,9 +146,7 @@ def merge(paths: Sequence[PathLike], out_path: PathLike) -> str:
         twin = next((q for q in files[:i] if _same_file(p, q)), None)
         if twin is not None:
             raise ValueError(f"merge got the same source twice: {twin!r} and {p!r}")
-    directory = os.path.dirname(os.path.abspath(out_path))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"cannot write {out_path!r}: the directory {directory!r} does not exist")
+    _atomic.check_directory(out_path)
     try:
         lock = _filelock.acquire(out_path)  # a collector's file is not replaced under it
     except FileInUseError as error:

@@ -18,7 +18,6 @@ import contextlib
 import errno
 import logging
 import math
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxsave._core import atomic as _atomic
 from jaxsave._core import filelock as _filelock
 from jaxsave._serialize.treespec import encode_structure
 from jaxsave._store import schema
@@ -186,11 +186,7 @@ class ZarrCollector(DataCollector):
         self._file_lock: _filelock.FileLock | None = None
         self.local = _store.local_directory(store)
         if self.local is not None:
-            parent = os.path.dirname(self.local)
-            if not os.path.isdir(parent):
-                raise FileNotFoundError(
-                    f"cannot create {self._name}: the directory {parent!r} does not exist"
-                )
+            _atomic.check_directory(self.local, self._name)
         self._writer = writer = StoreWriter(
             store,
             storage_options,

@@ -64,6 +64,20 @@ def fsync_directory(directory: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def check_directory(path: str | os.PathLike[str], name: str | None = None) -> None:
+    """Refuse a ``path`` whose directory does not exist, naming both (``name``: how to call it).
+
+    >>> check_directory("/no/such/dir/run.h5")
+    Traceback (most recent call last):
+    FileNotFoundError: cannot write '/no/such/dir/run.h5': the directory '/no/such/dir' does not exist
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"cannot write {name or repr(os.fspath(path))}: the directory {directory!r} does not exist"
+        )
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator[str]:
     """Yield a temporary path to write ``path``'s new content to, by any means.
@@ -73,6 +87,7 @@ def atomic_path(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator
     removed and ``path`` is left as it was. Use it for libraries that insist on
     writing to a path themselves (safetensors, h5py).
     """
+    check_directory(path)
     tmp = temporary_name(path)
     try:
         yield tmp

@@ -283,6 +283,15 @@ CASES = [
         FileNotFoundError,
         "the directory '/no/such/dir' does not exist",
     ),
+    *(
+        (
+            f"save_pytree ({ext}): missing directory",
+            lambda ext=ext: jaxsave.save_pytree(f"/no/such/dir/p.{ext}", {"a": np.zeros(2)}),
+            FileNotFoundError,
+            rf"cannot write '/no/such/dir/p\.{ext}': the directory '/no/such/dir' does not exist",
+        )
+        for ext in ("npz", "h5", "safetensors", "jaxsave")
+    ),
     (
         "HDF5Collector: path is a directory",
         lambda: jaxsave.HDF5Collector(TMP[0]),

@@ -152,11 +152,7 @@ class OwnedFile:
 
     def check_path(self) -> None:
         """The path can name a new file: its directory exists, and it is not a directory."""
-        directory = os.path.dirname(os.path.abspath(self.path))
-        if not os.path.isdir(directory):
-            raise FileNotFoundError(
-                f"cannot create {self.path!r}: the directory {directory!r} does not exist"
-            )
+        _atomic.check_directory(self.path)
         if os.path.isdir(self.path):
             raise IsADirectoryError(f"{self.path!r} is a directory; HDF5Collector needs a file path")
 

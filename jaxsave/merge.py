@@ -62,17 +62,18 @@ def _read_source(path: str) -> _Source:
         if schema.STRUCTURE not in f.attrs:
             raise FileFormatError(f"cannot merge {path!r}: it holds no chains")
         variables, counts = sample_file.read_variables(f), sample_file.read_counts(f)
+        lead = schema.counted_lead(counts)
         shapes, dtypes, attrs = {}, {}, {}
         for var in variables:
             ds = sample_file.leaf_dataset(f, schema.POSTERIOR, var)
             if ds.is_virtual:
                 raise FileFormatError(f"cannot merge {path!r}: it is itself a merged file; merge its sources")
             row, dtype = schema.stored_row(var)
-            if ds.dtype != dtype or not schema.fits(ds.shape, schema.counted_lead(counts), row):
+            if ds.dtype != dtype or not schema.fits(ds.shape, lead, row):
                 raise FileFormatError(
                     f"{path!r}: dataset {ds.name} is {ds.shape} of {ds.dtype}; its structure and the "
                     f"sample counts {counts.tolist()[:8]} need at least "
-                    f"{schema.counted_lead(counts) + row} of {dtype}"
+                    f"{lead + row} of {dtype}"
                 )
             key = schema.posterior_dataset(var.group, var.name)
             shapes[key], dtypes[key] = ds.shape, ds.dtype

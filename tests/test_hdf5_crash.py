@@ -185,3 +185,23 @@ def test_a_file_missing_some_of_its_leaves_datasets_is_refused(tmp_path):
         del f["posterior/w"]
     with pytest.raises(jaxsave.FileFormatError, match="lacks the dataset 'posterior/w'"):
         jaxsave.HDF5Collector(path, mode="a", swmr=False)
+
+
+@pytest.mark.parametrize("left", ["posterior/w", "posterior/draw"])
+def test_no_datasets_but_something_in_their_place_is_refused(tmp_path, left):
+    # a group where a leaf goes, or a scale without its leaves: damage, not a writer killed
+    # before its first block (continuing it failed in h5py after changing the file)
+    path = tmp_path / "s.h5"
+    collector = jaxsave.HDF5Collector(path, swmr=False)
+    init, save, post = jaxsave.save(collector, block_size=4)
+    state = init({"i": jnp.zeros((), jnp.int32), "w": jnp.zeros(4)}, None, jaxsave.static_information(4))
+    post(jax.lax.scan(lambda s, i: save(s, True, {"i": i, "w": jnp.zeros(4)}), state, jnp.arange(4))[0])
+    collector.close()
+    with h5py.File(path, "r+") as f:
+        f.attrs["sample_counts"] = np.zeros(1, np.int64)
+        del f["posterior"]
+        f.create_group(left) if left.endswith("w") else f.create_dataset(left, data=np.arange(4))
+    before = path.read_bytes()
+    with pytest.raises(jaxsave.FileFormatError, match="lacks the dataset 'posterior/i'"):
+        jaxsave.HDF5Collector(path, mode="a", swmr=False)
+    assert path.read_bytes() == before

@@ -61,7 +61,7 @@ def _check_counts(f: h5py.File, where: str) -> None:
         ]
     for lead, paths in sets:
         found = {p: dsid for p in paths if (dsid := _open_dataset(f, p)) is not None}
-        if not found and lead[-1] == 0:
+        if not found and lead[-1] == 0 and not _anything_at(f, paths, layout):
             continue  # killed before its first block
         for path, var in zip(paths, variables):
             if path not in found:
@@ -75,6 +75,16 @@ def _check_counts(f: h5py.File, where: str) -> None:
                     f"counts {counts.tolist()[:8]} need at least {lead + row} of {dtype}, chunked; "
                     "the file is damaged"
                 )
+
+
+def _anything_at(f: h5py.File, paths: list[str], layout: str) -> bool:
+    """Whether an object or link sits where the first block creates datasets (the leaves, and in
+    layout ``"posterior"`` the scales ``chain`` and ``draw``): a set killed before its first
+    block has none of them."""
+    if layout == schema.POSTERIOR:
+        groups = {p.rsplit("/", 1)[0] for p in paths}
+        paths = [*paths, *(f"{g}/{d}" for g in groups for d in (schema.CHAIN_DIM, schema.DRAW_DIM))]
+    return any(f.get(p, getlink=True) is not None for p in paths)
 
 
 def _open_dataset(f: h5py.File, path: str) -> h5py.h5d.DatasetID | None:

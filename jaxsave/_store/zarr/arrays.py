@@ -142,8 +142,8 @@ def resize(array: Any, shape: tuple[int, ...]) -> None:
     hours, and a hostile store's declared shape as long); this lists the chunks stored.
     """
     old = tuple(int(n) for n in array.shape)
-    sync(_async(array).resize(shape, delete_outside_chunks=False))
     if all(new >= was for new, was in zip(shape, old)):
+        sync(_async(array).resize(shape, delete_outside_chunks=False))
         return
     encoding = array.metadata.chunk_key_encoding
     grid = [-(-n // c) for n, c in zip(shape, getattr(array, "shards", None) or array.chunks)]
@@ -156,7 +156,7 @@ def resize(array: Any, shape: tuple[int, ...]) -> None:
             if parts[0] != "c":
                 return False
             parts = parts[1:]
-        if len(parts) != len(grid) or not all(p.isdigit() for p in parts):
+        if len(parts) != len(grid) or not all(p.isascii() and p.isdigit() for p in parts):
             return False  # zarr.json, a checkpoint, another array's prefix
         return any(int(p) >= n for p, n in zip(parts, grid))
 
@@ -165,7 +165,8 @@ def resize(array: Any, shape: tuple[int, ...]) -> None:
         for k in range(0, len(doomed), 256):  # bounded concurrency, for object storage
             await asyncio.gather(*(store.delete(key) for key in doomed[k : k + 256]))
 
-    sync(delete())
+    sync(delete())  # first, as zarr does: a failed delete leaves the shape to cut again
+    sync(_async(array).resize(shape, delete_outside_chunks=False))
 
 
 def counts_path() -> str:

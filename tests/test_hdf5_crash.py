@@ -173,14 +173,19 @@ def test_a_writer_killed_before_its_first_block_is_taken_over(tmp_path, layout):
     assert jaxsave.load_samples(path)["i"].tolist() == [list(range(8))]
 
 
-def test_a_file_missing_some_of_its_leaves_datasets_is_refused(tmp_path):
-    # datasets are created together: one left without the others is damage, named
-    path = tmp_path / "s.h5"
+def _written(path):
+    """A finished ``swmr=False`` file of leaves ``i`` and ``w``, 4 draws of one chain."""
     collector = jaxsave.HDF5Collector(path, swmr=False)
     init, save, post = jaxsave.save(collector, block_size=4)
     state = init({"i": jnp.zeros((), jnp.int32), "w": jnp.zeros(4)}, None, jaxsave.static_information(4))
     post(jax.lax.scan(lambda s, i: save(s, True, {"i": i, "w": jnp.zeros(4)}), state, jnp.arange(4))[0])
     collector.close()
+    return path
+
+
+def test_a_file_missing_some_of_its_leaves_datasets_is_refused(tmp_path):
+    # datasets are created together: one left without the others is damage, named
+    path = _written(tmp_path / "s.h5")
     with h5py.File(path, "r+") as f:
         del f["posterior/w"]
     with pytest.raises(jaxsave.FileFormatError, match="lacks the dataset 'posterior/w'"):
@@ -191,12 +196,7 @@ def test_a_file_missing_some_of_its_leaves_datasets_is_refused(tmp_path):
 def test_no_datasets_but_something_in_their_place_is_refused(tmp_path, left):
     # a group where a leaf goes, or a scale without its leaves: damage, not a writer killed
     # before its first block (continuing it failed in h5py after changing the file)
-    path = tmp_path / "s.h5"
-    collector = jaxsave.HDF5Collector(path, swmr=False)
-    init, save, post = jaxsave.save(collector, block_size=4)
-    state = init({"i": jnp.zeros((), jnp.int32), "w": jnp.zeros(4)}, None, jaxsave.static_information(4))
-    post(jax.lax.scan(lambda s, i: save(s, True, {"i": i, "w": jnp.zeros(4)}), state, jnp.arange(4))[0])
-    collector.close()
+    path = _written(tmp_path / "s.h5")
     with h5py.File(path, "r+") as f:
         f.attrs["sample_counts"] = np.zeros(1, np.int64)
         del f["posterior"]

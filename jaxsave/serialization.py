@@ -93,6 +93,15 @@ def register_format_upgrade(from_version: int) -> Callable[[Callable], Callable]
     return register
 
 
+def _check_file_object(file: Any, method: str) -> None:
+    """Refuse a ``file`` that is neither a path nor a file object (one with ``method``)."""
+    if not callable(getattr(file, method, None)):
+        raise TypeError(
+            f"file must be a path (a str or os.PathLike) or a binary file object, got {type(file).__name__}"
+            f" {file!r}"[:200]
+        )
+
+
 def _json_default(o: Any) -> Any:
     if isinstance(o, (np.generic, np.ndarray, jax.Array)) and np.ndim(o) <= 8:
         return np.asarray(o).tolist()
@@ -119,6 +128,8 @@ def save_pytree(
     Non-array values that cannot be saved by name raise
     :class:`~jaxsave.errors.UnregisteredNameError` listing all of them.
     """
+    if not isinstance(file, (str, os.PathLike)):
+        _check_file_object(file, "write")
     fmt = _formats.format_for_path(file, format)
     if isinstance(file, (str, os.PathLike)) and os.path.isdir(file):
         raise IsADirectoryError(f"{os.fspath(file)!r} is a directory; save_pytree needs a file path")
@@ -251,6 +262,7 @@ class PytreeFile:
             with open_regular(file) as f:  # a FIFO would block the open
                 head = f.read(16)
         else:
+            _check_file_object(file, "readable")
             if not (file.readable() and file.seekable()):
                 raise ValueError("file objects must be readable and seekable")
             pos = file.tell()

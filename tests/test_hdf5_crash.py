@@ -173,9 +173,9 @@ def test_a_writer_killed_before_its_first_block_is_taken_over(tmp_path, layout):
     assert jaxsave.load_samples(path)["i"].tolist() == [list(range(8))]
 
 
-def _written(path):
+def _written(path, layout="posterior"):
     """A finished ``swmr=False`` file of leaves ``i`` and ``w``, 4 draws of one chain."""
-    collector = jaxsave.HDF5Collector(path, swmr=False)
+    collector = jaxsave.HDF5Collector(path, swmr=False, layout=layout)
     init, save, post = jaxsave.save(collector, block_size=4)
     state = init({"i": jnp.zeros((), jnp.int32), "w": jnp.zeros(4)}, None, jaxsave.static_information(4))
     post(jax.lax.scan(lambda s, i: save(s, True, {"i": i, "w": jnp.zeros(4)}), state, jnp.arange(4))[0])
@@ -204,4 +204,18 @@ def test_no_datasets_but_something_in_their_place_is_refused(tmp_path, left):
     before = path.read_bytes()
     with pytest.raises(jaxsave.FileFormatError, match="lacks the dataset 'posterior/i'"):
         jaxsave.HDF5Collector(path, mode="a", swmr=False)
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("extra", ["chain~1", "chain~7", "chain~x"])
+def test_a_chain_group_the_counts_do_not_cover_is_refused(tmp_path, extra):
+    # a chain registered by the next writer would take over the group, unchecked
+    path = _written(tmp_path / "s.h5", layout="chains")
+    with h5py.File(path, "r+") as f:
+        f.copy("chain~0", extra)
+    before = path.read_bytes()
+    with pytest.raises(
+        jaxsave.FileFormatError, match=f"has the group '{extra}', but its sample counts cover 1"
+    ):
+        jaxsave.HDF5Collector(path, mode="a", swmr=False, layout="chains")
     assert path.read_bytes() == before

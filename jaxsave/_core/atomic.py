@@ -40,8 +40,7 @@ _LEGACY_TEMP_RE = re.compile(r"^(?P<target>.+)\.jaxsave-(?P<pid>\d+)\.tmp$")
 
 def temporary_name(path: str | os.PathLike[str]) -> str:
     """A fresh temporary path next to ``path``."""
-    path = os.fspath(path)
-    directory, name = os.path.split(os.path.abspath(path))
+    directory, name = os.path.split(os.fspath(path))
     return os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
 
 
@@ -67,15 +66,24 @@ def fsync_directory(directory: str | os.PathLike[str]) -> None:
 def check_directory(path: str | os.PathLike[str], name: str | None = None) -> None:
     """Refuse a ``path`` whose directory does not exist, naming both (``name``: how to call it).
 
+    The directory is the one the path names as written (``nope/../x`` lies in ``nope/..``),
+    which is where the file and its temporary siblings are created.
+
     >>> check_directory("/no/such/dir/run.h5")
     Traceback (most recent call last):
     FileNotFoundError: cannot write '/no/such/dir/run.h5': the directory '/no/such/dir' does not exist
     """
-    directory = os.path.dirname(os.path.abspath(path))
+    path = os.fspath(path)
+    if not isinstance(path, str):
+        raise TypeError(f"a path must be a str or os.PathLike[str], got {type(path).__name__} {path!r}")
+    what = name or repr(path)
+    if not path:
+        raise ValueError(f"cannot write {what}: the path is empty")
+    directory = os.path.dirname(path) or os.curdir
     if not os.path.isdir(directory):
-        raise FileNotFoundError(
-            f"cannot write {name or repr(os.fspath(path))}: the directory {directory!r} does not exist"
-        )
+        if os.path.exists(directory):
+            raise NotADirectoryError(f"cannot write {what}: {directory!r} is not a directory")
+        raise FileNotFoundError(f"cannot write {what}: the directory {directory!r} does not exist")
 
 
 @contextlib.contextmanager
@@ -88,6 +96,8 @@ def atomic_path(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator
     writing to a path themselves (safetensors, h5py).
     """
     check_directory(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"cannot write {os.fspath(path)!r}: it is a directory")
     tmp = temporary_name(path)
     try:
         yield tmp

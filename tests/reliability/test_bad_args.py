@@ -365,3 +365,35 @@ def test_bad_argument_is_named(name, call, error, message):
 
 def test_bad_arguments_figure(figures):
     figures("arguments", "bad arguments refused with a named error", handled=len(CASES), tried=len(CASES))
+
+
+WRITERS = {
+    "save_pytree": lambda p: jaxsave.save_pytree(p, {"a": np.zeros(2)}),
+    "HDF5Collector": jaxsave.HDF5Collector,
+    "ZarrCollector": jaxsave.ZarrCollector,
+    "merge": lambda p: jaxsave.merge(["in.h5"], p),
+}
+BAD_PATHS = [  # (path, error, message): the directory is the one the path names, as written
+    ("nope/../x", FileNotFoundError, "the directory '(.*/)?nope/..' does not exist"),
+    ("afile/../x", FileNotFoundError, "the directory '(.*/)?afile/..' does not exist"),
+    ("afile/x", NotADirectoryError, "'(.*/)?afile' is not a directory"),
+    ("", ValueError, "empty"),
+]
+
+
+@pytest.mark.parametrize("writer", list(WRITERS))
+@pytest.mark.parametrize("path, error, message", BAD_PATHS, ids=[p[0] or "empty" for p in BAD_PATHS])
+def test_bad_path_is_named_and_nothing_is_created(writer, path, error, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_bytes(b"")
+    with pytest.raises(error, match=message):
+        WRITERS[writer](path)
+    assert sorted(os.listdir(tmp_path)) == ["afile"]
+
+
+@pytest.mark.parametrize("file", [b"x.jaxsave", 3, None])
+def test_not_a_file_is_a_type_error(file):
+    with pytest.raises(TypeError, match="file must be a path .* or a binary file object, got"):
+        jaxsave.save_pytree(file, {"a": 1})
+    with pytest.raises(TypeError, match="file must be a path .* or a binary file object, got"):
+        jaxsave.load_pytree(file)

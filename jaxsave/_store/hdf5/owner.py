@@ -59,6 +59,14 @@ def _check_counts(f: h5py.File, where: str) -> None:
             ((n,), [schema.dataset_path(layout, v, c) for v in variables])
             for c, n in enumerate(counts.tolist())
         ]
+        expected = {schema.chain_group(c) for c in range(len(counts))}
+        prefix = schema.CHAIN_GROUP.format("")
+        for name in f:  # a chain registered later would take over one it does not count
+            if name.startswith(prefix) and name not in expected:
+                raise FileFormatError(
+                    f"{where}: it has the group {name!r}, but its sample counts cover "
+                    f"{len(counts)} chain(s); the file is damaged"
+                )
     for lead, paths in sets:
         found = {p: dsid for p in paths if (dsid := _open_dataset(f, p)) is not None}
         if not found and lead[-1] == 0 and not _anything_at(f, paths, layout):

@@ -74,13 +74,20 @@ class Location(NamedTuple):
 def local_directory(source: Any) -> str | None:
     """The local directory of ``source`` (a path, a ``file://`` URL, a ``LocalStore``), else ``None``."""
     if isinstance(source, (str, os.PathLike)) and not is_url(source):
-        return os.path.abspath(os.fspath(source))
+        return _absolute(os.fspath(source))
     if isinstance(source, str) and source.startswith("file://"):
-        return os.path.abspath(source[len("file://") :])
+        return _absolute(source[len("file://") :])
     root = getattr(source, "root", None)
     if is_zarr_object(source) and type(source).__name__ in LOCAL_STORES and root is not None:
-        return os.path.abspath(os.fspath(root))
+        return _absolute(os.fspath(root))
     return None
+
+
+def _absolute(path: str) -> str:
+    """``path`` from the current directory, as written (``nope/..`` exists only if ``nope`` does)."""
+    if not path:
+        raise ValueError("a Zarr store's path is empty")
+    return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
 
 
 def identity(source: Any) -> str:

@@ -163,6 +163,8 @@ class BlockSink(Protocol):
 
     def save_block(self, chain_ids: list[int], values: list[np.ndarray]) -> None: ...
 
+    def prepare(self, block_rows: int) -> None: ...
+
     def finalize(self, chain_id: int) -> None: ...
 
     def checkpoint(self, records: dict, spec: Any) -> None: ...
@@ -238,6 +240,10 @@ class DataCollector(abc.ABC):
         """Store the same number of rows for several chains: ``values[j]`` is ``(chains, n, ...)``."""
         for i, chain in enumerate(chain_ids):
             self.save(chain, [leaf[i] for leaf in values])
+
+    def prepare(self, block_rows: int) -> None:  # noqa: B027  (optional: a default that does nothing)
+        """Called on the writer thread once the loop that saves is traced, before its first
+        block (of up to ``block_rows`` rows a chain): make room for the chains registered."""
 
     def finalize(self, chain_id: int) -> None:  # noqa: B027  (optional: a default that does nothing)
         """Called on the writer thread after the last block of a chain."""

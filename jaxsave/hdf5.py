@@ -266,6 +266,14 @@ class HDF5Collector(DataCollector):
             self._datasets.append_block(chain_ids, values)
             self._after_block()
 
+    def prepare(self, block_rows: int) -> None:
+        """Create the datasets of the chains registered (on the writer thread, while the loop
+        compiles): a copy of the file, renamed over it, that the first block would make."""
+        with self._lock:
+            if self._datasets.has_sample and self._counts:
+                self._require_open()
+                self._datasets.prepare(block_rows)
+
     def _after_block(self) -> None:
         self._blocks += 1
         if (

@@ -292,6 +292,12 @@ class Streamer(SaverBase):
 
     # -- save (traced) -----------------------------------------------------------------
 
+    def _traced(self) -> None:
+        """A loop that saves is being built: the collector can make room while it compiles."""
+        self.traced = True
+        if self.writer is not None:
+            self.writer.prepare(self.block_size or 1)
+
     def save(
         self,
         state: SaveState,
@@ -316,7 +322,7 @@ class Streamer(SaverBase):
         if constant:
             keep = tied_to(keep, leaves)
         check_ring(state, "save()")
-        self.traced = True  # a save refused above built no loop: nothing to warn of at exit
+        self._traced()  # a save refused above built no loop: nothing to warn of at exit
         # The row at `fill` is written every step but taken only when kept: a step
         # nobody keeps is overwritten by the next one.
         # Per step: one row and one keep bit written in place, the step and the row counters, the
@@ -378,7 +384,7 @@ class Streamer(SaverBase):
         check_state(state, "jaxsave.scan")
         check_one_chain(state, "jaxsave.scan")
         check_ring(state, "jaxsave.scan")
-        self.traced = True
+        self._traced()
         held = rows_of(state.fill) > 0
         self.flush(
             held,

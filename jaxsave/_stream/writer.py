@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -131,6 +131,12 @@ class _ByteBoundedQueue:
 _STOP = object()
 
 
+class _Call(NamedTuple):
+    """A collector call queued among the blocks (run in order on the writer thread)."""
+
+    call: Callable[[], Any]
+
+
 def _nbytes(record: Any) -> int:
     return sum(x.nbytes for x in record.leaves)
 
@@ -174,6 +180,7 @@ class Writer:
         self._cond = threading.Condition()
         self._stopping = False  # stop() was called: blocks submitted from now on are dropped
         self._dropping = False  # stop() ran out of time: what is still queued is dropped
+        self._prepared = False  # prepare() was queued
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -206,6 +213,19 @@ class Writer:
             return
         abandon = lambda: self.error is not None or self._stopping
         self._queue.put(block, block.nbytes, abandon=abandon)
+
+    def prepare(self, block_rows: int) -> None:
+        """Have the collector make room for every chain added, before the first block arrives
+        (its optional ``prepare(block_rows)``: an HDF5 file's datasets), once per writer.
+
+        Called when the loop is traced: the work overlaps the compilation instead of adding
+        to the first block (in a short run, the only one, reaching the host at ``postprocess``).
+        """
+        prepare = getattr(self.collector, "prepare", None)
+        if prepare is None or self._prepared:
+            return
+        self._prepared = True
+        self._queue.put(_Call(lambda: prepare(block_rows)), abandon=lambda: True)
 
     def drain(self) -> None:
         """Wait until every block queued so far has been handled."""
@@ -285,6 +305,9 @@ class Writer:
             if self.error is not None:
                 continue  # drain, so that producers never block on a dead writer
             try:
+                if isinstance(block, _Call):
+                    block.call()
+                    continue
                 self._write(self._run_from(block))
             except BaseException as error:  # noqa: BLE001 - kept and re-raised by postprocess
                 self.fail(error)

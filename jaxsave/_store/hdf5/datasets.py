@@ -103,7 +103,8 @@ class ChainRows:
 
 
 class HDF5Datasets(abc.ABC):
-    """The datasets of a collector's file: created at the first block, grown, written, trimmed.
+    """The datasets of a collector's file: created once the loop is traced (:meth:`prepare`) or at
+    the first block, grown, written, trimmed.
 
     Args:
       held: the file to write, and how to change it (:class:`ChangingFile`).
@@ -242,6 +243,18 @@ class HDF5Datasets(abc.ABC):
     @abc.abstractmethod
     def trim(self) -> None:
         """Cut preallocated draws down to what was written (the caller then commits the counts)."""
+
+    def prepare(self, block: int) -> None:
+        """Create the datasets of every registered chain now, not at the first block, where every
+        chain's capacity is known (else the first block's length sets the chunks: a short run of
+        unknown length keeps a small file); chunked for blocks of ``block`` draws at most."""
+        capacity = self.rows.capacity
+        if capacity and None not in capacity:
+            self._create_every(min(block, max(c for c in capacity if c is not None)))
+
+    @abc.abstractmethod
+    def _create_every(self, block: int) -> None:
+        """Create the datasets of every registered chain not created yet (for blocks of ``block``)."""
 
     # -- writing rows (writer thread) -------------------------------------------------------
 
@@ -443,6 +456,9 @@ class PosteriorDatasets(HDF5Datasets):
         self._grown(0)
         self._resize(len(self.rows.counts), max(self.rows.counts))
 
+    def _create_every(self, block: int) -> None:
+        self._grown(0, block)
+
 
 class ChainDatasets(HDF5Datasets):
     """Layout ``"chains"``: one ``(draw, ...)`` dataset per leaf and chain under ``/chain~{id}/``."""
@@ -520,6 +536,10 @@ class ChainDatasets(HDF5Datasets):
         """The chain's group exists (created now if it got no rows)."""
         if self.has_sample:
             self._grown(chain, self.rows.counts[chain])
+
+    def _create_every(self, block: int) -> None:
+        for c in range(len(self.rows.counts)):
+            self._grown(c, 0, block)  # the first missing one creates them all
 
     def trim(self) -> None:
         counts = self.rows.counts

@@ -1,5 +1,9 @@
 """Checkpoints taken inside jit, and exact resume (in-process; see test_resume_kill.py for SIGKILL)."""
 
+import subprocess
+import sys
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -149,6 +153,83 @@ def test_resume_like_mismatch_names_the_leaf():
     bad = (jnp.zeros(3), jnp.zeros(2, jnp.bfloat16), jax.random.key(0), jnp.int32(0))
     with pytest.raises(jaxsave.StructureMismatchError, match=r"solver_state/list_element_0': shape \(3,\)"):
         jaxsave.resume(collector, like=(bad, None))
+
+
+_RESUMER = """
+import sys, typing, jax, jax.numpy as jnp, jaxsave
+class State(typing.NamedTuple):  # this process's class: fields {fields}
+    {first}: jax.Array
+    {second}: jax.Array
+try:
+    print(jaxsave.resume(sys.argv[1], like=({like}, None)).solver_state)
+except jaxsave.JaxsaveError as e:
+    print(type(e).__name__, e)
+"""
+
+
+@pytest.mark.parametrize(
+    "fields, like, expected",
+    [
+        (("a", "b"), "State(jnp.zeros(2), jnp.zeros(2))", "State(a=array([0., 0.]"),
+        (("b", "a"), "State(jnp.zeros(2), jnp.zeros(2))", '{"t":"namedtuple","fields":["b","a"]'),
+        (
+            ("a", "b"),
+            "{'a': jnp.zeros(2), 'b': jnp.zeros(2)}",
+            '"children":[{"t":"none"},{"t":"dict","keys":["a","b"]',
+        ),
+        (("a", "b"), "{'p': jnp.zeros(5, jnp.int8)}", '{"t":"dict","keys":["p"]'),
+    ],
+    ids=["same class", "fields reordered", "a dict of the same leaves", "other leaves"],
+)
+def test_resume_like_in_a_process_that_never_saw_the_class(tmp_path, fields, like, expected):
+    # the state's class is unknown to a fresh process until like= names one: like= was taken
+    # for the structure unchecked, and swapped the fields or took any leaves of the same count
+    class State(NamedTuple):
+        a: jax.Array
+        b: jax.Array
+
+    saver = jaxsave.save(jaxsave.HDF5Collector(tmp_path / "run.h5"), checkpoint_every=2)
+    st = State(jnp.zeros(2), jnp.full(2, 7.0))
+    state = saver.init({"x": jnp.zeros(())}, st)
+    state, _ = jax.lax.scan(
+        lambda c, i: (saver.save(c, True, {"x": i}, solver_state=st)[0], None), state, jnp.arange(4.0)
+    )
+    saver.postprocess(state, None)
+    code = _RESUMER.format(fields=fields, first=fields[0], second=fields[1], like=like)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "run.h5")], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert expected in out.stdout, out.stdout
+    if expected.startswith("State"):
+        assert "b=array([7., 7.]" in out.stdout
+    else:
+        assert out.stdout.startswith("StructureMismatchError the checkpoint template does not match"), (
+            out.stdout
+        )
+
+
+def test_checkpoint_records_unlike_their_structure_are_refused(tmp_path):
+    # a damaged .ckpt, or the writers of one Zarr store with different templates: the records
+    # were stacked into whatever the structure said (int8[5] came back as the float32[2] leaf)
+    from jaxsave._stream.resume import ChainCheckpoint, write_file
+
+    spec = jax.eval_shape(lambda: {"solver_state": {"x": jnp.zeros(2)}, "scheduler_state": None})
+    write_file(str(tmp_path / "a.h5.ckpt"), {0: ChainCheckpoint(4, 4, [np.arange(5, dtype=np.int8)])}, spec)
+    with pytest.raises(
+        jaxsave.StructureMismatchError,
+        match=r"chain 0: leaf \['solver_state'\]\['x'\] is stored as int8\[5\]",
+    ):
+        jaxsave.resume(tmp_path / "a.h5", like=({"x": jnp.zeros(2)}, None))
+    two = {
+        0: ChainCheckpoint(4, 4, [np.zeros(2, np.float32)]),
+        1: ChainCheckpoint(4, 4, [np.zeros(3, np.float32)]),
+    }
+    write_file(str(tmp_path / "b.h5.ckpt"), two, spec)
+    with pytest.raises(
+        jaxsave.StructureMismatchError, match=r"chain 1: .* float32\[3\], its structure says float32\[2\]"
+    ):
+        jaxsave.resume(tmp_path / "b.h5")
 
 
 def test_resume_from_an_hdf5_collector_after_postprocess(tmp_path):

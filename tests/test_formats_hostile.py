@@ -184,6 +184,20 @@ def test_garbage_headers(tmp_path, text):
             ),
             "bad inline array",
         ),
+        *(
+            (
+                lambda h, v=v: h["structure"]["root"]["children"][1]["children"].append(
+                    {"t": "value", "v": v}
+                ),
+                "invalid tree structure: OverflowError",
+            )
+            for v in (
+                {"$": "npscalar", "dtype": "int8", "v": 10**30},
+                {"$": "ndarray", "dtype": "int8", "shape": [1], "v": [10**30]},
+                {"$": "npscalar", "dtype": "float32", "v": 10**400},
+                {"$": "complex", "v": [10**400, 0]},
+            )
+        ),
     ],
 )
 def test_corrupt_native_headers(tmp_path, good, edit, match):
@@ -290,3 +304,21 @@ def test_wrong_format_argument(tmp_path, good):
     with pytest.raises(ValueError, match="unknown format"):
         jaxsave.save_pytree(tmp_path / "x", {}, format="pickle")
     assert os.listdir(tmp_path) == ["good.jaxsave"]
+
+
+def test_a_deeply_nested_structure_loaded_like_a_target_is_a_format_error(tmp_path, good):
+    # Python 3.13's json reads 3000 levels; matching them to like= overflowed the stack
+    header, data = _split(good)
+    for column in header["leaves"].values():
+        del column[1:]
+    header["data_size"] = 32  # the first leaf's 4 float64 alone
+    header["structure"]["root"] = "ROOT"
+    text = json.dumps(header).replace(
+        '"ROOT"', '{"t": "list", "children": [' * 3000 + '"numpy"' + "]}" * 3000
+    )
+    text += " " * (-(24 + len(text)) % 64)
+    path = tmp_path / "deep.jaxsave"
+    prefix = struct.pack("<QII", len(text), zlib.crc32(text.encode()), 0)
+    path.write_bytes(native.MAGIC + prefix + text.encode() + data[:32])
+    with pytest.raises(JaxsaveError, match="nested too deeply|RecursionError|maximum recursion depth"):
+        jaxsave.load_pytree(path, like=[np.zeros(4)])

@@ -190,8 +190,8 @@ def match_structure(
     ["['w']: the file has float64[2], the target has float64[3]", \
 "['b']: in the file but not in the target (partial=True skips it)"]
     """
-    m = _Matcher(file_spec["root"], file_arrays, target_arrays, partial)
     try:
+        m = _Matcher(file_spec["root"], file_arrays, target_arrays, partial)
         m.walk(file_spec["root"], target_spec["root"], "", 0)
     except (IndexError, KeyError, TypeError, AttributeError, RecursionError) as e:
         raise FileFormatError(f"invalid tree structure: {type(e).__name__}: {e}") from None

@@ -544,7 +544,7 @@ def decode_structure(
         tree = Decoder(objects, it, leaf_fn).node(spec.get("root"))
     except RecursionError:
         raise FileFormatError("invalid tree structure: nested too deeply") from None
-    except (TypeError, ValueError, KeyError) as e:
+    except (TypeError, ValueError, KeyError, OverflowError) as e:
         if isinstance(e, JaxsaveError):
             raise
         raise FileFormatError(f"invalid tree structure: {type(e).__name__}: {e}") from e

@@ -13,6 +13,7 @@ continues the same chains.
 from __future__ import annotations
 
 import io
+import json
 import os
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ import numpy as np
 
 from jaxsave._core import dtypes as _dtypes
 from jaxsave._core.tree import check_like
+from jaxsave._serialize.treespec import ARRAY_KINDS
 from jaxsave._store.location import check_storage_options, is_zarr
 from jaxsave.errors import JaxsaveError, SaverStateError, StructureMismatchError
 
@@ -78,22 +80,45 @@ def records(
     }
 
 
+class UndecodedSpec(NamedTuple):
+    """A checkpoint's structure that names classes not registered in this process (yet)."""
+
+    structure: dict
+    leaves: list[jax.ShapeDtypeStruct]
+
+
+def decoded_spec(structure: Any, leaves: list[jax.ShapeDtypeStruct]) -> Any:
+    """The tree of ``leaves`` that ``structure`` describes, or an :class:`UndecodedSpec`."""
+    from jaxsave._serialize import treespec as _treespec
+    from jaxsave.errors import UnregisteredNameError
+
+    try:
+        return _treespec.decode_structure(structure, leaves)
+    except UnregisteredNameError:
+        return UndecodedSpec(structure, leaves)
+
+
 def assemble(stored: dict[int, ChainCheckpoint], spec: Any, like: Any = None) -> Checkpoint:
-    """Stack per-chain records into a :class:`Checkpoint` shaped like ``spec``."""
+    """Stack per-chain records into a :class:`Checkpoint` shaped like ``spec``; each record's
+    leaves must be of the shapes and dtypes ``spec`` says."""
     if not stored:
         raise JaxsaveError("no checkpoint has been written yet")
     if like is not None:
         like = checkpoint_tree(*like) if isinstance(like, tuple) else like
-        if spec is not None:
+        like_spec = jax.eval_shape(lambda t: t, like)
+        if isinstance(spec, UndecodedSpec):
+            _check_undecoded(spec, like_spec)
+        elif spec is not None:
             check_like(like, spec, "the checkpoint template")
-        spec = jax.eval_shape(lambda t: t, like)
-    if spec is None:
+        spec = like_spec
+    if spec is None or isinstance(spec, UndecodedSpec):
         raise JaxsaveError(
             "the checkpoint's sampler state uses classes that are not registered in this process: pass "
             "like=(solver_state_template, scheduler_state_template) to resume"
         )
     ids = np.array(sorted(stored), dtype=np.int64)
-    specs = [_dtypes.leaf_spec(s) for s in jax.tree.leaves(spec)]
+    flat = jax.tree_util.tree_flatten_with_path(spec)[0]
+    paths, specs = [p for p, _ in flat], [_dtypes.leaf_spec(x) for _, x in flat]
     treedef = jax.tree.structure(spec)
     per_chain = []
     for chain in ids.tolist():
@@ -102,6 +127,15 @@ def assemble(stored: dict[int, ChainCheckpoint], spec: Any, like: Any = None) ->
             raise StructureMismatchError(
                 f"checkpoint of chain {chain} has {len(rec.leaves)} leaves, the template {len(specs)}"
             )
+        for path, leaf, s in zip(paths, rec.leaves, specs):
+            shape, dtype = _stored_form(s)
+            if (np.shape(leaf), np.asarray(leaf).dtype) != (shape, dtype):
+                raise StructureMismatchError(
+                    f"checkpoint of chain {chain}: leaf {jax.tree_util.keystr(path)} is stored as "
+                    f"{np.asarray(leaf).dtype}{list(np.shape(leaf))}, its structure says {s.dtype}"
+                    f"{list(s.shape)} (stored as {dtype}{list(shape)}): a damaged checkpoint, or "
+                    "writers of one store that checkpoint different sampler states"
+                )
         per_chain.append(rec.leaves)
     stacked = []
     for j, s in enumerate(specs):
@@ -114,6 +148,59 @@ def assemble(stored: dict[int, ChainCheckpoint], spec: Any, like: Any = None) ->
     if len(ids) == 1:
         steps, counts = steps[0], counts[0]
     return Checkpoint(tree["solver_state"], tree["scheduler_state"], steps, counts, ids)
+
+
+def _stored_form(spec: _dtypes.LeafSpec) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype a checkpoint record holds a leaf of ``spec`` in (keys: key data)."""
+    if spec.is_key:
+        return _dtypes.key_data_shape(spec), np.dtype(np.uint32)
+    return spec.shape, _dtypes.dtype_from_name(spec.dtype)
+
+
+def _check_undecoded(stored: UndecodedSpec, like: Any) -> None:
+    """Refuse a template ``like`` (shapes and dtypes) that is not the stored structure.
+
+    Encoding ``like`` registers its node classes, so the stored structure usually decodes now
+    and is compared leaf by leaf. Where it does not (a class moved to another module since),
+    the two descriptions must agree in all but the classes' names: nodes, field names, keys,
+    static values, and each leaf's shape and dtype.
+    """
+    from jaxsave._serialize import treespec as _treespec
+
+    like_structure, like_leaves = _treespec.encode_structure(like, strict=False)
+    spec = decoded_spec(stored.structure, stored.leaves)
+    if not isinstance(spec, UndecodedSpec):
+        check_like(like, spec, "the checkpoint template")
+        return
+    if _untyped(like_structure.get("root")) != _untyped(stored.structure.get("root")):
+        raise StructureMismatchError(
+            "the checkpoint template does not match the checkpoint's structure (its nodes, field "
+            "names, keys or static values differ; the classes' names are not compared): the "
+            f"checkpoint's is {_brief(stored.structure)}, the template's {_brief(like_structure)}"
+        )
+    got = [_dtypes.leaf_spec(x) for x in like_leaves]
+    want = [_dtypes.leaf_spec(x) for x in stored.leaves]
+    for j, (a, b) in enumerate(zip(got, want)):
+        if a != b:
+            raise StructureMismatchError(
+                f"the checkpoint template's leaf {j} is {a.dtype}{list(a.shape)}, the checkpoint's "
+                f"{b.dtype}{list(b.shape)}"
+            )
+
+
+def _brief(structure: dict) -> str:
+    """A structure description, short enough for a message."""
+    text = json.dumps(_untyped(structure.get("root")), separators=(",", ":"))
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _untyped(node: Any) -> Any:
+    """A structure description without its classes' names and leaf kinds."""
+    if isinstance(node, dict):
+        return {k: _untyped(v) for k, v in node.items() if k != "type" or "$" in node}
+    if isinstance(node, list):
+        return [_untyped(v) for v in node]
+    return "leaf" if isinstance(node, str) and node in ARRAY_KINDS else node
 
 
 def _shape_dtype(spec: _dtypes.LeafSpec) -> jax.ShapeDtypeStruct:
@@ -151,8 +238,7 @@ def write_file(path: str | BinaryIO, records: dict[int, ChainCheckpoint], spec: 
 def read_file(path: str | BinaryIO) -> tuple[dict[int, ChainCheckpoint], Any]:
     """The records of a checkpoint file (a path or a binary file) and the structure they fill
     (``None`` if it cannot be rebuilt)."""
-    from jaxsave._serialize import treespec as _treespec
-    from jaxsave.errors import FileFormatError, UnregisteredNameError
+    from jaxsave.errors import FileFormatError
     from jaxsave.serialization import load_pytree, read_metadata
 
     meta = read_metadata(path)
@@ -171,13 +257,9 @@ def read_file(path: str | BinaryIO) -> tuple[dict[int, ChainCheckpoint], Any]:
             for chain, r in tree.items()
         }
         leaf_specs = [_shape_dtype(_dtypes.LeafSpec(tuple(shape), dtype)) for shape, dtype in meta["leaves"]]
-    except (KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError, OverflowError) as error:
         raise FileFormatError(f"{path}: malformed checkpoint ({error})") from error
-    try:
-        spec = _treespec.decode_structure(meta["structure"], leaf_specs)
-    except UnregisteredNameError:
-        spec = None  # a class of the sampler state is not registered here: resume needs like=
-    return records, spec
+    return records, decoded_spec(meta["structure"], leaf_specs)  # unregistered: resume needs like=
 
 
 def read_store_key(location: Any, key: str) -> tuple[dict[int, ChainCheckpoint], Any]:

@@ -177,6 +177,23 @@ def _check_replaceable(out_path: str) -> None:
         )
 
 
+def _source_names(paths: list[str], out_path: str) -> list[str]:
+    """Each source's path relative to the merged file's real directory (where HDF5 looks for
+    it: through a symbolic link, ``..`` is the link target's parent), each checked to name
+    the source."""
+    here = os.path.realpath(os.path.dirname(os.path.abspath(out_path)))
+    names = [os.path.relpath(os.path.realpath(p), here) for p in paths]
+    for path, name in zip(paths, names):
+        if "%" in name:
+            raise ValueError(
+                f"merge cannot name the source {path!r}: HDF5 reads a '%' in a source's name as a "
+                "pattern; rename the file"
+            )
+        if not _same_file(os.path.join(here, name), path):
+            raise ValueError(f"the source {path!r} cannot be found from the merged file's directory {here!r}")
+    return names
+
+
 def _write(paths: list[str], out_path: str) -> str:
     sources = [_read_source(p) for p in paths]
     for other in sources[1:]:
@@ -184,8 +201,7 @@ def _write(paths: list[str], out_path: str) -> str:
     counts = np.concatenate([s.counts for s in sources]).astype(np.int64)
     offsets = np.cumsum([0] + [len(s.counts) for s in sources])
     draws = int(counts.max()) if counts.size else 0  # type: ignore[call-overload]
-    here = os.path.dirname(os.path.abspath(out_path))
-    names = [os.path.relpath(os.path.abspath(p), here) for p in paths]
+    names = _source_names(paths, out_path)
     first = sources[0]
     with _atomic.atomic_path(out_path) as tmp, h5py.File(tmp, "w", libver=("v110", "latest")) as f:
         sample_file.write_root_attributes(f.attrs, schema.POSTERIOR)

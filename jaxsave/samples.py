@@ -30,12 +30,14 @@ import numpy as np
 
 from jaxsave._core import dtypes as _dtypes
 from jaxsave._core import filelock as _filelock
-from jaxsave._core.tree import dict_to_pytree, flat_name, pytree_dict_keys
+from jaxsave._core.tree import dict_to_pytree, pytree_dict_keys
 from jaxsave._serialize.treespec import decode_structure
 from jaxsave._store import arviz as _arviz
+from jaxsave._store import schema
 from jaxsave._store.hdf5 import superblock as _superblock
 from jaxsave._store.hdf5.sample_file import open_sample_file
 from jaxsave._store.location import check_storage_options, is_zarr
+from jaxsave._store.names import variable_entries
 from jaxsave._store.rows import read_leaves
 from jaxsave._store.schema import VariableInfo
 from jaxsave._store.source import SampleSource, open_source
@@ -289,13 +291,11 @@ def _result_arrays(result: dict, sample_stats: Any) -> tuple[dict, dict, np.ndar
     samples, counts = result["samples"], np.asarray(result["sample_count"])
     keys, leaves = pytree_dict_keys(samples), jax.tree.leaves(samples)
     batch = counts.ndim
-    groups: tuple[dict, dict] = ({}, {})
-    for key, leaf in zip(keys, leaves):
+    groups: dict[str, dict] = {schema.POSTERIOR_GROUP: {}, schema.STATS_GROUP: {}}
+    for (group, name), leaf in zip(variable_entries(keys, sample_stats), leaves):
         arr = np.asarray(jax.random.key_data(leaf)) if _dtypes.is_key(leaf) else np.asarray(leaf)
-        arr = arr[None] if batch == 0 else arr.reshape((-1,) + arr.shape[batch:])
-        stat = sample_stats(key) if callable(sample_stats) else bool(key) and key[0] in (sample_stats or ())
-        groups[bool(stat)][flat_name(key)] = arr
-    return groups[0], groups[1], counts.reshape(-1)
+        groups[group][name] = arr[None] if batch == 0 else arr.reshape((-1,) + arr.shape[batch:])
+    return groups[schema.POSTERIOR_GROUP], groups[schema.STATS_GROUP], counts.reshape(-1)
 
 
 def _for_arviz(arr: np.ndarray, n: int) -> np.ndarray:

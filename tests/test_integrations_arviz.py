@@ -104,3 +104,22 @@ def test_live_file_is_readable_by_arviz_mid_run(tmp_path):
         postprocess(state, None)
     idata = jaxsave.to_inference_data(path)
     assert idata.posterior["x"].values.tolist() == [list(map(float, range(25)))]
+
+
+@pytest.mark.parametrize(
+    "samples, message",
+    [
+        (
+            {"a.b": np.zeros((1, 3)), "a": {"b": np.ones((1, 3))}},
+            "leaves 'a/b' and 'a.b' both become posterior/a.b",
+        ),
+        ({"chain": np.zeros((1, 3)), "y": np.ones((1, 3))}, "'chain', which is a dimension name"),
+    ],
+    ids=["two leaves, one name", "a dimension's name"],
+)
+def test_a_postprocess_result_whose_names_clash_is_refused(samples, message):
+    # the dict path dropped a leaf (ArviZ 1.x) or raised a bare KeyError (0.x); the files refuse
+    # such samples at init
+    result = {"sample_count": np.array([3]), "samples": samples}
+    with pytest.raises(jaxsave.StructureMismatchError, match=message):
+        jaxsave.to_inference_data(result)

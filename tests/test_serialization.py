@@ -800,3 +800,26 @@ def test_saving_and_loading_pause_the_cyclic_gc_and_restore_it(tmp_path):
     finally:
         gc.enable()
         gc.callbacks.pop()
+
+
+@pytest.mark.parametrize("ext", ["jaxsave", "npz", "safetensors", "h5"])
+def test_leaves_whose_names_collide_with_a_repeats_suffix_save_and_load(tmp_path, ext):
+    # 'a/b' is named 'a|b' like the first leaf, and its '~1' suffix was the second leaf's name:
+    # the save succeeded and the file could never be loaded (h5: h5py's 'name already exists')
+    from collections import OrderedDict
+
+    tree = OrderedDict([("a|b", np.zeros(1)), ("a|b~1", np.ones(1)), ("a/b", np.full(1, 2.0))])
+    jaxsave.save_pytree(tmp_path / f"t.{ext}", tree)
+    back = jaxsave.load_pytree(tmp_path / f"t.{ext}")
+    assert [(k, v.tolist()) for k, v in back.items()] == [("a|b", [0.0]), ("a|b~1", [1.0]), ("a/b", [2.0])]
+
+
+def test_hdf5_stand_in_names_avoid_the_leaves_names(tmp_path):
+    # '..' is stored as 'leaf_0', which another leaf was called
+    tree = {"..": np.zeros(1), "leaf_0": np.ones(1), "leaf_1": np.full(1, 2.0)}
+    jaxsave.save_pytree(tmp_path / "t.h5", tree)
+    assert {k: v.tolist() for k, v in jaxsave.load_pytree(tmp_path / "t.h5").items()} == {
+        "..": [0.0],
+        "leaf_0": [1.0],
+        "leaf_1": [2.0],
+    }

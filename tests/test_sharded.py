@@ -264,3 +264,26 @@ def test_merge_replaces_only_a_merged_file(tmp_path):
     assert list(jaxsave.file_info(merged).sample_counts) == [3, 3, 3, 3]
     with pytest.raises(FileNotFoundError, match=r"the directory .*nodir.* does not exist"):
         jaxsave.merge([a], tmp_path / "nodir" / "m.h5")
+
+
+def test_merge_into_a_symlinked_directory_reads_the_sources_it_names(tmp_path):
+    # the sources were named relative to the link's path; HDF5 resolves '..' from the link's
+    # target, and read an unrelated file of the same name there
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real" / "sub")
+    source = _file(tmp_path / "run-0.h5", draws=2)
+    wrong = _file(tmp_path / "real" / "run-0.h5", draws=2)  # where '../run-0.h5' lands
+    with h5py.File(wrong, "r+") as f:
+        f["posterior/x"][...] = 666
+    merged = jaxsave.merge([source], tmp_path / "link" / "all.h5")
+    np.testing.assert_array_equal(jaxsave.load_samples(merged)["x"][0, :, 0], [0, 1])
+    os.remove(tmp_path / "real" / "run-0.h5")
+    assert jaxsave.load_samples(tmp_path / "link" / "all.h5")["x"].shape == (2, 2, 3)
+
+
+@pytest.mark.parametrize("name", ["run-50%.h5", "run-%b.h5"])
+def test_merge_refuses_a_source_name_hdf5_reads_as_a_pattern(tmp_path, name):
+    source = _file(tmp_path / name)
+    with pytest.raises(ValueError, match=f"cannot name the source .*{name}.*: HDF5 reads a '%'"):
+        jaxsave.merge([source], tmp_path / "m.h5")
+    assert not (tmp_path / "m.h5").exists()

@@ -54,16 +54,27 @@ def leaf_columns(names: list[Any], dtypes: list[Any], shapes: list[Any]) -> dict
 
 
 def unique_names(names: list[str]) -> list[str]:
-    """``names`` with a ``~n`` suffix on the n-th repeat of a name."""
+    """``names`` with a ``~n`` suffix on the n-th repeat of a name (the first ``n`` that no
+    other name takes).
+
+    >>> unique_names(["a", "a~1", "a", "b"])
+    ['a', 'a~1', 'a~2', 'b']
+    """
     if len(set(names)) == len(names):
         return names
-    seen: dict[str, int] = {}
+    taken = set(names)
+    repeats: dict[str, int] = {}
     out = []
     for name in names:
-        if name in seen:
-            seen[name] += 1
-            name = f"{name}~{seen[name]}"
-        seen.setdefault(name, 0)
+        if name in repeats:
+            n = repeats[name]
+            while f"{name}~{n}" in taken:
+                n += 1
+            repeats[name] = n + 1
+            name = f"{name}~{n}"
+            taken.add(name)
+        else:
+            repeats[name] = 1
         out.append(name)
     return out
 

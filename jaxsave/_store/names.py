@@ -47,6 +47,17 @@ def leaf_entries(keys: list[tuple[str, ...]], stats: StatsSpec, layout: str) -> 
         entries = [(schema.CHAIN_GROUP, schema.leaf_path(k)) for k in keys]
         _check_paths(keys, [name for _, name in entries])
         return entries
+    return variable_entries(keys, stats)
+
+
+def variable_entries(keys: Sequence[tuple[str, ...]], stats: StatsSpec) -> list[tuple[str, str]]:
+    """``(group, variable name)`` of every leaf as ArviZ groups take them (layout
+    ``"posterior"``); refuses names that collide with another or with a dimension name.
+
+    >>> variable_entries([("a.b",), ("a", "b")], None)
+    Traceback (most recent call last):
+    jaxsave.errors.StructureMismatchError: leaves 'a.b' and 'a/b' both become posterior/a.b
+    """
     entries = [
         (schema.STATS_GROUP if _is_stat(stats, k) else schema.POSTERIOR_GROUP, flat_name(k)) for k in keys
     ]

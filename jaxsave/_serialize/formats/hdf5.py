@@ -29,8 +29,23 @@ from jaxsave.errors import FileFormatError
 GROUP = "arrays"
 
 
-def _dataset_name(name: str, i: int) -> str:
-    return name if name not in ("", ".", "..") else f"leaf_{i}"
+def _dataset_names(names: Sequence[str]) -> list[str]:
+    """The leaves' dataset names: their own, but ``leaf_{i}`` (with a ``~n`` suffix if another
+    leaf has that name) for names HDF5 cannot take.
+
+    >>> _dataset_names(["..", "leaf_0", "a"])
+    ['leaf_0~1', 'leaf_0', 'a']
+    """
+    taken, out = set(names), []
+    for i, name in enumerate(names):
+        if name in ("", ".", ".."):
+            name, n = f"leaf_{i}", 0
+            while name in taken:
+                n += 1
+                name = f"leaf_{i}~{n}"
+            taken.add(name)
+        out.append(name)
+    return out
 
 
 def write(target: str | BinaryIO, header: dict[str, Any], arrays: Sequence[np.ndarray]) -> None:
@@ -39,8 +54,8 @@ def write(target: str | BinaryIO, header: dict[str, Any], arrays: Sequence[np.nd
     with h5py.File(target, "w") as f:
         f.attrs["jaxsave"] = json.dumps(header, separators=(",", ":"))
         group = f.create_group(GROUP)
-        for i, (name, a) in enumerate(zip(header["leaves"]["names"], arrays)):
-            group.create_dataset(_dataset_name(name, i), data=a)
+        for name, a in zip(_dataset_names(header["leaves"]["names"]), arrays):
+            group.create_dataset(name, data=a)
 
 
 def check_stored(ds: h5py.Dataset, nbytes: int, slack: int = 2**26) -> None:
@@ -64,6 +79,8 @@ class Reader:
     """Read a jaxsave HDF5 file."""
 
     def __init__(self, target: str | BinaryIO):
+        self._names_of: Sequence[str] | None = None
+        self._dataset_names: list[str] = []
         try:
             self._f = h5py.File(target, "r")
         except OSError as e:
@@ -96,7 +113,9 @@ class Reader:
             raise FileFormatError(f"the jaxsave header is not valid JSON: {e}") from None
 
     def _dataset(self, names: Sequence[str], i: int) -> Any:
-        ds = self._f.get(f"{GROUP}/{_dataset_name(names[i], i)}")
+        if self._names_of is not names:  # the same list for every leaf of a file: mapped once
+            self._names_of, self._dataset_names = names, _dataset_names(names)
+        ds = self._f.get(f"{GROUP}/{self._dataset_names[i]}")
         if not isinstance(ds, h5py.Dataset):
             raise FileFormatError(f"the HDF5 file has no dataset for leaf {names[i]!r}")
         return ds

@@ -157,13 +157,12 @@ def check_rows(
 
 
 class BlockSink(Protocol):
-    """What a saver's writer thread calls on its collector (part of :class:`Collector`)."""
+    """What a saver's writer thread calls on its collector (part of :class:`Collector`); also
+    ``prepare(block_rows)`` where the collector has it (:meth:`DataCollector.prepare`)."""
 
     def save(self, chain_id: int, values: list[np.ndarray]) -> None: ...
 
     def save_block(self, chain_ids: list[int], values: list[np.ndarray]) -> None: ...
-
-    def prepare(self, block_rows: int) -> None: ...
 
     def finalize(self, chain_id: int) -> None: ...
 

@@ -158,7 +158,7 @@ def check_rows(
 
 class BlockSink(Protocol):
     """What a saver's writer thread calls on its collector (part of :class:`Collector`); also
-    ``prepare(block_rows)`` where the collector has it (:meth:`DataCollector.prepare`)."""
+    ``prepare_storage(block_rows)`` where the collector has it (:meth:`DataCollector.prepare_storage`)."""
 
     def save(self, chain_id: int, values: list[np.ndarray]) -> None: ...
 
@@ -240,7 +240,7 @@ class DataCollector(abc.ABC):
         for i, chain in enumerate(chain_ids):
             self.save(chain, [leaf[i] for leaf in values])
 
-    def prepare(self, block_rows: int) -> None:  # noqa: B027  (optional: a default that does nothing)
+    def prepare_storage(self, block_rows: int) -> None:  # noqa: B027  (optional: a default that does nothing)
         """Called on the writer thread once the loop that saves is traced, before its first
         block (of up to ``block_rows`` rows a chain): make room for the chains registered."""
 

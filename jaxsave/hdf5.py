@@ -17,6 +17,7 @@ See ``docs/hdf5.md`` for the full layout and the crash-safety guarantees.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -166,13 +167,17 @@ class HDF5Collector(DataCollector):
             return HeldFile.given(file, swmr=swmr, layout=self.layout)
         owner = OwnedFile(os.fspath(file), written=self._rows.written)
         try:
-            return HeldFile.create(
+            held = HeldFile.create(
                 owner,
                 mode,
                 swmr=True if swmr is None else bool(swmr),
                 layout=self.layout,
                 sidecars=(_resume.CHECKPOINT_SUFFIX,),
             )
+            if mode != "a":  # a new file: the checkpoints of the one it replaces are void
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(owner.path + _resume.CHECKPOINT_SUFFIX)
+            return held
         except BaseException:
             owner.release()
             raise
@@ -266,7 +271,7 @@ class HDF5Collector(DataCollector):
             self._datasets.append_block(chain_ids, values)
             self._after_block()
 
-    def prepare(self, block_rows: int) -> None:
+    def prepare_storage(self, block_rows: int) -> None:
         """Create the datasets of the chains registered (on the writer thread, while the loop
         compiles): a copy of the file, renamed over it, that the first block would make."""
         with self._lock:

@@ -26,6 +26,7 @@ import numpy as np
 
 from jaxsave._core import atomic as _atomic
 from jaxsave._core import filelock as _filelock
+from jaxsave._core import paths as _paths
 from jaxsave._store import schema
 from jaxsave._store.hdf5 import sample_file
 from jaxsave._store.schema import VariableInfo
@@ -147,7 +148,7 @@ def merge(paths: Sequence[PathLike], out_path: PathLike) -> str:
         twin = next((q for q in files[:i] if _same_file(p, q)), None)
         if twin is not None:
             raise ValueError(f"merge got the same source twice: {twin!r} and {p!r}")
-    _atomic.check_directory(out_path)
+    _paths.check_directory(out_path)
     try:
         lock = _filelock.acquire(out_path)  # a collector's file is not replaced under it
     except FileInUseError as error:
@@ -181,7 +182,7 @@ def _source_names(paths: list[str], out_path: str) -> list[str]:
     """Each source's path relative to the merged file's real directory (where HDF5 looks for
     it: through a symbolic link, ``..`` is the link target's parent), each checked to name
     the source."""
-    here = os.path.realpath(os.path.dirname(os.path.abspath(out_path)))
+    here = os.path.realpath(_paths.directory_of(out_path))
     names = [os.path.relpath(os.path.realpath(p), here) for p in paths]
     for path, name in zip(paths, names):
         if "%" in name:

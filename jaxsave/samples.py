@@ -34,6 +34,7 @@ from jaxsave._core.tree import dict_to_pytree, pytree_dict_keys
 from jaxsave._serialize.treespec import decode_structure
 from jaxsave._store import arviz as _arviz
 from jaxsave._store import schema
+from jaxsave._store.arguments import check_sample_stats
 from jaxsave._store.hdf5 import superblock as _superblock
 from jaxsave._store.hdf5.sample_file import open_sample_file
 from jaxsave._store.location import check_storage_options, is_zarr
@@ -328,6 +329,7 @@ def to_inference_data(
     if isinstance(path_or_result, dict):
         if storage_options is not None:
             raise TypeError("storage_options= are for a store named by URL, not a postprocess result")
+        check_sample_stats(sample_stats)
         posterior, stats, counts = _result_arrays(path_or_result, sample_stats)
     else:
         with open_source(path_or_result, storage_options) as f:

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxsave._core import atomic as _atomic
 from jaxsave._core import filelock as _filelock
+from jaxsave._core import paths as _paths
 from jaxsave._serialize.treespec import encode_structure
 from jaxsave._store import schema
 from jaxsave._store.location import describe
@@ -186,7 +186,7 @@ class ZarrCollector(DataCollector):
         self._file_lock: _filelock.FileLock | None = None
         self.local = _store.local_directory(store)
         if self.local is not None:
-            _atomic.check_directory(self.local, self._name)
+            _paths.check_directory(self.local, self._name)
         self._writer = writer = StoreWriter(
             store,
             storage_options,

@@ -337,3 +337,45 @@ def test_held_back_checkpoints_are_bounded_by_max_queue_bytes(caplog):
     assert jaxsave.resume(collector).step.tolist() == [30, 30]
     for final in (fast, slow):
         assert int(saver.postprocess(final[0], None)["sample_count"]) == len(range(0, 35, THIN))
+
+
+def _checkpointed_run(path, mode, solver):
+    saver = jaxsave.save(jaxsave.HDF5Collector(path, mode=mode), checkpoint_every=2)
+    state = saver.init({"x": jnp.zeros(3)}, solver)
+    body = lambda c, i: ((saver.save(c[0], True, {"x": jnp.zeros(3)}, solver_state=c[1])[0], c[1]), None)  # noqa: E731
+    state, _ = jax.jit(lambda s, v: jax.lax.scan(body, (s, v), jnp.arange(4))[0])(state, solver)
+    saver.postprocess(state, None)
+
+
+def test_continuing_a_file_with_another_sampler_state_is_refused_at_init(tmp_path):
+    # the checkpoint file holds one structure for every chain: a chain of another state relabelled
+    # the stored chains' leaves ({'pos', 'mom'} came back as {'vel', 'mom'})
+    path = tmp_path / "run.h5"
+    _checkpointed_run(path, "w", {"pos": jnp.full(3, 1.0), "mom": jnp.full(3, 2.0)})
+    _checkpointed_run(path, "a", {"pos": jnp.zeros(3), "mom": jnp.zeros(3)})  # the same state: fine
+    with pytest.raises(
+        jaxsave.StructureMismatchError,
+        match=r"init_checkpoint: the checkpoints stored already are of another",
+    ):
+        _checkpointed_run(path, "a", {"vel": jnp.zeros(3), "mom": jnp.zeros(3)})
+    assert jaxsave.resume(path, chains=[0]).solver_state["pos"].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_a_new_file_drops_the_checkpoints_of_the_one_it_replaces(tmp_path):
+    # mode='w' replaced the samples and kept the old .ckpt: resume offered chains the file lacks
+    path = tmp_path / "run.h5"
+    _checkpointed_run(path, "w", {"v": jnp.zeros((3,))})
+    _checkpointed_run(path, "a", {"v": jnp.zeros((3,))})  # chain 1
+    assert jaxsave.resume(path).chain_ids.tolist() == [0, 1]
+    _checkpointed_run(path, "w", {"w": jnp.zeros((2,))})
+    assert jaxsave.resume(path).chain_ids.tolist() == [0]
+
+
+def test_resume_like_takes_python_scalars_as_the_run_stored_them(tmp_path):
+    # a Python float or int in the state is stored as jnp.asarray has it (float32, int32); the
+    # template was compared as given (float64 != float32) once its class was registered
+    path = tmp_path / "run.h5"
+    _checkpointed_run(path, "w", {"x": jnp.zeros(3), "scale": 1.0, "step": 0})
+    like = ({"x": jnp.zeros(3), "scale": 1.0, "step": 0}, None)
+    for _ in range(2):
+        assert jaxsave.resume(path, like=like).solver_state["scale"] == 1.0

@@ -123,3 +123,12 @@ def test_a_postprocess_result_whose_names_clash_is_refused(samples, message):
     result = {"sample_count": np.array([3]), "samples": samples}
     with pytest.raises(jaxsave.StructureMismatchError, match=message):
         jaxsave.to_inference_data(result)
+
+
+def test_a_postprocess_results_sample_stats_as_a_string_is_a_type_error():
+    result = {"sample_count": np.array([3]), "samples": {"lp": np.zeros((1, 3)), "x": np.ones((1, 3))}}
+    with pytest.raises(
+        TypeError, match="sample_stats must be a sequence of names or a predicate, not a string"
+    ):
+        jaxsave.to_inference_data(result, sample_stats="lp")
+    assert list(jaxsave.to_inference_data(result, sample_stats=("lp",))["sample_stats"].data_vars) == ["lp"]

@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -823,3 +824,15 @@ def test_hdf5_stand_in_names_avoid_the_leaves_names(tmp_path):
         "leaf_0": [1.0],
         "leaf_1": [2.0],
     }
+
+
+@pytest.mark.parametrize("ext, name", [("npz", ".npz"), ("h5", "HDF5")])
+def test_a_nul_in_a_key_is_refused_where_the_format_cuts_it(tmp_path, ext, name):
+    # .npz saved 'a\0b' and could not load it; .h5 raised h5py's 'name already exists'
+    with pytest.raises(
+        ValueError, match=rf"leaf 'a\\x00b': {re.escape(name)} cannot store a name with a NUL"
+    ):
+        jaxsave.save_pytree(tmp_path / f"t.{ext}", {"a\0b": np.ones(1), "a": np.zeros(1)})
+    assert os.listdir(tmp_path) == []
+    jaxsave.save_pytree(tmp_path / "t.jaxsave", {"a\0b": np.ones(1), "a": np.zeros(1)})
+    assert jaxsave.load_pytree(tmp_path / "t.jaxsave")["a\0b"].tolist() == [1.0]

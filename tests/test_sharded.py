@@ -287,3 +287,25 @@ def test_merge_refuses_a_source_name_hdf5_reads_as_a_pattern(tmp_path, name):
     with pytest.raises(ValueError, match=f"cannot name the source .*{name}.*: HDF5 reads a '%'"):
         jaxsave.merge([source], tmp_path / "m.h5")
     assert not (tmp_path / "m.h5").exists()
+
+
+def test_merge_through_link_dotdot_and_a_merged_file_opened_through_a_link(tmp_path, monkeypatch):
+    # 'link/..' was collapsed as text (abspath) to the directory holding the link, not the
+    # parent of its target, where the file goes; and a merged file opened through a link from
+    # another directory read whatever sat there under its sources' names
+    monkeypatch.chdir(tmp_path)
+    for d in ("real/a/b", "src", "real/a/src", "elsewhere"):
+        (tmp_path / d).mkdir(parents=True)
+    (tmp_path / "link").symlink_to("real/a/b")
+    _file(tmp_path / "src" / "run-0.h5", draws=2)
+    wrong = _file(tmp_path / "real" / "a" / "src" / "run-0.h5", draws=2)
+    with h5py.File(wrong, "r+") as f:
+        f["posterior/x"][...] = 666
+    merged = jaxsave.merge(["src/run-0.h5"], "link/../all.h5")
+    assert os.path.exists(tmp_path / "real" / "a" / "all.h5")
+    np.testing.assert_array_equal(jaxsave.load_samples(merged)["x"][0, :, 0], [0, 1])
+    os.symlink(tmp_path / "real" / "a" / "all.h5", tmp_path / "elsewhere" / "all.h5")
+    with pytest.raises(jaxsave.FileFormatError, match="opened through a link from another directory"):
+        jaxsave.load_samples(tmp_path / "elsewhere" / "all.h5")
+    (tmp_path / "mirror").symlink_to(tmp_path / "real" / "a")  # a link to its directory is fine
+    np.testing.assert_array_equal(jaxsave.load_samples(tmp_path / "mirror" / "all.h5")["x"][0, :, 0], [0, 1])

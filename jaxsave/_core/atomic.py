@@ -24,6 +24,8 @@ import secrets
 from collections.abc import Iterator
 from typing import BinaryIO
 
+from jaxsave._core.paths import check_directory, directory_of
+
 __all__ = [
     "atomic_write",
     "atomic_path",
@@ -63,29 +65,6 @@ def fsync_directory(directory: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def check_directory(path: str | os.PathLike[str], name: str | None = None) -> None:
-    """Refuse a ``path`` whose directory does not exist, naming both (``name``: how to call it).
-
-    The directory is the one the path names as written (``nope/../x`` lies in ``nope/..``),
-    which is where the file and its temporary siblings are created.
-
-    >>> check_directory("/no/such/dir/run.h5")
-    Traceback (most recent call last):
-    FileNotFoundError: cannot write '/no/such/dir/run.h5': the directory '/no/such/dir' does not exist
-    """
-    path = os.fspath(path)
-    if not isinstance(path, str):
-        raise TypeError(f"a path must be a str or os.PathLike[str], got {type(path).__name__} {path!r}")
-    what = name or repr(path)
-    if not path:
-        raise ValueError(f"cannot write {what}: the path is empty")
-    directory = os.path.dirname(path) or os.curdir
-    if not os.path.isdir(directory):
-        if os.path.exists(directory):
-            raise NotADirectoryError(f"cannot write {what}: {directory!r} is not a directory")
-        raise FileNotFoundError(f"cannot write {what}: the directory {directory!r} does not exist")
-
-
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator[str]:
     """Yield a temporary path to write ``path``'s new content to, by any means.
@@ -113,7 +92,7 @@ def atomic_path(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator
             os.unlink(tmp)
         raise
     if fsync:
-        fsync_directory(os.path.dirname(os.path.abspath(path)))
+        fsync_directory(directory_of(path))
 
 
 @contextlib.contextmanager
@@ -131,7 +110,7 @@ def atomic_write(
         if fsync:
             os.fsync(f.fileno())
     if fsync:
-        fsync_directory(os.path.dirname(os.path.abspath(path)))
+        fsync_directory(directory_of(path))
 
 
 def remove_stale_temporaries(directory: str | os.PathLike[str], target: str | None = None) -> list[str]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import errno
 import os
 
+from jaxsave._core.paths import absolute
+
 try:
     import resource as _resource
 except ImportError:  # not POSIX: no file-size limit
@@ -45,7 +47,7 @@ class Room:
     """
 
     def __init__(self, path: str):
-        self.path = os.path.abspath(path)
+        self.path = absolute(path)  # link/.. is the link target's parent, as the kernel has it
         self.directory = os.path.dirname(self.path)
 
     def check(self, needed: int, held: str = "") -> None:

@@ -108,8 +108,8 @@ def assemble(stored: dict[int, ChainCheckpoint], spec: Any, like: Any = None) ->
         like_spec = jax.eval_shape(lambda t: t, like)
         if isinstance(spec, UndecodedSpec):
             _check_undecoded(spec, like_spec)
-        elif spec is not None:
-            check_like(like, spec, "the checkpoint template")
+        elif spec is not None:  # as stored: Python scalars as jnp.asarray has them (weak float32...)
+            check_like(like_spec, spec, "the checkpoint template")
         spec = like_spec
     if spec is None or isinstance(spec, UndecodedSpec):
         raise JaxsaveError(
@@ -176,7 +176,8 @@ def _check_undecoded(stored: UndecodedSpec, like: Any) -> None:
         raise StructureMismatchError(
             "the checkpoint template does not match the checkpoint's structure (its nodes, field "
             "names, keys or static values differ; the classes' names are not compared): the "
-            f"checkpoint's is {_brief(stored.structure)}, the template's {_brief(like_structure)}"
+            f"checkpoint's is {_brief(stored.structure.get('root'))}, the template's "
+            f"{_brief(like_structure['root'])}"
         )
     got = [_dtypes.leaf_spec(x) for x in like_leaves]
     want = [_dtypes.leaf_spec(x) for x in stored.leaves]
@@ -188,9 +189,32 @@ def _check_undecoded(stored: UndecodedSpec, like: Any) -> None:
             )
 
 
-def _brief(structure: dict) -> str:
-    """A structure description, short enough for a message."""
-    text = json.dumps(_untyped(structure.get("root")), separators=(",", ":"))
+def describe_spec(spec: Any) -> tuple[Any, list[_dtypes.LeafSpec]]:
+    """A checkpoint's structure as its description (without its classes' names, as
+    :func:`_check_undecoded` compares them) and leaf specs, decoded or not."""
+    from jaxsave._serialize import treespec as _treespec
+
+    if isinstance(spec, UndecodedSpec):
+        return _untyped(spec.structure.get("root")), [_dtypes.leaf_spec(x) for x in spec.leaves]
+    structure, leaves = _treespec.encode_structure(spec, strict=False)
+    return _untyped(structure["root"]), [_dtypes.leaf_spec(x) for x in leaves]
+
+
+def check_same_spec(stored: Any, spec: Any, what: str) -> None:
+    """Refuse ``spec`` unless it is the checkpoint structure ``stored`` (one stored file or
+    store holds checkpoints of one structure)."""
+    ours, theirs = describe_spec(spec), describe_spec(stored)
+    if ours != theirs:
+        detail = "" if ours[0] != theirs[0] else f" (leaves {theirs[1]} against {ours[1]})"[:300]
+        raise StructureMismatchError(
+            f"{what}: the checkpoints stored already are of another sampler state, "
+            f"{_brief(theirs[0])}, not {_brief(ours[0])}{detail}"
+        )
+
+
+def _brief(root: Any) -> str:
+    """A structure description's root (without classes' names), short enough for a message."""
+    text = json.dumps(_untyped(root), separators=(",", ":"))
     return text if len(text) <= 160 else text[:157] + "..."
 
 
@@ -345,6 +369,8 @@ def read_store(source: Any, storage_options: dict | None = None) -> tuple[dict[i
         if not key[len(CHECKPOINT_PREFIX) :].isdigit():
             continue  # not a checkpoint: the temporary of a put that a kill interrupted
         found, found_spec = read_store_key(location, key)
+        if spec is not None and found:
+            check_same_spec(spec, found_spec, f"the checkpoints in {key!r}")
         records.update(found)
         spec = found_spec if spec is None else spec
     return records, spec

@@ -231,6 +231,9 @@ class Streamer(SaverBase):
             tree = jax.tree.map(lambda x: x[0], tree)
         spec = jax.eval_shape(lambda t: t, tree)
         if self.checkpoint_spec is None:
+            stored, stored_spec = self.collector.resume()  # a file continued, a store shared
+            if stored and stored_spec is not None:
+                _resume.check_same_spec(stored_spec, spec, "init_checkpoint")
             self.checkpoint_spec = spec
         else:
             check_like(spec, self.checkpoint_spec, "init_checkpoint of a new chain")
@@ -296,7 +299,7 @@ class Streamer(SaverBase):
         """A loop that saves is being built: the collector can make room while it compiles."""
         self.traced = True
         if self.writer is not None:
-            self.writer.prepare(self.block_size or 1)
+            self.writer.prepare_storage(self.block_size or 1)
 
     def save(
         self,

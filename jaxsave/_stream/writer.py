@@ -214,14 +214,14 @@ class Writer:
         abandon = lambda: self.error is not None or self._stopping
         self._queue.put(block, block.nbytes, abandon=abandon)
 
-    def prepare(self, block_rows: int) -> None:
+    def prepare_storage(self, block_rows: int) -> None:
         """Have the collector make room for every chain added, before the first block arrives
-        (its optional ``prepare(block_rows)``: an HDF5 file's datasets), once per writer.
+        (its optional ``prepare_storage(block_rows)``: an HDF5 file's datasets), once per writer.
 
         Called when the loop is traced: the work overlaps the compilation instead of adding
         to the first block (in a short run, the only one, reaching the host at ``postprocess``).
         """
-        prepare = getattr(self.collector, "prepare", None)
+        prepare = getattr(self.collector, "prepare_storage", None)
         if prepare is None or self._prepared:
             return
         self._prepared = True

@@ -136,6 +136,17 @@ def test_file_size_limit_surfaces_efbig_and_keeps_the_samples(tmp_path, figures)
     )
 
 
+def test_a_full_file_system_behind_link_dotdot_surfaces_enospc(tmp_path):
+    # the room was checked on the directory abspath makes of 'link/..' (another file system),
+    # so HDF5 met the full disk itself: a RuntimeError, then a segfault at exit
+    with small_disk(tmp_path, "12m") as mnt:
+        (mnt / "sub").mkdir()
+        (tmp_path / "link").symlink_to(mnt / "sub")
+        result = run_child(tmp_path, tmp_path / "link" / ".." / "s.h5", "none")
+        assert result["raised"] == "OSError" and result["errno"] == errno.ENOSPC, result
+        assert check_prefix(mnt / "s.h5") > 64
+
+
 def test_full_file_system_surfaces_enospc_and_keeps_the_samples(tmp_path, figures):
     with small_disk(tmp_path, "12m") as mnt:  # where it is skipped, the file-size-limit test covers the path
         result = run_child(tmp_path, mnt / "s.h5", "none")

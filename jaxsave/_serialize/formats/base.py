@@ -45,3 +45,14 @@ class Format(Protocol):
 
     def Reader(self, target: Any) -> Reader:  # noqa: N802  (a class in each module)
         """Open ``target`` for reading."""
+
+
+def check_names_storable(names: Sequence[str], format_name: str) -> None:
+    """Refuse a leaf name with a NUL character, which ``format_name`` (zip members, HDF5 links)
+    cuts short: the file would be written, and hold another name or none."""
+    bad = next((name for name in names if "\0" in name), None)
+    if bad is not None:
+        raise ValueError(
+            f"leaf {bad!r}: {format_name} cannot store a name with a NUL character; rename its key, "
+            "or save in the jaxsave format"
+        )

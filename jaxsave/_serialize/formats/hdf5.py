@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxsave._core.diskspace import check_room
 from jaxsave._core.dtypes import storage_dtype
-from jaxsave._serialize.formats.base import MAX_HEADER_BYTES, Specs
+from jaxsave._serialize.formats.base import MAX_HEADER_BYTES, Specs, check_names_storable
 from jaxsave._store import schema
 from jaxsave._store.hdf5.trust import check_file, stored_bytes
 from jaxsave.errors import FileFormatError
@@ -49,6 +49,7 @@ def _dataset_names(names: Sequence[str]) -> list[str]:
 
 
 def write(target: str | BinaryIO, header: dict[str, Any], arrays: Sequence[np.ndarray]) -> None:
+    check_names_storable(header["leaves"]["names"], "HDF5")
     if isinstance(target, (str, os.PathLike)):  # HDF5 cannot recover from a full disk: check first
         check_room(os.fspath(target), sum(a.nbytes for a in arrays) + 4096 * (len(arrays) + 1))
     with h5py.File(target, "w") as f:

@@ -22,13 +22,14 @@ import numpy as np
 from numpy.lib import format as npformat
 
 from jaxsave._core.dtypes import dtype_from_name, storage_dtype
-from jaxsave._serialize.formats.base import MAX_HEADER_BYTES, Specs
+from jaxsave._serialize.formats.base import MAX_HEADER_BYTES, Specs, check_names_storable
 from jaxsave.errors import FileFormatError
 
 HEADER_MEMBER = "__jaxsave__.json"
 
 
 def write(target: str | BinaryIO, header: dict[str, Any], arrays: Sequence[np.ndarray]) -> None:
+    check_names_storable(header["leaves"]["names"], ".npz")
     text = json.dumps(header, separators=(",", ":"))
     with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         for name, a in zip(header["leaves"]["names"], arrays):

@@ -18,6 +18,7 @@ import numpy as np
 
 from jaxsave._core import atomic as _atomic
 from jaxsave._core import filelock as _filelock
+from jaxsave._core import paths as _paths
 from jaxsave._core.regular_file import open_regular
 from jaxsave._store import schema
 from jaxsave._store.hdf5 import sample_file
@@ -170,13 +171,13 @@ class OwnedFile:
 
     def check_path(self) -> None:
         """The path can name a new file: its directory exists, and it is not a directory."""
-        _atomic.check_directory(self.path)
+        _paths.check_directory(self.path)
         if os.path.isdir(self.path):
             raise IsADirectoryError(f"{self.path!r} is a directory; HDF5Collector needs a file path")
 
     def remove_stale_temporaries(self, suffixes: Sequence[str] = ()) -> None:
         """Delete what writers killed while changing this file (or ``<file><suffix>``) left next to it."""
-        directory, name = os.path.split(os.path.abspath(self.path))
+        directory, name = _paths.directory_of(self.path), os.path.basename(self.path)
         if os.path.isdir(directory):
             for target in (name, *(name + suffix for suffix in suffixes)):
                 _atomic.remove_stale_temporaries(directory, target=target)

@@ -30,6 +30,7 @@ import stat
 
 import h5py
 
+from jaxsave._core.paths import absolute
 from jaxsave._store import schema
 from jaxsave._store.hdf5 import superblock as _superblock
 from jaxsave.errors import FileFormatError
@@ -95,6 +96,7 @@ def check_file(f: h5py.File, where: str, *, merged: bool = False) -> None:
     if sources:
         base = _directory(f)
         for source in sources:
+            _check_found_from_here(f, source, where)
             with open_source(os.path.join(base, source), where) as s:
                 if schema.FORMAT not in s.attrs:
                     raise FileFormatError(f"{where}: its source {source!r} is not a jaxsave sample file")
@@ -150,8 +152,30 @@ def _check_dataset(dcpl: h5py.h5p.PropDCID, name: str, where: str, sources: list
 
 
 def _directory(f: h5py.File) -> str:
-    """Where HDF5 looks first for the relative sources of ``f``'s virtual datasets."""
-    return os.path.dirname(os.path.abspath(f.filename))
+    """Where HDF5 looks first for the relative sources of ``f``'s virtual datasets: the
+    directory of its name as opened, joined as strings (``link/..`` is the link target's parent)."""
+    return os.path.dirname(absolute(f.filename))
+
+
+def _check_found_from_here(f: h5py.File, source: str, where: str) -> None:
+    """Refuse a merged file opened through a link from another directory, where ``source``
+    (named from the file's own directory, as merge names it) is another file or none."""
+    seen, own = (
+        os.path.join(_directory(f), source),
+        os.path.join(os.path.dirname(os.path.realpath(f.filename)), source),
+    )
+    if os.path.realpath(seen) == os.path.realpath(own):
+        return
+    try:
+        if os.path.samefile(seen, own):  # hard links
+            return
+    except OSError:
+        pass
+    raise FileFormatError(
+        f"{where}: a merged file opened through a link from another directory: its source "
+        f"{source!r} is {own!r}, but HDF5 would read {seen!r}; open it at "
+        f"{os.path.realpath(f.filename)!r}"
+    )
 
 
 def open_source(path: str, where: str) -> h5py.File:

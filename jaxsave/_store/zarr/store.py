@@ -23,6 +23,7 @@ import stat
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+from jaxsave._core.paths import absolute
 from jaxsave._store.location import ZARR_JSON, describe, is_url, is_zarr_object
 from jaxsave._store.zarr.confined import (
     PROC_FD,
@@ -84,10 +85,10 @@ def local_directory(source: Any) -> str | None:
 
 
 def _absolute(path: str) -> str:
-    """``path`` from the current directory, as written (``nope/..`` exists only if ``nope`` does)."""
+    """``path`` from the current directory, as written (:func:`~jaxsave._core.paths.absolute`)."""
     if not path:
         raise ValueError("a Zarr store's path is empty")
-    return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
+    return absolute(path)
 
 
 def identity(source: Any) -> str:

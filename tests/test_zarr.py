@@ -597,3 +597,24 @@ def test_a_shrink_deletes_exactly_the_chunks_outside(tmp_path):
 def test_a_draws_argument_past_int64_room_is_refused(tmp_path, draws):
     with pytest.raises(ValueError, match=r"draws must be an int from 0 to 2\*\*62 or None"):
         jaxsave.ZarrCollector(tmp_path / "s.zarr", draws=draws)
+
+
+def test_writers_of_one_store_checkpointing_different_states_are_refused(tmp_path):
+    # each writer stores its chains' checkpoints under its own key; read together, writer 0's
+    # structure relabelled writer 1's leaves, or np.stack raised a bare ValueError
+    store = tmp_path / "run.zarr"
+    a = jaxsave.ZarrCollector(store, shared=True, chains=2, first_chain=0, run_id="r", draws=4)
+    b = jaxsave.ZarrCollector(store, shared=True, chains=2, first_chain=1, run_id="r", draws=4)
+    for collector, solver in ((a, {"pos": jnp.zeros(2)}), (b, {"vel": jnp.zeros(2)})):
+        saver = jaxsave.save(collector, checkpoint_every=2)
+        state = saver.init({"x": jnp.zeros(2)}, solver)
+        body = lambda c, i, saver=saver: (
+            (saver.save(c[0], True, {"x": jnp.zeros(2)}, solver_state=c[1])[0], c[1]),
+            None,
+        )  # noqa: E731
+        state = jax.lax.scan(body, (state, solver), jnp.arange(4))[0][0]
+        saver.postprocess(state, None)
+    with pytest.raises(
+        jaxsave.StructureMismatchError, match="checkpoints stored already are of another sampler state"
+    ):
+        jaxsave.resume(store)

@@ -379,3 +379,32 @@ def test_resume_like_takes_python_scalars_as_the_run_stored_them(tmp_path):
     like = ({"x": jnp.zeros(3), "scale": 1.0, "step": 0}, None)
     for _ in range(2):
         assert jaxsave.resume(path, like=like).solver_state["scale"] == 1.0
+
+
+def test_one_vmapped_chain_resumes_stacked_with_chains_1(tmp_path):
+    # a checkpoint of one chain has no chain axis: init(resume=) returned an unstacked state,
+    # and a stacked init_checkpoint was refused
+    path = tmp_path / "run.h5"
+
+    def run(saver, state, x):
+        def chain(state, x):
+            def body(c, i):
+                s, x = c
+                return (saver.save(s, True, {"x": x + 1.0}, solver_state={"x": x + 1.0})[0], x + 1.0), None
+
+            return jax.lax.scan(body, (state, x), jnp.arange(10))[0]
+
+        saver.postprocess(jax.jit(jax.vmap(chain))(state, x)[0], None)
+
+    x0, info = jnp.zeros((1, 2)), jaxsave.static_information(samples_collected=20)
+    saver = jaxsave.save(jaxsave.HDF5Collector(path), checkpoint_every=5)
+    run(saver, saver.init({"x": x0}, {"x": x0}, info, chains=1), x0)
+    ckpt = jaxsave.resume(path)
+    assert int(ckpt.step) == 10 and ckpt.solver_state["x"].shape == (2,)
+    saver = jaxsave.save(jaxsave.HDF5Collector(path, mode="a"), checkpoint_every=5)
+    with pytest.raises(ValueError, match=r"init\(chains=2, resume=...\): the checkpoint holds 1 chain"):
+        saver.init({"x": jnp.zeros((2, 2))}, {"x": jnp.zeros((2, 2))}, info, chains=2, resume=ckpt)
+    state = saver.init({"x": x0}, {"x": x0}, info, chains=1, resume=ckpt)
+    assert state.chain_id.tolist() == [0] and state.step.tolist() == [10]
+    run(saver, state, jax.tree.map(lambda v: v[None], ckpt.solver_state)["x"])
+    np.testing.assert_array_equal(jaxsave.load_samples(path)["x"][0, :, 0], np.arange(1.0, 21.0))

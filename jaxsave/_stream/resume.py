@@ -204,12 +204,22 @@ def check_same_spec(stored: Any, spec: Any, what: str) -> None:
     """Refuse ``spec`` unless it is the checkpoint structure ``stored`` (one stored file or
     store holds checkpoints of one structure)."""
     ours, theirs = describe_spec(spec), describe_spec(stored)
-    if ours != theirs:
-        detail = "" if ours[0] != theirs[0] else f" (leaves {theirs[1]} against {ours[1]})"[:300]
+    if ours == theirs:
+        return
+    if ours[0] != theirs[0]:
         raise StructureMismatchError(
             f"{what}: the checkpoints stored already are of another sampler state, "
-            f"{_brief(theirs[0])}, not {_brief(ours[0])}{detail}"
+            f"{_brief(theirs[0])}, not {_brief(ours[0])}"
         )
+    flat = jax.tree_util.tree_flatten_with_path(spec)[0]
+    differ = [
+        f"leaf {jax.tree_util.keystr(path)} is {a.dtype}{list(a.shape)}, stored {b.dtype}{list(b.shape)}"
+        for (path, _), a, b in zip(flat, ours[1], theirs[1])
+        if a != b
+    ]
+    raise StructureMismatchError(
+        f"{what}: the checkpoints stored already are of another sampler state: " + "; ".join(differ[:4])
+    )
 
 
 def _brief(root: Any) -> str:

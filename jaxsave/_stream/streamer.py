@@ -167,9 +167,11 @@ class Streamer(SaverBase):
         resume: Checkpoint | None,
     ) -> SaveState:
         self._raise_late_error()
-        if resume is not None:
-            one = np.ndim(resume.chain_ids) == 0 or len(resume.chain_ids) == 1
-            chains = None if one else len(resume.chain_ids)
+        if resume is not None:  # its chain count; chains=1 keeps one chain stacked, as it ran
+            held = int(np.size(resume.chain_ids))
+            if chains is not None and chains != held:
+                raise ValueError(f"init(chains={chains}, resume=...): the checkpoint holds {held} chain(s)")
+            chains = chains if held == 1 else held
         spec = self._sample_spec(init_sample, chains)
         capacity = samples_collected(static_information)
         self._checkpoint_spec(init_checkpoint, scheduler_state, chains)
@@ -196,7 +198,7 @@ class Streamer(SaverBase):
         running = set(self.registered) - self.finished_chains
         try:
             if resume is not None:
-                return self._resume(spec, init_checkpoint, static_information, capacity, resume)
+                return self._resume(spec, init_checkpoint, static_information, capacity, resume, chains)
             ids = []
             for _ in range(chains or 1):
                 chain = int(
@@ -238,7 +240,7 @@ class Streamer(SaverBase):
         else:
             check_like(spec, self.checkpoint_spec, "init_checkpoint of a new chain")
 
-    def _resume(self, spec, init_checkpoint, static_information, capacity, ckpt) -> SaveState:
+    def _resume(self, spec, init_checkpoint, static_information, capacity, ckpt, chains) -> SaveState:
         ids = np.atleast_1d(np.asarray(ckpt.chain_ids)).tolist()
         steps = np.atleast_1d(np.asarray(ckpt.step))
         counts = np.atleast_1d(np.asarray(ckpt.sample_count))
@@ -265,12 +267,12 @@ class Streamer(SaverBase):
             if chain not in self.registered:
                 self.registered.append(chain)
         writer.add_group(ids)
-        batched = len(ids) > 1
+        batched = chains is not None  # the state; the checkpoint's leaves have a chain axis if len(ids) > 1
         step = jnp.asarray(steps, jnp.int32) if batched else jnp.int32(steps[0])
         if self.checkpoint_spec is not None:
             tree = _resume.checkpoint_tree(ckpt.solver_state, ckpt.scheduler_state)
             check_like(
-                jax.eval_shape(lambda t: jax.tree.map(lambda x: x[0], t) if batched else t, tree),
+                jax.eval_shape(lambda t: jax.tree.map(lambda x: x[0], t) if len(ids) > 1 else t, tree),
                 self.checkpoint_spec,
                 "the checkpoint to resume",
             )

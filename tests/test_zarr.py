@@ -615,6 +615,7 @@ def test_writers_of_one_store_checkpointing_different_states_are_refused(tmp_pat
         state = jax.lax.scan(body, (state, solver), jnp.arange(4))[0][0]
         saver.postprocess(state, None)
     with pytest.raises(
-        jaxsave.StructureMismatchError, match="checkpoints stored already are of another sampler state"
+        jaxsave.StructureMismatchError,
+        match=r"does not match the checkpoints stored already \(another sampler state\)",
     ):
         jaxsave.resume(store)

@@ -162,31 +162,16 @@ def _check_undecoded(stored: UndecodedSpec, like: Any) -> None:
 
     Encoding ``like`` registers its node classes, so the stored structure usually decodes now
     and is compared leaf by leaf. Where it does not (a class moved to another module since),
-    the two descriptions must agree in all but the classes' names: nodes, field names, keys,
-    static values, and each leaf's shape and dtype.
+    the two must agree in all but the classes' names (:func:`check_same_spec`).
     """
     from jaxsave._serialize import treespec as _treespec
 
-    like_structure, like_leaves = _treespec.encode_structure(like, strict=False)
+    _treespec.encode_structure(like, strict=False)  # registers like's node classes
     spec = decoded_spec(stored.structure, stored.leaves)
-    if not isinstance(spec, UndecodedSpec):
+    if isinstance(spec, UndecodedSpec):
+        check_same_spec(stored, like, "the checkpoint template")
+    else:
         check_like(like, spec, "the checkpoint template")
-        return
-    if _untyped(like_structure.get("root")) != _untyped(stored.structure.get("root")):
-        raise StructureMismatchError(
-            "the checkpoint template does not match the checkpoint's structure (its nodes, field "
-            "names, keys or static values differ; the classes' names are not compared): the "
-            f"checkpoint's is {_brief(stored.structure.get('root'))}, the template's "
-            f"{_brief(like_structure['root'])}"
-        )
-    got = [_dtypes.leaf_spec(x) for x in like_leaves]
-    want = [_dtypes.leaf_spec(x) for x in stored.leaves]
-    for j, (a, b) in enumerate(zip(got, want)):
-        if a != b:
-            raise StructureMismatchError(
-                f"the checkpoint template's leaf {j} is {a.dtype}{list(a.shape)}, the checkpoint's "
-                f"{b.dtype}{list(b.shape)}"
-            )
 
 
 def describe_spec(spec: Any) -> tuple[Any, list[_dtypes.LeafSpec]]:
@@ -201,25 +186,21 @@ def describe_spec(spec: Any) -> tuple[Any, list[_dtypes.LeafSpec]]:
 
 
 def check_same_spec(stored: Any, spec: Any, what: str) -> None:
-    """Refuse ``spec`` unless it is the checkpoint structure ``stored`` (one stored file or
-    store holds checkpoints of one structure)."""
+    """Refuse ``spec`` unless it is the checkpoint structure ``stored`` but for its classes'
+    names (one stored file or store holds checkpoints of one structure)."""
     ours, theirs = describe_spec(spec), describe_spec(stored)
     if ours == theirs:
         return
-    if ours[0] != theirs[0]:
-        raise StructureMismatchError(
-            f"{what}: the checkpoints stored already are of another sampler state, "
-            f"{_brief(theirs[0])}, not {_brief(ours[0])}"
-        )
+    head = f"{what} does not match the checkpoints stored already (another sampler state)"
+    if ours[0] != theirs[0]:  # nodes, field names, keys or static values
+        raise StructureMismatchError(f"{head}: theirs is {_brief(theirs[0])}, {what}'s {_brief(ours[0])}")
     flat = jax.tree_util.tree_flatten_with_path(spec)[0]
     differ = [
         f"leaf {jax.tree_util.keystr(path)} is {a.dtype}{list(a.shape)}, stored {b.dtype}{list(b.shape)}"
         for (path, _), a, b in zip(flat, ours[1], theirs[1])
         if a != b
     ]
-    raise StructureMismatchError(
-        f"{what}: the checkpoints stored already are of another sampler state: " + "; ".join(differ[:4])
-    )
+    raise StructureMismatchError(f"{head}: " + "; ".join(differ[:4]))
 
 
 def _brief(root: Any) -> str:

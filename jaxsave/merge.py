@@ -101,16 +101,6 @@ def _check_same(first: _Source, other: _Source) -> None:
         raise StructureMismatchError("the files cannot be merged:\n  " + "\n  ".join(sorted(problems)))
 
 
-def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    """Whether paths ``a`` and ``b`` name one file (through links, or as one path spelled twice)."""
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
-    try:
-        return os.path.samefile(a, b)  # hard links
-    except OSError:  # one of them does not exist
-        return False
-
-
 def merge(paths: Sequence[PathLike], out_path: PathLike) -> str:
     """Write ``out_path``: one sample file whose chains are those of ``paths``, in order.
 
@@ -142,10 +132,10 @@ def merge(paths: Sequence[PathLike], out_path: PathLike) -> str:
     files: list[str] = [os.fspath(p) for p in paths]
     if not files:
         raise ValueError("merge needs at least one source file")
-    if any(_same_file(p, out_path) for p in files):
+    if any(_paths.same_file(p, out_path) for p in files):
         raise ValueError(f"the merged file {out_path!r} cannot also be a source")
     for i, p in enumerate(files):
-        twin = next((q for q in files[:i] if _same_file(p, q)), None)
+        twin = next((q for q in files[:i] if _paths.same_file(p, q)), None)
         if twin is not None:
             raise ValueError(f"merge got the same source twice: {twin!r} and {p!r}")
     _paths.check_directory(out_path)
@@ -190,7 +180,7 @@ def _source_names(paths: list[str], out_path: str) -> list[str]:
                 f"merge cannot name the source {path!r}: HDF5 reads a '%' in a source's name as a "
                 "pattern; rename the file"
             )
-        if not _same_file(os.path.join(here, name), path):
+        if not _paths.same_file(os.path.join(here, name), path):
             raise ValueError(f"the source {path!r} cannot be found from the merged file's directory {here!r}")
     return names
 

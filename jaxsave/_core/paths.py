@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["absolute", "check_directory", "directory_of"]
+__all__ = ["absolute", "check_directory", "directory_of", "same_file"]
 
 
 def absolute(path: str | os.PathLike[str]) -> str:
@@ -30,6 +30,16 @@ def absolute(path: str | os.PathLike[str]) -> str:
 def directory_of(path: str | os.PathLike[str]) -> str:
     """The directory that ``path``'s file is in, as written (``"."`` for a bare name)."""
     return os.path.dirname(os.fspath(path)) or os.curdir
+
+
+def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether paths ``a`` and ``b`` name one file (through links, or as one path spelled twice)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)  # hard links
+    except OSError:  # one of them does not exist
+        return False
 
 
 def check_directory(path: str | os.PathLike[str], name: str | None = None) -> None:

@@ -63,20 +63,29 @@ def unique_names(names: list[str]) -> list[str]:
     if len(set(names)) == len(names):
         return names
     taken = set(names)
-    repeats: dict[str, int] = {}
+    repeats: dict[str, int] = {}  # name -> the n to try first for its next repeat
     out = []
     for name in names:
         if name in repeats:
-            n = repeats[name]
-            while f"{name}~{n}" in taken:
-                n += 1
+            repeat, n = suffixed(name, taken, repeats[name])
             repeats[name] = n + 1
-            name = f"{name}~{n}"
-            taken.add(name)
+            name = repeat
         else:
             repeats[name] = 1
         out.append(name)
     return out
+
+
+def suffixed(name: str, taken: set[str], n: int = 1) -> tuple[str, int]:
+    """``name~k`` for the first ``k >= n`` that ``taken`` lacks, and ``k``; added to ``taken``.
+
+    >>> suffixed("a", {"a", "a~1"})
+    ('a~2', 2)
+    """
+    while f"{name}~{n}" in taken:
+        n += 1
+    taken.add(f"{name}~{n}")
+    return f"{name}~{n}", n
 
 
 def _storable(name: str, leaf: Any) -> tuple[str, np.ndarray]:

@@ -22,6 +22,7 @@ import numpy as np
 from jaxsave._core.diskspace import check_room
 from jaxsave._core.dtypes import storage_dtype
 from jaxsave._serialize.formats.base import MAX_HEADER_BYTES, Specs, check_names_storable
+from jaxsave._serialize.leaf_table import suffixed
 from jaxsave._store import schema
 from jaxsave._store.hdf5.trust import check_file, stored_bytes
 from jaxsave.errors import FileFormatError
@@ -39,10 +40,8 @@ def _dataset_names(names: Sequence[str]) -> list[str]:
     taken, out = set(names), []
     for i, name in enumerate(names):
         if name in ("", ".", ".."):
-            name, n = f"leaf_{i}", 0
-            while name in taken:
-                n += 1
-                name = f"leaf_{i}~{n}"
+            name = f"leaf_{i}"
+            name = suffixed(name, taken)[0] if name in taken else name
             taken.add(name)
         out.append(name)
     return out

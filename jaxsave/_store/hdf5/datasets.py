@@ -250,7 +250,7 @@ class HDF5Datasets(abc.ABC):
         unknown length keeps a small file); chunked for blocks of ``block`` draws at most."""
         capacity = self.rows.capacity
         if capacity and None not in capacity:
-            self._create_every(min(block, max(c for c in capacity if c is not None)))
+            self._create_every(min(block, self.rows.largest_capacity()))
 
     @abc.abstractmethod
     def _create_every(self, block: int) -> None:

@@ -30,7 +30,7 @@ import stat
 
 import h5py
 
-from jaxsave._core.paths import absolute
+from jaxsave._core.paths import absolute, same_file
 from jaxsave._store import schema
 from jaxsave._store.hdf5 import superblock as _superblock
 from jaxsave.errors import FileFormatError
@@ -164,13 +164,8 @@ def _check_found_from_here(f: h5py.File, source: str, where: str) -> None:
         os.path.join(_directory(f), source),
         os.path.join(os.path.dirname(os.path.realpath(f.filename)), source),
     )
-    if os.path.realpath(seen) == os.path.realpath(own):
+    if same_file(seen, own):
         return
-    try:
-        if os.path.samefile(seen, own):  # hard links
-            return
-    except OSError:
-        pass
     raise FileFormatError(
         f"{where}: a merged file opened through a link from another directory: its source "
         f"{source!r} is {own!r}, but HDF5 would read {seen!r}; open it at "

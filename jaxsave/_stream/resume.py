@@ -25,9 +25,9 @@ import numpy as np
 
 from jaxsave._core import dtypes as _dtypes
 from jaxsave._core.tree import check_like
-from jaxsave._serialize.treespec import ARRAY_KINDS
+from jaxsave._serialize import treespec as _treespec
 from jaxsave._store.location import check_storage_options, is_zarr
-from jaxsave.errors import JaxsaveError, SaverStateError, StructureMismatchError
+from jaxsave.errors import JaxsaveError, SaverStateError, StructureMismatchError, UnregisteredNameError
 
 __all__ = ["Checkpoint", "ChainCheckpoint", "resume"]
 
@@ -89,9 +89,6 @@ class UndecodedSpec(NamedTuple):
 
 def decoded_spec(structure: Any, leaves: list[jax.ShapeDtypeStruct]) -> Any:
     """The tree of ``leaves`` that ``structure`` describes, or an :class:`UndecodedSpec`."""
-    from jaxsave._serialize import treespec as _treespec
-    from jaxsave.errors import UnregisteredNameError
-
     try:
         return _treespec.decode_structure(structure, leaves)
     except UnregisteredNameError:
@@ -164,8 +161,6 @@ def _check_undecoded(stored: UndecodedSpec, like: Any) -> None:
     and is compared leaf by leaf. Where it does not (a class moved to another module since),
     the two must agree in all but the classes' names (:func:`check_same_spec`).
     """
-    from jaxsave._serialize import treespec as _treespec
-
     _treespec.encode_structure(like, strict=False)  # registers like's node classes
     spec = decoded_spec(stored.structure, stored.leaves)
     if isinstance(spec, UndecodedSpec):
@@ -177,8 +172,6 @@ def _check_undecoded(stored: UndecodedSpec, like: Any) -> None:
 def describe_spec(spec: Any) -> tuple[Any, list[_dtypes.LeafSpec]]:
     """A checkpoint's structure as its description (without its classes' names, as
     :func:`_check_undecoded` compares them) and leaf specs, decoded or not."""
-    from jaxsave._serialize import treespec as _treespec
-
     if isinstance(spec, UndecodedSpec):
         return _untyped(spec.structure.get("root")), [_dtypes.leaf_spec(x) for x in spec.leaves]
     structure, leaves = _treespec.encode_structure(spec, strict=False)
@@ -215,7 +208,7 @@ def _untyped(node: Any) -> Any:
         return {k: _untyped(v) for k, v in node.items() if k != "type" or "$" in node}
     if isinstance(node, list):
         return [_untyped(v) for v in node]
-    return "leaf" if isinstance(node, str) and node in ARRAY_KINDS else node
+    return "leaf" if isinstance(node, str) and node in _treespec.ARRAY_KINDS else node
 
 
 def _shape_dtype(spec: _dtypes.LeafSpec) -> jax.ShapeDtypeStruct:
@@ -229,7 +222,6 @@ def _shape_dtype(spec: _dtypes.LeafSpec) -> jax.ShapeDtypeStruct:
 def write_file(path: str | BinaryIO, records: dict[int, ChainCheckpoint], spec: Any) -> None:
     """Atomically replace the checkpoint file ``path`` with ``records`` (every chain's latest),
     or write them to the binary file ``path``."""
-    from jaxsave._serialize import treespec as _treespec
     from jaxsave.serialization import save_pytree
 
     structure, spec_leaves = _treespec.encode_structure(spec)
@@ -252,7 +244,7 @@ def write_file(path: str | BinaryIO, records: dict[int, ChainCheckpoint], spec: 
 
 def read_file(path: str | BinaryIO) -> tuple[dict[int, ChainCheckpoint], Any]:
     """The records of a checkpoint file (a path or a binary file) and the structure they fill
-    (``None`` if it cannot be rebuilt)."""
+    (an :class:`UndecodedSpec` if it names classes not registered here)."""
     from jaxsave.errors import FileFormatError
     from jaxsave.serialization import load_pytree, read_metadata
 

@@ -17,7 +17,6 @@ See ``docs/hdf5.md`` for the full layout and the crash-safety guarantees.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
@@ -167,17 +166,13 @@ class HDF5Collector(DataCollector):
             return HeldFile.given(file, swmr=swmr, layout=self.layout)
         owner = OwnedFile(os.fspath(file), written=self._rows.written)
         try:
-            held = HeldFile.create(
+            return HeldFile.create(
                 owner,
                 mode,
                 swmr=True if swmr is None else bool(swmr),
                 layout=self.layout,
                 sidecars=(_resume.CHECKPOINT_SUFFIX,),
             )
-            if mode != "a":  # a new file: the checkpoints of the one it replaces are void
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(owner.path + _resume.CHECKPOINT_SUFFIX)
-            return held
         except BaseException:
             owner.release()
             raise

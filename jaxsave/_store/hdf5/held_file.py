@@ -13,6 +13,7 @@ The handle changes with every such swap: hold paths, not handles, across
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Sequence
 
@@ -88,7 +89,8 @@ class HeldFile:
         """Lock ``owner``'s path and open it with ``mode`` (``"w"``, ``"x"`` or ``"a"``).
 
         The temporaries of killed writers (of the file and of ``<file><sidecar>``) are
-        removed first. The lock stays taken if opening fails: release ``owner``.
+        removed first; a new file (``"w"``, ``"x"``) also removes the sidecars of the file
+        it replaces (its checkpoints). The lock stays taken if opening fails: release ``owner``.
         """
         path = owner.path
         owner.check_path()
@@ -118,6 +120,9 @@ class HeldFile:
             return held
         with _swmr_file.replaced(path, copy=False, swmr=swmr) as new:
             sample_file.write_root_attributes(new.attrs, layout)
+        for sidecar in sidecars:  # a new file is in place: what belonged to the one it replaced is void
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path + sidecar)
         return cls(_swmr_file.reopen(path, swmr=swmr), swmr=swmr, owner=owner)
 
     def reopen(self) -> bool:
